@@ -1,0 +1,7 @@
+"""``python -m dsys`` runs the CLI."""
+
+import sys
+
+from dsys.cli import main
+
+sys.exit(main())

@@ -1,0 +1,153 @@
+"""The whole dsys exception tree.
+
+Every error dsys raises on purpose is a :class:`DsysError`, so callers can catch
+one base class. Subclasses name the failure kind, not the module that raised it::
+
+    DsysError
+    ├── ConfigError (also ValueError)        bad configuration given to a constructor
+    ├── BadInputError (also ValueError)      bad input from a caller or client (4xx)
+    │   └── ProtocolError                    bytes that break the wire protocol
+    │       ├── LocalProtocolError           we were asked to send something invalid
+    │       └── RemoteProtocolError          a peer sent malformed or oversized data
+    ├── ConflictError                        a precondition failed (CAS revision, exists)
+    ├── ClosedError                          the resource was closed
+    ├── UnavailableError                     no one can serve the request right now
+    │   ├── NotLeaderError(leader_hint)      ask the leader instead (a redirect)
+    │   ├── NoHealthyBackendError            every backend is down or ejected
+    │   ├── CircuitOpenError(retry_after)    a circuit breaker refused the call
+    │   ├── BulkheadFullError                a concurrency limit refused the call
+    │   └── RateLimitedError(retry_after)    a rate limit refused the call
+    ├── TransportError                       the network failed
+    │   ├── ConnectError                     could not connect
+    │   └── RequestTimeout (also TimeoutError) no answer before the deadline
+    └── RaftError                            consensus-level failures
+        ├── ProposalDroppedError             a proposal was dropped (leader change)
+        └── LogCompactedError                the requested entries were compacted away
+
+Cores return expected outcomes as values; adapters raise these. A broken invariant
+is a bug and raises ``AssertionError``, never a ``DsysError``.
+"""
+
+from __future__ import annotations
+
+
+class DsysError(Exception):
+    """Base class of every error dsys raises on purpose."""
+
+
+class ConfigError(DsysError, ValueError):
+    """A constructor or CLI got configuration that cannot work (e.g. a negative rate)."""
+
+
+class BadInputError(DsysError, ValueError):
+    """Input from a caller or a network client was invalid; maps to HTTP 4xx."""
+
+
+class ProtocolError(BadInputError):
+    """Bytes on the wire do not follow the protocol (malformed, oversized, wrong types)."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode or send something the protocol cannot carry."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer or client sent bytes we cannot accept."""
+
+
+class ConflictError(DsysError):
+    """A precondition did not hold, e.g. a compare-and-set revision mismatch (HTTP 409)."""
+
+
+class ClosedError(DsysError):
+    """The client, server or resource was already closed."""
+
+
+class UnavailableError(DsysError):
+    """Nobody can serve the request right now; retrying later may succeed (HTTP 503).
+
+    Attributes:
+        retry_after: seconds after which a retry may succeed, when known.
+    """
+
+    def __init__(self, message: str = "", *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotLeaderError(UnavailableError):
+    """This node is not the Raft leader; ``leader_hint`` names the one to ask, if known."""
+
+    def __init__(
+        self,
+        message: str = "not the leader",
+        *,
+        leader_hint: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.leader_hint = leader_hint
+
+
+class NoHealthyBackendError(UnavailableError):
+    """Every backend of a pool is down, ejected or draining."""
+
+
+class CircuitOpenError(UnavailableError):
+    """A circuit breaker is open and refused the call without running it."""
+
+
+class BulkheadFullError(UnavailableError):
+    """A bulkhead's concurrency limit and wait queue are full."""
+
+
+class RateLimitedError(UnavailableError):
+    """A rate limit refused the request; ``retry_after`` says when it may pass."""
+
+
+class TransportError(DsysError):
+    """The network failed between us and a peer."""
+
+
+class ConnectError(TransportError):
+    """A connection could not be established."""
+
+
+class RequestTimeout(TransportError, TimeoutError):
+    """No answer arrived before the deadline."""
+
+
+class RaftError(DsysError):
+    """A consensus-level failure."""
+
+
+class ProposalDroppedError(RaftError):
+    """A proposal was dropped before it committed (e.g. leadership changed)."""
+
+
+class LogCompactedError(RaftError):
+    """The requested log entries were compacted into a snapshot."""
+
+
+__all__ = [
+    "BadInputError",
+    "BulkheadFullError",
+    "CircuitOpenError",
+    "ClosedError",
+    "ConfigError",
+    "ConflictError",
+    "ConnectError",
+    "DsysError",
+    "LocalProtocolError",
+    "LogCompactedError",
+    "NoHealthyBackendError",
+    "NotLeaderError",
+    "ProposalDroppedError",
+    "ProtocolError",
+    "RaftError",
+    "RateLimitedError",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "TransportError",
+    "UnavailableError",
+]

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from dsys.errors import BadInputError, ConfigError, ConflictError, NotLeaderError
+from dsys.observability import (
+    Metrics,
+    add_observability_routes,
+    configure_logging,
+    error_middleware,
+    parse_listen,
+    start_site,
+)
+
+
+async def _client(app: web.Application) -> TestClient:  # type: ignore[type-arg]
+    client = TestClient(TestServer(app, host="127.0.0.1"))
+    await client.start_server()
+    return client
+
+
+async def test_healthz_and_metrics_endpoints() -> None:
+    metrics = Metrics("demo")
+    hits = metrics.counter("hits_total", "Hits", ["route"])
+    hits.labels(route="/x").inc(3)
+    healthy = {"ok": True, "role": "leader"}
+
+    async def health() -> Mapping[str, object]:
+        return healthy
+
+    app = web.Application()
+    add_observability_routes(app, metrics, health)
+    client = await _client(app)
+    try:
+        resp = await client.get("/healthz")
+        assert resp.status == 200
+        assert (await resp.json())["role"] == "leader"
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert 'dsys_demo_hits_total{route="/x"} 3.0' in await resp.text()
+        healthy["ok"] = False
+        assert (await client.get("/healthz")).status == 503
+    finally:
+        await client.close()
+
+
+async def test_error_middleware_maps_errors_to_statuses() -> None:
+    errors: dict[str, Exception] = {
+        "bad": BadInputError("key too long"),
+        "conflict": ConflictError("revision is 4, not 3"),
+        "redirect": NotLeaderError(leader_hint="http://127.0.0.1:7102"),
+        "noleader": NotLeaderError(),
+    }
+
+    async def handler(request: web.Request) -> web.Response:
+        raise errors[request.match_info["kind"]]
+
+    app = web.Application(middlewares=[error_middleware])
+    app.router.add_get("/{kind}", handler)
+    client = await _client(app)
+    try:
+        resp = await client.get("/bad")
+        assert resp.status == 400
+        assert json.loads(await resp.text())["message"] == "key too long"
+        assert (await client.get("/conflict")).status == 409
+        resp = await client.get("/redirect?x=1", allow_redirects=False)
+        assert resp.status == 307
+        assert resp.headers["Location"] == "http://127.0.0.1:7102/redirect?x=1"
+        resp = await client.get("/noleader")
+        assert resp.status == 503
+        assert resp.headers["Retry-After"] == "1"
+    finally:
+        await client.close()
+
+
+async def test_start_site_binds_a_free_loopback_port() -> None:
+    app = web.Application()
+    add_observability_routes(app, Metrics("x"))
+    runner, port = await start_site(app, "127.0.0.1", 0)
+    try:
+        assert port > 0
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7101", ("127.0.0.1", 7101)),
+        (":7201", ("127.0.0.1", 7201)),
+        ("7301", ("127.0.0.1", 7301)),
+        ("[::1]:80", ("::1", 80)),
+        ("0.0.0.0", ("0.0.0.0", 0)),
+    ],
+)
+def test_parse_listen(text: str, expected: tuple[str, int]) -> None:
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("text", ["host:abc", "host:70000", "[::1"])
+def test_parse_listen_refuses_bad_addresses(text: str) -> None:
+    with pytest.raises(ConfigError, match="bad listen address"):
+        parse_listen(text)
+
+
+def test_configure_logging_json_and_bad_level(capsys: pytest.CaptureFixture[str]) -> None:
+    from dsys.observability import get_logger
+
+    configure_logging(json=True, level="info")
+    get_logger("test", node_id="n1").info("hello", x=1)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    record = json.loads(line)
+    assert record["event"] == "hello"
+    assert record["node_id"] == "n1"
+    assert record["x"] == 1
+    with pytest.raises(ConfigError, match="unknown log level"):
+        configure_logging(level="loud")
+    configure_logging(json=False)
