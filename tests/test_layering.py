@@ -24,6 +24,8 @@ FORBIDDEN = {
 PURE = [
     "errors.py",
     "codec.py",
+    "resilience/breaker_core.py",
+    "resilience/backoff.py",
 ]
 
 

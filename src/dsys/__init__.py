@@ -21,9 +21,11 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.resilience import CircuitBreaker, Retry, Timeout
 
 __all__ = [
     "BadInputError",
+    "CircuitBreaker",
     "ClosedError",
     "ConfigError",
     "ConflictError",
@@ -31,6 +33,8 @@ __all__ = [
     "NotLeaderError",
     "ProtocolError",
     "RequestTimeout",
+    "Retry",
+    "Timeout",
     "TransportError",
     "UnavailableError",
     "__version__",
