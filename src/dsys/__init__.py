@@ -21,16 +21,18 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
-from dsys.resilience import CircuitBreaker, Retry, Timeout
+from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
 
 __all__ = [
     "BadInputError",
+    "Bulkhead",
     "CircuitBreaker",
     "ClosedError",
     "ConfigError",
     "ConflictError",
     "DsysError",
     "NotLeaderError",
+    "Policy",
     "ProtocolError",
     "RequestTimeout",
     "Retry",
