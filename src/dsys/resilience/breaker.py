@@ -244,10 +244,12 @@ class CircuitBreaker:
         "_listeners",
         "_lock",
         "_log",
+        "_mode",
         "_next_poll",
         "_now",
         "_result_predicate",
         "_ring",
+        "_slow_at",
         "_stack",
         "_store",
         "_store_poll_interval",
@@ -327,9 +329,15 @@ class CircuitBreaker:
         else:
             registry = metrics
         _collector_for(registry).breakers.add(self)
-        # the lock-free fast path applies only to this simple (and default) set-up
-        fast = not self._timed and result_predicate is None and store is None
-        self._ring = self._core.ring if fast else None
+        # the lock-free fast path (see "sync" below) needs no result predicate, no store
+        self._ring = self._core.ring
+        self._slow_at = config.slow_call_duration or float("inf")
+        if result_predicate is not None or store is not None:
+            self._mode = 0
+        elif self._ring is None:
+            self._mode = 3
+        else:
+            self._mode = 2 if self._timed else 1
 
     # -- reading ---------------------------------------------------------------------
 
@@ -380,11 +388,13 @@ class CircuitBreaker:
 
     # -- sync ------------------------------------------------------------------------
     #
-    # Each entry point has a fast path for the common case (closed, count window, no
-    # slow-call timing, no result predicate, no store): read the permit, run the call,
-    # count the success with one integer increment (atomic under the GIL; see
-    # BreakerCore). Everything else (failures, other states, time windows) goes through
-    # the core under the lock (sync) or directly (async, one event loop).
+    # Each entry point has a fast path for the closed state when there is no result
+    # predicate and no store: run the call and, if it succeeded (and was not slow), count
+    # it with a couple of integer increments that cannot be interrupted under the GIL
+    # (see BreakerCore "Fast path"). Everything else (failures, other states, a time
+    # bucket that moved on) goes through the core under the lock (sync) or directly
+    # (async: one event loop, no lock). Modes: 0 no fast path, 1 count window,
+    # 2 count window with slow-call timing, 3 time window.
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (thread-safe).
@@ -393,16 +403,33 @@ class CircuitBreaker:
             CircuitOpenError: the breaker refused the call; ``fn`` did not run.
         """
         core = self._core
-        ring = self._ring
         permit = core.permit
-        if ring is not None and core.state is CLOSED:
+        mode = self._mode
+        if mode and core.state is CLOSED:
+            if mode == 1:
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._sync_exception(permit, exc, 0.0)
+                    raise
+                if permit is core.permit:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                return result
+            now = self._now
+            start = now() if self._timed else 0.0
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                self._sync_exception(permit, exc, 0.0)
+                self._sync_exception(permit, exc, start)
                 raise
-            if permit is core.permit:
-                ring.seq += 1
+            end = now()
+            if end - start < self._slow_at and permit is core.permit:
+                if mode == 2:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    return result
+            self._sync_result(permit, result, start, fast=False)
             return result
         permit, start = self._sync_acquire()
         try:
@@ -410,14 +437,7 @@ class CircuitBreaker:
         except BaseException as exc:
             self._sync_exception(permit, exc, start)
             raise
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._record_result(permit, result, start)
-        finally:
-            lock.release()
-        if core.events:
-            self._emit()
+        self._sync_result(permit, result, start)
         return result
 
     def _sync_acquire(self) -> tuple[Permit, float]:
@@ -438,8 +458,31 @@ class CircuitBreaker:
         if self._core.events:
             self._emit()
 
+    def _sync_result(self, permit: Permit, result: object, start: float, fast: bool = True) -> None:
+        if fast and self._mode >= 2 and self._fast_success(permit, start):
+            return
+        with self._lock:
+            self._record_result(permit, result, start)
+        if self._core.events:
+            self._emit()
+
+    def _fast_success(self, permit: Permit, start: float) -> bool:
+        """Record a success on the fast path if possible (modes 2 and 3); else False."""
+        core = self._core
+        end = self._now()
+        if end - start < self._slow_at and permit is core.permit and core.state is CLOSED:
+            if self._mode == 2:
+                self._ring.seq += 1  # type: ignore[union-attr]
+                return True
+            return core.buckets.try_add_success(end)  # type: ignore[union-attr]
+        return False
+
     def __enter__(self) -> CircuitBreaker:
-        entry = self._sync_acquire()
+        core = self._core
+        if self._mode and core.state is CLOSED:
+            entry = (core.permit, self._now() if self._timed else 0.0)
+        else:
+            entry = self._sync_acquire()
         self._stack.set((entry[0], entry[1], self._stack.get()))
         return self
 
@@ -454,13 +497,12 @@ class CircuitBreaker:
             raise RuntimeError(f"{self!r}: __exit__ without __enter__")
         permit, start, prev = entry
         self._stack.set(prev)
-        with self._lock:
-            if exc is None:
-                self._record_success(permit, start)
-            else:
-                self._record_exception(permit, exc, start)
-        if self._core.events:
-            self._emit()
+        if exc is not None:
+            self._sync_exception(permit, exc, start)
+        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+            self._ring.seq += 1  # type: ignore[union-attr]
+        else:
+            self._sync_result(permit, None, start)
 
     # -- async -----------------------------------------------------------------------
 
@@ -475,30 +517,41 @@ class CircuitBreaker:
             CircuitOpenError: the breaker refused the call; ``fn`` was not called.
         """
         core = self._core
-        ring = self._ring
         permit = core.permit
-        if ring is not None and core.state is CLOSED:
+        mode = self._mode
+        if mode and core.state is CLOSED:
+            if mode == 1:
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._async_exception(permit, exc, 0.0)
+                    raise
+                if permit is core.permit:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                return result
+            now = self._now
+            start = now() if self._timed else 0.0
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                self._record_exception(permit, exc, 0.0)
-                if core.events:
-                    self._emit()
+                self._async_exception(permit, exc, start)
                 raise
-            if permit is core.permit:
-                ring.seq += 1
+            end = now()
+            if end - start < self._slow_at and permit is core.permit:
+                if mode == 2:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    return result
+            self._async_result(permit, result, start, fast=False)
             return result
         permit, start = self._async_acquire()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._record_exception(permit, exc, start)
-            if core.events:
-                self._emit()
+            self._async_exception(permit, exc, start)
             raise
-        self._record_result(permit, result, start)
-        if core.events:
-            self._emit()
+        self._async_result(permit, result, start)
         return result
 
     def _async_acquire(self) -> tuple[Permit, float]:
@@ -512,7 +565,25 @@ class CircuitBreaker:
             self._refuse(permit)  # type: ignore[arg-type]
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
+    def _async_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+        self._record_exception(permit, exc, start)
+        if self._core.events:
+            self._emit()
+
+    def _async_result(
+        self, permit: Permit, result: object, start: float, fast: bool = True
+    ) -> None:
+        if fast and self._mode >= 2 and self._fast_success(permit, start):
+            return
+        self._record_result(permit, result, start)
+        if self._core.events:
+            self._emit()
+
     async def __aenter__(self) -> CircuitBreaker:
+        core = self._core
+        if self._mode and core.state is CLOSED:
+            self._stack.set((core.permit, self._now() if self._timed else 0.0, self._stack.get()))
+            return self
         permit, start = self._async_acquire()
         self._stack.set((permit, start, self._stack.get()))
         return self
@@ -528,12 +599,12 @@ class CircuitBreaker:
             raise RuntimeError(f"{self!r}: __aexit__ without __aenter__")
         permit, start, prev = entry
         self._stack.set(prev)
-        if exc is None:
-            self._record_success(permit, start)
+        if exc is not None:
+            self._async_exception(permit, exc, start)
+        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+            self._ring.seq += 1  # type: ignore[union-attr]
         else:
-            self._record_exception(permit, exc, start)
-        if self._core.events:
-            self._emit()
+            self._async_result(permit, None, start)
 
     # -- decorator -------------------------------------------------------------------
 
@@ -551,44 +622,69 @@ class CircuitBreaker:
         The wrappers repeat the fast path of :meth:`call` / :meth:`call_async` inline
         (one Python frame less per call).
         """
+        mode = self._mode
         core = self._core
         ring = self._ring
+        now = self._now
+        timed = self._timed
+        slow_at = self._slow_at
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
-            record_exception = self._record_exception
-            emit = self._emit
+            async_exception = self._async_exception
+            async_result = self._async_result
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 permit = core.permit
-                if ring is not None and core.state is CLOSED:
+                if mode and core.state is CLOSED:
+                    start = now() if timed else 0.0
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException as exc:
-                        record_exception(permit, exc, 0.0)
-                        if core.events:
-                            emit()
+                        async_exception(permit, exc, start)
                         raise
-                    if permit is core.permit:
-                        ring.seq += 1
+                    if mode == 1:
+                        if permit is core.permit:
+                            ring.seq += 1  # type: ignore[union-attr]
+                        return result
+                    end = now()
+                    if end - start < slow_at and permit is core.permit:
+                        if mode == 2:
+                            ring.seq += 1  # type: ignore[union-attr]
+                            return result
+                        if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                            return result
+                    async_result(permit, result, start, fast=False)
                     return result
                 return await call_async(fn, *args, **kwargs)
 
             return async_wrapper
         call = self.call
         sync_exception = self._sync_exception
+        sync_result = self._sync_result
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             permit = core.permit
-            if ring is not None and core.state is CLOSED:
+            if mode and core.state is CLOSED:
+                start = now() if timed else 0.0
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
-                    sync_exception(permit, exc, 0.0)
+                    sync_exception(permit, exc, start)
                     raise
-                if permit is core.permit:
-                    ring.seq += 1
+                if mode == 1:
+                    if permit is core.permit:
+                        ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                end = now()
+                if end - start < slow_at and permit is core.permit:
+                    if mode == 2:
+                        ring.seq += 1  # type: ignore[union-attr]
+                        return result
+                    if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                        return result
+                sync_result(permit, result, start, fast=False)
                 return result
             return call(fn, *args, **kwargs)
 
