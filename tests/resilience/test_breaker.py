@@ -477,3 +477,25 @@ async def test_slow_calls_counted_on_every_entry_point() -> None:
     async with b:
         clock.advance(2.0)
     assert b.counts().slow == 6
+
+
+async def test_async_with_blocks_of_parent_and_child_tasks_stay_apart() -> None:
+    clock = ManualClock()
+    b = make(clock, slow_call_duration=5.0, minimum_calls=100)
+    child_inside = asyncio.Event()
+    parent_done = asyncio.Event()
+
+    async def child() -> None:
+        async with b:
+            child_inside.set()
+            await parent_done.wait()
+            clock.advance(10.0)  # only the child's block is slow
+
+    async with b:
+        task = asyncio.create_task(child())
+        await child_inside.wait()
+    parent_done.set()
+    await task
+    counts = b.counts()
+    assert counts.calls == 2
+    assert counts.slow == 1

@@ -197,7 +197,7 @@ def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     return clock.now
 
 
-_Entry = tuple[Permit, float, Any]
+_Entry = tuple[Permit, float, Any]  # (permit, start, the enclosing entry or None)
 
 
 class CircuitBreaker:
@@ -227,6 +227,7 @@ class CircuitBreaker:
         clock: monotonic time source (default: ``time.monotonic``).
         metrics: a :class:`dsys.observability.Metrics` whose registry receives the
             breaker metrics, or a ``CollectorRegistry``; default: :data:`DEFAULT_REGISTRY`.
+            The registry holds the breaker weakly: it is reported while it is alive.
         store: share open/closed decisions with other breakers of the same name.
         store_poll_interval: how often (seconds) to read the store.
         config: a ready :class:`BreakerConfig` instead of the threshold arguments.
@@ -315,6 +316,9 @@ class CircuitBreaker:
         self._listeners = list(listeners)
         self._lock = threading.Lock()
         self._log = get_logger("resilience", breaker=name)
+        # the open ``with`` blocks of this task (or thread), innermost first: a linked
+        # list of immutable entries, so child tasks that copy the context cannot disturb
+        # their parent's blocks
         self._stack: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
             f"dsys_breaker_{name}", default=None
         )
@@ -480,10 +484,10 @@ class CircuitBreaker:
     def __enter__(self) -> CircuitBreaker:
         core = self._core
         if self._mode and core.state is CLOSED:
-            entry = (core.permit, self._now() if self._timed else 0.0)
+            permit, start = core.permit, (self._now() if self._timed else 0.0)
         else:
-            entry = self._sync_acquire()
-        self._stack.set((entry[0], entry[1], self._stack.get()))
+            permit, start = self._sync_acquire()
+        self._stack.set((permit, start, self._stack.get()))
         return self
 
     def __exit__(
@@ -494,7 +498,7 @@ class CircuitBreaker:
     ) -> None:
         entry = self._stack.get()
         if entry is None:
-            raise RuntimeError(f"{self!r}: __exit__ without __enter__")
+            raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__")
         permit, start, prev = entry
         self._stack.set(prev)
         if exc is not None:
@@ -582,9 +586,9 @@ class CircuitBreaker:
     async def __aenter__(self) -> CircuitBreaker:
         core = self._core
         if self._mode and core.state is CLOSED:
-            self._stack.set((core.permit, self._now() if self._timed else 0.0, self._stack.get()))
-            return self
-        permit, start = self._async_acquire()
+            permit, start = core.permit, (self._now() if self._timed else 0.0)
+        else:
+            permit, start = self._async_acquire()
         self._stack.set((permit, start, self._stack.get()))
         return self
 
@@ -596,7 +600,7 @@ class CircuitBreaker:
     ) -> None:
         entry = self._stack.get()
         if entry is None:
-            raise RuntimeError(f"{self!r}: __aexit__ without __aenter__")
+            raise RuntimeError(f"{self!r}: __aexit__ without a matching __aenter__")
         permit, start, prev = entry
         self._stack.set(prev)
         if exc is not None:

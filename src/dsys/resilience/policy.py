@@ -188,10 +188,16 @@ class Policy:
         return self._then(step, "fallback")
 
     timeout = _Builder(_timeout)
+    """``timeout(seconds | Timeout)``: a time limit around everything that follows."""
     retry = _Builder(_retry)
+    """``retry(Retry | None, *, max_attempts=3, backoff=None, max_elapsed=None, budget=None)``:
+    retry everything that follows."""
     breaker = _Builder(_breaker)
+    """``breaker(CircuitBreaker)``: send everything that follows through the breaker."""
     bulkhead = _Builder(_bulkhead)
+    """``bulkhead(Bulkhead | int, *, max_queue=0)``: bound the concurrency of what follows."""
     fallback = _Builder(_fallback)
+    """``fallback(handler, *, on=(Exception,))``: answer ``handler(exc)`` on failure."""
 
     async def call_async(
         self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
