@@ -499,3 +499,22 @@ async def test_async_with_blocks_of_parent_and_child_tasks_stay_apart() -> None:
     counts = b.counts()
     assert counts.calls == 2
     assert counts.slow == 1
+
+
+def test_predicates_may_use_the_breaker_without_deadlock() -> None:
+    clock = ManualClock()
+    seen: list[int] = []
+    holder: list[CircuitBreaker] = []
+
+    def predicate(exc: BaseException) -> bool:
+        seen.append(holder[0].counts().calls)  # takes the breaker's lock
+        return True
+
+    b = make(clock, failure_predicate=predicate, result_predicate=lambda r: r == 500)
+    holder.append(b)
+    with pytest.raises(Boom):
+        b.call(boom)
+    assert seen == [0]
+    with b:
+        pass  # a with-block has no result: the result predicate is not consulted
+    assert b.counts().failures == 1 and b.counts().calls == 2

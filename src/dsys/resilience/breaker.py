@@ -197,6 +197,8 @@ def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     return clock.now
 
 
+_NO_RESULT = object()  # a ``with`` block has no result for the result predicate
+
 _Entry = tuple[Permit, float, Any]  # (permit, start, the enclosing entry or None)
 
 
@@ -457,16 +459,18 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _sync_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+        failed = self._is_failure(exc)  # user predicates run outside the lock
         with self._lock:
-            self._record_exception(permit, exc, start)
+            self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
     def _sync_result(self, permit: Permit, result: object, start: float, fast: bool = True) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
+        failed = self._is_bad_result(result)
         with self._lock:
-            self._record_result(permit, result, start)
+            self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
@@ -506,7 +510,7 @@ class CircuitBreaker:
         elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
-            self._sync_result(permit, None, start)
+            self._sync_result(permit, _NO_RESULT, start)
 
     # -- async -----------------------------------------------------------------------
 
@@ -570,7 +574,7 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _async_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
-        self._record_exception(permit, exc, start)
+        self._record(permit, self._is_failure(exc), start)
         if self._core.events:
             self._emit()
 
@@ -579,7 +583,7 @@ class CircuitBreaker:
     ) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
-        self._record_result(permit, result, start)
+        self._record(permit, self._is_bad_result(result), start)
         if self._core.events:
             self._emit()
 
@@ -608,7 +612,7 @@ class CircuitBreaker:
         elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
-            self._async_result(permit, None, start)
+            self._async_result(permit, _NO_RESULT, start)
 
     # -- decorator -------------------------------------------------------------------
 
@@ -702,30 +706,31 @@ class CircuitBreaker:
             retry_after=rejected.retry_after,
         )
 
-    def _record_success(self, permit: Permit, start: float) -> None:
-        now = self._now()
-        self._core.on_success(permit, now, now - start if self._timed else 0.0)
-
-    def _record_result(self, permit: Permit, result: object, start: float) -> None:
-        rp = self._result_predicate
-        if rp is not None and rp(result):
-            self._record_failure(permit, start)
-        else:
-            self._record_success(permit, start)
-
-    def _record_failure(self, permit: Permit, start: float) -> None:
-        now = self._now()
-        self._core.on_failure(permit, now, now - start if self._timed else 0.0)
-
-    def _record_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+    def _is_failure(self, exc: BaseException) -> bool | None:
+        """True: a failure; None: neither success nor failure (hand the permit back)."""
         if (
             isinstance(exc, self._failure_exceptions)
             and not isinstance(exc, self._ignore_exceptions)
             and (self._failure_predicate is None or self._failure_predicate(exc))
         ):
-            self._record_failure(permit, start)
-        else:
+            return True
+        return None
+
+    def _is_bad_result(self, result: object) -> bool:
+        rp = self._result_predicate
+        return rp is not None and result is not _NO_RESULT and bool(rp(result))
+
+    def _record(self, permit: Permit, failed: bool | None, start: float) -> None:
+        """Report an outcome to the core (under the lock in sync code)."""
+        if failed is None:
             self._core.release(permit)
+            return
+        now = self._now()
+        duration = now - start if self._timed else 0.0
+        if failed:
+            self._core.on_failure(permit, now, duration)
+        else:
+            self._core.on_success(permit, now, duration)
 
     def _emit(self) -> None:
         with self._lock:
