@@ -16,7 +16,10 @@ Use it four ways::
         await session.get(url)
 
 Concurrency. The sync entry points (``call``, ``with``, sync decorated functions) hold a
-lock around the core, so a breaker can be shared by threads. The async entry points take
+lock around the core, so a breaker can be shared by threads; only a closed breaker's
+success count is updated without it, by bytecodes the GIL does not interleave (on a
+free-threaded build a concurrent success may rarely go uncounted, never corrupting the
+window). The async entry points take
 no lock: use one breaker from one event loop (the usual case); do not mix the async entry
 points of one breaker with sync calls from other threads.
 
