@@ -393,8 +393,10 @@ def test_shared_store_opens_every_breaker_of_the_name() -> None:
         ({"open_wait": -1.0}, "open_wait"),
         ({"failure_exceptions": ["Boom"]}, "failure_exceptions"),
         ({"store_poll_interval": 0}, "store_poll_interval"),
+        ({"store_poll_interval": "1"}, "store_poll_interval"),
+        ({"metrics": "prometheus"}, "metrics must be"),
     ],
-    ids=["threshold", "window", "wait", "exceptions", "poll"],
+    ids=["threshold", "window", "wait", "exceptions", "poll", "poll-type", "metrics"],
 )
 def test_bad_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -308,8 +308,16 @@ class CircuitBreaker:
         ):
             if not all(isinstance(e, type) and issubclass(e, BaseException) for e in excs):
                 raise ConfigError(f"{label} must be exception classes, got {excs!r}")
-        if not (store_poll_interval > 0):
-            raise ConfigError(f"store_poll_interval must be > 0, got {store_poll_interval!r}")
+        if (
+            isinstance(store_poll_interval, bool)
+            or not isinstance(store_poll_interval, (int, float))
+            or not store_poll_interval > 0
+        ):
+            raise ConfigError(
+                f"store_poll_interval must be seconds > 0, got {store_poll_interval!r}"
+            )
+        if metrics is not None and not isinstance(metrics, (Metrics, CollectorRegistry)):
+            raise ConfigError(f"metrics must be a Metrics or a CollectorRegistry, got {metrics!r}")
         self.name = name
         self._now = _clock_reader(clock)
         self._core = BreakerCore(config, self._now())
