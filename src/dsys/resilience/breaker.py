@@ -25,8 +25,8 @@ points of one breaker with sync calls from other threads.
 
 Metrics are plain ints in the core, exposed at scrape time by a collector
 (``dsys_resilience_breaker_state``, ``dsys_resilience_breaker_calls_total``,
-``dsys_resilience_breaker_transitions_total``, all labelled ``breaker=<name>``), so the
-per-call cost of metrics is zero.
+``dsys_resilience_breaker_transitions_total``, all labelled ``breaker=<name>``; see
+:mod:`dsys.resilience.metrics`), so the per-call cost of metrics is zero.
 """
 
 from __future__ import annotations
@@ -36,15 +36,12 @@ import functools
 import inspect
 import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dsys.clock import Clock, MonotonicClock
 from dsys.errors import CircuitOpenError, ConfigError
@@ -63,15 +60,13 @@ from dsys.resilience.breaker_core import (
     TimeWindow,
     WindowCounts,
 )
+from dsys.resilience.metrics import DEFAULT_REGISTRY, collector_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 Listener = Callable[["CircuitBreaker", StateTransition], None]
 """Called after each state transition with the breaker and the transition."""
-
-DEFAULT_REGISTRY = CollectorRegistry()
-"""The registry breakers report to when given no ``metrics``/``registry``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,68 +125,6 @@ class MemoryBreakerStore:
     def fetch(self, name: str) -> SharedState | None:
         """The latest decision for ``name``, or ``None``."""
         return self._states.get(name)
-
-
-_OUTCOMES = ("successful", "failed", "slow", "rejected", "ignored")
-
-
-class _BreakerCollector(Collector):
-    """Exposes the counters of every live breaker of one registry at scrape time."""
-
-    def __init__(self) -> None:
-        self.breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        state = GaugeMetricFamily(
-            "dsys_resilience_breaker_state",
-            "1 for the breaker's current state, 0 for the others",
-            labels=["breaker", "state"],
-        )
-        calls = CounterMetricFamily(
-            "dsys_resilience_breaker_calls",
-            "Calls by outcome (slow calls are also counted as successful or failed)",
-            labels=["breaker", "outcome"],
-        )
-        transitions = CounterMetricFamily(
-            "dsys_resilience_breaker_transitions",
-            "State transitions",
-            labels=["breaker", "from_state", "to_state"],
-        )
-        for b in list(self.breakers):
-            core = b._core
-            for s in BreakerState:
-                state.add_metric([b.name, s.value], 1.0 if core.state is s else 0.0)
-            values = (
-                core.calls_successful,
-                core.calls_failed,
-                core.calls_slow,
-                core.calls_rejected,
-                core.calls_ignored,
-            )
-            for outcome, value in zip(_OUTCOMES, values, strict=True):
-                calls.add_metric([b.name, outcome], float(value))
-            for (frm, to), n in list(core.transitions.items()):
-                transitions.add_metric([b.name, frm.value, to.value], float(n))
-        return [state, calls, transitions]
-
-
-_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _BreakerCollector] = (
-    weakref.WeakKeyDictionary()
-)
-_collectors_lock = threading.Lock()
-
-
-def _collector_for(registry: CollectorRegistry) -> _BreakerCollector:
-    with _collectors_lock:
-        collector = _collectors.get(registry)
-        if collector is None:
-            collector = _BreakerCollector()
-            registry.register(collector)
-            _collectors[registry] = collector
-        return collector
 
 
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
@@ -316,8 +249,6 @@ class CircuitBreaker:
             raise ConfigError(
                 f"store_poll_interval must be seconds > 0, got {store_poll_interval!r}"
             )
-        if metrics is not None and not isinstance(metrics, (Metrics, CollectorRegistry)):
-            raise ConfigError(f"metrics must be a Metrics or a CollectorRegistry, got {metrics!r}")
         self.name = name
         self._now = _clock_reader(clock)
         self._core = BreakerCore(config, self._now())
@@ -339,13 +270,7 @@ class CircuitBreaker:
         self._store_poll_interval = float(store_poll_interval)
         self._store_version = 0
         self._next_poll = -float("inf")
-        if isinstance(metrics, Metrics):
-            registry = metrics.registry
-        elif metrics is None:
-            registry = DEFAULT_REGISTRY
-        else:
-            registry = metrics
-        _collector_for(registry).breakers.add(self)
+        collector_for(metrics).breakers.add(self)
         # the lock-free fast path (see "sync" below) needs no result predicate, no store
         self._ring = self._core.ring
         self._slow_at = config.slow_call_duration or float("inf")
@@ -799,12 +724,6 @@ class CircuitBreaker:
         self._poll_store()
 
 
-def breakers_in(registry: CollectorRegistry) -> Iterator[CircuitBreaker]:
-    """The live breakers reporting to ``registry`` (for diagnostics and tests)."""
-    collector = _collectors.get(registry)
-    return iter(list(collector.breakers) if collector else [])
-
-
 __all__ = [
     "DEFAULT_REGISTRY",
     "BreakerStore",
@@ -812,5 +731,4 @@ __all__ = [
     "Listener",
     "MemoryBreakerStore",
     "SharedState",
-    "breakers_in",
 ]

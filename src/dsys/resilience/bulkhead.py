@@ -28,7 +28,11 @@ from collections.abc import Awaitable, Callable, Coroutine
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
+from prometheus_client import CollectorRegistry
+
 from dsys.errors import BulkheadFullError, ConfigError
+from dsys.observability import Metrics
+from dsys.resilience.metrics import collector_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -42,13 +46,16 @@ class Bulkhead:
         max_queue: calls allowed to wait for a slot (>= 0; 0 refuses at once when full).
         queue_timeout: seconds a call may wait in the queue before it is refused
             (``None``: wait as long as it takes).
-        name: names the bulkhead in errors.
+        name: names the bulkhead in errors and metrics.
+        metrics: where the gauges and counters are reported (see
+            :mod:`dsys.resilience.metrics`).
 
     Raises:
         ConfigError: a setting is out of range.
     """
 
     __slots__ = (
+        "__weakref__",
         "_active",
         "_max",
         "_max_queue",
@@ -66,6 +73,7 @@ class Bulkhead:
         max_queue: int = 0,
         queue_timeout: float | None = None,
         name: str = "bulkhead",
+        metrics: Metrics | CollectorRegistry | None = None,
     ) -> None:
         if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int):
             raise ConfigError(f"max_concurrent must be an integer >= 1, got {max_concurrent!r}")
@@ -90,6 +98,7 @@ class Bulkhead:
         """Calls refused so far (full, or waited too long)."""
         self.completed = 0
         """Calls that held a slot and finished (any outcome)."""
+        collector_for(metrics).bulkheads.add(self)
 
     @property
     def active(self) -> int:
