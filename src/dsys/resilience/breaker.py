@@ -127,6 +127,10 @@ class MemoryBreakerStore:
         return self._states.get(name)
 
 
+def _never(now: float) -> bool:
+    return False
+
+
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     if clock is None or type(clock) is MonotonicClock:
         return time.monotonic
@@ -194,6 +198,7 @@ class CircuitBreaker:
         "_store_poll_interval",
         "_store_version",
         "_timed",
+        "_try_add",
         "name",
     )
 
@@ -273,6 +278,11 @@ class CircuitBreaker:
         collector_for(metrics).breakers.add(self)
         # the lock-free fast path (see "sync" below) needs no result predicate, no store
         self._ring = self._core.ring
+        buckets = self._core.buckets
+        # the time window's fast success recorder, bound once (a count window never uses it)
+        self._try_add: Callable[[float], bool] = (
+            buckets.try_add_success if buckets is not None else _never
+        )
         self._slow_at = config.slow_call_duration or float("inf")
         if result_predicate is not None or store is not None:
             self._mode = 0
@@ -369,7 +379,7 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                if self._try_add(end):
                     return result
             self._sync_result(permit, result, start, fast=False)
             return result
@@ -418,7 +428,7 @@ class CircuitBreaker:
             if self._mode == 2:
                 self._ring.seq += 1  # type: ignore[union-attr]
                 return True
-            return core.buckets.try_add_success(end)  # type: ignore[union-attr]
+            return self._try_add(end)
         return False
 
     def __enter__(self) -> CircuitBreaker:
@@ -485,7 +495,7 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                if self._try_add(end):
                     return result
             self._async_result(permit, result, start, fast=False)
             return result
@@ -572,6 +582,7 @@ class CircuitBreaker:
         now = self._now
         timed = self._timed
         slow_at = self._slow_at
+        try_add = self._try_add
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
             async_exception = self._async_exception
@@ -596,7 +607,7 @@ class CircuitBreaker:
                         if mode == 2:
                             ring.seq += 1  # type: ignore[union-attr]
                             return result
-                        if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                        if try_add(end):
                             return result
                     async_result(permit, result, start, fast=False)
                     return result
@@ -626,7 +637,7 @@ class CircuitBreaker:
                     if mode == 2:
                         ring.seq += 1  # type: ignore[union-attr]
                         return result
-                    if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    if try_add(end):
                         return result
                 sync_result(permit, result, start, fast=False)
                 return result
