@@ -520,3 +520,33 @@ def test_predicates_may_use_the_breaker_without_deadlock() -> None:
     with b:
         pass  # a with-block has no result: the result predicate is not consulted
     assert b.counts().failures == 1 and b.counts().calls == 2
+
+
+@pytest.mark.parametrize("mode", list(MODES)[:4], ids=list(MODES)[:4])
+@pytest.mark.parametrize("entry", ["call", "decorator", "with", "call_async", "async_with"])
+async def test_a_success_that_reaches_minimum_calls_can_open(mode: str, entry: str) -> None:
+    """9 failures then 1 success: the 10th call makes the window count, 90% >= 50%."""
+    clock = ManualClock()
+    kwargs: dict[str, object] = {"window": 100, "minimum_calls": 10, **MODES[mode]}
+    b = make(clock, **kwargs)
+    for _ in range(9):
+        with pytest.raises(Boom):
+            b.call(boom)
+    assert b.state is BreakerState.CLOSED
+
+    def ok() -> int:
+        return 1
+
+    if entry == "call":
+        b.call(ok)
+    elif entry == "decorator":
+        b(ok)()
+    elif entry == "with":
+        with b:
+            pass
+    elif entry == "call_async":
+        await b.call_async(aok)
+    else:
+        async with b:
+            pass
+    assert b.state is BreakerState.OPEN

@@ -341,12 +341,13 @@ class CircuitBreaker:
     # -- sync ------------------------------------------------------------------------
     #
     # Each entry point has a fast path for the closed state when there is no result
-    # predicate and no store: run the call and, if it succeeded (and was not slow), count
-    # it with a couple of integer increments that cannot be interrupted under the GIL
-    # (see BreakerCore "Fast path"). Everything else (failures, other states, a time
-    # bucket that moved on) goes through the core under the lock (sync) or directly
-    # (async: one event loop, no lock). Modes: 0 no fast path, 1 count window,
-    # 2 count window with slow-call timing, 3 time window.
+    # predicate and no store: run the call and, if it succeeded (and was not slow) and
+    # core.fast says a success cannot open the breaker, count it with a couple of integer
+    # increments that cannot be interrupted under the GIL (see BreakerCore "Fast path").
+    # Everything else (failures, other states, a time bucket that moved on) goes through
+    # the core under the lock (sync) or directly (async: one event loop, no lock).
+    # Modes: 0 no fast path, 1 count window, 2 count window with slow-call timing,
+    # 3 time window.
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (thread-safe).
@@ -364,8 +365,10 @@ class CircuitBreaker:
                 except BaseException as exc:
                     self._sync_exception(permit, exc, 0.0)
                     raise
-                if permit is core.permit:
+                if core.fast and permit is core.permit:
                     self._ring.seq += 1  # type: ignore[union-attr]
+                else:
+                    self._sync_result(permit, result, 0.0, fast=False)
                 return result
             now = self._now
             start = now() if self._timed else 0.0
@@ -375,7 +378,7 @@ class CircuitBreaker:
                 self._sync_exception(permit, exc, start)
                 raise
             end = now()
-            if end - start < self._slow_at and permit is core.permit:
+            if end - start < self._slow_at and core.fast and permit is core.permit:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
@@ -424,7 +427,7 @@ class CircuitBreaker:
         """Record a success on the fast path if possible (modes 2 and 3); else False."""
         core = self._core
         end = self._now()
-        if end - start < self._slow_at and permit is core.permit and core.state is CLOSED:
+        if end - start < self._slow_at and core.fast and permit is core.permit:
             if self._mode == 2:
                 self._ring.seq += 1  # type: ignore[union-attr]
                 return True
@@ -453,7 +456,7 @@ class CircuitBreaker:
         self._stack.set(prev)
         if exc is not None:
             self._sync_exception(permit, exc, start)
-        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+        elif self._mode == 1 and self._core.fast and permit is self._core.permit:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
             self._sync_result(permit, _NO_RESULT, start)
@@ -480,8 +483,10 @@ class CircuitBreaker:
                 except BaseException as exc:
                     self._async_exception(permit, exc, 0.0)
                     raise
-                if permit is core.permit:
+                if core.fast and permit is core.permit:
                     self._ring.seq += 1  # type: ignore[union-attr]
+                else:
+                    self._async_result(permit, result, 0.0, fast=False)
                 return result
             now = self._now
             start = now() if self._timed else 0.0
@@ -491,7 +496,7 @@ class CircuitBreaker:
                 self._async_exception(permit, exc, start)
                 raise
             end = now()
-            if end - start < self._slow_at and permit is core.permit:
+            if end - start < self._slow_at and core.fast and permit is core.permit:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
@@ -555,7 +560,7 @@ class CircuitBreaker:
         self._stack.set(prev)
         if exc is not None:
             self._async_exception(permit, exc, start)
-        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+        elif self._mode == 1 and self._core.fast and permit is self._core.permit:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
             self._async_result(permit, _NO_RESULT, start)
@@ -599,11 +604,13 @@ class CircuitBreaker:
                         async_exception(permit, exc, start)
                         raise
                     if mode == 1:
-                        if permit is core.permit:
+                        if core.fast and permit is core.permit:
                             ring.seq += 1  # type: ignore[union-attr]
+                        else:
+                            async_result(permit, result, start, fast=False)
                         return result
                     end = now()
-                    if end - start < slow_at and permit is core.permit:
+                    if end - start < slow_at and core.fast and permit is core.permit:
                         if mode == 2:
                             ring.seq += 1  # type: ignore[union-attr]
                             return result
@@ -629,11 +636,13 @@ class CircuitBreaker:
                     sync_exception(permit, exc, start)
                     raise
                 if mode == 1:
-                    if permit is core.permit:
+                    if core.fast and permit is core.permit:
                         ring.seq += 1  # type: ignore[union-attr]
+                    else:
+                        sync_result(permit, result, start, fast=False)
                     return result
                 end = now()
-                if end - start < slow_at and permit is core.permit:
+                if end - start < slow_at and core.fast and permit is core.permit:
                     if mode == 2:
                         ring.seq += 1  # type: ignore[union-attr]
                         return result
