@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -343,28 +344,41 @@ def test_metrics_object_and_several_breakers_share_a_registry() -> None:
     assert 'breaker="a"' in text and 'breaker="b"' in text
 
 
-def test_threads_share_one_breaker_without_losing_counts() -> None:
+@pytest.mark.parametrize(
+    "window", [100_000, TimeWindow(seconds=3600.0, buckets=10)], ids=["count", "time"]
+)
+def test_threads_share_one_breaker_without_losing_counts(window: object) -> None:
     b = CircuitBreaker(
-        "threads", window=100_000, minimum_calls=100_000, metrics=CollectorRegistry()
+        "threads",
+        window=window,  # type: ignore[arg-type]
+        failure_rate_threshold=100.0,  # 10% failures never open it...
+        minimum_calls=20,  # ...and successes take the lock-free path once 20 are in
+        metrics=CollectorRegistry(),
     )
     n_threads, per_thread = 4, 2000
 
     def work() -> None:
         for i in range(per_thread):
-            if i % 10 == 0:
+            if i % 10 == 5:
                 with pytest.raises(Boom):
                     b.call(boom)
             else:
                 b.call(lambda: None)
 
     threads = [threading.Thread(target=work) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(old_interval)
     counts = b.counts()
     assert counts.calls == n_threads * per_thread
     assert counts.failures == n_threads * per_thread // 10
+    assert b._core.calls_successful == n_threads * per_thread * 9 // 10
 
 
 def test_shared_store_opens_every_breaker_of_the_name() -> None:
