@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry
 
 from dsys.clock import ManualClock
 from dsys.errors import CircuitOpenError
-from dsys.resilience import BreakerState, CircuitBreaker
+from dsys.resilience import BreakerState, CircuitBreaker, TimeWindow
 
 SIZE, MIN, THRESHOLD, SLOW_THRESHOLD, SLOW_AT, N, WAIT, MULT, WAIT_MAX = (
     8,
@@ -26,13 +27,18 @@ SIZE, MIN, THRESHOLD, SLOW_THRESHOLD, SLOW_AT, N, WAIT, MULT, WAIT_MAX = (
 )
 
 
+SECONDS, BUCKETS = 10.0, 5
+
+
 @dataclass
 class Model:
     """The breaker spec written the obvious way: a list of outcomes, recomputed rates."""
 
     slow_detection: bool
+    time_window: bool = False
     state: str = "closed"
     window: deque[tuple[bool, bool]] = field(default_factory=lambda: deque(maxlen=SIZE))
+    timed: list[tuple[int, bool, bool]] = field(default_factory=list)  # (bucket, failed, slow)
     trial: list[tuple[bool, bool]] = field(default_factory=list)
     open_until: float = 0.0
     wait: float = WAIT
@@ -46,10 +52,16 @@ class Model:
         end = start + duration
         slow = self.slow_detection and duration >= SLOW_AT
         if self.state == "closed":
-            self.window.append((failed, slow))
-            if len(self.window) >= MIN:
-                fr = 100 * sum(f for f, _ in self.window) / len(self.window)
-                sr = 100 * sum(s for _, s in self.window) / len(self.window)
+            if self.time_window:
+                head = int(end // (SECONDS / BUCKETS))
+                self.timed.append((head, failed, slow))
+                live = [(f, s) for b, f, s in self.timed if b > head - BUCKETS]
+            else:
+                self.window.append((failed, slow))
+                live = list(self.window)
+            if len(live) >= MIN:
+                fr = 100 * sum(f for f, _ in live) / len(live)
+                sr = 100 * sum(s for _, s in live) / len(live)
                 if fr >= THRESHOLD or sr >= SLOW_THRESHOLD:
                     self._open(end)
         else:
@@ -64,6 +76,7 @@ class Model:
                     self.wait = WAIT
                     self.state = "closed"
                     self.window.clear()
+                    self.timed.clear()
         return "failed" if failed else "ok"
 
     def _open(self, now: float) -> None:
@@ -86,15 +99,18 @@ ops = st.lists(
 
 @settings(max_examples=300, deadline=None)
 @given(
-    steps=ops, slow_detection=st.booleans(), entry=st.sampled_from(["call", "decorator", "with"])
+    steps=ops,
+    slow_detection=st.booleans(),
+    time_window=st.booleans(),
+    entry=st.sampled_from(["call", "decorator", "with", "call_async", "adecorator", "async_with"]),
 )
 def test_breaker_matches_the_model(
-    steps: list[tuple[str, float, bool]], slow_detection: bool, entry: str
+    steps: list[tuple[str, float, bool]], slow_detection: bool, time_window: bool, entry: str
 ) -> None:
     clock = ManualClock()
     breaker = CircuitBreaker(
         "model",
-        window=SIZE,
+        window=TimeWindow(seconds=SECONDS, buckets=BUCKETS) if time_window else SIZE,
         minimum_calls=MIN,
         failure_rate_threshold=THRESHOLD,
         slow_call_rate_threshold=SLOW_THRESHOLD,
@@ -106,7 +122,7 @@ def test_breaker_matches_the_model(
         clock=clock,
         metrics=CollectorRegistry(),
     )
-    model = Model(slow_detection)
+    model = Model(slow_detection, time_window)
 
     def work(duration: float, failed: bool) -> str:
         clock.advance(duration)
@@ -114,25 +130,43 @@ def test_breaker_matches_the_model(
             raise Boom()
         return "ok"
 
-    decorated = breaker(work)
+    async def awork(duration: float, failed: bool) -> str:
+        return work(duration, failed)
 
-    for kind, amount, failed in steps:
-        if kind == "advance":
-            clock.advance(amount)
-            continue
-        expected = model.call(clock.now(), amount, failed)
-        try:
-            if entry == "call":
-                breaker.call(work, amount, failed)
-            elif entry == "decorator":
-                decorated(amount, failed)
-            else:
-                with breaker:
-                    work(amount, failed)
-            got = "ok"
-        except Boom:
-            got = "failed"
-        except CircuitOpenError:
-            got = "rejected"
-        assert got == expected
-        assert breaker.state is BreakerState(model.state)
+    async def in_block(duration: float, failed: bool) -> str:
+        async with breaker:
+            return work(duration, failed)
+
+    decorated = breaker(work)
+    adecorated = breaker(awork)
+    loop = asyncio.new_event_loop()
+
+    try:
+        for kind, amount, failed in steps:
+            if kind == "advance":
+                clock.advance(amount)
+                continue
+            expected = model.call(clock.now(), amount, failed)
+            try:
+                if entry == "call":
+                    breaker.call(work, amount, failed)
+                elif entry == "decorator":
+                    decorated(amount, failed)
+                elif entry == "with":
+                    with breaker:
+                        work(amount, failed)
+                elif entry == "call_async":
+                    loop.run_until_complete(breaker.call_async(awork, amount, failed))
+                elif entry == "adecorator":
+                    loop.run_until_complete(adecorated(amount, failed))
+                else:
+                    loop.run_until_complete(in_block(amount, failed))
+                got = "ok"
+            except Boom:
+                got = "failed"
+            except CircuitOpenError:
+                got = "rejected"
+            assert got == expected
+            assert breaker.state is BreakerState(model.state)
+    finally:
+        loop.close()
