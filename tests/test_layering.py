@@ -24,6 +24,7 @@ FORBIDDEN = {
 PURE = [
     "errors.py",
     "codec.py",
+    "sharding/ring.py",
 ]
 
 
