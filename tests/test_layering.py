@@ -25,6 +25,10 @@ PURE = [
     "errors.py",
     "codec.py",
     "sharding/ring.py",
+    "sharding/jump.py",
+    "sharding/rendezvous.py",
+    "sharding/bounded.py",
+    "sharding/router.py",
 ]
 
 
