@@ -21,10 +21,11 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
-from dsys.sharding import HashRing
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
+    "BoundedLoadRing",
     "ClosedError",
     "ConfigError",
     "ConflictError",
@@ -32,8 +33,11 @@ __all__ = [
     "HashRing",
     "NotLeaderError",
     "ProtocolError",
+    "RendezvousHash",
     "RequestTimeout",
+    "ShardRouter",
     "TransportError",
     "UnavailableError",
     "__version__",
+    "jump_hash",
 ]
