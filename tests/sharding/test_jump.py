@@ -56,3 +56,8 @@ def test_bad_key_raises(key: object) -> None:
 def test_bad_bucket_count_raises(n: object) -> None:
     with pytest.raises(BadInputError, match="number of buckets"):
         jump_hash(5, n)  # type: ignore[arg-type]
+
+
+def test_lone_surrogate_keys_are_refused_not_crashing() -> None:
+    with pytest.raises(BadInputError, match="not valid Unicode"):
+        jump_hash("\ud800", 4)

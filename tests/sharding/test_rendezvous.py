@@ -98,3 +98,13 @@ def test_seed_collision_is_refused() -> None:
     hrw.remove("node-53119")
     hrw.add("node-70603")
     assert hrw.get("k") == "node-70603"
+
+
+def test_lone_surrogate_keys_are_refused_not_crashing() -> None:
+    for hrw in (RendezvousHash(["a", "b"]), RendezvousHash({"a": 1, "b": 2})):
+        with pytest.raises(BadInputError, match="not valid Unicode"):
+            hrw.get("\ud800")
+        with pytest.raises(BadInputError, match="not valid Unicode"):
+            hrw.get_n("\ud800", 2)
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        RendezvousHash(["\udc80"])

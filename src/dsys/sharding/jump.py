@@ -15,6 +15,7 @@ from __future__ import annotations
 import mmh3
 
 from dsys.errors import BadInputError
+from dsys.sharding.ring import safe_key
 
 __all__ = ["MAX_BUCKETS", "jump_hash", "key_to_u64"]
 
@@ -36,7 +37,7 @@ def key_to_u64(key: int | str | bytes) -> int:
         BadInputError: for any other type, or an integer outside ``[0, 2**64)``.
     """
     if isinstance(key, str | bytes):
-        return int(_hash64(key, 0, signed=False)[0])
+        return int(_hash64(safe_key(key), 0, signed=False)[0])
     if isinstance(key, int) and not isinstance(key, bool):
         if 0 <= key <= _MASK64:
             return key

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping
 import mmh3
 
 from dsys.errors import BadInputError, ConfigError
-from dsys.sharding.ring import Key, _bad_key, _check_node, _check_weight
+from dsys.sharding.ring import Key, _bad_key, _check_node, _check_weight, safe_key
 
 __all__ = ["RendezvousHash"]
 
@@ -140,6 +140,7 @@ class RendezvousHash:
             BadInputError: if ``key`` is not ``str``/``bytes``.
             ConfigError: if there are no nodes.
         """
+        key = safe_key(key)
         best_node = ""
         best: float = -1.0
         try:
@@ -161,6 +162,7 @@ class RendezvousHash:
 
     def _ranking(self, key: Key) -> list[tuple[float, str]]:
         # Same ordering as get(): 53-bit hash when weights are equal, else -w/ln(u).
+        key = safe_key(key)
         try:
             if self._uniform:
                 return [
@@ -180,6 +182,7 @@ class RendezvousHash:
         Raises:
             BadInputError: if ``key`` is not ``str``/``bytes``.
         """
+        key = safe_key(key)
         try:
             return {
                 node: -weight / math.log(_unit(_hash64(key, seed, signed=False)[0]))
