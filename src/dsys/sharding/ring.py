@@ -16,7 +16,7 @@ Theory of operation:
 Two point layouts are offered:
 
 * ``mode="mmh3"`` (default): 32-bit MurmurHash3 of keys and of ``node + NUL + i``,
-  ``round(vnodes * weight)`` points per node (``vnodes`` defaults to 256), weights
+  ``round(vnodes * weight)`` points per node (``vnodes`` defaults to 512), weights
   may be any positive number. Placement depends only on the set of nodes and
   weights, not on the order they were added.
 * ``mode="ketama"``: libketama's continuum as implemented by ``uhashring``
@@ -59,7 +59,7 @@ Key = str | bytes
 
 RingMode = Literal["mmh3", "ketama"]
 
-DEFAULT_VNODES = 256
+DEFAULT_VNODES = 512
 """Points per unit of weight in ``mmh3`` mode."""
 
 KETAMA_VNODES = 40
@@ -204,7 +204,7 @@ class HashRing:
 
     Args:
         nodes: node names (weight 1 each) or a mapping ``name -> weight``.
-        vnodes: points per unit of weight (``mmh3``: default 256) or MD5 digests per
+        vnodes: points per unit of weight (``mmh3``: default 512) or MD5 digests per
             node (``ketama``: default 40).
         mode: ``"mmh3"`` (fast, default) or ``"ketama"`` (uhashring/libketama
             compatible placements; see the module docstring).
