@@ -8,10 +8,13 @@ Theory of operation:
     ``get_n(key, 1) == [get(key)]``. Adding a node moves only the keys that fall on
     its new points (about ``1/(n+1)`` of them); removing one moves only its own keys.
 
-    Lookups are one hash plus one :func:`bisect.bisect_right` over a precomputed,
-    sorted ``list[int]`` of points, with a parallel list of owners. Membership
-    changes only mark the ring dirty; the arrays are rebuilt on the next lookup, so
-    a burst of ``add``/``remove`` calls costs one rebuild.
+    The points live in a sorted ``list[int]`` with a parallel list of owners, so a
+    lookup is one hash plus one :func:`bisect.bisect_right`. ``get`` usually skips
+    even that: the circle is also cut into about ``16 * points`` equal buckets, and a
+    bucket that contains no point (about 94% of them) stores its owner directly, so
+    most lookups are one hash and one list index. Membership changes only mark the
+    ring dirty; the arrays are rebuilt on the next lookup, so a burst of
+    ``add``/``remove`` calls costs one rebuild (a few milliseconds for 10 nodes).
 
 Two point layouts are offered:
 
@@ -97,7 +100,9 @@ def safe_key(key: object) -> Key:
 
 
 def hash_key(key: Key) -> int:
-    """Hash a key to the unsigned 32-bit value the ``mmh3`` ring uses.
+    """Hash a key to the unsigned 32-bit MurmurHash3 value ``ShardRouter`` cuts into shards.
+
+    The ``mmh3`` ring uses the same hash read as a signed integer.
 
     Args:
         key: a ``str`` (hashed as UTF-8) or ``bytes``.
@@ -459,12 +464,11 @@ class HashRing:
         owners = [ring[h] for h in hashes]
         if owners:
             owners.append(owners[0])
+        bits = _table_bits(len(hashes))
+        table = _bucket_table(hashes, owners, bits) if hashes else []
+        # The table goes in last: get() trusts _shift, _hashes and _owners once it is set.
         self._hashes = hashes
         self._owners = owners
-        if hashes:
-            bits = _table_bits(len(hashes))
-            self._table = _bucket_table(hashes, owners, bits)
-            self._shift = 32 - bits
-        else:
-            self._table = []
+        self._shift = 32 - bits
+        self._table = table
         self._dirty = False
