@@ -64,10 +64,15 @@ def jump_hash(key: int | str | bytes, n: int) -> int:
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_BUCKETS:
         raise BadInputError(f"number of buckets must be an integer in 1..2**31-1, got {n!r}")
-    k = key_to_u64(key)
+    if key.__class__ is str and key.isascii():
+        k = _hash64(key, 0, signed=False)[0]  # the common case, without a call
+    else:
+        k = key_to_u64(key)
     b, j = -1, 0
     while j < n:
         b = j
-        k = (k * 2862933555777941757 + 1) & _MASK64
+        k = (k * 2862933555777941757 + 1) & 0xFFFFFFFFFFFFFFFF
+        # In floating point, as the reference does: exact integer division can round
+        # differently near integers and would break compatibility.
         j = int((b + 1) * (2147483648.0 / ((k >> 33) + 1)))
     return b
