@@ -315,3 +315,22 @@ def test_any_text_or_bytes_key_routes_or_is_refused_cleanly(key: str | bytes) ->
             key.encode()
     else:
         assert owner == ring.get_n(key, 3)[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nodes=st.dictionaries(
+        NAMES, st.floats(min_value=0.1, max_value=5, allow_nan=False), min_size=1, max_size=10
+    ),
+    key=st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",))), st.binary()),
+    data=st.data(),
+)
+def test_every_key_has_exactly_n_distinct_owners(
+    nodes: dict[str, float], key: str | bytes, data: st.DataObject
+) -> None:
+    ring = HashRing(nodes, vnodes=16)
+    n = data.draw(st.integers(min_value=1, max_value=len(nodes)))
+    owners = ring.get_n(key, n)
+    assert len(owners) == len(set(owners)) == n
+    assert set(owners) <= set(nodes)
+    assert owners[0] == ring.get(key)
