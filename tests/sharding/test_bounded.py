@@ -120,3 +120,29 @@ def test_bad_input() -> None:
         bounded.release("never")
     with pytest.raises(ConfigError, match="no nodes"):
         BoundedLoadRing(HashRing()).assign("k")
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=st.lists(st.sampled_from([0.1, 0.2, 0.3, 0.7, 1.0, 2.5, 3.0]), min_size=1, max_size=6),
+    c=st.sampled_from([1.0, 1.1, 1.25]),
+    keys=st.integers(min_value=1, max_value=400),
+)
+def test_weighted_bounds_scale_with_weight(weights: list[float], c: float, keys: int) -> None:
+    ring = HashRing({f"n{i}": w for i, w in enumerate(weights)}, vnodes=16)
+    bounded = BoundedLoadRing(ring, c=c)
+    total_weight = sum(map(Fraction, weights))
+    for i in range(keys):
+        node = bounded.assign(f"k{i}")
+        share = Fraction(ring.weight(node)) / total_weight
+        assert bounded.loads[node] <= math.ceil(Fraction(c) * (i + 1) * share)
+        assert bounded.capacity(i + 1, node) == math.ceil(Fraction(c) * (i + 1) * share)
+
+
+def test_weighted_hot_spot_spills_by_weight() -> None:
+    ring = HashRing({"big": 3, "small": 1})
+    hot = [k for k in (f"k{i}" for i in range(5000)) if ring.get(k) == "small"][:400]
+    bounded = BoundedLoadRing(ring, c=1.0)
+    for key in hot:
+        bounded.assign(key)
+    assert bounded.loads == {"big": 300, "small": 100}

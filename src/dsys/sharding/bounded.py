@@ -8,9 +8,13 @@ Theory of operation:
     (``1.25`` lets a node carry 25% more than the mean). A key goes to the first node
     in its ring preference list whose load is *below* its capacity.
 
+    On a weighted ring the capacity is proportional to weight,
+    ``ceil(c * m * w / W)`` for a node of weight ``w`` out of a total ``W`` (the same
+    as above when all weights are equal).
+
     The bound always holds when a key is placed: the loads add up to ``m - 1`` and
-    ``n * ceil(c * m / n) >= m``, so some node is below capacity, and the chosen node
-    ends with at most ``ceil(c * m / n)`` keys. Keys stay consistent: a key only
+    the capacities add up to at least ``c * m >= m``, so some node is below its
+    capacity, and the chosen node ends with at most its capacity. Keys stay consistent: a key only
     skips its ring owner while that owner is full, and with ``c`` near 1.25 the
     expected number of keys that move when a node joins or leaves stays ``O(1/n)``
     of the total (the paper's result). Releasing keys can leave a node above the
@@ -36,16 +40,17 @@ from dsys.sharding.ring import HashRing, Key, _bad_key
 __all__ = ["BoundedLoadRing", "capacity"]
 
 
-def capacity(c: float, total: int, nodes: int) -> int:
-    """Return the per-node key bound ``ceil(c * total / nodes)``, computed exactly.
+def capacity(c: float, total: int, nodes: int, *, share: float | Fraction = 1.0) -> int:
+    """Return the key bound ``ceil(c * total * share / nodes)``, computed exactly.
 
     Args:
         c: the load factor (``>= 1``).
         total: the number of keys placed, counting the one being placed.
         nodes: the number of nodes (``>= 1``).
+        share: the node's weight over the mean weight (1 when weights are equal).
     """
-    ratio = Fraction(c)
-    return -(-(ratio.numerator * total) // (ratio.denominator * nodes))
+    bound = Fraction(c) * total * Fraction(share) / nodes
+    return -(-bound.numerator // bound.denominator)
 
 
 _capacity = capacity
@@ -53,6 +58,8 @@ _capacity = capacity
 
 class BoundedLoadRing:
     """A :class:`HashRing` whose placements never exceed ``ceil(c * m / n)`` per node.
+
+    (On a weighted ring, each node's bound scales with its weight; see the module.)
 
     Example:
         >>> bounded = BoundedLoadRing(HashRing(["a", "b", "c"]), c=1.25)
@@ -106,15 +113,27 @@ class BoundedLoadRing:
         """Number of keys currently assigned."""
         return len(self._assigned)
 
-    def capacity(self, total: int) -> int:
+    def capacity(self, total: int, node: str | None = None) -> int:
         """Return the bound for ``total`` placed keys on the ring's current nodes.
 
+        Args:
+            total: keys placed, counting the one being placed.
+            node: whose bound, on a weighted ring; ``None`` means a node of mean weight.
+
         Raises:
-            ConfigError: if the ring is empty.
+            ConfigError: if the ring is empty or ``node`` is not in it.
         """
         if not len(self._ring):
             raise ConfigError("the ring has no nodes: add a node before placing keys")
-        return _capacity(self._c, total, len(self._ring))
+        share: Fraction | float = 1.0
+        if node is not None:
+            weights = self._ring.weights
+            share = (
+                Fraction(self._ring.weight(node))
+                * len(weights)
+                / sum(map(Fraction, weights.values()))
+            )
+        return _capacity(self._c, total, len(self._ring), share=share)
 
     def get(self, key: Key, loads: Mapping[str, int]) -> str:
         """Choose the node for a new ``key`` given the current ``loads``; changes nothing.
@@ -125,7 +144,8 @@ class BoundedLoadRing:
 
         Returns:
             The first node in ``key``'s ring preference list whose load is below
-            ``ceil(c * (sum(loads) + 1) / n)``.
+            its capacity: ``ceil(c * (sum(loads) + 1) / n)``, scaled by the node's
+            weight over the mean weight on a weighted ring.
 
         Raises:
             BadInputError: wrong key type, or ``loads`` naming a node not in the ring
@@ -144,11 +164,20 @@ class BoundedLoadRing:
         return self._choose(key, loads, total)
 
     def _choose(self, key: Key, loads: Mapping[str, int], total: int) -> str:
-        cap = self.capacity(total + 1)
-        for node in self._ring.iter_owners(key):
-            if loads.get(node, 0) < cap:
-                return node
-        raise AssertionError(f"no node below capacity {cap} with {total} keys on {loads}")
+        weights = self._ring.weights
+        if len(set(weights.values())) <= 1:
+            cap = self.capacity(total + 1)
+            for node in self._ring.iter_owners(key):
+                if loads.get(node, 0) < cap:
+                    return node
+        else:
+            weight_sum = sum(map(Fraction, weights.values()))  # exact: shares add up to 1
+            c_m = Fraction(self._c) * (total + 1)
+            for node in self._ring.iter_owners(key):
+                bound = c_m * Fraction(weights[node]) / weight_sum
+                if loads.get(node, 0) < -(-bound.numerator // bound.denominator):
+                    return node
+        raise AssertionError(f"no node below its capacity with {total} keys on {loads}")
 
     def assign(self, key: Key) -> str:
         """Place ``key`` and count it; an already placed key returns its node unchanged.
