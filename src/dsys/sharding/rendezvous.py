@@ -9,8 +9,8 @@ Theory of operation:
     ``O(n)`` hashes per lookup, fine for tens of nodes.
 
     For weights the score is ``-w / ln(u)`` where ``u`` in ``(0, 1)`` is the key's
-    hash under the node's seed (Schindelhauer and Schomaker's "weighted distributed
-    hash tables"; the logarithmic method described by Resch and Jason): the node with
+    hash under the node's seed (the "logarithmic method" of Schindelhauer and
+    Schomaker, "Weighted distributed hash tables", 2005): the node with
     weight ``w`` wins a ``w / W`` share of keys, and changing one weight moves keys
     only to or from that node. With equal weights the score is monotone in ``u``,
     so the raw hash is compared directly.
