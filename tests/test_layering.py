@@ -24,6 +24,11 @@ FORBIDDEN = {
 PURE = [
     "errors.py",
     "codec.py",
+    "sharding/ring.py",
+    "sharding/jump.py",
+    "sharding/rendezvous.py",
+    "sharding/bounded.py",
+    "sharding/router.py",
 ]
 
 

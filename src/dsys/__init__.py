@@ -21,17 +21,23 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
+    "BoundedLoadRing",
     "ClosedError",
     "ConfigError",
     "ConflictError",
     "DsysError",
+    "HashRing",
     "NotLeaderError",
     "ProtocolError",
+    "RendezvousHash",
     "RequestTimeout",
+    "ShardRouter",
     "TransportError",
     "UnavailableError",
     "__version__",
+    "jump_hash",
 ]
