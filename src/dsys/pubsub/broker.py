@@ -207,6 +207,7 @@ class _RouteLink:
         self.address = address
         self.dialback = dialback
         self.remote_id: str | None = None
+        self.conn_id: int | None = None
         self.connected = False
         self.task: asyncio.Task[None] | None = None
         self.stopped = False
@@ -303,8 +304,16 @@ class Broker:
             "connections": kinds,
             "subscriptions": self.state.subscription_count(),
             "routes": [
-                {"peer": a, "server_id": link.remote_id, "connected": link.connected}
+                {
+                    "peer": a,
+                    "server_id": link.remote_id,
+                    "connected": link.connected,
+                    "interest": len(self.state.remote_interest(link.conn_id))
+                    if link.connected and link.conn_id is not None
+                    else 0,
+                }
                 for a, link in self._links.items()
+                if not link.stopped or link.connected
             ],
         }
 
@@ -664,6 +673,7 @@ class Broker:
             session = _Session(conn_id, ws)
             self._sessions[conn_id] = session
             session.writer = asyncio.get_running_loop().create_task(self._writer(session))
+            link.conn_id = conn_id
             link.connected = True
             self.log.info("route up", peer=link.address, remote=remote_id)
             fx = Effects()
