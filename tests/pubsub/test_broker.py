@@ -31,8 +31,8 @@ async def raw_ws(
     return await session.ws_connect(f"http://127.0.0.1:{b.port}/v1/ws{query}")
 
 
-async def recv_frames(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5.0) -> list[dict]:
-    m = await asyncio.wait_for(ws.receive(), timeout)
+async def recv_frames(ws: aiohttp.ClientWebSocketResponse) -> list[dict]:
+    m = await asyncio.wait_for(ws.receive(), 5.0)
     if m.type is aiohttp.WSMsgType.BINARY:
         value = msgpack.unpackb(m.data, raw=False)
     elif m.type is aiohttp.WSMsgType.TEXT:
@@ -214,76 +214,82 @@ async def test_garbage_frames_get_error_frames_and_the_connection_survives(
 
 async def test_oversized_frame_closes_that_connection_only() -> None:
     limits = BrokerLimits(max_payload=1024)
-    async with Broker(BrokerConfig(port=0, limits=limits, max_frame=4096)) as b:
-        async with aiohttp.ClientSession() as session, Client(addr(b)) as bystander:
-            s = await bystander.subscribe("a")
-            ws = await raw_ws(session, b)
-            await ws.send_bytes(b"\x00" * 10_000)
-            m = await asyncio.wait_for(ws.receive(), 5)
-            assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
-            await bystander.publish("a", b"fine")
-            assert (await s.next_msg(5)).data == b"fine"
-            with pytest.raises(BadInputError, match="exceeds"):
-                await bystander.publish("a", b"x" * 2000)
-            async with session.get(f"http://127.0.0.1:{b.port}/healthz") as resp:
-                assert resp.status == 200
-            url = f"http://127.0.0.1:{b.port}/v1/publish/a"
-            async with session.post(url, data=b"x" * 5000) as resp:
-                assert resp.status == 413
+    async with (
+        Broker(BrokerConfig(port=0, limits=limits, max_frame=4096)) as b,
+        aiohttp.ClientSession() as session,
+        Client(addr(b)) as bystander,
+    ):
+        s = await bystander.subscribe("a")
+        ws = await raw_ws(session, b)
+        await ws.send_bytes(b"\x00" * 10_000)
+        m = await asyncio.wait_for(ws.receive(), 5)
+        assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.MESSAGE_TOO_BIG
+        await bystander.publish("a", b"fine")
+        assert (await s.next_msg(5)).data == b"fine"
+        with pytest.raises(BadInputError, match="exceeds"):
+            await bystander.publish("a", b"x" * 2000)
+        async with session.get(f"http://127.0.0.1:{b.port}/healthz") as resp:
+            assert resp.status == 200
+        url = f"http://127.0.0.1:{b.port}/v1/publish/a"
+        async with session.post(url, data=b"x" * 5000) as resp:
+            assert resp.status == 413
 
 
 async def test_slow_consumer_does_not_stall_others_and_memory_stays_bounded() -> None:
     limits = BrokerLimits(max_pending_bytes=256 * 1024)
-    async with Broker(BrokerConfig(port=0, limits=limits)) as b:
-        async with aiohttp.ClientSession() as session, Client(addr(b)) as pub:
-            stalled = await raw_ws(session, b)  # subscribes, then never reads
-            await stalled.send_bytes(
-                msgpack.packb(
-                    [
-                        {"op": "sub", "sid": 1, "subject": "feed"},
-                        {"op": "sub", "sid": 2, "subject": "feed", "policy": "drop_newest"},
-                    ]
-                )
+    async with (
+        Broker(BrokerConfig(port=0, limits=limits)) as b,
+        aiohttp.ClientSession() as session,
+        Client(addr(b)) as pub,
+    ):
+        stalled = await raw_ws(session, b)  # subscribes, then never reads
+        await stalled.send_bytes(
+            msgpack.packb(
+                [
+                    {"op": "sub", "sid": 1, "subject": "feed"},
+                    {"op": "sub", "sid": 2, "subject": "feed", "policy": "drop_newest"},
+                ]
             )
-            kicked = await raw_ws(session, b)
-            await kicked.send_bytes(
-                msgpack.packb({"op": "sub", "sid": 1, "subject": "feed", "policy": "disconnect"})
-            )
-            fast = Client(addr(b))
-            await fast.connect()
-            s = await fast.subscribe("feed")
-            await pub.flush()
-            n = 20_000
-            payload = b"x" * 1000
-            received = 0
-            peak = 0
-            for i in range(n):
-                await pub.publish("feed", payload)
-                if i % 100 == 99:
-                    await pub.flush()
-                    peak = max(peak, *(c.pending_bytes for c in b.state.connections()))
-                    while s.pending():
-                        await s.next_msg(1)
-                        received += 1
-            while received < n:
-                await s.next_msg(5)
-                received += 1
-            assert received == n
-            assert peak <= limits.max_pending_bytes
-            drops = b.state.stats.drops
-            assert drops["drop_oldest"] > 0 and drops["drop_newest"] > 0
-            assert b.state.stats.slow_consumer_disconnects == 1
+        )
+        kicked = await raw_ws(session, b)
+        await kicked.send_bytes(
+            msgpack.packb({"op": "sub", "sid": 1, "subject": "feed", "policy": "disconnect"})
+        )
+        fast = Client(addr(b))
+        await fast.connect()
+        s = await fast.subscribe("feed")
+        await pub.flush()
+        n = 20_000
+        payload = b"x" * 1000
+        received = 0
+        peak = 0
+        for i in range(n):
+            await pub.publish("feed", payload)
+            if i % 100 == 99:
+                await pub.flush()
+                peak = max(peak, *(c.pending_bytes for c in b.state.connections()))
+                while s.pending():
+                    await s.next_msg(1)
+                    received += 1
+        while received < n:
+            await s.next_msg(5)
+            received += 1
+        assert received == n
+        assert peak <= limits.max_pending_bytes
+        drops = b.state.stats.drops
+        assert drops["drop_oldest"] > 0 and drops["drop_newest"] > 0
+        assert b.state.stats.slow_consumer_disconnects == 1
+        m = await asyncio.wait_for(kicked.receive(), 10)
+        while m.type is aiohttp.WSMsgType.BINARY:  # queued data, then the close
             m = await asyncio.wait_for(kicked.receive(), 10)
-            while m.type is aiohttp.WSMsgType.BINARY:  # queued data, then the close
-                m = await asyncio.wait_for(kicked.receive(), 10)
-            assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-            async with session.get(f"http://127.0.0.1:{b.port}/metrics") as resp:
-                text = await resp.text()
-            assert 'dsys_pubsub_slow_consumer_drops_total{policy="drop_oldest"}' in text
-            assert "dsys_pubsub_slow_consumer_disconnects_total 1.0" in text
-            await fast.close()
-            await stalled.close()
+        assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        async with session.get(f"http://127.0.0.1:{b.port}/metrics") as resp:
+            text = await resp.text()
+        assert 'dsys_pubsub_slow_consumer_drops_total{policy="drop_oldest"}' in text
+        assert "dsys_pubsub_slow_consumer_disconnects_total 1.0" in text
+        await fast.close()
+        await stalled.close()
 
 
 async def test_callback_subscription_and_drain(broker: Broker) -> None:
