@@ -375,3 +375,52 @@ async def test_connect_fails_cleanly_when_no_broker_listens() -> None:
     with pytest.raises(ConnectError, match="could not connect"):
         async with Client(["127.0.0.1:1"], connect_timeout=1):
             pass
+
+
+def random_value(rng: random.Random, depth: int = 0) -> object:
+    kind = rng.randrange(9 if depth < 3 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False, -1, 0, 2**40, 1.5])
+    if kind == 2:
+        return rng.choice(["", "a", "a.b", "*", ">", "a.>", "a b", "x" * 600, "ü.ñ", "_INBOX.x"])
+    if kind == 3:
+        return rng.randbytes(rng.randrange(0, 40))
+    if kind == 4:
+        return rng.choice(["pub", "sub", "unsub", "ping", "connect", "rmsg", "msg", "err"])
+    if kind == 5:
+        return rng.randrange(-5, 5)
+    if kind == 6:
+        return [random_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    keys = ["op", "sid", "subject", "data", "reply", "queue", "policy", "max_pending", "id"]
+    return {rng.choice(keys): random_value(rng, depth + 1) for _ in range(rng.randrange(6))}
+
+
+def random_op(rng: random.Random) -> dict[str, object]:
+    op: dict[str, object] = {"op": rng.choice(["pub", "sub", "unsub", "ping", "connect", "rmsg"])}
+    for key in ("sid", "subject", "data", "reply", "queue", "policy", "max_pending", "id", "route"):
+        if rng.random() < 0.5:
+            op[key] = random_value(rng)
+    return op
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_fuzzed_operations_never_break_the_connection(broker: Broker, seed: int) -> None:
+    rng = random.Random(seed)
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_ws(session, broker)
+        for _ in range(300):
+            op = random_op(rng)
+            if rng.random() < 0.3:
+                text = json.dumps(op, default=lambda b: b.hex())
+                await ws.send_str(text)
+            else:
+                await ws.send_bytes(msgpack.packb(op, use_bin_type=True))
+        await ws.send_bytes(msgpack.packb({"op": "ping", "id": "end"}))
+        await recv_op(ws, "pong", limit=1000)
+        assert broker.protocol_errors > 0
+        await ws.close()
+        async with session.get(f"http://127.0.0.1:{broker.port}/healthz") as resp:
+            assert resp.status == 200
+            assert all(r["peer"].startswith("127.0.0.1:") for r in (await resp.json())["routes"])

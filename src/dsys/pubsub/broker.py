@@ -489,7 +489,8 @@ class Broker:
         elif name == "sub":
             if not session.authed:
                 raise BadInputError("authentication required: send connect with a token")
-            policy = _POLICIES.get(op.get("policy", "drop_oldest"))
+            policy_name = op.get("policy", "drop_oldest")
+            policy = _POLICIES.get(policy_name) if isinstance(policy_name, str) else None
             if policy is None:
                 raise BadInputError(
                     f"unknown slow-consumer policy {op.get('policy')!r}; "
@@ -534,12 +535,16 @@ class Broker:
             listen = op.get("listen")
             if not isinstance(peer_id, str) or not isinstance(listen, str):
                 raise BadInputError("route connect needs string server_id and listen")
+            if self.state.connection(session.conn_id).subs:
+                raise BadInputError("a route must announce itself before subscribing")
             session.authed = False  # routes neither publish nor subscribe
             self.state.control(session.conn_id, info, fx)
             self.state.become_route_in(session.conn_id, fx, name=peer_id)
             self.log.info("route accepted", peer=peer_id, listen=listen)
             if peer_id != self.server_id:
-                self._maybe_dial_back(peer_id, listen)
+                self._maybe_dial_back(
+                    peer_id, listen, session.peer, trusted=self.config.cluster_token is not None
+                )
             return
         tokens = self.config.tokens
         if tokens is not None:
@@ -591,7 +596,12 @@ class Broker:
         self._links[key] = link
         link.task = asyncio.get_running_loop().create_task(self._run_link(link))
 
-    def _maybe_dial_back(self, peer_id: str, listen: str) -> None:
+    def _maybe_dial_back(self, peer_id: str, listen: str, remote: str, *, trusted: bool) -> None:
+        """Dial a peer that dialled us, so traffic flows both ways.
+
+        Without a cluster token anyone may claim to be a peer, so the broker then only
+        dials back the IP address the connection came from (never a name to resolve).
+        """
         for link in self._links.values():
             if link.remote_id == peer_id and not link.stopped:
                 return
@@ -599,6 +609,14 @@ class Broker:
             host, port = parse_listen(listen)
         except ConfigError:
             self.log.warning("peer sent a bad listen address", peer=peer_id, listen=listen)
+            return
+        if port == 0 or (not trusted and host != remote):
+            self.log.warning(
+                "not dialling back: the listen address is not the peer's own IP",
+                peer=peer_id,
+                listen=listen,
+                remote=remote,
+            )
             return
         key = f"{host}:{port}"
         existing = self._links.get(key)
@@ -803,6 +821,8 @@ def _parse(raw: bytes | str, is_json: bool, max_size: int) -> Any:
         return json.loads(raw)
     except ValueError as exc:
         raise RemoteProtocolError(f"malformed JSON frame: {exc}") from None
+    except RecursionError:
+        raise RemoteProtocolError("JSON frame is nested too deeply") from None
 
 
 def _data(op: dict[Any, Any], is_json: bool) -> object:

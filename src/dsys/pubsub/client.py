@@ -385,6 +385,12 @@ class Client:
             if self._ws is None:
                 break
             self.reconnects += 1
+            # _open re-sent every live subscription; queued sub/unsub/ping frames were for
+            # the old connection (their flushes already failed), so only publishes remain.
+            self._out[:] = [f for f in self._out if f.get("op") == "pub"]
+            self._out_bytes = sum(_frame_size(f) for f in self._out)
+            if self._out_bytes < self.max_buffer_bytes:
+                self._space.set()
             self._connected.set()
         self._finish(ClosedError("client is closed") if self._closed else None)
 
@@ -558,8 +564,23 @@ class Client:
             max_pending=max_pending,
         )
         self._subs[sub.sid] = sub
-        await self._send(sub._frame())
-        await self.flush(timeout)
+        try:
+            await self._send(sub._frame())
+            try:
+                await self.flush(timeout)
+            except ConnectError:
+                # The connection dropped; reconnecting re-subscribes everything in
+                # self._subs, so confirm on the new connection.
+                try:
+                    await asyncio.wait_for(self._connected.wait(), timeout)
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"no broker to confirm {subject!r} within {timeout}s"
+                    ) from None
+                await self.flush(timeout)
+        except BaseException:
+            self._forget(sub)
+            raise
         if sub._error is not None:
             raise sub._error
         if cb is not None:
