@@ -333,3 +333,33 @@ def test_memory_stays_bounded_under_any_publish_and_read_mix(
         assert all(len(s.pending) <= s.max_msgs for s in conn.subs.values())
         assert len(conn.fifo) <= 2 * (50 + 5) + 64 + 2
         state.take(1, max_items=reads[i % len(reads)])
+
+
+@pytest.mark.parametrize("count", [1, 5, 20, 300])
+def test_take_packed_encodes_exactly_what_take_returns(count: int) -> None:
+    import msgpack
+
+    def build() -> BrokerState:
+        state, fx = BrokerState(), Effects()
+        state.open(1)
+        state.subscribe(1, 3, "a.>", fx)
+        state.subscribe(1, 70000, "a.b", fx)
+        state.open(100, kind=ConnKind.ROUTE_OUT)
+        state.route_interest(100, "a.>", None, add=True)
+        state.route_interest(100, "a.b", "q", add=True)
+        for i in range(count):
+            reply = f"_INBOX.r.{i}" if i % 3 == 0 else None
+            state.publish(1, "a.b" if i % 2 else "a.c", bytes([i % 256]) * i, reply, fx)
+            if i % 7 == 0:
+                state.control(1, {"op": "pong", "id": i}, fx)
+        return state
+
+    plain, packed = build(), build()
+    for conn in (1, 100):
+        expected = msgs(plain, conn)
+        got: list[object] = []
+        while (data := packed.take_packed(conn, max_items=37)) is not None:
+            value = msgpack.unpackb(data, raw=False)
+            got.extend(value if isinstance(value, list) else [value])
+        assert got == expected
+    assert packed.stats == plain.stats

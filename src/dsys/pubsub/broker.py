@@ -387,10 +387,16 @@ class Broker:
                 await event.wait()
                 event.clear()
                 while True:
-                    frames = state.take(conn_id, max_items=batch, max_bytes=1 << 20)
-                    if not frames:
-                        break
-                    await self._send(session, frames)
+                    if session.json:
+                        frames = state.take(conn_id, max_items=batch, max_bytes=1 << 20)
+                        if not frames:
+                            break
+                        await self._send(session, frames)
+                    else:
+                        packed = state.take_packed(conn_id, max_items=batch, max_bytes=1 << 20)
+                        if packed is None:
+                            break
+                        await session.ws.send_bytes(packed)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             self.log.debug("writer stopped", conn=conn_id, error=str(exc))
 

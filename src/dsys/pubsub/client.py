@@ -25,8 +25,7 @@ import random
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import msgpack
@@ -44,9 +43,8 @@ from dsys.pubsub.core import SlowConsumerPolicy
 from dsys.pubsub.subjects import validate_pattern, validate_subject
 
 
-@dataclass(frozen=True, slots=True)
-class Msg:
-    """A message received from the broker.
+class Msg(NamedTuple):
+    """A message received from the broker (an immutable named tuple, cheap to build).
 
     Attributes:
         subject: the subject it was published to.

@@ -60,6 +60,9 @@ import random
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
 
 from dsys.errors import BadInputError, ConfigError
 from dsys.pubsub.subjects import (
@@ -74,7 +77,6 @@ Frame = dict[str, object]
 """A protocol frame as a plain map, ready for msgpack or JSON."""
 
 _ENTRY_OVERHEAD = 48  # bytes charged per queued message on top of its contents
-_CONTROL_SIZE = 64
 
 
 class SlowConsumerPolicy(enum.Enum):
@@ -176,34 +178,33 @@ class BrokerLimits:
 
 
 class Message:
-    """One published message as the broker holds it (shared by every recipient)."""
+    """One published message as the broker holds it (shared by every recipient).
 
-    __slots__ = ("data", "reply", "size", "subject")
+    ``tail`` caches the msgpack encoding of the fields every recipient shares, so the
+    write path encodes a message once however many subscribers it has.
+    """
+
+    __slots__ = ("data", "reply", "rtail", "size", "subject", "tail")
 
     def __init__(self, subject: str, data: bytes, reply: str | None) -> None:
         self.subject = subject
         self.data = data
         self.reply = reply
         self.size = len(subject) + len(data) + (len(reply) if reply else 0) + _ENTRY_OVERHEAD
+        self.tail: bytes | None = None
+        self.rtail: bytes | None = None
 
 
-class _Entry:
-    __slots__ = ("alive", "frame", "msg", "queues", "size", "sub")
+# A queue entry is a list, the cheapest mutable record in CPython:
+#   [sub, msg]           a message for a client subscription
+#   [sub, msg, queues]   a message for a route (queue groups the peer must serve)
+#   [None, frame]        a control frame
+# A dropped entry has its second slot set to None and is skipped by take().
+_Entry = list[Any]
 
-    def __init__(
-        self,
-        sub: Subscription | None,
-        msg: Message | None,
-        size: int,
-        frame: Frame | None = None,
-        queues: tuple[str, ...] = (),
-    ) -> None:
-        self.sub = sub
-        self.msg = msg
-        self.size = size
-        self.frame = frame
-        self.queues = queues
-        self.alive = True
+_MSG_HEAD = b"\x84" + msgpack.packb("op") + msgpack.packb("msg") + msgpack.packb("sid")
+_MSG_HEAD_REPLY = b"\x85" + _MSG_HEAD[1:]
+_RMSG_HEAD = b"\x85" + msgpack.packb("op") + msgpack.packb("rmsg") + msgpack.packb("queues")
 
 
 class Subscription:
@@ -219,6 +220,7 @@ class Subscription:
         "policy",
         "queue",
         "sid",
+        "sid_packed",
     )
 
     def __init__(
@@ -232,6 +234,7 @@ class Subscription:
     ) -> None:
         self.conn = conn
         self.sid = sid
+        self.sid_packed: bytes = msgpack.packb(sid)
         self.pattern = pattern
         self.queue = queue
         self.policy = policy
@@ -495,9 +498,8 @@ class BrokerState:
         self._local.remove(sub.pattern, sub)
         self._plans.clear()
         for entry in sub.pending:
-            entry.alive = False
-            entry.msg = None
-            conn.pending_bytes -= entry.size
+            conn.pending_bytes -= entry[1].size
+            entry[1] = None
             conn.dead += 1
         sub.pending.clear()
         self._maybe_compact(conn)
@@ -600,8 +602,25 @@ class BrokerState:
         if plan is None:
             plan = self._plan(msg.subject)
         n = 0
+        size = msg.size
+        wake = fx.wake
         for sub in plan.plain:
-            n += self._enqueue(sub, msg, fx)
+            # The common case inline: the subscriber keeps up.
+            conn = sub.conn
+            pending = sub.pending
+            if (
+                conn.closing is None
+                and len(pending) < sub.max_msgs
+                and conn.pending_bytes + size <= conn.max_pending_bytes
+            ):
+                entry = [sub, msg]
+                pending.append(entry)
+                conn.fifo.append(entry)
+                conn.pending_bytes += size
+                wake.add(conn.id)
+                n += 1
+            else:
+                n += self._enqueue(sub, msg, fx)
         picked: dict[Connection, list[str]] | None = None
         if plan.groups or plan.route_groups:
             for name in plan.groups.keys() | plan.route_groups.keys():
@@ -713,9 +732,8 @@ class BrokerState:
                     or conn.pending_bytes + size > conn.max_pending_bytes
                 ):
                     old = pending.popleft()
-                    old.alive = False
-                    old.msg = None
-                    conn.pending_bytes -= old.size
+                    conn.pending_bytes -= old[1].size
+                    old[1] = None
                     conn.dead += 1
                     sub.dropped += 1
                     drops["drop_oldest"] += 1
@@ -731,7 +749,7 @@ class BrokerState:
                 sub.dropped += 1
                 self.stats.drops["drop_newest"] += 1
                 return 0
-        entry = _Entry(sub, msg, size)
+        entry = [sub, msg]
         pending.append(entry)
         conn.fifo.append(entry)
         conn.pending_bytes += size
@@ -743,13 +761,13 @@ class BrokerState:
     ) -> int:
         if route.closing is not None:
             return 0
-        size = msg.size + 8 * len(queues)
+        size = msg.size
         if route.pending_bytes + size > route.max_pending_bytes:
             self.stats.route_drops += 1
             return 0
         sub = route.route_sub
         assert sub is not None, f"route {route.id} has no pseudo-subscription"
-        entry = _Entry(sub, msg, size, queues=queues)
+        entry = [sub, msg, queues]
         sub.pending.append(entry)
         route.fifo.append(entry)
         route.pending_bytes += size
@@ -763,8 +781,7 @@ class BrokerState:
         # Free the queued payloads now; the adapter closes the socket.
         for sub in conn.subs.values():
             for entry in sub.pending:
-                entry.alive = False
-                entry.msg = None
+                entry[1] = None
             sub.pending.clear()
         conn.fifo.clear()
         conn.dead = 0
@@ -772,7 +789,7 @@ class BrokerState:
 
     def _maybe_compact(self, conn: Connection) -> None:
         if conn.dead > 64 and conn.dead * 2 > len(conn.fifo):
-            conn.fifo = deque(e for e in conn.fifo if e.alive)
+            conn.fifo = deque(e for e in conn.fifo if e[1] is not None)
             conn.dead = 0
 
     # -- control frames ----------------------------------------------------------
@@ -791,7 +808,7 @@ class BrokerState:
             fx.disconnect[conn.id] = conn.closing
             return
         conn.control_count += 1
-        conn.fifo.append(_Entry(None, None, _CONTROL_SIZE, frame=frame))
+        conn.fifo.append([None, frame])
         fx.wake.add(conn.id)
 
     # -- the write path ----------------------------------------------------------
@@ -801,49 +818,106 @@ class BrokerState:
 
         Returns an empty list when nothing is queued or the connection is gone.
         """
+        out: list[Frame] = []
+        for entry in self._pop(conn_id, max_items, max_bytes):
+            sub, payload = entry[0], entry[1]
+            if sub is None:
+                out.append(payload)
+            elif len(entry) == 3:
+                out.append(
+                    {
+                        "op": "rmsg",
+                        "queues": list(entry[2]),
+                        "subject": payload.subject,
+                        "data": payload.data,
+                        "reply": payload.reply,
+                    }
+                )
+            else:
+                frame: Frame = {
+                    "op": "msg",
+                    "sid": sub.sid,
+                    "subject": payload.subject,
+                    "data": payload.data,
+                }
+                if payload.reply is not None:
+                    frame["reply"] = payload.reply
+                out.append(frame)
+        return out
+
+    def take_packed(
+        self, conn_id: int, *, max_items: int = 512, max_bytes: int = 1 << 20
+    ) -> bytes | None:
+        """Like :meth:`take`, but already msgpack-encoded: one map, or an array of maps.
+
+        Each message's shared fields are encoded once (cached on the message), so
+        fanning one message out to many subscribers costs a byte concatenation each.
+        Returns ``None`` when nothing is queued.
+        """
+        entries = self._pop(conn_id, max_items, max_bytes)
+        if not entries:
+            return None
+        parts: list[bytes] = []
+        append = parts.append
+        packb = msgpack.packb
+        for entry in entries:
+            sub, payload = entry[0], entry[1]
+            if sub is None:
+                append(packb(payload, use_bin_type=True))
+                continue
+            if len(entry) == 3:
+                rtail = payload.rtail
+                if rtail is None:
+                    rtail = payload.rtail = packb(
+                        {"subject": payload.subject, "data": payload.data, "reply": payload.reply},
+                        use_bin_type=True,
+                    )[1:]
+                append(_RMSG_HEAD + packb(list(entry[2])) + rtail)
+                continue
+            tail = payload.tail
+            if tail is None:
+                fields: dict[str, object] = {"subject": payload.subject, "data": payload.data}
+                if payload.reply is not None:
+                    fields["reply"] = payload.reply
+                tail = payload.tail = packb(fields, use_bin_type=True)[1:]
+            head = _MSG_HEAD if payload.reply is None else _MSG_HEAD_REPLY
+            append(head + sub.sid_packed + tail)
+        if len(parts) == 1:
+            return parts[0]
+        n = len(parts)
+        header = bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+        assert n < 65536, f"batch of {n} frames is too large"
+        return header + b"".join(parts)
+
+    def _pop(self, conn_id: int, max_items: int, max_bytes: int) -> list[_Entry]:
         conn = self._conns.get(conn_id)
         if conn is None or conn.closing is not None:
             return []
         fifo = conn.fifo
-        out: list[Frame] = []
+        out: list[_Entry] = []
         nbytes = sent = data_bytes = 0
-        route = conn.kind is ConnKind.ROUTE_OUT
         while fifo and len(out) < max_items and nbytes < max_bytes:
             entry = fifo.popleft()
-            if not entry.alive:
+            sub, payload = entry[0], entry[1]
+            if payload is None:
                 conn.dead -= 1
                 continue
-            sub = entry.sub
             if sub is None:
                 conn.control_count -= 1
-                assert entry.frame is not None
-                out.append(entry.frame)
+                out.append(entry)
                 continue
             first = sub.pending.popleft()
             assert first is entry, f"subscription {sub!r} queue out of order"
-            msg = entry.msg
-            assert msg is not None
-            conn.pending_bytes -= entry.size
-            nbytes += entry.size
-            if route:
-                frame: Frame = {
-                    "op": "rmsg",
-                    "subject": msg.subject,
-                    "data": msg.data,
-                    "reply": msg.reply,
-                    "queues": list(entry.queues),
-                }
-            else:
-                frame = {"op": "msg", "sid": sub.sid, "subject": msg.subject, "data": msg.data}
-                if msg.reply is not None:
-                    frame["reply"] = msg.reply
+            size = payload.size
+            conn.pending_bytes -= size
+            nbytes += size
             sub.delivered += 1
-            out.append(frame)
             sent += 1
-            data_bytes += len(msg.data)
+            data_bytes += len(payload.data)
+            out.append(entry)
         conn.msgs_out += sent
-        self.stats.bytes_out += data_bytes
         self.stats.msgs_out += sent
+        self.stats.bytes_out += data_bytes
         return out
 
     # -- introspection -----------------------------------------------------------
