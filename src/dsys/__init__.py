@@ -21,6 +21,8 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.pubsub import Broker as PubSubBroker
+from dsys.pubsub import Client as PubSubClient
 
 __all__ = [
     "BadInputError",
@@ -30,6 +32,8 @@ __all__ = [
     "DsysError",
     "NotLeaderError",
     "ProtocolError",
+    "PubSubBroker",
+    "PubSubClient",
     "RequestTimeout",
     "TransportError",
     "UnavailableError",
