@@ -677,7 +677,10 @@ class Broker:
             first = await asyncio.wait_for(ws.receive(), timeout=5.0)
             if first.type is not aiohttp.WSMsgType.BINARY:
                 return False
-            info = decode(first.data, max_size=self.config.max_frame)
+            value = decode(first.data, max_size=self.config.max_frame)
+            # The peer may batch its interest right behind the info frame.
+            ops = value if isinstance(value, list) else [value]
+            info = ops[0] if ops else None
             if not isinstance(info, dict) or info.get("op") != "info":
                 self.log.warning("route refused", peer=link.address, reply=str(info)[:200])
                 return False
@@ -702,10 +705,17 @@ class Broker:
             self.log.info("route up", peer=link.address, remote=remote_id)
             fx = Effects()
             try:
+                self._on_route_ops(conn_id, ops[1:], fx)
+                self._apply(fx)
                 async for m in ws:
                     if m.type is not aiohttp.WSMsgType.BINARY:
                         break
-                    self._on_route_frame(conn_id, m.data, fx)
+                    try:
+                        value = decode(m.data, max_size=self.config.max_frame)
+                    except RemoteProtocolError as exc:
+                        self.log.warning("bad frame from peer", conn=conn_id, error=str(exc))
+                        continue
+                    self._on_route_ops(conn_id, value if isinstance(value, list) else [value], fx)
                     self._apply(fx)
             finally:
                 link.connected = False
@@ -718,13 +728,8 @@ class Broker:
                 self.log.info("route down", peer=link.address)
             return True
 
-    def _on_route_frame(self, conn_id: int, raw: bytes, fx: Effects) -> None:
-        try:
-            value = decode(raw, max_size=self.config.max_frame)
-        except RemoteProtocolError as exc:
-            self.log.warning("bad frame from peer", conn=conn_id, error=str(exc))
-            return
-        for op in value if isinstance(value, list) else [value]:
+    def _on_route_ops(self, conn_id: int, ops: list[Any], fx: Effects) -> None:
+        for op in ops:
             if not isinstance(op, dict):
                 continue
             name = op.get("op")
