@@ -57,6 +57,8 @@ class Msg(NamedTuple):
     reply: str | None = None
 
 
+_MAX_FRAME = 64 * 1024 * 1024  # largest WebSocket frame accepted from a broker
+
 MsgHandler = Callable[[Msg], Awaitable[None]]
 """An async callback receiving each message of a subscription."""
 
@@ -325,7 +327,7 @@ class Client:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 ws = await self._http.ws_connect(
-                    url, heartbeat=self.heartbeat, max_msg_size=0, compress=0
+                    url, heartbeat=self.heartbeat, max_msg_size=_MAX_FRAME, compress=0
                 )
                 try:
                     hello: dict[str, object] = {"op": "connect", "name": self.name}
