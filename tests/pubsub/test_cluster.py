@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from dsys.pubsub import Client, Subscription
+from dsys.pubsub import Client, Msg, Subscription
 
 
 @dataclass
@@ -151,6 +151,25 @@ async def test_three_brokers_deliver_across_the_cluster_exactly_once(cluster: li
         jobs = [(await w.next_msg(1)).data for w in workers for _ in range(w.pending())]
         assert sorted(jobs, key=int) == [str(i).encode() for i in range(n)]
         assert workers[0].delivered > 0 and workers[1].delivered > 0
+
+        # Request/reply across brokers: requester on A, responder on C.
+        responder = clients[c.port]
+
+        async def quote(msg: Msg) -> None:
+            assert msg.reply is not None
+            await responder.publish(msg.reply, b"quote:" + msg.data)
+
+        await responder.subscribe("svc.quote", queue="quoters", cb=quote)
+        async with aiohttp.ClientSession() as session:
+
+            async def a_knows_the_service() -> bool:
+                return sorted((await route_interest(session, a)).values()) == [2, 3]
+
+            await eventually(a_knows_the_service, "the service's interest to reach A")
+        answers = await asyncio.gather(
+            *(pub.request("svc.quote", str(i).encode(), timeout=10) for i in range(20))
+        )
+        assert [m.data for m in answers] == [f"quote:{i}".encode() for i in range(20)]
     finally:
         for cl in clients.values():
             await cl.close()

@@ -363,3 +363,15 @@ def test_take_packed_encodes_exactly_what_take_returns(count: int) -> None:
             got.extend(value if isinstance(value, list) else [value])
         assert got == expected
     assert packed.stats == plain.stats
+
+
+def test_replies_go_to_every_peer_even_before_interest_arrives() -> None:
+    a, fx = BrokerState(), Effects()
+    a.open(1)
+    a.open(100, kind=ConnKind.ROUTE_OUT)
+    a.open(101, kind=ConnKind.ROUTE_OUT)
+    assert a.publish(1, "_INBOX.abc.1", b"answer", None, fx) == 2
+    assert a.publish(1, "not.an.inbox", b"x", None, fx) == 0
+    a.route_interest(100, "_INBOX.abc.*", None, add=True)
+    assert a.publish(1, "_INBOX.abc.2", b"answer", None, fx) == 2  # still once per peer
+    assert [f["subject"] for f in msgs(a, 100)] == ["_INBOX.abc.1", "_INBOX.abc.2"]

@@ -29,7 +29,10 @@ form a full mesh, so one hop reaches everyone; this is what rules out loops and
 duplicates.
 
 Interest is aggregated: a route learns ``rsub pattern [queue]`` when the first local
-subscription on (pattern, queue) appears and ``runsub`` when the last one goes.
+subscription on (pattern, queue) appears and ``runsub`` when the last one goes. Replies
+(subjects under ``_INBOX.``) go to every peer whatever the interest: a requester's inbox
+subscription and its request travel on different links, so the responder's broker may
+receive the request before it hears of the inbox.
 
 Backpressure
 ~~~~~~~~~~~~
@@ -75,6 +78,9 @@ from dsys.pubsub.subjects import (
 
 Frame = dict[str, object]
 """A protocol frame as a plain map, ready for msgpack or JSON."""
+
+INBOX_PREFIX = "_INBOX."
+"""Subjects under this prefix are reply inboxes; brokers forward them to every peer."""
 
 _ENTRY_OVERHEAD = 48  # bytes charged per queued message on top of its contents
 
@@ -381,6 +387,8 @@ class BrokerState:
                 conn, 0, ">", None, SlowConsumerPolicy.DROP_NEWEST, 1 << 62
             )
         self._conns[conn_id] = conn
+        if kind is ConnKind.ROUTE_OUT:
+            self._plans.clear()
         return conn
 
     def connection(self, conn_id: int) -> Connection:
@@ -420,8 +428,8 @@ class BrokerState:
             self._drop_sub(conn, sub, fx)
         for pattern, queue in conn.interest:
             self._remote.remove(pattern, (conn, queue))
-        if conn.interest:
-            conn.interest.clear()
+        conn.interest.clear()
+        if conn.kind is ConnKind.ROUTE_OUT:
             self._plans.clear()
         conn.fifo.clear()
         conn.pending_bytes = 0
@@ -700,6 +708,13 @@ class BrokerState:
             else:
                 plan.groups.setdefault(sub.queue, []).append(sub)
         seen: set[Connection] = set()
+        if subject.startswith(INBOX_PREFIX):
+            # Replies go to every peer: the requester's inbox interest travels on another
+            # link than the request, so the responder's broker may not know it yet.
+            for conn in self._conns.values():
+                if conn.kind is ConnKind.ROUTE_OUT:
+                    seen.add(conn)
+                    plan.route_plain.append(conn)
         for route, queue in self._remote.match(subject):
             if queue is None:
                 if route not in seen:
@@ -951,6 +966,7 @@ def _validate_queue(queue: object) -> str:
 
 
 __all__ = [
+    "INBOX_PREFIX",
     "BrokerLimits",
     "BrokerState",
     "BrokerStats",
