@@ -424,3 +424,25 @@ async def test_fuzzed_operations_never_break_the_connection(broker: Broker, seed
         async with session.get(f"http://127.0.0.1:{broker.port}/healthz") as resp:
             assert resp.status == 200
             assert all(r["peer"].startswith("127.0.0.1:") for r in (await resp.json())["routes"])
+
+
+@pytest.mark.parametrize("first", ["json", "msgpack"])
+async def test_mixed_encodings_and_odd_ping_ids_are_answered(broker: Broker, first: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await raw_ws(session, broker)
+        if first == "json":
+            await ws.send_str(json.dumps({"op": "ping", "id": 1}))
+        else:
+            await ws.send_bytes(msgpack.packb({"op": "ping", "id": 1}))
+        assert (await recv_op(ws, "pong"))["id"] == 1
+        await ws.send_bytes(msgpack.packb({"op": "ping", "id": b"\x00bytes"}))
+        await ws.send_str('{"op": "ping", "id": 1180591620717411303424}')
+        await ws.send_str('{"op": "pub", "subject": "a", "data_b64": "!!"}')
+        await ws.send_bytes(msgpack.packb({"op": "ping", "id": "last"}))
+        frames: list[dict] = []
+        while not any(f.get("id") == "last" for f in frames):
+            frames.extend(await recv_frames(ws))
+        assert [f["op"] for f in frames] == ["pong", "pong", "err", "pong"]
+        assert "id" not in frames[0] and "id" not in frames[1]
+        assert "base64" in frames[2]["reason"]
+        await ws.close()

@@ -373,7 +373,7 @@ class Broker:
     async def _send(self, session: _Session, frames: list[Frame]) -> None:
         payload: Any = frames[0] if len(frames) == 1 else frames
         if session.json:
-            await session.ws.send_str(json.dumps(_to_json(payload)))
+            await session.ws.send_str(json.dumps(_to_json(payload), default=_json_default))
         else:
             await session.ws.send_bytes(msgpack.packb(payload, use_bin_type=True))
 
@@ -399,6 +399,10 @@ class Broker:
                         await session.ws.send_bytes(packed)
         except (ConnectionError, RuntimeError, aiohttp.ClientError) as exc:
             self.log.debug("writer stopped", conn=conn_id, error=str(exc))
+        except Exception:
+            # A bug, not bad input; never leave a connection without its writer.
+            self.log.exception("writer failed", conn=conn_id)
+            await session.ws.close(code=aiohttp.WSCloseCode.INTERNAL_ERROR)
 
     # -- the WebSocket endpoint ------------------------------------------------------
 
@@ -515,8 +519,14 @@ class Broker:
             state.unsubscribe(conn_id, op.get("sid"), fx)
         elif name == "ping":
             pong: Frame = {"op": "pong"}
-            if "id" in op:
-                pong["id"] = op["id"]
+            ping_id = op.get("id")
+            # Echo only ids that both encodings carry; anything else is dropped.
+            if (
+                isinstance(ping_id, int)
+                and not isinstance(ping_id, bool)
+                and -(2**53) < ping_id < 2**53
+            ) or (isinstance(ping_id, str) and len(ping_id) <= 64):
+                pong["id"] = ping_id
             state.control(conn_id, pong, fx)
         elif name == "pong":
             pass
@@ -851,6 +861,12 @@ def _data(op: dict[Any, Any], is_json: bool) -> object:
     if not isinstance(value, str):
         raise BadInputError("in JSON frames data must be a string (or use data_b64)")
     return value.encode("utf-8")
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    return str(value)
 
 
 def _to_json(value: Any) -> Any:

@@ -457,11 +457,11 @@ class Client:
                 continue
             op = f.get("op")
             if op == "msg":
-                sub = subs.get(f.get("sid"))  # type: ignore[arg-type]
+                sub = subs.get(f.get("sid", -1))
                 if sub is not None:
                     sub._push(Msg(f["subject"], f["data"], f.get("reply")))
             elif op == "pong":
-                fut = self._pings.pop(f.get("id"), None)  # type: ignore[arg-type]
+                fut = self._pings.pop(f.get("id", -1), None)
                 if fut is not None and not fut.done():
                     fut.set_result(None)
             elif op == "ping":
