@@ -446,3 +446,30 @@ async def test_mixed_encodings_and_odd_ping_ids_are_answered(broker: Broker, fir
         assert "id" not in frames[0] and "id" not in frames[1]
         assert "base64" in frames[2]["reason"]
         await ws.close()
+
+
+async def test_publishes_are_buffered_bounded_while_disconnected_then_sent() -> None:
+    b1 = Broker(BrokerConfig(port=0))
+    port = await b1.start()
+    c = Client([f"127.0.0.1:{port}"], max_reconnect_wait=0.1, max_buffer_bytes=64 * 1024)
+    await c.connect()
+    try:
+        s = await c.subscribe("buf")
+        await b1.close()
+        for _ in range(200):
+            if not c.is_connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not c.is_connected
+        sent = 0
+        with pytest.raises(TimeoutError):
+            for i in range(1000):  # 1 MiB would be needed; the buffer holds 64 KiB
+                await asyncio.wait_for(c.publish("buf", str(i).encode().ljust(1024)), 0.5)
+                sent += 1
+        assert 0 < sent < 100
+        assert c._out_bytes <= 64 * 1024 + 1024 + 64
+        async with Broker(BrokerConfig(port=port)):
+            got = [await s.next_msg(10) for _ in range(sent)]
+        assert [int(m.data) for m in got] == list(range(sent))
+    finally:
+        await c.close(timeout=1)
