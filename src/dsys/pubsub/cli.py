@@ -78,7 +78,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 async def _serve_async(config: BrokerConfig) -> None:
     broker = Broker(config)
-    await broker.start()
+    try:
+        await broker.start()
+    except OSError as exc:
+        await broker.close()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
     print(f"dsys pubsub listening on {config.host}:{broker.port}", flush=True)
     try:
         await _wait_for_signal()
