@@ -186,6 +186,12 @@ async def test_killed_broker_clients_reconnect_and_resume(cluster: list[Proc]) -
     try:
         s = await sub_client.subscribe("live")
         watch = await bystander.subscribe("live")
+        async with aiohttp.ClientSession() as session:
+
+            async def b_knows_c_listens() -> bool:
+                return sum((await route_interest(session, b)).values()) == 1
+
+            await eventually(b_knows_c_listens, "C's interest to reach B")
         await pub_client.publish("live", b"before")
         await pub_client.flush()
         assert (await s.next_msg(10)).data == b"before"
