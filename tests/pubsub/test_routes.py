@@ -86,6 +86,10 @@ async def test_routes_configured_both_ways_deliver_once() -> None:
             assert sub.pending() == 0
         assert sum(1 for _ in a.routes()) >= 1
         assert kinds(a)[ConnKind.ROUTE_OUT] == 1 and kinds(b)[ConnKind.ROUTE_OUT] == 1
+        for broker in (a, b):
+            live = [link for link in broker._links.values() if not link.stopped]
+            # whichever link survived, it keeps redialling forever like a configured one
+            assert len(live) == 1 and not live[0].dialback and live[0].connected
 
 
 async def test_a_route_to_itself_is_dropped() -> None:

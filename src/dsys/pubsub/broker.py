@@ -701,7 +701,11 @@ class Broker:
                 return False
             for other in self._links.values():
                 if other is not link and other.remote_id == remote_id and other.connected:
+                    # Two addresses led to one peer: keep the link that is up. If this one
+                    # was configured, the survivor inherits that role (it never gives up).
                     self.log.info("duplicate route; keeping the first", peer=link.address)
+                    if not link.dialback:
+                        other.dialback = False
                     link.stopped = True
                     return False
             link.remote_id = remote_id if isinstance(remote_id, str) else None
