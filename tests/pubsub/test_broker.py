@@ -473,3 +473,18 @@ async def test_publishes_are_buffered_bounded_while_disconnected_then_sent() -> 
         assert [int(m.data) for m in got] == list(range(sent))
     finally:
         await c.close(timeout=1)
+
+
+async def test_without_reconnect_a_lost_connection_ends_subscriptions_with_an_error() -> None:
+    b = Broker(BrokerConfig(port=0))
+    await b.start()
+    c = Client(addr(b), reconnect=False)
+    await c.connect()
+    try:
+        s = await c.subscribe("x")
+        await b.close()
+        with pytest.raises(ConnectError, match="lost"):
+            await asyncio.wait_for(s.__anext__(), 10)
+        assert not c.is_connected
+    finally:
+        await c.close()

@@ -1,18 +1,27 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from dsys.cli import main
 from dsys.errors import ConfigError
 from dsys.pubsub.broker import load_tokens
 
 
-def test_bad_limits_are_reported_not_raised(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["pubsub", "serve", "--max-payload", "0"]) == 1
-    assert "max_payload must be a positive integer" in capsys.readouterr().err
+def test_bad_limits_are_reported_not_raised() -> None:
+    # A real process: calling dsys.cli.main here would point structlog at pytest's
+    # captured stderr for every later test.
+    out = subprocess.run(
+        [sys.executable, "-m", "dsys", "pubsub", "serve", "--max-payload", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "max_payload must be a positive integer" in out.stderr
 
 
 def test_token_file_is_loaded_and_checked(tmp_path: Path) -> None:

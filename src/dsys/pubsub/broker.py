@@ -669,12 +669,13 @@ class Broker:
         """One connection to a peer; returns whether it got as far as the handshake."""
         assert self._http is not None, "broker not started"
         url = f"http://{link.address}/v1/ws"
-        async with self._http.ws_connect(
+        connecting = self._http.ws_connect(
             url,
             max_msg_size=self.config.max_frame,
             heartbeat=self.config.heartbeat,
             timeout=aiohttp.ClientWSTimeout(ws_close=2.0),
-        ) as ws:
+        )
+        async with await asyncio.wait_for(connecting, timeout=5.0) as ws:
             hello: Frame = {
                 "op": "connect",
                 "route": True,

@@ -25,7 +25,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument(
         "--route", action="append", default=[], metavar="HOST:PORT", help="peer broker (repeat)"
     )
-    serve.add_argument("--advertise", default=None, help="HOST:PORT peers use to dial back")
+    serve.add_argument(
+        "--advertise",
+        default=None,
+        help="HOST:PORT peers use to dial back (default: the bound address; set it when "
+        "listening on 0.0.0.0)",
+    )
     serve.add_argument("--auth", default=None, metavar="FILE", help="JSON token file")
     serve.add_argument("--cluster-token", default=None, help="secret peers must present")
     serve.add_argument("--max-payload", type=int, default=1024 * 1024, help="bytes per message")

@@ -295,6 +295,11 @@ class Client:
         await self.close()
 
     @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
     def is_connected(self) -> bool:
         """Whether a broker connection is up right now."""
         return self._connected.is_set()
@@ -358,41 +363,56 @@ class Client:
 
     async def _run(self) -> None:
         """Serve the current connection; on loss, reconnect with backoff."""
-        while not self._closed:
-            ws = self._ws
-            assert ws is not None
-            reader = asyncio.get_running_loop().create_task(self._reader(ws))
-            writer = asyncio.get_running_loop().create_task(self._writer(ws))
-            try:
-                await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                self._connected.clear()
-                for task in (reader, writer):
-                    task.cancel()
-                await asyncio.gather(reader, writer, return_exceptions=True)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(ws.close(), timeout=1.0)
-                for fut in self._pings.values():
-                    if not fut.done():
-                        fut.set_exception(
-                            ConnectError("connection lost before the broker answered")
-                        )
-                self._pings.clear()
-            if self._closed or not self.reconnect:
-                break
-            self.log.info("connection lost; reconnecting", url=self.servers[self._server_index])
-            self._ws = await self._reconnect()
-            if self._ws is None:
-                break
-            self.reconnects += 1
-            # _open re-sent every live subscription; queued sub/unsub/ping frames were for
-            # the old connection (their flushes already failed), so only publishes remain.
-            self._out[:] = [f for f in self._out if f.get("op") == "pub"]
-            self._out_bytes = sum(_frame_size(f) for f in self._out)
-            if self._out_bytes < self.max_buffer_bytes:
-                self._space.set()
-            self._connected.set()
-        self._finish(ClosedError("client is closed") if self._closed else None)
+        error: BaseException | None = None
+        try:
+            while not self._closed:
+                await self._serve_connection()
+                if self._closed_now():
+                    break
+                if not self.reconnect:
+                    error = ConnectError("connection to the broker lost (reconnect=False)")
+                    break
+                self.log.info("connection lost; reconnecting", url=self.servers[self._server_index])
+                self._ws = await self._reconnect()
+                if self._ws is None:
+                    break
+                self.reconnects += 1
+                # _open re-sent every live subscription; queued sub/unsub/ping frames were
+                # for the old connection (their flushes already failed): keep publishes.
+                self._out[:] = [f for f in self._out if f.get("op") == "pub"]
+                self._out_bytes = sum(_frame_size(f) for f in self._out)
+                if self._out_bytes < self.max_buffer_bytes:
+                    self._space.set()
+                self._connected.set()
+        except Exception as exc:
+            # Never die silently: subscriptions and pending requests end with the cause.
+            error = exc
+            raise
+        finally:
+            self._finish(error)
+
+    def _closed_now(self) -> bool:
+        # A call, so that type checkers do not assume the flag kept its value over awaits.
+        return self._closed
+
+    async def _serve_connection(self) -> None:
+        ws = self._ws
+        assert ws is not None
+        reader = asyncio.get_running_loop().create_task(self._reader(ws))
+        writer = asyncio.get_running_loop().create_task(self._writer(ws))
+        try:
+            await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._connected.clear()
+            for task in (reader, writer):
+                task.cancel()
+            await asyncio.gather(reader, writer, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(), timeout=1.0)
+            for fut in self._pings.values():
+                if not fut.done():
+                    fut.set_exception(ConnectError("connection lost before the broker answered"))
+            self._pings.clear()
 
     async def _reconnect(self) -> aiohttp.ClientWebSocketResponse | None:
         backoff = 0.05
@@ -407,12 +427,13 @@ class Client:
         return None
 
     def _finish(self, error: BaseException | None) -> None:
+        """End subscriptions (with ``error`` if the connection failed) and requests."""
         self._connected.clear()
         for sub in list(self._subs.values()):
-            sub._close()
+            sub._close(error)
         for fut in self._requests.values():
             if not fut.done():
-                fut.set_exception(ClosedError("client closed before a reply arrived"))
+                fut.set_exception(error or ClosedError("client closed before a reply arrived"))
         self._requests.clear()
         self._space.set()
 
