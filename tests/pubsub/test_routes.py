@@ -84,6 +84,11 @@ async def test_routes_configured_both_ways_deliver_once() -> None:
             assert got == [str(i).encode() for i in range(100)] + [b"end"]
             await sub_c.flush()
             assert sub.pending() == 0
+        out_a = a.metrics.render().decode()
+        in_b = b.metrics.render().decode()
+        assert f'dsys_pubsub_route_msgs_out_total{{peer="127.0.0.1:{pb}"}} 101.0' in out_a
+        assert f'dsys_pubsub_route_msgs_in_total{{peer="127.0.0.1:{pa}"}} 101.0' in in_b
+        assert f'dsys_pubsub_route_bytes_in_total{{peer="127.0.0.1:{pa}"}} 193.0' in in_b
         assert sum(1 for _ in a.routes()) >= 1
         assert kinds(a)[ConnKind.ROUTE_OUT] == 1 and kinds(b)[ConnKind.ROUTE_OUT] == 1
         for broker in (a, b):

@@ -555,7 +555,7 @@ class Broker:
                 raise BadInputError("a route must announce itself before subscribing")
             session.authed = False  # routes neither publish nor subscribe
             self.state.control(session.conn_id, info, fx)
-            self.state.become_route_in(session.conn_id, fx, name=peer_id)
+            self.state.become_route_in(session.conn_id, fx, name=listen)
             self.log.info("route accepted", peer=peer_id, listen=listen)
             if peer_id != self.server_id:
                 self._maybe_dial_back(
@@ -788,13 +788,21 @@ class _StatsCollector(Collector):
         routes_in = CounterMetricFamily(
             "dsys_pubsub_route_msgs_in", "Messages received from each peer", labels=["peer"]
         )
+        route_bytes_out = CounterMetricFamily(
+            "dsys_pubsub_route_bytes_out", "Payload bytes forwarded to each peer", labels=["peer"]
+        )
+        route_bytes_in = CounterMetricFamily(
+            "dsys_pubsub_route_bytes_in", "Payload bytes received from each peer", labels=["peer"]
+        )
         for conn in b.state.connections():
             kinds[conn.kind.value] += 1
             pending += conn.pending_bytes
             if conn.kind is ConnKind.ROUTE_OUT:
                 routes_out.add_metric([conn.name], conn.msgs_out)
+                route_bytes_out.add_metric([conn.name], conn.bytes_out)
             elif conn.kind is ConnKind.ROUTE_IN:
                 routes_in.add_metric([conn.name], conn.msgs_in)
+                route_bytes_in.add_metric([conn.name], conn.bytes_in)
         conns = GaugeMetricFamily("dsys_pubsub_connections", "Open connections", labels=["kind"])
         for kind, n in kinds.items():
             conns.add_metric([kind], n)
@@ -837,6 +845,8 @@ class _StatsCollector(Collector):
         )
         yield routes_out
         yield routes_in
+        yield route_bytes_out
+        yield route_bytes_in
 
 
 def _parse(raw: bytes | str, is_json: bool, max_size: int) -> Any:

@@ -258,6 +258,8 @@ class Connection:
     """One connection's subscriptions, outbound FIFO and accounting."""
 
     __slots__ = (
+        "bytes_in",
+        "bytes_out",
         "closing",
         "control_count",
         "dead",
@@ -299,6 +301,8 @@ class Connection:
         self.route_sub: Subscription | None = None
         self.msgs_in = 0
         self.msgs_out = 0
+        self.bytes_in = 0  # payload bytes
+        self.bytes_out = 0
 
 
 @dataclass(slots=True)
@@ -675,6 +679,7 @@ class BrokerState:
         subj = self.check_subject(subject)
         rep = None if reply is None else self.check_subject(reply, "reply subject")
         conn.msgs_in += 1
+        conn.bytes_in += len(data)
         msg = Message(subj, data, rep)
         stats = self.stats
         stats.msgs_in += 1
@@ -931,6 +936,7 @@ class BrokerState:
             data_bytes += len(payload.data)
             out.append(entry)
         conn.msgs_out += sent
+        conn.bytes_out += data_bytes
         self.stats.msgs_out += sent
         self.stats.bytes_out += data_bytes
         return out
