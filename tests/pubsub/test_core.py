@@ -375,3 +375,89 @@ def test_replies_go_to_every_peer_even_before_interest_arrives() -> None:
     a.route_interest(100, "_INBOX.abc.*", None, add=True)
     assert a.publish(1, "_INBOX.abc.2", b"answer", None, fx) == 2  # still once per peer
     assert [f["subject"] for f in msgs(a, 100)] == ["_INBOX.abc.1", "_INBOX.abc.2"]
+
+
+CORE_PATTERNS = st.sampled_from(["a", "a.*", "a.>", ">", "b.c", "*.c"])
+SUB_OP = st.tuples(
+    st.just("sub"),
+    st.integers(1, 3),
+    st.integers(0, 4),
+    CORE_PATTERNS,
+    st.sampled_from([None, "q"]),
+    st.sampled_from(list(SlowConsumerPolicy)),
+    st.integers(1, 4),
+)
+PUB_OP = st.tuples(
+    st.just("pub"),
+    st.integers(1, 3),
+    st.sampled_from(["a", "a.b", "b.c", "x.c"]),
+    st.integers(0, 300),
+)
+OPS = st.one_of(
+    SUB_OP,
+    PUB_OP,
+    st.tuples(st.just("unsub"), st.integers(1, 3), st.integers(0, 4)),
+    st.tuples(st.just("take"), st.integers(1, 3), st.integers(0, 5)),
+    st.tuples(st.just("close"), st.integers(1, 3)),
+)
+
+
+def check_invariants(state: BrokerState) -> None:
+    expected_interest: Counter[tuple[str, str | None]] = Counter()
+    for conn in state.connections():
+        live = [e for e in conn.fifo if e[1] is not None and e[0] is not None]
+        assert conn.pending_bytes == sum(e[1].size for e in live)
+        assert conn.pending_bytes <= conn.max_pending_bytes
+        assert conn.dead == sum(1 for e in conn.fifo if e[1] is None)
+        for sub in conn.subs.values():
+            assert len(sub.pending) <= sub.max_msgs
+            assert all(e[1] is not None for e in sub.pending)
+            assert list(sub.pending) == [e for e in live if e[0] is sub]
+            expected_interest[(sub.pattern, sub.queue)] += 1
+    assert dict(state.interest()) == dict(expected_interest)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=st.lists(OPS, max_size=60))
+def test_random_operations_keep_the_accounting_exact(ops: list[tuple[object, ...]]) -> None:
+    limits = BrokerLimits(max_pending_bytes=1500, max_pending_msgs=50)
+    state, fx = BrokerState(limits), Effects()
+    state.open(200)
+    state.become_route_in(200, fx)  # a peer that mirrors our interest
+    peer_view: set[tuple[str, str | None]] = set()
+    open_conns: set[int] = set()
+    for op in ops:
+        kind, conn = op[0], op[1]
+        if conn not in open_conns and kind != "close":
+            state.open(conn)
+            open_conns.add(conn)
+        try:
+            if kind == "sub":
+                _, _, sid, pattern, queue, policy, max_msgs = op
+                state.subscribe(
+                    conn, sid, pattern, fx, queue=queue, policy=policy, max_msgs=max_msgs
+                )
+            elif kind == "unsub":
+                state.unsubscribe(conn, op[2], fx)
+            elif kind == "pub":
+                state.publish(conn, op[2], b"x" * op[3], None, fx)
+            elif kind == "take":
+                state.take(conn, max_items=op[2])
+            elif kind == "close" and conn in open_conns:
+                state.close(conn, fx)
+                open_conns.discard(conn)
+        except BadInputError:
+            pass
+        for cid in list(fx.disconnect):
+            state.close(cid, fx)
+            open_conns.discard(cid)
+        fx.disconnect.clear()
+        for f in msgs(state, 200):
+            key = (f["subject"], f.get("queue"))
+            if f["op"] == "rsub":
+                assert key not in peer_view
+                peer_view.add(key)
+            else:
+                peer_view.remove(key)
+        check_invariants(state)
+        assert peer_view == set(state.interest())
