@@ -638,8 +638,11 @@ class Broker:
         existing = self._links.get(key)
         if existing is not None and not existing.stopped:
             return
+        # Forget dial-back links that gave up, so the table follows the live cluster.
+        for address in [a for a, link in self._links.items() if link.stopped and link.dialback]:
+            del self._links[address]
         if existing is not None:
-            del self._links[key]
+            self._links.pop(key, None)
         self.log.info("dialling back", peer=peer_id, address=key)
         self._add_link(key, dialback=True)
 

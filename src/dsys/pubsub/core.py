@@ -701,8 +701,11 @@ class BrokerState:
     def _pick(self, name: str, count: int) -> int:
         if self.limits.queue_choice is QueueChoice.RANDOM:
             return self._rng.randrange(count)
-        i = self._rr.get(name, 0)
-        self._rr[name] = i + 1
+        rr = self._rr
+        i = rr.get(name, 0)
+        if i == 0 and len(rr) >= 65_536:
+            rr.clear()  # bound the counters kept for group names that came and went
+        rr[name] = i + 1
         return i % count
 
     def _plan(self, subject: str) -> _Plan:
