@@ -29,6 +29,8 @@ PURE = [
     "sharding/rendezvous.py",
     "sharding/bounded.py",
     "sharding/router.py",
+    "pubsub/subjects.py",
+    "pubsub/core.py",
 ]
 
 

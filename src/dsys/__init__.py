@@ -22,6 +22,8 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
+from dsys.pubsub import Broker as PubSubBroker
+from dsys.pubsub import Client as PubSubClient
 
 __all__ = [
     "BadInputError",
@@ -34,6 +36,8 @@ __all__ = [
     "NotLeaderError",
     "ProtocolError",
     "RendezvousHash",
+    "PubSubBroker",
+    "PubSubClient",
     "RequestTimeout",
     "ShardRouter",
     "TransportError",
