@@ -241,6 +241,12 @@ class Limiter:
         self.store: Store | MemoryStore = store if store is not None else MemoryStore()
         if not isinstance(self.store, MemoryStore | Store):
             raise ConfigError(f"store must be a dsys rate-limit store, got {type(store).__name__}")
+        supported = getattr(self.store, "algorithms", None)
+        if supported is not None and self.policy.kind not in supported:
+            raise ConfigError(
+                f"{type(self.store).__name__} supports {', '.join(supported)}, "
+                f"not {self.policy.kind}"
+            )
         self.name = name
         self.on_store_error: FailurePolicy = on_store_error
         self.failure_retry_after = float(failure_retry_after)
@@ -402,4 +408,42 @@ class Limiter:
         return f"Limiter(name={self.name!r}, policy={self.policy!r}, store={store})"
 
 
-__all__ = ["Algorithm", "FailurePolicy", "Limiter", "MemoryStore", "Store", "make_policy"]
+def store_from_url(url: str) -> Store | MemoryStore:
+    """Build a store from a URL.
+
+    * ``memory://`` -> :class:`MemoryStore`;
+    * ``redis://host:port/db`` (also ``rediss://``, ``unix://``) ->
+      :class:`~dsys.ratelimit.redis_store.RedisStore`;
+    * ``dsys://host:port,host:port[?lease=N&ttl=S&token=T]`` ->
+      :class:`~dsys.ratelimit.cluster.ClusterStore` over ``dsys ratelimit serve`` nodes.
+
+    Raises:
+        ConfigError: an unknown scheme or a malformed URL.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"not a store URL: {url!r} (use memory://, redis://... or dsys://...)")
+    scheme = url.partition("://")[0]
+    if scheme == "memory":
+        return MemoryStore()
+    if scheme in ("redis", "rediss", "unix"):
+        from dsys.ratelimit.redis_store import RedisStore
+
+        return RedisStore(url)
+    if scheme == "dsys":
+        from dsys.ratelimit.cluster import ClusterStore
+
+        return ClusterStore.from_url(url)
+    raise ConfigError(
+        f"unknown store URL scheme {scheme!r} in {url!r}; use memory://, redis:// or dsys://"
+    )
+
+
+__all__ = [
+    "Algorithm",
+    "FailurePolicy",
+    "Limiter",
+    "MemoryStore",
+    "Store",
+    "make_policy",
+    "store_from_url",
+]
