@@ -58,12 +58,16 @@ from dsys.sharding import HashRing
 
 
 class _Lease:
-    __slots__ = ("expires", "reset_at", "tokens")
+    __slots__ = ("blocked_need", "blocked_until", "expires", "reset_at", "tokens")
 
     def __init__(self, tokens: int, expires: float, reset_at: float) -> None:
         self.tokens = tokens  # invariant: 0 <= tokens <= lease_size
         self.expires = expires
         self.reset_at = reset_at
+        # After a refusal: the owner cannot have `blocked_need` tokens before this time
+        # (clients only ever take tokens), so refuse such requests locally until then.
+        self.blocked_until = 0.0
+        self.blocked_need = 0
 
 
 def _node_url(node: str) -> str:
@@ -195,9 +199,13 @@ class ClusterStore:
         lk = (id(policy), key)
         lease = self._leases.get(lk)
         now = time.monotonic()
-        if lease is not None and lease.tokens >= cost and lease.expires > now:
-            lease.tokens -= cost
-            return Decision(True, lease.tokens, 0.0, max(0.0, lease.reset_at - now))
+        if lease is not None:
+            if lease.tokens >= cost and lease.expires > now:
+                lease.tokens -= cost
+                return Decision(True, lease.tokens, 0.0, max(0.0, lease.reset_at - now))
+            if now < lease.blocked_until and cost - lease.tokens >= lease.blocked_need:
+                wait = lease.blocked_until - now
+                return Decision(False, lease.tokens, wait, max(wait, lease.reset_at - now))
         lock = self._locks.get(lk)
         if lock is None:
             lock = self._locks[lk] = asyncio.Lock()
@@ -219,18 +227,20 @@ class ClusterStore:
             sent = time.monotonic()
             decision, granted = await self._call(policy, key, cost, (need, most))
             done = time.monotonic()
-            if not decision.allowed:
-                return Decision(False, leftover, decision.retry_after, decision.reset)
-            tokens = leftover + granted - cost
             if lease is None:
                 if len(self._leases) >= self.max_leases:
                     self._drop_leases(done)
-                lease = self._leases[lk] = _Lease(tokens, sent + self.lease_ttl, 0.0)
-            else:
-                lease.tokens = tokens
-                lease.expires = sent + self.lease_ttl
+                lease = self._leases[lk] = _Lease(leftover, sent + self.lease_ttl, 0.0)
             lease.reset_at = done + decision.reset
-            return Decision(True, tokens, 0.0, decision.reset)
+            if not decision.allowed:
+                # The decision was made after `sent`: sent + retry_after is never late.
+                lease.blocked_until = sent + decision.retry_after
+                lease.blocked_need = need
+                return Decision(False, leftover, decision.retry_after, decision.reset)
+            lease.tokens = leftover + granted - cost
+            lease.expires = sent + self.lease_ttl
+            lease.blocked_until = 0.0
+            return Decision(True, lease.tokens, 0.0, decision.reset)
 
     def _drop_leases(self, now: float) -> None:
         # Expired leases first; then the oldest half (their tokens are lost, counted).

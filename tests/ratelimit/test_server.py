@@ -1,0 +1,217 @@
+"""The limiter node's HTTP API (in-process, real sockets) and ClusterStore against it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import msgpack
+import pytest
+
+from dsys.clock import ManualClock
+from dsys.errors import BadInputError, ConfigError
+from dsys.observability import start_site
+from dsys.ratelimit import ClusterStore, Limiter, LimiterServer, ServerConfig
+from dsys.ratelimit.limiter import store_from_url
+
+from .conftest import free_port
+
+BUCKET = ["token_bucket", 10.0, 1.0, 5]
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[tuple[str, LimiterServer, ManualClock]]:
+    clock = ManualClock(1000.0)
+    server = LimiterServer(ServerConfig(max_body=2048, max_policies=4), clock=clock)
+    runner, port = await start_site(server.app(), "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{port}", server, clock
+    finally:
+        await runner.cleanup()
+
+
+async def _post(addr: str, body: bytes, **headers: str) -> tuple[int, bytes]:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"http://{addr}/v1/hit", data=body, headers=headers) as r,
+    ):
+        return r.status, await r.read()
+
+
+async def test_hit_and_lease_over_http(node: tuple[str, LimiterServer, ManualClock]) -> None:
+    addr, _, clock = node
+    body = msgpack.packb({"key": "k", "cost": 2, "policy": BUCKET})
+    status, raw = await _post(addr, body)
+    assert status == 200
+    assert msgpack.unpackb(raw) == {
+        "allowed": True,
+        "remaining": 3,
+        "retry_after": 0.0,
+        "reset": pytest.approx(0.2),
+        "granted": 2,
+    }
+    status, raw = await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET, "lease": [1, 5]}))
+    assert msgpack.unpackb(raw)["granted"] == 3
+    status, raw = await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET, "lease": [1, 5]}))
+    answer = msgpack.unpackb(raw)
+    assert answer["granted"] == 0 and not answer["allowed"]
+    assert answer["retry_after"] == pytest.approx(0.1)
+    clock.advance(0.1)
+    status, raw = await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET}))
+    assert msgpack.unpackb(raw)["allowed"]
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"\xc1", "malformed"),
+        (msgpack.packb([1, 2]), "must be a msgpack map"),
+        (msgpack.packb({"key": "k", "policy": ["leaky", 1]}), "unknown policy"),
+        (msgpack.packb({"key": "k", "policy": ["token_bucket", -1.0, 1.0, 5]}), "rate must be"),
+        (msgpack.packb({"key": "k", "policy": BUCKET, "cost": 6}), "exceeds"),
+        (msgpack.packb({"key": "", "policy": BUCKET}), "key must be"),
+        (msgpack.packb({"key": "x" * 1025, "policy": BUCKET}), "key must be"),
+        (msgpack.packb({"key": "k", "policy": BUCKET, "extra": 1}), "unknown field"),
+        (msgpack.packb({"key": "k", "policy": BUCKET, "lease": [3, 2]}), "lease must be"),
+        (
+            msgpack.packb({"key": "k", "policy": ["fixed_window", 5, 1.0], "lease": [1, 2]}),
+            "leases",
+        ),
+    ],
+    ids=[
+        "garbage",
+        "list",
+        "kind",
+        "rate",
+        "cost",
+        "empty-key",
+        "long-key",
+        "field",
+        "lease",
+        "wl",
+    ],
+)
+async def test_bad_requests_get_400_and_the_node_stays_up(
+    node: tuple[str, LimiterServer, ManualClock], body: bytes, fragment: str
+) -> None:
+    addr, _, _ = node
+    status, raw = await _post(addr, body)
+    assert status == 400, raw
+    assert fragment in raw.decode()
+    status, _ = await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET}))
+    assert status == 200
+
+
+async def test_oversized_body_and_too_many_policies(
+    node: tuple[str, LimiterServer, ManualClock],
+) -> None:
+    addr, _, _ = node
+    status, raw = await _post(addr, b"\x00" * 5000)
+    assert status == 413 and b"exceeds the limit of 2048 bytes" in raw
+    for i in range(4):
+        pol = ["token_bucket", 10.0 + i, 1.0, 5]
+        status, _ = await _post(addr, msgpack.packb({"key": "k", "policy": pol}))
+        assert status == 200
+    status, raw = await _post(addr, msgpack.packb({"key": "k", "policy": ["fixed_window", 3, 1.0]}))
+    assert status == 400 and b"distinct policies" in raw
+
+
+async def test_health_and_metrics(node: tuple[str, LimiterServer, ManualClock]) -> None:
+    addr, _, _ = node
+    await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET}))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{addr}/healthz") as r:
+            assert r.status == 200 and (await r.json())["ok"] is True
+        async with s.get(f"http://{addr}/metrics") as r:
+            text = await r.text()
+    assert 'dsys_ratelimit_server_decisions_total{result="allowed"} 1.0' in text
+    assert "dsys_ratelimit_server_keys 1.0" in text
+
+
+async def test_token_is_required_when_configured() -> None:
+    server = LimiterServer(ServerConfig(token="s3cret"))
+    runner, port = await start_site(server.app(), "127.0.0.1", 0)
+    addr = f"127.0.0.1:{port}"
+    try:
+        status, raw = await _post(addr, msgpack.packb({"key": "k", "policy": BUCKET}))
+        assert status == 401 and b"bearer token" in raw
+        good = Limiter(rate=10, store=ClusterStore([addr], token="s3cret"))
+        assert (await good.hit("k")).allowed
+        bad = Limiter(rate=10, store=ClusterStore([addr], token="wrong"))
+        with pytest.raises(ConfigError, match="refused our token"):
+            await bad.hit("k")
+        await good.close()
+        await bad.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_cluster_store_over_two_in_process_nodes() -> None:
+    servers = [LimiterServer(clock=ManualClock(5.0)) for _ in range(2)]
+    sites = [await start_site(s.app(), "127.0.0.1", 0) for s in servers]
+    nodes = [f"127.0.0.1:{port}" for _, port in sites]
+    store = ClusterStore(nodes)
+    lim = Limiter(rate=1, per=60.0, burst=3, store=store)
+    try:
+        keys = [f"user{i}" for i in range(20)]
+        for k in keys:
+            assert [(await lim.hit(k)).allowed for _ in range(4)] == [True, True, True, False]
+        owners = {store.owner(k) for k in keys}
+        assert owners == set(nodes)  # both nodes own some keys
+        assert store.round_trips == 80
+        with pytest.raises(BadInputError, match="exceeds"):
+            await lim.hit("k", cost=4)
+        win = Limiter(rate=2, per=10.0, algorithm="sliding_window", store=store)
+        assert [(await win.hit("w")).allowed for _ in range(3)] == [True, True, False]
+    finally:
+        await lim.close()
+        for runner, _ in sites:
+            await runner.cleanup()
+
+
+async def test_leases_spend_locally_and_stay_bounded() -> None:
+    server = LimiterServer(clock=ManualClock(5.0))
+    runner, port = await start_site(server.app(), "127.0.0.1", 0)
+    store = ClusterStore([f"127.0.0.1:{port}"], lease_size=10, lease_ttl=60.0)
+    lim = Limiter(rate=1, per=60.0, burst=25, store=store)
+    try:
+        results = [await lim.hit("k") for _ in range(30)]
+        assert sum(d.allowed for d in results) == 25  # exactly the burst, never more
+        assert store.round_trips == 4  # 10 + 10 + 5, then one refused request
+        assert results[0].remaining == 9  # the local lease
+        assert store.leased_tokens() == 0
+    finally:
+        await lim.close()
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("policy", ["open", "closed"])
+async def test_failure_policy_when_the_owner_is_down(policy: str) -> None:
+    lim = Limiter(
+        rate=5,
+        store=ClusterStore([f"127.0.0.1:{free_port()}"], timeout=0.5),
+        on_store_error=policy,  # type: ignore[arg-type]
+        failure_retry_after=2.0,
+    )
+    try:
+        d = await lim.hit("k")
+        assert d.allowed is (policy == "open")
+        assert lim.store_errors == 1
+        if policy == "closed":
+            assert d.retry_after == 2.0
+    finally:
+        await lim.close()
+
+
+def test_bad_cluster_configuration() -> None:
+    with pytest.raises(ConfigError, match="non-empty list"):
+        ClusterStore([])
+    with pytest.raises(ConfigError, match="use host:port"):
+        ClusterStore(["nohost"])
+    with pytest.raises(ConfigError, match="lease_size"):
+        ClusterStore(["127.0.0.1:1"], lease_size=-1)
+    with pytest.raises(ConfigError, match="unknown parameter"):
+        store_from_url("dsys://127.0.0.1:1?leases=3")
+    store = store_from_url("dsys://127.0.0.1:1,127.0.0.1:2?lease=5&ttl=0.5")
+    assert isinstance(store, ClusterStore)
+    assert store.lease_size == 5 and store.lease_ttl == 0.5
