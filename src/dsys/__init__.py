@@ -21,6 +21,7 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.ratelimit import Decision, Limiter
 from dsys.sharding import HashRing
 
 __all__ = [
@@ -28,8 +29,10 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "ConflictError",
+    "Decision",
     "DsysError",
     "HashRing",
+    "Limiter",
     "NotLeaderError",
     "ProtocolError",
     "RequestTimeout",

@@ -6,9 +6,19 @@ import json
 import subprocess
 import sys
 
+from collections.abc import Iterator
+
 import pytest
+import structlog
 
 from dsys.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """main() configures structlog to write to the captured stderr: undo that after."""
+    yield
+    structlog.reset_defaults()
 
 
 def _dsys(*args: str) -> subprocess.CompletedProcess[str]:
