@@ -25,23 +25,27 @@ GCRA_LUA = """
 local interval = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
-local eps = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if (not tat) or tat < now then tat = now end
 local new_tat = tat + cost * interval
-if new_tat - now <= tolerance + eps then
+if new_tat - now <= tolerance + tonumber(ARGV[4]) then
   local ttl = math.ceil((new_tat - now) * 1000)
   if ttl < 1 then ttl = 1 end
   redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
-  return {1, string.format('%.17g', (now - new_tat + tolerance) / interval), '0',
-          string.format('%.17g', new_tat - now)}
+  return {1, math.floor((now - new_tat + tolerance) / interval + 1e-9), 0,
+          math.ceil((new_tat - now) * 1000000)}
 end
-return {0, string.format('%.17g', (now - tat + tolerance) / interval),
-        string.format('%.17g', new_tat - tolerance - now), string.format('%.17g', tat - now)}
+return {0, math.floor((now - tat + tolerance) / interval + 1e-9),
+        math.ceil((new_tat - tolerance - now) * 1000000), math.ceil((tat - now) * 1000000)}
 """
-"""The GCRA decision script (Redis numbers are doubles; results travel as strings)."""
+"""The GCRA decision script. Redis turns Lua numbers into integers, so it returns
+``{allowed, remaining, retry_after_us, reset_us}`` with times in whole microseconds,
+rounded up (a client never retries too early)."""
+
+
+_EPS = repr(EPSILON)
 
 
 class RedisStore:
@@ -92,6 +96,7 @@ class RedisStore:
         self.prefix = prefix
         self._client = client
         self._sha: str | None = None
+        self._policy_args: dict[int, tuple[TokenBucket, str, str]] = {}
 
     async def _load(self) -> str:
         sha: str = await self._client.script_load(GCRA_LUA)
@@ -107,28 +112,28 @@ class RedisStore:
         """
         if not isinstance(policy, TokenBucket):
             raise ConfigError(f"RedisStore supports token_bucket only, not {policy.kind}")
-        args = (repr(policy.interval), repr(policy.tolerance), str(cost), repr(EPSILON))
+        cached = self._policy_args.get(id(policy))
+        if cached is None or cached[0] is not policy:
+            cached = (policy, repr(policy.interval), repr(policy.tolerance))
+            self._policy_args[id(policy)] = cached
         full_key = self.prefix + key
         exc_mod = self._exc
         try:
             sha = self._sha or await self._load()
             try:
-                res = await self._client.evalsha(sha, 1, full_key, *args)
+                res = await self._client.evalsha(sha, 1, full_key, cached[1], cached[2], cost, _EPS)
             except exc_mod.NoScriptError:
                 sha = await self._load()
-                res = await self._client.evalsha(sha, 1, full_key, *args)
+                res = await self._client.evalsha(sha, 1, full_key, cached[1], cached[2], cost, _EPS)
         except exc_mod.TimeoutError as exc:
             raise RequestTimeout(f"redis at {self.url}: {exc}") from exc
         except exc_mod.ConnectionError as exc:
             raise ConnectError(f"redis at {self.url}: {exc}") from exc
         except (exc_mod.RedisError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
-        allowed, tokens, retry, reset = res
+        allowed, tokens, retry_us, reset_us = res
         return Decision(
-            bool(int(allowed)),
-            max(0, int(float(tokens) + 1e-9)),
-            max(0.0, float(retry)),
-            max(0.0, float(reset)),
+            allowed == 1, max(0, tokens), max(0, retry_us) / 1e6, max(0, reset_us) / 1e6
         )
 
     async def close(self) -> None:
