@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dsys.clock import ManualClock
 from dsys.errors import BadInputError, ConfigError
@@ -215,3 +217,38 @@ def test_bad_cluster_configuration() -> None:
     store = store_from_url("dsys://127.0.0.1:1,127.0.0.1:2?lease=5&ttl=0.5")
     assert isinstance(store, ClusterStore)
     assert store.lease_size == 5 and store.lease_ttl == 0.5
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "key": _values | st.text(min_size=1, max_size=20),
+        "cost": _values | st.integers(0, 8),
+        "policy": _values
+        | st.tuples(
+            st.sampled_from(["token_bucket", "sliding_window", "fixed_window", "x"]),
+            _values,
+            _values,
+            _values,
+        ).map(list),
+        "lease": _values,
+    },
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_bodies | _values)
+def test_any_decoded_body_gets_an_answer_or_bad_input(body: object) -> None:
+    server = LimiterServer(clock=ManualClock(1.0))
+    try:
+        answer = server.decide(body)
+    except BadInputError:
+        return
+    assert set(answer) == {"allowed", "remaining", "retry_after", "reset", "granted"}

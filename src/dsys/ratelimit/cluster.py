@@ -254,6 +254,10 @@ class ClusterStore:
                 if not self._locks[lk].locked():
                     self.expired_tokens += self._leases.pop(lk).tokens
                     del self._locks[lk]
+        # Locks of keys whose lease request failed have no lease: drop the idle ones.
+        for lk in [k for k, lock in self._locks.items() if k not in self._leases]:
+            if not self._locks[lk].locked():
+                del self._locks[lk]
 
     async def _call(
         self, policy: Policy, key: str, cost: int, lease: tuple[int, int] | None

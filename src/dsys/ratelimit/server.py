@@ -139,8 +139,13 @@ class LimiterServer:
         self._log = get_logger("ratelimit.server")
 
     def _table(self, spec: object) -> Table:
-        key = tuple(spec) if isinstance(spec, list) else None
-        table = self._tables.get(key) if key is not None else None
+        if not isinstance(spec, list):
+            raise BadInputError("policy must be a list [kind, *params]")
+        key = tuple(spec)
+        try:
+            table = self._tables.get(key)
+        except TypeError:  # unhashable parameters (lists, maps): not numbers anyway
+            raise BadInputError(f"bad policy {spec!r}: parameters must be numbers") from None
         if table is None:
             policy = parse_policy(spec)
             if len(self._tables) >= self.config.max_policies:
@@ -148,7 +153,7 @@ class LimiterServer:
                     f"this node already holds {self.config.max_policies} distinct policies"
                 )
             table = policy.new_table(self.config.max_keys)
-            self._tables[key] = table  # type: ignore[index]
+            self._tables[key] = table
         return table
 
     def decide(self, body: object) -> dict[str, object]:
