@@ -123,3 +123,31 @@ async def test_key_by_ip_is_the_default(serve: Callable[..., object]) -> None:
 def test_unknown_key_shortcut() -> None:
     with pytest.raises(ConfigError, match="unknown key 'cookie'"):
         ratelimit_middleware(Limiter(rate=1), key="cookie")
+
+
+async def test_three_app_instances_share_one_limit_through_the_cluster() -> None:
+    """The tutorial's set-up: 3 limiter nodes, 3 app instances, one limit for a client."""
+    from dsys.ratelimit import ClusterStore, LimiterServer
+
+    node_sites = [await start_site(LimiterServer().app(), "127.0.0.1", 0) for _ in range(3)]
+    nodes = [f"127.0.0.1:{port}" for _, port in node_sites]
+    limiters = [Limiter(rate=1, per=60.0, burst=10, store=ClusterStore(nodes)) for _ in range(3)]
+    app_sites = []
+    for lim in limiters:
+        app = web.Application(middlewares=[ratelimit_middleware(lim, key="ip")])
+        app.router.add_get("/hello", _hello)
+        app_sites.append(await start_site(app, "127.0.0.1", 0))
+    try:
+        codes = []
+        async with aiohttp.ClientSession() as s:
+            for i in range(30):
+                _, port = app_sites[i % 3]
+                async with s.get(f"http://127.0.0.1:{port}/hello") as r:
+                    codes.append(r.status)
+        assert codes.count(200) == 10 and codes[:10] == [200] * 10
+        assert set(codes[10:]) == {429}
+    finally:
+        for lim in limiters:
+            await lim.close()
+        for runner, _ in app_sites + node_sites:
+            await runner.cleanup()
