@@ -34,8 +34,10 @@ that refills continuously at ``r / p`` tokens per second and starts full:
 * **no starvation**: a client sending one request of cost 1 every ``p / r`` seconds is
   never refused (and, with ``b > 1``, may also burst up to ``b`` at once).
 
-A tolerance of :data:`EPSILON` seconds absorbs float rounding, so a request arriving at
-exactly its theoretical time is not refused because of the last bit of a float.
+A tolerance of :data:`EPSILON` (1e-9) seconds absorbs float rounding, so a request
+arriving at exactly its theoretical time is not refused because of the last bit of a
+float; the upper bound is therefore ``b + (r / p) * (t + 1e-9)``, which for integer costs
+is the same number of requests except at rates near a billion per second.
 
 Decisions
 ---------
