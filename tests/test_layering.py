@@ -26,6 +26,10 @@ PURE = [
     "codec.py",
     "ratelimit/core.py",
     "sharding/ring.py",
+    "sharding/jump.py",
+    "sharding/rendezvous.py",
+    "sharding/bounded.py",
+    "sharding/router.py",
 ]
 
 

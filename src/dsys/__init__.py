@@ -22,10 +22,11 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.ratelimit import Decision, Limiter
-from dsys.sharding import HashRing
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
+    "BoundedLoadRing",
     "ClosedError",
     "ConfigError",
     "ConflictError",
@@ -35,8 +36,11 @@ __all__ = [
     "Limiter",
     "NotLeaderError",
     "ProtocolError",
+    "RendezvousHash",
     "RequestTimeout",
+    "ShardRouter",
     "TransportError",
     "UnavailableError",
     "__version__",
+    "jump_hash",
 ]
