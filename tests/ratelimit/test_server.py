@@ -252,3 +252,68 @@ def test_any_decoded_body_gets_an_answer_or_bad_input(body: object) -> None:
     except BadInputError:
         return
     assert set(answer) == {"allowed", "remaining", "retry_after", "reset", "granted"}
+
+
+async def _spend_schedule(
+    events: list[tuple[int, float, int]], lease: int, ttl: float, clients: int
+) -> list[tuple[float, int]]:
+    clock = ManualClock(100.0)  # shared by the node and the clients' lease expiry
+    runner, port = await start_site(LimiterServer(clock=clock).app(), "127.0.0.1", 0)
+    stores = [
+        ClusterStore([f"127.0.0.1:{port}"], lease_size=lease, lease_ttl=ttl, clock=clock)
+        for _ in range(clients)
+    ]
+    lims = [Limiter(rate=10, per=1.0, burst=6, store=s) for s in stores]
+    spends = []
+    try:
+        for client, dt, cost in events:
+            clock.advance(dt)
+            d = await lims[client % clients].hit("k", cost)
+            if d.allowed:
+                spends.append((clock.now(), cost))
+        for s in stores:
+            assert s.leased_tokens() <= lease
+    finally:
+        for lim in lims:
+            await lim.close()
+        await runner.cleanup()
+    return spends
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.integers(0, 2), st.floats(0.0, 0.3), st.integers(1, 3)),
+        min_size=1,
+        max_size=50,
+    ),
+    lease=st.integers(1, 6),
+    ttl=st.sampled_from([0.05, 0.2, 1.0, 5.0]),
+)
+def test_leases_never_exceed_the_stated_over_admission_bound(
+    events: list[tuple[int, float, int]], lease: int, ttl: float
+) -> None:
+    """Any window of length t spends at most b + r*t + min(C*lease, r*ttl) tokens."""
+    import asyncio
+
+    clients, rate, burst = 3, 10.0, 6
+    spends = asyncio.run(_spend_schedule(events, lease, ttl, clients))
+    extra = min(clients * lease, rate * ttl)
+    for i in range(len(spends)):
+        total = 0
+        for j in range(i, len(spends)):
+            total += spends[j][1]
+            length = spends[j][0] - spends[i][0]
+            assert total <= burst + rate * length + extra + 1e-6, (i, j, total, length)
+
+
+async def test_leases_do_over_admit_by_the_unspent_tokens() -> None:
+    # Client 0 leases 6 tokens at t=0 and spends 1; at t=0.6 the bucket is full again,
+    # client 1 leases and spends all 6, and client 0 spends its 5 leftovers: 11 tokens
+    # in a zero-length window where a plain bucket allows 6 (b + r*0). The excess, 5,
+    # is within min(C * lease_size, r * lease_ttl) = min(12, 50).
+    events = [(0, 0.0, 1)] + [(1, 0.6 if i == 0 else 0.0, 1) for i in range(6)]
+    events += [(0, 0.0, 1)] * 5
+    spends = await _spend_schedule(events, 6, 5.0, 2)
+    at_06 = [c for t, c in spends if t == pytest.approx(100.6)]
+    assert sum(at_06) == 11

@@ -42,6 +42,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 
+from dsys.clock import Clock
 from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
@@ -95,6 +96,7 @@ class ClusterStore:
         timeout: seconds per request to a node.
         token: bearer token the nodes require, if any.
         max_leases: most keys with a local lease; the oldest are dropped beyond it.
+        clock: times lease expiry (a :class:`~dsys.clock.ManualClock` in tests).
 
     Raises:
         ConfigError: no nodes, bad addresses or numbers.
@@ -111,6 +113,7 @@ class ClusterStore:
         timeout: float = 1.0,
         token: str | None = None,
         max_leases: int = 10_000,
+        clock: Clock | None = None,
     ) -> None:
         if isinstance(nodes, str) or not nodes:
             raise ConfigError("ClusterStore needs a non-empty list of node addresses")
@@ -124,6 +127,7 @@ class ClusterStore:
         if isinstance(max_leases, bool) or not isinstance(max_leases, int) or max_leases < 1:
             raise ConfigError(f"max_leases must be a positive integer, got {max_leases!r}")
         self.lease_size = lease_size
+        self._now = time.monotonic if clock is None else clock.now
         self.lease_ttl = float(lease_ttl)
         self.timeout = float(timeout)
         self.max_leases = max_leases
@@ -192,13 +196,13 @@ class ClusterStore:
 
     def leased_tokens(self) -> int:
         """Unspent tokens currently held in unexpired leases."""
-        now = time.monotonic()
+        now = self._now()
         return sum(x.tokens for x in self._leases.values() if x.expires > now)
 
     async def _hit_leased(self, policy: TokenBucket, key: str, cost: int) -> Decision:
         lk = (id(policy), key)
         lease = self._leases.get(lk)
-        now = time.monotonic()
+        now = self._now()
         if lease is not None:
             if lease.tokens >= cost and lease.expires > now:
                 lease.tokens -= cost
@@ -210,7 +214,7 @@ class ClusterStore:
         if lock is None:
             lock = self._locks[lk] = asyncio.Lock()
         async with lock:
-            now = time.monotonic()
+            now = self._now()
             lease = self._leases.get(lk)
             leftover = 0
             if lease is not None:
@@ -224,9 +228,9 @@ class ClusterStore:
                     lease.tokens = 0
             need = cost - leftover
             most = min(max(need, self.lease_size - leftover), policy.burst)
-            sent = time.monotonic()
+            sent = self._now()
             decision, granted = await self._call(policy, key, cost, (need, most))
-            done = time.monotonic()
+            done = self._now()
             if lease is None:
                 if len(self._leases) >= self.max_leases:
                     self._drop_leases(done)
