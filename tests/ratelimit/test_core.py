@@ -232,10 +232,16 @@ traffic = st.lists(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(limit=st.integers(1, 20), window=st.sampled_from([1, 2, 10]), steps=traffic)
+@given(
+    limit=st.integers(1, 20),
+    window=st.sampled_from([1, 2, 10]),
+    steps=traffic,
+    costs=st.lists(st.integers(1, 3), min_size=150, max_size=150),
+)
 def test_sliding_window_matches_limits(
-    fake_limits: _FakeTime, limit: int, window: int, steps: list[float]
+    fake_limits: _FakeTime, limit: int, window: int, steps: list[float], costs: list[int]
 ) -> None:
+    """Same decisions and remaining counts as limits, for costs 1..3 too."""
     from limits import RateLimitItemPerSecond, storage, strategies
 
     store = storage.MemoryStorage()
@@ -244,12 +250,13 @@ def test_sliding_window_matches_limits(
         item = RateLimitItemPerSecond(limit, window)
         ours = SlidingWindow(limit=limit, window=float(window)).new_table()
         now = 1000.0 + window * 0.37
-        for gap in steps:
+        for gap, cost in zip(steps, costs, strict=False):
+            cost = min(cost, limit)
             now += gap * window
             fake_limits.now = now
-            expected = theirs.hit(item, "k")
-            got = ours.hit("k", now, 1)
-            assert got.allowed == expected, (now, got)
+            expected = theirs.hit(item, "k", cost=cost)
+            got = ours.hit("k", now, cost)
+            assert got.allowed == expected, (now, cost, got)
             stats = theirs.get_window_stats(item, "k")
             assert got.remaining == stats.remaining
     finally:

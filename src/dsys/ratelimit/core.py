@@ -55,8 +55,9 @@ Every table returns a :class:`Decision`:
 Sliding window and fixed window
 -------------------------------
 
-These match the ``limits`` library's memory storage exactly for requests of cost 1 (the
-test suite replays random traffic through both with a fake clock):
+These match the ``limits`` library's memory storage decision for decision (the test
+suite replays random traffic through both with a fake clock; the sliding window with
+costs 1 to 3, the fixed window with cost 1, see below):
 
 * :class:`SlidingWindow` (``limits``' *sliding window counter*): windows of ``w`` seconds
   aligned to multiples of ``w``; the weighted count is
