@@ -158,3 +158,28 @@ async def test_cluster_with_leases_stays_within_the_stated_bound(nodes: list[str
     finally:
         for s in stores:
             await s.close()
+
+
+async def test_a_dead_owner_only_affects_its_keys() -> None:
+    procs = []
+    try:
+        for _ in range(2):
+            procs.append(_start_node())
+        addrs = [addr for _, addr in procs]
+        store = ClusterStore(addrs, timeout=2.0)
+        lim = Limiter(rate=10, burst=2, store=store, on_store_error="closed")
+        keys = {store.owner(f"user{i}"): f"user{i}" for i in range(50)}
+        alive_key, dead_key = keys[addrs[0]], keys[addrs[1]]
+        assert (await lim.hit(dead_key)).allowed
+        procs[1][0].kill()
+        procs[1][0].wait()
+        refused = await lim.hit(dead_key)
+        assert not refused.allowed and refused.retry_after == 1.0
+        assert lim.store_errors == 1
+        assert [(await lim.hit(alive_key)).allowed for _ in range(3)] == [True, True, False]
+        assert lim.store_errors == 1
+        await lim.close()
+    finally:
+        for proc, _ in procs:
+            proc.kill()
+            proc.wait()
