@@ -208,7 +208,8 @@ class Limiter:
             store fails (raises ``TransportError``/``UnavailableError``); each such
             decision increments ``dsys_ratelimit_store_errors_total``.
         failure_retry_after: ``retry_after`` of a fail-closed refusal, in seconds.
-        max_wait: default longest wait of :meth:`acquire` and :meth:`limit`, in seconds.
+        max_wait: default longest wait of :meth:`acquire`, :meth:`wait` and
+            :meth:`limit_calls`, in seconds.
         metrics: a :class:`~dsys.observability.Metrics` to report into (shared by many
             limiters); a new one by default (see :attr:`metrics`).
 
