@@ -148,3 +148,10 @@ async def test_many_limiters_share_one_store() -> None:
     assert b.hit_sync("k").allowed  # separate policies, separate tables
     await asyncio.sleep(0)
     assert "MemoryStore" in repr(a)
+
+
+async def test_limiter_and_stores_are_async_context_managers() -> None:
+    async with MemoryStore() as store, Limiter(rate=1, burst=1, store=store) as lim:
+        assert lim.hit_sync("k").allowed
+        assert len(store) == 1
+    assert len(store) == 0  # closing a MemoryStore forgets its keys

@@ -319,5 +319,11 @@ class ClusterStore:
             await self._session.close()
             self._session = None
 
+    async def __aenter__(self) -> ClusterStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
 
 __all__ = ["ClusterStore"]

@@ -118,6 +118,12 @@ class MemoryStore:
         """Forget every key."""
         self._tables.clear()
 
+    async def __aenter__(self) -> MemoryStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
 
 class _LimiterCollector(Collector):
     """Exposes the plain-int counters of every limiter attached to one registry.
@@ -403,6 +409,12 @@ class Limiter:
     async def close(self) -> None:
         """Close the store."""
         await self.store.close()
+
+    async def __aenter__(self) -> Limiter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         store = type(self.store).__name__

@@ -140,5 +140,11 @@ class RedisStore:
         """Close the Redis connection pool."""
         await self._client.aclose()
 
+    async def __aenter__(self) -> RedisStore:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
 
 __all__ = ["GCRA_LUA", "RedisStore"]
