@@ -217,6 +217,9 @@ def test_bad_cluster_configuration() -> None:
     store = store_from_url("dsys://127.0.0.1:1,127.0.0.1:2?lease=5&ttl=0.5")
     assert isinstance(store, ClusterStore)
     assert store.lease_size == 5 and store.lease_ttl == 0.5
+    weighted = ClusterStore({"127.0.0.1:1": 3, "127.0.0.1:2": 1})
+    owners = [weighted.owner(f"k{i}") for i in range(2000)]
+    assert owners.count("127.0.0.1:1") > 2 * owners.count("127.0.0.1:2")  # weights count
 
 
 _values = st.recursive(
