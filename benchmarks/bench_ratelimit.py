@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 
 BIG = 10**9  # a limit that never refuses during the benchmark
@@ -222,61 +222,75 @@ def bench_cluster(rounds: int, scale: float) -> list[tuple[str, float, str, floa
 # -- 3. redis ----------------------------------------------------------------------------
 
 
-async def _redis_dsys(addr: str, ops: int) -> float:
-    from dsys.ratelimit import Limiter, RedisStore
-
-    lim = Limiter(rate=BIG, per=1.0, burst=BIG, store=RedisStore(f"redis://{addr}/0"))
-    await lim.hit("warm")
-    t = time.perf_counter()
-    for i in range(ops):
-        await lim.hit(f"user:{i % 1000}")
-    rate = ops / (time.perf_counter() - t)
-    assert lim.store_errors == 0
-    await lim.close()
-    return rate
+REDIS_STRATEGIES = ("fixed window", "moving window", "sliding window counter")
 
 
-async def _redis_limits(addr: str, ops: int, strategy: str) -> float:
+async def _redis_round(addr: str, ops: int, chunk: int = 250) -> dict[str, float]:
+    """One round: dsys and each limits strategy take turns, ``chunk`` decisions at a time."""
     from limits import RateLimitItemPerSecond
     from limits.aio import storage, strategies
 
-    store = storage.RedisStorage(f"async+redis://{addr}", implementation="redispy")
-    cls = {
+    from dsys.ratelimit import Limiter, RedisStore
+
+    lim = Limiter(rate=BIG, per=1.0, burst=BIG, store=RedisStore(f"redis://{addr}/0"))
+    peer_store = storage.RedisStorage(f"async+redis://{addr}", implementation="redispy")
+    classes = {
         "fixed window": strategies.FixedWindowRateLimiter,
         "moving window": strategies.MovingWindowRateLimiter,
         "sliding window counter": strategies.SlidingWindowCounterRateLimiter,
-    }[strategy]
-    peer = cls(store)
+    }
+    peers = {name: cls(peer_store) for name, cls in classes.items()}
     item = RateLimitItemPerSecond(BIG, 1)
-    tag = strategy.replace(" ", "-")
-    await peer.hit(item, tag, "warm")
-    t = time.perf_counter()
-    for i in range(ops):
-        await peer.hit(item, tag, f"user:{i % 1000}")
-    return ops / (time.perf_counter() - t)
+
+    async def run_dsys(start: int) -> None:
+        for i in range(start, start + chunk):
+            await lim.hit(f"user:{i % 1000}")
+
+    def run_peer(name: str) -> Callable[[int], Awaitable[None]]:
+        peer, tag = peers[name], name.replace(" ", "-")
+
+        async def go(start: int) -> None:
+            for i in range(start, start + chunk):
+                await peer.hit(item, tag, f"user:{i % 1000}")
+
+        return go
+
+    runners: dict[str, Callable[[int], Awaitable[None]]] = {"dsys": run_dsys}
+    runners.update({name: run_peer(name) for name in REDIS_STRATEGIES})
+    spent = dict.fromkeys(runners, 0.0)
+    for fn in runners.values():  # warm: connections, scripts
+        await fn(0)
+    done = 0
+    for turn in range(max(1, ops // chunk)):
+        order = list(runners) if turn % 2 == 0 else list(reversed(runners))
+        for name in order:
+            t = time.perf_counter()
+            await runners[name](done)
+            spent[name] += time.perf_counter() - t
+        done += chunk
+    assert lim.store_errors == 0
+    await lim.close()
+    return {name: done / spent[name] for name in runners}
 
 
 def bench_redis(rounds: int, scale: float) -> list[tuple[str, float, str, float]]:
-    strategies_ = ("fixed window", "moving window", "sliding window counter")
-    ours: list[float] = []
-    theirs: dict[str, list[float]] = {s: [] for s in strategies_}
+    results: dict[str, list[float]] = {}
     with redis_server() as addr:
         if addr is None:
             print("redis-server not found: skipping the Redis comparison", file=sys.stderr)
             return []
-        ops = int(3000 * scale)
         for _ in range(rounds):
-            ours.append(asyncio.run(_redis_dsys(addr, ops)))
-            for s in strategies_:
-                theirs[s].append(asyncio.run(_redis_limits(addr, ops, s)))
+            for name, rate in asyncio.run(_redis_round(addr, int(2000 * scale))).items():
+                results.setdefault(name, []).append(rate)
+    ours = statistics.median(results["dsys"])
     return [
         (
             f"redis (1 client, sequential): dsys RedisStore vs limits.aio {s}",
-            statistics.median(ours),
+            ours,
             f"limits {s} (redis)",
-            statistics.median(theirs[s]),
+            statistics.median(results[s]),
         )
-        for s in strategies_
+        for s in REDIS_STRATEGIES
     ]
 
 

@@ -34,15 +34,16 @@ if new_tat - now <= tolerance + tonumber(ARGV[4]) then
   local ttl = math.ceil((new_tat - now) * 1000)
   if ttl < 1 then ttl = 1 end
   redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', ttl)
-  return {1, math.floor((now - new_tat + tolerance) / interval + 1e-9), 0,
-          math.ceil((new_tat - now) * 1000000)}
+  return string.format('1 %d 0 %d', math.floor((now - new_tat + tolerance) / interval + 1e-9),
+                       math.ceil((new_tat - now) * 1000000))
 end
-return {0, math.floor((now - tat + tolerance) / interval + 1e-9),
-        math.ceil((new_tat - tolerance - now) * 1000000), math.ceil((tat - now) * 1000000)}
+return string.format('0 %d %d %d', math.floor((now - tat + tolerance) / interval + 1e-9),
+                     math.ceil((new_tat - tolerance - now) * 1000000),
+                     math.ceil((tat - now) * 1000000))
 """
-"""The GCRA decision script. Redis turns Lua numbers into integers, so it returns
-``{allowed, remaining, retry_after_us, reset_us}`` with times in whole microseconds,
-rounded up (a client never retries too early)."""
+"""The GCRA decision script. It answers one string ``"allowed remaining retry_us reset_us"``
+(one reply to read instead of a four-element array) with times in whole microseconds,
+rounded up so a client never retries too early."""
 
 
 _EPS = repr(EPSILON)
@@ -131,7 +132,10 @@ class RedisStore:
             raise ConnectError(f"redis at {self.url}: {exc}") from exc
         except (exc_mod.RedisError, OSError) as exc:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
-        allowed, tokens, retry_us, reset_us = res
+        try:
+            allowed, tokens, retry_us, reset_us = map(int, res.split())
+        except (AttributeError, ValueError) as exc:
+            raise UnavailableError(f"redis at {self.url}: unexpected reply {res!r}") from exc
         return Decision(
             allowed == 1, max(0, tokens), max(0, retry_us) / 1e6, max(0, reset_us) / 1e6
         )
