@@ -79,7 +79,7 @@ def nodes() -> Iterator[list[str]]:
 
 
 async def _hammer(
-    nodes: list[str], key: str, lease_size: int, lease_ttl: float
+    nodes: list[str], key: str, lease_size: int, lease_ttl: float, duration: float = DURATION
 ) -> tuple[int, int, float, float, float, float, list[ClusterStore]]:
     stores = [
         ClusterStore(nodes, lease_size=lease_size, lease_ttl=lease_ttl, timeout=5.0)
@@ -97,12 +97,12 @@ async def _hammer(
     admitted = [0] * CLIENTS
     decisions = [0] * CLIENTS
     t_start = time.monotonic()
-    stop_at = t_start + DURATION
+    stop_at = t_start + duration
 
     async def client(i: int) -> None:
         lim = limiters[i]
         first = True
-        for _ in range(1_000_000):  # bounded; the time check ends it first
+        for _ in range(10_000_000):  # bounded; the time check ends it first
             sent = time.monotonic()
             if sent >= stop_at:
                 break
@@ -183,3 +183,22 @@ async def test_a_dead_owner_only_affects_its_keys() -> None:
         for proc, _ in procs:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lease_size", [0, 25])
+async def test_soak_30s(nodes: list[str], lease_size: int) -> None:
+    """The same accuracy check for 30 s (run with -m slow)."""
+    admitted, _, t_start, t_end, inner_lo, inner_hi, stores = await _hammer(
+        nodes, f"soak-{lease_size}", lease_size, 0.5, duration=30.0
+    )
+    try:
+        leftover = sum(s.leased_tokens() for s in stores)
+        expired = sum(s.expired_tokens for s in stores)
+        bound = min(CLIENTS * lease_size, RATE * 0.5)
+        assert admitted <= BURST + RATE * (t_end - t_start) + bound
+        lower = BURST + RATE * (inner_hi - inner_lo) - 1
+        assert admitted + leftover + expired >= 0.99 * lower
+    finally:
+        for s in stores:
+            await s.close()
