@@ -134,7 +134,7 @@ def test_hit_now_counts_and_reports_refusals() -> None:
     assert table.hit_now("k").allowed
     assert table.hit_now("k").allowed
     assert not table.hit_now("k").allowed
-    with pytest.raises(BadInputError, match="exceeds the limit's burst of 2"):
+    with pytest.raises(BadInputError, match="exceeds the limit of 2"):
         table.hit_now("k", 3)
     assert (table.allowed, table.denied) == (2, 1)
     assert seen[0][0] == "k" and seen[0][2].retry_after == pytest.approx(1.0)

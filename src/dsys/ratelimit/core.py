@@ -87,6 +87,7 @@ above the number of keys active at once.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable, Iterator
 
@@ -170,11 +171,14 @@ def check_cost(cost: object, limit: int) -> int:
     if cost < 1:
         raise BadInputError(f"cost must be at least 1, got {cost}")
     if cost > limit:
-        raise BadInputError(f"cost {cost} exceeds the limit's burst of {limit}; it can never pass")
+        raise BadInputError(
+            f"cost {cost} exceeds the limit of {limit} per request (the burst or window "
+            "limit); it can never pass"
+        )
     return cost
 
 
-class _Table:
+class _Table(abc.ABC):
     """State of many keys under one policy, bounded to ``max_keys`` keys.
 
     ``hit(key, now, cost)`` decides with time passed in; ``hit_now(key, cost)`` reads the
@@ -204,8 +208,9 @@ class _Table:
         self.denied = 0
         self.on_refuse: Callable[[str, int, Decision], None] | None = None
 
+    @abc.abstractmethod
     def hit(self, key: str, now: float, cost: int = 1) -> Decision:
-        raise NotImplementedError  # pragma: no cover - every table overrides it
+        """Decide one request of ``cost`` tokens (already validated) for ``key`` at ``now``."""
 
     def hit_now(self, key: str, cost: int = 1) -> Decision:
         """Decide at ``clock()``, validating ``cost`` and counting the outcome.
@@ -234,8 +239,9 @@ class _Table:
         """The keys currently holding state (insertion order; a snapshot)."""
         return iter(list(self._states))
 
+    @abc.abstractmethod
     def _idle(self, state: object, now: float) -> bool:
-        raise NotImplementedError  # pragma: no cover - every table overrides it
+        """Whether ``state`` is equivalent to no state at ``now`` (safe to drop)."""
 
     def sweep(self, now: float) -> int:
         """Drop idle keys (equivalent to no state); returns how many were dropped."""
