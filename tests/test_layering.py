@@ -24,6 +24,7 @@ FORBIDDEN = {
 PURE = [
     "errors.py",
     "codec.py",
+    "ratelimit/core.py",
     "sharding/ring.py",
     "sharding/jump.py",
     "sharding/rendezvous.py",

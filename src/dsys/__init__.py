@@ -21,6 +21,7 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.ratelimit import Decision, Limiter
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 from dsys.pubsub import Broker as PubSubBroker
 from dsys.pubsub import Client as PubSubClient
@@ -31,8 +32,10 @@ __all__ = [
     "ClosedError",
     "ConfigError",
     "ConflictError",
+    "Decision",
     "DsysError",
     "HashRing",
+    "Limiter",
     "NotLeaderError",
     "ProtocolError",
     "RendezvousHash",
