@@ -21,10 +21,10 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
-from dsys.ratelimit import Decision, Limiter
-from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 from dsys.pubsub import Broker as PubSubBroker
 from dsys.pubsub import Client as PubSubClient
+from dsys.ratelimit import Decision, Limiter
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
@@ -38,9 +38,9 @@ __all__ = [
     "Limiter",
     "NotLeaderError",
     "ProtocolError",
-    "RendezvousHash",
     "PubSubBroker",
     "PubSubClient",
+    "RendezvousHash",
     "RequestTimeout",
     "ShardRouter",
     "TransportError",
