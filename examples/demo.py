@@ -65,9 +65,9 @@ def spawn(*args: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def wait_healthy(url: str, timeout: float = 15.0) -> None:
-    """Poll GET url/healthz until it answers 200 (bounded)."""
-    deadline = time.monotonic() + timeout
+async def wait_healthy(url: str, limit: float = 15.0) -> None:
+    """Poll GET url/healthz until it answers 200 (for at most ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
     async with aiohttp.ClientSession() as http:
         while True:
             with contextlib.suppress(aiohttp.ClientError, OSError):
@@ -75,7 +75,7 @@ async def wait_healthy(url: str, timeout: float = 15.0) -> None:
                     if resp.status == 200:
                         return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not become healthy in {timeout} s")
+                raise RuntimeError(f"{url} did not become healthy in {limit} s")
             await asyncio.sleep(0.1)
 
 

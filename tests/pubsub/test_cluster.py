@@ -221,6 +221,35 @@ async def test_killed_broker_clients_reconnect_and_resume(cluster: list[Proc]) -
             await cl.close()
 
 
+async def test_drain_delivers_messages_still_in_flight() -> None:
+    """drain() keeps subscriptions until its flush returns, so nothing sent is dropped.
+
+    With a broker in another process, messages are often still in flight when drain()
+    starts; a drain that forgot its subscriptions first dropped them as unknown.
+    """
+    p = await start_broker()
+    try:
+        for _ in range(5):
+            got: list[bytes] = []
+            async with Client([p.addr]) as pub:
+                workers = [Client([p.addr]) for _ in range(3)]
+
+                async def handle(msg: Msg, got: list[bytes] = got) -> None:
+                    got.append(msg.data)
+
+                for worker in workers:
+                    await worker.connect()
+                    await worker.subscribe("orders", queue="q", cb=handle)
+                for i in range(30):
+                    await pub.publish("orders", b"%d" % i)
+                await pub.flush()  # the broker has every message; the workers may not yet
+                for worker in workers:
+                    await worker.drain(timeout=5)
+                assert len(got) == 30
+    finally:
+        await stop(p)
+
+
 async def test_cli_pub_and_sub_against_a_broker() -> None:
     p = await start_broker()
     try:

@@ -668,12 +668,15 @@ class Client:
             return
         subs = [s for s in self._subs.values() if not isinstance(s, _ReplySubscription)]
         for sub in subs:
-            self._subs.pop(sub.sid, None)
             with contextlib.suppress(ClosedError):
                 await self._send({"op": "unsub", "sid": sub.sid})
+        # The broker answers the flush's ping after the unsubs, so every message it sent
+        # to these subscriptions has arrived (and was dispatched) once flush returns. Keep
+        # them registered until then, or those messages would be dropped as unknown.
         with contextlib.suppress(RequestTimeout, ConnectError, ClosedError):
             await self.flush(timeout)
         for sub in subs:
+            self._subs.pop(sub.sid, None)
             sub._close()
         tasks = [s._task for s in subs if s._task is not None]
         if tasks:
