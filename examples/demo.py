@@ -1,18 +1,196 @@
-"""`make demo`: the dsys showcase on localhost.
+"""`make demo`: the dsys showcase, run end to end on 127.0.0.1.
 
-Runs each building block's demo that this checkout has, in order.
+A small market-data system assembled only from dsys pieces, each running as its own
+real process where a user would run one:
+
+1. shard routing: plan what moves when a node joins;
+2. pub/sub: a broker process, wildcard subscribers, a queue group of order workers;
+3. rate limiting: three limiter nodes sharing one limit across app instances;
+
+and more as blocks land. Every server started here is stopped at the end, whatever
+happens; the demo stops by itself within a minute.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+
+import aiohttp
+
+from dsys.observability import configure_logging
+from dsys.pubsub import Client, Msg
+from dsys.ratelimit import ClusterStore, Limiter
+
+PY = sys.executable
+PROCS: list[subprocess.Popen[bytes]] = []
+
+
+def say(text: str) -> None:
+    """Print a demo headline."""
+    print(f"\n\033[1m== {text}\033[0m", flush=True)
+
+
+def port_near(preferred: int) -> int:
+    """The preferred default port when it is free, else any free loopback port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+def spawn(*args: str) -> subprocess.Popen[bytes]:
+    """Start `python -m dsys ARGS` quietly; it is killed when the demo ends."""
+    env = {**os.environ, "DSYS_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen(
+        [PY, "-m", "dsys", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    PROCS.append(proc)
+    return proc
+
+
+async def wait_healthy(url: str, limit: float = 15.0) -> None:
+    """Poll GET url/healthz until it answers 200 (for at most ``limit`` seconds)."""
+    deadline = time.monotonic() + limit
+    async with aiohttp.ClientSession() as http:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError, OSError):
+                async with http.get(f"{url}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not become healthy in {limit} s")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[None]:
+    """Kill every spawned process on the way out."""
+    try:
+        yield
+    finally:
+        for proc in PROCS:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# -- 1. sharding -------------------------------------------------------------------------
+
+
+def demo_sharding() -> None:
+    say("1. Shard routing: 1024 shards x 2 replicas on n1..n3, then n4 joins")
+    subprocess.run(
+        [PY, "-m", "dsys", "shard", "rebalance", "--nodes", "n1,n2,n3", "--add", "n4",
+         "--shards", "1024", "--replicas", "2", "--keys", "200000", "--show", "3"],
+        check=True,
+    )  # fmt: skip
+
+
+# -- 2. pub/sub --------------------------------------------------------------------------
+
+
+async def demo_pubsub() -> None:
+    port = port_near(7201)
+    say(f"2. Pub/sub: a broker process on 127.0.0.1:{port}")
+    spawn("pubsub", "serve", "--listen", f"127.0.0.1:{port}")
+    await wait_healthy(f"http://127.0.0.1:{port}")
+    servers = [f"127.0.0.1:{port}"]
+    async with Client(servers, name="exchange") as feed, Client(servers, name="desk") as desk:
+        everything = await desk.subscribe("prices.>")
+        infy_anywhere = await desk.subscribe("prices.*.INFY")
+        handled: Counter[str] = Counter()
+        workers = [Client(servers, name=f"worker-{i}") for i in range(3)]
+        for i, worker in enumerate(workers):
+
+            async def handle(msg: Msg, name: str = f"worker-{i}") -> None:
+                handled[name] += 1
+
+            await worker.connect()
+            await worker.subscribe("orders.new", queue="order-workers", cb=handle)
+        ticks = [("NSE", "INFY", "1523.50"), ("NSE", "TCS", "3410.00"), ("BSE", "INFY", "1523.55")]
+        for exchange, symbol, price in ticks:
+            await feed.publish(f"prices.{exchange}.{symbol}", price.encode())
+        for i in range(30):
+            await feed.publish("orders.new", f"order-{i}".encode())
+        await feed.flush()
+        for _ in ticks:
+            msg = await everything.next_msg(timeout=5)
+            print(f"  prices.>        got {msg.subject:18} {msg.data.decode()}")
+        for _ in range(2):
+            msg = await infy_anywhere.next_msg(timeout=5)
+            print(f"  prices.*.INFY   got {msg.subject:18} {msg.data.decode()}")
+        for worker in workers:
+            await worker.drain()
+        print(f"  30 orders shared by the queue group: {dict(sorted(handled.items()))}")
+
+
+# -- 3. rate limiting --------------------------------------------------------------------
+
+
+async def demo_ratelimit() -> None:
+    ports = [port_near(7401 + i) for i in range(3)]
+    nodes = [f"127.0.0.1:{p}" for p in ports]
+    say(f"3. Rate limiting: 3 limiter nodes ({', '.join(nodes)}), 3 app instances")
+    for node in nodes:
+        spawn("ratelimit", "serve", "--listen", node)
+    for node in nodes:
+        await wait_healthy(f"http://{node}")
+    # Three app instances, each with its own ClusterStore, share one limit of
+    # 10 requests/s with a burst of 20 for the key "api-key-7".
+    instances: Sequence[Limiter] = [
+        Limiter(rate=10, per=1.0, burst=20, store=ClusterStore(nodes), name="orders")
+        for _ in range(3)
+    ]
+    try:
+        allowed = Counter[int]()
+        for i in range(45):
+            decision = await instances[i % 3].hit("api-key-7")
+            allowed[i % 3] += decision.allowed
+        owner = ClusterStore(nodes).owner("api-key-7")
+        print(f"  key api-key-7 lives on {owner}; 45 requests spread over 3 instances")
+        print(
+            f"  allowed {sum(allowed.values())} (burst 20 + refill), refused "
+            f"{45 - sum(allowed.values())}; per instance: {dict(allowed)}"
+        )
+        decision = await instances[0].hit("api-key-7")
+        print(f"  next request: allowed={decision.allowed} retry_after={decision.retry_after:.2f}s")
+    finally:
+        for limiter in instances:
+            await limiter.close()
+
+
+async def amain() -> None:
+    await demo_pubsub()
+    await demo_ratelimit()
 
 
 def main() -> int:
     """Run the showcase; returns the exit code."""
-    print("dsys demo: the CLI and its building blocks\n")
-    return subprocess.call([sys.executable, "-m", "dsys", "--help"])
+    configure_logging(level="warning")
+    print("dsys demo: a small market-data system on 127.0.0.1, built from dsys blocks")
+    with processes():
+        demo_sharding()
+        asyncio.run(asyncio.wait_for(amain(), timeout=120))
+    say("done: every process stopped")
+    return 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,14 @@ PURE = [
     "codec.py",
     "resilience/breaker_core.py",
     "resilience/backoff.py",
+    "ratelimit/core.py",
+    "sharding/ring.py",
+    "sharding/jump.py",
+    "sharding/rendezvous.py",
+    "sharding/bounded.py",
+    "sharding/router.py",
+    "pubsub/subjects.py",
+    "pubsub/core.py",
 ]
 
 

@@ -121,3 +121,22 @@ def test_configure_logging_json_and_bad_level(capsys: pytest.CaptureFixture[str]
     with pytest.raises(ConfigError, match="unknown log level"):
         configure_logging(level="loud")
     configure_logging(json=False)
+
+
+def test_logging_follows_a_replaced_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    """A logger configured earlier writes to the current sys.stderr, not a stale one."""
+    import io
+    import sys
+
+    from dsys.observability import get_logger
+
+    configure_logging(json=True)
+    old = sys.stderr
+    replacement = io.StringIO()
+    sys.stderr = replacement
+    try:
+        get_logger("test").warning("swapped")
+    finally:
+        sys.stderr = old
+    assert '"event": "swapped"' in replacement.getvalue()
+    configure_logging(json=False)

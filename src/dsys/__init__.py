@@ -27,17 +27,33 @@ __all__ = [
     "BadInputError",
     "Bulkhead",
     "CircuitBreaker",
+from dsys.pubsub import Broker as PubSubBroker
+from dsys.pubsub import Client as PubSubClient
+from dsys.ratelimit import Decision, Limiter
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
+
+__all__ = [
+    "BadInputError",
+    "BoundedLoadRing",
     "ClosedError",
     "ConfigError",
     "ConflictError",
+    "Decision",
     "DsysError",
+    "HashRing",
+    "Limiter",
     "NotLeaderError",
     "Policy",
     "ProtocolError",
+    "PubSubBroker",
+    "PubSubClient",
+    "RendezvousHash",
     "RequestTimeout",
     "Retry",
     "Timeout",
+    "ShardRouter",
     "TransportError",
     "UnavailableError",
     "__version__",
+    "jump_hash",
 ]

@@ -23,6 +23,20 @@ _LEVELS = {
 }
 
 
+class _LiveStderr:
+    """A file-like object that writes to whatever ``sys.stderr`` is at write time.
+
+    Binding the logger to the ``sys.stderr`` object of the moment breaks when that
+    object is later closed or swapped (pytest's capture, daemonizing tools).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(*, json: bool | None = None, level: str | None = None) -> None:
     """Configure structlog for the whole process (call once, early, from a CLI or app).
 
@@ -52,7 +66,7 @@ def configure_logging(*, json: bool | None = None, level: str | None = None) -> 
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level_name]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_LiveStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
 

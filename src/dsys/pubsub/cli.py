@@ -1,0 +1,137 @@
+"""``dsys pubsub``: run a broker, publish and subscribe from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from dsys.errors import ConfigError
+from dsys.observability import parse_listen
+from dsys.pubsub.broker import Broker, BrokerConfig, load_tokens
+from dsys.pubsub.client import Client
+from dsys.pubsub.core import BrokerLimits, QueueChoice
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``dsys pubsub serve|pub|sub``."""
+    block = subparsers.add_parser("pubsub", help="pub/sub broker with wildcard subjects")
+    block.set_defaults(block_parser=block)
+    verbs = block.add_subparsers(dest="verb", metavar="<verb>")
+
+    serve = verbs.add_parser("serve", help="run a broker")
+    serve.add_argument("--listen", default="127.0.0.1:7201", help="HOST:PORT (default %(default)s)")
+    serve.add_argument(
+        "--route", action="append", default=[], metavar="HOST:PORT", help="peer broker (repeat)"
+    )
+    serve.add_argument(
+        "--advertise",
+        default=None,
+        help="HOST:PORT peers use to dial back (default: the bound address; set it when "
+        "listening on 0.0.0.0)",
+    )
+    serve.add_argument("--auth", default=None, metavar="FILE", help="JSON token file")
+    serve.add_argument("--cluster-token", default=None, help="secret peers must present")
+    serve.add_argument("--max-payload", type=int, default=1024 * 1024, help="bytes per message")
+    serve.add_argument("--max-subs", type=int, default=10_000, help="subscriptions per connection")
+    serve.add_argument(
+        "--max-pending-bytes", type=int, default=8 * 1024 * 1024, help="queued bytes per client"
+    )
+    serve.add_argument(
+        "--queue-choice", choices=[q.value for q in QueueChoice], default="round_robin"
+    )
+    serve.set_defaults(func=_serve)
+
+    pub = verbs.add_parser("pub", help="publish one message")
+    pub.add_argument("subject")
+    pub.add_argument("data", help="payload (UTF-8 text)")
+    pub.add_argument("--server", action="append", default=[], help="HOST:PORT (repeatable)")
+    pub.add_argument("--token", default=None)
+    pub.set_defaults(func=_pub)
+
+    sub = verbs.add_parser("sub", help="print messages of a subject pattern")
+    sub.add_argument("subject")
+    sub.add_argument("--queue", default=None, help="queue group")
+    sub.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
+    sub.add_argument("--server", action="append", default=[], help="HOST:PORT (repeatable)")
+    sub.add_argument("--token", default=None)
+    sub.set_defaults(func=_sub)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen, default_port=7201)
+    limits = BrokerLimits(
+        max_payload=args.max_payload,
+        max_subs_per_connection=args.max_subs,
+        max_pending_bytes=args.max_pending_bytes,
+        queue_choice=QueueChoice(args.queue_choice),
+    )
+    config = BrokerConfig(
+        host=host,
+        port=port,
+        routes=tuple(args.route),
+        advertise=args.advertise,
+        tokens=load_tokens(args.auth) if args.auth else None,
+        cluster_token=args.cluster_token,
+        limits=limits,
+        max_frame=max(4 * 1024 * 1024, args.max_payload + 64 * 1024),
+    )
+    asyncio.run(_serve_async(config))
+    return 0
+
+
+async def _serve_async(config: BrokerConfig) -> None:
+    broker = Broker(config)
+    try:
+        await broker.start()
+    except OSError as exc:
+        await broker.close()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
+    print(f"dsys pubsub listening on {config.host}:{broker.port}", flush=True)
+    try:
+        await _wait_for_signal()
+    finally:
+        await broker.close()
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    return args.server or ["127.0.0.1:7201"]
+
+
+def _pub(args: argparse.Namespace) -> int:
+    async def go() -> None:
+        async with Client(_servers(args), token=args.token) as c:
+            await c.publish(args.subject, args.data.encode())
+
+    asyncio.run(go())
+    return 0
+
+
+def _sub(args: argparse.Namespace) -> int:
+    if args.count < 0:
+        raise ConfigError("--count must be >= 0")
+
+    async def go() -> None:
+        async with Client(_servers(args), token=args.token) as c:
+            seen = 0
+            async for msg in await c.subscribe(args.subject, queue=args.queue):
+                text = msg.data.decode("utf-8", errors="replace")
+                print(f"{msg.subject} {text}", flush=True)
+                seen += 1
+                if args.count and seen >= args.count:
+                    return
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+    return 0
