@@ -21,20 +21,17 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
-from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
-
-__all__ = [
-    "BadInputError",
-    "Bulkhead",
-    "CircuitBreaker",
 from dsys.pubsub import Broker as PubSubBroker
 from dsys.pubsub import Client as PubSubClient
 from dsys.ratelimit import Decision, Limiter
+from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
     "BoundedLoadRing",
+    "Bulkhead",
+    "CircuitBreaker",
     "ClosedError",
     "ConfigError",
     "ConflictError",
@@ -50,8 +47,8 @@ __all__ = [
     "RendezvousHash",
     "RequestTimeout",
     "Retry",
-    "Timeout",
     "ShardRouter",
+    "Timeout",
     "TransportError",
     "UnavailableError",
     "__version__",
