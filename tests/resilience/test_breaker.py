@@ -69,6 +69,9 @@ def test_sync_call_opens_and_rejects_with_retry_after() -> None:
     assert ran == []
     assert err.value.retry_after == pytest.approx(6.0)
     assert "dep" in str(err.value)
+    assert b.open_until == pytest.approx(10.0)
+    b.reset()
+    assert b.open_until is None
 
 
 def test_full_cycle_with_manual_clock_and_listeners() -> None:

@@ -303,6 +303,13 @@ class CircuitBreaker:
         """The breaker's configuration."""
         return self._core.config
 
+    @property
+    def open_until(self) -> float | None:
+        """When ``OPEN``: the time (on the breaker's clock) from which a call becomes a
+        trial call; ``None`` in any other state."""
+        core = self._core
+        return core.open_until if core.state is OPEN else None
+
     def counts(self) -> WindowCounts:
         """Calls, failures and slow calls in the window now (the trial's when half-open)."""
         with self._lock:
