@@ -25,6 +25,8 @@ PURE = [
     "errors.py",
     "codec.py",
     "sharding/ring.py",
+    "resilience/breaker_core.py",
+    "resilience/backoff.py",
 ]
 
 

@@ -21,10 +21,12 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.resilience import CircuitBreaker, Retry, Timeout
 from dsys.sharding import HashRing
 
 __all__ = [
     "BadInputError",
+    "CircuitBreaker",
     "ClosedError",
     "ConfigError",
     "ConflictError",
@@ -33,6 +35,8 @@ __all__ = [
     "NotLeaderError",
     "ProtocolError",
     "RequestTimeout",
+    "Retry",
+    "Timeout",
     "TransportError",
     "UnavailableError",
     "__version__",

@@ -1,0 +1,412 @@
+"""The CircuitBreaker adapter: sync/async entry points, classification, metrics, listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from dsys.clock import ManualClock
+from dsys.errors import BadInputError, CircuitOpenError, ConfigError
+from dsys.observability import Metrics
+from dsys.resilience import (
+    BreakerState,
+    CircuitBreaker,
+    MemoryBreakerStore,
+    StateTransition,
+    TimeWindow,
+)
+
+
+class Boom(Exception):
+    pass
+
+
+def boom() -> None:
+    raise Boom("down")
+
+
+async def aboom() -> None:
+    raise Boom("down")
+
+
+async def aok(x: int = 1) -> int:
+    return x
+
+
+def make(clock: ManualClock, **kw: object) -> CircuitBreaker:
+    base: dict[str, object] = {
+        "window": 10,
+        "minimum_calls": 4,
+        "open_wait": 10.0,
+        "permitted_calls_in_half_open": 2,
+        "clock": clock,
+        "metrics": CollectorRegistry(),
+    }
+    base.update(kw)
+    return CircuitBreaker("dep", **base)  # type: ignore[arg-type]
+
+
+def trip_sync(b: CircuitBreaker, n: int = 4) -> None:
+    for _ in range(n):
+        with pytest.raises(Boom):
+            b.call(boom)
+
+
+def test_sync_call_opens_and_rejects_with_retry_after() -> None:
+    clock = ManualClock()
+    b = make(clock)
+    assert b.call(lambda x: x * 2, 21) == 42
+    trip_sync(b, 3)  # 3 of 4 failed
+    assert b.state is BreakerState.OPEN
+    clock.advance(4.0)
+    ran = []
+    with pytest.raises(CircuitOpenError) as err:
+        b.call(ran.append, 1)
+    assert ran == []
+    assert err.value.retry_after == pytest.approx(6.0)
+    assert "dep" in str(err.value)
+
+
+def test_full_cycle_with_manual_clock_and_listeners() -> None:
+    clock = ManualClock(100.0)
+    seen: list[StateTransition] = []
+    b = make(clock, listeners=[lambda br, t: seen.append(t)])
+    trip_sync(b)
+    clock.advance(10.0)
+    assert b.call(lambda: "trial") == "trial"
+    assert b.state is BreakerState.HALF_OPEN
+    assert b.call(lambda: "trial") == "trial"
+    assert b.state is BreakerState.CLOSED
+    assert [(t.from_state.value, t.to_state.value, t.at) for t in seen] == [
+        ("closed", "open", 100.0),
+        ("open", "half_open", 110.0),
+        ("half_open", "closed", 110.0),
+    ]
+    assert seen[0].failure_rate == 100.0
+
+
+def test_a_failing_listener_does_not_break_the_call() -> None:
+    def bad(b: CircuitBreaker, t: StateTransition) -> None:
+        raise RuntimeError("listener bug")
+
+    clock = ManualClock()
+    b = make(clock, listeners=[bad])
+    trip_sync(b)
+    assert b.state is BreakerState.OPEN
+
+
+def test_ignored_and_non_failure_exceptions_do_not_count() -> None:
+    clock = ManualClock()
+    b = make(clock, ignore_exceptions=[BadInputError], failure_exceptions=[Boom, OSError])
+
+    def bad_input() -> None:
+        raise BadInputError("caller's fault")
+
+    def key_error() -> None:
+        raise KeyError("not a failure type")
+
+    for fn in (bad_input, key_error) * 5:
+        with pytest.raises((BadInputError, KeyError)):
+            b.call(fn)
+    assert b.state is BreakerState.CLOSED
+    assert b.counts().calls == 0
+    trip_sync(b)
+    assert b.state is BreakerState.OPEN
+
+
+def test_failure_predicate_filters_exceptions() -> None:
+    clock = ManualClock()
+    b = make(clock, failure_predicate=lambda e: "retryable" in str(e))
+
+    def soft() -> None:
+        raise Boom("permanent")
+
+    for _ in range(6):
+        with pytest.raises(Boom):
+            b.call(soft)
+    assert b.state is BreakerState.CLOSED
+
+
+def test_result_predicate_counts_5xx_as_failure_but_returns_it() -> None:
+    clock = ManualClock()
+    b = make(clock, result_predicate=lambda status: status >= 500)
+    assert b.call(lambda: 200) == 200
+    assert b.call(lambda: 503) == 503
+    assert b.counts().failures == 1
+    for _ in range(2):
+        assert b.call(lambda: 500) == 500  # 3 of 4 failed
+    assert b.state is BreakerState.OPEN
+
+
+def test_slow_calls_measured_with_the_injected_clock() -> None:
+    clock = ManualClock()
+    b = make(clock, slow_call_duration=1.0, slow_call_rate_threshold=50.0)
+
+    def slow() -> str:
+        clock.advance(2.0)
+        return "late"
+
+    for _ in range(2):
+        b.call(lambda: "fast")
+    for _ in range(2):
+        assert b.call(slow) == "late"
+    assert b.state is BreakerState.OPEN
+
+
+def test_time_window_expiry_through_the_adapter() -> None:
+    clock = ManualClock()
+    b = make(clock, window=TimeWindow(seconds=10.0, buckets=10))
+    for _ in range(3):
+        with pytest.raises(Boom):
+            b.call(boom)
+    clock.advance(20.0)  # the failures expire
+    for _ in range(3):
+        b.call(lambda: None)
+    with pytest.raises(Boom):
+        b.call(boom)
+    assert b.state is BreakerState.CLOSED  # 1 of 4
+    assert b.counts().failures == 1
+
+
+def test_sync_context_manager_and_decorator() -> None:
+    clock = ManualClock()
+    b = make(clock)
+
+    @b
+    def double(x: int) -> int:
+        return 2 * x
+
+    assert double(4) == 8
+    assert double.__name__ == "double"
+    for _ in range(3):  # 3 of 4 failed
+        with pytest.raises(Boom), b:
+            raise Boom()
+    assert b.state is BreakerState.OPEN
+    with pytest.raises(CircuitOpenError):
+        double(1)
+    with pytest.raises(CircuitOpenError), b:
+        pass
+
+
+async def test_async_call_decorator_and_context_manager() -> None:
+    clock = ManualClock()
+    b = make(clock, failure_rate_threshold=60.0)
+
+    @b
+    async def triple(x: int) -> int:
+        return 3 * x
+
+    assert await triple(2) == 6
+    assert await b.call_async(aok, 5) == 5
+    async with b:
+        pass
+    for _ in range(2):
+        with pytest.raises(Boom):
+            await b.call_async(aboom)
+    for _ in range(3):
+        with pytest.raises(Boom):
+            async with b:
+                raise Boom()
+    assert b.state is BreakerState.OPEN  # 5 of 8 failed
+    with pytest.raises(CircuitOpenError):
+        await triple(1)
+    with pytest.raises(CircuitOpenError):
+        async with b:
+            pass
+    clock.advance(10.0)
+    assert await triple(1) == 3
+    async with b:
+        pass
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_half_open_lets_exactly_n_concurrent_trials_through() -> None:
+    clock = ManualClock()
+    b = make(clock, permitted_calls_in_half_open=3)
+    trip_sync(b)
+    clock.advance(10.0)
+    gate = asyncio.Event()
+    started = 0
+
+    async def trial() -> str:
+        nonlocal started
+        started += 1
+        await gate.wait()
+        return "ok"
+
+    tasks = [asyncio.create_task(b.call_async(trial)) for _ in range(10)]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert started == 3
+    gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(r == "ok" for r in results) == 3
+    assert sum(isinstance(r, CircuitOpenError) for r in results) == 7
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_cancelled_trial_calls_do_not_leak_half_open_permits() -> None:
+    clock = ManualClock()
+    b = make(clock, permitted_calls_in_half_open=2)
+    trip_sync(b)
+    clock.advance(10.0)
+    never = asyncio.Event()
+
+    async def hang() -> None:
+        await never.wait()
+
+    async def hang_in_block() -> None:
+        async with b:
+            await never.wait()
+
+    t1 = asyncio.create_task(b.call_async(hang))
+    t2 = asyncio.create_task(hang_in_block())
+    await asyncio.sleep(0)
+    assert b.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpenError):
+        await b.call_async(aok)  # both slots taken
+    t1.cancel()
+    t2.cancel()
+    for t in (t1, t2):
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    # both slots came back: two trials pass and close the breaker
+    assert await b.call_async(aok, 1) == 1
+    assert await b.call_async(aok, 2) == 2
+    assert b.state is BreakerState.CLOSED
+
+
+async def test_cancellation_in_closed_state_is_not_a_failure() -> None:
+    clock = ManualClock()
+    b = make(clock, minimum_calls=1, failure_rate_threshold=1.0)
+
+    async def hang() -> None:
+        await asyncio.Event().wait()
+
+    for _ in range(5):
+        t = asyncio.create_task(b.call_async(hang))
+        await asyncio.sleep(0)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    assert b.state is BreakerState.CLOSED
+    assert b.counts().calls == 0
+
+
+def test_forced_open_disabled_reset_and_trip() -> None:
+    clock = ManualClock()
+    b = make(clock)
+    b.force_open()
+    with pytest.raises(CircuitOpenError) as err:
+        b.call(lambda: 1)
+    assert err.value.retry_after is None
+    b.disable()
+    trip_sync(b, 10)
+    assert b.state is BreakerState.DISABLED
+    b.reset()
+    assert b.state is BreakerState.CLOSED
+    b.trip()
+    assert b.state is BreakerState.OPEN
+
+
+def test_metrics_are_exposed_by_a_collector() -> None:
+    clock = ManualClock()
+    registry = CollectorRegistry()
+    b = make(clock, metrics=registry, failure_rate_threshold=60.0)
+    b.call(lambda: 1)
+    b.call(lambda: 1)
+    trip_sync(b, 3)  # 3 of 5 = 60%
+    with pytest.raises(CircuitOpenError):
+        b.call(lambda: 1)
+    text = generate_latest(registry).decode()
+    assert 'dsys_resilience_breaker_state{breaker="dep",state="open"} 1.0' in text
+    assert 'dsys_resilience_breaker_state{breaker="dep",state="closed"} 0.0' in text
+    assert 'dsys_resilience_breaker_calls_total{breaker="dep",outcome="successful"} 2.0' in text
+    assert 'dsys_resilience_breaker_calls_total{breaker="dep",outcome="failed"} 3.0' in text
+    assert 'dsys_resilience_breaker_calls_total{breaker="dep",outcome="rejected"} 1.0' in text
+    assert (
+        'dsys_resilience_breaker_transitions_total{breaker="dep",from_state="closed",'
+        'to_state="open"} 1.0'
+    ) in text
+
+
+def test_metrics_object_and_several_breakers_share_a_registry() -> None:
+    m = Metrics("resilience")
+    a = CircuitBreaker("a", metrics=m)
+    b = CircuitBreaker("b", metrics=m)
+    a.call(lambda: 1)
+    b.call(lambda: 1)
+    text = m.render().decode()
+    assert 'breaker="a"' in text and 'breaker="b"' in text
+
+
+def test_threads_share_one_breaker_without_losing_counts() -> None:
+    b = CircuitBreaker(
+        "threads", window=100_000, minimum_calls=100_000, metrics=CollectorRegistry()
+    )
+    n_threads, per_thread = 4, 2000
+
+    def work() -> None:
+        for i in range(per_thread):
+            if i % 10 == 0:
+                with pytest.raises(Boom):
+                    b.call(boom)
+            else:
+                b.call(lambda: None)
+
+    threads = [threading.Thread(target=work) for _ in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    counts = b.counts()
+    assert counts.calls == n_threads * per_thread
+    assert counts.failures == n_threads * per_thread // 10
+
+
+def test_shared_store_opens_every_breaker_of_the_name() -> None:
+    clock = ManualClock()
+    store = MemoryBreakerStore()
+    a = make(clock, store=store, store_poll_interval=1.0)
+    b = make(clock, store=store, store_poll_interval=1.0)
+    b.call(lambda: 1)
+    trip_sync(a)
+    assert a.state is BreakerState.OPEN
+    clock.advance(1.0)  # b reads the store at its next call
+    with pytest.raises(CircuitOpenError) as err:
+        b.call(lambda: 1)
+    assert err.value.retry_after == pytest.approx(9.0)
+    a.reset()
+    clock.advance(1.0)
+    assert b.call(lambda: 2) == 2
+    assert b.state is BreakerState.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"failure_rate_threshold": 150}, "failure_rate_threshold"),
+        ({"window": 0}, "window size"),
+        ({"open_wait": -1.0}, "open_wait"),
+        ({"failure_exceptions": ["Boom"]}, "failure_exceptions"),
+        ({"store_poll_interval": 0}, "store_poll_interval"),
+    ],
+    ids=["threshold", "window", "wait", "exceptions", "poll"],
+)
+def test_bad_configuration(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        CircuitBreaker("x", **kwargs)  # type: ignore[arg-type]
+
+
+def test_name_is_required() -> None:
+    with pytest.raises(ConfigError, match="name"):
+        CircuitBreaker("")
+
+
+def test_exit_without_enter_is_a_clear_error() -> None:
+    b = CircuitBreaker("x", metrics=CollectorRegistry())
+    with pytest.raises(RuntimeError, match="without"):
+        b.__exit__(None, None, None)
