@@ -27,6 +27,8 @@ PURE = [
     "sharding/ring.py",
     "resilience/breaker_core.py",
     "resilience/backoff.py",
+    "balance/strategies.py",
+    "balance/health.py",
 ]
 
 
