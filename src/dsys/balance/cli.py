@@ -59,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--no-circuit-breaker", action="store_true")
     s.add_argument("--shutdown-timeout", type=float, default=10.0)
     s.add_argument("--max-connections", type=int, default=512, help="upstream connections")
+    s.add_argument("--no-fast-path", action="store_true", help="send every request through aiohttp")
     s.add_argument(
         "--uvloop", action="store_true", help="run on uvloop when it is installed (faster)"
     )
@@ -93,6 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         max_connections=args.max_connections,
         admin_prefix=args.admin_prefix,
+        fast_path=not args.no_fast_path,
     )
     log = get_logger("balance")
 

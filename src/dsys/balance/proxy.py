@@ -102,6 +102,8 @@ class ProxyConfig:
         client_max_size: largest request body accepted, in bytes (413 beyond).
         shutdown_timeout: seconds in-flight requests get to finish on shutdown.
         admin_prefix: path prefix of the admin API on the proxy port ("" disables).
+        fast_path: serve plain bodiless HTTP/1.1 requests with the callback-based
+            fast path (:mod:`dsys.balance.fastpath`); everything else uses aiohttp.
     """
 
     backends: tuple[str, ...] = ()
@@ -116,6 +118,7 @@ class ProxyConfig:
     client_max_size: int = 1 << 30
     shutdown_timeout: float = 10.0
     admin_prefix: str = "/_dsys"
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if self.max_tries < 1:
@@ -624,8 +627,12 @@ async def serve(
     port: int = 0,
     admin: tuple[str, int] | None = None,
     on_started: Callable[[int, int | None], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> None:
-    """Run the proxy until SIGINT/SIGTERM, then shut down gracefully.
+    """Run the proxy until SIGINT/SIGTERM (or ``stop`` is set), then shut down gracefully.
+
+    Shutdown stops accepting connections at once, lets in-flight requests finish for
+    up to ``config.shutdown_timeout`` seconds, then closes what is left.
 
     Args:
         config: proxy settings.
@@ -633,15 +640,33 @@ async def serve(
         port: port to listen on (0 picks a free one).
         admin: optional separate ``(host, port)`` for the admin API.
         on_started: called with the bound proxy port and admin port.
+        stop: an event that stops the proxy when set (signals are used as well).
     """
     import signal
 
+    from dsys.balance.fastpath import FastPath
     from dsys.observability import start_site
 
     lb = LoadBalancer(config)
-    runner, bound = await start_site(
-        lb.app(), host, port, shutdown_timeout=config.shutdown_timeout, handler_cancellation=True
+    loop = asyncio.get_running_loop()
+    runner = web.AppRunner(
+        lb.app(),
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout,
+        handler_cancellation=True,
     )
+    await runner.setup()
+    fallback = runner.server
+    assert fallback is not None
+    fast: FastPath | None = None
+    if config.fast_path:
+        fast = FastPath(lb, fallback)
+        fast.start()
+        factory: Callable[[], asyncio.Protocol] = fast.protocol
+    else:
+        factory = fallback
+    server = await loop.create_server(factory, host, port, backlog=1024, reuse_address=True)
+    bound = int(server.sockets[0].getsockname()[1])
     admin_runner: web.AppRunner | None = None
     admin_port: int | None = None
     try:
@@ -649,17 +674,21 @@ async def serve(
             admin_runner, admin_port = await start_site(lb.admin_app(), admin[0], admin[1])
         if on_started is not None:
             on_started(bound, admin_port)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
+        stop = stop or asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         lb._log.info("shutting_down", deadline=config.shutdown_timeout)
     finally:
+        server.close()
+        deadline = loop.time() + config.shutdown_timeout
+        waits = [runner.cleanup()]
+        if fast is not None:
+            waits.append(fast.drain(deadline))
+        await asyncio.gather(*waits)
         if admin_runner is not None:
             await admin_runner.cleanup()
-        await runner.cleanup()
 
 
 __all__ = ["HOP_BY_HOP", "IDEMPOTENT", "LoadBalancer", "ProxyConfig", "serve"]
