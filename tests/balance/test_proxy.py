@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import random
+import re
 import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -22,11 +24,15 @@ async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str]:
         return resp.status, await resp.text()
 
 
+PATHS = pytest.mark.parametrize("path_flags", [(), ("--no-fast-path",)], ids=["fast", "aiohttp"])
+
+
+@PATHS
 async def test_round_robin_spreads_requests_and_sets_forwarded_headers(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
 ) -> None:
     bs = [backend(f"b{i}") for i in range(3)]
-    lb = proxy([b.url for b in bs], "--strategy", "round-robin", "--no-health-check")
+    lb = proxy([b.url for b in bs], "--strategy", "round-robin", "--no-health-check", *path_flags)
     async with aiohttp.ClientSession() as s:
         got = Counter()
         for _ in range(30):
@@ -53,11 +59,12 @@ async def test_round_robin_spreads_requests_and_sets_forwarded_headers(
     assert headers["forwarded"].startswith("for=127.0.0.1;proto=http")
 
 
+@PATHS
 async def test_large_download_is_streamed_not_buffered(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
 ) -> None:
     b = backend("big")
-    lb = proxy([b.url], "--no-health-check")
+    lb = proxy([b.url], "--no-health-check", *path_flags)
     before = lb.rss_peak_kib()
     async with aiohttp.ClientSession() as s, s.get(lb.url + "/big?mb=50&hold=k1") as resp:
         assert resp.status == 200
@@ -119,12 +126,20 @@ async def test_websocket_passthrough_both_ways(
         assert ws.close_code == 4000
 
 
+@PATHS
 async def test_backend_killed_mid_run_causes_no_5xx(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
 ) -> None:
     bs = [backend(f"k{i}") for i in range(3)]
     lb = proxy(
-        [b.url for b in bs], "--strategy", "round-robin", "--health-interval", "0.5", "--seed", "1"
+        [b.url for b in bs],
+        "--strategy",
+        "round-robin",
+        "--health-interval",
+        "0.5",
+        "--seed",
+        "1",
+        *path_flags,
     )
     statuses: Counter[int] = Counter()
     served: Counter[str] = Counter()
@@ -281,3 +296,91 @@ async def test_server_errors_eject_an_endpoint(
     assert ejected[0]["ejections"] == 1
     line = [ln for ln in metrics.splitlines() if ln.startswith("dsys_balance_ejections_total{")]
     assert line and json.loads(line[0].rsplit(" ", 1)[1]) == 1.0
+
+
+@PATHS
+async def test_chunked_head_and_204_answers_keep_the_connection_usable(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
+) -> None:
+    b = backend("c")
+    lb = proxy([b.url], "--no-health-check", *path_flags)
+    conn = aiohttp.TCPConnector(limit=1)  # one connection: every answer must end cleanly
+    async with aiohttp.ClientSession(connector=conn) as s:
+        for _ in range(3):
+            async with s.get(lb.url + "/chunked?n=6") as resp:
+                assert resp.status == 200
+                assert await resp.text() == "".join(f"part{i};" * (i + 1) for i in range(6))
+            async with s.head(lb.url + "/") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == str(len("hello from c"))
+            async with s.get(lb.url + "/nocontent") as resp:
+                assert resp.status == 204 and resp.headers["X-Backend"] == "c"
+            assert await _get(s, lb.url + "/") == (200, "hello from c")
+
+
+def _exchange(port: int, data: bytes, expect: int) -> bytes:
+    """Send raw bytes and read until ``expect`` complete answers or the peer closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        got = b""
+        while got.count(b"hello from") < expect:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+async def test_pipelined_requests_and_connection_close(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("p")
+    lb = proxy([b.url], "--no-health-check")
+    req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    got = await asyncio.to_thread(_exchange, lb.port, req * 3, 3)
+    assert got.count(b"HTTP/1.1 200 OK") == 3 and got.count(b"hello from p") == 3
+    closing = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    got = await asyncio.to_thread(_raw, lb.port, closing)  # returns once the proxy closes
+    assert got.startswith(b"HTTP/1.1 200") and b"Connection: close" in got
+    assert got.endswith(b"hello from p")
+
+
+def _fuzz_once(port: int, data: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)  # EOF: the proxy must answer or close now
+        got = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+
+async def test_mutated_requests_never_get_a_5xx_or_kill_the_proxy(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("f")
+    lb = proxy([b.url], "--no-health-check")
+    rng = random.Random(20261125)
+    seed = (
+        b"GET /headers?x=1 HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n"
+        b"Connection: keep-alive\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n"
+    )
+    alphabet = b' :\r\n\t\x00/%;,"=GETHTP1.0123456789abcxyz\x7f\xff'
+    for case in range(120):
+        data = bytearray(seed * rng.randint(1, 2))
+        for _ in range(rng.randint(1, 6)):
+            op = rng.randrange(3)
+            i = rng.randrange(len(data))
+            if op == 0:
+                data[i] = rng.choice(alphabet)
+            elif op == 1:
+                data.insert(i, rng.choice(alphabet))
+            else:
+                del data[i]
+        got = await asyncio.to_thread(_fuzz_once, lb.port, bytes(data))
+        for status in re.findall(rb"HTTP/1\.[01] (\d{3})", got):
+            assert int(status) < 500, (case, bytes(data), got[:300])
+    async with aiohttp.ClientSession() as s:
+        assert await _get(s, lb.url + "/") == (200, "hello from f")

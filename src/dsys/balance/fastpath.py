@@ -65,6 +65,7 @@ _DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"upgrade"}
 )
 MAX_HEAD = 32 * 1024
+MAX_LINE = 8190  # aiohttp's own limit: longer lines go to it for a clean 4xx
 HIGH_WATER = 256 * 1024
 
 
@@ -284,6 +285,7 @@ class _ClientConn(asyncio.Protocol):
         parts = lines[0].split(b" ")
         if (
             len(parts) != 3
+            or len(lines[0]) > MAX_LINE
             or parts[2] != b"HTTP/1.1"
             or parts[0] not in _FAST_METHODS
             or not parts[1].startswith(b"/")
@@ -299,8 +301,14 @@ class _ClientConn(asyncio.Protocol):
         close_after = False
         for line in lines[1:]:
             colon = line.find(b":")
-            if colon <= 0 or b"\n" in line or b"\r" in line or b"\0" in line:
-                self._handoff()
+            if (
+                colon <= 0
+                or len(line) > MAX_LINE
+                or b"\n" in line
+                or b"\r" in line
+                or b"\0" in line
+            ):
+                self._handoff()  # aiohttp answers 400/431 with the reason
                 return
             name = line[:colon]
             lname = name.lower()
