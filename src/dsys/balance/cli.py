@@ -42,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="an upstream endpoint, e.g. http://127.0.0.1:9001 (repeat; more via the admin API)",
     )
     s.add_argument("--strategy", default="p2c-ewma", choices=STRATEGIES)
+    s.add_argument(
+        "--ewma-decay", type=float, default=10.0, help="p2c-ewma: seconds for a peak to fade"
+    )
     s.add_argument("--seed", type=int, default=None, help="seed for randomized strategies")
     s.add_argument("--admin-listen", default=None, help="separate HOST:PORT for the admin API")
     s.add_argument(
@@ -79,6 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         pool=PoolConfig(
             strategy=args.strategy,
             seed=args.seed,
+            ewma_decay=args.ewma_decay,
             health_check=health,
             outlier=OutlierConfig(
                 consecutive_errors=args.eject_after,

@@ -74,6 +74,7 @@ class PoolConfig:
         health_check: active health checks, or ``None`` to rely on passive ones only.
         outlier: passive outlier detection, or ``None`` to disable ejections.
         circuit_breaker: give each endpoint its own circuit breaker.
+        ewma_decay: seconds a latency peak takes to fade by 1/e (``p2c-ewma``).
     """
 
     strategy: str = "p2c-ewma"
@@ -81,8 +82,11 @@ class PoolConfig:
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig | None = field(default_factory=OutlierConfig)
     circuit_breaker: bool = True
+    ewma_decay: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.ewma_decay > 0:
+            raise ConfigError(f"ewma_decay must be > 0 (got {self.ewma_decay})")
         if self.strategy not in STRATEGIES:
             raise ConfigError(
                 f"unknown strategy {self.strategy!r}; use one of {', '.join(STRATEGIES)}"
@@ -179,7 +183,9 @@ class Pool:
     ) -> None:
         self.config = config or PoolConfig()
         self.clock: Clock = clock or MonotonicClock()
-        self._picker: Picker = make_picker(self.config.strategy, seed=self.config.seed)
+        self._picker: Picker = make_picker(
+            self.config.strategy, seed=self.config.seed, decay=self.config.ewma_decay
+        )
         self._hc = self.config.health_check or HealthCheckConfig()
         self._outliers = OutlierDetector(self.config.outlier or OutlierConfig())
         self._eject = self.config.outlier is not None

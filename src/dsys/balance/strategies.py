@@ -499,8 +499,13 @@ class ConsistentHash(_Base):
         return fallback
 
 
-def make_picker(strategy: str, *, seed: int | None = None) -> Picker:
+def make_picker(strategy: str, *, seed: int | None = None, decay: float = 10.0) -> Picker:
     """Build the picker named ``strategy`` (one of :data:`STRATEGIES`).
+
+    Args:
+        strategy: the strategy's name.
+        seed: seed for randomized strategies.
+        decay: time constant of the peak-EWMA average (``p2c-ewma`` only).
 
     Raises:
         ConfigError: the name is unknown.
@@ -514,7 +519,7 @@ def make_picker(strategy: str, *, seed: int | None = None) -> Picker:
     if strategy == "p2c":
         return P2CLeastOutstanding(seed=seed)
     if strategy == "p2c-ewma":
-        return PeakEwma(seed=seed)
+        return PeakEwma(seed=seed, decay=decay)
     if strategy == "consistent-hash":
         return ConsistentHash()
     raise ConfigError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
