@@ -562,32 +562,37 @@ class _UpstreamConn(asyncio.Protocol):
                     self.buf = buf
                 return
             self.buf = b""
-            if not self._head(client, req, buf[:end]):
+            head = self._head(client, req, buf[:end])
+            if head is None:
                 return
             data = buf[end + 4 :]
-            if self.mode == 0:  # no body
-                self._done(client, req)
+            if self.mode == 0 or not data:  # no body, or none arrived yet
+                if client.transport is not None:
+                    client.transport.write(head)
+                if self.mode == 0:
+                    self._done(client, req)
                 return
-            if not data:
-                return
-        self._body(client, req, data)
+            self._body(client, req, data, head)  # head and body in one write
+            return
+        self._body(client, req, data, b"")
 
     def _bad(self, client: _ClientConn, req: _Request, why: str) -> None:
         self.client = self.req = None
         self.close()
         client.upstream_failed(req, f"{self.endpoint}: {why}")
 
-    def _head(self, client: _ClientConn, req: _Request, head: bytes) -> bool:
+    def _head(self, client: _ClientConn, req: _Request, head: bytes) -> bytes | None:
+        """Parse and rewrite the response head; ``None`` if it was bad (already handled)."""
         lines = head.split(b"\r\n")
         status_line = lines[0]
         try:
             status = int(status_line[9:12])
         except ValueError:
             self._bad(client, req, "malformed status line")
-            return False
+            return None
         if not status_line.startswith(b"HTTP/1.") or status < 200:
             self._bad(client, req, f"unexpected status line {status_line[:40]!r}")
-            return False
+            return None
         self.status = status
         out = [status_line]
         length = -1
@@ -596,7 +601,7 @@ class _UpstreamConn(asyncio.Protocol):
             colon = line.find(b":")
             if colon <= 0:
                 self._bad(client, req, "malformed response header")
-                return False
+                return None
             lname = line[:colon].lower()
             if lname in _DROP_RESPONSE:
                 if lname == b"connection" and b"close" in line[colon + 1 :].lower():
@@ -607,7 +612,7 @@ class _UpstreamConn(asyncio.Protocol):
                     length = int(line[colon + 1 :])
                 except ValueError:
                     self._bad(client, req, "malformed Content-Length")
-                    return False
+                    return None
             elif lname == b"transfer-encoding":
                 chunked = b"chunked" in line[colon + 1 :].lower()
             out.append(line)
@@ -633,18 +638,18 @@ class _UpstreamConn(asyncio.Protocol):
         lease = req.lease
         if lease is not None:
             fast.lb._count(lease.endpoint, status, fast.loop.time() - req.started)
-        if client.transport is not None:
-            client.transport.write(b"\r\n".join(out))
-        return True
+        return b"\r\n".join(out)
 
-    def _body(self, client: _ClientConn, req: _Request, data: bytes) -> None:
+    def _body(self, client: _ClientConn, req: _Request, data: bytes, head: bytes) -> None:
+        """Forward body bytes (after ``head``, when it is still unsent) to the client."""
         transport = client.transport
         if self.mode == 1:
             n = len(data)
             if n >= self.left:
                 extra = n > self.left
+                piece = data[: self.left] if extra else data
                 if transport is not None:
-                    transport.write(data[: self.left] if extra else data)
+                    transport.write(head + piece if head else piece)
                 self.left = 0
                 if extra:
                     self.keep_alive = False  # bytes past the body: do not trust it
@@ -652,24 +657,25 @@ class _UpstreamConn(asyncio.Protocol):
                 return
             self.left -= n
             if transport is not None:
-                transport.write(data)
+                transport.write(head + data if head else data)
             return
         if self.mode == 3:
             if transport is not None:
-                transport.write(data)
+                transport.write(head + data if head else data)
             return
         # chunked: forward bytes as they are, tracking where the message ends
         end = self._scan_chunked(data)
         if end == -2:
             self.keep_alive = False
             if transport is not None:
-                transport.write(data)
+                transport.write(head + data if head else data)
             self.close()
             client.request = None
             client.abort()
             return
+        piece = data if end < 0 else data[:end]
         if transport is not None:
-            transport.write(data if end < 0 else data[:end])
+            transport.write(head + piece if head else piece)
         if end >= 0:
             if end < len(data):
                 self.keep_alive = False
