@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dsys.balance import LoadBalancer
+from dsys.balance import Session as BalancedSession
 from dsys.errors import (
     BadInputError,
     ClosedError,
@@ -26,12 +28,14 @@ from dsys.sharding import HashRing
 
 __all__ = [
     "BadInputError",
+    "BalancedSession",
     "CircuitBreaker",
     "ClosedError",
     "ConfigError",
     "ConflictError",
     "DsysError",
     "HashRing",
+    "LoadBalancer",
     "NotLeaderError",
     "ProtocolError",
     "RequestTimeout",
