@@ -29,6 +29,10 @@ PURE = [
     "resilience/backoff.py",
     "balance/strategies.py",
     "balance/health.py",
+    "sharding/jump.py",
+    "sharding/rendezvous.py",
+    "sharding/bounded.py",
+    "sharding/router.py",
 ]
 
 

@@ -24,11 +24,12 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.resilience import CircuitBreaker, Retry, Timeout
-from dsys.sharding import HashRing
+from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
     "BalancedSession",
+    "BoundedLoadRing",
     "CircuitBreaker",
     "ClosedError",
     "ConfigError",
@@ -38,10 +39,13 @@ __all__ = [
     "LoadBalancer",
     "NotLeaderError",
     "ProtocolError",
+    "RendezvousHash",
     "RequestTimeout",
     "Retry",
+    "ShardRouter",
     "Timeout",
     "TransportError",
     "UnavailableError",
     "__version__",
+    "jump_hash",
 ]

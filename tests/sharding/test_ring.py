@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsys.errors import BadInputError, ConfigError
-from dsys.sharding import HashRing
+from dsys.sharding import HashRing, hash_key
 
 KEYS = [f"user:{i}" for i in range(20_000)]
 NAMES = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12)
@@ -250,3 +251,86 @@ def test_bad_n_raises_bad_input(n: object) -> None:
     ring = HashRing(["a", "b", "c"])
     with pytest.raises(BadInputError, match="n must be"):
         ring.get_n("k", n)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["mmh3", "ketama"])
+@pytest.mark.parametrize(("nodes", "vnodes"), [(1, 1), (2, 3), (3, 40), (10, 256), (40, 64)])
+def test_fast_lookup_table_agrees_with_bisection(mode: str, nodes: int, vnodes: int) -> None:
+    # get() answers most keys from a bucket table; check it against a reference
+    # successor search over points() and against the bisecting preference walk.
+    ring = HashRing([f"n{i}" for i in range(nodes)], vnodes=vnodes, mode=mode)  # type: ignore[arg-type]
+    pts = ring.points()
+    hashes = [h for h, _ in pts]
+    theirs = uhashring.HashRing([f"n{i}" for i in range(nodes)], hash_fn="ketama", vnodes=vnodes)
+    for key in KEYS[:5000]:
+        h = hash_key(key) if mode == "mmh3" else theirs.get_key(key)
+        if mode == "mmh3":
+            h = h - 2**32 if h >= 2**31 else h  # the mmh3 ring stores signed points
+        i = bisect.bisect_right(hashes, h)
+        expected = pts[i % len(pts)][1]
+        assert ring.get(key) == expected == ring.get_n(key, 1)[0]
+
+
+def test_lookups_follow_membership_changes() -> None:
+    ring = HashRing(["a"])
+    assert ring.get("k") == "a"
+    ring.add("b")
+    ring.remove("a")
+    assert ring.get("k") == "b"
+    ring.remove("b")
+    with pytest.raises(ConfigError):
+        ring.get("k")
+
+
+@pytest.mark.parametrize("mode", ["mmh3", "ketama"])
+def test_key_that_is_not_utf8_encodable_is_bad_input(mode: str) -> None:
+    # mmh3 5.x segfaults on lone surrogates; they must never reach it.
+    ring = HashRing(["a", "b"], mode=mode)  # type: ignore[arg-type]
+    for key in ("\ud800", "ok\udfff"):
+        with pytest.raises(BadInputError, match="key"):
+            ring.get(key)
+        with pytest.raises(BadInputError, match="key"):
+            ring.get_n(key, 1)
+    with pytest.raises(BadInputError, match="not valid Unicode"):
+        hash_key("\ud800")
+    with pytest.raises(ConfigError, match="not valid Unicode"):
+        ring.add("node\ud800")
+
+
+def test_non_ascii_text_and_its_utf8_bytes_agree() -> None:
+    ring = HashRing(["a", "b", "c"])
+    for key in ("ключ", "clé", "键", "🔑"):
+        assert ring.get(key) == ring.get(key.encode()) == ring.get_n(key, 1)[0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(), st.binary()))
+def test_any_text_or_bytes_key_routes_or_is_refused_cleanly(key: str | bytes) -> None:
+    ring = HashRing(["a", "b", "c"])
+    try:
+        owner = ring.get(key)
+    except BadInputError:
+        assert isinstance(key, str)
+        with pytest.raises(UnicodeEncodeError):
+            key.encode()
+    else:
+        assert owner == ring.get_n(key, 3)[0]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    nodes=st.dictionaries(
+        NAMES, st.floats(min_value=0.1, max_value=5, allow_nan=False), min_size=1, max_size=10
+    ),
+    key=st.one_of(st.text(alphabet=st.characters(blacklist_categories=("Cs",))), st.binary()),
+    data=st.data(),
+)
+def test_every_key_has_exactly_n_distinct_owners(
+    nodes: dict[str, float], key: str | bytes, data: st.DataObject
+) -> None:
+    ring = HashRing(nodes, vnodes=16)
+    n = data.draw(st.integers(min_value=1, max_value=len(nodes)))
+    owners = ring.get_n(key, n)
+    assert len(owners) == len(set(owners)) == n
+    assert set(owners) <= set(nodes)
+    assert owners[0] == ring.get(key)

@@ -8,15 +8,18 @@ Theory of operation:
     ``get_n(key, 1) == [get(key)]``. Adding a node moves only the keys that fall on
     its new points (about ``1/(n+1)`` of them); removing one moves only its own keys.
 
-    Lookups are one hash plus one :func:`bisect.bisect_right` over a precomputed,
-    sorted ``list[int]`` of points, with a parallel list of owners. Membership
-    changes only mark the ring dirty; the arrays are rebuilt on the next lookup, so
-    a burst of ``add``/``remove`` calls costs one rebuild.
+    The points live in a sorted ``list[int]`` with a parallel list of owners, so a
+    lookup is one hash plus one :func:`bisect.bisect_right`. ``get`` usually skips
+    even that: the circle is also cut into about ``16 * points`` equal buckets, and a
+    bucket that contains no point (about 94% of them) stores its owner directly, so
+    most lookups are one hash and one list index. Membership changes only mark the
+    ring dirty; the arrays are rebuilt on the next lookup, so a burst of
+    ``add``/``remove`` calls costs one rebuild (a few milliseconds for 10 nodes).
 
 Two point layouts are offered:
 
 * ``mode="mmh3"`` (default): 32-bit MurmurHash3 of keys and of ``node + NUL + i``,
-  ``round(vnodes * weight)`` points per node (``vnodes`` defaults to 256), weights
+  ``round(vnodes * weight)`` points per node (``vnodes`` defaults to 512), weights
   may be any positive number. Placement depends only on the set of nodes and
   weights, not on the order they were added.
 * ``mode="ketama"``: libketama's continuum as implemented by ``uhashring``
@@ -35,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import math
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from itertools import islice
 from numbers import Real
 from typing import Literal
@@ -44,24 +47,62 @@ import mmh3
 
 from dsys.errors import BadInputError, ConfigError
 
-__all__ = ["DEFAULT_VNODES", "KETAMA_VNODES", "HashRing", "Key", "RingMode", "hash_key"]
+__all__ = [
+    "DEFAULT_VNODES",
+    "KETAMA_VNODES",
+    "HashRing",
+    "Key",
+    "RingMode",
+    "hash_key",
+    "safe_key",
+]
 
 Key = str | bytes
 """A routable key: text (hashed as UTF-8) or bytes."""
 
 RingMode = Literal["mmh3", "ketama"]
 
-DEFAULT_VNODES = 256
+DEFAULT_VNODES = 512
 """Points per unit of weight in ``mmh3`` mode."""
 
 KETAMA_VNODES = 40
 """MD5 digests per node (4 points each) in ``ketama`` mode, as in uhashring."""
 
 _mmh3_hash = mmh3.hash
+_HALF = 2**31
+_MIN_TABLE_BITS = 8
+_MAX_TABLE_BITS = 18
+
+
+def safe_key(key: object) -> Key:
+    """Return ``key`` in a form mmh3 can hash safely, or raise a clear error.
+
+    ``bytes`` and ASCII ``str`` come back unchanged; other text comes back as its
+    UTF-8 bytes (same hash). Text that is not valid Unicode, such as a lone
+    surrogate from ``json.loads('"\\ud800"')``, is refused here because mmh3 5.x
+    crashes the interpreter on it.
+
+    Raises:
+        BadInputError: if ``key`` is not ``str``/``bytes`` or not encodable as UTF-8.
+    """
+    if isinstance(key, bytes):
+        return key
+    if isinstance(key, str):
+        if key.isascii():
+            return key
+        try:
+            return key.encode()
+        except UnicodeEncodeError:
+            raise BadInputError(
+                f"key {key!r:.60} is not valid Unicode text (lone surrogate); pass bytes"
+            ) from None
+    raise _bad_key(key)
 
 
 def hash_key(key: Key) -> int:
-    """Hash a key to the unsigned 32-bit value the ``mmh3`` ring uses.
+    """Hash a key to the unsigned 32-bit MurmurHash3 value ``ShardRouter`` cuts into shards.
+
+    The ``mmh3`` ring uses the same hash read as a signed integer.
 
     Args:
         key: a ``str`` (hashed as UTF-8) or ``bytes``.
@@ -72,10 +113,7 @@ def hash_key(key: Key) -> int:
     Raises:
         BadInputError: if ``key`` is neither ``str`` nor ``bytes``.
     """
-    try:
-        return int(_mmh3_hash(key, 0, False))
-    except TypeError:
-        raise _bad_key(key) from None
+    return int(_mmh3_hash(safe_key(key), 0, False))
 
 
 _EMPTY = "the ring has no nodes: add a node before looking up keys"
@@ -97,18 +135,52 @@ def _ketama_points(name: str, digests: int) -> Iterator[int]:
 
 
 def _ketama_hash(key: Key) -> int:
+    """Ketama's 32-bit key hash, shifted into the signed range the ring stores."""
     if isinstance(key, str):
         data = key.encode()
     elif isinstance(key, bytes):
         data = key
     else:
         raise _bad_key(key)
-    return int.from_bytes(_ketama_digest(data)[:4], "little")
+    return int.from_bytes(_ketama_digest(data)[:4], "little") - _HALF
+
+
+def _table_bits(points: int) -> int:
+    # About 16 buckets per point, so ~94% of buckets hold no point and resolve directly.
+    return min(_MAX_TABLE_BITS, max(_MIN_TABLE_BITS, (16 * points).bit_length()))
+
+
+def _bucket_table(hashes: list[int], owners: list[str], bits: int) -> list[str | None]:
+    """Build the direct-lookup table for a ring (see ``HashRing.get``).
+
+    Bucket ``b`` covers the signed hashes ``[b << shift, (b + 1) << shift)``. Where no
+    ring point falls inside a bucket after its first hash, every hash in it has the
+    same successor point, so the bucket stores that owner; otherwise ``None`` sends the
+    lookup to bisection. Buckets are laid out so that ``table[h >> shift]``, with
+    Python's negative indexing, finds the bucket of a signed hash ``h``.
+    """
+    size = 1 << bits
+    shift = 32 - bits
+    ordered: list[str | None] = [None] * size  # ordered[k]: bucket of unsigned u = h + 2**31
+    start = 0  # first unsigned hash of the current run of equal bisect_right results
+    for i, point in enumerate([*hashes, _HALF]):
+        end = point + _HALF  # the run [start, end) maps to owners[i]
+        first = -(-start >> shift)  # first bucket starting inside the run
+        last = end >> shift  # first bucket that does not end inside the run
+        if first < last:
+            ordered[first:last] = [owners[i]] * (last - first)
+        start = end
+    half = size >> 1
+    return ordered[half:] + ordered[:half]
 
 
 def _check_node(node: object) -> str:
     if not isinstance(node, str) or not node:
         raise ConfigError(f"node names must be non-empty strings, got {node!r}")
+    try:
+        node.encode()
+    except UnicodeEncodeError:
+        raise ConfigError(f"node name {node!r} is not valid Unicode text") from None
     return node
 
 
@@ -137,7 +209,7 @@ class HashRing:
 
     Args:
         nodes: node names (weight 1 each) or a mapping ``name -> weight``.
-        vnodes: points per unit of weight (``mmh3``: default 256) or MD5 digests per
+        vnodes: points per unit of weight (``mmh3``: default 512) or MD5 digests per
             node (``ketama``: default 40).
         mode: ``"mmh3"`` (fast, default) or ``"ketama"`` (uhashring/libketama
             compatible placements; see the module docstring).
@@ -147,7 +219,18 @@ class HashRing:
             weights, a bad ``vnodes`` or an unknown ``mode``.
     """
 
-    __slots__ = ("_dirty", "_hashes", "_mode", "_node_points", "_owners", "_vnodes", "_weights")
+    __slots__ = (
+        "_dirty",
+        "_hash",
+        "_hashes",
+        "_mode",
+        "_node_points",
+        "_owners",
+        "_shift",
+        "_table",
+        "_vnodes",
+        "_weights",
+    )
 
     def __init__(
         self,
@@ -168,10 +251,17 @@ class HashRing:
         self._vnodes = vnodes
         self._weights: dict[str, float] = {}
         self._node_points: dict[str, list[int]] = {}  # mmh3 mode only: cached per node
+        # Points are signed 32-bit ints: mmh3's own output, or ketama's hash - 2**31
+        # (a shift that keeps the order, so placements equal ketama's).
+        self._hash: Callable[[Key], int] = _mmh3_hash if mode == "mmh3" else _ketama_hash
         # invariant (when not dirty): _hashes sorted ascending, len(_owners) == len(_hashes) + 1
-        # and _owners[-1] == _owners[0], so bisect_right's result indexes _owners directly.
+        # and _owners[-1] == _owners[0], so bisect_right's result indexes _owners directly;
+        # _table[h >> _shift] is None or equals _owners[bisect_right(_hashes, h)].
+        # While dirty (or empty) _table is [], so get() falls into its slow path.
         self._hashes: list[int] = []
         self._owners: list[str] = []
+        self._table: list[str | None] = []
+        self._shift = 32
         self._dirty = False
         if isinstance(nodes, Mapping):
             for node, weight in nodes.items():
@@ -238,8 +328,8 @@ class HashRing:
         if self._mode == "mmh3":
             count = max(1, round(self._vnodes * value))
             prefix = node + "\0"
-            self._node_points[node] = [_mmh3_hash(prefix + str(i), 0, False) for i in range(count)]
-        self._dirty = True
+            self._node_points[node] = [_mmh3_hash(prefix + str(i)) for i in range(count)]
+        self._invalidate()
 
     def remove(self, node: str) -> None:
         """Remove ``node``; its keys move to their next owners on the ring.
@@ -251,7 +341,11 @@ class HashRing:
             raise ConfigError(f"node {node!r} is not in the ring; members: {list(self._weights)}")
         del self._weights[node]
         self._node_points.pop(node, None)
+        self._invalidate()
+
+    def _invalidate(self) -> None:
         self._dirty = True
+        self._table = []
 
     def copy(self) -> HashRing:
         """Return an independent ring with the same nodes, weights and layout."""
@@ -266,15 +360,24 @@ class HashRing:
             BadInputError: if ``key`` is not ``str``/``bytes``.
             ConfigError: if the ring is empty.
         """
-        if self._dirty:
-            self._rebuild()
+        # Fast path: one hash and one list index for ~94% of keys; bisection only when
+        # the key's bucket holds a ring point. An empty table (ring changed or empty)
+        # raises IndexError and goes to the slow path, so the hot path has no checks.
         try:
-            if self._mode == "mmh3":
-                return self._owners[bisect_right(self._hashes, _mmh3_hash(key, 0, False))]
-            return self._owners[bisect_right(self._hashes, _ketama_hash(key))]
-        except TypeError:
-            raise _bad_key(key) from None
+            h = self._hash(
+                key
+                # mmh3 crashes on lone surrogates: only ASCII text and bytes go in raw.
+                if (key.__class__ is str and key.isascii()) or key.__class__ is bytes
+                else safe_key(key)
+            )
+            owner = self._table[h >> self._shift]
+            if owner is None:
+                return self._owners[bisect_right(self._hashes, h)]
+            return owner
         except IndexError:
+            if self._dirty:
+                self._rebuild()
+                return self.get(key)
             raise ConfigError(_EMPTY) from None
 
     def get_n(self, key: Key, n: int) -> list[str]:
@@ -309,7 +412,7 @@ class HashRing:
             self._rebuild()
         if not self._weights:
             raise ConfigError(_EMPTY)
-        h = hash_key(key) if self._mode == "mmh3" else _ketama_hash(key)
+        h = self._hash(safe_key(key))
         return self._walk(bisect_right(self._hashes, h))
 
     def _walk(self, start: int) -> Iterator[str]:
@@ -331,10 +434,15 @@ class HashRing:
                 yield node
 
     def points(self) -> list[tuple[int, str]]:
-        """Return the ring's ``(point, owner)`` pairs in ascending point order."""
+        """Return the ring's ``(point, owner)`` pairs in ascending point order.
+
+        Points are signed 32-bit mmh3 values in ``mmh3`` mode and ketama's unsigned
+        values in ``ketama`` mode (uhashring's ``get_points()``).
+        """
         if self._dirty:
             self._rebuild()
-        return list(zip(self._hashes, self._owners, strict=False))
+        offset = _HALF if self._mode == "ketama" else 0
+        return [(h + offset, o) for h, o in zip(self._hashes, self._owners, strict=False)]
 
     def _rebuild(self) -> None:
         # A point claimed by two nodes (a 32-bit collision) goes to the last writer:
@@ -351,11 +459,16 @@ class HashRing:
             for node, weight in self._weights.items():
                 digests = (self._vnodes * n * int(weight)) // int(total)
                 for h in _ketama_points(node, digests):
-                    ring[h] = node
+                    ring[h - _HALF] = node
         hashes = sorted(ring)
         owners = [ring[h] for h in hashes]
         if owners:
             owners.append(owners[0])
+        bits = _table_bits(len(hashes))
+        table = _bucket_table(hashes, owners, bits) if hashes else []
+        # The table goes in last: get() trusts _shift, _hashes and _owners once it is set.
         self._hashes = hashes
         self._owners = owners
+        self._shift = 32 - bits
+        self._table = table
         self._dirty = False
