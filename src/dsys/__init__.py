@@ -23,13 +23,14 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
-from dsys.resilience import CircuitBreaker, Retry, Timeout
+from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
 
 __all__ = [
     "BadInputError",
     "BalancedSession",
     "BoundedLoadRing",
+    "Bulkhead",
     "CircuitBreaker",
     "ClosedError",
     "ConfigError",
@@ -38,6 +39,7 @@ __all__ = [
     "HashRing",
     "LoadBalancer",
     "NotLeaderError",
+    "Policy",
     "ProtocolError",
     "RendezvousHash",
     "RequestTimeout",

@@ -393,8 +393,10 @@ def test_shared_store_opens_every_breaker_of_the_name() -> None:
         ({"open_wait": -1.0}, "open_wait"),
         ({"failure_exceptions": ["Boom"]}, "failure_exceptions"),
         ({"store_poll_interval": 0}, "store_poll_interval"),
+        ({"store_poll_interval": "1"}, "store_poll_interval"),
+        ({"metrics": "prometheus"}, "metrics must be"),
     ],
-    ids=["threshold", "window", "wait", "exceptions", "poll"],
+    ids=["threshold", "window", "wait", "exceptions", "poll", "poll-type", "metrics"],
 )
 def test_bad_configuration(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -410,3 +412,111 @@ def test_exit_without_enter_is_a_clear_error() -> None:
     b = CircuitBreaker("x", metrics=CollectorRegistry())
     with pytest.raises(RuntimeError, match="without"):
         b.__exit__(None, None, None)
+
+
+MODES = {
+    "count": {},
+    "count+slow": {"slow_call_duration": 1.0},
+    "time": {"window": TimeWindow(seconds=60.0, buckets=6)},
+    "time+slow": {"window": TimeWindow(seconds=60.0, buckets=6), "slow_call_duration": 1.0},
+    "predicate": {"result_predicate": lambda r: r == "bad"},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES), ids=list(MODES))
+async def test_every_entry_point_counts_in_every_mode(mode: str) -> None:
+    clock = ManualClock()
+    kwargs: dict[str, object] = {"window": 1000, "minimum_calls": 1000, **MODES[mode]}
+    b = make(clock, **kwargs)
+
+    def ok() -> str:
+        return "ok"
+
+    async def aok_() -> str:
+        return "ok"
+
+    deco_sync = b(ok)
+    deco_async = b(aok_)
+    deco_boom = b(boom)
+    deco_aboom = b(aboom)
+    for step in range(3):
+        assert b.call(ok) == "ok"
+        assert deco_sync() == "ok"
+        assert await b.call_async(aok_) == "ok"
+        assert await deco_async() == "ok"
+        with b:
+            pass
+        async with b:
+            pass
+        with pytest.raises(Boom):
+            deco_boom()
+        with pytest.raises(Boom):
+            await deco_aboom()
+        clock.advance(11.0 * step)  # crosses time buckets in the time modes
+    counts = b.counts()
+    assert counts.calls == 24
+    assert counts.failures == 6
+    assert b._core.calls_successful == 18
+    assert b._core.calls_failed == 6
+
+
+async def test_slow_calls_counted_on_every_entry_point() -> None:
+    clock = ManualClock()
+    b = make(clock, slow_call_duration=1.0, minimum_calls=100, window=TimeWindow(seconds=60))
+
+    def slow() -> None:
+        clock.advance(2.0)
+
+    async def aslow() -> None:
+        clock.advance(2.0)
+
+    b.call(slow)
+    b(slow)()
+    await b.call_async(aslow)
+    await b(aslow)()
+    with b:
+        clock.advance(2.0)
+    async with b:
+        clock.advance(2.0)
+    assert b.counts().slow == 6
+
+
+async def test_async_with_blocks_of_parent_and_child_tasks_stay_apart() -> None:
+    clock = ManualClock()
+    b = make(clock, slow_call_duration=5.0, minimum_calls=100)
+    child_inside = asyncio.Event()
+    parent_done = asyncio.Event()
+
+    async def child() -> None:
+        async with b:
+            child_inside.set()
+            await parent_done.wait()
+            clock.advance(10.0)  # only the child's block is slow
+
+    async with b:
+        task = asyncio.create_task(child())
+        await child_inside.wait()
+    parent_done.set()
+    await task
+    counts = b.counts()
+    assert counts.calls == 2
+    assert counts.slow == 1
+
+
+def test_predicates_may_use_the_breaker_without_deadlock() -> None:
+    clock = ManualClock()
+    seen: list[int] = []
+    holder: list[CircuitBreaker] = []
+
+    def predicate(exc: BaseException) -> bool:
+        seen.append(holder[0].counts().calls)  # takes the breaker's lock
+        return True
+
+    b = make(clock, failure_predicate=predicate, result_predicate=lambda r: r == 500)
+    holder.append(b)
+    with pytest.raises(Boom):
+        b.call(boom)
+    assert seen == [0]
+    with b:
+        pass  # a with-block has no result: the result predicate is not consulted
+    assert b.counts().failures == 1 and b.counts().calls == 2

@@ -29,6 +29,8 @@ from dsys.resilience.breaker_core import (
     TimeWindow,
     WindowCounts,
 )
+from dsys.resilience.bulkhead import Bulkhead
+from dsys.resilience.policy import Fallback, Policy
 from dsys.resilience.retry import Retry, RetryAttempt
 from dsys.resilience.timeout import Timeout, deadline, remaining
 
@@ -37,9 +39,12 @@ __all__ = [
     "BreakerConfig",
     "BreakerState",
     "BreakerStore",
+    "Bulkhead",
     "CircuitBreaker",
     "CountWindow",
+    "Fallback",
     "MemoryBreakerStore",
+    "Policy",
     "Retry",
     "RetryAttempt",
     "RetryBudget",

@@ -16,14 +16,17 @@ Use it four ways::
         await session.get(url)
 
 Concurrency. The sync entry points (``call``, ``with``, sync decorated functions) hold a
-lock around the core, so a breaker can be shared by threads. The async entry points take
+lock around the core, so a breaker can be shared by threads; only a closed breaker's
+success count is updated without it, by bytecodes the GIL does not interleave (on a
+free-threaded build a concurrent success may rarely go uncounted, never corrupting the
+window). The async entry points take
 no lock: use one breaker from one event loop (the usual case); do not mix the async entry
 points of one breaker with sync calls from other threads.
 
 Metrics are plain ints in the core, exposed at scrape time by a collector
 (``dsys_resilience_breaker_state``, ``dsys_resilience_breaker_calls_total``,
-``dsys_resilience_breaker_transitions_total``, all labelled ``breaker=<name>``), so the
-per-call cost of metrics is zero.
+``dsys_resilience_breaker_transitions_total``, all labelled ``breaker=<name>``; see
+:mod:`dsys.resilience.metrics`), so the per-call cost of metrics is zero.
 """
 
 from __future__ import annotations
@@ -33,15 +36,12 @@ import functools
 import inspect
 import threading
 import time
-import weakref
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar, overload
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from dsys.clock import Clock, MonotonicClock
 from dsys.errors import CircuitOpenError, ConfigError
@@ -60,15 +60,13 @@ from dsys.resilience.breaker_core import (
     TimeWindow,
     WindowCounts,
 )
+from dsys.resilience.metrics import DEFAULT_REGISTRY, collector_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 Listener = Callable[["CircuitBreaker", StateTransition], None]
 """Called after each state transition with the breaker and the transition."""
-
-DEFAULT_REGISTRY = CollectorRegistry()
-"""The registry breakers report to when given no ``metrics``/``registry``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,75 +127,15 @@ class MemoryBreakerStore:
         return self._states.get(name)
 
 
-_OUTCOMES = ("successful", "failed", "slow", "rejected", "ignored")
-
-
-class _BreakerCollector(Collector):
-    """Exposes the counters of every live breaker of one registry at scrape time."""
-
-    def __init__(self) -> None:
-        self.breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
-
-    def describe(self) -> Iterable[Metric]:
-        return []
-
-    def collect(self) -> Iterable[Metric]:
-        state = GaugeMetricFamily(
-            "dsys_resilience_breaker_state",
-            "1 for the breaker's current state, 0 for the others",
-            labels=["breaker", "state"],
-        )
-        calls = CounterMetricFamily(
-            "dsys_resilience_breaker_calls",
-            "Calls by outcome (slow calls are also counted as successful or failed)",
-            labels=["breaker", "outcome"],
-        )
-        transitions = CounterMetricFamily(
-            "dsys_resilience_breaker_transitions",
-            "State transitions",
-            labels=["breaker", "from_state", "to_state"],
-        )
-        for b in list(self.breakers):
-            core = b._core
-            for s in BreakerState:
-                state.add_metric([b.name, s.value], 1.0 if core.state is s else 0.0)
-            values = (
-                core.calls_successful,
-                core.calls_failed,
-                core.calls_slow,
-                core.calls_rejected,
-                core.calls_ignored,
-            )
-            for outcome, value in zip(_OUTCOMES, values, strict=True):
-                calls.add_metric([b.name, outcome], float(value))
-            for (frm, to), n in list(core.transitions.items()):
-                transitions.add_metric([b.name, frm.value, to.value], float(n))
-        return [state, calls, transitions]
-
-
-_collectors: weakref.WeakKeyDictionary[CollectorRegistry, _BreakerCollector] = (
-    weakref.WeakKeyDictionary()
-)
-_collectors_lock = threading.Lock()
-
-
-def _collector_for(registry: CollectorRegistry) -> _BreakerCollector:
-    with _collectors_lock:
-        collector = _collectors.get(registry)
-        if collector is None:
-            collector = _BreakerCollector()
-            registry.register(collector)
-            _collectors[registry] = collector
-        return collector
-
-
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     if clock is None or type(clock) is MonotonicClock:
         return time.monotonic
     return clock.now
 
 
-_Entry = tuple[Permit, float, Any]
+_NO_RESULT = object()  # a ``with`` block has no result for the result predicate
+
+_Entry = tuple[Permit, float, Any]  # (permit, start, the enclosing entry or None)
 
 
 class CircuitBreaker:
@@ -227,6 +165,7 @@ class CircuitBreaker:
         clock: monotonic time source (default: ``time.monotonic``).
         metrics: a :class:`dsys.observability.Metrics` whose registry receives the
             breaker metrics, or a ``CollectorRegistry``; default: :data:`DEFAULT_REGISTRY`.
+            The registry holds the breaker weakly: it is reported while it is alive.
         store: share open/closed decisions with other breakers of the same name.
         store_poll_interval: how often (seconds) to read the store.
         config: a ready :class:`BreakerConfig` instead of the threshold arguments.
@@ -244,10 +183,12 @@ class CircuitBreaker:
         "_listeners",
         "_lock",
         "_log",
+        "_mode",
         "_next_poll",
         "_now",
         "_result_predicate",
         "_ring",
+        "_slow_at",
         "_stack",
         "_store",
         "_store_poll_interval",
@@ -300,8 +241,14 @@ class CircuitBreaker:
         ):
             if not all(isinstance(e, type) and issubclass(e, BaseException) for e in excs):
                 raise ConfigError(f"{label} must be exception classes, got {excs!r}")
-        if not (store_poll_interval > 0):
-            raise ConfigError(f"store_poll_interval must be > 0, got {store_poll_interval!r}")
+        if (
+            isinstance(store_poll_interval, bool)
+            or not isinstance(store_poll_interval, (int, float))
+            or not store_poll_interval > 0
+        ):
+            raise ConfigError(
+                f"store_poll_interval must be seconds > 0, got {store_poll_interval!r}"
+            )
         self.name = name
         self._now = _clock_reader(clock)
         self._core = BreakerCore(config, self._now())
@@ -313,6 +260,9 @@ class CircuitBreaker:
         self._listeners = list(listeners)
         self._lock = threading.Lock()
         self._log = get_logger("resilience", breaker=name)
+        # the open ``with`` blocks of this task (or thread), innermost first: a linked
+        # list of immutable entries, so child tasks that copy the context cannot disturb
+        # their parent's blocks
         self._stack: contextvars.ContextVar[_Entry | None] = contextvars.ContextVar(
             f"dsys_breaker_{name}", default=None
         )
@@ -320,16 +270,16 @@ class CircuitBreaker:
         self._store_poll_interval = float(store_poll_interval)
         self._store_version = 0
         self._next_poll = -float("inf")
-        if isinstance(metrics, Metrics):
-            registry = metrics.registry
-        elif metrics is None:
-            registry = DEFAULT_REGISTRY
+        collector_for(metrics).breakers.add(self)
+        # the lock-free fast path (see "sync" below) needs no result predicate, no store
+        self._ring = self._core.ring
+        self._slow_at = config.slow_call_duration or float("inf")
+        if result_predicate is not None or store is not None:
+            self._mode = 0
+        elif self._ring is None:
+            self._mode = 3
         else:
-            registry = metrics
-        _collector_for(registry).breakers.add(self)
-        # the lock-free fast path applies only to this simple (and default) set-up
-        fast = not self._timed and result_predicate is None and store is None
-        self._ring = self._core.ring if fast else None
+            self._mode = 2 if self._timed else 1
 
     # -- reading ---------------------------------------------------------------------
 
@@ -380,11 +330,13 @@ class CircuitBreaker:
 
     # -- sync ------------------------------------------------------------------------
     #
-    # Each entry point has a fast path for the common case (closed, count window, no
-    # slow-call timing, no result predicate, no store): read the permit, run the call,
-    # count the success with one integer increment (atomic under the GIL; see
-    # BreakerCore). Everything else (failures, other states, time windows) goes through
-    # the core under the lock (sync) or directly (async, one event loop).
+    # Each entry point has a fast path for the closed state when there is no result
+    # predicate and no store: run the call and, if it succeeded (and was not slow), count
+    # it with a couple of integer increments that cannot be interrupted under the GIL
+    # (see BreakerCore "Fast path"). Everything else (failures, other states, a time
+    # bucket that moved on) goes through the core under the lock (sync) or directly
+    # (async: one event loop, no lock). Modes: 0 no fast path, 1 count window,
+    # 2 count window with slow-call timing, 3 time window.
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (thread-safe).
@@ -393,16 +345,33 @@ class CircuitBreaker:
             CircuitOpenError: the breaker refused the call; ``fn`` did not run.
         """
         core = self._core
-        ring = self._ring
         permit = core.permit
-        if ring is not None and core.state is CLOSED:
+        mode = self._mode
+        if mode and core.state is CLOSED:
+            if mode == 1:
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._sync_exception(permit, exc, 0.0)
+                    raise
+                if permit is core.permit:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                return result
+            now = self._now
+            start = now() if self._timed else 0.0
             try:
                 result = fn(*args, **kwargs)
             except BaseException as exc:
-                self._sync_exception(permit, exc, 0.0)
+                self._sync_exception(permit, exc, start)
                 raise
-            if permit is core.permit:
-                ring.seq += 1
+            end = now()
+            if end - start < self._slow_at and permit is core.permit:
+                if mode == 2:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    return result
+            self._sync_result(permit, result, start, fast=False)
             return result
         permit, start = self._sync_acquire()
         try:
@@ -410,14 +379,7 @@ class CircuitBreaker:
         except BaseException as exc:
             self._sync_exception(permit, exc, start)
             raise
-        lock = self._lock
-        lock.acquire()
-        try:
-            self._record_result(permit, result, start)
-        finally:
-            lock.release()
-        if core.events:
-            self._emit()
+        self._sync_result(permit, result, start)
         return result
 
     def _sync_acquire(self) -> tuple[Permit, float]:
@@ -433,14 +395,39 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _sync_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+        failed = self._is_failure(exc)  # user predicates run outside the lock
         with self._lock:
-            self._record_exception(permit, exc, start)
+            self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
+    def _sync_result(self, permit: Permit, result: object, start: float, fast: bool = True) -> None:
+        if fast and self._mode >= 2 and self._fast_success(permit, start):
+            return
+        failed = self._is_bad_result(result)
+        with self._lock:
+            self._record(permit, failed, start)
+        if self._core.events:
+            self._emit()
+
+    def _fast_success(self, permit: Permit, start: float) -> bool:
+        """Record a success on the fast path if possible (modes 2 and 3); else False."""
+        core = self._core
+        end = self._now()
+        if end - start < self._slow_at and permit is core.permit and core.state is CLOSED:
+            if self._mode == 2:
+                self._ring.seq += 1  # type: ignore[union-attr]
+                return True
+            return core.buckets.try_add_success(end)  # type: ignore[union-attr]
+        return False
+
     def __enter__(self) -> CircuitBreaker:
-        entry = self._sync_acquire()
-        self._stack.set((entry[0], entry[1], self._stack.get()))
+        core = self._core
+        if self._mode and core.state is CLOSED:
+            permit, start = core.permit, (self._now() if self._timed else 0.0)
+        else:
+            permit, start = self._sync_acquire()
+        self._stack.set((permit, start, self._stack.get()))
         return self
 
     def __exit__(
@@ -451,16 +438,15 @@ class CircuitBreaker:
     ) -> None:
         entry = self._stack.get()
         if entry is None:
-            raise RuntimeError(f"{self!r}: __exit__ without __enter__")
+            raise RuntimeError(f"{self!r}: __exit__ without a matching __enter__")
         permit, start, prev = entry
         self._stack.set(prev)
-        with self._lock:
-            if exc is None:
-                self._record_success(permit, start)
-            else:
-                self._record_exception(permit, exc, start)
-        if self._core.events:
-            self._emit()
+        if exc is not None:
+            self._sync_exception(permit, exc, start)
+        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+            self._ring.seq += 1  # type: ignore[union-attr]
+        else:
+            self._sync_result(permit, _NO_RESULT, start)
 
     # -- async -----------------------------------------------------------------------
 
@@ -475,30 +461,41 @@ class CircuitBreaker:
             CircuitOpenError: the breaker refused the call; ``fn`` was not called.
         """
         core = self._core
-        ring = self._ring
         permit = core.permit
-        if ring is not None and core.state is CLOSED:
+        mode = self._mode
+        if mode and core.state is CLOSED:
+            if mode == 1:
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    self._async_exception(permit, exc, 0.0)
+                    raise
+                if permit is core.permit:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                return result
+            now = self._now
+            start = now() if self._timed else 0.0
             try:
                 result = await fn(*args, **kwargs)
             except BaseException as exc:
-                self._record_exception(permit, exc, 0.0)
-                if core.events:
-                    self._emit()
+                self._async_exception(permit, exc, start)
                 raise
-            if permit is core.permit:
-                ring.seq += 1
+            end = now()
+            if end - start < self._slow_at and permit is core.permit:
+                if mode == 2:
+                    self._ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    return result
+            self._async_result(permit, result, start, fast=False)
             return result
         permit, start = self._async_acquire()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
-            self._record_exception(permit, exc, start)
-            if core.events:
-                self._emit()
+            self._async_exception(permit, exc, start)
             raise
-        self._record_result(permit, result, start)
-        if core.events:
-            self._emit()
+        self._async_result(permit, result, start)
         return result
 
     def _async_acquire(self) -> tuple[Permit, float]:
@@ -512,8 +509,26 @@ class CircuitBreaker:
             self._refuse(permit)  # type: ignore[arg-type]
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
+    def _async_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+        self._record(permit, self._is_failure(exc), start)
+        if self._core.events:
+            self._emit()
+
+    def _async_result(
+        self, permit: Permit, result: object, start: float, fast: bool = True
+    ) -> None:
+        if fast and self._mode >= 2 and self._fast_success(permit, start):
+            return
+        self._record(permit, self._is_bad_result(result), start)
+        if self._core.events:
+            self._emit()
+
     async def __aenter__(self) -> CircuitBreaker:
-        permit, start = self._async_acquire()
+        core = self._core
+        if self._mode and core.state is CLOSED:
+            permit, start = core.permit, (self._now() if self._timed else 0.0)
+        else:
+            permit, start = self._async_acquire()
         self._stack.set((permit, start, self._stack.get()))
         return self
 
@@ -525,15 +540,15 @@ class CircuitBreaker:
     ) -> None:
         entry = self._stack.get()
         if entry is None:
-            raise RuntimeError(f"{self!r}: __aexit__ without __aenter__")
+            raise RuntimeError(f"{self!r}: __aexit__ without a matching __aenter__")
         permit, start, prev = entry
         self._stack.set(prev)
-        if exc is None:
-            self._record_success(permit, start)
+        if exc is not None:
+            self._async_exception(permit, exc, start)
+        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+            self._ring.seq += 1  # type: ignore[union-attr]
         else:
-            self._record_exception(permit, exc, start)
-        if self._core.events:
-            self._emit()
+            self._async_result(permit, _NO_RESULT, start)
 
     # -- decorator -------------------------------------------------------------------
 
@@ -551,44 +566,69 @@ class CircuitBreaker:
         The wrappers repeat the fast path of :meth:`call` / :meth:`call_async` inline
         (one Python frame less per call).
         """
+        mode = self._mode
         core = self._core
         ring = self._ring
+        now = self._now
+        timed = self._timed
+        slow_at = self._slow_at
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
-            record_exception = self._record_exception
-            emit = self._emit
+            async_exception = self._async_exception
+            async_result = self._async_result
 
             @functools.wraps(fn)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
                 permit = core.permit
-                if ring is not None and core.state is CLOSED:
+                if mode and core.state is CLOSED:
+                    start = now() if timed else 0.0
                     try:
                         result = await fn(*args, **kwargs)
                     except BaseException as exc:
-                        record_exception(permit, exc, 0.0)
-                        if core.events:
-                            emit()
+                        async_exception(permit, exc, start)
                         raise
-                    if permit is core.permit:
-                        ring.seq += 1
+                    if mode == 1:
+                        if permit is core.permit:
+                            ring.seq += 1  # type: ignore[union-attr]
+                        return result
+                    end = now()
+                    if end - start < slow_at and permit is core.permit:
+                        if mode == 2:
+                            ring.seq += 1  # type: ignore[union-attr]
+                            return result
+                        if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                            return result
+                    async_result(permit, result, start, fast=False)
                     return result
                 return await call_async(fn, *args, **kwargs)
 
             return async_wrapper
         call = self.call
         sync_exception = self._sync_exception
+        sync_result = self._sync_result
 
         @functools.wraps(fn)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
             permit = core.permit
-            if ring is not None and core.state is CLOSED:
+            if mode and core.state is CLOSED:
+                start = now() if timed else 0.0
                 try:
                     result = fn(*args, **kwargs)
                 except BaseException as exc:
-                    sync_exception(permit, exc, 0.0)
+                    sync_exception(permit, exc, start)
                     raise
-                if permit is core.permit:
-                    ring.seq += 1
+                if mode == 1:
+                    if permit is core.permit:
+                        ring.seq += 1  # type: ignore[union-attr]
+                    return result
+                end = now()
+                if end - start < slow_at and permit is core.permit:
+                    if mode == 2:
+                        ring.seq += 1  # type: ignore[union-attr]
+                        return result
+                    if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                        return result
+                sync_result(permit, result, start, fast=False)
                 return result
             return call(fn, *args, **kwargs)
 
@@ -602,30 +642,31 @@ class CircuitBreaker:
             retry_after=rejected.retry_after,
         )
 
-    def _record_success(self, permit: Permit, start: float) -> None:
-        now = self._now()
-        self._core.on_success(permit, now, now - start if self._timed else 0.0)
-
-    def _record_result(self, permit: Permit, result: object, start: float) -> None:
-        rp = self._result_predicate
-        if rp is not None and rp(result):
-            self._record_failure(permit, start)
-        else:
-            self._record_success(permit, start)
-
-    def _record_failure(self, permit: Permit, start: float) -> None:
-        now = self._now()
-        self._core.on_failure(permit, now, now - start if self._timed else 0.0)
-
-    def _record_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
+    def _is_failure(self, exc: BaseException) -> bool | None:
+        """True: a failure; None: neither success nor failure (hand the permit back)."""
         if (
             isinstance(exc, self._failure_exceptions)
             and not isinstance(exc, self._ignore_exceptions)
             and (self._failure_predicate is None or self._failure_predicate(exc))
         ):
-            self._record_failure(permit, start)
-        else:
+            return True
+        return None
+
+    def _is_bad_result(self, result: object) -> bool:
+        rp = self._result_predicate
+        return rp is not None and result is not _NO_RESULT and bool(rp(result))
+
+    def _record(self, permit: Permit, failed: bool | None, start: float) -> None:
+        """Report an outcome to the core (under the lock in sync code)."""
+        if failed is None:
             self._core.release(permit)
+            return
+        now = self._now()
+        duration = now - start if self._timed else 0.0
+        if failed:
+            self._core.on_failure(permit, now, duration)
+        else:
+            self._core.on_success(permit, now, duration)
 
     def _emit(self) -> None:
         with self._lock:
@@ -683,12 +724,6 @@ class CircuitBreaker:
         self._poll_store()
 
 
-def breakers_in(registry: CollectorRegistry) -> Iterator[CircuitBreaker]:
-    """The live breakers reporting to ``registry`` (for diagnostics and tests)."""
-    collector = _collectors.get(registry)
-    return iter(list(collector.breakers) if collector else [])
-
-
 __all__ = [
     "DEFAULT_REGISTRY",
     "BreakerStore",
@@ -696,5 +731,4 @@ __all__ = [
     "Listener",
     "MemoryBreakerStore",
     "SharedState",
-    "breakers_in",
 ]

@@ -336,13 +336,25 @@ class CountRing:
 class TimeBuckets:
     """Calls of the last ``buckets`` time buckets, with running totals.
 
-    A call at time ``t`` falls in bucket ``floor(t / width)``; at time ``now`` the window
-    holds the calls whose bucket is greater than ``floor(now / width) - buckets``. A call
-    reported with a time older than the newest bucket seen is counted in that newest
-    bucket (time never runs backwards inside the window).
+    A call at time ``t`` falls in bucket ``t // width`` (``width = seconds / buckets``);
+    at time ``now`` the window holds the calls whose bucket is greater than
+    ``now // width - buckets``. A call reported with a time older than the newest bucket
+    seen is counted in that newest bucket (time never runs backwards inside the window).
     """
 
-    __slots__ = ("_calls", "_fails", "_head", "_n", "_slow", "_width", "calls", "failures", "slow")
+    __slots__ = (
+        "_calls",
+        "_fails",
+        "_head",
+        "_n",
+        "_slot",
+        "_slow",
+        "_width",
+        "calls",
+        "failures",
+        "slow",
+        "successes",
+    )
 
     def __init__(self, seconds: float, buckets: int) -> None:
         self._n = buckets
@@ -351,26 +363,25 @@ class TimeBuckets:
         self._fails = [0] * buckets
         self._slow = [0] * buckets
         self._head: int | None = None
+        self._slot = 0
         self.calls = 0
         self.failures = 0
         self.slow = 0
+        self.successes = 0
+        """Successes recorded by :meth:`try_add_success` (lifetime, for metrics)."""
 
     def bucket_of(self, now: float) -> int:
         """The bucket number of time ``now``."""
-        return math.floor(now / self._width)
+        return int(now // self._width)
 
     def expire(self, now: float) -> None:
         """Drop the buckets that fell out of the window at time ``now``."""
-        e = math.floor(now / self._width)
+        e = int(now // self._width)
         head = self._head
-        if head is None:
-            self._head = e
-            return
-        if e <= head:
+        if head is not None and e <= head:
             return
         n = self._n
-        steps = e - head
-        if steps >= n:
+        if head is None or e - head >= n:
             if self.calls:
                 self._calls = [0] * n
                 self._fails = [0] * n
@@ -387,11 +398,12 @@ class TimeBuckets:
                     self.slow -= slow[j]
                     calls[j] = fails[j] = slow[j] = 0
         self._head = e
+        self._slot = e % n
 
     def add(self, now: float, outcome: int) -> None:
         """Record one call at time ``now`` with outcome bits (``FAILED | SLOW``)."""
         self.expire(now)
-        j = self._head % self._n  # type: ignore[operator]  # set by expire()
+        j = self._slot
         self._calls[j] += 1
         self.calls += 1
         if outcome:
@@ -402,6 +414,19 @@ class TimeBuckets:
                 self._slow[j] += 1
                 self.slow += 1
 
+    def try_add_success(self, now: float) -> bool:
+        """Record a fast success at ``now`` if it falls in the newest bucket.
+
+        Nothing expires then, so the failure rate can only fall: no check is needed.
+        Returns False (recording nothing) when the bucket moved on.
+        """
+        if now // self._width == self._head:
+            self._calls[self._slot] += 1
+            self.calls += 1
+            self.successes += 1
+            return True
+        return False
+
     def clear(self) -> None:
         """Forget every call."""
         n = self._n
@@ -409,6 +434,7 @@ class TimeBuckets:
         self._fails = [0] * n
         self._slow = [0] * n
         self._head = None
+        self._slot = 0
         self.calls = self.failures = self.slow = 0
 
 
@@ -428,10 +454,11 @@ class BreakerCore:
     Not thread-safe by itself: the adapter serialises calls (one event loop, or a lock).
 
     Fast path. ``state`` and ``permit`` are plain attributes (read them, never assign
-    them). While ``state is CLOSED`` and the window is a count window (``ring`` is not
-    ``None``), a successful call that is neither slow nor judged by a result predicate
-    may be recorded by ``core.ring.seq += 1`` when its permit is still ``core.permit``:
-    that is all :meth:`on_success` would do, minus a method call.
+    them). While ``state is CLOSED``, a successful call that is not slow (and not judged
+    by a result predicate) whose permit is still ``core.permit`` may be recorded
+    directly: with a count window (``ring`` is not ``None``) by ``core.ring.seq += 1``,
+    with a time window by ``core.buckets.try_add_success(now)`` (when it returns False,
+    call :meth:`on_success`). That is all :meth:`on_success` would do, minus the calls.
 
     Args:
         config: the validated configuration.
@@ -451,6 +478,7 @@ class BreakerCore:
         "_trial",
         "_window",
         "_window_min",
+        "buckets",
         "calls_failed",
         "calls_ignored",
         "calls_rejected",
@@ -468,8 +496,11 @@ class BreakerCore:
         window = config.window
         self.ring: CountRing | None = None
         """The count window, or ``None`` for a time window (see the fast path above)."""
+        self.buckets: TimeBuckets | None = None
+        """The time window, or ``None`` for a count window (see the fast path above)."""
         if isinstance(window, TimeWindow):
-            self._window: CountRing | TimeBuckets = TimeBuckets(window.seconds, window.buckets)
+            self.buckets = TimeBuckets(window.seconds, window.buckets)
+            self._window: CountRing | TimeBuckets = self.buckets
         else:
             size = window.size if isinstance(window, CountWindow) else window
             self.ring = self._window = CountRing(size)
@@ -516,7 +547,7 @@ class BreakerCore:
         """Successful calls recorded so far."""
         ring = self.ring
         if ring is None:
-            return self._successes
+            return self._successes + self.buckets.successes  # type: ignore[union-attr]
         return self._successes + ring.seq - self._closed_failures
 
     @property

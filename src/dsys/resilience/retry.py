@@ -34,9 +34,13 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar, overload
 
+from prometheus_client import CollectorRegistry
+
 from dsys.clock import Clock
 from dsys.errors import BadInputError, CircuitOpenError, ConfigError, ConflictError
+from dsys.observability import Metrics
 from dsys.resilience.backoff import Backoff, Random, RetryBudget
+from dsys.resilience.metrics import collector_for
 from dsys.resilience.timeout import remaining
 
 P = ParamSpec("P")
@@ -82,6 +86,8 @@ class Retry:
         sync_sleep: sleep for :meth:`call` (default ``time.sleep``).
         rng: randomness for jitter (default a fresh ``random.Random()``).
         on_retry: called before each retry's sleep.
+        name: names the retry in metrics (``dsys_resilience_retry_*{retry=name}``).
+        metrics: where the counters are reported (see :mod:`dsys.resilience.metrics`).
 
     Raises:
         ConfigError: a setting is out of range.
@@ -102,6 +108,8 @@ class Retry:
         sync_sleep: Callable[[float], None] | None = None,
         rng: Random | None = None,
         on_retry: Callable[[RetryAttempt], None] | None = None,
+        name: str = "retry",
+        metrics: Metrics | CollectorRegistry | None = None,
     ) -> None:
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise ConfigError(f"max_attempts must be an integer >= 1, got {max_attempts!r}")
@@ -135,6 +143,10 @@ class Retry:
         """Retries made so far (cumulative)."""
         self.gave_up = 0
         """Calls that failed after giving up on retrying (cumulative)."""
+        self.budget_denied = 0
+        """Retries the budget refused (cumulative)."""
+        self.name = name
+        collector_for(metrics).retries.add(self)
 
     def __repr__(self) -> str:
         return f"Retry(max_attempts={self.max_attempts}, backoff={self.backoff!r})"
@@ -160,6 +172,7 @@ class Retry:
         if self.max_elapsed is not None and now + delay - started > self.max_elapsed:
             raise _GiveUp(f"max_elapsed {self.max_elapsed:g} s would be exceeded")
         if self.budget is not None and not self.budget.try_spend(now):
+            self.budget_denied += 1
             raise _GiveUp("retry budget exhausted")
         return delay
 
