@@ -175,3 +175,22 @@ def test_pool_active_health_marks_unhealthy_and_back() -> None:
     pool.record_probe(ep, True)
     assert ep in pool.eligible()
     pool.record_probe("http://127.0.0.1:1", False)  # unknown endpoint: ignored
+
+
+def test_pool_circuit_breaker_opens_on_failures_and_half_opens_later() -> None:
+    clock = ManualClock()
+    pool = Pool(
+        ["http://127.0.0.1:9001"],
+        config=PoolConfig(strategy="round-robin", outlier=None),
+        clock=clock,
+    )
+    for _ in range(10):
+        lease = pool.acquire()
+        pool.release(lease, ok=False, error="status 500", feed_breaker=True)
+    with pytest.raises(NoHealthyBackendError, match="1 circuit open"):
+        pool.acquire()
+    assert pool.snapshot()[0]["state"] == "circuit_open"
+    clock.advance(5.0)  # the default breaker's first open wait
+    lease = pool.acquire()  # a half-open trial call
+    pool.release(lease, ok=True, feed_breaker=True)
+    assert pool.snapshot()[0]["circuit"] in ("half_open", "closed")

@@ -384,3 +384,17 @@ async def test_mutated_requests_never_get_a_5xx_or_kill_the_proxy(
             assert int(status) < 500, (case, bytes(data), got[:300])
     async with aiohttp.ClientSession() as s:
         assert await _get(s, lb.url + "/") == (200, "hello from f")
+
+
+@PATHS
+async def test_circuit_breaker_opens_when_an_endpoint_keeps_failing(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
+) -> None:
+    b = backend("cb")
+    lb = proxy([b.url], "--no-health-check", "--eject-after", "1000", *path_flags)
+    async with aiohttp.ClientSession() as s:
+        for _ in range(10):
+            assert (await _get(s, lb.url + "/fail"))[0] == 500
+        async with s.get(lb.url + "/") as resp:
+            assert resp.status == 503
+            assert "circuit open" in (await resp.json())["message"]

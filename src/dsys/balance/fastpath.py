@@ -22,8 +22,7 @@ once handed over.
 Failures before the response head was forwarded are retried on another endpoint
 (all fast-path methods are idempotent and bodiless) while tries and the retry
 budget allow; then the client gets a 502/503/504 with a JSON body. Outcomes feed
-the pool (peak-EWMA latencies, outlier ejection); per-endpoint circuit breakers
-are consulted when picking but fed only by the aiohttp path.
+the pool (peak-EWMA latencies, outlier ejection) and each endpoint's circuit breaker.
 """
 
 from __future__ import annotations
@@ -418,7 +417,7 @@ class _ClientConn(asyncio.Protocol):
         lease, req.lease, req.upstream = req.lease, None, None
         req.last_error = error
         if lease is not None:
-            fast.pool.release(lease, ok=False, error=error)
+            fast.pool.release(lease, ok=False, error=error, feed_breaker=True)
             fast.lb._count(lease.endpoint, 0, 0.0)
         if self.request is not req or self.transport is None:
             return
@@ -457,7 +456,7 @@ class _ClientConn(asyncio.Protocol):
             u.close()
             lease, req.lease = req.lease, None
             if lease is not None:
-                self.fast.pool.release(lease, ok=False, error="timeout")
+                self.fast.pool.release(lease, ok=False, error="timeout", feed_breaker=True)
                 self.fast.lb._count(lease.endpoint, 0, 0.0)
             self._fail(
                 504,
@@ -541,7 +540,9 @@ class _UpstreamConn(asyncio.Protocol):
             # Broken off mid-body: cut the client so it sees a truncated answer.
             lease, req.lease = req.lease, None
             if lease is not None:
-                self.fast.pool.release(lease, ok=False, error="upstream broke off its response")
+                self.fast.pool.release(
+                    lease, ok=False, error="upstream broke off its response", feed_breaker=True
+                )
             client.request = None
             client.abort()
             return
@@ -742,7 +743,10 @@ class _UpstreamConn(asyncio.Protocol):
         if lease is not None:
             status = self.status
             fast.pool.release(
-                lease, ok=status < 500, error="" if status < 500 else f"status {status}"
+                lease,
+                ok=status < 500,
+                error="" if status < 500 else f"status {status}",
+                feed_breaker=True,
             )
         if self.keep_alive and not self.closed:
             if self.transport is not None:

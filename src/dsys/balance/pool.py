@@ -37,7 +37,7 @@ from dsys.balance.health import (
 )
 from dsys.balance.strategies import MAX_WEIGHT, STRATEGIES, Picker, make_picker
 from dsys.clock import Clock, MonotonicClock
-from dsys.errors import ConfigError, NoHealthyBackendError
+from dsys.errors import CircuitOpenError, ConfigError, NoHealthyBackendError
 from dsys.observability import get_logger
 
 
@@ -107,6 +107,37 @@ class Breaker(Protocol):
     async def call_async(self, fn: Callable[[], Awaitable[T]], /) -> T:
         """Run ``fn()`` under the breaker; raises ``CircuitOpenError`` when refused."""
         ...
+
+    def call(self, fn: Callable[[], T], /) -> T:
+        """Run ``fn()`` under the breaker (sync); raises ``CircuitOpenError`` when refused."""
+        ...
+
+
+def _refusing(breaker: Breaker, now: float) -> bool:
+    """Whether an open breaker still refuses calls at ``now``.
+
+    ``CircuitBreaker.state`` stays ``OPEN`` until the first call after its open wait,
+    so the pool also reads when that wait ends (the core's ``open_until``, on the same
+    clock); once it has passed, the next request is the breaker's trial call.
+    """
+    if breaker.state.value != "open":
+        return False
+    until = getattr(getattr(breaker, "_core", None), "open_until", None)
+    if isinstance(until, int | float):
+        return now < until
+    return True
+
+
+class _EndpointFailed(Exception):
+    """Reported to a breaker for an outcome observed outside its ``call``."""
+
+
+def _succeeded() -> None:
+    return None
+
+
+def _failed() -> None:
+    raise _EndpointFailed
 
 
 def _is_server_error(result: object) -> bool:
@@ -307,7 +338,7 @@ class Pool:
         skipped: set[str] | None = None
         while ep is not None:
             st = self._endpoints[ep]
-            if st.breaker is None or st.breaker.state.value != "open":
+            if st.breaker is None or not _refusing(st.breaker, now):
                 picker.started(ep, now=now)
                 st.requests += 1
                 return Lease(ep, now, st)
@@ -335,14 +366,29 @@ class Pool:
         detail = ", ".join(f"{n} {what}" for what, n in counts.items() if n)
         return f"no endpoint can take the request ({len(self._endpoints)} endpoints: {detail})"
 
-    def release(self, lease: Lease, *, ok: bool, error: str = "") -> None:
+    def release(
+        self, lease: Lease, *, ok: bool, error: str = "", feed_breaker: bool = False
+    ) -> None:
         """Give back a lease; ``ok=False`` for a 5xx answer or a connect/timeout error.
 
         Failures feed passive outlier detection, which may eject the endpoint.
+
+        Args:
+            lease: what :meth:`acquire` returned.
+            ok: whether the endpoint served the request well.
+            error: what went wrong, for the admin API.
+            feed_breaker: also report the outcome to the endpoint's circuit breaker
+                (for callers that did not run the try through :meth:`call`).
         """
         now = self.clock.now()
         ep = lease.endpoint
         self._picker.finished(ep, now=now, latency=now - lease.started, ok=ok)
+        breaker = lease.state.breaker
+        if feed_breaker and breaker is not None:
+            # The breaker only offers call(): report the outcome as a call that
+            # succeeds or raises. An open breaker refuses it, which changes nothing.
+            with contextlib.suppress(_EndpointFailed, CircuitOpenError):
+                breaker.call(_succeeded if ok else _failed)
         if ok:
             if self._eject:
                 self._outliers.record_success(ep, now=now)
@@ -460,7 +506,7 @@ class Pool:
                 state = "ejected"
             elif not st.health.healthy:
                 state = "unhealthy"
-            elif st.breaker is not None and st.breaker.state.value == "open":
+            elif st.breaker is not None and _refusing(st.breaker, now):
                 state = "circuit_open"
             else:
                 state = "up"
