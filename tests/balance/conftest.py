@@ -111,6 +111,28 @@ def proxy(procs: list[Proc], tmp_path: Path) -> Callable[..., Proc]:
     return start
 
 
+@pytest.fixture(scope="module")
+def shared_lb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """One backend named "m" behind one proxy, shared by a module's stateless tests."""
+    tmp = tmp_path_factory.mktemp("shared")
+    started: list[Proc] = []
+    try:
+        b = _start(
+            [sys.executable, str(BACKEND), "--name", "m"],
+            tmp / "m.err",
+        )
+        started.append(b)
+        cmd = [sys.executable, "-m", "dsys", "lb", "serve", "--listen", "127.0.0.1:0"]
+        cmd += ["--backend", b.url, "--no-health-check"]
+        env = dict(os.environ, DSYS_LOG_LEVEL="warning")
+        lb = _start(cmd, tmp / "proxy.err", env=env)
+        started.append(lb)
+        yield lb
+    finally:
+        for p in started:
+            p.kill()
+
+
 def terminate(p: Proc) -> int:
     """Send SIGTERM and wait (bounded) for the exit code."""
     p.proc.send_signal(signal.SIGTERM)

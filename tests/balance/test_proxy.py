@@ -249,10 +249,9 @@ def _raw(port: int, data: bytes) -> bytes:
     ids=["garbage", "bad-length", "no-colon", "huge-header", "length-and-chunked", "tls"],
 )
 async def test_malformed_requests_get_a_clean_4xx_and_the_proxy_stays_up(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc], request_bytes: bytes
+    shared_lb: Proc, request_bytes: bytes
 ) -> None:
-    b = backend("m")
-    lb = proxy([b.url], "--no-health-check")
+    lb = shared_lb
     answer = await asyncio.to_thread(_raw, lb.port, request_bytes + b"\r\n")
     assert answer[:9] in (b"HTTP/1.0 ", b"HTTP/1.1 ") and answer[9:10] == b"4", answer[:200]
     async with aiohttp.ClientSession() as s:
@@ -331,18 +330,15 @@ def _exchange(port: int, data: bytes, expect: int) -> bytes:
         return got
 
 
-async def test_pipelined_requests_and_connection_close(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc]
-) -> None:
-    b = backend("p")
-    lb = proxy([b.url], "--no-health-check")
+async def test_pipelined_requests_and_connection_close(shared_lb: Proc) -> None:
+    lb = shared_lb
     req = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
     got = await asyncio.to_thread(_exchange, lb.port, req * 3, 3)
-    assert got.count(b"HTTP/1.1 200 OK") == 3 and got.count(b"hello from p") == 3
+    assert got.count(b"HTTP/1.1 200 OK") == 3 and got.count(b"hello from m") == 3
     closing = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
     got = await asyncio.to_thread(_raw, lb.port, closing)  # returns once the proxy closes
     assert got.startswith(b"HTTP/1.1 200") and b"Connection: close" in got
-    assert got.endswith(b"hello from p")
+    assert got.endswith(b"hello from m")
 
 
 def _fuzz_once(port: int, data: bytes) -> bytes:
@@ -357,11 +353,8 @@ def _fuzz_once(port: int, data: bytes) -> bytes:
             got += chunk
 
 
-async def test_mutated_requests_never_get_a_5xx_or_kill_the_proxy(
-    backend: Callable[..., Proc], proxy: Callable[..., Proc]
-) -> None:
-    b = backend("f")
-    lb = proxy([b.url], "--no-health-check")
+async def test_mutated_requests_never_get_a_5xx_or_kill_the_proxy(shared_lb: Proc) -> None:
+    lb = shared_lb
     rng = random.Random(20261125)
     seed = (
         b"GET /headers?x=1 HTTP/1.1\r\nHost: example\r\nAccept: */*\r\n"
@@ -383,7 +376,7 @@ async def test_mutated_requests_never_get_a_5xx_or_kill_the_proxy(
         for status in re.findall(rb"HTTP/1\.[01] (\d{3})", got):
             assert int(status) < 500, (case, bytes(data), got[:300])
     async with aiohttp.ClientSession() as s:
-        assert await _get(s, lb.url + "/") == (200, "hello from f")
+        assert await _get(s, lb.url + "/") == (200, "hello from m")
 
 
 @PATHS
