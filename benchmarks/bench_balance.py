@@ -122,7 +122,7 @@ def _ms(text: str) -> float:
 
 
 def wrk(port: int, duration: float, connections: int = 50) -> dict[str, float]:
-    """One wrk round; returns req/s, p50 and p99 (ms) and the non-2xx/socket error count."""
+    """One wrk round: req/s, p50/p90/p99 (ms) and the non-2xx/socket error count."""
     out = subprocess.run(
         [
             "wrk",
@@ -139,11 +139,12 @@ def wrk(port: int, duration: float, connections: int = 50) -> dict[str, float]:
     ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)\s*$", out, re.M).group(1))  # type: ignore[union-attr]
+    p90 = _ms(re.search(r"^\s+90%\s+(\S+)\s*$", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)\s*$", out, re.M).group(1))  # type: ignore[union-attr]
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad.group(1)) if bad else 0) + (sum(int(x) for x in errs.groups()) if errs else 0)
-    return {"rps": rps, "p50": p50, "p99": p99, "errors": errors}
+    return {"rps": rps, "p50": p50, "p90": p90, "p99": p99, "errors": errors}
 
 
 def median_of(results: list[dict[str, float]]) -> dict[str, float]:
@@ -221,18 +222,18 @@ def main() -> int:
         f"\nwrk -t1 -c50 -d{args.duration:g}s, {args.rounds} rounds each, "
         "medians; three aiohttp backends\n"
     )
-    print("| scenario | proxy | req/s | p50 ms | p99 ms | errors |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| scenario | proxy | req/s | p50 ms | p90 ms | p99 ms | errors |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     print(
         f"| equal | one backend direct | {direct_m['rps']:,.0f} | {direct_m['p50']:.2f} "
-        f"| {direct_m['p99']:.2f} | {direct_m['errors']:.0f} |"
+        f"| {direct_m['p90']:.2f} | {direct_m['p99']:.2f} | {direct_m['errors']:.0f} |"
     )
     med = {k: median_of(v) for k, v in results.items()}
     for (scenario, name), m in med.items():
         label = "equal" if scenario == "equal" else "one backend +50 ms"
         print(
-            f"| {label} | {name} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p99']:.2f} "
-            f"| {m['errors']:.0f} |"
+            f"| {label} | {name} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p90']:.2f} "
+            f"| {m['p99']:.2f} | {m['errors']:.0f} |"
         )
     d_eq, n_eq = med[("equal", "dsys p2c-ewma")], med[("equal", "nginx round robin")]
     d_sl, n_sl = med[("slow", "dsys p2c-ewma")], med[("slow", "nginx round robin")]
