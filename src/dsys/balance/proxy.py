@@ -156,7 +156,9 @@ class LoadBalancer:
         self.config = config
         self.metrics = Metrics("balance")
         self._requests = self.metrics.counter(
-            "requests_total", "Proxied requests by endpoint and status", ["endpoint", "code"]
+            "requests_total",
+            "Proxied requests by endpoint and status (code 0: no answer, e.g. connect error)",
+            ["endpoint", "code"],
         )
         self._latency = self.metrics.histogram(
             "request_duration_seconds", "Upstream latency to response headers", ["endpoint"]
@@ -425,10 +427,9 @@ class LoadBalancer:
             if length is None:
                 resp.enable_chunked_encoding()
             await resp.prepare(request)
-            content = upstream.content
-            chunk = self.config.chunk_size
+            content = upstream.content  # read_bufsize is chunk_size: large reads
             while True:
-                data = await content.readany() if chunk else b""
+                data = await content.readany()
                 if not data:
                     break
                 await resp.write(data)
