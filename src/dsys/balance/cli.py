@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     s.add_argument("--strategy", default="p2c-ewma", choices=STRATEGIES)
     s.add_argument(
-        "--ewma-decay", type=float, default=10.0, help="p2c-ewma: seconds for a peak to fade"
+        "--ewma-decay", type=float, default=2.0, help="p2c-ewma: seconds for a peak to fade"
     )
     s.add_argument("--seed", type=int, default=None, help="seed for randomized strategies")
     s.add_argument("--admin-listen", default=None, help="separate HOST:PORT for the admin API")

@@ -82,7 +82,7 @@ class PoolConfig:
     health_check: HealthCheckConfig | None = None
     outlier: OutlierConfig | None = field(default_factory=OutlierConfig)
     circuit_breaker: bool = True
-    ewma_decay: float = 10.0
+    ewma_decay: float = 2.0
 
     def __post_init__(self) -> None:
         if not self.ewma_decay > 0:

@@ -380,7 +380,9 @@ class PeakEwma(_TwoChoices):
 
     Args:
         seed: seed of the picker's own ``random.Random``.
-        decay: time constant (seconds) of the moving average.
+        decay: time constant (seconds) of the moving average. Finagle and Linkerd
+            use 10 s; dsys defaults to 2 s so that a one-off hiccup of a fast
+            endpoint (a busy host, a GC pause) stops counting against it quickly.
         failure_penalty: a failed request counts as at least this many seconds.
     """
 
@@ -390,7 +392,7 @@ class PeakEwma(_TwoChoices):
         self,
         *,
         seed: int | None = None,
-        decay: float = 10.0,
+        decay: float = 2.0,
         failure_penalty: float = 0.5,
     ) -> None:
         super().__init__(seed=seed)
@@ -499,7 +501,7 @@ class ConsistentHash(_Base):
         return fallback
 
 
-def make_picker(strategy: str, *, seed: int | None = None, decay: float = 10.0) -> Picker:
+def make_picker(strategy: str, *, seed: int | None = None, decay: float = 2.0) -> Picker:
     """Build the picker named ``strategy`` (one of :data:`STRATEGIES`).
 
     Args:
