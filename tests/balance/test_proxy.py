@@ -391,3 +391,17 @@ async def test_circuit_breaker_opens_when_an_endpoint_keeps_failing(
         async with s.get(lb.url + "/") as resp:
             assert resp.status == 503
             assert "circuit open" in (await resp.json())["message"]
+
+
+async def test_shutdown_closes_websockets_with_going_away(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("wsg")
+    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20")
+    async with aiohttp.ClientSession() as s, s.ws_connect(lb.url + "/ws") as ws:
+        assert (await ws.receive_str(timeout=10)) == "welcome from wsg"
+        code = asyncio.create_task(asyncio.to_thread(terminate, lb))
+        msg = await ws.receive(timeout=20)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+        assert await code == 0
