@@ -405,3 +405,32 @@ async def test_shutdown_closes_websockets_with_going_away(
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
         assert await code == 0
+
+
+async def test_streamed_upload_is_retried_elsewhere_after_a_connect_error(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("u")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    lb = proxy(
+        [dead, b.url], "--strategy", "round-robin", "--no-health-check", "--no-circuit-breaker"
+    )
+    block = b"z" * (256 * 1024)  # above the buffering limit: streamed
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(8):
+            yield block
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):  # round robin: some of these try the dead endpoint first
+            async with s.post(lb.url + "/upload", data=body()) as resp:
+                assert resp.status == 200
+                got = await resp.json()
+                assert got["bytes"] == 8 * len(block)
+                assert got["sha256"] == hashlib.sha256(block * 8).hexdigest()
+        async with s.get(lb.url + "/_dsys/metrics") as resp:
+            metrics = await resp.text()
+    retries = re.search(r"^dsys_balance_retries_total (\S+)$", metrics, re.M)
+    assert retries is not None and float(retries.group(1)) >= 2

@@ -313,7 +313,8 @@ class LoadBalancer:
         headers = self._upstream_headers(request)
         cfg = self.config
 
-        body: bytes | AsyncIterator[bytes] | None = None
+        body: bytes | None = None
+        stream = False  # the body is streamed: a fresh reader per try, none once read
         streamed = [False]  # set once any body byte was read from the client
         if request.body_exists:
             length = request.content_length
@@ -325,7 +326,7 @@ class LoadBalancer:
                 except (aiohttp.ClientPayloadError, ConnectionError) as exc:
                     return self._error(400, "bad_request", f"could not read request body: {exc}")
             else:
-                body = _stream_body(request, cfg.chunk_size, streamed)
+                stream = True
 
         url_tail = request.raw_path
         tried: list[str] = []
@@ -343,8 +344,9 @@ class LoadBalancer:
                     break
                 return self._error(503, "no_healthy_backend", str(exc), retry_after=1)
             tried.append(lease.endpoint)
+            data = _stream_body(request, cfg.chunk_size, streamed) if stream else body
             try:
-                return await self._try(request, session, lease, method, url_tail, headers, body)
+                return await self._try(request, session, lease, method, url_tail, headers, data)
             except _UpstreamFailed as exc:
                 last = exc
                 if not exc.retry_safe or streamed[0]:
