@@ -147,8 +147,13 @@ async def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--name", default="backend")
     parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--keepalive", type=float, default=75.0, help="idle keep-alive seconds")
     args = parser.parse_args()
-    runner = web.AppRunner(make_app(args.name, args.delay_ms / 1000), access_log=None)
+    runner = web.AppRunner(
+        make_app(args.name, args.delay_ms / 1000),
+        access_log=None,
+        keepalive_timeout=args.keepalive,
+    )
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", args.port, backlog=1024)
     await site.start()

@@ -81,10 +81,14 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
 
 @pytest.fixture
 def backend(procs: list[Proc], tmp_path: Path) -> Callable[..., Proc]:
-    """Start ``tests/balance/backend.py`` as a subprocess: ``backend("b1", delay_ms=0)``."""
+    """Start ``tests/balance/backend.py`` as a subprocess: ``backend("b1", delay_ms=0)``.
 
-    def start(name: str, delay_ms: float = 0.0) -> Proc:
+    ``keepalive`` sets how long the backend keeps an idle connection open.
+    """
+
+    def start(name: str, delay_ms: float = 0.0, keepalive: float = 75.0) -> Proc:
         cmd = [sys.executable, str(BACKEND), "--name", name, "--delay-ms", str(delay_ms)]
+        cmd += ["--keepalive", str(keepalive)]
         p = _start(cmd, tmp_path / f"{name}.err")
         procs.append(p)
         return p

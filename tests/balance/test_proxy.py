@@ -434,3 +434,18 @@ async def test_streamed_upload_is_retried_elsewhere_after_a_connect_error(
             metrics = await resp.text()
     retries = re.search(r"^dsys_balance_retries_total (\S+)$", metrics, re.M)
     assert retries is not None and float(retries.group(1)) >= 2
+
+
+async def test_upstream_connections_closed_by_the_backend_are_not_held_against_it(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("ka", keepalive=0.2)  # the backend drops idle connections quickly
+    lb = proxy([b.url], "--no-health-check", "--eject-after", "1")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(5):
+            got = await asyncio.gather(*(_get(s, lb.url + "/") for _ in range(8)))
+            assert got == [(200, "hello from ka")] * 8
+            await asyncio.sleep(0.5)  # every pooled upstream connection gets closed
+        async with s.get(lb.url + "/_dsys/endpoints") as resp:
+            (ep,) = (await resp.json())["endpoints"]
+    assert ep["failures"] == 0 and ep["state"] == "up"

@@ -64,6 +64,7 @@ _DROP_RESPONSE = frozenset(
     {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"upgrade"}
 )
 MAX_HEAD = 32 * 1024
+UPSTREAM_IDLE = 30.0  # seconds an idle upstream connection is kept
 MAX_LINE = 8190  # aiohttp's own limit: longer lines go to it for a clean 4xx
 HIGH_WATER = 256 * 1024
 
@@ -128,6 +129,16 @@ class FastPath:
             now = self.loop.time()
             for c in list(self.clients):
                 c.check_timeouts(now)
+            for ep, conns in list(self.idle.items()):
+                # Close upstream connections idle for long, before servers do (racing).
+                keep = [u for u in conns if not u.closed and now - u.idle_since < UPSTREAM_IDLE]
+                for u in conns:
+                    if not u.closed and now - u.idle_since >= UPSTREAM_IDLE:
+                        u.close()
+                if keep:
+                    self.idle[ep] = keep
+                else:
+                    del self.idle[ep]
 
     async def drain(self, deadline: float) -> None:
         """Graceful stop: close idle clients, let in-flight requests finish until ``deadline``."""
@@ -163,6 +174,8 @@ class FastPath:
         if len(conns) >= 512:
             u.close()
         else:
+            u.reused = True
+            u.idle_since = self.loop.time()
             conns.append(u)
 
 
@@ -176,6 +189,7 @@ class _Request:
         "last_error",
         "lease",
         "method",
+        "recorded",
         "sent_head",
         "started",
         "tried",
@@ -195,6 +209,7 @@ class _Request:
         self.tried: list[str] = []
         self.tries = 0
         self.last_error = ""
+        self.recorded = False  # counted in the retry budget's requests
 
 
 class _ClientConn(asyncio.Protocol):
@@ -373,7 +388,8 @@ class _ClientConn(asyncio.Protocol):
                 return
             if req.tries:
                 fast.lb._retries.inc()
-            else:
+            elif not req.recorded:
+                req.recorded = True
                 fast.lb.budget.record_request(fast.pool.clock.now())
             try:
                 lease = fast.pool.acquire(exclude=req.tried)
@@ -411,14 +427,23 @@ class _ClientConn(asyncio.Protocol):
             return
         u.send(self, req)
 
-    def upstream_failed(self, req: _Request, error: str) -> None:
-        """A try failed before the response head was forwarded: maybe retry."""
+    def upstream_failed(self, req: _Request, error: str, *, stale: bool = False) -> None:
+        """A try failed before the response head was forwarded: maybe retry.
+
+        ``stale``: a reused keep-alive connection was closed by the server before it
+        answered (a race every HTTP client meets); retried without blaming the endpoint.
+        """
         fast = self.fast
         lease, req.lease, req.upstream = req.lease, None, None
         req.last_error = error
         if lease is not None:
-            fast.pool.release(lease, ok=False, error=error, feed_breaker=True)
-            fast.lb._count(lease.endpoint, 0, 0.0)
+            if stale:
+                fast.pool.release_neutral(lease)
+                req.tries -= 1  # a free retry, bounded by the idle connections
+                req.tried.remove(lease.endpoint)
+            else:
+                fast.pool.release(lease, ok=False, error=error, feed_breaker=True)
+                fast.lb._count(lease.endpoint, 0, 0.0)
         if self.request is not req or self.transport is None:
             return
         self._dispatch(req)
@@ -485,10 +510,13 @@ class _UpstreamConn(asyncio.Protocol):
         "closed",
         "endpoint",
         "fast",
+        "got_bytes",
+        "idle_since",
         "keep_alive",
         "left",
         "mode",
         "req",
+        "reused",
         "status",
         "transport",
     )
@@ -507,6 +535,9 @@ class _UpstreamConn(asyncio.Protocol):
         self.chunk_left = 0
         self.keep_alive = True
         self.status = 0
+        self.reused = False  # it served a request before this one
+        self.got_bytes = False  # bytes arrived for the current request
+        self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -518,6 +549,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.mode = 0
         self.buf = b""
         self.keep_alive = True
+        self.got_bytes = False
         assert self.transport is not None
         self.transport.write(req.head)
 
@@ -546,13 +578,15 @@ class _UpstreamConn(asyncio.Protocol):
             client.request = None
             client.abort()
             return
-        client.upstream_failed(req, f"{self.endpoint}: connection dropped")
+        stale = self.reused and not self.got_bytes
+        client.upstream_failed(req, f"{self.endpoint}: connection dropped", stale=stale)
 
     def data_received(self, data: bytes) -> None:
         client, req = self.client, self.req
         if client is None or req is None:
             self.close()  # bytes nobody asked for
             return
+        self.got_bytes = True
         if self.mode == 0:
             buf = self.buf + data if self.buf else data
             end = buf.find(b"\r\n\r\n")
