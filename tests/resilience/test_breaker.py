@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 
 import pytest
@@ -343,28 +344,41 @@ def test_metrics_object_and_several_breakers_share_a_registry() -> None:
     assert 'breaker="a"' in text and 'breaker="b"' in text
 
 
-def test_threads_share_one_breaker_without_losing_counts() -> None:
+@pytest.mark.parametrize(
+    "window", [100_000, TimeWindow(seconds=3600.0, buckets=10)], ids=["count", "time"]
+)
+def test_threads_share_one_breaker_without_losing_counts(window: object) -> None:
     b = CircuitBreaker(
-        "threads", window=100_000, minimum_calls=100_000, metrics=CollectorRegistry()
+        "threads",
+        window=window,  # type: ignore[arg-type]
+        failure_rate_threshold=100.0,  # 10% failures never open it...
+        minimum_calls=20,  # ...and successes take the lock-free path once 20 are in
+        metrics=CollectorRegistry(),
     )
     n_threads, per_thread = 4, 2000
 
     def work() -> None:
         for i in range(per_thread):
-            if i % 10 == 0:
+            if i % 10 == 5:
                 with pytest.raises(Boom):
                     b.call(boom)
             else:
                 b.call(lambda: None)
 
     threads = [threading.Thread(target=work) for _ in range(n_threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        sys.setswitchinterval(old_interval)
     counts = b.counts()
     assert counts.calls == n_threads * per_thread
     assert counts.failures == n_threads * per_thread // 10
+    assert b._core.calls_successful == n_threads * per_thread * 9 // 10
 
 
 def test_shared_store_opens_every_breaker_of_the_name() -> None:
@@ -520,3 +534,33 @@ def test_predicates_may_use_the_breaker_without_deadlock() -> None:
     with b:
         pass  # a with-block has no result: the result predicate is not consulted
     assert b.counts().failures == 1 and b.counts().calls == 2
+
+
+@pytest.mark.parametrize("mode", list(MODES)[:4], ids=list(MODES)[:4])
+@pytest.mark.parametrize("entry", ["call", "decorator", "with", "call_async", "async_with"])
+async def test_a_success_that_reaches_minimum_calls_can_open(mode: str, entry: str) -> None:
+    """9 failures then 1 success: the 10th call makes the window count, 90% >= 50%."""
+    clock = ManualClock()
+    kwargs: dict[str, object] = {"window": 100, "minimum_calls": 10, **MODES[mode]}
+    b = make(clock, **kwargs)
+    for _ in range(9):
+        with pytest.raises(Boom):
+            b.call(boom)
+    assert b.state is BreakerState.CLOSED
+
+    def ok() -> int:
+        return 1
+
+    if entry == "call":
+        b.call(ok)
+    elif entry == "decorator":
+        b(ok)()
+    elif entry == "with":
+        with b:
+            pass
+    elif entry == "call_async":
+        await b.call_async(aok)
+    else:
+        async with b:
+            pass
+    assert b.state is BreakerState.OPEN

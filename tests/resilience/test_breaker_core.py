@@ -369,3 +369,26 @@ def test_states_have_stable_names() -> None:
         "forced_open",
         "disabled",
     ]
+
+
+def test_fast_flag_tracks_whether_a_success_could_open() -> None:
+    c = core(minimum_calls=4)
+    assert c.fast
+    fail(c)
+    assert not c.fast  # a failure and fewer than minimum_calls: successes must be checked
+    ok(c)
+    ok(c)
+    assert not c.fast
+    ok(c)  # 4 calls, 25%: closed, and from now on a success cannot open it
+    assert c.state is CLOSED and c.fast
+    fail(c)
+    fail(c)  # 3 of 6 failed
+    assert c.state is OPEN and not c.fast
+
+
+def test_success_reaching_minimum_calls_opens() -> None:
+    c = core(minimum_calls=4)
+    for _ in range(3):
+        fail(c)
+    ok(c)
+    assert c.state is OPEN

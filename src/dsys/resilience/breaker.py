@@ -127,6 +127,10 @@ class MemoryBreakerStore:
         return self._states.get(name)
 
 
+def _never(now: float) -> bool:
+    return False
+
+
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     if clock is None or type(clock) is MonotonicClock:
         return time.monotonic
@@ -194,6 +198,7 @@ class CircuitBreaker:
         "_store_poll_interval",
         "_store_version",
         "_timed",
+        "_try_add",
         "name",
     )
 
@@ -273,6 +278,11 @@ class CircuitBreaker:
         collector_for(metrics).breakers.add(self)
         # the lock-free fast path (see "sync" below) needs no result predicate, no store
         self._ring = self._core.ring
+        buckets = self._core.buckets
+        # the time window's fast success recorder, bound once (a count window never uses it)
+        self._try_add: Callable[[float], bool] = (
+            buckets.try_add_success if buckets is not None else _never
+        )
         self._slow_at = config.slow_call_duration or float("inf")
         if result_predicate is not None or store is not None:
             self._mode = 0
@@ -331,12 +341,13 @@ class CircuitBreaker:
     # -- sync ------------------------------------------------------------------------
     #
     # Each entry point has a fast path for the closed state when there is no result
-    # predicate and no store: run the call and, if it succeeded (and was not slow), count
-    # it with a couple of integer increments that cannot be interrupted under the GIL
-    # (see BreakerCore "Fast path"). Everything else (failures, other states, a time
-    # bucket that moved on) goes through the core under the lock (sync) or directly
-    # (async: one event loop, no lock). Modes: 0 no fast path, 1 count window,
-    # 2 count window with slow-call timing, 3 time window.
+    # predicate and no store: run the call and, if it succeeded (and was not slow) and
+    # core.fast says a success cannot open the breaker, count it with a couple of integer
+    # increments that cannot be interrupted under the GIL (see BreakerCore "Fast path").
+    # Everything else (failures, other states, a time bucket that moved on) goes through
+    # the core under the lock (sync) or directly (async: one event loop, no lock).
+    # Modes: 0 no fast path, 1 count window, 2 count window with slow-call timing,
+    # 3 time window.
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Call ``fn(*args, **kwargs)`` through the breaker (thread-safe).
@@ -354,8 +365,10 @@ class CircuitBreaker:
                 except BaseException as exc:
                     self._sync_exception(permit, exc, 0.0)
                     raise
-                if permit is core.permit:
+                if core.fast and permit is core.permit:
                     self._ring.seq += 1  # type: ignore[union-attr]
+                else:
+                    self._sync_result(permit, result, 0.0, fast=False)
                 return result
             now = self._now
             start = now() if self._timed else 0.0
@@ -365,11 +378,11 @@ class CircuitBreaker:
                 self._sync_exception(permit, exc, start)
                 raise
             end = now()
-            if end - start < self._slow_at and permit is core.permit:
+            if end - start < self._slow_at and core.fast and permit is core.permit:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                if self._try_add(end):
                     return result
             self._sync_result(permit, result, start, fast=False)
             return result
@@ -414,11 +427,11 @@ class CircuitBreaker:
         """Record a success on the fast path if possible (modes 2 and 3); else False."""
         core = self._core
         end = self._now()
-        if end - start < self._slow_at and permit is core.permit and core.state is CLOSED:
+        if end - start < self._slow_at and core.fast and permit is core.permit:
             if self._mode == 2:
                 self._ring.seq += 1  # type: ignore[union-attr]
                 return True
-            return core.buckets.try_add_success(end)  # type: ignore[union-attr]
+            return self._try_add(end)
         return False
 
     def __enter__(self) -> CircuitBreaker:
@@ -443,7 +456,7 @@ class CircuitBreaker:
         self._stack.set(prev)
         if exc is not None:
             self._sync_exception(permit, exc, start)
-        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+        elif self._mode == 1 and self._core.fast and permit is self._core.permit:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
             self._sync_result(permit, _NO_RESULT, start)
@@ -470,8 +483,10 @@ class CircuitBreaker:
                 except BaseException as exc:
                     self._async_exception(permit, exc, 0.0)
                     raise
-                if permit is core.permit:
+                if core.fast and permit is core.permit:
                     self._ring.seq += 1  # type: ignore[union-attr]
+                else:
+                    self._async_result(permit, result, 0.0, fast=False)
                 return result
             now = self._now
             start = now() if self._timed else 0.0
@@ -481,11 +496,11 @@ class CircuitBreaker:
                 self._async_exception(permit, exc, start)
                 raise
             end = now()
-            if end - start < self._slow_at and permit is core.permit:
+            if end - start < self._slow_at and core.fast and permit is core.permit:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                if self._try_add(end):
                     return result
             self._async_result(permit, result, start, fast=False)
             return result
@@ -545,7 +560,7 @@ class CircuitBreaker:
         self._stack.set(prev)
         if exc is not None:
             self._async_exception(permit, exc, start)
-        elif self._mode == 1 and permit is self._core.permit and self._core.state is CLOSED:
+        elif self._mode == 1 and self._core.fast and permit is self._core.permit:
             self._ring.seq += 1  # type: ignore[union-attr]
         else:
             self._async_result(permit, _NO_RESULT, start)
@@ -572,6 +587,7 @@ class CircuitBreaker:
         now = self._now
         timed = self._timed
         slow_at = self._slow_at
+        try_add = self._try_add
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
             async_exception = self._async_exception
@@ -588,15 +604,17 @@ class CircuitBreaker:
                         async_exception(permit, exc, start)
                         raise
                     if mode == 1:
-                        if permit is core.permit:
+                        if core.fast and permit is core.permit:
                             ring.seq += 1  # type: ignore[union-attr]
+                        else:
+                            async_result(permit, result, start, fast=False)
                         return result
                     end = now()
-                    if end - start < slow_at and permit is core.permit:
+                    if end - start < slow_at and core.fast and permit is core.permit:
                         if mode == 2:
                             ring.seq += 1  # type: ignore[union-attr]
                             return result
-                        if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                        if try_add(end):
                             return result
                     async_result(permit, result, start, fast=False)
                     return result
@@ -618,15 +636,17 @@ class CircuitBreaker:
                     sync_exception(permit, exc, start)
                     raise
                 if mode == 1:
-                    if permit is core.permit:
+                    if core.fast and permit is core.permit:
                         ring.seq += 1  # type: ignore[union-attr]
+                    else:
+                        sync_result(permit, result, start, fast=False)
                     return result
                 end = now()
-                if end - start < slow_at and permit is core.permit:
+                if end - start < slow_at and core.fast and permit is core.permit:
                     if mode == 2:
                         ring.seq += 1  # type: ignore[union-attr]
                         return result
-                    if core.buckets.try_add_success(end):  # type: ignore[union-attr]
+                    if try_add(end):
                         return result
                 sync_result(permit, result, start, fast=False)
                 return result

@@ -453,12 +453,14 @@ class BreakerCore:
 
     Not thread-safe by itself: the adapter serialises calls (one event loop, or a lock).
 
-    Fast path. ``state`` and ``permit`` are plain attributes (read them, never assign
-    them). While ``state is CLOSED``, a successful call that is not slow (and not judged
-    by a result predicate) whose permit is still ``core.permit`` may be recorded
-    directly: with a count window (``ring`` is not ``None``) by ``core.ring.seq += 1``,
-    with a time window by ``core.buckets.try_add_success(now)`` (when it returns False,
-    call :meth:`on_success`). That is all :meth:`on_success` would do, minus the calls.
+    Fast path. ``state``, ``permit`` and ``fast`` are plain attributes (read them, never
+    assign them). ``fast`` is true when the state is ``CLOSED`` and a success cannot open
+    the breaker. Then a successful call that is not slow (and not judged by a result
+    predicate) whose permit is still ``core.permit`` may be recorded directly, if
+    ``fast`` is still true when it ends: with a count window (``ring`` is not ``None``)
+    by ``core.ring.seq += 1``, with a time window by
+    ``core.buckets.try_add_success(now)`` (when it returns False, call
+    :meth:`on_success`). That is all :meth:`on_success` would do, minus the calls.
 
     Args:
         config: the validated configuration.
@@ -484,6 +486,7 @@ class BreakerCore:
         "calls_rejected",
         "calls_slow",
         "events",
+        "fast",
         "permit",
         "ring",
         "state",
@@ -515,6 +518,8 @@ class BreakerCore:
         self._generation = 0
         self.permit = Permit(0)
         """The permit of the current generation."""
+        self.fast = True
+        """Whether a success may be recorded on the fast path now (see above)."""
         self._open_until = 0.0
         self._open_wait = config.open_wait
         self._trial = _Trial()
@@ -620,8 +625,9 @@ class BreakerCore:
             w.add(now, outcome)
             if self.ring is None:
                 self._successes += 1
-            if (outcome or self.ring is None) and w.calls >= self._window_min:
+            if w.calls >= self._window_min:
                 self._check_window(now)
+            self._refresh_fast()
             return
         self._successes += 1
         if state is HALF_OPEN:
@@ -647,6 +653,7 @@ class BreakerCore:
                 self._closed_failures += 1
             if w.calls >= self._window_min:
                 self._check_window(now)
+            self._refresh_fast()
         elif state is HALF_OPEN:
             self._record_trial(now, outcome)
 
@@ -680,6 +687,7 @@ class BreakerCore:
             self._transition(CLOSED, now, "reset")
         else:
             self._window.clear()
+            self._refresh_fast()
 
     def trip(self, now: float, reason: str = "tripped by hand") -> None:
         """Open the breaker now, as if the thresholds had been reached."""
@@ -701,6 +709,16 @@ class BreakerCore:
             self._transition(state, now, "shared state")
 
     # -- internals -------------------------------------------------------------------
+
+    def _refresh_fast(self) -> None:
+        # A success can be recorded without checking the rates when it cannot open the
+        # breaker: the window already holds minimum_calls (a success never raises the
+        # failure rate then; a time window's expiry goes through on_success), or it
+        # holds no failed or slow call (nothing to reach a threshold with).
+        w = self._window
+        self.fast = self.state is CLOSED and (
+            w.calls >= self._window_min or not (w.failures or w.slow)
+        )
 
     def _check_window(self, now: float) -> None:
         w = self._window
@@ -751,6 +769,7 @@ class BreakerCore:
             self._window.clear()
         elif to is HALF_OPEN:
             self._trial = _Trial()
+        self._refresh_fast()
         key = (frm, to)
         self.transitions[key] = self.transitions.get(key, 0) + 1
         self.events.append(StateTransition(frm, to, now, reason, fr, sr))
