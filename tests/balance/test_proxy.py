@@ -56,6 +56,7 @@ async def test_round_robin_spreads_requests_and_sets_forwarded_headers(
     assert headers["x-custom"] == "kept"
     assert headers["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
     assert headers["x-forwarded-proto"] == "http"
+    assert headers["x-forwarded-host"] == f"127.0.0.1:{lb.port}"
     assert headers["forwarded"].startswith("for=127.0.0.1;proto=http")
 
 

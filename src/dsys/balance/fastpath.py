@@ -159,6 +159,7 @@ class FastPath:
         self.idle.clear()
 
     def checkout(self, ep: str) -> _UpstreamConn | None:
+        """An idle keep-alive connection to ``ep`` (most recently used first), if any."""
         conns = self.idle.get(ep)
         while conns:
             u = conns.pop()
@@ -167,6 +168,7 @@ class FastPath:
         return None
 
     def checkin(self, u: _UpstreamConn) -> None:
+        """Keep ``u`` for reuse (at most 512 idle per endpoint), or close it."""
         if self.draining or u.closed:
             u.close()
             return
@@ -313,6 +315,7 @@ class _ClientConn(asyncio.Protocol):
         xff = b""
         fwd = b""
         close_after = False
+        has_xfh = False
         for line in lines[1:]:
             colon = line.find(b":")
             if (
@@ -348,6 +351,8 @@ class _ClientConn(asyncio.Protocol):
                 return
             if lname == b"host":
                 host = line[colon + 1 :].strip()
+            elif lname == b"x-forwarded-host":
+                has_xfh = True
             out.append(line)
         if not host:
             self._handoff()
@@ -356,6 +361,8 @@ class _ClientConn(asyncio.Protocol):
         peer = self.peer
         out.append(b"X-Forwarded-For: " + (xff + b", " + peer if xff else peer))
         out.append(b"X-Forwarded-Proto: http")
+        if not has_xfh:
+            out.append(b"X-Forwarded-Host: " + host)
         f = self.fwd + b';host="' + host + b'"'
         out.append(b"Forwarded: " + (fwd + b", " + f if fwd else f))
         out.append(b"\r\n")

@@ -117,6 +117,7 @@ class _Base:
         self._total = 0  # invariant: == sum(self._pending.values())
 
     def update(self, endpoints: Mapping[str, int]) -> None:
+        """Replace the eligible set: endpoint id -> integer weight in 1..MAX_WEIGHT."""
         _check_weights(endpoints)
         self._weights = dict(endpoints)
         self._ids = sorted(self._weights)
@@ -129,16 +130,19 @@ class _Base:
         """Recompute strategy-specific structures after the eligible set changed."""
 
     def started(self, endpoint: str, *, now: float) -> None:
+        """A request to ``endpoint`` started."""
         self._pending[endpoint] = self._pending.get(endpoint, 0) + 1
         self._total += 1
 
     def finished(self, endpoint: str, *, now: float, latency: float, ok: bool) -> None:
+        """A request to ``endpoint`` finished."""
         n = self._pending.get(endpoint, 0)
         if n > 0:
             self._pending[endpoint] = n - 1
             self._total -= 1
 
     def outstanding(self, endpoint: str) -> int:
+        """Requests started and not yet finished on ``endpoint``."""
         return self._pending.get(endpoint, 0)
 
     def _first_allowed(self, exclude: Collection[str]) -> str | None:
@@ -301,11 +305,13 @@ class LeastOutstanding(_Base):
         return None
 
     def started(self, endpoint: str, *, now: float) -> None:
+        """Count the request and move ``endpoint`` in the load order."""
         super().started(endpoint, now=now)
         self._tick += 1
         self._reposition(endpoint, self._tick)
 
     def finished(self, endpoint: str, *, now: float, latency: float, ok: bool) -> None:
+        """Uncount the request and move ``endpoint`` in the load order."""
         super().finished(endpoint, now=now, latency=latency, ok=ok)
         self._reposition(endpoint)
 
@@ -423,6 +429,7 @@ class PeakEwma(_TwoChoices):
         return est * (pending + 1) / self._weights[ep]
 
     def finished(self, endpoint: str, *, now: float, latency: float, ok: bool) -> None:
+        """Uncount the request and fold its latency into the endpoint's peak EWMA."""
         super().finished(endpoint, now=now, latency=latency, ok=ok)
         rtt = latency if ok else max(latency, self._penalty)
         e = self._ewma.get(endpoint)
