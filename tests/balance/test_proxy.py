@@ -450,3 +450,17 @@ async def test_upstream_connections_closed_by_the_backend_are_not_held_against_i
         async with s.get(lb.url + "/_dsys/endpoints") as resp:
             (ep,) = (await resp.json())["endpoints"]
     assert ep["failures"] == 0 and ep["state"] == "up"
+
+
+@PATHS
+async def test_an_endpoint_that_does_not_answer_in_time_gets_a_504(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc], path_flags: tuple[str, ...]
+) -> None:
+    b = backend("t")
+    lb = proxy([b.url], "--no-health-check", "--timeout", "0.5", *path_flags)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(lb.url + "/slow?ms=4000") as resp:
+            assert resp.status == 504
+            body = await resp.json()
+        assert body["error"] == "upstream_timeout" and "0.5" in body["message"]
+        assert await _get(s, lb.url + "/") == (200, "hello from t")  # still serving
