@@ -265,10 +265,14 @@ async def test_graceful_shutdown_finishes_in_flight_requests(
     b = backend("g")
     lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20")
     async with aiohttp.ClientSession() as s:
-        slow = asyncio.create_task(_get(s, lb.url + "/slow?ms=1500"))
-        async with s.get(b.url + "/progress?key=none"):
-            pass
-        await asyncio.sleep(0.3)  # let the slow request reach the backend
+        slow = asyncio.create_task(_get(s, lb.url + "/slow?ms=2500"))
+        for _ in range(400):  # until the proxy has the request in flight
+            async with s.get(lb.url + "/_dsys/healthz") as resp:
+                if (await resp.json())["in_flight"] == 1:
+                    break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the slow request never reached the proxy")
         code = asyncio.create_task(asyncio.to_thread(terminate, lb))
         assert await slow == (200, "slow g")
         assert await code == 0

@@ -108,6 +108,11 @@ class FastPath:
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._emptied = asyncio.Event()
+        lb.fast_in_flight = self.in_flight
+
+    def in_flight(self) -> int:
+        """Requests on the fast path right now (O(connections); for metrics scrapes)."""
+        return sum(1 for c in self.clients if c.request is not None)
 
     def forget(self, client: _ClientConn) -> None:
         """A client connection closed or went to aiohttp."""

@@ -171,6 +171,9 @@ class LoadBalancer:
             "errors_total", "Requests answered by the proxy itself", ["code"]
         )
         self._in_flight = self.metrics.gauge("in_flight", "Requests being proxied now")
+        self._in_flight.set_function(self.in_flight)
+        self._aio_in_flight = 0
+        self.fast_in_flight: Callable[[], int] | None = None  # set by the fast path
         self.pool = Pool(config.backends, config=config.pool, on_event=self._on_event)
         self.budget = RetryBudget(ratio=config.retry_ratio)
         self._clock = self.pool.clock
@@ -244,12 +247,18 @@ class LoadBalancer:
         if session is not None:
             await session.close()
 
+    def in_flight(self) -> int:
+        """Requests being proxied right now (both paths)."""
+        fast = self.fast_in_flight
+        return self._aio_in_flight + (fast() if fast is not None else 0)
+
     async def _health(self) -> dict[str, object]:
         eligible = self.pool.eligible()
         return {
             "ok": bool(eligible),
             "endpoints": len(self.pool),
             "eligible": len(eligible),
+            "in_flight": self.in_flight(),
         }
 
     def _on_event(self, ev: object) -> None:
@@ -299,11 +308,11 @@ class LoadBalancer:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return await self._websocket(request)
-        self._in_flight.inc()
+        self._aio_in_flight += 1
         try:
             return await self._proxy(request)
         finally:
-            self._in_flight.dec()
+            self._aio_in_flight -= 1
 
     async def _proxy(self, request: web.Request) -> web.StreamResponse:
         session = self._session
