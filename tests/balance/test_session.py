@@ -51,23 +51,23 @@ async def test_session_balances_and_retries_around_a_dead_endpoint(
 async def test_per_try_timeout_retries_idempotent_and_deadline_bounds_all(
     backend: Callable[..., Proc],
 ) -> None:
-    slow = backend("slow", delay_ms=2000)
+    slow = backend("slow", delay_ms=4000)
     fast = backend("fast")
     cfg = SessionConfig(
         pool=PoolConfig(strategy="round-robin", outlier=None, circuit_breaker=False),
-        try_timeout=0.5,
+        try_timeout=1.0,
         deadline=10.0,
     )
     async with Session([slow.url, fast.url], config=cfg) as s:
         texts = Counter()
-        for _ in range(4):
+        for _ in range(3):
             resp = await s.get("/")
             texts[resp.text()] += 1
             assert resp.tries in (1, 2)
-        assert texts == {"hello from fast": 4}
+        assert texts == {"hello from fast": 3}
         # Not idempotent: a timeout may have reached the server, so no retry.
-        with pytest.raises(RequestTimeout, match=r"within 0\.5 s"):
-            await s.post("/slow?ms=3000", data=b"")
+        with pytest.raises(RequestTimeout, match="within 1 s"):
+            await s.post("/slow?ms=4000", data=b"")
 
     only_slow = SessionConfig(
         pool=PoolConfig(outlier=None, circuit_breaker=False), try_timeout=5.0, deadline=0.5
