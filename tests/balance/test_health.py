@@ -194,3 +194,21 @@ def test_pool_circuit_breaker_opens_on_failures_and_half_opens_later() -> None:
     lease = pool.acquire()  # a half-open trial call
     pool.release(lease, ok=True, feed_breaker=True)
     assert pool.snapshot()[0]["circuit"] in ("half_open", "closed")
+
+
+def test_breaker_sees_the_same_window_when_clean_successes_are_skipped() -> None:
+    clock = ManualClock()
+    pool = Pool(
+        ["http://127.0.0.1:9001", "http://127.0.0.1:9002"],
+        config=PoolConfig(strategy="round-robin", outlier=None),
+        clock=clock,
+    )
+    ep = "http://127.0.0.1:9001"
+    other = ["http://127.0.0.1:9002"]
+    for _ in range(25):  # the last 5 are not reported: the window is all successes
+        pool.release(pool.acquire(exclude=other), ok=True, feed_breaker=True)
+    for i in range(10):
+        assert ep in [e["url"] for e in pool.snapshot() if e["state"] == "up"], i
+        pool.release(pool.acquire(exclude=other), ok=False, feed_breaker=True)
+    # 10 failures among the last 20 calls: 50 %, the default threshold.
+    assert {e["url"]: e["state"] for e in pool.snapshot()}[ep] == "circuit_open"

@@ -630,6 +630,29 @@ class _UpstreamConn(asyncio.Protocol):
 
     def _head(self, client: _ClientConn, req: _Request, head: bytes) -> bytes | None:
         """Parse and rewrite the response head; ``None`` if it was bad (already handled)."""
+        low = head.lower()
+        if (
+            b"\r\nconnection:" not in low
+            and b"\r\nkeep-alive:" not in low
+            and b"\r\ntransfer-encoding:" not in low
+            and b"\r\nupgrade:" not in low
+            and b"\r\nproxy-" not in low
+            and b"\r\nte:" not in low
+            and low.count(b"\r\ncontent-length:") == 1
+            and low.count(b"\n") == low.count(b"\r\n")
+            and low.startswith(b"http/1.1 ")
+        ):
+            # The common answer (HTTP/1.1, one Content-Length, nothing hop-by-hop):
+            # forwarded as it is, without splitting it into lines.
+            i = low.find(b"\r\ncontent-length:") + 17
+            j = low.find(b"\r\n", i)
+            try:
+                status = int(head[9:12])
+                length = int(head[i:] if j < 0 else head[i:j])
+            except ValueError:
+                status = length = -1
+            if status >= 200 and length >= 0:
+                return self._framed(client, req, status, length, False, head)
         lines = head.split(b"\r\n")
         status_line = lines[0]
         try:
@@ -640,7 +663,6 @@ class _UpstreamConn(asyncio.Protocol):
         if not status_line.startswith(b"HTTP/1.") or status < 200:
             self._bad(client, req, f"unexpected status line {status_line[:40]!r}")
             return None
-        self.status = status
         out = [status_line]
         length = -1
         chunked = False
@@ -665,6 +687,19 @@ class _UpstreamConn(asyncio.Protocol):
             out.append(line)
         if status_line.startswith(b"HTTP/1.0"):
             self.keep_alive = False
+        return self._framed(client, req, status, length, chunked, b"\r\n".join(out))
+
+    def _framed(
+        self,
+        client: _ClientConn,
+        req: _Request,
+        status: int,
+        length: int,
+        chunked: bool,
+        head: bytes,
+    ) -> bytes:
+        """Set up body framing; return the head to send, blank line included."""
+        self.status = status
         if req.is_head or status in (204, 304):
             self.mode = 0
         elif chunked:
@@ -677,15 +712,14 @@ class _UpstreamConn(asyncio.Protocol):
             self.mode = 3
             self.keep_alive = False
             req.close_after = True
-        if req.close_after or client.fast.draining:
-            out.append(b"Connection: close")
-        out.append(b"\r\n")
         req.sent_head = True
         fast = self.fast
         lease = req.lease
         if lease is not None:
             fast.lb._count(lease.endpoint, status, fast.loop.time() - req.started)
-        return b"\r\n".join(out)
+        if req.close_after or fast.draining:
+            return head + b"\r\nConnection: close\r\n\r\n"
+        return head + b"\r\n\r\n"
 
     def _body(self, client: _ClientConn, req: _Request, data: bytes, head: bytes) -> None:
         """Forward body bytes (after ``head``, when it is still unsent) to the client."""

@@ -145,6 +145,10 @@ def _is_server_error(result: object) -> bool:
     return isinstance(status, int) and status >= 500
 
 
+DEFAULT_BREAKER_WINDOW = 20
+"""Calls in the count window of :func:`default_breaker`."""
+
+
 def default_breaker(endpoint: str, clock: Clock) -> Breaker:
     """A :class:`dsys.resilience.CircuitBreaker` for one endpoint.
 
@@ -157,7 +161,7 @@ def default_breaker(endpoint: str, clock: Clock) -> Breaker:
     return CircuitBreaker(
         f"balance:{endpoint}",
         failure_rate_threshold=50.0,
-        window=20,
+        window=DEFAULT_BREAKER_WINDOW,
         minimum_calls=10,
         open_wait=5.0,
         open_wait_multiplier=2.0,
@@ -180,6 +184,8 @@ class EndpointState:
     requests: int = 0
     failures: int = 0
     last_error: str = ""
+    clean_window: int | None = None  # count-window size of the breaker, when known
+    clean: int = 0  # successes reported to the breaker since its last failure
 
 
 @dataclass(slots=True)
@@ -242,12 +248,18 @@ class Pool:
             old.weight, old.draining = weight, False
             return ep
         breaker: Breaker | None = None
+        window: int | None = None
         if self._breaker_factory is not None:
             breaker = self._breaker_factory(ep)
         elif self.config.circuit_breaker:
             breaker = default_breaker(ep, self.clock)
+            window = DEFAULT_BREAKER_WINDOW
         self._endpoints[ep] = EndpointState(
-            url=ep, weight=weight, health=ActiveHealth(ep, self._hc), breaker=breaker
+            url=ep,
+            weight=weight,
+            health=ActiveHealth(ep, self._hc),
+            breaker=breaker,
+            clean_window=window,
         )
         self._outliers.add(ep)
         return ep
@@ -383,12 +395,23 @@ class Pool:
         now = self.clock.now()
         ep = lease.endpoint
         self._picker.finished(ep, now=now, latency=now - lease.started, ok=ok)
-        breaker = lease.state.breaker
+        st = lease.state
+        breaker = st.breaker
         if feed_breaker and breaker is not None:
-            # The breaker only offers call(): report the outcome as a call that
-            # succeeds or raises. An open breaker refuses it, which changes nothing.
-            with contextlib.suppress(_EndpointFailed, CircuitOpenError):
-                breaker.call(_succeeded if ok else _failed)
+            if not ok:
+                st.clean = 0
+            elif st.clean_window is not None and st.clean >= st.clean_window:
+                # The breaker's count window holds only successes already and one
+                # more changes nothing (a failure is still reported exactly).
+                if breaker.state.value == "closed":
+                    breaker = None
+            else:
+                st.clean += 1
+            if breaker is not None:
+                # The breaker only offers call(): report the outcome as a call that
+                # succeeds or raises. An open breaker refuses it, which changes nothing.
+                with contextlib.suppress(_EndpointFailed, CircuitOpenError):
+                    breaker.call(_succeeded if ok else _failed)
         if ok:
             if self._eject:
                 self._outliers.record_success(ep, now=now)

@@ -337,10 +337,10 @@ class _TwoChoices(_Base):
             return None
         if n == 1:
             return ids[0] if ids[0] not in exclude else None
-        rng = self._rng
+        rnd = self._rng.random
         for _ in range(4 + len(exclude)):
-            i = rng.randrange(n)
-            j = rng.randrange(n - 1)
+            i = int(rnd() * n)  # cheaper than randrange, and as uniform for small n
+            j = int(rnd() * (n - 1))
             if j >= i:
                 j += 1
             a, b = ids[i], ids[j]
