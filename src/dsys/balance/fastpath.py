@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 _FAST_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_GOOD_NAMES: set[bytes] = set()  # lower-cased header names already checked by _TOKEN
 # Request headers never forwarded (hop-by-hop, or replaced by ours).
 _DROP_REQUEST = frozenset(
     {
@@ -302,6 +303,10 @@ class _ClientConn(asyncio.Protocol):
                 self._handoff()
             return
         head = buf[:end]
+        n_lines = head.count(b"\r\n")
+        if head.count(b"\n") != n_lines or head.count(b"\r") != n_lines or b"\0" in head:
+            self._handoff()  # bare CR/LF or NUL: aiohttp answers 400 with the reason
+            return
         lines = head.split(b"\r\n")
         parts = lines[0].split(b" ")
         if (
@@ -323,13 +328,7 @@ class _ClientConn(asyncio.Protocol):
         has_xfh = False
         for line in lines[1:]:
             colon = line.find(b":")
-            if (
-                colon <= 0
-                or len(line) > MAX_LINE
-                or b"\n" in line
-                or b"\r" in line
-                or b"\0" in line
-            ):
+            if colon <= 0 or len(line) > MAX_LINE:
                 self._handoff()  # aiohttp answers 400/431 with the reason
                 return
             name = line[:colon]
@@ -351,9 +350,12 @@ class _ClientConn(asyncio.Protocol):
                 elif lname == b"forwarded":
                     fwd = value
                 continue
-            if not _TOKEN.match(name):
-                self._handoff()
-                return
+            if lname not in _GOOD_NAMES:
+                if not _TOKEN.match(name):
+                    self._handoff()
+                    return
+                if len(_GOOD_NAMES) < 4096:
+                    _GOOD_NAMES.add(lname)
             if lname == b"host":
                 host = line[colon + 1 :].strip()
             elif lname == b"x-forwarded-host":
