@@ -117,12 +117,14 @@ def _refusing(breaker: Breaker, now: float) -> bool:
     """Whether an open breaker still refuses calls at ``now``.
 
     ``CircuitBreaker.state`` stays ``OPEN`` until the first call after its open wait,
-    so the pool also reads when that wait ends (the core's ``open_until``, on the same
-    clock); once it has passed, the next request is the breaker's trial call.
+    so the pool also reads when that wait ends (``open_until``, on the same clock);
+    once it has passed, the next request is the breaker's trial call.
     """
     if breaker.state.value != "open":
         return False
-    until = getattr(getattr(breaker, "_core", None), "open_until", None)
+    until = getattr(breaker, "open_until", None)  # public in later dsys.resilience
+    if until is None:
+        until = getattr(getattr(breaker, "_core", None), "open_until", None)
     if isinstance(until, int | float):
         return now < until
     return True
