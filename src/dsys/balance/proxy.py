@@ -402,6 +402,13 @@ class LoadBalancer:
             raise _UpstreamFailed(
                 f"{ep}: connection dropped: {exc!r}", retry_safe=method in IDEMPOTENT
             ) from None
+        except aiohttp.ConnectionTimeoutError:
+            pool.release(lease, ok=False, error="connect timeout")
+            self._count(ep, 0, 0.0)
+            raise _UpstreamFailed(
+                f"{ep}: cannot connect within {self.config.connect_timeout} s",
+                retry_safe=True,
+            ) from None
         except TimeoutError:
             pool.release(lease, ok=False, error="timeout")
             self._count(ep, 0, 0.0)
@@ -428,7 +435,20 @@ class LoadBalancer:
                 await resp.write_eof()
                 return resp
             if length is not None and length <= self.config.buffer_limit:
-                data = await upstream.read()
+                try:
+                    data = await upstream.read()
+                except TimeoutError:
+                    ok = False
+                    raise _UpstreamFailed(
+                        f"{ep}: answer not complete within {self.config.timeout} s",
+                        retry_safe=False,
+                        timeout=True,
+                    ) from None
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    ok = False  # nothing went to the client yet: another try or a 502
+                    raise _UpstreamFailed(
+                        f"{ep}: broke off its answer: {exc!r}", retry_safe=method in IDEMPOTENT
+                    ) from None
                 resp_headers.popall(_CONTENT_LENGTH, None)
                 return web.Response(
                     status=status, reason=upstream.reason, body=data, headers=resp_headers
