@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from dsys.balance import LoadBalancer
+from dsys.balance import Session as BalancedSession
 from dsys.errors import (
     BadInputError,
     ClosedError,
@@ -29,6 +31,7 @@ from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter
 
 __all__ = [
     "BadInputError",
+    "BalancedSession",
     "BoundedLoadRing",
     "Bulkhead",
     "CircuitBreaker",
@@ -39,6 +42,7 @@ __all__ = [
     "DsysError",
     "HashRing",
     "Limiter",
+    "LoadBalancer",
     "NotLeaderError",
     "Policy",
     "ProtocolError",
