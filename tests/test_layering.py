@@ -28,8 +28,6 @@ PURE = [
     "resilience/backoff.py",
     "ratelimit/core.py",
     "sharding/ring.py",
-    "resilience/breaker_core.py",
-    "resilience/backoff.py",
     "balance/strategies.py",
     "balance/health.py",
     "sharding/jump.py",

@@ -104,6 +104,11 @@ class Breaker(Protocol):
         """The breaker's state; its ``value`` is ``"open"`` while it refuses calls."""
         ...
 
+    @property
+    def open_until(self) -> float | None:
+        """When open: the time (on the breaker's clock) its open wait ends, else ``None``."""
+        ...
+
     async def call_async(self, fn: Callable[[], Awaitable[T]], /) -> T:
         """Run ``fn()`` under the breaker; raises ``CircuitOpenError`` when refused."""
         ...
@@ -122,12 +127,8 @@ def _refusing(breaker: Breaker, now: float) -> bool:
     """
     if breaker.state.value != "open":
         return False
-    until = getattr(breaker, "open_until", None)  # public in later dsys.resilience
-    if until is None:
-        until = getattr(getattr(breaker, "_core", None), "open_until", None)
-    if isinstance(until, int | float):
-        return now < until
-    return True
+    until = breaker.open_until
+    return until is None or now < until
 
 
 class _EndpointFailed(Exception):
