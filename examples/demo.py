@@ -6,8 +6,10 @@ real process where a user would run one:
 1. shard routing: plan what moves when a node joins;
 2. pub/sub: a broker process, wildcard subscribers, a queue group of order workers;
 3. rate limiting: three limiter nodes sharing one limit across app instances;
-
-and more as blocks land. Every server started here is stopped at the end, whatever
+4. load balancing: a reverse-proxy process (p2c-ewma) over three quote services, one
+   of them slow, then one killed mid-run;
+5. circuit breaker: calls to a quote service that goes down and comes back.
+ Every server started here is stopped at the end, whatever
 happens; the demo stops by itself within a minute.
 """
 
@@ -25,10 +27,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 
 import aiohttp
+from aiohttp import web
 
-from dsys.observability import configure_logging
+from dsys.errors import CircuitOpenError
+from dsys.observability import configure_logging, start_site
 from dsys.pubsub import Client, Msg
 from dsys.ratelimit import ClusterStore, Limiter
+from dsys.resilience import CircuitBreaker, CountWindow
 
 PY = sys.executable
 PROCS: list[subprocess.Popen[bytes]] = []
@@ -40,8 +45,12 @@ def say(text: str) -> None:
 
 
 def port_near(preferred: int) -> int:
-    """The preferred default port when it is free, else any free loopback port."""
-    for port in (preferred, 0):
+    """The preferred default port when it is free, else any free loopback port.
+
+    ``DSYS_DEMO_ANY_PORT=1`` skips the defaults (for tests running in parallel).
+    """
+    candidates = (0,) if os.environ.get("DSYS_DEMO_ANY_PORT") == "1" else (preferred, 0)
+    for port in candidates:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -177,14 +186,140 @@ async def demo_ratelimit() -> None:
             await limiter.close()
 
 
+# -- 4. load balancing --------------------------------------------------------------------
+
+
+async def start_quote_service(name: str, delay: float) -> tuple[web.AppRunner, int]:
+    """A tiny quote service (an aiohttp app on a free port) answering after ``delay`` s."""
+    state = {"down": False}
+
+    async def quote(request: web.Request) -> web.Response:
+        if state["down"]:
+            return web.json_response({"error": "maintenance"}, status=503)
+        await asyncio.sleep(delay)
+        return web.json_response({"symbol": "INFY", "price": 1523.5, "served_by": name})
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    async def toggle(request: web.Request) -> web.Response:
+        state["down"] = request.query.get("down") == "1"
+        return web.json_response(state)
+
+    app = web.Application()
+    app.router.add_get("/quote", quote)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_post("/toggle", toggle)
+    return await start_site(app, "127.0.0.1", 0)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-quantile (0..1) of values, nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def demo_balance() -> None:
+    services = [
+        await start_quote_service("quotes-a", 0.002),
+        await start_quote_service("quotes-b", 0.002),
+        await start_quote_service("quotes-c (slow, +50 ms)", 0.050),
+    ]
+    port = port_near(7301)
+    say(f"4. Load balancing: a proxy process on 127.0.0.1:{port}, strategy p2c-ewma")
+    backends = [arg for _, p in services for arg in ("--backend", f"http://127.0.0.1:{p}")]
+    spawn("lb", "serve", "--listen", f"127.0.0.1:{port}", "--strategy", "p2c-ewma", *backends)
+    await wait_healthy(f"http://127.0.0.1:{port}/_dsys")
+    url = f"http://127.0.0.1:{port}/quote"
+    async with aiohttp.ClientSession() as http:
+
+        async def one() -> tuple[str, float, int]:
+            start = time.perf_counter()
+            async with http.get(url) as resp:
+                body = await resp.json()
+                return body.get("served_by", "-"), time.perf_counter() - start, resp.status
+
+        async def burst(n: int, concurrency: int = 10) -> list[tuple[str, float, int]]:
+            results: list[tuple[str, float, int]] = []
+            for _ in range(n // concurrency):
+                results += await asyncio.gather(*(one() for _ in range(concurrency)))
+            return results
+
+        results = await burst(300)
+        served = Counter(r[0] for r in results)
+        latencies = [r[1] * 1000 for r in results]
+        print(f"  300 requests: {dict(sorted(served.items()))}")
+        print(
+            f"  latency p50 {percentile(latencies, 0.5):.1f} ms, "
+            f"p99 {percentile(latencies, 0.99):.1f} ms: the slow instance gets little traffic"
+        )
+        runner, killed = services[0]
+        await runner.cleanup()
+        results = await burst(200)
+        statuses = Counter(r[2] for r in results)
+        print(f"  quotes-a (:{killed}) stopped; next 200 requests -> statuses {dict(statuses)}")
+    for runner, _ in services[1:]:
+        await runner.cleanup()
+
+
+# -- 5. circuit breaker ------------------------------------------------------------------
+
+
+class QuoteServiceDown(Exception):
+    """The quote service answered 5xx."""
+
+
+async def demo_breaker() -> None:
+    runner, port = await start_quote_service("quotes", 0.0)
+    say("5. Circuit breaker: the quote service fails, the breaker opens, then recovers")
+    breaker = CircuitBreaker(
+        "quotes", failure_rate_threshold=50, window=CountWindow(size=10), minimum_calls=5,
+        open_wait=0.5, permitted_calls_in_half_open=2,
+    )  # fmt: skip
+    breaker.add_listener(
+        lambda _, t: print(f"  breaker: {t.from_state.value} -> {t.to_state.value} ({t.reason})")
+    )
+    base = f"http://127.0.0.1:{port}"
+    outcomes: Counter[str] = Counter()
+    async with aiohttp.ClientSession() as http:
+
+        async def get_quote() -> None:
+            async with http.get(f"{base}/quote") as resp:
+                if resp.status >= 500:
+                    raise QuoteServiceDown(f"quote service answered {resp.status}")
+
+        async def call() -> None:
+            try:
+                await breaker.call_async(get_quote)
+                outcomes["ok"] += 1
+            except QuoteServiceDown:
+                outcomes["failed (reached the service)"] += 1
+            except CircuitOpenError:
+                outcomes["refused at once (breaker open)"] += 1
+
+        await http.post(f"{base}/toggle?down=1")
+        for _ in range(20):
+            await call()
+        print(f"  during the outage: {dict(outcomes)}")
+        await http.post(f"{base}/toggle?down=0")
+        await asyncio.sleep(0.6)  # the breaker's open wait
+        outcomes.clear()
+        for _ in range(10):
+            await call()
+        print(f"  after recovery: {dict(outcomes)}")
+    await runner.cleanup()
+
+
 async def amain() -> None:
     await demo_pubsub()
     await demo_ratelimit()
+    await demo_balance()
+    await demo_breaker()
 
 
 def main() -> int:
     """Run the showcase; returns the exit code."""
-    configure_logging(level="warning")
+    configure_logging(level="error")
     print("dsys demo: a small market-data system on 127.0.0.1, built from dsys blocks")
     with processes():
         demo_sharding()
