@@ -24,6 +24,7 @@ FORBIDDEN = {
 PURE = [
     "errors.py",
     "codec.py",
+    "kv/fsm.py",
 ]
 
 
