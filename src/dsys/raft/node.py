@@ -706,7 +706,7 @@ class RaftNode:
             if rfut is not None and not rfut.done():
                 rfut.set_exception(self._not_leader())
         else:
-            self.log.info("raft_event", event=repr(ev))
+            self.log.info("raft_event", kind=type(ev).__name__, detail=repr(ev))
 
     def _fail_reads(self) -> None:
         waiters, self._read_waiters = self._read_waiters, {}
