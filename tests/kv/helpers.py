@@ -50,9 +50,9 @@ def cluster_configs(
     ]
 
 
-async def wait_leader(servers: Sequence[KVServer], timeout: float = 10.0) -> KVServer:
+async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVServer:
     """The leader of an in-process cluster once one is elected and has committed."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         leaders = [s for s in servers if s.node.is_leader]
         if len(leaders) == 1 and leaders[0].node.applied_index >= 1:
@@ -122,9 +122,9 @@ async def status(addr: str) -> dict[str, object] | None:
         return None
 
 
-async def wait_proc_leader(procs: Sequence[Proc], timeout: float = 20.0) -> Proc:
+async def wait_proc_leader(procs: Sequence[Proc], limit_s: float = 20.0) -> Proc:
     """The process that reports itself leader (agreed by the others that answer)."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + limit_s
     while time.monotonic() < deadline:
         for p in procs:
             if not p.alive:

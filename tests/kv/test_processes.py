@@ -26,8 +26,8 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
             p.kill9()
 
 
-async def _wait_applied(proc: Proc, index: int, timeout: float = 20.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
+async def _wait_applied(proc: Proc, index: int, limit_s: float = 20.0) -> dict[str, object]:
+    deadline = time.monotonic() + limit_s
     st: dict[str, object] | None = None
     while time.monotonic() < deadline:
         st = await status(proc.addr)
