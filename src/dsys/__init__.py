@@ -21,6 +21,7 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.kv.client import KVClient
 
 __all__ = [
     "BadInputError",
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigError",
     "ConflictError",
     "DsysError",
+    "KVClient",
     "NotLeaderError",
     "ProtocolError",
     "RequestTimeout",
