@@ -25,6 +25,11 @@ PURE = [
     "errors.py",
     "codec.py",
     "kv/fsm.py",
+    "raft/messages.py",
+    "raft/core.py",
+    "raft/session.py",
+    "testing/linearizability.py",
+    "testing/sim.py",
 ]
 
 

@@ -144,12 +144,24 @@ class RaftConfig:
 _PROBE = 0  # one AppendRequest at a time until the follower's match index is found
 _REPLICATE = 1  # pipelined AppendRequests, bounded by max_inflight_msgs
 _SNAPSHOT = 2  # an InstallSnapshot is in flight
+# Heartbeat responses without replication progress before the leader assumes lost appends.
+_STALL_LIMIT = 3
 
 
 class _Progress:
     """The leader's view of one member's log."""
 
-    __slots__ = ("active", "inflight", "match", "next", "probe_sent", "snapshot_wait", "state")
+    __slots__ = (
+        "active",
+        "inflight",
+        "match",
+        "next",
+        "probe_sent",
+        "snapshot_wait",
+        "stall",
+        "stall_match",
+        "state",
+    )
 
     def __init__(self, next_index: int) -> None:
         self.match = 0  # invariant: match < next
@@ -159,15 +171,19 @@ class _Progress:
         self.inflight: deque[int] = deque()  # last index of each unacknowledged append
         self.active = True  # heard from since the last check-quorum round
         self.snapshot_wait = 0  # heartbeat responses seen while in _SNAPSHOT
+        self.stall = 0  # heartbeat responses without progress while entries are unacked
+        self.stall_match = 0
 
     def become_probe(self) -> None:
         self.state = _PROBE
+        self.stall = 0
         self.next = self.match + 1
         self.probe_sent = False
         self.inflight.clear()
 
     def become_replicate(self) -> None:
         self.state = _REPLICATE
+        self.stall = 0
         self.next = self.match + 1
         self.probe_sent = False
         self.inflight.clear()
@@ -1100,8 +1116,15 @@ class RaftCore:
         pr.active = True
         if pr.state == _PROBE:
             pr.probe_sent = False
-        elif pr.state == _REPLICATE and len(pr.inflight) >= self._cfg.max_inflight_msgs:
-            pr.inflight.popleft()
+        elif pr.state == _REPLICATE:
+            if pr.match < self.last_index and pr.match == pr.stall_match:
+                pr.stall += 1
+                if pr.stall >= _STALL_LIMIT:
+                    # Appends in flight were probably lost: find the match point again.
+                    pr.become_probe()
+            else:
+                pr.stall = 0
+                pr.stall_match = pr.match
         elif pr.state == _SNAPSHOT:
             pr.snapshot_wait += 1
             if pr.snapshot_wait >= self._cfg.election_tick:
