@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsys.kv.fsm import COMMANDS, Delete, KVStateMachine, Put, Tick
+from dsys.kv.fsm import Delete, KVStateMachine, Put, Tick, encode_command
 
 keys = st.sampled_from(["a", "ab", "abc", "b", "ba", "c"])
 ops = st.lists(
@@ -26,7 +26,7 @@ def test_matches_a_dict_model(ops_list: list[tuple[object, ...]]) -> None:
             _, key, value, if_rev = op
             assert isinstance(key, str) and isinstance(value, bytes)
             cur = model.get(key, (b"", 0))[1]
-            res = fsm.apply(COMMANDS.encode(Put(key=key, value=value, if_revision=if_rev)))  # type: ignore[arg-type]
+            res = fsm.apply(encode_command(Put(key=key, value=value, if_revision=if_rev)))  # type: ignore[arg-type]
             if if_rev is None or if_rev == cur:
                 rev += 1
                 model[key] = (value, rev)
@@ -37,7 +37,7 @@ def test_matches_a_dict_model(ops_list: list[tuple[object, ...]]) -> None:
             _, key, if_rev = op
             assert isinstance(key, str)
             cur = model.get(key, (b"", 0))[1]
-            res = fsm.apply(COMMANDS.encode(Delete(key=key, if_revision=if_rev)))  # type: ignore[arg-type]
+            res = fsm.apply(encode_command(Delete(key=key, if_revision=if_rev)))  # type: ignore[arg-type]
             if if_rev is not None and if_rev != cur:
                 assert res.status == "conflict"
             elif cur == 0:
@@ -72,8 +72,8 @@ def test_cas_zero_means_must_not_exist() -> None:
 def test_exactly_once_retry_returns_first_result() -> None:
     fsm = KVStateMachine()
     cmd = Put(key="k", value=b"v", client_id="c1", seq=1)
-    first = fsm.apply(COMMANDS.encode(cmd))
-    again = fsm.apply(COMMANDS.encode(cmd))
+    first = fsm.apply(encode_command(cmd))
+    again = fsm.apply(encode_command(cmd))
     assert first == again and fsm.revision == 1
     # a retried CAS that succeeded the first time must not now report a conflict
     cas = Put(key="k", value=b"w", if_revision=1, client_id="c1", seq=2)
@@ -113,3 +113,26 @@ def test_garbage_command_is_a_noop() -> None:
     fsm = KVStateMachine()
     assert fsm.apply(b"\xc1garbage").status == "invalid"
     assert fsm.revision == 0
+
+
+@given(st.binary(max_size=64))
+def test_decode_command_refuses_garbage_cleanly(data: bytes) -> None:
+    from dsys.errors import RemoteProtocolError
+    from dsys.kv.fsm import decode_command
+
+    try:
+        cmd = decode_command(data)
+    except RemoteProtocolError:
+        return
+    assert encode_command(cmd)  # anything accepted re-encodes
+
+
+def test_command_round_trip() -> None:
+    from dsys.kv.fsm import decode_command
+
+    for cmd in (
+        Put(key="k", value=b"v", if_revision=3, ttl_ms=5, now_ms=9, client_id="c", seq=2),
+        Delete(key="k", if_revision=None, now_ms=1, client_id="", seq=0),
+        Tick(now_ms=7),
+    ):
+        assert decode_command(encode_command(cmd)) == cmd

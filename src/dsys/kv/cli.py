@@ -53,7 +53,7 @@ def register(subparsers: Any) -> None:
         "acknowledged writes; for benchmarks only)",
     )
     serve.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
-    serve.add_argument("--tick", type=float, default=0.05, help="seconds per Raft tick")
+    serve.add_argument("--tick", type=float, default=0.03, help="seconds per Raft tick")
     serve.add_argument(
         "--election-tick", type=int, default=10, help="ticks without a leader before an election"
     )

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Every write is a *command* (:class:`Put`, :class:`Delete`, :class:`Tick`) encoded with
-:data:`COMMANDS` into the data of one Raft log entry. Every replica applies the same
+:func:`encode_command` into the data of one Raft log entry. Every replica applies the same
 commands in the same order through :meth:`KVStateMachine.apply` and therefore reaches the
 same state; nothing here reads a clock or a random source.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 from sortedcontainers import SortedDict
 
-from dsys.codec import MessageCodec, decode, encode
+from dsys.codec import decode, encode
 from dsys.errors import ConfigError, RemoteProtocolError
 
 MAX_KEY_BYTES = 1024
@@ -42,11 +42,10 @@ MAX_KEY_BYTES = 1024
 SNAPSHOT_MAX_BYTES = 1 << 30
 """Largest snapshot encoded or decoded (1 GiB)."""
 
-COMMANDS = MessageCodec(max_size=16 * 1024 * 1024)
-"""Codec of the commands carried in Raft log entries."""
+MAX_COMMAND_BYTES = 16 * 1024 * 1024
+"""Largest encoded command accepted."""
 
 
-@COMMANDS.register("kv.put")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Put:
     """Set ``key`` to ``value``; with ``if_revision`` only if the key's revision matches.
@@ -67,7 +66,6 @@ class Put:
     seq: int = 0
 
 
-@COMMANDS.register("kv.del")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Delete:
     """Delete ``key``; with ``if_revision`` only if the key's revision matches."""
@@ -79,7 +77,6 @@ class Delete:
     seq: int = 0
 
 
-@COMMANDS.register("kv.tick")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tick:
     """Advance the replicated clock to ``now_ms`` so that expired TTL keys are removed."""
@@ -89,6 +86,79 @@ class Tick:
 
 Command = Put | Delete | Tick
 """A state-machine command."""
+
+_PUT, _DEL, _TICK = 1, 2, 3
+
+
+def encode_command(cmd: Command) -> bytes:
+    """Encode a command compactly as a msgpack list (the data of one log entry)."""
+    if isinstance(cmd, Put):
+        plain: list[Any] = [
+            _PUT,
+            cmd.key,
+            cmd.value,
+            cmd.if_revision,
+            cmd.ttl_ms,
+            cmd.now_ms,
+            cmd.client_id,
+            cmd.seq,
+        ]
+    elif isinstance(cmd, Delete):
+        plain = [_DEL, cmd.key, cmd.if_revision, cmd.now_ms, cmd.client_id, cmd.seq]
+    else:
+        plain = [_TICK, cmd.now_ms]
+    return encode(plain, max_size=MAX_COMMAND_BYTES)
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RemoteProtocolError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _opt(v: Any) -> int | None:
+    return None if v is None else _int(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise RemoteProtocolError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode :func:`encode_command` output, checking every field's type.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a valid command.
+    """
+    v = decode(data, max_size=MAX_COMMAND_BYTES)
+    if not isinstance(v, list) or not v:
+        raise RemoteProtocolError("a command must be a non-empty msgpack list")
+    kind = v[0]
+    if kind == _PUT and len(v) == 8:
+        if not isinstance(v[2], bytes):
+            raise RemoteProtocolError("put value must be bytes")
+        return Put(
+            key=_str(v[1]),
+            value=v[2],
+            if_revision=_opt(v[3]),
+            ttl_ms=_int(v[4]),
+            now_ms=_int(v[5]),
+            client_id=_str(v[6]),
+            seq=_int(v[7]),
+        )
+    if kind == _DEL and len(v) == 6:
+        return Delete(
+            key=_str(v[1]),
+            if_revision=_opt(v[2]),
+            now_ms=_int(v[3]),
+            client_id=_str(v[4]),
+            seq=_int(v[5]),
+        )
+    if kind == _TICK and len(v) == 2:
+        return Tick(now_ms=_int(v[1]))
+    raise RemoteProtocolError(f"unknown command {kind!r} with {len(v)} fields")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -284,10 +354,8 @@ class KVStateMachine:
         (every replica decides the same), so a bad entry can never wedge the log.
         """
         try:
-            cmd = COMMANDS.decode(data)
+            cmd = decode_command(data)
         except RemoteProtocolError:
-            return Result(ok=False, revision=self.revision, status="invalid")
-        if not isinstance(cmd, Put | Delete | Tick):
             return Result(ok=False, revision=self.revision, status="invalid")
         return self.apply_command(cmd)
 
@@ -396,7 +464,7 @@ class KVStateMachine:
 
 
 __all__ = [
-    "COMMANDS",
+    "MAX_COMMAND_BYTES",
     "MAX_KEY_BYTES",
     "Command",
     "Delete",
@@ -406,5 +474,7 @@ __all__ = [
     "Result",
     "Sessions",
     "Tick",
+    "decode_command",
+    "encode_command",
     "validate_key",
 ]

@@ -47,7 +47,15 @@ from dsys.errors import (
     RequestTimeout,
     UnavailableError,
 )
-from dsys.kv.fsm import COMMANDS, Delete, KVStateMachine, Put, Result, Tick, validate_key
+from dsys.kv.fsm import (
+    Delete,
+    KVStateMachine,
+    Put,
+    Result,
+    Tick,
+    encode_command,
+    validate_key,
+)
 from dsys.observability import (
     Metrics,
     add_observability_routes,
@@ -95,7 +103,7 @@ class ServerConfig:
     data_dir: str
     fsync: bool = True
     token: str | None = None
-    tick_interval: float = 0.05
+    tick_interval: float = 0.03
     election_tick: int = 10
     snapshot_every: int = 10_000
     request_timeout: float = 5.0
@@ -234,7 +242,7 @@ class KVServer:
             if self.node.is_leader and self.fsm.has_ttl_keys:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(
-                        self.node.propose(COMMANDS.encode(Tick(now_ms=_now_ms()))), 2.0
+                        self.node.propose(encode_command(Tick(now_ms=_now_ms()))), 2.0
                     )
 
     # -- core operations (shared by HTTP and WebSocket) -------------------------------
@@ -262,7 +270,7 @@ class KVServer:
         """
         try:
             result = await asyncio.wait_for(
-                self.node.propose(COMMANDS.encode(cmd)), self.config.request_timeout
+                self.node.propose(encode_command(cmd)), self.config.request_timeout
             )
         except TimeoutError:
             raise RequestTimeout("write not committed in time; retry with the same seq") from None

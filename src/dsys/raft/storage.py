@@ -95,6 +95,8 @@ class SnapshotStore(Protocol):
 class MemoryLogStore:
     """An in-memory :class:`LogStore`, for tests and examples."""
 
+    fsync = False  # nothing to wait for: the node persists inline
+
     def __init__(self) -> None:
         self._log = LoadedLog()
         self.syncs = 0
