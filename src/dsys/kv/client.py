@@ -380,9 +380,11 @@ class KVClient:
                 last = exc
                 self._on_failure(ep, None, None)
             attempt += 1
-            # redirect to a known leader at once; otherwise back off with jitter
+            # redirect to a known leader at once; otherwise back off with jitter. The cap
+            # is short: an election takes a few hundred ms and we want the next leader
+            # found soon after it wins.
             if self._leader is None or attempt > 3:
-                delay = min(0.5, 0.02 * (2 ** min(attempt, 6))) * (0.5 + random.random())
+                delay = min(0.1, 0.01 * (2 ** min(attempt, 6))) * (0.5 + random.random())
                 await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
 
     def _on_failure(self, ep: str, leader_id: str | None, addr: str | None) -> None:
