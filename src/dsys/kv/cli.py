@@ -139,6 +139,7 @@ def _cluster(args: argparse.Namespace) -> int:
     ids = [f"n{i + 1}" for i in range(n)]
     addrs = {i: f"127.0.0.1:{args.base_port + k}" for k, i in enumerate(ids)}
     procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the servers on SIGTERM too
     try:
         for i in ids:
             cmd = [sys.executable, "-m", "dsys", "kv", "serve", "--id", i, "--listen", addrs[i]]
@@ -171,6 +172,10 @@ def _cluster(args: argparse.Namespace) -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _client_command(args: argparse.Namespace) -> int:
