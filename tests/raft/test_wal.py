@@ -151,3 +151,21 @@ def test_snapshot_store_round_trip_and_fallback(tmp_path: Path) -> None:
     assert store.load() == s1  # a damaged newest snapshot falls back to the previous one
     assert not list(tmp_path.glob("*.tmp"))
     assert os.path.isdir(tmp_path)
+
+
+def test_installing_a_leader_snapshot_drops_the_whole_log(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.append(_entries(1, 6, term=1))
+    wal.save_hard_state(HardState(term=2, vote="n1", commit=3))
+    wal.sync()
+    wal.compact(5, 2, keep_tail=False)  # the leader's snapshot conflicts with our entry 5
+    wal.append(_entries(6, 7, term=2))
+    wal.sync()
+    wal.close()
+    loaded = WriteAheadLog(tmp_path).load()
+    assert (loaded.compacted_index, loaded.compacted_term) == (5, 2)
+    assert loaded.entries == _entries(6, 7, term=2)
+    mem = MemoryLogStore()
+    mem.append(_entries(1, 6, term=1))
+    mem.compact(5, 2, keep_tail=False)
+    assert mem.load().entries == []

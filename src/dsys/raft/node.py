@@ -761,12 +761,16 @@ class RaftNode:
     def _persist(self, rd: Ready) -> None:
         """Runs in a worker thread: durable before any message of ``rd`` is sent."""
         if rd.snapshot is not None:
+            # A snapshot from the leader replaces our whole log (the core dropped it).
             self._snapshots.save(rd.snapshot)
-            self._log_store.compact(rd.snapshot.meta.index, rd.snapshot.meta.term)
-        if rd.hard_state is not None:
-            self._stable.save_hard_state(rd.hard_state)
+            meta = rd.snapshot.meta
+            self._log_store.compact(meta.index, meta.term, keep_tail=False)
+        # Entries before the hard state: both go out in one write and one fsync, and if
+        # a crash tears that write, a commit index beyond the surviving log is impossible.
         if rd.entries:
             self._log_store.append(rd.entries)
+        if rd.hard_state is not None:
+            self._stable.save_hard_state(rd.hard_state)
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()

@@ -49,8 +49,12 @@ class LogStore(Protocol):
         from that index on is discarded first. Durable only after :meth:`sync`."""
         ...
 
-    def compact(self, index: int, term: int) -> None:
-        """Forget entries up to and including ``index`` (now covered by a snapshot)."""
+    def compact(self, index: int, term: int, *, keep_tail: bool = True) -> None:
+        """Forget entries up to and including ``index`` (now covered by a snapshot).
+
+        With ``keep_tail=False`` the entries after ``index`` are discarded too (a follower
+        installing a leader's snapshot that its log conflicts with).
+        """
         ...
 
     def sync(self) -> None:
@@ -116,9 +120,9 @@ class MemoryLogStore:
         """Append, truncating a conflicting suffix first."""
         _append(self._log, entries)
 
-    def compact(self, index: int, term: int) -> None:
-        """Drop entries up to ``index``."""
-        _compact(self._log, index, term)
+    def compact(self, index: int, term: int, *, keep_tail: bool = True) -> None:
+        """Drop entries up to ``index`` (and after it unless ``keep_tail``)."""
+        _compact(self._log, index, term, keep_tail=keep_tail)
 
     def sync(self) -> None:
         """Count the sync (nothing to make durable in memory)."""
@@ -180,8 +184,10 @@ def _append(log: LoadedLog, entries: Sequence[Entry]) -> None:
     log.entries.extend(entries)
 
 
-def _compact(log: LoadedLog, index: int, term: int) -> None:
-    """Drop entries up to ``index`` from ``log`` in memory."""
+def _compact(log: LoadedLog, index: int, term: int, *, keep_tail: bool = True) -> None:
+    """Drop entries up to ``index`` from ``log`` in memory (all of them unless ``keep_tail``)."""
+    if not keep_tail:
+        log.entries = []
     if index <= log.compacted_index:
         return
     log.entries = [e for e in log.entries if e.index > index]

@@ -217,12 +217,16 @@ class WriteAheadLog:
                 os.fsync(self._fd)
                 self.fsync_count += 1
 
-    def compact(self, index: int, term: int) -> None:
-        """Rewrite the file without entries up to ``index`` (atomically, via rename)."""
-        if index <= self._log.compacted_index:
+    def compact(self, index: int, term: int, *, keep_tail: bool = True) -> None:
+        """Rewrite the file without entries up to ``index`` (atomically, via rename).
+
+        With ``keep_tail=False`` every entry is dropped (installing a leader's snapshot).
+        """
+        if index <= self._log.compacted_index and keep_tail:
             return
         self.sync()
-        _compact(self._log, index, term)
+        _compact(self._log, index, term, keep_tail=keep_tail)
+        index, term = self._log.compacted_index, self._log.compacted_term
         records: list[list[Any]] = [[_COMPACTED, index, term]]
         if self._hard_state is not None:
             hs = self._hard_state
