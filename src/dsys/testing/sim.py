@@ -132,10 +132,19 @@ class SimKV:
     def __init__(self) -> None:
         self.data: dict[str, int] = {}
         self.sessions: SessionTable[object] = SessionTable(max_results_per_client=4)
+        self.opaque = 0
 
     def apply(self, cmd: bytes) -> tuple[str, int, object]:
-        """Apply a command once (duplicates answered from the session table)."""
-        client, seq, op, key, value, expected = decode(cmd)
+        """Apply a command once (duplicates answered from the session table).
+
+        Entries that are not client commands (opaque test payloads) are recorded in
+        ``opaque`` and otherwise ignored.
+        """
+        try:
+            client, seq, op, key, value, expected = decode(cmd)
+        except (ValueError, TypeError):
+            self.opaque += 1
+            return "", -1, None
         hit = self.sessions.check(client, seq)
         if hit is not None:
             return client, seq, hit.result
@@ -505,11 +514,11 @@ class SimNetwork:
             raise self.fail("no leader")
         ci = self.nodes[lead].core.commit_index
         for n in self.nodes.values():
-            if n.alive and n.id in n.core.conf.voters + n.core.conf.learners:
-                if n.core.commit_index != ci or n.applied != ci:
-                    raise self.fail(
-                        f"{n.id} commit={n.core.commit_index} applied={n.applied}, leader {ci}"
-                    )
+            members = n.core.conf.voters + n.core.conf.learners
+            if n.alive and n.id in members and (n.core.commit_index != ci or n.applied != ci):
+                raise self.fail(
+                    f"{n.id} commit={n.core.commit_index} applied={n.applied}, leader {ci}"
+                )
         self.assert_logs_match()
 
     def _check_durability(self) -> None:
@@ -735,9 +744,10 @@ class SimNetwork:
         if not alive:
             c.retry_at = self.now + 1
             return
-        target = c.target if c.target in alive else self.rng.choice(alive)
+        sticky = c.target in alive and self.rng.random() < 0.8
+        target = c.target if sticky and c.target is not None else self.rng.choice(alive)
         n = self.nodes[target]
-        c.retry_at = self.now + self.client_timeout
+        c.retry_at = self.now + self.rng.randint(self.client_timeout // 4, self.client_timeout)
         c.target = target
         op = c.op
         try:
@@ -812,13 +822,15 @@ def run_campaign(
     rng = random.Random(seed ^ 0x5EED)
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
+    check_quorum = rng.random() < 0.8
     net = SimNetwork(
         ids,
         seed,
         election_tick=rng.choice([5, 8, 10]),
         heartbeat_tick=rng.choice([1, 2]),
         pre_vote=rng.random() < 0.8,
-        check_quorum=rng.random() < 0.8,
+        check_quorum=check_quorum,
+        lease_read=check_quorum and rng.random() < 0.25,
         max_entries_per_msg=rng.choice([1, 4, 64]),
         max_inflight_msgs=rng.choice([1, 4, 16]),
         max_delay=rng.choice([0, 1, 2, 3]),
@@ -834,7 +846,8 @@ def run_campaign(
     for _ in range(fault_ticks):
         r = net.rng.random()
         if r < crash_p:
-            victim = net.rng.choice(ids)
+            lead = net.leader()
+            victim = lead if lead is not None and net.rng.random() < 0.5 else net.rng.choice(ids)
             if net.nodes[victim].alive:
                 net.crash(victim)
             else:
