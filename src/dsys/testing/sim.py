@@ -50,6 +50,7 @@ from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
     BecameLeader,
     ConfChange,
+    ConfChangeType,
     Entry,
     EntryKind,
     HardState,
@@ -59,6 +60,7 @@ from dsys.raft.messages import (
     Ready,
     Role,
     Snapshot,
+    decode_conf,
 )
 from dsys.raft.session import SessionTable
 from dsys.testing.linearizability import CheckResult, History, KVModel, check
@@ -294,6 +296,7 @@ class SimNetwork:
         self.leaders: dict[int, NodeId] = {}
         self._entry_seen: dict[tuple[int, int], tuple[int, int, bytes]] = {}
         self.committed: list[Entry] = []  # the global committed log, index i at [i - 1]
+        self.committed_voters: list[NodeId] = list(node_ids)
         # -- clients
         self.history = History()
         self.clients: list[_Client] = []
@@ -513,8 +516,9 @@ class SimNetwork:
         if lead is None:
             raise self.fail("no leader")
         ci = self.nodes[lead].core.commit_index
+        conf = self.nodes[lead].core.conf
+        members = conf.voters + conf.learners
         for n in self.nodes.values():
-            members = n.core.conf.voters + n.core.conf.learners
             if n.alive and n.id in members and (n.core.commit_index != ci or n.applied != ci):
                 raise self.fail(
                     f"{n.id} commit={n.core.commit_index} applied={n.applied}, leader {ci}"
@@ -525,16 +529,25 @@ class SimNetwork:
         if not self.committed:
             return
         last = self.committed[-1]
-        holders = sum(
-            1
-            for v in self.voters
-            if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
-        )
-        if holders < len(self.voters) // 2 + 1:
-            raise self.fail(
-                f"committed entry {last.index} (term {last.term}) is durable on only "
-                f"{holders} of {len(self.voters)} voters"
+        # The entry was committed by a majority of the configuration its leader had
+        # appended (configurations take effect on append); with one change at a time
+        # that is the committed configuration or one appended after it by some node.
+        confs = {tuple(self.committed_voters)}
+        for n in self.nodes.values():
+            # A crashed node's last configuration is in its durable log too.
+            confs.add(tuple(n.core.conf.voters))
+        for voters in confs:
+            holders = sum(
+                1
+                for v in voters
+                if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
             )
+            if holders >= len(voters) // 2 + 1:
+                return
+        raise self.fail(
+            f"committed entry {last.index} (term {last.term}) is not durable on a majority "
+            f"of any configuration in play: {sorted(confs)}"
+        )
 
     def _check_node_committed(self, n: SimNode) -> None:
         ci = n.core.commit_index
@@ -646,6 +659,8 @@ class SimNetwork:
                 )
         else:
             self.committed.append(e)
+            if e.kind == EntryKind.CONFIG:
+                self.committed_voters = list(decode_conf(e.data).voters)
         if e.kind != EntryKind.NORMAL:
             n.pending_writes.pop(e.index, None)
             return
@@ -790,6 +805,29 @@ class SimNetwork:
         return check(self.history.operations(), KVModel())
 
 
+def _random_conf_change(net: SimNetwork, ids: Sequence[NodeId]) -> None:
+    """Remove a voter (keeping at least three), or add back / promote a removed node."""
+    lead = net.leader()
+    if lead is None:
+        return
+    core = net.node(lead)
+    conf = core.conf
+    outside = [i for i in ids if i not in conf.voters and i not in conf.learners]
+    if conf.learners and net.rng.random() < 0.7:
+        change = ConfChange(type=ConfChangeType.ADD_VOTER, node_id=net.rng.choice(conf.learners))
+    elif outside and net.rng.random() < 0.6:
+        kind = ConfChangeType.ADD_LEARNER if net.rng.random() < 0.7 else ConfChangeType.ADD_VOTER
+        change = ConfChange(type=kind, node_id=net.rng.choice(outside))
+    elif len(conf.voters) > 3:
+        change = ConfChange(type=ConfChangeType.REMOVE_NODE, node_id=net.rng.choice(conf.voters))
+    else:
+        return
+    try:
+        net.propose_conf_change_via_leader(change)
+    except ProposalDroppedError as exc:
+        net.trace(f"conf change {change} refused: {exc}")
+
+
 @dataclass(frozen=True)
 class CampaignResult:
     """Summary of one simulated campaign (for reporting)."""
@@ -810,6 +848,7 @@ def run_campaign(
     fault_ticks: int = 300,
     recovery_ticks: int = 400,
     clients: int = 3,
+    membership: bool | None = None,
 ) -> CampaignResult:
     """One randomized fault campaign; raises :class:`InvariantViolation` on any failure.
 
@@ -842,6 +881,7 @@ def run_campaign(
     net._recent_values = []
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
         r = net.rng.random()
@@ -868,6 +908,8 @@ def run_campaign(
         elif r < crash_p + part_p + 0.01:
             for nid in ids:
                 net.restart(nid)
+        elif r < crash_p + part_p + 0.01 + member_p:
+            _random_conf_change(net, ids)
         net.tick()
     # Faults stop: heal, restart everyone, no more drops/dups; delays stay.
     net.heal()
@@ -888,8 +930,14 @@ def run_campaign(
         lead = net.leader()
         if lead is None:
             return False
-        ci = net.nodes[lead].core.commit_index
-        return all(x.core.commit_index == ci and x.applied == ci for x in net.nodes.values())
+        core = net.nodes[lead].core
+        ci = core.commit_index
+        members = core.conf.voters + core.conf.learners
+        return all(
+            x.core.commit_index == ci and x.applied == ci
+            for x in net.nodes.values()
+            if x.id in members
+        )
 
     net.tick_until(converged, max_ticks=recovery_ticks - (net.now - start) + 100)
     net.assert_converged()
