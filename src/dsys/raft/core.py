@@ -1073,6 +1073,8 @@ class RaftCore:
                     while pr.inflight and pr.inflight[0] <= pr.match:
                         pr.inflight.popleft()
                 if self._maybe_commit():
+                    if self._role is not Role.LEADER:
+                        return  # the committed configuration removed us
                     self._bcast_pending = True
             elif pr.state == _PROBE:
                 pr.become_replicate()

@@ -50,6 +50,7 @@ from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
     BecameLeader,
     ConfChange,
+    ConfChangeType,
     Entry,
     EntryKind,
     HardState,
@@ -59,6 +60,7 @@ from dsys.raft.messages import (
     Ready,
     Role,
     Snapshot,
+    decode_conf,
 )
 from dsys.raft.session import SessionTable
 from dsys.testing.linearizability import CheckResult, History, KVModel, check
@@ -132,10 +134,19 @@ class SimKV:
     def __init__(self) -> None:
         self.data: dict[str, int] = {}
         self.sessions: SessionTable[object] = SessionTable(max_results_per_client=4)
+        self.opaque = 0
 
     def apply(self, cmd: bytes) -> tuple[str, int, object]:
-        """Apply a command once (duplicates answered from the session table)."""
-        client, seq, op, key, value, expected = decode(cmd)
+        """Apply a command once (duplicates answered from the session table).
+
+        Entries that are not client commands (opaque test payloads) are recorded in
+        ``opaque`` and otherwise ignored.
+        """
+        try:
+            client, seq, op, key, value, expected = decode(cmd)
+        except (ValueError, TypeError):
+            self.opaque += 1
+            return "", -1, None
         hit = self.sessions.check(client, seq)
         if hit is not None:
             return client, seq, hit.result
@@ -285,6 +296,7 @@ class SimNetwork:
         self.leaders: dict[int, NodeId] = {}
         self._entry_seen: dict[tuple[int, int], tuple[int, int, bytes]] = {}
         self.committed: list[Entry] = []  # the global committed log, index i at [i - 1]
+        self.committed_voters: list[NodeId] = list(node_ids)
         # -- clients
         self.history = History()
         self.clients: list[_Client] = []
@@ -504,28 +516,38 @@ class SimNetwork:
         if lead is None:
             raise self.fail("no leader")
         ci = self.nodes[lead].core.commit_index
+        conf = self.nodes[lead].core.conf
+        members = conf.voters + conf.learners
         for n in self.nodes.values():
-            if n.alive and n.id in n.core.conf.voters + n.core.conf.learners:
-                if n.core.commit_index != ci or n.applied != ci:
-                    raise self.fail(
-                        f"{n.id} commit={n.core.commit_index} applied={n.applied}, leader {ci}"
-                    )
+            if n.alive and n.id in members and (n.core.commit_index != ci or n.applied != ci):
+                raise self.fail(
+                    f"{n.id} commit={n.core.commit_index} applied={n.applied}, leader {ci}"
+                )
         self.assert_logs_match()
 
     def _check_durability(self) -> None:
         if not self.committed:
             return
         last = self.committed[-1]
-        holders = sum(
-            1
-            for v in self.voters
-            if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
-        )
-        if holders < len(self.voters) // 2 + 1:
-            raise self.fail(
-                f"committed entry {last.index} (term {last.term}) is durable on only "
-                f"{holders} of {len(self.voters)} voters"
+        # The entry was committed by a majority of the configuration its leader had
+        # appended (configurations take effect on append); with one change at a time
+        # that is the committed configuration or one appended after it by some node.
+        confs = {tuple(self.committed_voters)}
+        for n in self.nodes.values():
+            # A crashed node's last configuration is in its durable log too.
+            confs.add(tuple(n.core.conf.voters))
+        for voters in confs:
+            holders = sum(
+                1
+                for v in voters
+                if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
             )
+            if holders >= len(voters) // 2 + 1:
+                return
+        raise self.fail(
+            f"committed entry {last.index} (term {last.term}) is not durable on a majority "
+            f"of any configuration in play: {sorted(confs)}"
+        )
 
     def _check_node_committed(self, n: SimNode) -> None:
         ci = n.core.commit_index
@@ -637,6 +659,8 @@ class SimNetwork:
                 )
         else:
             self.committed.append(e)
+            if e.kind == EntryKind.CONFIG:
+                self.committed_voters = list(decode_conf(e.data).voters)
         if e.kind != EntryKind.NORMAL:
             n.pending_writes.pop(e.index, None)
             return
@@ -735,9 +759,10 @@ class SimNetwork:
         if not alive:
             c.retry_at = self.now + 1
             return
-        target = c.target if c.target in alive else self.rng.choice(alive)
+        sticky = c.target in alive and self.rng.random() < 0.8
+        target = c.target if sticky and c.target is not None else self.rng.choice(alive)
         n = self.nodes[target]
-        c.retry_at = self.now + self.client_timeout
+        c.retry_at = self.now + self.rng.randint(self.client_timeout // 4, self.client_timeout)
         c.target = target
         op = c.op
         try:
@@ -780,6 +805,29 @@ class SimNetwork:
         return check(self.history.operations(), KVModel())
 
 
+def _random_conf_change(net: SimNetwork, ids: Sequence[NodeId]) -> None:
+    """Remove a voter (keeping at least three), or add back / promote a removed node."""
+    lead = net.leader()
+    if lead is None:
+        return
+    core = net.node(lead)
+    conf = core.conf
+    outside = [i for i in ids if i not in conf.voters and i not in conf.learners]
+    if conf.learners and net.rng.random() < 0.7:
+        change = ConfChange(type=ConfChangeType.ADD_VOTER, node_id=net.rng.choice(conf.learners))
+    elif outside and net.rng.random() < 0.6:
+        kind = ConfChangeType.ADD_LEARNER if net.rng.random() < 0.7 else ConfChangeType.ADD_VOTER
+        change = ConfChange(type=kind, node_id=net.rng.choice(outside))
+    elif len(conf.voters) > 3:
+        change = ConfChange(type=ConfChangeType.REMOVE_NODE, node_id=net.rng.choice(conf.voters))
+    else:
+        return
+    try:
+        net.propose_conf_change_via_leader(change)
+    except ProposalDroppedError as exc:
+        net.trace(f"conf change {change} refused: {exc}")
+
+
 @dataclass(frozen=True)
 class CampaignResult:
     """Summary of one simulated campaign (for reporting)."""
@@ -800,6 +848,7 @@ def run_campaign(
     fault_ticks: int = 300,
     recovery_ticks: int = 400,
     clients: int = 3,
+    membership: bool | None = None,
 ) -> CampaignResult:
     """One randomized fault campaign; raises :class:`InvariantViolation` on any failure.
 
@@ -812,13 +861,15 @@ def run_campaign(
     rng = random.Random(seed ^ 0x5EED)
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
+    check_quorum = rng.random() < 0.8
     net = SimNetwork(
         ids,
         seed,
         election_tick=rng.choice([5, 8, 10]),
         heartbeat_tick=rng.choice([1, 2]),
         pre_vote=rng.random() < 0.8,
-        check_quorum=rng.random() < 0.8,
+        check_quorum=check_quorum,
+        lease_read=check_quorum and rng.random() < 0.25,
         max_entries_per_msg=rng.choice([1, 4, 64]),
         max_inflight_msgs=rng.choice([1, 4, 16]),
         max_delay=rng.choice([0, 1, 2, 3]),
@@ -830,11 +881,13 @@ def run_campaign(
     net._recent_values = []
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
         r = net.rng.random()
         if r < crash_p:
-            victim = net.rng.choice(ids)
+            lead = net.leader()
+            victim = lead if lead is not None and net.rng.random() < 0.5 else net.rng.choice(ids)
             if net.nodes[victim].alive:
                 net.crash(victim)
             else:
@@ -855,6 +908,8 @@ def run_campaign(
         elif r < crash_p + part_p + 0.01:
             for nid in ids:
                 net.restart(nid)
+        elif r < crash_p + part_p + 0.01 + member_p:
+            _random_conf_change(net, ids)
         net.tick()
     # Faults stop: heal, restart everyone, no more drops/dups; delays stay.
     net.heal()
@@ -875,8 +930,14 @@ def run_campaign(
         lead = net.leader()
         if lead is None:
             return False
-        ci = net.nodes[lead].core.commit_index
-        return all(x.core.commit_index == ci and x.applied == ci for x in net.nodes.values())
+        core = net.nodes[lead].core
+        ci = core.commit_index
+        members = core.conf.voters + core.conf.learners
+        return all(
+            x.core.commit_index == ci and x.applied == ci
+            for x in net.nodes.values()
+            if x.id in members
+        )
 
     net.tick_until(converged, max_ticks=recovery_ticks - (net.now - start) + 100)
     net.assert_converged()
