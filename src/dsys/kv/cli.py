@@ -60,7 +60,24 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--snapshot-every", type=int, default=10_000, help="applied entries between snapshots"
     )
+    serve.add_argument(
+        "--join",
+        action="store_true",
+        help="join an existing cluster (add it first with `dsys kv member add`)",
+    )
     serve.set_defaults(func=_serve)
+
+    member = verbs.add_parser("member", help="membership: list, add (learner), promote, remove")
+    member.add_argument("action", choices=("list", "add", "promote", "remove"))
+    member.add_argument("node_id", nargs="?", help="the member's id")
+    member.add_argument("addr", nargs="?", help="HOST:PORT of the new member (for add)")
+    member.add_argument(
+        "--cluster",
+        default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
+        help="comma-separated HOST:PORT list of servers",
+    )
+    member.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
+    member.set_defaults(func=_member)
 
     cluster = verbs.add_parser("cluster", help="start a local cluster for trying it out")
     cluster.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
@@ -121,6 +138,7 @@ def _serve(args: argparse.Namespace) -> int:
         tick_interval=args.tick,
         election_tick=args.election_tick,
         snapshot_every=args.snapshot_every,
+        join=args.join,
     )
     if not config.fsync:
         print(
@@ -172,6 +190,47 @@ def _cluster(args: argparse.Namespace) -> int:
                 p.wait(10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _member(args: argparse.Namespace) -> int:
+    return asyncio.run(_member_async(args))
+
+
+async def _member_async(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    if args.action != "list" and not args.node_id:
+        raise ConfigError(f"`dsys kv member {args.action}` needs a node id")
+    if args.action == "add" and not args.addr:
+        raise ConfigError("`dsys kv member add ID HOST:PORT` needs the new member's address")
+    headers = {"X-Dsys-Cluster-Token": args.token} if args.token else {}
+    last = ""
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=aiohttp.ClientTimeout(total=15)
+    ) as http:
+        for ep in [e.strip() for e in args.cluster.split(",") if e.strip()]:
+            base = f"http://{ep}/v1/admin/members"
+            try:
+                if args.action == "list":
+                    req = http.get(base)
+                elif args.action == "add":
+                    req = http.post(base, json={"id": args.node_id, "addr": args.addr})
+                elif args.action == "promote":
+                    req = http.post(f"{base}/{args.node_id}/promote")
+                else:
+                    req = http.delete(f"{base}/{args.node_id}")
+                async with req as resp:
+                    text = await resp.text()
+                    if resp.status == 200:
+                        print(json.dumps(json.loads(text), indent=2))
+                        return 0
+                    last = f"{ep}: HTTP {resp.status}: {text}"
+                    if resp.status < 500:
+                        break
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{ep}: {exc}"
+    print(f"dsys: error: {last}", file=sys.stderr)
+    return 1
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -27,7 +27,7 @@ same state; nothing here reads a clock or a random source.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +84,22 @@ class Tick:
     now_ms: int
 
 
-Command = Put | Delete | Tick
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetMember:
+    """Record (``addr`` given) or forget (``addr=""``) the address of cluster member ``id``.
+
+    The cluster's address book is replicated state, so every node (and a node restored
+    from a snapshot) knows how to reach members added at run time.
+    """
+
+    id: str
+    addr: str
+
+
+Command = Put | Delete | Tick | SetMember
 """A state-machine command."""
 
-_PUT, _DEL, _TICK = 1, 2, 3
+_PUT, _DEL, _TICK, _MEMBER = 1, 2, 3, 4
 
 
 def encode_command(cmd: Command) -> bytes:
@@ -105,6 +117,8 @@ def encode_command(cmd: Command) -> bytes:
         ]
     elif isinstance(cmd, Delete):
         plain = [_DEL, cmd.key, cmd.if_revision, cmd.now_ms, cmd.client_id, cmd.seq]
+    elif isinstance(cmd, SetMember):
+        plain = [_MEMBER, cmd.id, cmd.addr]
     else:
         plain = [_TICK, cmd.now_ms]
     return encode(plain, max_size=MAX_COMMAND_BYTES)
@@ -158,6 +172,8 @@ def decode_command(data: bytes) -> Command:
         )
     if kind == _TICK and len(v) == 2:
         return Tick(now_ms=_int(v[1]))
+    if kind == _MEMBER and len(v) == 3:
+        return SetMember(id=_str(v[1]), addr=_str(v[2]))
     raise RemoteProtocolError(f"unknown command {kind!r} with {len(v)} fields")
 
 
@@ -310,6 +326,10 @@ class KVStateMachine:
         self.revision = 0
         self.clock_ms = 0
         self.sessions = Sessions(max_clients=max_clients, per_client=per_client)
+        self.members: dict[str, str] = {}
+        """Address book of members added at run time: node id -> ``host:port``."""
+        self.on_members_changed: Callable[[dict[str, str]], None] | None = None
+        """Called after the address book changed (set by the server to update peers)."""
 
     # -- reads ------------------------------------------------------------------------
 
@@ -361,6 +381,14 @@ class KVStateMachine:
 
     def apply_command(self, cmd: Command) -> Result:
         """Apply one decoded command (see :meth:`apply`)."""
+        if isinstance(cmd, SetMember):
+            if cmd.addr:
+                self.members[cmd.id] = cmd.addr
+            else:
+                self.members.pop(cmd.id, None)
+            if self.on_members_changed is not None:
+                self.on_members_changed(dict(self.members))
+            return Result(ok=True, revision=self.revision)
         if cmd.now_ms > self.clock_ms:
             self.clock_ms = cmd.now_ms
             self._expire()
@@ -435,6 +463,7 @@ class KVStateMachine:
                 for kv in self._data.values()
             ],
             "sessions": self.sessions.to_plain(),
+            "members": dict(self.members),
         }
         return encode(value, max_size=SNAPSHOT_MAX_BYTES)
 
@@ -457,10 +486,14 @@ class KVStateMachine:
             )
             sessions.load_plain(value["sessions"])
             revision, clock = int(value["rev"]), int(value["clock"])
+            members = {str(k): str(v) for k, v in value.get("members", {}).items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteProtocolError(f"malformed KV snapshot: {exc}") from exc
         self._data, self._ttl, self.sessions = data_map, ttl, sessions
         self.revision, self.clock_ms = revision, clock
+        self.members = members
+        if self.on_members_changed is not None:
+            self.on_members_changed(dict(self.members))
 
 
 __all__ = [
@@ -473,6 +506,7 @@ __all__ = [
     "Put",
     "Result",
     "Sessions",
+    "SetMember",
     "Tick",
     "decode_command",
     "encode_command",

@@ -41,6 +41,8 @@ from dsys.errors import (
     BadInputError,
     ClosedError,
     ConfigError,
+    ConflictError,
+    DsysError,
     NotLeaderError,
     ProposalDroppedError,
     RemoteProtocolError,
@@ -52,6 +54,7 @@ from dsys.kv.fsm import (
     KVStateMachine,
     Put,
     Result,
+    SetMember,
     Tick,
     encode_command,
     validate_key,
@@ -62,9 +65,11 @@ from dsys.observability import (
     error_middleware,
     get_logger,
     json_error,
+    parse_listen,
     start_site,
 )
-from dsys.raft.node import MAX_PEER_BODY, NodeConfig, RaftNode
+from dsys.raft.messages import ConfChange, ConfChangeType
+from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
 MAX_VALUE_BYTES = 1024 * 1024
@@ -94,6 +99,8 @@ class ServerConfig:
         snapshot_every: applied entries between snapshots.
         request_timeout: seconds a write or linearizable read may wait.
         max_inflight_per_ws: requests in flight per WebSocket before it stops reading.
+        join: join an existing cluster (after ``POST /v1/admin/members`` added this node)
+            instead of bootstrapping a new one from ``peers``.
     """
 
     id: str
@@ -108,6 +115,7 @@ class ServerConfig:
     snapshot_every: int = 10_000
     request_timeout: float = 5.0
     max_inflight_per_ws: int = 1024
+    join: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -164,6 +172,7 @@ class KVServer:
                 election_tick=config.election_tick,
                 snapshot_every=config.snapshot_every,
                 token=config.token,
+                join=config.join,
             ),
             log=self.wal,
             stable=self.wal,
@@ -171,6 +180,8 @@ class KVServer:
             fsm=self.fsm,
             metrics=self.raft_metrics,
         )
+        self._sync_members(self.fsm.members)
+        self.fsm.on_members_changed = self._sync_members
         self._m_requests = self.metrics.counter(
             "requests_total", "Client requests", labels=("op", "status")
         )
@@ -181,6 +192,16 @@ class KVServer:
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.port = config.port
+
+    def _sync_members(self, members: Mapping[str, str]) -> None:
+        """Point the peer transport at the replicated address book (plus static peers)."""
+        transport = self.node.transport
+        for node_id, addr in members.items():
+            if node_id != self.config.id and transport.peers.get(node_id) != addr:
+                transport.set_peer(node_id, addr)
+        for node_id in list(transport.peers):
+            if node_id not in members and node_id not in self.config.peers:
+                transport.set_peer(node_id, None)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -196,6 +217,10 @@ class KVServer:
         r.add_get("/v1/kv", self.handle_scan)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
+        r.add_get("/v1/admin/members", self.handle_members)
+        r.add_post("/v1/admin/members", self.handle_add_member)
+        r.add_post("/v1/admin/members/{id}/promote", self.handle_promote)
+        r.add_delete("/v1/admin/members/{id}", self.handle_remove_member)
         self.node.add_routes(app)
         add_observability_routes(app, self.metrics, self._health)
         return app
@@ -260,7 +285,7 @@ class KVServer:
             retry_after=exc.retry_after,
         )
 
-    async def write(self, cmd: Put | Delete) -> Result:
+    async def write(self, cmd: Put | Delete | SetMember) -> Result:
         """Propose a write and wait for its result.
 
         Raises:
@@ -414,6 +439,81 @@ class KVServer:
         st["leader_addr"] = self._leader_addr(st["leader"])
         st["fsync"] = "always" if self.config.fsync else "none"
         return st
+
+    # -- membership admin -------------------------------------------------------------
+
+    def _check_admin(self, request: web.Request) -> None:
+        token = self.config.token
+        if token and request.headers.get(TOKEN_HEADER) != token:
+            raise web.HTTPForbidden(text="admin endpoints need the cluster token")
+
+    def _members_view(self) -> dict[str, Any]:
+        conf = self.node.core.conf
+        addrs = {self.config.id: f"{self.config.host}:{self.port}", **self.node.transport.peers}
+        return {
+            "voters": {v: addrs.get(v) for v in conf.voters},
+            "learners": {v: addrs.get(v) for v in conf.learners},
+        }
+
+    async def handle_members(self, request: web.Request) -> web.Response:
+        """``GET /v1/admin/members``: voters and learners with their addresses."""
+        return web.json_response(self._members_view())
+
+    async def _conf_change(self, change_type: int, node_id: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self.node.propose_conf_change(ConfChange(type=change_type, node_id=node_id)),
+                self.config.request_timeout,
+            )
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        except TimeoutError:
+            raise RequestTimeout("membership change not committed in time") from None
+        except ProposalDroppedError as exc:
+            raise UnavailableError(str(exc), retry_after=1.0) from exc
+
+    async def handle_add_member(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/members`` ``{"id": "n4", "addr": "host:port"}``: add a learner."""
+        self._check_admin(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadInputError('body must be JSON {"id": ..., "addr": ...}') from None
+        node_id, addr = (body.get("id"), body.get("addr")) if isinstance(body, dict) else (0, 0)
+        if not isinstance(node_id, str) or not node_id or len(node_id) > 64:
+            raise BadInputError("'id' must be a non-empty string of at most 64 characters")
+        if not isinstance(addr, str) or parse_listen(addr)[1] == 0:
+            raise BadInputError("'addr' must be HOST:PORT")
+        if node_id in self.node.core.conf.voters or node_id in self.node.core.conf.learners:
+            raise ConflictError(f"{node_id!r} is already a member")
+        try:
+            await self.write(SetMember(id=node_id, addr=addr))
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        await self._conf_change(ConfChangeType.ADD_LEARNER, node_id)
+        return web.json_response(self._members_view())
+
+    async def handle_promote(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/members/{id}/promote``: make a learner a voter."""
+        self._check_admin(request)
+        node_id = request.match_info["id"]
+        if node_id not in self.node.core.conf.learners:
+            raise BadInputError(f"{node_id!r} is not a learner")
+        await self._conf_change(ConfChangeType.ADD_VOTER, node_id)
+        return web.json_response(self._members_view())
+
+    async def handle_remove_member(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/admin/members/{id}``: remove a voter or learner."""
+        self._check_admin(request)
+        node_id = request.match_info["id"]
+        conf = self.node.core.conf
+        if node_id not in conf.voters and node_id not in conf.learners:
+            raise BadInputError(f"{node_id!r} is not a member")
+        await self._conf_change(ConfChangeType.REMOVE_NODE, node_id)
+        if node_id in self.fsm.members:
+            with contextlib.suppress(DsysError):
+                await self.write(SetMember(id=node_id, addr=""))
+        return web.json_response(self._members_view())
 
     # -- WebSocket channel ------------------------------------------------------------
 

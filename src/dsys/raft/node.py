@@ -210,6 +210,8 @@ class NodeConfig:
         peer_queue: messages queued per peer before new ones are dropped.
         max_batch: messages per peer request.
         peer_timeout: seconds a peer request may take.
+        join: this node joins an existing cluster (added with a membership change);
+            it learns the membership from the leader instead of bootstrapping it.
     """
 
     id: NodeId
@@ -222,6 +224,7 @@ class NodeConfig:
     peer_queue: int = 4096
     max_batch: int = 512
     peer_timeout: float = 5.0
+    join: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -264,6 +267,7 @@ class PeerTransport:
             p: asyncio.Queue(queue_size) for p in self.peers
         }
         self._max_batch = max_batch
+        self._queue_size = queue_size
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -278,6 +282,21 @@ class PeerTransport:
         for peer in self.peers:
             self._tasks.append(asyncio.create_task(self._sender(peer)))
 
+    def set_peer(self, node_id: NodeId, addr: str | None) -> None:
+        """Add, move or (``addr=None``) remove a peer at run time."""
+        if node_id == self.node_id:
+            return
+        if addr is None:
+            self.peers.pop(node_id, None)
+            self._queues.pop(node_id, None)
+            return
+        known = node_id in self.peers
+        self.peers[node_id] = addr
+        if not known:
+            self._queues[node_id] = asyncio.Queue(self._queue_size)
+            if self._session is not None:
+                self._tasks.append(asyncio.create_task(self._sender(node_id)))
+
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for its destination (dropped if unknown or the queue is full)."""
         q = self._queues.get(msg.dst)
@@ -291,10 +310,13 @@ class PeerTransport:
 
     async def _sender(self, peer: NodeId) -> None:
         q = self._queues[peer]
-        url = f"http://{self.peers[peer]}{PEER_PATH}"
         backoff = 0.0
-        while True:
+        while self._queues.get(peer) is q:
             batch = [await q.get()]
+            addr = self.peers.get(peer)
+            if addr is None:
+                return
+            url = f"http://{addr}{PEER_PATH}"
             while len(batch) < self._max_batch and not q.empty():
                 batch.append(q.get_nowait())
             if backoff:
@@ -433,7 +455,7 @@ class RaftNode:
                 f"log starts at {entries[0].index} but the snapshot ends at {applied}"
             )
         self.applied_index = applied
-        voters = sorted([self.id, *self.config.peers])
+        voters = None if self.config.join else sorted([self.id, *self.config.peers])
         cfg = RaftConfig(
             id=self.id,
             election_tick=self.config.election_tick,
@@ -596,7 +618,7 @@ class RaftNode:
             "snapshot_index": self.snapshot_index,
             "voters": list(conf.voters),
             "learners": list(conf.learners),
-            "peers": dict(self.config.peers),
+            "peers": dict(self.transport.peers),
         }
 
     # -- peer endpoint ----------------------------------------------------------------
@@ -607,7 +629,7 @@ class RaftNode:
         if token and request.headers.get(TOKEN_HEADER) != token:
             raise web.HTTPForbidden(text="missing or wrong cluster token")
         src = request.headers.get(FROM_HEADER, "")
-        if src not in self.config.peers:
+        if src not in self.transport.peers:
             raise web.HTTPForbidden(text=f"unknown peer {src!r}")
         body = await request.read()
         try:
