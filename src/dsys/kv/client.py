@@ -66,6 +66,20 @@ class _Retry(Exception):
         self.addr = addr
 
 
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def _wait(fut: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
+    """Await ``fut`` at most ``timeout`` seconds, without the task ``wait_for`` creates."""
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+
+
 class _Conn:
     """One WebSocket to one server with its in-flight requests."""
 
@@ -136,7 +150,7 @@ class _Conn:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await _wait(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"no answer from {self.endpoint} in {timeout:.2f}s") from None
         finally:

@@ -69,7 +69,7 @@ from dsys.observability import (
     start_site,
 )
 from dsys.raft.messages import ConfChange, ConfChangeType
-from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
+from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode, wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
 MAX_VALUE_BYTES = 1024 * 1024
@@ -294,8 +294,8 @@ class KVServer:
             UnavailableError: leadership changed before the outcome was known.
         """
         try:
-            result = await asyncio.wait_for(
-                self.node.propose(encode_command(cmd)), self.config.request_timeout
+            result = await wait_future(
+                self.node.propose_future(encode_command(cmd)), self.config.request_timeout
             )
         except TimeoutError:
             raise RequestTimeout("write not committed in time; retry with the same seq") from None

@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 from aiohttp import web
@@ -177,6 +177,26 @@ def from_wire(v: Any) -> Message:
     except (TypeError, ValueError) as exc:
         raise RemoteProtocolError(f"invalid message: {exc}") from exc
     raise RemoteProtocolError(f"unknown message tag {tag!r} with {n} fields")
+
+
+T = TypeVar("T")
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def wait_future(fut: asyncio.Future[T], timeout: float) -> T:  # noqa: ASYNC109
+    """Await ``fut`` for at most ``timeout`` seconds (TimeoutError after that).
+
+    Cheaper than ``asyncio.wait_for`` on the hot path: no extra task, one timer handle.
+    """
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
 
 
 class StateMachine(Protocol):
@@ -555,10 +575,22 @@ class RaftNode:
             raise ClosedError("raft node closed")
         if not self.is_leader:
             raise self._not_leader()
+        return await self.propose_future(data)
+
+    def propose_future(self, data: bytes) -> asyncio.Future[object]:
+        """Queue a proposal; the future resolves like :meth:`propose` (no await needed).
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._proposals_in.append((data, fut))
         self._wake.set()
-        return await fut
+        return fut
 
     async def propose_conf_change(self, change: ConfChange) -> object:
         """Propose a membership change; returns once it is applied here."""
@@ -587,7 +619,7 @@ class RaftNode:
         self._reads_in.append(fut)
         self._wake.set()
         try:
-            index = await asyncio.wait_for(fut, timeout)
+            index = await wait_future(fut, timeout)
         except TimeoutError:
             raise RequestTimeout("read index not confirmed by a quorum in time") from None
         await self.wait_applied(index, timeout)
@@ -600,7 +632,7 @@ class RaftNode:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._applied_waiters.append((index, fut))
         try:
-            await asyncio.wait_for(fut, timeout)
+            await wait_future(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"index {index} not applied in time") from None
 
