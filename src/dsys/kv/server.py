@@ -226,6 +226,8 @@ class KVServer:
         return app
 
     async def _health(self) -> Mapping[str, object]:
+        if self.node.failed is not None:
+            raise RuntimeError(f"raft loop stopped: {self.node.failed!r}")
         return {"id": self.config.id, "role": self.node.role.name.lower(), "term": self.node.term}
 
     async def start(self) -> KVServer:

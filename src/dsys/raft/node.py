@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -67,6 +68,8 @@ from dsys.raft.messages import (
     Role,
     Snapshot,
     SnapshotMeta,
+    SnapshotRequest,
+    decode_conf,
 )
 from dsys.raft.storage import LogStore, SnapshotStore, StableStore
 
@@ -123,6 +126,42 @@ def to_wire(msg: Message) -> Any:
     if isinstance(msg, HeartbeatResponse):
         return ["h", msg.src, msg.dst, msg.term, msg.ctx]
     return CODEC.to_plain(msg)
+
+
+def check_message(msg: Message) -> Message:
+    """Refuse a message whose fields cannot be right, before the core sees it.
+
+    Integers must be non-negative; an AppendRequest's entries must follow ``prev_index``
+    contiguously, with terms between ``prev_term`` and the message term, known kinds, and
+    decodable configurations.
+
+    Raises:
+        RemoteProtocolError: the message is not sane.
+    """
+    for f in dataclasses.fields(msg):
+        v = getattr(msg, f.name)
+        if type(v) is int and v < 0:
+            raise RemoteProtocolError(f"{type(msg).__name__}.{f.name} is negative")
+    if isinstance(msg, AppendRequest):
+        last_term = msg.prev_term
+        for i, e in enumerate(msg.entries):
+            if e.index != msg.prev_index + 1 + i:
+                raise RemoteProtocolError("append entries are not contiguous after prev_index")
+            if e.term < last_term or e.term > msg.term:
+                raise RemoteProtocolError("append entry terms go backwards or beyond the term")
+            if e.kind not in _ENTRY_KINDS:
+                raise RemoteProtocolError(f"unknown entry kind {e.kind}")
+            if e.kind == EntryKind.CONFIG:
+                decode_conf(e.data)
+            last_term = e.term
+    elif isinstance(msg, SnapshotRequest):
+        meta = msg.snapshot.meta
+        if meta.index < 0 or meta.term < 0 or meta.term > msg.term:
+            raise RemoteProtocolError("snapshot metadata out of range")
+    return msg
+
+
+_ENTRY_KINDS = frozenset(int(k) for k in EntryKind)
 
 
 def from_wire(v: Any) -> Message:
@@ -431,6 +470,8 @@ class RaftNode:
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
         self._closed = False
+        self.failed: BaseException | None = None
+        """Set when the loop died (a bug or a storage failure); the node is then unhealthy."""
         self._store_lock = asyncio.Lock()  # the stores are used from one thread at a time
         self._inline_persist = getattr(log, "fsync", True) is False
         self._tasks: list[asyncio.Task[None]] = []
@@ -668,7 +709,7 @@ class RaftNode:
             raw = decode(body, max_size=MAX_PEER_BODY)
             if not isinstance(raw, list):
                 raise RemoteProtocolError("peer body must be a msgpack list of messages")
-            msgs = [from_wire(m) for m in raw]
+            msgs = [check_message(from_wire(m)) for m in raw]
         except RemoteProtocolError as exc:
             raise web.HTTPBadRequest(text=f"malformed peer message: {exc}") from None
         for m in msgs:
@@ -714,7 +755,8 @@ class RaftNode:
                 await self._maybe_snapshot()
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            self.failed = exc
             self.log.exception("raft_loop_crashed")
             raise
 
@@ -724,7 +766,11 @@ class RaftNode:
         for _ in range(min(ticks, 10)):
             core.tick()
         while self._inbox:
-            core.step(self._inbox.popleft())
+            msg = self._inbox.popleft()
+            try:
+                core.step(msg)
+            except RemoteProtocolError as exc:  # e.g. an undecodable config entry
+                self.log.warning("peer_message_refused", src=msg.src, error=str(exc))
         while self._proposals_in:
             data, fut = self._proposals_in.popleft()
             if fut.done():
