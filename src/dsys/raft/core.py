@@ -290,6 +290,7 @@ class RaftCore:
         self._prs: dict[NodeId, _Progress] = {}
         self._pending_conf_index = 0
         self._bcast_pending = False
+        self._commit_pending = False
         self._read_seq = 0
         self._read_acks: dict[NodeId, int] = {}
         self._quorum_seq = 0
@@ -1009,11 +1010,23 @@ class RaftCore:
         return idx
 
     def _flush(self) -> None:
-        if self._bcast_pending and self._role is Role.LEADER:
+        if self._role is not Role.LEADER:
+            return
+        if self._bcast_pending:
             self._bcast_pending = False
             for nid in self._prs:
                 if nid != self._id:
                     self._send_append(nid)
+        if self._commit_pending:
+            # Followers that hold everything learn the new commit index now rather than
+            # at the next heartbeat (ctx 0: not a read round, not a repair signal).
+            self._commit_pending = False
+            last = self.last_index
+            for nid, pr in self._prs.items():
+                if nid != self._id and pr.match == last:
+                    self._send(
+                        Heartbeat(src=self._id, dst=nid, term=self._term, commit=self._commit)
+                    )
 
     def _send_append(self, to: NodeId, *, allow_empty: bool = False) -> None:
         pr = self._prs[to]
@@ -1075,7 +1088,7 @@ class RaftCore:
                 if self._maybe_commit():
                     if self._role is not Role.LEADER:
                         return  # the committed configuration removed us
-                    self._bcast_pending = True
+                    self._commit_pending = True
             elif pr.state == _PROBE:
                 pr.become_replicate()
             elif pr.state == _SNAPSHOT:
@@ -1116,6 +1129,8 @@ class RaftCore:
         if pr is None:
             return
         pr.active = True
+        if msg.ctx == 0:
+            return  # answer to a commit notification
         if pr.state == _PROBE:
             pr.probe_sent = False
         elif pr.state == _REPLICATE:
