@@ -21,6 +21,7 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.raft import RaftConfig, RaftCore
 
 __all__ = [
     "BadInputError",
@@ -30,6 +31,8 @@ __all__ = [
     "DsysError",
     "NotLeaderError",
     "ProtocolError",
+    "RaftConfig",
+    "RaftCore",
     "RequestTimeout",
     "TransportError",
     "UnavailableError",

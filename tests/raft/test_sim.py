@@ -12,7 +12,7 @@ import pytest
 from dsys.raft import ConfChange, ConfChangeType, Role
 from dsys.testing.sim import InvariantViolation, SimNetwork, run_campaign
 
-DEFAULT_SEEDS = 320
+DEFAULT_SEEDS = 400
 CHUNK = 40
 
 

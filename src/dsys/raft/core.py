@@ -364,6 +364,11 @@ class RaftCore:
         return self._conf
 
     @property
+    def conf_index(self) -> int:
+        """Index of the entry (or snapshot) that set the configuration in effect."""
+        return self._conf_history[-1][0]
+
+    @property
     def snapshot(self) -> Snapshot | None:
         """The latest snapshot this node holds (from :meth:`compact` or the leader)."""
         return self._snapshot

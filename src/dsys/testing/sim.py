@@ -297,6 +297,7 @@ class SimNetwork:
         self._entry_seen: dict[tuple[int, int], tuple[int, int, bytes]] = {}
         self.committed: list[Entry] = []  # the global committed log, index i at [i - 1]
         self.committed_voters: list[NodeId] = list(node_ids)
+        self.committed_conf_index = 0
         # -- clients
         self.history = History()
         self.clients: list[_Client] = []
@@ -529,25 +530,26 @@ class SimNetwork:
         if not self.committed:
             return
         last = self.committed[-1]
-        # The entry was committed by a majority of the configuration its leader had
-        # appended (configurations take effect on append); with one change at a time
-        # that is the committed configuration or one appended after it by some node.
+        # A committed entry must never be missing from a majority of any configuration
+        # that could still elect a leader: the committed configuration, or one appended
+        # after it on some node (configurations take effect on append). With one change
+        # at a time the entry may be on a majority of an appended configuration only,
+        # which still intersects every majority of its predecessor.
         confs = {tuple(self.committed_voters)}
         for n in self.nodes.values():
-            # A crashed node's last configuration is in its durable log too.
-            confs.add(tuple(n.core.conf.voters))
+            if n.core.conf_index > self.committed_conf_index:
+                confs.add(tuple(n.core.conf.voters))
         for voters in confs:
-            holders = sum(
-                1
+            lacking = [
+                v
                 for v in voters
-                if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
-            )
-            if holders >= len(voters) // 2 + 1:
-                return
-        raise self.fail(
-            f"committed entry {last.index} (term {last.term}) is not durable on a majority "
-            f"of any configuration in play: {sorted(confs)}"
-        )
+                if v not in self.nodes or not self.nodes[v].store.covers(last.index, last.term)
+            ]
+            if len(lacking) >= len(voters) // 2 + 1:
+                raise self.fail(
+                    f"committed entry {last.index} (term {last.term}) is missing from a "
+                    f"majority {sorted(lacking)} of configuration {voters}"
+                )
 
     def _check_node_committed(self, n: SimNode) -> None:
         ci = n.core.commit_index
@@ -658,9 +660,12 @@ class SimNetwork:
                     f"{self.committed[e.index - 1]} was applied at index {e.index} before"
                 )
         else:
+            if e.index != len(self.committed) + 1:
+                raise self.fail(f"{n.id} applies {e.index} past the known committed log")
             self.committed.append(e)
             if e.kind == EntryKind.CONFIG:
                 self.committed_voters = list(decode_conf(e.data).voters)
+                self.committed_conf_index = e.index
         if e.kind != EntryKind.NORMAL:
             n.pending_writes.pop(e.index, None)
             return
