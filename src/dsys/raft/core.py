@@ -299,6 +299,7 @@ class RaftCore:
         self._reads_before_commit: list[bytes] = []
         self._transferee: NodeId | None = None
         self._transfer_elapsed = 0
+        self._lease_broken = False
         self._role = Role.FOLLOWER
         self._step_role: Callable[[Message], None] = self._step_follower
         self._tick_role: Callable[[], None] = self._tick_election
@@ -530,7 +531,7 @@ class RaftCore:
         self._transfer_elapsed = 0
         pr = self._prs[to]
         if pr.match == self.last_index:
-            self._send(TimeoutNow(src=self._id, dst=to, term=self._term))
+            self._send_timeout_now(to)
         else:
             self._send_append(to)
 
@@ -679,6 +680,7 @@ class RaftCore:
         self._read_acks = {}
         self._quorum_seq = 0
         self._seq_ticks.clear()
+        self._lease_broken = False
         self._transferee = None
         # Conservatively treat any config entry in the uncommitted tail as pending.
         self._pending_conf_index = 0
@@ -1099,7 +1101,7 @@ class RaftCore:
             elif pr.state == _SNAPSHOT:
                 pr.become_probe()
             if msg.src == self._transferee and pr.match == self.last_index:
-                self._send(TimeoutNow(src=self._id, dst=msg.src, term=self._term))
+                self._send_timeout_now(msg.src)
             self._send_append(msg.src)
             return
         # Rejected: ignore stale rejections, otherwise back off using the conflict hint.
@@ -1206,7 +1208,12 @@ class RaftCore:
         self._advance_reads()
 
     def _start_read(self, ctx: bytes) -> None:
-        if self._cfg.lease_read and self._transferee is None and self._lease_valid():
+        if (
+            self._cfg.lease_read
+            and self._transferee is None
+            and not self._lease_broken
+            and self._lease_valid()
+        ):
             self._read_states.append(ReadState(ctx=ctx, index=self._commit))
             return
         self._reads.append(_PendingRead(seq=self._read_seq + 1, ctx=ctx, index=self._commit))
@@ -1235,6 +1242,12 @@ class RaftCore:
             return False
         sent = self._seq_ticks[0][1]
         return self._now - sent < self._cfg.election_tick - 1
+
+    def _send_timeout_now(self, to: NodeId) -> None:
+        # The target's campaign bypasses the followers' lease, so this leader's lease
+        # can no longer be trusted for the rest of its term.
+        self._lease_broken = True
+        self._send(TimeoutNow(src=self._id, dst=to, term=self._term))
 
     def _send(self, msg: Message) -> None:
         self._msgs.append(msg)

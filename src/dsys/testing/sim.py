@@ -345,7 +345,8 @@ class SimNetwork:
     def fail(self, what: str) -> InvariantViolation:
         """Build an InvariantViolation naming the seed and the recent trace."""
         return InvariantViolation(
-            f"{what}\nseed={self.seed} (replay: SimNetwork/run_campaign with this seed)\n"
+            f"{what}\nseed={self.seed} (replay: run_campaign({self.seed}) or "
+            f"pytest tests/raft -m sim --sim-seed {self.seed})\n"
             f"--- last trace lines ---\n{self.trace_text()}"
         )
 
@@ -850,7 +851,7 @@ def run_campaign(
     seed: int,
     *,
     nodes: int | None = None,
-    fault_ticks: int = 300,
+    fault_ticks: int | None = None,
     recovery_ticks: int = 400,
     clients: int = 3,
     membership: bool | None = None,
@@ -867,6 +868,8 @@ def run_campaign(
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
     check_quorum = rng.random() < 0.8
+    if fault_ticks is None:
+        fault_ticks = rng.choice([150, 300, 500])
     net = SimNetwork(
         ids,
         seed,
@@ -886,6 +889,7 @@ def run_campaign(
     net._recent_values = []
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    transfer_p = rng.choice([0.0, 0.01])
     member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
@@ -915,6 +919,12 @@ def run_campaign(
                 net.restart(nid)
         elif r < crash_p + part_p + 0.01 + member_p:
             _random_conf_change(net, ids)
+        elif r < crash_p + part_p + 0.01 + member_p + transfer_p:
+            lead = net.leader()
+            if lead is not None:
+                to = net.rng.choice(net.node(lead).conf.voters)
+                net.trace(f"transfer leadership {lead} -> {to}")
+                net.node(lead).transfer_leadership(to)
         net.tick()
     # Faults stop: heal, restart everyone, no more drops/dups; delays stay.
     net.heal()
