@@ -203,13 +203,22 @@ def test_compact_beyond_applied_is_refused() -> None:
     ("kwargs", "error"),
     [
         ({"entries": [Entry(1, 2, 0, b"")]}, "gap"),
-        ({"hard_state": HardState(term=1, vote=None, commit=5)}, "beyond"),
     ],
-    ids=["log-gap", "commit-beyond-log"],
+    ids=["log-gap"],
 )
 def test_inconsistent_persisted_state_is_refused(kwargs: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         RaftCore(RaftConfig(id="a"), voters=["a"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_restart_clamps_a_commit_index_ahead_of_the_log() -> None:
+    core = RaftCore(
+        RaftConfig(id="a"),
+        voters=["a"],
+        hard_state=HardState(term=1, vote=None, commit=5),
+        entries=[Entry(1, 1, 0, b"")],
+    )
+    assert core.commit_index == 1
 
 
 def test_restart_keeps_term_vote_and_log() -> None:

@@ -265,11 +265,10 @@ class RaftCore:
             if e.kind == EntryKind.CONFIG:
                 self._conf = decode_conf(e.data)
                 self._conf_history.append((e.index, self._conf))
-        self._commit = max(hs.commit, self._snap_index)
-        if self._commit > self.last_index:
-            raise ConfigError(
-                f"commit index {self._commit} is beyond the last log index {self.last_index}"
-            )
+        # The persisted commit index is only a hint (it is volatile state in the paper):
+        # a crash between writing the hard state and the entries may leave it ahead of
+        # the log, so clamp it.
+        self._commit = min(max(hs.commit, self._snap_index), self.last_index)
         self._applied = min(max(applied, self._snap_index), self._commit)
         self._applying = self._applied  # committed entries up to here were handed out
         self._stable = self.last_index  # entries up to here are persisted
