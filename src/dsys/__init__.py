@@ -22,6 +22,7 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.kv.client import KVClient
+from dsys.raft import RaftConfig, RaftCore
 
 __all__ = [
     "BadInputError",
@@ -32,6 +33,8 @@ __all__ = [
     "KVClient",
     "NotLeaderError",
     "ProtocolError",
+    "RaftConfig",
+    "RaftCore",
     "RequestTimeout",
     "TransportError",
     "UnavailableError",

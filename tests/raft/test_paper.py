@@ -428,7 +428,7 @@ def test_follower_behind_compacted_log_gets_snapshot() -> None:
     assert a.first_index == a.commit_index + 1
     # c never answered; its heartbeat response makes the leader retry from index 1,
     # which is compacted away: it must send the snapshot instead.
-    a.step(HeartbeatResponse(src="c", dst="a", term=a.term, ctx=0))
+    a.step(HeartbeatResponse(src="c", dst="a", term=a.term, ctx=1))
     snaps = of(drain(a), SnapshotRequest)
     assert snaps and snaps[0].snapshot.data == b"fsm-state"
     c = node("c", term=a.term)

@@ -265,11 +265,10 @@ class RaftCore:
             if e.kind == EntryKind.CONFIG:
                 self._conf = decode_conf(e.data)
                 self._conf_history.append((e.index, self._conf))
-        self._commit = max(hs.commit, self._snap_index)
-        if self._commit > self.last_index:
-            raise ConfigError(
-                f"commit index {self._commit} is beyond the last log index {self.last_index}"
-            )
+        # The persisted commit index is only a hint (it is volatile state in the paper):
+        # a crash between writing the hard state and the entries may leave it ahead of
+        # the log, so clamp it.
+        self._commit = min(max(hs.commit, self._snap_index), self.last_index)
         self._applied = min(max(applied, self._snap_index), self._commit)
         self._applying = self._applied  # committed entries up to here were handed out
         self._stable = self.last_index  # entries up to here are persisted
@@ -290,6 +289,7 @@ class RaftCore:
         self._prs: dict[NodeId, _Progress] = {}
         self._pending_conf_index = 0
         self._bcast_pending = False
+        self._commit_pending = False
         self._read_seq = 0
         self._read_acks: dict[NodeId, int] = {}
         self._quorum_seq = 0
@@ -298,6 +298,7 @@ class RaftCore:
         self._reads_before_commit: list[bytes] = []
         self._transferee: NodeId | None = None
         self._transfer_elapsed = 0
+        self._lease_broken = False
         self._role = Role.FOLLOWER
         self._step_role: Callable[[Message], None] = self._step_follower
         self._tick_role: Callable[[], None] = self._tick_election
@@ -361,6 +362,11 @@ class RaftCore:
     def conf(self) -> ConfState:
         """Membership in effect (the latest appended configuration)."""
         return self._conf
+
+    @property
+    def conf_index(self) -> int:
+        """Index of the entry (or snapshot) that set the configuration in effect."""
+        return self._conf_history[-1][0]
 
     @property
     def snapshot(self) -> Snapshot | None:
@@ -524,7 +530,7 @@ class RaftCore:
         self._transfer_elapsed = 0
         pr = self._prs[to]
         if pr.match == self.last_index:
-            self._send(TimeoutNow(src=self._id, dst=to, term=self._term))
+            self._send_timeout_now(to)
         else:
             self._send_append(to)
 
@@ -673,6 +679,7 @@ class RaftCore:
         self._read_acks = {}
         self._quorum_seq = 0
         self._seq_ticks.clear()
+        self._lease_broken = False
         self._transferee = None
         # Conservatively treat any config entry in the uncommitted tail as pending.
         self._pending_conf_index = 0
@@ -1009,11 +1016,23 @@ class RaftCore:
         return idx
 
     def _flush(self) -> None:
-        if self._bcast_pending and self._role is Role.LEADER:
+        if self._role is not Role.LEADER:
+            return
+        if self._bcast_pending:
             self._bcast_pending = False
             for nid in self._prs:
                 if nid != self._id:
                     self._send_append(nid)
+        if self._commit_pending:
+            # Followers that hold everything learn the new commit index now rather than
+            # at the next heartbeat (ctx 0: not a read round, not a repair signal).
+            self._commit_pending = False
+            last = self.last_index
+            for nid, pr in self._prs.items():
+                if nid != self._id and pr.match == last:
+                    self._send(
+                        Heartbeat(src=self._id, dst=nid, term=self._term, commit=self._commit)
+                    )
 
     def _send_append(self, to: NodeId, *, allow_empty: bool = False) -> None:
         pr = self._prs[to]
@@ -1075,13 +1094,13 @@ class RaftCore:
                 if self._maybe_commit():
                     if self._role is not Role.LEADER:
                         return  # the committed configuration removed us
-                    self._bcast_pending = True
+                    self._commit_pending = True
             elif pr.state == _PROBE:
                 pr.become_replicate()
             elif pr.state == _SNAPSHOT:
                 pr.become_probe()
             if msg.src == self._transferee and pr.match == self.last_index:
-                self._send(TimeoutNow(src=self._id, dst=msg.src, term=self._term))
+                self._send_timeout_now(msg.src)
             self._send_append(msg.src)
             return
         # Rejected: ignore stale rejections, otherwise back off using the conflict hint.
@@ -1116,6 +1135,8 @@ class RaftCore:
         if pr is None:
             return
         pr.active = True
+        if msg.ctx == 0:
+            return  # answer to a commit notification
         if pr.state == _PROBE:
             pr.probe_sent = False
         elif pr.state == _REPLICATE:
@@ -1186,7 +1207,12 @@ class RaftCore:
         self._advance_reads()
 
     def _start_read(self, ctx: bytes) -> None:
-        if self._cfg.lease_read and self._transferee is None and self._lease_valid():
+        if (
+            self._cfg.lease_read
+            and self._transferee is None
+            and not self._lease_broken
+            and self._lease_valid()
+        ):
             self._read_states.append(ReadState(ctx=ctx, index=self._commit))
             return
         self._reads.append(_PendingRead(seq=self._read_seq + 1, ctx=ctx, index=self._commit))
@@ -1215,6 +1241,12 @@ class RaftCore:
             return False
         sent = self._seq_ticks[0][1]
         return self._now - sent < self._cfg.election_tick - 1
+
+    def _send_timeout_now(self, to: NodeId) -> None:
+        # The target's campaign bypasses the followers' lease, so this leader's lease
+        # can no longer be trusted for the rest of its term.
+        self._lease_broken = True
+        self._send(TimeoutNow(src=self._id, dst=to, term=self._term))
 
     def _send(self, msg: Message) -> None:
         self._msgs.append(msg)

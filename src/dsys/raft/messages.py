@@ -313,9 +313,11 @@ class ReadState:
 class Ready:
     """Everything the core wants done, in this order.
 
-    1. Persist: ``snapshot`` (if any, replacing the log up to its index), then
-       ``hard_state`` (if not ``None``), then ``entries`` (if ``entries[0].index`` is
-       already in the log, truncate the log from there first). Durably (fsync).
+    1. Persist: ``snapshot`` (if any; it replaces the whole log), ``entries`` (if
+       ``entries[0].index`` is already in the log, truncate the log from there first)
+       and ``hard_state`` (if not ``None``). Durably (fsync) - all of it before step 2.
+       Writing entries before the hard state is the safest order; a restart clamps a
+       persisted commit index that is ahead of the log.
     2. Send ``messages``.
     3. Install ``snapshot`` into the state machine (if any), then apply ``committed``
        in order; serve ``read_states`` whose index is applied.

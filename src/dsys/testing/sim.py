@@ -297,6 +297,7 @@ class SimNetwork:
         self._entry_seen: dict[tuple[int, int], tuple[int, int, bytes]] = {}
         self.committed: list[Entry] = []  # the global committed log, index i at [i - 1]
         self.committed_voters: list[NodeId] = list(node_ids)
+        self.committed_conf_index = 0
         # -- clients
         self.history = History()
         self.clients: list[_Client] = []
@@ -344,7 +345,8 @@ class SimNetwork:
     def fail(self, what: str) -> InvariantViolation:
         """Build an InvariantViolation naming the seed and the recent trace."""
         return InvariantViolation(
-            f"{what}\nseed={self.seed} (replay: SimNetwork/run_campaign with this seed)\n"
+            f"{what}\nseed={self.seed} (replay: run_campaign({self.seed}) or "
+            f"pytest tests/raft -m sim --sim-seed {self.seed})\n"
             f"--- last trace lines ---\n{self.trace_text()}"
         )
 
@@ -529,25 +531,26 @@ class SimNetwork:
         if not self.committed:
             return
         last = self.committed[-1]
-        # The entry was committed by a majority of the configuration its leader had
-        # appended (configurations take effect on append); with one change at a time
-        # that is the committed configuration or one appended after it by some node.
+        # A committed entry must never be missing from a majority of any configuration
+        # that could still elect a leader: the committed configuration, or one appended
+        # after it on some node (configurations take effect on append). With one change
+        # at a time the entry may be on a majority of an appended configuration only,
+        # which still intersects every majority of its predecessor.
         confs = {tuple(self.committed_voters)}
         for n in self.nodes.values():
-            # A crashed node's last configuration is in its durable log too.
-            confs.add(tuple(n.core.conf.voters))
+            if n.core.conf_index > self.committed_conf_index:
+                confs.add(tuple(n.core.conf.voters))
         for voters in confs:
-            holders = sum(
-                1
+            lacking = [
+                v
                 for v in voters
-                if v in self.nodes and self.nodes[v].store.covers(last.index, last.term)
-            )
-            if holders >= len(voters) // 2 + 1:
-                return
-        raise self.fail(
-            f"committed entry {last.index} (term {last.term}) is not durable on a majority "
-            f"of any configuration in play: {sorted(confs)}"
-        )
+                if v not in self.nodes or not self.nodes[v].store.covers(last.index, last.term)
+            ]
+            if len(lacking) >= len(voters) // 2 + 1:
+                raise self.fail(
+                    f"committed entry {last.index} (term {last.term}) is missing from a "
+                    f"majority {sorted(lacking)} of configuration {voters}"
+                )
 
     def _check_node_committed(self, n: SimNode) -> None:
         ci = n.core.commit_index
@@ -658,9 +661,12 @@ class SimNetwork:
                     f"{self.committed[e.index - 1]} was applied at index {e.index} before"
                 )
         else:
+            if e.index != len(self.committed) + 1:
+                raise self.fail(f"{n.id} applies {e.index} past the known committed log")
             self.committed.append(e)
             if e.kind == EntryKind.CONFIG:
                 self.committed_voters = list(decode_conf(e.data).voters)
+                self.committed_conf_index = e.index
         if e.kind != EntryKind.NORMAL:
             n.pending_writes.pop(e.index, None)
             return
@@ -845,7 +851,7 @@ def run_campaign(
     seed: int,
     *,
     nodes: int | None = None,
-    fault_ticks: int = 300,
+    fault_ticks: int | None = None,
     recovery_ticks: int = 400,
     clients: int = 3,
     membership: bool | None = None,
@@ -862,6 +868,8 @@ def run_campaign(
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
     check_quorum = rng.random() < 0.8
+    if fault_ticks is None:
+        fault_ticks = rng.choice([150, 300, 500])
     net = SimNetwork(
         ids,
         seed,
@@ -881,6 +889,7 @@ def run_campaign(
     net._recent_values = []
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    transfer_p = rng.choice([0.0, 0.01])
     member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
@@ -910,6 +919,12 @@ def run_campaign(
                 net.restart(nid)
         elif r < crash_p + part_p + 0.01 + member_p:
             _random_conf_change(net, ids)
+        elif r < crash_p + part_p + 0.01 + member_p + transfer_p:
+            lead = net.leader()
+            if lead is not None:
+                to = net.rng.choice(net.node(lead).conf.voters)
+                net.trace(f"transfer leadership {lead} -> {to}")
+                net.node(lead).transfer_leadership(to)
         net.tick()
     # Faults stop: heal, restart everyone, no more drops/dups; delays stay.
     net.heal()
