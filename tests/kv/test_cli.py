@@ -54,6 +54,10 @@ async def test_cli_put_get_del_status(cluster: list[KVServer]) -> None:
     rc, out, err = await _dsys("status", "--cluster", eps)
     roles = sorted(v["role"] for v in json.loads(out).values())
     assert rc == 0 and roles == ["follower", "follower", "leader"]
+    rc, out, err = await _dsys("member", "list", "--cluster", eps)
+    assert rc == 0 and sorted(json.loads(out)["voters"]) == ["n1", "n2", "n3"]
+    rc, out, err = await _dsys("member", "promote", "n9", "--cluster", eps)
+    assert rc == 1 and "not a learner" in err
     rc, out, err = await _dsys("del", "color", "--cluster", eps)
     assert rc == 0
     rc, out, err = await _dsys("get", "color", "--cluster", eps)

@@ -12,7 +12,16 @@ One aiohttp application per node serves, on one ``host:port``:
     GET    /v1/ws                                      -> WebSocket, msgpack frames (KVClient)
 
   A follower answers writes and linearizable reads with ``307`` + ``Location`` of the
-  leader, or ``503`` + ``Retry-After`` when no leader is known.
+  leader, or ``503`` + ``Retry-After`` when no leader is known. A write answered ``503``
+  or ``504`` after it was accepted has an *unknown* outcome (leadership changed, or it
+  did not commit in time): it may still commit. Send ``X-Dsys-Client-Id`` and
+  ``X-Dsys-Seq`` headers to make such retries exactly-once (``KVClient`` always does).
+* membership admin (with the cluster token when one is set)::
+
+    GET    /v1/admin/members                        -> {"voters": {...}, "learners": {...}}
+    POST   /v1/admin/members {"id": ID, "addr": A}  -> add ID as a learner
+    POST   /v1/admin/members/{id}/promote           -> make the learner a voter
+    DELETE /v1/admin/members/{id}                   -> remove a voter or learner
 * ``POST /raft/v1/msgs`` for peers (see :mod:`dsys.raft.node`),
 * ``/healthz`` and ``/metrics``.
 

@@ -905,6 +905,7 @@ class RaftNode:
             self._m_leader.set(0)
             self.log.info("became_follower", term=ev.term, leader=ev.leader)
             self._fail_reads()
+            self._fail_proposals()
         elif isinstance(ev, BecameCandidate):
             self._m_leader.set(0)
             if not ev.pre_vote:
@@ -912,12 +913,26 @@ class RaftNode:
                 self._m_elections.inc()
             self.log.info("campaign", term=ev.term, pre_vote=ev.pre_vote)
             self._fail_reads()
+            self._fail_proposals()
         elif isinstance(ev, ReadIndexDropped):
             rfut = self._read_waiters.pop(ev.ctx, None)
             if rfut is not None and not rfut.done():
                 rfut.set_exception(self._not_leader())
         else:
             self.log.info("raft_event", kind=type(ev).__name__, detail=repr(ev))
+
+    def _fail_proposals(self) -> None:
+        """Leadership was lost: answer pending proposals now instead of at their timeout.
+
+        Their entries may still commit under the next leader, so the outcome is unknown;
+        callers retry with the same client id and sequence number (exactly-once).
+        """
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(
+                    ProposalDroppedError("leadership lost before the write committed; retry")
+                )
 
     def _fail_reads(self) -> None:
         waiters, self._read_waiters = self._read_waiters, {}
