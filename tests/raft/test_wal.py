@@ -169,3 +169,19 @@ def test_installing_a_leader_snapshot_drops_the_whole_log(tmp_path: Path) -> Non
     mem.append(_entries(1, 6, term=1))
     mem.compact(5, 2, keep_tail=False)
     assert mem.load().entries == []
+
+
+def test_commit_only_hard_state_rides_along_without_its_own_fsync(tmp_path: Path) -> None:
+    wal = WriteAheadLog(tmp_path)
+    wal.save_hard_state(HardState(term=1, vote="n1", commit=0))
+    wal.append(_entries(1, 2))
+    wal.sync()
+    assert wal.fsync_count == 1
+    wal.save_hard_state(HardState(term=1, vote="n1", commit=2))  # only the commit moved
+    wal.sync()
+    assert wal.fsync_count == 1
+    wal.save_hard_state(HardState(term=2, vote=None, commit=2))  # a new term must be durable
+    wal.sync()
+    assert wal.fsync_count == 2
+    wal.close()
+    assert WriteAheadLog(tmp_path).load_hard_state() == HardState(term=2, vote=None, commit=2)

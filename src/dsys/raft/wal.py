@@ -120,6 +120,7 @@ class WriteAheadLog:
         self._log = LoadedLog()
         self._hard_state: HardState | None = None
         self._pending = bytearray()
+        self._must_fsync = False
         self.repaired_bytes = 0
         """Bytes cut from a torn tail when the file was opened."""
         self.fsync_count = 0
@@ -183,7 +184,16 @@ class WriteAheadLog:
         return self._hard_state
 
     def save_hard_state(self, hard_state: HardState) -> None:
-        """Queue a hard-state record (durable after :meth:`sync`)."""
+        """Queue a hard-state record (durable after :meth:`sync`).
+
+        A record that only moves the commit index does not by itself force an fsync:
+        the commit index is volatile state in Raft (a restarted node learns it again from
+        the leader), so it rides along with the next fsync. Term and vote changes, which
+        must be durable before any vote or message goes out, always force one.
+        """
+        old = self._hard_state
+        if old is None or old.term != hard_state.term or old.vote != hard_state.vote:
+            self._must_fsync = True
         self._hard_state = hard_state
         self._queue([_HARD, hard_state.term, hard_state.vote, hard_state.commit])
 
@@ -191,6 +201,7 @@ class WriteAheadLog:
         """Queue entries, with a truncation record first when they overwrite a suffix."""
         if not entries:
             return
+        self._must_fsync = True
         if entries[0].index <= self.last_index:
             self._queue([_TRUNC, max(entries[0].index, self._log.compacted_index + 1)])
         _append(self._log, entries)
@@ -213,9 +224,10 @@ class WriteAheadLog:
                 written = os.write(self._fd, view)
                 view = view[written:]
             self.size_bytes += len(data)
-            if self.fsync:
+            if self.fsync and self._must_fsync:
                 os.fsync(self._fd)
                 self.fsync_count += 1
+            self._must_fsync = False
 
     def compact(self, index: int, term: int, *, keep_tail: bool = True) -> None:
         """Rewrite the file without entries up to ``index`` (atomically, via rename).
