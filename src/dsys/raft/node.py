@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -78,6 +78,9 @@ PEER_PATH = "/raft/v1/msgs"
 
 TOKEN_HEADER = "X-Dsys-Cluster-Token"
 FROM_HEADER = "X-Dsys-From"
+REPLY_WAIT = 1.0
+"""Seconds a peer request waits for our answers to ride back on its response."""
+
 MAX_PEER_BODY = 64 * 1024 * 1024
 """Largest peer request accepted (a snapshot travels in one message)."""
 
@@ -331,6 +334,8 @@ class PeerTransport:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.dropped = 0
+        self.on_reply: Callable[[list[Message]], None] | None = None
+        """Receives messages a peer sent back in the body of its HTTP response."""
         self.log = get_logger("raft.transport", node_id=node_id)
 
     async def start(self) -> None:
@@ -389,13 +394,29 @@ class PeerTransport:
                         text = await resp.text()
                         self.log.warning("peer_refused", peer=peer, status=resp.status, body=text)
                     else:
-                        await resp.read()
+                        reply = await resp.read()
+                        if reply and self.on_reply is not None:
+                            self._deliver_reply(peer, reply)
                 backoff = 0.0
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 self.dropped += len(batch)
                 if not backoff:
                     self.log.debug("peer_unreachable", peer=peer, error=str(exc))
                 backoff = min(0.2, max(0.01, backoff * 2))
+
+    def _deliver_reply(self, peer: NodeId, body: bytes) -> None:
+        """Hand the messages a peer piggybacked on its HTTP response to ``on_reply``."""
+        try:
+            raw = decode(body, max_size=MAX_PEER_BODY)
+            if not isinstance(raw, list):
+                raise RemoteProtocolError("reply body must be a msgpack list of messages")
+            msgs = [check_message(from_wire(m)) for m in raw]
+        except RemoteProtocolError as exc:
+            self.log.warning("peer_reply_refused", peer=peer, error=str(exc))
+            return
+        good = [m for m in msgs if m.src == peer and m.dst == self.node_id]
+        if good and self.on_reply is not None:
+            self.on_reply(good)
 
     async def close(self) -> None:
         """Stop the senders and close the session."""
@@ -459,6 +480,11 @@ class RaftNode:
             timeout=config.peer_timeout,
         )
         self._inbox: deque[Message] = deque()
+        # Peer requests waiting for the messages we answer them with (piggybacked on the
+        # HTTP response instead of a POST of our own): registered, then armed once their
+        # messages were stepped, then resolved after the resulting Ready was persisted.
+        self._reply_wait: list[tuple[NodeId, asyncio.Future[list[Message]]]] = []
+        self._armed: dict[NodeId, tuple[asyncio.Future[list[Message]], list[Message]]] = {}
         self._proposals_in: deque[tuple[bytes, asyncio.Future[object]]] = deque()
         self._reads_in: deque[asyncio.Future[int]] = deque()
         self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
@@ -497,6 +523,7 @@ class RaftNode:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
         self.core = self._restore_core()
+        self.transport.on_reply = self._on_reply
 
     # -- construction -----------------------------------------------------------------
 
@@ -558,6 +585,12 @@ class RaftNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await self.transport.close()
+        for _, wfut in self._reply_wait:
+            if not wfut.done():
+                wfut.set_result([])
+        for wfut, _ in self._armed.values():
+            if not wfut.done():
+                wfut.set_result([])
         err = ClosedError("raft node closed")
         for p in self._pending.values():
             if not p.future.done():
@@ -717,9 +750,22 @@ class RaftNode:
                 raise web.HTTPBadRequest(text="message src/dst do not match the request")
         if self._closed:
             raise web.HTTPServiceUnavailable(text="node closed")
+        fut: asyncio.Future[list[Message]] = asyncio.get_running_loop().create_future()
+        self._inbox.extend(msgs)
+        self._reply_wait.append((src, fut))
+        self._wake.set()
+        try:
+            replies = await wait_future(fut, REPLY_WAIT)
+        except TimeoutError:
+            replies = []  # whatever we answer later goes out in a request of our own
+        if not replies:
+            return web.Response(status=204)
+        body = encode([to_wire(m) for m in replies], max_size=MAX_PEER_BODY)
+        return web.Response(body=body, content_type="application/msgpack")
+
+    def _on_reply(self, msgs: list[Message]) -> None:
         self._inbox.extend(msgs)
         self._wake.set()
-        return web.Response(status=204)
 
     def add_routes(self, app: web.Application) -> None:
         """Add the peer endpoint to ``app``."""
@@ -752,6 +798,9 @@ class RaftNode:
                     self._feed_core()
                 if rounds >= 64:
                     self._wake.set()
+                armed, self._armed = self._armed, {}
+                for fut, msgs in armed.values():
+                    self._resolve_reply(fut, msgs)
                 await self._maybe_snapshot()
         except asyncio.CancelledError:
             raise
@@ -765,6 +814,12 @@ class RaftNode:
         ticks, self._ticks = self._ticks, 0
         for _ in range(min(ticks, 10)):
             core.tick()
+        waiting, self._reply_wait = self._reply_wait, []
+        for src, wfut in waiting:
+            old = self._armed.pop(src, None)
+            if old is not None:
+                self._resolve_reply(*old)
+            self._armed[src] = (wfut, [])
         while self._inbox:
             msg = self._inbox.popleft()
             try:
@@ -820,9 +875,14 @@ class RaftNode:
             size = getattr(self._log_store, "size_bytes", None)
             if isinstance(size, int):
                 self._m_log_size.set(size)
-        # 2. send
+        # 2. send (answers to a waiting peer request ride on its HTTP response)
+        armed = self._armed
         for msg in rd.messages:
-            self.transport.send(msg)
+            slot = armed.get(msg.dst) if armed else None
+            if slot is not None and not slot[0].done():
+                slot[1].append(msg)
+            else:
+                self.transport.send(msg)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
             self.fsm.restore(rd.snapshot.data)
@@ -920,6 +980,13 @@ class RaftNode:
                 rfut.set_exception(self._not_leader())
         else:
             self.log.info("raft_event", kind=type(ev).__name__, detail=repr(ev))
+
+    def _resolve_reply(self, fut: asyncio.Future[list[Message]], msgs: list[Message]) -> None:
+        if not fut.done():
+            fut.set_result(msgs)
+        else:  # the request gave up waiting: send the answers on our own
+            for m in msgs:
+                self.transport.send(m)
 
     def _fail_proposals(self) -> None:
         """Leadership was lost: answer pending proposals now instead of at their timeout.
