@@ -20,7 +20,10 @@ Peers talk over HTTP: :class:`PeerTransport` keeps one bounded queue and one sen
 per peer; the sender drains everything queued into one ``POST /raft/v1/msgs`` whose body
 is a msgpack list of messages, so many AppendEntries share one request. The receiving
 side (:meth:`RaftNode.handle_peer_request`) checks the optional shared cluster token
-(403 otherwise), refuses unknown peers (403) and malformed bodies (400).
+(403 otherwise), refuses unknown peers (403) and malformed or insane messages (400), steps
+the messages and, once the resulting ``Ready`` is persisted, returns its answers to that
+peer (append and vote responses) in the HTTP response body, so a replication round trip
+costs one POST. Answers that are not ready within a second go out in a POST of their own.
 """
 
 from __future__ import annotations
