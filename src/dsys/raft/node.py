@@ -275,6 +275,7 @@ class NodeConfig:
         peer_queue: messages queued per peer before new ones are dropped.
         max_batch: messages per peer request.
         peer_timeout: seconds a peer request may take.
+        snapshot_log_bytes: also snapshot once the log store holds more bytes than this.
         join: this node joins an existing cluster (added with a membership change);
             it learns the membership from the leader instead of bootstrapping it.
     """
@@ -290,6 +291,7 @@ class NodeConfig:
     max_batch: int = 512
     peer_timeout: float = 5.0
     join: bool = False
+    snapshot_log_bytes: int = 64 * 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -1011,9 +1013,14 @@ class RaftNode:
                 rfut.set_exception(self._not_leader())
 
     async def _maybe_snapshot(self) -> None:
-        if self.applied_index - self.snapshot_index < self.config.snapshot_every:
+        behind = self.applied_index - self.snapshot_index
+        if behind >= self.config.snapshot_every:
+            await self.snapshot_now()
             return
-        await self.snapshot_now()
+        # Large values fill the log long before snapshot_every entries: compact by size too.
+        size = getattr(self._log_store, "size_bytes", 0)
+        if behind >= 16 and isinstance(size, int) and size > self.config.snapshot_log_bytes:
+            await self.snapshot_now()
 
     async def snapshot_now(self) -> int:
         """Snapshot the state machine at the applied index and compact the log.
