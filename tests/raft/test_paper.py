@@ -175,15 +175,15 @@ def test_stale_term_append_is_rejected_with_current_term() -> None:
             src="a",
             dst="b",
             term=3,
-            prev_index=2,
-            prev_term=5,
-            entries=(Entry(3, 3, 0, b""),),
-            commit=3,
+            prev_index=1,
+            prev_term=1,
+            entries=(Entry(3, 2, 0, b""),),
+            commit=2,
         )
     )
     (resp,) = of(drain(b), AppendResponse)
     assert resp.term == 5 and not resp.success
-    assert b.last_index == 2 and b.commit_index == 0
+    assert b.last_index == 2 and b.term_at(2) == 5 and b.commit_index == 0
 
 
 # -- pre-vote and check-quorum (dissertation 9.6, 6.2) ---------------------------------
