@@ -868,6 +868,7 @@ def run_campaign(
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
     check_quorum = rng.random() < 0.8
+    churn = rng.random() < 0.2
     if fault_ticks is None:
         fault_ticks = rng.choice([150, 300, 500])
     net = SimNetwork(
@@ -878,7 +879,7 @@ def run_campaign(
         pre_vote=rng.random() < 0.8,
         check_quorum=check_quorum,
         lease_read=check_quorum and rng.random() < 0.25,
-        max_entries_per_msg=rng.choice([1, 4, 64]),
+        max_entries_per_msg=1 if churn else rng.choice([1, 4, 64]),
         max_inflight_msgs=rng.choice([1, 4, 16]),
         max_delay=rng.choice([0, 1, 2, 3]),
     )
@@ -889,10 +890,19 @@ def run_campaign(
     net._recent_values = []
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    # "Churn" profile: leaders crash and come back all the time, one entry per message,
+    # so leaders often die with their entries on a minority (paper figure 8 territory).
+    revive_p = 0.0
+    if churn:
+        crash_p, revive_p = 0.06, 0.15
     transfer_p = rng.choice([0.0, 0.01])
     member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
+        if revive_p:
+            for nid in ids:
+                if not net.nodes[nid].alive and net.rng.random() < revive_p:
+                    net.restart(nid)
         r = net.rng.random()
         if r < crash_p:
             lead = net.leader()
