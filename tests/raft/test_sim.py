@@ -198,3 +198,8 @@ def test_invariant_violation_names_the_seed() -> None:
     assert "seed=4242" in str(err)
     with pytest.raises(InvariantViolation):
         net.tick_until(lambda: False, max_ticks=3)
+
+
+def test_campaign_with_every_message_through_the_wire_codec() -> None:
+    for seed in range(2000, 2004):
+        run_campaign(seed, codec_roundtrip=True, membership=True)

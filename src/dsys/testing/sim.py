@@ -48,6 +48,7 @@ from dsys.codec import decode, encode
 from dsys.errors import NotLeaderError, ProposalDroppedError
 from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
+    CODEC,
     BecameLeader,
     ConfChange,
     ConfChangeType,
@@ -304,6 +305,7 @@ class SimNetwork:
         self.client_timeout = 4 * election_tick
         self.snapshot_threshold = 0  # compact when this many entries are applied (0: never)
         self.messages_delivered = 0
+        self.codec_roundtrip = False  # encode/decode every message with the wire codec
 
     # -- construction helpers ----------------------------------------------------------
 
@@ -593,6 +595,9 @@ class SimNetwork:
     # -- internals ---------------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
+        if self.codec_roundtrip:
+            # What a real transport does: the receiver gets a decoded copy.
+            msg = CODEC.decode(CODEC.encode(msg))
         link = (msg.src, msg.dst)
         if link in self._cut:
             return
@@ -855,6 +860,7 @@ def run_campaign(
     recovery_ticks: int = 400,
     clients: int = 3,
     membership: bool | None = None,
+    codec_roundtrip: bool = False,
 ) -> CampaignResult:
     """One randomized fault campaign; raises :class:`InvariantViolation` on any failure.
 
@@ -888,6 +894,7 @@ def run_campaign(
     net.reorder = rng.random() < 0.8
     net.snapshot_threshold = rng.choice([0, 5, 20])
     net._recent_values = []
+    net.codec_roundtrip = codec_roundtrip
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
     # "Churn" profile: leaders crash and come back all the time, one entry per message,
