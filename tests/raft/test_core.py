@@ -50,6 +50,7 @@ from dsys.raft import (
         ({"id": "a", "max_entries_per_msg": 0}, "max_entries_per_msg"),
         ({"id": "a", "max_inflight_msgs": 0}, "max_inflight_msgs"),
         ({"id": "a", "lease_read": True, "check_quorum": False}, "lease_read"),
+        ({"id": "a", "max_committed_per_ready": 0}, "max_committed_per_ready"),
     ],
     ids=[
         "empty-id",
@@ -58,6 +59,7 @@ from dsys.raft import (
         "zero-batch",
         "zero-inflight",
         "lease-without-check-quorum",
+        "zero-committed-batch",
     ],
 )
 def test_config_validation(kwargs: dict[str, object], message: str) -> None:
@@ -209,6 +211,23 @@ def test_compact_beyond_applied_is_refused() -> None:
 def test_inconsistent_persisted_state_is_refused(kwargs: dict[str, object], error: str) -> None:
     with pytest.raises(ConfigError, match=error):
         RaftCore(RaftConfig(id="a"), voters=["a"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_committed_entries_are_handed_out_in_bounded_batches() -> None:
+    entries = [Entry(1, i, 0, b"") for i in range(1, 11)]
+    core = RaftCore(
+        RaftConfig(id="a", max_committed_per_ready=4),
+        voters=["a"],
+        hard_state=HardState(term=1, vote="a", commit=10),
+        entries=entries,
+    )
+    batches = []
+    while core.has_ready():
+        rd = core.ready()
+        batches.append([e.index for e in rd.committed])
+        core.advance(rd)
+    assert [b for b in batches if b] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert core.applied_index == 10
 
 
 def test_restart_clamps_a_commit_index_ahead_of_the_log() -> None:

@@ -108,6 +108,8 @@ class RaftConfig:
             election timeout, and followers ignore vote requests while they have a leader.
         max_entries_per_msg: most entries in one AppendRequest.
         max_inflight_msgs: most unacknowledged AppendRequests per follower in pipeline mode.
+        max_committed_per_ready: most committed entries handed out in one Ready (a
+            restarted node with a long log applies it over several batches).
         lease_read: serve ``read_index`` without a heartbeat round while the leader's
             lease holds. **Clock assumption**: every node's tick rate is the same within a
             bounded drift, so that ``election_tick`` ticks on a follower never pass faster
@@ -122,6 +124,7 @@ class RaftConfig:
     max_entries_per_msg: int = 256
     max_inflight_msgs: int = 256
     lease_read: bool = False
+    max_committed_per_ready: int = 4096
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -137,6 +140,10 @@ class RaftConfig:
             raise ConfigError(f"max_entries_per_msg must be >= 1, got {self.max_entries_per_msg}")
         if self.max_inflight_msgs < 1:
             raise ConfigError(f"max_inflight_msgs must be >= 1, got {self.max_inflight_msgs}")
+        if self.max_committed_per_ready < 1:
+            raise ConfigError(
+                f"max_committed_per_ready must be >= 1, got {self.max_committed_per_ready}"
+            )
         if self.lease_read and not self.check_quorum:
             raise ConfigError("lease_read requires check_quorum")
 
@@ -605,8 +612,9 @@ class RaftCore:
         lo = self._applying + 1
         committed: tuple[Entry, ...] = ()
         if self._commit >= lo:
-            committed = tuple(self.entries(lo, self._commit + 1))
-            self._applying = self._commit
+            hi = min(self._commit, lo + self._cfg.max_committed_per_ready - 1)
+            committed = tuple(self.entries(lo, hi + 1))
+            self._applying = hi
         rd = Ready(
             hard_state=hs if hs != self._prev_hs else None,
             entries=unstable,
