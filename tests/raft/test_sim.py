@@ -203,3 +203,15 @@ def test_invariant_violation_names_the_seed() -> None:
 def test_campaign_with_every_message_through_the_wire_codec() -> None:
     for seed in range(2000, 2004):
         run_campaign(seed, codec_roundtrip=True, membership=True)
+
+
+def test_a_seed_replays_exactly() -> None:
+    assert run_campaign(77) == run_campaign(77)
+    a = SimNetwork(node_ids=["a", "b", "c"], seed=5, max_delay=2)
+    b = SimNetwork(node_ids=["a", "b", "c"], seed=5, max_delay=2)
+    for net in (a, b):
+        net.drop_p = 0.1
+        net.add_clients(2)
+        net.run(150)
+    assert a.trace_text() == b.trace_text()
+    assert a.history.operations() == b.history.operations()

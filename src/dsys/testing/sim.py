@@ -306,6 +306,9 @@ class SimNetwork:
         self.snapshot_threshold = 0  # compact when this many entries are applied (0: never)
         self.messages_delivered = 0
         self.codec_roundtrip = False  # encode/decode every message with the wire codec
+        self.issue_ops = True  # clients start new operations (False: only finish pending)
+        self._keys: list[str] = ["x", "y"]
+        self._recent_values: list[int | None] = []
 
     # -- construction helpers ----------------------------------------------------------
 
@@ -761,8 +764,6 @@ class SimNetwork:
             if c.op is not None and self.now >= c.retry_at:
                 self._submit(c)
 
-    _recent_values: list[int | None] = []
-    issue_ops = True
 
     def _submit(self, c: _Client) -> None:
         assert c.op is not None
@@ -893,7 +894,6 @@ def run_campaign(
     net.dup_p = rng.choice([0.0, 0.05])
     net.reorder = rng.random() < 0.8
     net.snapshot_threshold = rng.choice([0, 5, 20])
-    net._recent_values = []
     net.codec_roundtrip = codec_roundtrip
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
