@@ -50,6 +50,7 @@ from dsys.raft import (
         ({"id": "a", "max_entries_per_msg": 0}, "max_entries_per_msg"),
         ({"id": "a", "max_inflight_msgs": 0}, "max_inflight_msgs"),
         ({"id": "a", "lease_read": True, "check_quorum": False}, "lease_read"),
+        ({"id": "a", "max_committed_per_ready": 0}, "max_committed_per_ready"),
     ],
     ids=[
         "empty-id",
@@ -58,6 +59,7 @@ from dsys.raft import (
         "zero-batch",
         "zero-inflight",
         "lease-without-check-quorum",
+        "zero-committed-batch",
     ],
 )
 def test_config_validation(kwargs: dict[str, object], message: str) -> None:
@@ -211,6 +213,23 @@ def test_inconsistent_persisted_state_is_refused(kwargs: dict[str, object], erro
         RaftCore(RaftConfig(id="a"), voters=["a"], **kwargs)  # type: ignore[arg-type]
 
 
+def test_committed_entries_are_handed_out_in_bounded_batches() -> None:
+    entries = [Entry(1, i, 0, b"") for i in range(1, 11)]
+    core = RaftCore(
+        RaftConfig(id="a", max_committed_per_ready=4),
+        voters=["a"],
+        hard_state=HardState(term=1, vote="a", commit=10),
+        entries=entries,
+    )
+    batches = []
+    while core.has_ready():
+        rd = core.ready()
+        batches.append([e.index for e in rd.committed])
+        core.advance(rd)
+    assert [b for b in batches if b] == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert core.applied_index == 10
+
+
 def test_restart_clamps_a_commit_index_ahead_of_the_log() -> None:
     core = RaftCore(
         RaftConfig(id="a"),
@@ -328,3 +347,86 @@ def test_ready_is_frozen() -> None:
     rd = core.ready()
     with pytest.raises(dataclasses.FrozenInstanceError):
         rd.entries = ()  # type: ignore[misc]
+
+
+# -- hostile or broken peers ----------------------------------------------------------------
+
+_ids = st.sampled_from(["b", "c"])
+_small = st.integers(0, 6)
+_entries = st.lists(
+    st.tuples(_small, st.sampled_from([0, 2])), max_size=3
+)  # (term, kind); indices are filled in to follow prev_index (or not)
+
+
+@st.composite
+def _messages(draw: st.DrawFn) -> object:
+    src = draw(_ids)
+    term = draw(_small)
+    kind = draw(st.integers(0, 6))
+    if kind == 0:
+        return VoteRequest(
+            src=src,
+            dst="a",
+            term=term,
+            pre_vote=draw(st.booleans()),
+            last_log_index=draw(_small),
+            last_log_term=draw(_small),
+        )
+    if kind == 1:
+        return VoteResponse(
+            src=src, dst="a", term=term, pre_vote=draw(st.booleans()), granted=draw(st.booleans())
+        )
+    if kind == 2:
+        prev = draw(_small)
+        shift = draw(st.sampled_from([1, 1, 1, 0, 2]))
+        ents = tuple(
+            Entry(term=t, index=prev + shift + i, kind=k, data=b"")
+            for i, (t, k) in enumerate(draw(_entries))
+        )
+        return AppendRequest(
+            src=src,
+            dst="a",
+            term=term,
+            prev_index=prev,
+            prev_term=draw(_small),
+            entries=ents,
+            commit=draw(_small),
+        )
+    if kind == 3:
+        return AppendResponse(
+            src=src,
+            dst="a",
+            term=term,
+            success=draw(st.booleans()),
+            match_index=draw(_small),
+            reject_index=draw(_small),
+            conflict_index=draw(_small),
+            conflict_term=draw(_small),
+        )
+    if kind == 4:
+        return Heartbeat(src=src, dst="a", term=term, commit=draw(_small), ctx=draw(_small))
+    if kind == 5:
+        return HeartbeatResponse(src=src, dst="a", term=term, ctx=draw(_small))
+    return TimeoutNow(src=src, dst="a", term=term)
+
+
+@given(st.lists(st.one_of(_messages(), st.just("tick"), st.just("propose")), max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_arbitrary_peer_messages_never_break_the_core(inputs: list[object]) -> None:
+    core = RaftCore(RaftConfig(id="a", election_tick=3, pre_vote=False), voters=["a", "b", "c"])
+    for item in inputs:
+        try:
+            if item == "tick":
+                core.tick()
+            elif item == "propose":
+                if core.role is Role.LEADER:
+                    core.propose(b"x")
+            else:
+                core.step(item)  # type: ignore[arg-type]
+        except RemoteProtocolError:
+            pass
+        if core.has_ready():
+            core.advance(core.ready())
+        assert core.commit_index <= core.last_index
+        assert core.applied_index <= core.commit_index
+        assert core.term >= 0

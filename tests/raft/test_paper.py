@@ -175,15 +175,15 @@ def test_stale_term_append_is_rejected_with_current_term() -> None:
             src="a",
             dst="b",
             term=3,
-            prev_index=2,
-            prev_term=5,
-            entries=(Entry(3, 3, 0, b""),),
-            commit=3,
+            prev_index=1,
+            prev_term=1,
+            entries=(Entry(3, 2, 0, b""),),
+            commit=2,
         )
     )
     (resp,) = of(drain(b), AppendResponse)
     assert resp.term == 5 and not resp.success
-    assert b.last_index == 2 and b.commit_index == 0
+    assert b.last_index == 2 and b.term_at(2) == 5 and b.commit_index == 0
 
 
 # -- pre-vote and check-quorum (dissertation 9.6, 6.2) ---------------------------------
@@ -564,3 +564,106 @@ def test_leadership_transfer_sends_timeout_now_and_target_campaigns_through_leas
     c.step(req)
     (resp,) = of(drain(c), VoteResponse)
     assert resp.granted
+
+
+class _Router:
+    """A tiny hand-driven network of cores: deliver only between ``allowed`` nodes."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.cores = {
+            i: RaftCore(
+                RaftConfig(id=i, pre_vote=False, check_quorum=False, max_entries_per_msg=1),
+                voters=list(ids),
+                rng_seed=n,
+            )
+            for n, i in enumerate(ids)
+        }
+        self.applied: dict[str, list[Entry]] = {i: [] for i in ids}
+
+    def restart(self, nid: str) -> RaftCore:
+        """Crash and restart ``nid`` from its (fully persisted) state."""
+        old = self.cores[nid]
+        self.cores[nid] = RaftCore(
+            RaftConfig(id=nid, pre_vote=False, check_quorum=False, max_entries_per_msg=1),
+            voters=list(old.conf.voters),
+            hard_state=old.hard_state,
+            entries=old.entries(1, old.last_index + 1),
+            applied=old.applied_index,
+            rng_seed=7,
+        )
+        return self.cores[nid]
+
+    def campaign(self, nid: str, allowed: set[str], *, min_term: int = 0) -> None:
+        core = self.cores[nid]
+        for _ in range(200):
+            core.tick()
+            if core.role is Role.CANDIDATE and core.term >= min_term:
+                break
+        # Stop the moment it wins: its first messages as leader are not delivered yet.
+        self.flush(allowed, stop=lambda: core.role is Role.LEADER)
+        assert core.role is Role.LEADER
+
+    def flush(self, allowed: set[str], block: object = None, stop: object = None) -> None:
+        queue: list[Message] = []
+        for _ in range(1000):
+            for nid in sorted(allowed):
+                core = self.cores[nid]
+                if core.has_ready():
+                    rd = core.ready()
+                    self.applied[nid].extend(rd.committed)
+                    queue.extend(
+                        m
+                        for m in rd.messages
+                        if m.dst in allowed and not (block and block(m))  # type: ignore[operator]
+                    )
+                    core.advance(rd)
+            if not queue:
+                return
+            msgs, queue = queue, []
+            for m in msgs:
+                self.cores[m.dst].step(m)
+                if stop and stop():  # type: ignore[operator]
+                    return
+        raise AssertionError("router did not settle")
+
+
+def test_figure_8_an_old_term_entry_on_a_majority_can_still_be_overwritten() -> None:
+    # Paper figure 8, end to end: with the 5.4.2 rule the scenario is harmless; a core
+    # that commits by counting replicas of an old-term entry loses a committed entry.
+    everyone = {"s1", "s2", "s3", "s4", "s5"}
+    net = _Router(sorted(everyone))
+    s1, s3, s5 = net.cores["s1"], net.cores["s3"], net.cores["s5"]
+    net.campaign("s1", everyone)
+    net.flush(everyone)  # term 1, no-op at 1 committed everywhere
+    x = s1.propose(b"X")  # index 2, reaches s2 only
+    net.flush({"s1", "s2"})
+    s1 = net.restart("s1")  # s1 crashes
+    net.campaign("s5", {"s3", "s4", "s5"})  # term 2; crashes before its no-op spreads
+    # s1 restarts, wins a later term with s2, s3 and sends X (term 1) to s3, never its
+    # no-op.
+    s1 = net.restart("s1")
+    net.campaign("s1", {"s1", "s2", "s3"}, min_term=s5.term + 1)
+    net.flush(
+        {"s1", "s2", "s3"},
+        # s3 may reject probes, but never stores anything after X.
+        block=lambda m: (
+            m.src == "s1"
+            and m.dst == "s3"
+            and isinstance(m, AppendRequest)
+            and any(e.index > x for e in m.entries)
+            and m.prev_index <= s3.last_index
+        ),
+    )
+    assert s3.term_at(x) == 1  # X is now on s1, s2, s3: a majority, but of term 1
+    assert s1.commit_index < x, "5.4.2: an old-term entry is not committed by counting"
+    # s1 crashes; s5 restarts (last term 2 > 1), wins with s3, s4 and overwrites index 2.
+    s5 = net.restart("s5")
+    net.campaign("s5", {"s2", "s3", "s4", "s5"}, min_term=s1.term + 1)
+    net.flush({"s2", "s3", "s4", "s5"})
+    assert s5.commit_index >= x and s3.term_at(x) == 2
+    by_index: dict[int, Entry] = {}
+    for entries in net.applied.values():
+        for e in entries:
+            assert by_index.setdefault(e.index, e) == e, (
+                f"two different entries applied at {e.index}"
+            )

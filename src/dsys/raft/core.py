@@ -59,6 +59,7 @@ from dsys.errors import (
     LocalProtocolError,
     NotLeaderError,
     ProposalDroppedError,
+    RemoteProtocolError,
 )
 from dsys.raft.messages import (
     AppendRequest,
@@ -107,6 +108,8 @@ class RaftConfig:
             election timeout, and followers ignore vote requests while they have a leader.
         max_entries_per_msg: most entries in one AppendRequest.
         max_inflight_msgs: most unacknowledged AppendRequests per follower in pipeline mode.
+        max_committed_per_ready: most committed entries handed out in one Ready (a
+            restarted node with a long log applies it over several batches).
         lease_read: serve ``read_index`` without a heartbeat round while the leader's
             lease holds. **Clock assumption**: every node's tick rate is the same within a
             bounded drift, so that ``election_tick`` ticks on a follower never pass faster
@@ -121,6 +124,7 @@ class RaftConfig:
     max_entries_per_msg: int = 256
     max_inflight_msgs: int = 256
     lease_read: bool = False
+    max_committed_per_ready: int = 4096
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -136,6 +140,10 @@ class RaftConfig:
             raise ConfigError(f"max_entries_per_msg must be >= 1, got {self.max_entries_per_msg}")
         if self.max_inflight_msgs < 1:
             raise ConfigError(f"max_inflight_msgs must be >= 1, got {self.max_inflight_msgs}")
+        if self.max_committed_per_ready < 1:
+            raise ConfigError(
+                f"max_committed_per_ready must be >= 1, got {self.max_committed_per_ready}"
+            )
         if self.lease_read and not self.check_quorum:
             raise ConfigError("lease_read requires check_quorum")
 
@@ -410,9 +418,17 @@ class RaftCore:
         self._tick_role()
 
     def step(self, msg: Message) -> None:
-        """Feed one inbound message. Messages addressed to another node are ignored."""
+        """Feed one inbound message. Messages addressed to another node are ignored.
+
+        Raises:
+            RemoteProtocolError: the message is malformed (negative term or index,
+                entries that do not follow ``prev_index`` or carry a newer term than the
+                message, ...) or breaks the protocol (a second leader in one term, an
+                attempt to overwrite a committed entry). The message is refused.
+        """
         if msg.dst != self._id or msg.src == self._id:
             return
+        _validate(msg)
         if msg.term > self._term:
             if isinstance(msg, VoteRequest):
                 if not msg.transfer and self._in_lease():
@@ -596,8 +612,9 @@ class RaftCore:
         lo = self._applying + 1
         committed: tuple[Entry, ...] = ()
         if self._commit >= lo:
-            committed = tuple(self.entries(lo, self._commit + 1))
-            self._applying = self._commit
+            hi = min(self._commit, lo + self._cfg.max_committed_per_ready - 1)
+            committed = tuple(self.entries(lo, hi + 1))
+            self._applying = hi
         rd = Ready(
             hard_state=hs if hs != self._prev_hs else None,
             entries=unstable,
@@ -848,9 +865,9 @@ class RaftCore:
         elif isinstance(msg, HeartbeatResponse):
             self._handle_heartbeat_response(msg)
         elif isinstance(msg, AppendRequest | Heartbeat | SnapshotRequest):
-            raise AssertionError(
+            raise RemoteProtocolError(
                 f"{self._id}: leader of term {self._term} got {type(msg).__name__} "
-                f"from {msg.src} in the same term"
+                f"from {msg.src} in the same term (two leaders in one term?)"
             )
 
     def _set_lead(self, lead: NodeId) -> None:
@@ -953,9 +970,11 @@ class RaftCore:
         return self._snap_index + 1 + pos
 
     def _truncate_from(self, index: int) -> None:
-        assert index > self._commit, (
-            f"{self._id}: asked to truncate committed entry {index} (commit {self._commit})"
-        )
+        if index <= self._commit:
+            raise RemoteProtocolError(
+                f"{self._id}: leader asked to overwrite committed entry {index} "
+                f"(commit {self._commit})"
+            )
         del self._entries[index - self._snap_index - 1 :]
         self._stable = min(self._stable, index - 1)
         if self._conf_history[-1][0] >= index:
@@ -1083,6 +1102,11 @@ class RaftCore:
             return
         pr.active = True
         if msg.success:
+            if msg.match_index > self.last_index:
+                raise RemoteProtocolError(
+                    f"AppendResponse from {msg.src!r} acknowledges index {msg.match_index} "
+                    f"beyond the leader's log ({self.last_index})"
+                )
             if msg.match_index > pr.match:
                 pr.match = msg.match_index
                 if pr.state != _REPLICATE:
@@ -1117,7 +1141,7 @@ class RaftCore:
             )
             if idx is not None:
                 nxt = idx + 1
-        nxt = max(min(nxt, msg.reject_index), pr.match + 1)
+        nxt = max(min(nxt, msg.reject_index, self.last_index + 1), pr.match + 1)
         pr.become_probe()
         pr.next = nxt
         self._send_append(msg.src)
@@ -1250,6 +1274,46 @@ class RaftCore:
 
     def _send(self, msg: Message) -> None:
         self._msgs.append(msg)
+
+
+def _validate(msg: Message) -> None:
+    """Refuse messages no correct peer sends, before they touch any state."""
+    if msg.term < 0:
+        raise RemoteProtocolError(f"{type(msg).__name__} from {msg.src!r}: negative term")
+    if isinstance(msg, AppendRequest):
+        if msg.prev_index < 0 or msg.prev_term < 0 or msg.commit < 0:
+            raise RemoteProtocolError(f"AppendRequest from {msg.src!r}: negative index or term")
+        if msg.prev_term > msg.term:
+            raise RemoteProtocolError(f"AppendRequest from {msg.src!r}: prev_term beyond term")
+        expect, term = msg.prev_index + 1, msg.prev_term
+        for e in msg.entries:
+            if e.index != expect or e.term < term or e.term > msg.term:
+                raise RemoteProtocolError(
+                    f"AppendRequest from {msg.src!r}: entry (index={e.index}, term={e.term}) "
+                    f"does not follow (index={expect - 1}, term={term}) in term {msg.term}"
+                )
+            if e.kind not in _KINDS:
+                raise RemoteProtocolError(f"AppendRequest from {msg.src!r}: entry kind {e.kind}")
+            if e.kind == EntryKind.CONFIG:
+                decode_conf(e.data)  # raises RemoteProtocolError if malformed
+            expect, term = expect + 1, e.term
+    elif isinstance(msg, Heartbeat):
+        if msg.commit < 0:
+            raise RemoteProtocolError(f"Heartbeat from {msg.src!r}: negative commit")
+    elif isinstance(msg, SnapshotRequest):
+        meta = msg.snapshot.meta
+        if meta.index < 0 or meta.term < 0 or meta.term > msg.term:
+            raise RemoteProtocolError(f"SnapshotRequest from {msg.src!r}: bad metadata {meta}")
+    elif isinstance(msg, VoteRequest):
+        if msg.last_log_index < 0 or msg.last_log_term < 0:
+            raise RemoteProtocolError(f"VoteRequest from {msg.src!r}: negative log position")
+    elif isinstance(msg, AppendResponse) and (
+        msg.match_index < 0 or msg.reject_index < 0 or msg.conflict_index < 0
+    ):
+        raise RemoteProtocolError(f"AppendResponse from {msg.src!r}: negative index")
+
+
+_KINDS = frozenset(int(k) for k in EntryKind)
 
 
 def _apply_change(conf: ConfState, change: ConfChange) -> ConfState:

@@ -48,6 +48,7 @@ from dsys.codec import decode, encode
 from dsys.errors import NotLeaderError, ProposalDroppedError
 from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
+    CODEC,
     BecameLeader,
     ConfChange,
     ConfChangeType,
@@ -304,6 +305,10 @@ class SimNetwork:
         self.client_timeout = 4 * election_tick
         self.snapshot_threshold = 0  # compact when this many entries are applied (0: never)
         self.messages_delivered = 0
+        self.codec_roundtrip = False  # encode/decode every message with the wire codec
+        self.issue_ops = True  # clients start new operations (False: only finish pending)
+        self._keys: list[str] = ["x", "y"]
+        self._recent_values: list[int | None] = []
 
     # -- construction helpers ----------------------------------------------------------
 
@@ -593,6 +598,9 @@ class SimNetwork:
     # -- internals ---------------------------------------------------------------------
 
     def _send(self, msg: Message) -> None:
+        if self.codec_roundtrip:
+            # What a real transport does: the receiver gets a decoded copy.
+            msg = CODEC.decode(CODEC.encode(msg))
         link = (msg.src, msg.dst)
         if link in self._cut:
             return
@@ -756,8 +764,6 @@ class SimNetwork:
             if c.op is not None and self.now >= c.retry_at:
                 self._submit(c)
 
-    _recent_values: list[int | None] = []
-    issue_ops = True
 
     def _submit(self, c: _Client) -> None:
         assert c.op is not None
@@ -855,6 +861,7 @@ def run_campaign(
     recovery_ticks: int = 400,
     clients: int = 3,
     membership: bool | None = None,
+    codec_roundtrip: bool = False,
 ) -> CampaignResult:
     """One randomized fault campaign; raises :class:`InvariantViolation` on any failure.
 
@@ -868,6 +875,7 @@ def run_campaign(
     n = nodes if nodes is not None else rng.choice([3, 5])
     ids = [f"n{i}" for i in range(1, n + 1)]
     check_quorum = rng.random() < 0.8
+    churn = rng.random() < 0.2
     if fault_ticks is None:
         fault_ticks = rng.choice([150, 300, 500])
     net = SimNetwork(
@@ -878,7 +886,7 @@ def run_campaign(
         pre_vote=rng.random() < 0.8,
         check_quorum=check_quorum,
         lease_read=check_quorum and rng.random() < 0.25,
-        max_entries_per_msg=rng.choice([1, 4, 64]),
+        max_entries_per_msg=1 if churn else rng.choice([1, 4, 64]),
         max_inflight_msgs=rng.choice([1, 4, 16]),
         max_delay=rng.choice([0, 1, 2, 3]),
     )
@@ -886,13 +894,22 @@ def run_campaign(
     net.dup_p = rng.choice([0.0, 0.05])
     net.reorder = rng.random() < 0.8
     net.snapshot_threshold = rng.choice([0, 5, 20])
-    net._recent_values = []
+    net.codec_roundtrip = codec_roundtrip
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
+    # "Churn" profile: leaders crash and come back all the time, one entry per message,
+    # so leaders often die with their entries on a minority (paper figure 8 territory).
+    revive_p = 0.0
+    if churn:
+        crash_p, revive_p = 0.06, 0.15
     transfer_p = rng.choice([0.0, 0.01])
     member_p = 0.02 if (membership if membership is not None else rng.random() < 0.3) else 0.0
     part_p = rng.choice([0.0, 0.02, 0.05])
     for _ in range(fault_ticks):
+        if revive_p:
+            for nid in ids:
+                if not net.nodes[nid].alive and net.rng.random() < revive_p:
+                    net.restart(nid)
         r = net.rng.random()
         if r < crash_p:
             lead = net.leader()
