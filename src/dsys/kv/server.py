@@ -36,9 +36,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -669,10 +669,15 @@ def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
     return {"id": rid, "status": status, "message": message}
 
 
-async def serve(config: ServerConfig, *, on_started: Any = None) -> None:
-    """Run a :class:`KVServer` until SIGINT/SIGTERM."""
-    import signal
+async def serve(
+    config: ServerConfig, *, on_started: Callable[[KVServer], None] | None = None
+) -> None:
+    """Run a :class:`KVServer` until SIGINT/SIGTERM.
 
+    Args:
+        config: the server configuration.
+        on_started: called with the running server once it listens.
+    """
     server = KVServer(config)
     await server.start()
     if on_started is not None:
@@ -686,11 +691,6 @@ async def serve(config: ServerConfig, *, on_started: Any = None) -> None:
         await stop.wait()
     finally:
         await server.close()
-
-
-def data_dir_default(node_id: str) -> str:
-    """The default data directory of node ``node_id`` (``./dsys-kv-<id>``)."""
-    return os.path.join(os.getcwd(), f"dsys-kv-{node_id}")
 
 
 __all__ = ["MAX_VALUE_BYTES", "KVServer", "ServerConfig", "serve"]
