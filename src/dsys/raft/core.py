@@ -848,6 +848,8 @@ class RaftCore:
         elif isinstance(msg, VoteResponse):
             if msg.pre_vote != (self._role is Role.PRE_CANDIDATE):
                 return
+            if msg.pre_vote and msg.granted and msg.term != self._term + 1:
+                return  # a grant from an earlier pre-vote round
             self._votes.setdefault(msg.src, msg.granted)
             q = _quorum(len(self._conf.voters))
             if self._tally() >= q:

@@ -764,7 +764,6 @@ class SimNetwork:
             if c.op is not None and self.now >= c.retry_at:
                 self._submit(c)
 
-
     def _submit(self, c: _Client) -> None:
         assert c.op is not None
         alive = [nid for nid, n in self.nodes.items() if n.alive]
