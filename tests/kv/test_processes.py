@@ -85,3 +85,24 @@ async def test_lagging_node_catches_up_from_a_snapshot(procs: list[Proc]) -> Non
     st = await _wait_applied(victim, int(st_leader["applied_index"]))  # type: ignore[call-overload]
     assert int(st["snapshot_index"]) >= int(st_leader["snapshot_index"])  # type: ignore[call-overload]
     assert st["keys"] == st_leader["keys"]
+
+
+async def test_whole_cluster_kill9_and_restart_keeps_every_acknowledged_write(
+    procs: list[Proc],
+) -> None:
+    await wait_proc_leader(procs)
+    async with KVClient([p.addr for p in procs], timeout=20.0) as kv:
+        revs = await asyncio.gather(*(kv.put(f"d{i}", b"%d" % i) for i in range(250)))
+        cas_rev = await kv.cas("d0", b"changed", revision=revs[0])
+    for p in procs:
+        p.kill9()
+    for p in procs:
+        p.start()  # snapshot (every 100 entries) + WAL tail replay
+    await wait_proc_leader(procs)
+    async with KVClient([p.addr for p in procs], timeout=20.0) as kv:
+        got = await kv.get("d0")
+        assert got is not None and got.value == b"changed" and got.revision == cas_rev
+        for i in range(1, 250):
+            got = await kv.get(f"d{i}")
+            assert got is not None and got.value == b"%d" % i and got.revision == revs[i]
+        assert len(await kv.scan("d", limit=1000)) == 250
