@@ -78,3 +78,32 @@ async def test_client_ops_and_many_in_flight(cluster: list[KVServer]) -> None:
         assert [i.key for i in await kv.scan("k00", limit=3)] == ["k000", "k001", "k002"]
         assert await kv.delete("c") is not None
         assert await kv.delete("c") is None
+
+
+async def test_storage_failure_stops_the_server_with_an_error(tmp_path: Path) -> None:
+    from dsys.kv.server import ServerConfig, serve
+
+    started: asyncio.Future[KVServer] = asyncio.get_running_loop().create_future()
+    cfg = ServerConfig(id="solo", data_dir=str(tmp_path / "solo"))
+    task = asyncio.create_task(serve(cfg, on_started=started.set_result))
+    server = await started
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):  # a single node elects itself (bounded wait)
+            if server.node.is_leader:
+                break
+            await asyncio.sleep(0.02)
+        async with http.put(f"{base}/v1/kv/a", data=b"1") as r:
+            assert r.status == 200
+
+        def broken_sync() -> None:
+            raise OSError(28, "No space left on device")
+
+        server.wal.sync = broken_sync  # type: ignore[method-assign]
+        try:
+            async with http.put(f"{base}/v1/kv/b", data=b"2") as r:
+                assert r.status >= 500  # never acknowledged
+        except aiohttp.ClientError:
+            pass  # or the server already stopped
+    assert await asyncio.wait_for(task, 10) == 1
+    assert isinstance(server.node.failed, OSError)

@@ -145,8 +145,7 @@ def _serve(args: argparse.Namespace) -> int:
             "dsys kv: WARNING --fsync none is UNSAFE: acknowledged writes can be lost on a crash",
             file=sys.stderr,
         )
-    asyncio.run(serve(config))
-    return 0
+    return asyncio.run(serve(config))
 
 
 def _cluster(args: argparse.Namespace) -> int:

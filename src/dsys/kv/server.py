@@ -671,8 +671,11 @@ def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
 
 async def serve(
     config: ServerConfig, *, on_started: Callable[[KVServer], None] | None = None
-) -> None:
-    """Run a :class:`KVServer` until SIGINT/SIGTERM.
+) -> int:
+    """Run a :class:`KVServer` until SIGINT/SIGTERM; returns the process exit code.
+
+    If the Raft loop dies (a storage failure such as a full disk, or a bug), the server
+    stops and returns 1 instead of limping on, so a supervisor restarts it from its WAL.
 
     Args:
         config: the server configuration.
@@ -687,10 +690,18 @@ async def serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
+    stop_task = asyncio.create_task(stop.wait())
+    loop_task = asyncio.create_task(server.node.wait_stopped())
     try:
-        await stop.wait()
+        await asyncio.wait({stop_task, loop_task}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        stop_task.cancel()
+        loop_task.cancel()
         await server.close()
+    if server.node.failed is not None:
+        server.log.error("kv_server_stopped_on_failure", error=repr(server.node.failed))
+        return 1
+    return 0
 
 
 __all__ = ["MAX_VALUE_BYTES", "KVServer", "ServerConfig", "serve"]

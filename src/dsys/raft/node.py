@@ -506,6 +506,7 @@ class RaftNode:
         self._store_lock = asyncio.Lock()  # the stores are used from one thread at a time
         self._inline_persist = getattr(log, "fsync", True) is False
         self._tasks: list[asyncio.Task[None]] = []
+        self._run_task: asyncio.Task[None] | None = None
         self.applied_index = 0
         self.applied_term = 0
         self.snapshot_index = 0
@@ -569,8 +570,16 @@ class RaftNode:
         """Start the transport, the tick timer and the main loop."""
         await self.transport.start()
         self._tasks.append(asyncio.create_task(self._ticker()))
-        self._tasks.append(asyncio.create_task(self._run()))
+        self._run_task = asyncio.create_task(self._run())
+        self._tasks.append(self._run_task)
         return self
+
+    async def wait_stopped(self) -> BaseException | None:
+        """Wait until the loop ends (closed or crashed); returns the crash, if any."""
+        if self._run_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self._run_task)
+        return self.failed
 
     async def __aenter__(self) -> RaftNode:
         return await self.start()
@@ -587,7 +596,8 @@ class RaftNode:
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            # a crashed loop already logged and recorded its error in self.failed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         await self.transport.close()
         for _, wfut in self._reply_wait:
