@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,27 @@ async def test_follows_the_leader_from_a_follower_and_reports_bad_keys(tmp_path:
                 await kv.scan("", limit=0)
             info = await kv.status()
             assert info["id"] == follower.config.id
+    finally:
+        for s in servers:
+            await s.close()
+
+
+async def test_many_large_values_in_flight_are_split_into_frames(tmp_path: Path) -> None:
+    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3, fsync=False)]
+    for s in servers:
+        await s.start()
+    try:
+        await wait_leader(servers)
+        async with KVClient([f"127.0.0.1:{s.port}" for s in servers]) as kv:
+            await kv.put("warm", b"up")
+            assert kv.leader is not None
+            ws = kv._conns[kv.leader]._ws
+            big = b"z" * (900 * 1024)
+            revs = await asyncio.gather(*(kv.put(f"big{i}", big) for i in range(12)))
+            assert len(set(revs)) == 12  # ~10 MiB queued at once, more than one frame holds
+            assert kv._conns[kv.leader]._ws is ws  # no frame was refused, no reconnect
+            got = await kv.get("big3")
+            assert got is not None and got.value == big
     finally:
         for s in servers:
             await s.close()

@@ -57,6 +57,10 @@ class ScanItem:
     revision: int
 
 
+FRAME_BUDGET = 4 * 1024 * 1024
+"""Bytes of requests packed into one WebSocket frame (the server accepts 8 MiB)."""
+
+
 class _Retry(Exception):
     """Internal: the attempt failed in a way worth retrying elsewhere."""
 
@@ -166,8 +170,20 @@ class _Conn:
         if ws is None or ws.closed:
             self._fail_all(ConnectError(f"connection to {self.endpoint} is closed"))
             return
-        task = asyncio.ensure_future(ws.send_bytes(encode(batch, max_size=32 * 1024 * 1024)))
-        task.add_done_callback(self._sent)
+        # Split into frames the server accepts (values are <= 1 MiB each).
+        frames: list[list[dict[str, Any]]] = [[]]
+        size = 0
+        for req in batch:
+            n = 64 + len(req.get("key", "")) + len(req.get("value", b""))
+            if frames[-1] and size + n > FRAME_BUDGET:
+                frames.append([])
+                size = 0
+            frames[-1].append(req)
+            size += n
+        for frame in frames:
+            data = encode(frame, max_size=32 * 1024 * 1024)
+            task = asyncio.ensure_future(ws.send_bytes(data))
+            task.add_done_callback(self._sent)
 
     def _sent(self, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
