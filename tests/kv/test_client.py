@@ -76,6 +76,9 @@ async def test_many_large_values_in_flight_are_split_into_frames(tmp_path: Path)
             assert kv._conns[kv.leader]._ws is ws  # no frame was refused, no reconnect
             got = await kv.get("big3")
             assert got is not None and got.value == big
+            reads = await asyncio.gather(*(kv.get(f"big{i}") for i in range(12)))
+            assert all(r is not None and r.value == big for r in reads)
+            assert kv._conns[kv.leader]._ws is ws
     finally:
         for s in servers:
             await s.close()

@@ -573,9 +573,13 @@ class KVServer:
         self, ws: web.WebSocketResponse, out: asyncio.Queue[dict[str, Any]]
     ) -> None:
         while True:
-            batch = [await out.get()]
-            while not out.empty() and len(batch) < 4096:
-                batch.append(out.get_nowait())
+            first = await out.get()
+            batch, size = [first], _resp_size(first)
+            # batch what is ready, keeping each frame well under the client's limit
+            while not out.empty() and len(batch) < 4096 and size < 4 * 1024 * 1024:
+                resp = out.get_nowait()
+                batch.append(resp)
+                size += _resp_size(resp)
             try:
                 await ws.send_bytes(encode(batch, max_size=MAX_WS_FRAME * 4))
             except (ConnectionError, RuntimeError):
@@ -663,6 +667,11 @@ class KVServer:
 
 
 _WS_OPS = frozenset({"get", "put", "del", "scan", "status"})
+
+
+def _resp_size(resp: dict[str, Any]) -> int:
+    value = resp.get("value")
+    return 64 + (len(value) if isinstance(value, bytes) else 0)
 
 
 def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
