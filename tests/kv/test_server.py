@@ -60,6 +60,18 @@ async def test_http_api_put_get_delete_cas_scan(cluster: list[KVServer]) -> None
         async with http.get(f"{base}/v1/status") as r:
             st = await r.json()
             assert st["role"] == "leader" and st["leader"] == leader.config.id
+        # a retried HTTP write with the same client id + seq applies once
+        hdrs = {"X-Dsys-Client-Id": "curl-1", "X-Dsys-Seq": "1"}
+        async with http.put(f"{base}/v1/kv/once", data=b"1", headers=hdrs) as r:
+            first = (await r.json())["revision"]
+        async with http.put(f"{base}/v1/kv/once", data=b"1", headers=hdrs) as r:
+            assert (await r.json())["revision"] == first
+        async with http.get(f"{base}/v1/kv/once") as r:
+            assert r.headers["X-Dsys-Revision"] == str(first)
+        async with http.put(
+            f"{base}/v1/kv/once", data=b"1", headers={"X-Dsys-Client-Id": "c"}
+        ) as r:
+            assert r.status == 400 and "X-Dsys-Seq" in await r.text()
 
 
 async def test_client_ops_and_many_in_flight(cluster: list[KVServer]) -> None:
