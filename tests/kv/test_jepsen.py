@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dsys.errors import DsysError
+from dsys.errors import ConflictError, DsysError
 from dsys.kv.client import KVClient
 from dsys.kv.server import ServerConfig
 from dsys.testing.linearizability import History, KVModel, check
@@ -106,8 +106,23 @@ async def _run(h: Harness, seconds: float, seed: int) -> None:
                         got = await kv.get(key)
                     except DsysError:
                         history.fail(op)  # a failed read has no effect
-                    else:
-                        history.ok(op, None if got is None else int(got.value))
+                        continue
+                    seen = None if got is None else int(got.value)
+                    history.ok(op, seen)
+                    if crng.random() < 0.4:
+                        # compare-and-set on the revision just read; values are unique per
+                        # write, so "revision r" is "value seen" for the model's cas
+                        v = next(values)
+                        op = history.invoke(cid, ("cas", key, seen, v))
+                        try:
+                            rev = 0 if got is None else got.revision
+                            await kv.cas(key, str(v).encode(), revision=rev)
+                        except ConflictError:
+                            history.ok(op, False)
+                        except DsysError:
+                            history.info(op)
+                        else:
+                            history.ok(op, True)
 
     async def nemesis() -> None:
         while not stop.is_set():
