@@ -543,8 +543,13 @@ class SimNetwork:
         # which still intersects every majority of its predecessor.
         confs = {tuple(self.committed_voters)}
         for n in self.nodes.values():
-            if n.core.conf_index > self.committed_conf_index:
-                confs.add(tuple(n.core.conf.voters))
+            core = n.core
+            if core.conf_index > self.committed_conf_index and (
+                core.term_at(last.index) == last.term or core.first_index > last.index
+            ):
+                # Only a log that holds the committed prefix can ever lead, so only
+                # its configuration can still be used; a diverged log's cannot.
+                confs.add(tuple(core.conf.voters))
         for voters in confs:
             lacking = [
                 v
