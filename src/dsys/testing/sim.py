@@ -15,8 +15,10 @@ Safety invariants are checked as the simulation runs and raise :class:`Invariant
   content and the same predecessor term (so, by induction, identical prefixes);
 * leader completeness: a new leader holds every committed entry;
 * state machine safety: no two nodes apply different entries at the same index;
-* durability: at every tick a majority of voters durably stores the last committed entry
-  (committed entries survive crashes and restarts).
+* durability: at every tick and crash/restart, no majority of any configuration that
+  could still elect a leader (the committed one, or one appended after it on a log that
+  holds the committed prefix) lacks the last committed entry in its durable stores, so
+  committed entries survive crashes and restarts.
 
 :func:`run_campaign` adds clients (put/delete/cas through the log, get through ReadIndex,
 retries with exactly-once sessions) and a random fault schedule, then heals everything
