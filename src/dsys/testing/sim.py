@@ -15,8 +15,10 @@ Safety invariants are checked as the simulation runs and raise :class:`Invariant
   content and the same predecessor term (so, by induction, identical prefixes);
 * leader completeness: a new leader holds every committed entry;
 * state machine safety: no two nodes apply different entries at the same index;
-* durability: at every tick a majority of voters durably stores the last committed entry
-  (committed entries survive crashes and restarts).
+* durability: at every tick and crash/restart, no majority of any configuration that
+  could still elect a leader (the committed one, or one appended after it on a log that
+  holds the committed prefix) lacks the last committed entry in its durable stores, so
+  committed entries survive crashes and restarts.
 
 :func:`run_campaign` adds clients (put/delete/cas through the log, get through ReadIndex,
 retries with exactly-once sessions) and a random fault schedule, then heals everything
@@ -543,8 +545,13 @@ class SimNetwork:
         # which still intersects every majority of its predecessor.
         confs = {tuple(self.committed_voters)}
         for n in self.nodes.values():
-            if n.core.conf_index > self.committed_conf_index:
-                confs.add(tuple(n.core.conf.voters))
+            core = n.core
+            if core.conf_index > self.committed_conf_index and (
+                core.term_at(last.index) == last.term or core.first_index > last.index
+            ):
+                # Only a log that holds the committed prefix can ever lead, so only
+                # its configuration can still be used; a diverged log's cannot.
+                confs.add(tuple(core.conf.voters))
         for voters in confs:
             lacking = [
                 v
