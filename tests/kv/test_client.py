@@ -82,3 +82,14 @@ async def test_many_large_values_in_flight_are_split_into_frames(tmp_path: Path)
     finally:
         for s in servers:
             await s.close()
+
+
+def test_server_config_is_validated() -> None:
+    from dsys.kv.server import ServerConfig
+
+    with pytest.raises(ConfigError):
+        ServerConfig(id="", data_dir="d")
+    with pytest.raises(ConfigError):
+        ServerConfig(id="n1", data_dir="d", port=70000)
+    with pytest.raises(ConfigError):
+        ServerConfig(id="n1", data_dir="d", peers={"n1": "127.0.0.1:1"})

@@ -133,6 +133,10 @@ class ServerConfig:
             raise ConfigError("data_dir is required")
         if self.request_timeout <= 0 or self.max_inflight_per_ws < 1:
             raise ConfigError("request_timeout and max_inflight_per_ws must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.id in self.peers:
+            raise ConfigError(f"node {self.id!r} must not list itself as a peer")
 
 
 def _now_ms() -> int:
