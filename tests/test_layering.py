@@ -36,6 +36,12 @@ PURE = [
     "sharding/router.py",
     "pubsub/subjects.py",
     "pubsub/core.py",
+    "kv/fsm.py",
+    "raft/messages.py",
+    "raft/core.py",
+    "raft/session.py",
+    "testing/linearizability.py",
+    "testing/sim.py",
 ]
 
 

@@ -28,6 +28,8 @@ from dsys.pubsub import Client as PubSubClient
 from dsys.ratelimit import Decision, Limiter
 from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
+from dsys.kv.client import KVClient
+from dsys.raft import RaftConfig, RaftCore
 
 __all__ = [
     "BadInputError",
@@ -43,12 +45,15 @@ __all__ = [
     "HashRing",
     "Limiter",
     "LoadBalancer",
+    "KVClient",
     "NotLeaderError",
     "Policy",
     "ProtocolError",
     "PubSubBroker",
     "PubSubClient",
     "RendezvousHash",
+    "RaftConfig",
+    "RaftCore",
     "RequestTimeout",
     "Retry",
     "ShardRouter",

@@ -1,0 +1,6 @@
+"""Raft-replicated key-value store: state machine, server, client and CLI.
+
+``KVClient`` is importable from here and from the top-level ``dsys`` package.
+"""
+
+from __future__ import annotations

@@ -1,0 +1,281 @@
+"""``dsys kv ...``: run a KV server or a local cluster, and talk to one.
+
+::
+
+    dsys kv serve --id n1 --listen 127.0.0.1:7101 --peer n2=127.0.0.1:7102 \\
+                  --peer n3=127.0.0.1:7103 --data-dir ./n1 [--fsync always|none] [--token T]
+    dsys kv cluster --nodes 3                 # local cluster on 7101.. in a temp dir
+    dsys kv put KEY VALUE --cluster 127.0.0.1:7101,127.0.0.1:7102
+    dsys kv get KEY --cluster ...
+    dsys kv del KEY --cluster ...
+    dsys kv status --cluster ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from dsys.errors import ConfigError
+from dsys.observability import parse_listen
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``kv`` block and its verbs to the ``dsys`` parser."""
+    kv = subparsers.add_parser("kv", help="Raft-replicated key-value store")
+    kv.set_defaults(block_parser=kv)
+    verbs = kv.add_subparsers(dest="verb", metavar="<verb>")
+
+    serve = verbs.add_parser("serve", help="run one KV server (a Raft replica)")
+    serve.add_argument("--id", required=True, help="this node's id, e.g. n1")
+    serve.add_argument("--listen", default="127.0.0.1:7101", help="HOST:PORT to serve on")
+    serve.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="ID=HOST:PORT",
+        help="another member of the cluster (repeat for each)",
+    )
+    serve.add_argument("--data-dir", required=True, help="directory for the WAL and snapshots")
+    serve.add_argument(
+        "--fsync",
+        choices=("always", "none"),
+        default="always",
+        help="always (default; group commit) or none (UNSAFE: a crash can lose "
+        "acknowledged writes; for benchmarks only)",
+    )
+    serve.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
+    serve.add_argument("--tick", type=float, default=0.03, help="seconds per Raft tick")
+    serve.add_argument(
+        "--election-tick", type=int, default=10, help="ticks without a leader before an election"
+    )
+    serve.add_argument(
+        "--snapshot-every", type=int, default=10_000, help="applied entries between snapshots"
+    )
+    serve.add_argument(
+        "--join",
+        action="store_true",
+        help="join an existing cluster (add it first with `dsys kv member add`)",
+    )
+    serve.set_defaults(func=_serve)
+
+    member = verbs.add_parser("member", help="membership: list, add (learner), promote, remove")
+    member.add_argument("action", choices=("list", "add", "promote", "remove"))
+    member.add_argument("node_id", nargs="?", help="the member's id")
+    member.add_argument("addr", nargs="?", help="HOST:PORT of the new member (for add)")
+    member.add_argument(
+        "--cluster",
+        default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
+        help="comma-separated HOST:PORT list of servers",
+    )
+    member.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
+    member.set_defaults(func=_member)
+
+    cluster = verbs.add_parser("cluster", help="start a local cluster for trying it out")
+    cluster.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
+    cluster.add_argument("--base-port", type=int, default=7101, help="first port (default 7101)")
+    cluster.add_argument("--data-dir", default=None, help="directory (default: a temp dir)")
+    cluster.add_argument("--fsync", choices=("always", "none"), default="always")
+    cluster.set_defaults(func=_cluster)
+
+    for name, help_text in (
+        ("get", "read a key"),
+        ("put", "write a key"),
+        ("del", "delete a key"),
+        ("status", "show each server's status"),
+    ):
+        p = verbs.add_parser(name, help=help_text)
+        p.add_argument(
+            "--cluster",
+            default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
+            help="comma-separated HOST:PORT list of servers",
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
+        if name != "status":
+            p.add_argument("key")
+        if name == "put":
+            p.add_argument("value", help="the value (UTF-8 text; '-' reads stdin)")
+            p.add_argument("--if-revision", type=int, default=None, help="compare-and-set")
+            p.add_argument("--ttl", type=float, default=None, help="expire after SECONDS")
+        if name == "get":
+            p.add_argument("--stale", action="store_true", help="read any server's local state")
+        p.set_defaults(func=_client_command, command=name)
+
+
+def _parse_peers(values: list[str]) -> dict[str, str]:
+    peers: dict[str, str] = {}
+    for v in values:
+        node, sep, addr = v.partition("=")
+        if not sep or not node or not addr:
+            raise ConfigError(f"--peer must look like ID=HOST:PORT, got {v!r}")
+        host, port = parse_listen(addr)
+        if port == 0:
+            raise ConfigError(f"--peer {v!r} needs a port")
+        peers[node] = f"{host}:{port}"
+    return peers
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dsys.kv.server import ServerConfig, serve
+
+    host, port = parse_listen(args.listen, default_port=7101)
+    config = ServerConfig(
+        id=args.id,
+        host=host,
+        port=port,
+        peers=_parse_peers(args.peer),
+        data_dir=args.data_dir,
+        fsync=args.fsync == "always",
+        token=args.token,
+        tick_interval=args.tick,
+        election_tick=args.election_tick,
+        snapshot_every=args.snapshot_every,
+        join=args.join,
+    )
+    if not config.fsync:
+        print(
+            "dsys kv: WARNING --fsync none is UNSAFE: acknowledged writes can be lost on a crash",
+            file=sys.stderr,
+        )
+    return asyncio.run(serve(config))
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    n = args.nodes
+    if not 1 <= n <= 9:
+        raise ConfigError("--nodes must be between 1 and 9")
+    base = args.data_dir or tempfile.mkdtemp(prefix="dsys-kv-")
+    ids = [f"n{i + 1}" for i in range(n)]
+    addrs = {i: f"127.0.0.1:{args.base_port + k}" for k, i in enumerate(ids)}
+    procs: list[subprocess.Popen[bytes]] = []
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the servers on SIGTERM too
+    try:
+        for i in ids:
+            cmd = [sys.executable, "-m", "dsys", "kv", "serve", "--id", i, "--listen", addrs[i]]
+            cmd += ["--data-dir", os.path.join(base, i), "--fsync", args.fsync]
+            cmd += [f"--peer={j}={a}" for j, a in addrs.items() if j != i]
+            procs.append(subprocess.Popen(cmd))
+        endpoints = ",".join(addrs.values())
+        first = next(iter(addrs.values()))
+        print(
+            f"dsys kv cluster: {n} nodes, data in {base}\n"
+            f"  servers: {endpoints}\n"
+            f"  try:     curl -L -X PUT --data-binary hello http://{first}/v1/kv/greeting\n"
+            f"           curl -L http://{first}/v1/kv/greeting\n"
+            f"           dsys kv status --cluster {endpoints}\n"
+            f"  Ctrl-C stops the cluster.",
+            flush=True,
+        )
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        print("dsys kv cluster: a server exited; stopping the others", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _member(args: argparse.Namespace) -> int:
+    return asyncio.run(_member_async(args))
+
+
+async def _member_async(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    if args.action != "list" and not args.node_id:
+        raise ConfigError(f"`dsys kv member {args.action}` needs a node id")
+    if args.action == "add" and not args.addr:
+        raise ConfigError("`dsys kv member add ID HOST:PORT` needs the new member's address")
+    headers = {"X-Dsys-Cluster-Token": args.token} if args.token else {}
+    last = ""
+    async with aiohttp.ClientSession(
+        headers=headers, timeout=aiohttp.ClientTimeout(total=15)
+    ) as http:
+        for ep in [e.strip() for e in args.cluster.split(",") if e.strip()]:
+            base = f"http://{ep}/v1/admin/members"
+            try:
+                if args.action == "list":
+                    req = http.get(base)
+                elif args.action == "add":
+                    req = http.post(base, json={"id": args.node_id, "addr": args.addr})
+                elif args.action == "promote":
+                    req = http.post(f"{base}/{args.node_id}/promote")
+                else:
+                    req = http.delete(f"{base}/{args.node_id}")
+                async with req as resp:
+                    text = await resp.text()
+                    if resp.status == 200:
+                        print(json.dumps(json.loads(text), indent=2))
+                        return 0
+                    last = f"{ep}: HTTP {resp.status}: {text}"
+                    if resp.status < 500:
+                        break
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{ep}: {exc}"
+    print(f"dsys: error: {last}", file=sys.stderr)
+    return 1
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_client_async(args))
+
+
+async def _client_async(args: argparse.Namespace) -> int:
+    from dsys.kv.client import KVClient
+
+    endpoints = [e for e in args.cluster.split(",") if e.strip()]
+    async with KVClient(endpoints, timeout=args.timeout) as kv:
+        if args.command == "status":
+            out: dict[str, Any] = {}
+            for ep in kv.endpoints:
+                try:
+                    out[ep] = await kv.status(ep)
+                except Exception as exc:  # one server down must not hide the others
+                    out[ep] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(json.dumps(out, indent=2))
+            return 0
+        if args.command == "get":
+            got = await kv.get(args.key, stale=args.stale)
+            if got is None:
+                print(f"dsys: key {args.key!r} not found", file=sys.stderr)
+                return 1
+            sys.stdout.buffer.write(got.value + b"\n")
+            print(f"revision {got.revision}", file=sys.stderr)
+            return 0
+        if args.command == "put":
+            value = sys.stdin.buffer.read() if args.value == "-" else args.value.encode()
+            if args.if_revision is not None:
+                rev = await kv.cas(args.key, value, revision=args.if_revision)
+            else:
+                rev = await kv.put(args.key, value, ttl=args.ttl)
+            print(json.dumps({"revision": rev}))
+            return 0
+        rev_del = await kv.delete(args.key)
+        if rev_del is None:
+            print(f"dsys: key {args.key!r} not found", file=sys.stderr)
+            return 1
+        print(json.dumps({"revision": rev_del}))
+        return 0
+
+
+__all__ = ["register"]

@@ -1,0 +1,514 @@
+"""The replicated key-value state machine (pure: no I/O, no clock, no asyncio).
+
+Theory of operation
+-------------------
+Every write is a *command* (:class:`Put`, :class:`Delete`, :class:`Tick`) encoded with
+:func:`encode_command` into the data of one Raft log entry. Every replica applies the same
+commands in the same order through :meth:`KVStateMachine.apply` and therefore reaches the
+same state; nothing here reads a clock or a random source.
+
+* **Revisions.** A global counter ``revision`` grows by one for every write that changes
+  the store. Each key remembers the revision of its last change (``mod_revision``); this
+  is the per-key revision that compare-and-set compares (``if_revision=0`` means "the key
+  must not exist").
+* **TTL.** The leader stamps each command with its wall-clock time ``now_ms``. The state
+  machine keeps ``clock_ms = max(clock_ms, now_ms)`` and, before applying a command, drops
+  every key whose ``expires_ms <= clock_ms``. Expiry is thus decided by the log, never by a
+  replica's local clock at apply time, so all replicas expire the same keys at the same
+  log position. The leader proposes a :class:`Tick` now and then so that idle TTL keys
+  expire too.
+* **Exactly-once.** A command carries ``(client_id, seq)``. The :class:`Sessions` table
+  caches the result of recent sequence numbers per client, so a retried command that
+  already committed returns its first result instead of being applied twice.
+* **Snapshots.** :meth:`KVStateMachine.snapshot` encodes the whole state (data, revision,
+  clock, sessions) as msgpack; :meth:`KVStateMachine.restore` replaces the state by it.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from dsys.codec import decode, encode
+from dsys.errors import ConfigError, RemoteProtocolError
+
+MAX_KEY_BYTES = 1024
+"""Longest key accepted, in UTF-8 bytes."""
+
+SNAPSHOT_MAX_BYTES = 1 << 30
+"""Largest snapshot encoded or decoded (1 GiB)."""
+
+MAX_COMMAND_BYTES = 16 * 1024 * 1024
+"""Largest encoded command accepted."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Put:
+    """Set ``key`` to ``value``; with ``if_revision`` only if the key's revision matches.
+
+    Attributes:
+        ttl_ms: the key expires ``ttl_ms`` after ``now_ms`` (0 = never).
+        now_ms: the leader's wall-clock time when it accepted the command.
+        client_id: the issuing client's session id ("" = no exactly-once tracking).
+        seq: the client's sequence number for this command.
+    """
+
+    key: str
+    value: bytes
+    if_revision: int | None = None
+    ttl_ms: int = 0
+    now_ms: int = 0
+    client_id: str = ""
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Delete:
+    """Delete ``key``; with ``if_revision`` only if the key's revision matches."""
+
+    key: str
+    if_revision: int | None = None
+    now_ms: int = 0
+    client_id: str = ""
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tick:
+    """Advance the replicated clock to ``now_ms`` so that expired TTL keys are removed."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SetMember:
+    """Record (``addr`` given) or forget (``addr=""``) the address of cluster member ``id``.
+
+    The cluster's address book is replicated state, so every node (and a node restored
+    from a snapshot) knows how to reach members added at run time.
+    """
+
+    id: str
+    addr: str
+
+
+Command = Put | Delete | Tick | SetMember
+"""A state-machine command."""
+
+_PUT, _DEL, _TICK, _MEMBER = 1, 2, 3, 4
+
+
+def encode_command(cmd: Command) -> bytes:
+    """Encode a command compactly as a msgpack list (the data of one log entry)."""
+    if isinstance(cmd, Put):
+        plain: list[Any] = [
+            _PUT,
+            cmd.key,
+            cmd.value,
+            cmd.if_revision,
+            cmd.ttl_ms,
+            cmd.now_ms,
+            cmd.client_id,
+            cmd.seq,
+        ]
+    elif isinstance(cmd, Delete):
+        plain = [_DEL, cmd.key, cmd.if_revision, cmd.now_ms, cmd.client_id, cmd.seq]
+    elif isinstance(cmd, SetMember):
+        plain = [_MEMBER, cmd.id, cmd.addr]
+    else:
+        plain = [_TICK, cmd.now_ms]
+    return encode(plain, max_size=MAX_COMMAND_BYTES)
+
+
+def _int(v: Any) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RemoteProtocolError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _opt(v: Any) -> int | None:
+    return None if v is None else _int(v)
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise RemoteProtocolError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def decode_command(data: bytes) -> Command:
+    """Decode :func:`encode_command` output, checking every field's type.
+
+    Raises:
+        RemoteProtocolError: the bytes are not a valid command.
+    """
+    v = decode(data, max_size=MAX_COMMAND_BYTES)
+    if not isinstance(v, list) or not v:
+        raise RemoteProtocolError("a command must be a non-empty msgpack list")
+    kind = v[0]
+    if kind == _PUT and len(v) == 8:
+        if not isinstance(v[2], bytes):
+            raise RemoteProtocolError("put value must be bytes")
+        return Put(
+            key=_str(v[1]),
+            value=v[2],
+            if_revision=_opt(v[3]),
+            ttl_ms=_int(v[4]),
+            now_ms=_int(v[5]),
+            client_id=_str(v[6]),
+            seq=_int(v[7]),
+        )
+    if kind == _DEL and len(v) == 6:
+        return Delete(
+            key=_str(v[1]),
+            if_revision=_opt(v[2]),
+            now_ms=_int(v[3]),
+            client_id=_str(v[4]),
+            seq=_int(v[5]),
+        )
+    if kind == _TICK and len(v) == 2:
+        return Tick(now_ms=_int(v[1]))
+    if kind == _MEMBER and len(v) == 3:
+        return SetMember(id=_str(v[1]), addr=_str(v[2]))
+    raise RemoteProtocolError(f"unknown command {kind!r} with {len(v)} fields")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Result:
+    """The outcome of applying one command.
+
+    Attributes:
+        ok: the write happened (or, for :class:`Tick`, always True).
+        revision: the store revision after the write (when ok), else the current one.
+        status: ``"ok"``, ``"conflict"`` (CAS revision mismatch), ``"not_found"``
+            (delete of a missing key) or ``"expired_session"`` (a retry too old to answer).
+        key_revision: on a conflict, the key's current revision (0 = missing).
+    """
+
+    ok: bool
+    revision: int
+    status: str = "ok"
+    key_revision: int = 0
+
+    def to_plain(self) -> list[Any]:
+        """A compact list form for snapshots and the wire."""
+        return [self.ok, self.revision, self.status, self.key_revision]
+
+    @classmethod
+    def from_plain(cls, value: Any) -> Result:
+        """The inverse of :meth:`to_plain`."""
+        ok, revision, status, key_revision = value
+        return cls(
+            ok=bool(ok), revision=int(revision), status=str(status), key_revision=key_revision
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    """One stored key.
+
+    Attributes:
+        mod_revision: revision of the last change; the value compare-and-set compares.
+        create_revision: revision at which the key was (last) created.
+        expires_ms: replicated-clock time at which the key expires (0 = never).
+    """
+
+    key: str
+    value: bytes
+    mod_revision: int
+    create_revision: int
+    expires_ms: int = 0
+
+
+def validate_key(key: object) -> str:
+    """Check that ``key`` is a non-empty string of at most :data:`MAX_KEY_BYTES` bytes.
+
+    Raises:
+        RemoteProtocolError: the key is not acceptable (a BadInputError, maps to 400).
+    """
+    if not isinstance(key, str):
+        raise RemoteProtocolError(f"key must be a string, got {type(key).__name__}")
+    if not key:
+        raise RemoteProtocolError("key must not be empty")
+    if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
+        raise RemoteProtocolError(f"key is longer than {MAX_KEY_BYTES} bytes")
+    return key
+
+
+class Sessions:
+    """Exactly-once table: the recent results of each client, bounded in clients and seqs.
+
+    Each client keeps the results of its last ``per_client`` sequence numbers. A command
+    whose ``seq`` is cached returns the cached result; one older than the oldest cached
+    seq of that client is answered ``expired_session`` (it cannot be told apart from a
+    new command safely). When more than ``max_clients`` clients are known, the one least
+    recently active (by replicated clock, then by id) is forgotten; the choice is
+    deterministic, so every replica forgets the same one.
+
+    Args:
+        max_clients: how many client sessions to keep.
+        per_client: how many results to keep per client (>= the client's max in flight).
+    """
+
+    def __init__(self, *, max_clients: int = 10_000, per_client: int = 1024) -> None:
+        if max_clients < 1 or per_client < 1:
+            raise ConfigError("max_clients and per_client must be >= 1")
+        self.max_clients = max_clients
+        self.per_client = per_client
+        # client_id -> (last activity clock_ms, floor seq, seq -> result)
+        self._clients: dict[str, tuple[int, int, OrderedDict[int, Result]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._clients)
+
+    def check(self, client_id: str, seq: int) -> Result | None:
+        """The cached result of ``(client_id, seq)``; ``expired_session`` if too old; else None."""
+        entry = self._clients.get(client_id)
+        if entry is None:
+            return None
+        _, floor, results = entry
+        cached = results.get(seq)
+        if cached is not None:
+            return cached
+        if seq < floor:
+            return Result(ok=False, revision=0, status="expired_session")
+        return None
+
+    def record(self, client_id: str, seq: int, result: Result, now_ms: int) -> None:
+        """Remember ``result`` as the answer to ``(client_id, seq)``."""
+        entry = self._clients.get(client_id)
+        if entry is None:
+            results: OrderedDict[int, Result] = OrderedDict()
+            floor = 0
+        else:
+            _, floor, results = entry
+        results[seq] = result
+        while len(results) > self.per_client:
+            old, _ = results.popitem(last=False)
+            floor = max(floor, old + 1)
+        self._clients[client_id] = (now_ms, floor, results)
+        if len(self._clients) > self.max_clients:
+            victim = min(self._clients, key=lambda c: (self._clients[c][0], c))
+            del self._clients[victim]
+
+    def to_plain(self) -> list[Any]:
+        """Plain values for a snapshot."""
+        return [
+            [cid, at, floor, [[s, r.to_plain()] for s, r in results.items()]]
+            for cid, (at, floor, results) in sorted(self._clients.items())
+        ]
+
+    def load_plain(self, value: Any) -> None:
+        """Replace the table by a :meth:`to_plain` value."""
+        self._clients = {}
+        for cid, at, floor, items in value:
+            results: OrderedDict[int, Result] = OrderedDict()
+            for s, r in items:
+                results[int(s)] = Result.from_plain(r)
+            self._clients[str(cid)] = (int(at), int(floor), results)
+
+
+class KVStateMachine:
+    """The deterministic KV store every replica applies committed commands to.
+
+    Args:
+        max_clients: exactly-once sessions kept (see :class:`Sessions`).
+        per_client: results kept per client session.
+    """
+
+    def __init__(self, *, max_clients: int = 10_000, per_client: int = 1024) -> None:
+        self._data: SortedDict = SortedDict()  # key -> KeyValue
+        self._ttl: SortedDict = SortedDict()  # (expires_ms, key) -> None
+        self.revision = 0
+        self.clock_ms = 0
+        self.sessions = Sessions(max_clients=max_clients, per_client=per_client)
+        self.members: dict[str, str] = {}
+        """Address book of members added at run time: node id -> ``host:port``."""
+        self.on_members_changed: Callable[[dict[str, str]], None] | None = None
+        """Called after the address book changed (set by the server to update peers)."""
+
+    # -- reads ------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get(self, key: str) -> KeyValue | None:
+        """The live value of ``key`` (None if missing or expired by the replicated clock)."""
+        kv: KeyValue | None = self._data.get(key)
+        if kv is None or (kv.expires_ms and kv.expires_ms <= self.clock_ms):
+            return None
+        return kv
+
+    def scan(self, prefix: str = "", limit: int = 1000) -> list[KeyValue]:
+        """Live keys starting with ``prefix`` in key order, at most ``limit`` of them."""
+        out: list[KeyValue] = []
+        if limit <= 0:
+            return out
+        for key in self._data.irange(minimum=prefix):
+            if not key.startswith(prefix):
+                break
+            kv = self.get(key)
+            if kv is not None:
+                out.append(kv)
+                if len(out) >= limit:
+                    break
+        return out
+
+    def items(self) -> Iterator[KeyValue]:
+        """Every live key in key order."""
+        for key in self._data:
+            kv = self.get(key)
+            if kv is not None:
+                yield kv
+
+    # -- writes -----------------------------------------------------------------------
+
+    def apply(self, data: bytes) -> Result:
+        """Decode and apply one committed command; returns its result.
+
+        A command that cannot be decoded is a replicated no-op with status ``"invalid"``
+        (every replica decides the same), so a bad entry can never wedge the log.
+        """
+        try:
+            cmd = decode_command(data)
+        except RemoteProtocolError:
+            return Result(ok=False, revision=self.revision, status="invalid")
+        return self.apply_command(cmd)
+
+    def apply_command(self, cmd: Command) -> Result:
+        """Apply one decoded command (see :meth:`apply`)."""
+        if isinstance(cmd, SetMember):
+            if cmd.addr:
+                self.members[cmd.id] = cmd.addr
+            else:
+                self.members.pop(cmd.id, None)
+            if self.on_members_changed is not None:
+                self.on_members_changed(dict(self.members))
+            return Result(ok=True, revision=self.revision)
+        if cmd.now_ms > self.clock_ms:
+            self.clock_ms = cmd.now_ms
+            self._expire()
+        if isinstance(cmd, Tick):
+            return Result(ok=True, revision=self.revision)
+        if cmd.client_id:
+            cached = self.sessions.check(cmd.client_id, cmd.seq)
+            if cached is not None:
+                return cached
+        result = self._put(cmd) if isinstance(cmd, Put) else self._delete(cmd)
+        if cmd.client_id:
+            self.sessions.record(cmd.client_id, cmd.seq, result, self.clock_ms)
+        return result
+
+    def _current_revision(self, key: str) -> int:
+        kv = self.get(key)
+        return kv.mod_revision if kv is not None else 0
+
+    def _put(self, cmd: Put) -> Result:
+        current = self._current_revision(cmd.key)
+        if cmd.if_revision is not None and cmd.if_revision != current:
+            return Result(ok=False, revision=self.revision, status="conflict", key_revision=current)
+        self.revision += 1
+        old: KeyValue | None = self._data.get(cmd.key)
+        if old is not None and old.expires_ms:
+            self._ttl.pop((old.expires_ms, cmd.key), None)
+        create = old.create_revision if (old is not None and current) else self.revision
+        expires = self.clock_ms + cmd.ttl_ms if cmd.ttl_ms > 0 else 0
+        self._data[cmd.key] = KeyValue(cmd.key, cmd.value, self.revision, create, expires)
+        if expires:
+            self._ttl[(expires, cmd.key)] = None
+        return Result(ok=True, revision=self.revision)
+
+    def _delete(self, cmd: Delete) -> Result:
+        current = self._current_revision(cmd.key)
+        if cmd.if_revision is not None and cmd.if_revision != current:
+            return Result(ok=False, revision=self.revision, status="conflict", key_revision=current)
+        if not current:
+            return Result(ok=False, revision=self.revision, status="not_found")
+        old = self._data.pop(cmd.key)
+        if old.expires_ms:
+            self._ttl.pop((old.expires_ms, cmd.key), None)
+        self.revision += 1
+        return Result(ok=True, revision=self.revision)
+
+    def _expire(self) -> None:
+        removed = False
+        while self._ttl:
+            expires, key = self._ttl.keys()[0]
+            if expires > self.clock_ms:
+                break
+            del self._ttl[(expires, key)]
+            self._data.pop(key, None)
+            removed = True
+        if removed:
+            self.revision += 1
+
+    @property
+    def has_ttl_keys(self) -> bool:
+        """Whether any key has a TTL (the leader then proposes :class:`Tick` periodically)."""
+        return bool(self._ttl)
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """Encode the whole state (data, revision, clock, sessions) as msgpack."""
+        value = {
+            "rev": self.revision,
+            "clock": self.clock_ms,
+            "kv": [
+                [kv.key, kv.value, kv.mod_revision, kv.create_revision, kv.expires_ms]
+                for kv in self._data.values()
+            ],
+            "sessions": self.sessions.to_plain(),
+            "members": dict(self.members),
+        }
+        return encode(value, max_size=SNAPSHOT_MAX_BYTES)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state by a :meth:`snapshot`.
+
+        Raises:
+            RemoteProtocolError: the snapshot is malformed.
+        """
+        value = decode(data, max_size=SNAPSHOT_MAX_BYTES)
+        try:
+            data_map: SortedDict = SortedDict()
+            ttl: SortedDict = SortedDict()
+            for key, val, mod, create, expires in value["kv"]:
+                data_map[key] = KeyValue(str(key), bytes(val), int(mod), int(create), int(expires))
+                if expires:
+                    ttl[(int(expires), key)] = None
+            sessions = Sessions(
+                max_clients=self.sessions.max_clients, per_client=self.sessions.per_client
+            )
+            sessions.load_plain(value["sessions"])
+            revision, clock = int(value["rev"]), int(value["clock"])
+            members = {str(k): str(v) for k, v in value.get("members", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RemoteProtocolError(f"malformed KV snapshot: {exc}") from exc
+        self._data, self._ttl, self.sessions = data_map, ttl, sessions
+        self.revision, self.clock_ms = revision, clock
+        self.members = members
+        if self.on_members_changed is not None:
+            self.on_members_changed(dict(self.members))
+
+
+__all__ = [
+    "MAX_COMMAND_BYTES",
+    "MAX_KEY_BYTES",
+    "Command",
+    "Delete",
+    "KVStateMachine",
+    "KeyValue",
+    "Put",
+    "Result",
+    "Sessions",
+    "SetMember",
+    "Tick",
+    "decode_command",
+    "encode_command",
+    "validate_key",
+]

@@ -1,0 +1,720 @@
+"""The KV server: a :class:`~dsys.raft.node.RaftNode` plus the client HTTP API.
+
+One aiohttp application per node serves, on one ``host:port``:
+
+* the client API (JSON metadata, raw byte values)::
+
+    PUT    /v1/kv/{key}[?if_revision=R][&ttl=SECONDS]  -> 200 {"revision": N} | 409
+    GET    /v1/kv/{key}[?consistency=stale]            -> 200 raw value + X-Dsys-Revision | 404
+    DELETE /v1/kv/{key}[?if_revision=R]                -> 200 {"revision": N} | 404 | 409
+    GET    /v1/kv?prefix=P&limit=L                     -> 200 [{"key": K, "revision": N}, ...]
+    GET    /v1/status                                  -> 200 {"id", "role", "term", ...}
+    GET    /v1/ws                                      -> WebSocket, msgpack frames (KVClient)
+
+  A follower answers writes and linearizable reads with ``307`` + ``Location`` of the
+  leader, or ``503`` + ``Retry-After`` when no leader is known. A write answered ``503``
+  or ``504`` after it was accepted has an *unknown* outcome (leadership changed, or it
+  did not commit in time): it may still commit. Send ``X-Dsys-Client-Id`` and
+  ``X-Dsys-Seq`` headers to make such retries exactly-once (``KVClient`` always does).
+* membership admin (with the cluster token when one is set)::
+
+    GET    /v1/admin/members                        -> {"voters": {...}, "learners": {...}}
+    POST   /v1/admin/members {"id": ID, "addr": A}  -> add ID as a learner
+    POST   /v1/admin/members/{id}/promote           -> make the learner a voter
+    DELETE /v1/admin/members/{id}                   -> remove a voter or learner
+* ``POST /raft/v1/msgs`` for peers (see :mod:`dsys.raft.node`),
+* ``/healthz`` and ``/metrics``.
+
+The WebSocket channel carries binary msgpack frames; each frame is a *list* of
+requests ``{"id": n, "op": "get"|"put"|"del"|"scan"|"status", ...}`` and the server
+answers with frames that are lists of responses ``{"id": n, "status": ..., ...}``, so
+many requests are in flight on one connection and frames are batched both ways.
+Writes may carry ``cid`` (client id) and ``seq`` for exactly-once retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from dsys.codec import decode, encode
+from dsys.errors import (
+    BadInputError,
+    ClosedError,
+    ConfigError,
+    ConflictError,
+    DsysError,
+    NotLeaderError,
+    ProposalDroppedError,
+    RemoteProtocolError,
+    RequestTimeout,
+    UnavailableError,
+)
+from dsys.kv.fsm import (
+    Delete,
+    KVStateMachine,
+    Put,
+    Result,
+    SetMember,
+    Tick,
+    encode_command,
+    validate_key,
+)
+from dsys.observability import (
+    Metrics,
+    add_observability_routes,
+    error_middleware,
+    get_logger,
+    json_error,
+    parse_listen,
+    start_site,
+)
+from dsys.raft.messages import ConfChange, ConfChangeType
+from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode, wait_future
+from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
+
+MAX_VALUE_BYTES = 1024 * 1024
+"""Largest value accepted (1 MiB); larger bodies get 413."""
+
+MAX_WS_FRAME = 8 * 1024 * 1024
+"""Largest WebSocket frame accepted."""
+
+MAX_SCAN_LIMIT = 10_000
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    """Configuration of a :class:`KVServer`.
+
+    Attributes:
+        id: this node's id.
+        host: address to listen on.
+        port: port to listen on (0 = any free port).
+        peers: every other node's id -> ``host:port``.
+        data_dir: directory of the WAL and snapshots.
+        fsync: True (``--fsync always``, group commit) or False (``none``: UNSAFE, a
+            crash of the machine can lose acknowledged writes; for benchmarks).
+        token: shared cluster token checked on every peer request.
+        tick_interval: seconds per Raft tick.
+        election_tick: ticks before an election.
+        snapshot_every: applied entries between snapshots.
+        request_timeout: seconds a write or linearizable read may wait.
+        max_inflight_per_ws: requests in flight per WebSocket before it stops reading.
+        join: join an existing cluster (after ``POST /v1/admin/members`` added this node)
+            instead of bootstrapping a new one from ``peers``.
+    """
+
+    id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    peers: Mapping[str, str] = field(default_factory=dict)
+    data_dir: str
+    fsync: bool = True
+    token: str | None = None
+    tick_interval: float = 0.03
+    election_tick: int = 10
+    snapshot_every: int = 10_000
+    request_timeout: float = 5.0
+    max_inflight_per_ws: int = 1024
+    join: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ConfigError("server id must not be empty")
+        if not self.data_dir:
+            raise ConfigError("data_dir is required")
+        if self.request_timeout <= 0 or self.max_inflight_per_ws < 1:
+            raise ConfigError("request_timeout and max_inflight_per_ws must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is out of range")
+        if self.id in self.peers:
+            raise ConfigError(f"node {self.id!r} must not list itself as a peer")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _opt_int(value: str | None, name: str, *, minimum: int = 0) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise BadInputError(f"{name} must be an integer, got {value!r}") from None
+    if n < minimum:
+        raise BadInputError(f"{name} must be >= {minimum}, got {n}")
+    return n
+
+
+class KVServer:
+    """A KV replica: durable Raft node, state machine and HTTP + WebSocket API.
+
+    Example::
+
+        server = KVServer(ServerConfig(id="n1", port=7101, peers={...}, data_dir="d1"))
+        await server.start()
+        ...
+        await server.close()
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.log = get_logger("kv.server", node_id=config.id)
+        self.metrics = Metrics("kv")
+        self.raft_metrics = Metrics("raft", registry=self.metrics.registry)
+        data = Path(config.data_dir)
+        data.mkdir(parents=True, exist_ok=True)
+        self.wal = WriteAheadLog(data / "wal", fsync=config.fsync)
+        if self.wal.repaired_bytes:
+            self.log.warning("wal_torn_tail_repaired", bytes=self.wal.repaired_bytes)
+        self.fsm = KVStateMachine()
+        self.node = RaftNode(
+            NodeConfig(
+                id=config.id,
+                peers=config.peers,
+                tick_interval=config.tick_interval,
+                election_tick=config.election_tick,
+                snapshot_every=config.snapshot_every,
+                token=config.token,
+                join=config.join,
+            ),
+            log=self.wal,
+            stable=self.wal,
+            snapshots=FileSnapshotStore(data / "snap", fsync=config.fsync),
+            fsm=self.fsm,
+            metrics=self.raft_metrics,
+        )
+        self._sync_members(self.fsm.members)
+        self.fsm.on_members_changed = self._sync_members
+        self._m_requests = self.metrics.counter(
+            "requests_total", "Client requests", labels=("op", "status")
+        )
+        self._m_latency = self.metrics.histogram(
+            "request_seconds", "Client request latency", labels=("op",)
+        )
+        self.app = self._build_app()
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self.port = config.port
+
+    def _sync_members(self, members: Mapping[str, str]) -> None:
+        """Point the peer transport at the replicated address book (plus static peers)."""
+        transport = self.node.transport
+        for node_id, addr in members.items():
+            if node_id != self.config.id and transport.peers.get(node_id) != addr:
+                transport.set_peer(node_id, addr)
+        for node_id in list(transport.peers):
+            if node_id not in members and node_id not in self.config.peers:
+                transport.set_peer(node_id, None)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=max(MAX_VALUE_BYTES, MAX_PEER_BODY),
+            middlewares=[error_middleware],
+        )
+        r = app.router
+        r.add_put("/v1/kv/{key:.+}", self.handle_put)
+        r.add_get("/v1/kv/{key:.+}", self.handle_get)
+        r.add_delete("/v1/kv/{key:.+}", self.handle_delete)
+        r.add_get("/v1/kv", self.handle_scan)
+        r.add_get("/v1/status", self.handle_status)
+        r.add_get("/v1/ws", self.handle_ws)
+        r.add_get("/v1/admin/members", self.handle_members)
+        r.add_post("/v1/admin/members", self.handle_add_member)
+        r.add_post("/v1/admin/members/{id}/promote", self.handle_promote)
+        r.add_delete("/v1/admin/members/{id}", self.handle_remove_member)
+        self.node.add_routes(app)
+        add_observability_routes(app, self.metrics, self._health)
+        return app
+
+    async def _health(self) -> Mapping[str, object]:
+        if self.node.failed is not None:
+            raise RuntimeError(f"raft loop stopped: {self.node.failed!r}")
+        return {"id": self.config.id, "role": self.node.role.name.lower(), "term": self.node.term}
+
+    async def start(self) -> KVServer:
+        """Start the Raft node and listen; ``self.port`` is the bound port afterwards."""
+        await self.node.start()
+        self._runner, self.port = await start_site(
+            self.app, self.config.host, self.config.port, shutdown_timeout=1.0
+        )
+        self._ticker = asyncio.create_task(self._ttl_ticker())
+        self.log.info(
+            "kv_server_started",
+            listen=f"{self.config.host}:{self.port}",
+            peers=dict(self.config.peers),
+            fsync="always" if self.config.fsync else "none (UNSAFE)",
+        )
+        return self
+
+    async def close(self) -> None:
+        """Stop serving and close the node (the WAL is synced and closed)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.node.close()
+
+    async def __aenter__(self) -> KVServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _ttl_ticker(self) -> None:
+        """On the leader, propose a Tick every second while TTL keys exist."""
+        while True:
+            await asyncio.sleep(1.0)
+            if self.node.is_leader and self.fsm.has_ttl_keys:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self.node.propose(encode_command(Tick(now_ms=_now_ms()))), 2.0
+                    )
+
+    # -- core operations (shared by HTTP and WebSocket) -------------------------------
+
+    def _leader_addr(self, leader: str | None) -> str | None:
+        if leader is None or leader == self.config.id:
+            return None
+        return self.config.peers.get(leader)
+
+    def _redirect_error(self, exc: NotLeaderError) -> NotLeaderError:
+        addr = self._leader_addr(exc.leader_hint)
+        return NotLeaderError(
+            str(exc),
+            leader_hint=f"http://{addr}" if addr else None,
+            retry_after=exc.retry_after,
+        )
+
+    async def write(self, cmd: Put | Delete | SetMember) -> Result:
+        """Propose a write and wait for its result.
+
+        Raises:
+            NotLeaderError: this node is not the leader (hint = leader's node id).
+            RequestTimeout: not committed within ``request_timeout``.
+            UnavailableError: leadership changed before the outcome was known.
+        """
+        try:
+            result = await wait_future(
+                self.node.propose_future(encode_command(cmd)), self.config.request_timeout
+            )
+        except TimeoutError:
+            raise RequestTimeout("write not committed in time; retry with the same seq") from None
+        except ProposalDroppedError as exc:
+            raise UnavailableError(str(exc), retry_after=0.1) from exc
+        assert isinstance(result, Result)
+        return result
+
+    async def read_barrier(self, stale: bool) -> None:
+        """Wait until a linearizable read may be served here (no-op when ``stale``)."""
+        if stale:
+            return
+        await self.node.read_barrier(self.config.request_timeout)
+
+    # -- HTTP handlers ----------------------------------------------------------------
+
+    def _count(self, op: str, status: int | str, started: float) -> None:
+        self._m_requests.labels(op, str(status)).inc()
+        self._m_latency.labels(op).observe(time.perf_counter() - started)
+
+    async def handle_put(self, request: web.Request) -> web.Response:
+        """``PUT /v1/kv/{key}``: body = value."""
+        started = time.perf_counter()
+        key = validate_key(request.match_info["key"])
+        if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
+        ttl = _opt_int(request.query.get("ttl"), "ttl")
+        if request.content_length is not None and request.content_length > MAX_VALUE_BYTES:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=MAX_VALUE_BYTES, actual_size=request.content_length
+            )
+        value = await request.read()
+        if len(value) > MAX_VALUE_BYTES:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_VALUE_BYTES, actual_size=len(value))
+        cmd = Put(
+            key=key,
+            value=value,
+            if_revision=if_revision,
+            ttl_ms=(ttl or 0) * 1000,
+            now_ms=_now_ms(),
+            **self._http_session(request),
+        )
+        resp = await self._http_write(cmd)
+        self._count("put", resp.status, started)
+        return resp
+
+    async def handle_delete(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/kv/{key}``."""
+        started = time.perf_counter()
+        key = validate_key(request.match_info["key"])
+        if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
+        cmd = Delete(
+            key=key, if_revision=if_revision, now_ms=_now_ms(), **self._http_session(request)
+        )
+        resp = await self._http_write(cmd)
+        self._count("delete", resp.status, started)
+        return resp
+
+    def _http_session(self, request: web.Request) -> dict[str, Any]:
+        cid = request.headers.get("X-Dsys-Client-Id", "")
+        if not cid:
+            return {}
+        if len(cid) > 128:
+            raise BadInputError("X-Dsys-Client-Id is longer than 128 characters")
+        seq = _opt_int(request.headers.get("X-Dsys-Seq"), "X-Dsys-Seq", minimum=1)
+        if seq is None:
+            raise BadInputError("X-Dsys-Seq is required with X-Dsys-Client-Id")
+        return {"client_id": cid, "seq": seq}
+
+    async def _http_write(self, cmd: Put | Delete) -> web.Response:
+        try:
+            result = await self.write(cmd)
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        if result.ok:
+            return web.json_response({"revision": result.revision})
+        if result.status == "conflict":
+            return json_error(
+                409,
+                "conflict",
+                f"revision of {cmd.key!r} is {result.key_revision}, not {cmd.if_revision}",
+                revision=result.key_revision,
+            )
+        if result.status == "not_found":
+            return json_error(404, "not_found", f"key {cmd.key!r} does not exist")
+        return json_error(400, result.status, f"write refused: {result.status}")
+
+    async def handle_get(self, request: web.Request) -> web.Response:
+        """``GET /v1/kv/{key}``: raw value with ``X-Dsys-Revision``, or 404."""
+        started = time.perf_counter()
+        key = validate_key(request.match_info["key"])
+        stale = self._stale(request)
+        try:
+            await self.read_barrier(stale)
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        kv = self.fsm.get(key)
+        if kv is None:
+            self._count("get", 404, started)
+            return json_error(404, "not_found", f"key {key!r} does not exist")
+        self._count("get", 200, started)
+        return web.Response(
+            body=kv.value,
+            content_type="application/octet-stream",
+            headers={"X-Dsys-Revision": str(kv.mod_revision)},
+        )
+
+    def _stale(self, request: web.Request) -> bool:
+        consistency = request.query.get("consistency", "linearizable")
+        if consistency not in ("linearizable", "stale"):
+            raise BadInputError(
+                f"consistency must be 'linearizable' or 'stale', not {consistency!r}"
+            )
+        return consistency == "stale"
+
+    async def handle_scan(self, request: web.Request) -> web.Response:
+        """``GET /v1/kv?prefix=P&limit=L``: keys with their revisions."""
+        started = time.perf_counter()
+        prefix = request.query.get("prefix", "")
+        limit = _opt_int(request.query.get("limit"), "limit", minimum=1) or 1000
+        if limit > MAX_SCAN_LIMIT:
+            raise BadInputError(f"limit must be <= {MAX_SCAN_LIMIT}")
+        try:
+            await self.read_barrier(self._stale(request))
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        items = [
+            {"key": kv.key, "revision": kv.mod_revision} for kv in self.fsm.scan(prefix, limit)
+        ]
+        self._count("scan", 200, started)
+        return web.json_response(items)
+
+    async def handle_status(self, request: web.Request) -> web.Response:
+        """``GET /v1/status``."""
+        return web.json_response(self.status())
+
+    def status(self) -> dict[str, Any]:
+        """Node status plus store revision and key count."""
+        st = self.node.status()
+        st["revision"] = self.fsm.revision
+        st["keys"] = len(self.fsm)
+        st["leader_addr"] = self._leader_addr(st["leader"])
+        st["fsync"] = "always" if self.config.fsync else "none"
+        return st
+
+    # -- membership admin -------------------------------------------------------------
+
+    def _check_admin(self, request: web.Request) -> None:
+        token = self.config.token
+        if token and request.headers.get(TOKEN_HEADER) != token:
+            raise web.HTTPForbidden(text="admin endpoints need the cluster token")
+
+    def _members_view(self) -> dict[str, Any]:
+        conf = self.node.core.conf
+        addrs = {self.config.id: f"{self.config.host}:{self.port}", **self.node.transport.peers}
+        return {
+            "voters": {v: addrs.get(v) for v in conf.voters},
+            "learners": {v: addrs.get(v) for v in conf.learners},
+        }
+
+    async def handle_members(self, request: web.Request) -> web.Response:
+        """``GET /v1/admin/members``: voters and learners with their addresses."""
+        return web.json_response(self._members_view())
+
+    async def _conf_change(self, change_type: int, node_id: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self.node.propose_conf_change(ConfChange(type=change_type, node_id=node_id)),
+                self.config.request_timeout,
+            )
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        except TimeoutError:
+            raise RequestTimeout("membership change not committed in time") from None
+        except ProposalDroppedError as exc:
+            raise UnavailableError(str(exc), retry_after=1.0) from exc
+
+    async def handle_add_member(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/members`` ``{"id": "n4", "addr": "host:port"}``: add a learner."""
+        self._check_admin(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            raise BadInputError('body must be JSON {"id": ..., "addr": ...}') from None
+        node_id, addr = (body.get("id"), body.get("addr")) if isinstance(body, dict) else (0, 0)
+        if not isinstance(node_id, str) or not node_id or len(node_id) > 64:
+            raise BadInputError("'id' must be a non-empty string of at most 64 characters")
+        if not isinstance(addr, str) or parse_listen(addr)[1] == 0:
+            raise BadInputError("'addr' must be HOST:PORT")
+        if node_id in self.node.core.conf.voters or node_id in self.node.core.conf.learners:
+            raise ConflictError(f"{node_id!r} is already a member")
+        try:
+            await self.write(SetMember(id=node_id, addr=addr))
+        except NotLeaderError as exc:
+            raise self._redirect_error(exc) from None
+        await self._conf_change(ConfChangeType.ADD_LEARNER, node_id)
+        return web.json_response(self._members_view())
+
+    async def handle_promote(self, request: web.Request) -> web.Response:
+        """``POST /v1/admin/members/{id}/promote``: make a learner a voter."""
+        self._check_admin(request)
+        node_id = request.match_info["id"]
+        if node_id not in self.node.core.conf.learners:
+            raise BadInputError(f"{node_id!r} is not a learner")
+        await self._conf_change(ConfChangeType.ADD_VOTER, node_id)
+        return web.json_response(self._members_view())
+
+    async def handle_remove_member(self, request: web.Request) -> web.Response:
+        """``DELETE /v1/admin/members/{id}``: remove a voter or learner."""
+        self._check_admin(request)
+        node_id = request.match_info["id"]
+        conf = self.node.core.conf
+        if node_id not in conf.voters and node_id not in conf.learners:
+            raise BadInputError(f"{node_id!r} is not a member")
+        await self._conf_change(ConfChangeType.REMOVE_NODE, node_id)
+        if node_id in self.fsm.members:
+            with contextlib.suppress(DsysError):
+                await self.write(SetMember(id=node_id, addr=""))
+        return web.json_response(self._members_view())
+
+    # -- WebSocket channel ------------------------------------------------------------
+
+    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
+        """``GET /v1/ws``: multiplexed msgpack request/response channel."""
+        ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME, heartbeat=30.0)
+        await ws.prepare(request)
+        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        sem = asyncio.Semaphore(self.config.max_inflight_per_ws)
+        tasks: set[asyncio.Task[None]] = set()
+        writer = asyncio.create_task(self._ws_writer(ws, out))
+
+        async def run(req: Any) -> None:
+            try:
+                out.put_nowait(await self._ws_call(req))
+            finally:
+                sem.release()
+
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.TEXT:
+                        out.put_nowait(_ws_error(None, "bad_request", "frames must be binary"))
+                    continue
+                try:
+                    reqs = decode(msg.data, max_size=MAX_WS_FRAME)
+                    if not isinstance(reqs, list):
+                        raise RemoteProtocolError("a frame must be a msgpack list of requests")
+                except RemoteProtocolError as exc:
+                    out.put_nowait(_ws_error(None, "bad_request", str(exc)))
+                    continue
+                for req in reqs:
+                    await sem.acquire()
+                    t = asyncio.create_task(run(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        return ws
+
+    async def _ws_writer(
+        self, ws: web.WebSocketResponse, out: asyncio.Queue[dict[str, Any]]
+    ) -> None:
+        while True:
+            first = await out.get()
+            batch, size = [first], _resp_size(first)
+            # batch what is ready, keeping each frame well under the client's limit
+            while not out.empty() and len(batch) < 4096 and size < 4 * 1024 * 1024:
+                resp = out.get_nowait()
+                batch.append(resp)
+                size += _resp_size(resp)
+            try:
+                await ws.send_bytes(encode(batch, max_size=MAX_WS_FRAME * 4))
+            except (ConnectionError, RuntimeError):
+                return
+
+    async def _ws_call(self, req: Any) -> dict[str, Any]:
+        rid = req.get("id") if isinstance(req, dict) else None
+        if not isinstance(rid, int):
+            return _ws_error(None, "bad_request", "request needs an integer 'id'")
+        started = time.perf_counter()
+        op = req.get("op")
+        try:
+            resp = await self._ws_dispatch(rid, op, req)
+        except NotLeaderError as exc:
+            resp = {
+                "id": rid,
+                "status": "not_leader",
+                "leader": exc.leader_hint,
+                "leader_addr": self._leader_addr(exc.leader_hint),
+                "message": str(exc),
+            }
+        except BadInputError as exc:
+            resp = _ws_error(rid, "bad_request", str(exc))
+        except (UnavailableError, RequestTimeout, ClosedError) as exc:
+            resp = _ws_error(rid, "unavailable", str(exc))
+        resp["node"] = self.config.id
+        self._count(f"ws_{op}" if op in _WS_OPS else "ws_bad", resp["status"], started)
+        return resp
+
+    async def _ws_dispatch(self, rid: int, op: object, req: dict[str, Any]) -> dict[str, Any]:
+        if op == "status":
+            return {"id": rid, "status": "ok", "info": self.status()}
+        if op == "scan":
+            prefix = req.get("prefix", "")
+            limit = req.get("limit", 1000)
+            if (
+                not isinstance(prefix, str)
+                or not isinstance(limit, int)
+                or not (0 < limit <= MAX_SCAN_LIMIT)
+            ):
+                raise BadInputError("scan needs a string prefix and 0 < limit <= 10000")
+            await self.read_barrier(bool(req.get("stale", False)))
+            items = [[kv.key, kv.mod_revision] for kv in self.fsm.scan(prefix, limit)]
+            return {"id": rid, "status": "ok", "items": items, "revision": self.fsm.revision}
+        key = validate_key(req.get("key"))
+        if op == "get":
+            await self.read_barrier(bool(req.get("stale", False)))
+            kv = self.fsm.get(key)
+            if kv is None:
+                return {"id": rid, "status": "not_found"}
+            return {"id": rid, "status": "ok", "value": kv.value, "revision": kv.mod_revision}
+        if_revision = req.get("if_revision")
+        if if_revision is not None and (not isinstance(if_revision, int) or if_revision < 0):
+            raise BadInputError("if_revision must be a non-negative integer")
+        cid, seq = req.get("cid", ""), req.get("seq", 0)
+        if not isinstance(cid, str) or not isinstance(seq, int) or len(cid) > 128:
+            raise BadInputError("cid must be a short string and seq an integer")
+        cmd: Put | Delete
+        if op == "put":
+            value, ttl = req.get("value"), req.get("ttl_ms", 0)
+            if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+                raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
+            if not isinstance(ttl, int) or ttl < 0:
+                raise BadInputError("ttl_ms must be a non-negative integer")
+            cmd = Put(
+                key=key,
+                value=value,
+                if_revision=if_revision,
+                ttl_ms=ttl,
+                now_ms=_now_ms(),
+                client_id=cid,
+                seq=seq,
+            )
+        elif op == "del":
+            cmd = Delete(key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=cid, seq=seq)
+        else:
+            raise BadInputError(f"unknown op {op!r}")
+        result = await self.write(cmd)
+        return {
+            "id": rid,
+            "status": result.status,
+            "revision": result.revision,
+            "key_revision": result.key_revision,
+        }
+
+
+_WS_OPS = frozenset({"get", "put", "del", "scan", "status"})
+
+
+def _resp_size(resp: dict[str, Any]) -> int:
+    value = resp.get("value")
+    return 64 + (len(value) if isinstance(value, bytes) else 0)
+
+
+def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
+    return {"id": rid, "status": status, "message": message}
+
+
+async def serve(
+    config: ServerConfig, *, on_started: Callable[[KVServer], None] | None = None
+) -> int:
+    """Run a :class:`KVServer` until SIGINT/SIGTERM; returns the process exit code.
+
+    If the Raft loop dies (a storage failure such as a full disk, or a bug), the server
+    stops and returns 1 instead of limping on, so a supervisor restarts it from its WAL.
+
+    Args:
+        config: the server configuration.
+        on_started: called with the running server once it listens.
+    """
+    server = KVServer(config)
+    await server.start()
+    if on_started is not None:
+        on_started(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    stop_task = asyncio.create_task(stop.wait())
+    loop_task = asyncio.create_task(server.node.wait_stopped())
+    try:
+        await asyncio.wait({stop_task, loop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_task.cancel()
+        loop_task.cancel()
+        await server.close()
+    if server.node.failed is not None:
+        server.log.error("kv_server_stopped_on_failure", error=repr(server.node.failed))
+        return 1
+    return 0
+
+
+__all__ = ["MAX_VALUE_BYTES", "KVServer", "ServerConfig", "serve"]

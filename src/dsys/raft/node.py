@@ -1,0 +1,1058 @@
+"""``RaftNode``: the asyncio adapter that drives a pure :class:`~dsys.raft.core.RaftCore`.
+
+The node owns one loop task that is the only code touching the core::
+
+    wake up (tick timer, inbound messages, proposals, read requests)
+    step queued inputs into the core
+    while core.has_ready():
+        rd = core.ready()
+        persist snapshot, hard state and entries        (a thread; ONE fsync per batch)
+        send rd.messages                                  (per-peer queues)
+        install snapshot, apply rd.committed              (resolve proposal futures)
+        serve rd.read_states once applied >= index
+        core.advance(rd)
+    maybe take a snapshot and compact the log
+
+Group commit falls out of this shape: while one batch is being fsynced, new proposals
+and messages queue up, and the next ``Ready`` carries all of them to the next fsync.
+
+Peers talk over HTTP: :class:`PeerTransport` keeps one bounded queue and one sender task
+per peer; the sender drains everything queued into one ``POST /raft/v1/msgs`` whose body
+is a msgpack list of messages, so many AppendEntries share one request. The receiving
+side (:meth:`RaftNode.handle_peer_request`) checks the optional shared cluster token
+(403 otherwise), refuses unknown peers (403) and malformed or insane messages (400), steps
+the messages and, once the resulting ``Ready`` is persisted, returns its answers to that
+peer (append and vote responses) in the HTTP response body, so a replication round trip
+costs one POST. Answers that are not ready within a second go out in a POST of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+import aiohttp
+from aiohttp import web
+
+from dsys.codec import decode, encode
+from dsys.errors import (
+    ClosedError,
+    ConfigError,
+    NotLeaderError,
+    ProposalDroppedError,
+    RemoteProtocolError,
+    RequestTimeout,
+)
+from dsys.observability import Metrics, get_logger
+from dsys.raft.core import RaftConfig, RaftCore
+from dsys.raft.messages import (
+    CODEC,
+    MESSAGE_TYPES,
+    AppendRequest,
+    AppendResponse,
+    BecameCandidate,
+    BecameFollower,
+    BecameLeader,
+    ConfChange,
+    Entry,
+    EntryKind,
+    Heartbeat,
+    HeartbeatResponse,
+    Message,
+    NodeId,
+    ReadIndexDropped,
+    Ready,
+    Role,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotRequest,
+    decode_conf,
+)
+from dsys.raft.storage import LogStore, SnapshotStore, StableStore
+
+PEER_PATH = "/raft/v1/msgs"
+"""Path of the peer endpoint every node serves."""
+
+TOKEN_HEADER = "X-Dsys-Cluster-Token"
+FROM_HEADER = "X-Dsys-From"
+REPLY_WAIT = 1.0
+"""Seconds a peer request waits for our answers to ride back on its response."""
+
+MAX_PEER_BODY = 64 * 1024 * 1024
+"""Largest peer request accepted (a snapshot travels in one message)."""
+
+
+def _i(v: Any) -> int:
+    if type(v) is not int:
+        raise RemoteProtocolError(f"expected an integer, got {type(v).__name__}")
+    return v
+
+
+def _s(v: Any) -> str:
+    if type(v) is not str:
+        raise RemoteProtocolError(f"expected a string, got {type(v).__name__}")
+    return v
+
+
+def _b(v: Any) -> bool:
+    if type(v) is not bool:
+        raise RemoteProtocolError(f"expected a bool, got {type(v).__name__}")
+    return v
+
+
+def to_wire(msg: Message) -> Any:
+    """Plain form of one message for a peer request body.
+
+    The hot messages (appends, heartbeats and their answers) travel as compact lists;
+    the rest as :data:`~dsys.raft.messages.CODEC` envelopes.
+    """
+    if isinstance(msg, AppendRequest):
+        ents = [[e.term, e.index, e.kind, e.data] for e in msg.entries]
+        return ["A", msg.src, msg.dst, msg.term, msg.prev_index, msg.prev_term, msg.commit, ents]
+    if isinstance(msg, AppendResponse):
+        return [
+            "a",
+            msg.src,
+            msg.dst,
+            msg.term,
+            msg.success,
+            msg.match_index,
+            msg.reject_index,
+            msg.conflict_index,
+            msg.conflict_term,
+        ]
+    if isinstance(msg, Heartbeat):
+        return ["H", msg.src, msg.dst, msg.term, msg.commit, msg.ctx]
+    if isinstance(msg, HeartbeatResponse):
+        return ["h", msg.src, msg.dst, msg.term, msg.ctx]
+    return CODEC.to_plain(msg)
+
+
+def check_message(msg: Message) -> Message:
+    """Refuse a message whose fields cannot be right, before the core sees it.
+
+    Integers must be non-negative; an AppendRequest's entries must follow ``prev_index``
+    contiguously, with terms between ``prev_term`` and the message term, known kinds, and
+    decodable configurations.
+
+    Raises:
+        RemoteProtocolError: the message is not sane.
+    """
+    for f in dataclasses.fields(msg):
+        v = getattr(msg, f.name)
+        if type(v) is int and v < 0:
+            raise RemoteProtocolError(f"{type(msg).__name__}.{f.name} is negative")
+    if isinstance(msg, AppendRequest):
+        last_term = msg.prev_term
+        for i, e in enumerate(msg.entries):
+            if e.index != msg.prev_index + 1 + i:
+                raise RemoteProtocolError("append entries are not contiguous after prev_index")
+            if e.term < last_term or e.term > msg.term:
+                raise RemoteProtocolError("append entry terms go backwards or beyond the term")
+            if e.kind not in _ENTRY_KINDS:
+                raise RemoteProtocolError(f"unknown entry kind {e.kind}")
+            if e.kind == EntryKind.CONFIG:
+                decode_conf(e.data)
+            last_term = e.term
+    elif isinstance(msg, SnapshotRequest):
+        meta = msg.snapshot.meta
+        if meta.index < 0 or meta.term < 0 or meta.term > msg.term:
+            raise RemoteProtocolError("snapshot metadata out of range")
+    return msg
+
+
+_ENTRY_KINDS = frozenset(int(k) for k in EntryKind)
+
+
+def from_wire(v: Any) -> Message:
+    """Inverse of :func:`to_wire`, checking every field.
+
+    Raises:
+        RemoteProtocolError: malformed message.
+    """
+    if isinstance(v, dict):
+        m = CODEC.from_plain(v)
+        if not isinstance(m, MESSAGE_TYPES):
+            raise RemoteProtocolError(f"{type(m).__name__} is not a Raft message")
+        return m  # type: ignore[return-value]
+    if not isinstance(v, list) or not v:
+        raise RemoteProtocolError("a message must be a map or a non-empty list")
+    tag, n = v[0], len(v)
+    try:
+        if tag == "A" and n == 8:
+            if not isinstance(v[7], list):
+                raise RemoteProtocolError("entries must be a list")
+            ents = []
+            for e in v[7]:
+                if not isinstance(e, list) or len(e) != 4 or type(e[3]) is not bytes:
+                    raise RemoteProtocolError("an entry must be [term, index, kind, data]")
+                ents.append(Entry(term=_i(e[0]), index=_i(e[1]), kind=_i(e[2]), data=e[3]))
+            return AppendRequest(
+                src=_s(v[1]),
+                dst=_s(v[2]),
+                term=_i(v[3]),
+                prev_index=_i(v[4]),
+                prev_term=_i(v[5]),
+                commit=_i(v[6]),
+                entries=tuple(ents),
+            )
+        if tag == "a" and n == 9:
+            return AppendResponse(
+                src=_s(v[1]),
+                dst=_s(v[2]),
+                term=_i(v[3]),
+                success=_b(v[4]),
+                match_index=_i(v[5]),
+                reject_index=_i(v[6]),
+                conflict_index=_i(v[7]),
+                conflict_term=_i(v[8]),
+            )
+        if tag == "H" and n == 6:
+            return Heartbeat(
+                src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), commit=_i(v[4]), ctx=_i(v[5])
+            )
+        if tag == "h" and n == 5:
+            return HeartbeatResponse(src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), ctx=_i(v[4]))
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"invalid message: {exc}") from exc
+    raise RemoteProtocolError(f"unknown message tag {tag!r} with {n} fields")
+
+
+T = TypeVar("T")
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+async def wait_future(fut: asyncio.Future[T], timeout: float) -> T:  # noqa: ASYNC109
+    """Await ``fut`` for at most ``timeout`` seconds (TimeoutError after that).
+
+    Cheaper than ``asyncio.wait_for`` on the hot path: no extra task, one timer handle.
+    """
+    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
+    try:
+        return await fut
+    finally:
+        handle.cancel()
+
+
+class StateMachine(Protocol):
+    """What a :class:`RaftNode` applies committed entries to."""
+
+    def apply(self, data: bytes) -> object:
+        """Apply one committed command; the result resolves the proposal's future."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """Encode the whole state."""
+        ...
+
+    def restore(self, data: bytes) -> None:
+        """Replace the whole state by a snapshot."""
+        ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class NodeConfig:
+    """Configuration of a :class:`RaftNode`.
+
+    Attributes:
+        id: this node's id.
+        peers: every *other* node's id -> ``host:port`` of its server.
+        tick_interval: seconds per Raft tick.
+        election_tick: ticks without a leader before an election (randomized up to 2x).
+        heartbeat_tick: ticks between leader heartbeats.
+        snapshot_every: applied entries between snapshots (log compaction).
+        token: shared cluster token required on every peer request (None = none).
+        peer_queue: messages queued per peer before new ones are dropped.
+        max_batch: messages per peer request.
+        peer_timeout: seconds a peer request may take.
+        snapshot_log_bytes: also snapshot once the log store holds more bytes than this.
+        join: this node joins an existing cluster (added with a membership change);
+            it learns the membership from the leader instead of bootstrapping it.
+    """
+
+    id: NodeId
+    peers: Mapping[NodeId, str] = field(default_factory=dict)
+    tick_interval: float = 0.03
+    election_tick: int = 10
+    heartbeat_tick: int = 2
+    snapshot_every: int = 10_000
+    token: str | None = None
+    peer_queue: int = 4096
+    max_batch: int = 512
+    peer_timeout: float = 5.0
+    join: bool = False
+    snapshot_log_bytes: int = 64 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ConfigError("node id must not be empty")
+        if self.id in self.peers:
+            raise ConfigError(f"node {self.id!r} must not list itself as a peer")
+        if self.tick_interval <= 0:
+            raise ConfigError("tick_interval must be > 0")
+        if self.election_tick <= self.heartbeat_tick or self.heartbeat_tick < 1:
+            raise ConfigError("need 1 <= heartbeat_tick < election_tick")
+        if self.snapshot_every < 1 or self.peer_queue < 1 or self.max_batch < 1:
+            raise ConfigError("snapshot_every, peer_queue and max_batch must be >= 1")
+
+
+class PeerTransport:
+    """Sends Raft messages to peers over HTTP, batched and queued per peer.
+
+    Args:
+        node_id: our id, sent in every request.
+        peers: peer id -> ``host:port``.
+        token: the cluster token to send, if any.
+    """
+
+    def __init__(
+        self,
+        node_id: NodeId,
+        peers: Mapping[NodeId, str],
+        *,
+        token: str | None = None,
+        queue_size: int = 4096,
+        max_batch: int = 512,
+        timeout: float = 5.0,
+    ) -> None:
+        self.node_id = node_id
+        self.peers = dict(peers)
+        self._headers = {FROM_HEADER: node_id, "Content-Type": "application/msgpack"}
+        if token:
+            self._headers[TOKEN_HEADER] = token
+        self._queues: dict[NodeId, asyncio.Queue[Message]] = {
+            p: asyncio.Queue(queue_size) for p in self.peers
+        }
+        self._max_batch = max_batch
+        self._queue_size = queue_size
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.dropped = 0
+        self.on_reply: Callable[[list[Message]], None] | None = None
+        """Receives messages a peer sent back in the body of its HTTP response."""
+        self.log = get_logger("raft.transport", node_id=node_id)
+
+    async def start(self) -> None:
+        """Open the HTTP session and start one sender per peer."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit_per_host=4), timeout=self._timeout
+        )
+        for peer in self.peers:
+            self._tasks.append(asyncio.create_task(self._sender(peer)))
+
+    def set_peer(self, node_id: NodeId, addr: str | None) -> None:
+        """Add, move or (``addr=None``) remove a peer at run time."""
+        if node_id == self.node_id:
+            return
+        if addr is None:
+            self.peers.pop(node_id, None)
+            self._queues.pop(node_id, None)
+            return
+        known = node_id in self.peers
+        self.peers[node_id] = addr
+        if not known:
+            self._queues[node_id] = asyncio.Queue(self._queue_size)
+            if self._session is not None:
+                self._tasks.append(asyncio.create_task(self._sender(node_id)))
+
+    def send(self, msg: Message) -> None:
+        """Queue ``msg`` for its destination (dropped if unknown or the queue is full)."""
+        q = self._queues.get(msg.dst)
+        if q is None:
+            self.dropped += 1
+            return
+        try:
+            q.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped += 1  # Raft tolerates loss; the leader retries
+
+    async def _sender(self, peer: NodeId) -> None:
+        q = self._queues[peer]
+        backoff = 0.0
+        while self._queues.get(peer) is q:
+            batch = [await q.get()]
+            addr = self.peers.get(peer)
+            if addr is None:
+                return
+            url = f"http://{addr}{PEER_PATH}"
+            while len(batch) < self._max_batch and not q.empty():
+                batch.append(q.get_nowait())
+            if backoff:
+                # The peer was unreachable: send only the newest state, not a backlog.
+                await asyncio.sleep(backoff)
+            body = encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY)
+            assert self._session is not None
+            try:
+                async with self._session.post(url, data=body, headers=self._headers) as resp:
+                    if resp.status >= 300:
+                        text = await resp.text()
+                        self.log.warning("peer_refused", peer=peer, status=resp.status, body=text)
+                    else:
+                        reply = await resp.read()
+                        if reply and self.on_reply is not None:
+                            self._deliver_reply(peer, reply)
+                backoff = 0.0
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                self.dropped += len(batch)
+                if not backoff:
+                    self.log.debug("peer_unreachable", peer=peer, error=str(exc))
+                backoff = min(0.2, max(0.01, backoff * 2))
+
+    def _deliver_reply(self, peer: NodeId, body: bytes) -> None:
+        """Hand the messages a peer piggybacked on its HTTP response to ``on_reply``."""
+        try:
+            raw = decode(body, max_size=MAX_PEER_BODY)
+            if not isinstance(raw, list):
+                raise RemoteProtocolError("reply body must be a msgpack list of messages")
+            msgs = [check_message(from_wire(m)) for m in raw]
+        except RemoteProtocolError as exc:
+            self.log.warning("peer_reply_refused", peer=peer, error=str(exc))
+            return
+        good = [m for m in msgs if m.src == peer and m.dst == self.node_id]
+        if good and self.on_reply is not None:
+            self.on_reply(good)
+
+    async def close(self) -> None:
+        """Stop the senders and close the session."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+@dataclass(slots=True)
+class _Proposal:
+    term: int
+    future: asyncio.Future[object]
+    started: float
+
+
+class RaftNode:
+    """A Raft replica: core + durable stores + state machine + HTTP peer transport.
+
+    Use :meth:`start` / :meth:`close` (or ``async with``). Writes go through
+    :meth:`propose`; linearizable reads call :meth:`read_barrier` first.
+
+    Args:
+        config: node configuration.
+        log: the log store (e.g. :class:`~dsys.raft.wal.WriteAheadLog`).
+        stable: the hard-state store (often the same WAL object).
+        snapshots: the snapshot store.
+        fsm: the state machine committed commands are applied to.
+        metrics: where to register ``dsys_raft_*`` metrics (a new registry by default).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        log: LogStore,
+        stable: StableStore,
+        snapshots: SnapshotStore,
+        fsm: StateMachine,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.config = config
+        self.id = config.id
+        self._log_store = log
+        self._stable = stable
+        self._snapshots = snapshots
+        self.fsm = fsm
+        self.metrics = metrics or Metrics("raft")
+        self.log = get_logger("raft.node", node_id=config.id)
+        self.transport = PeerTransport(
+            config.id,
+            config.peers,
+            token=config.token,
+            queue_size=config.peer_queue,
+            max_batch=config.max_batch,
+            timeout=config.peer_timeout,
+        )
+        self._inbox: deque[Message] = deque()
+        # Peer requests waiting for the messages we answer them with (piggybacked on the
+        # HTTP response instead of a POST of our own): registered, then armed once their
+        # messages were stepped, then resolved after the resulting Ready was persisted.
+        self._reply_wait: list[tuple[NodeId, asyncio.Future[list[Message]]]] = []
+        self._armed: dict[NodeId, tuple[asyncio.Future[list[Message]], list[Message]]] = {}
+        self._proposals_in: deque[tuple[bytes, asyncio.Future[object]]] = deque()
+        self._reads_in: deque[asyncio.Future[int]] = deque()
+        self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
+        self._pending: dict[int, _Proposal] = {}
+        self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
+        self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._read_seq = 0
+        self._ticks = 0
+        self._wake = asyncio.Event()
+        self._applied_event = asyncio.Event()
+        self._closed = False
+        self.failed: BaseException | None = None
+        """Set when the loop died (a bug or a storage failure); the node is then unhealthy."""
+        self._store_lock = asyncio.Lock()  # the stores are used from one thread at a time
+        self._inline_persist = getattr(log, "fsync", True) is False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._run_task: asyncio.Task[None] | None = None
+        self.applied_index = 0
+        self.applied_term = 0
+        self.snapshot_index = 0
+        self.elections = 0
+        self._m_term = self.metrics.gauge("term", "Current Raft term")
+        self._m_elections = self.metrics.counter("elections_total", "Elections started")
+        self._m_leader = self.metrics.gauge("is_leader", "1 when this node is the leader")
+        self._m_commit = self.metrics.histogram(
+            "commit_latency_seconds", "Proposal to apply latency on the leader"
+        )
+        self._m_fsync = self.metrics.histogram(
+            "fsync_seconds", "Time to persist one Ready batch (write + fsync)"
+        )
+        self._m_log_size = self.metrics.gauge("log_size_bytes", "Size of the write-ahead log")
+        self._m_applied = self.metrics.gauge("applied_index", "Last applied log index")
+        self._m_snapshots = self.metrics.counter("snapshots_total", "Snapshots taken")
+        self._m_batch = self.metrics.histogram(
+            "batch_entries",
+            "Entries persisted per fsync (group commit)",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+        )
+        self.core = self._restore_core()
+        self.transport.on_reply = self._on_reply
+
+    # -- construction -----------------------------------------------------------------
+
+    def _restore_core(self) -> RaftCore:
+        snap = self._snapshots.load()
+        loaded = self._log_store.load()
+        hard = self._stable.load_hard_state()
+        applied = 0
+        if snap is not None:
+            self.fsm.restore(snap.data)
+            applied = snap.meta.index
+            self.applied_term = snap.meta.term
+            self.snapshot_index = snap.meta.index
+        entries = [e for e in loaded.entries if e.index > applied]
+        if entries and entries[0].index != applied + 1:
+            raise AssertionError(
+                f"log starts at {entries[0].index} but the snapshot ends at {applied}"
+            )
+        self.applied_index = applied
+        voters = None if self.config.join else sorted([self.id, *self.config.peers])
+        cfg = RaftConfig(
+            id=self.id,
+            election_tick=self.config.election_tick,
+            heartbeat_tick=self.config.heartbeat_tick,
+        )
+        return RaftCore(
+            cfg,
+            voters=voters,
+            hard_state=hard,
+            snapshot=snap,
+            entries=entries,
+            applied=applied,
+        )
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> RaftNode:
+        """Start the transport, the tick timer and the main loop."""
+        await self.transport.start()
+        self._tasks.append(asyncio.create_task(self._ticker()))
+        self._run_task = asyncio.create_task(self._run())
+        self._tasks.append(self._run_task)
+        return self
+
+    async def wait_stopped(self) -> BaseException | None:
+        """Wait until the loop ends (closed or crashed); returns the crash, if any."""
+        if self._run_task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(self._run_task)
+        return self.failed
+
+    async def __aenter__(self) -> RaftNode:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the loop, fail pending requests with ClosedError, close the stores."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            # a crashed loop already logged and recorded its error in self.failed
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        await self.transport.close()
+        for _, wfut in self._reply_wait:
+            if not wfut.done():
+                wfut.set_result([])
+        for wfut, _ in self._armed.values():
+            if not wfut.done():
+                wfut.set_result([])
+        err = ClosedError("raft node closed")
+        for p in self._pending.values():
+            if not p.future.done():
+                p.future.set_exception(err)
+        for _, fut in self._proposals_in:
+            if not fut.done():
+                fut.set_exception(err)
+        for rfut in [*self._read_waiters.values(), *self._reads_in]:
+            if not rfut.done():
+                rfut.set_exception(err)
+        for _, afut in self._applied_waiters:
+            if not afut.done():
+                afut.set_exception(err)
+        async with self._store_lock:
+            await asyncio.to_thread(self._log_store.close)
+
+    # -- public API -------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        """The core's current role."""
+        return self.core.role
+
+    @property
+    def is_leader(self) -> bool:
+        """Whether this node is the leader."""
+        return self.core.role is Role.LEADER
+
+    @property
+    def leader_id(self) -> NodeId | None:
+        """The leader this node knows of, if any."""
+        return self.core.leader_id
+
+    @property
+    def term(self) -> int:
+        """The current term."""
+        return self.core.term
+
+    def _not_leader(self) -> NotLeaderError:
+        leader = self.core.leader_id
+        return NotLeaderError(
+            f"node {self.id} is not the leader",
+            leader_hint=leader if leader != self.id else None,
+            retry_after=self.config.tick_interval * self.config.election_tick,
+        )
+
+    async def propose(self, data: bytes) -> object:
+        """Replicate ``data`` and return the state machine's result once applied here.
+
+        Raises:
+            NotLeaderError: this node is not the leader (``leader_hint`` names it).
+            ProposalDroppedError: leadership changed and the entry was overwritten.
+            ClosedError: the node was closed.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        return await self.propose_future(data)
+
+    def propose_future(self, data: bytes) -> asyncio.Future[object]:
+        """Queue a proposal; the future resolves like :meth:`propose` (no await needed).
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._proposals_in.append((data, fut))
+        self._wake.set()
+        return fut
+
+    async def propose_conf_change(self, change: ConfChange) -> object:
+        """Propose a membership change; returns once it is applied here."""
+        if not self.is_leader:
+            raise self._not_leader()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._conf_in.append((change, fut))
+        self._wake.set()
+        return await fut
+
+    async def read_barrier(self, timeout: float = 3.0) -> int:  # noqa: ASYNC109
+        """Wait until a linearizable read may be served locally (ReadIndex).
+
+        Confirms leadership with a heartbeat round, then waits until this node has
+        applied the read index. Returns that index.
+
+        Raises:
+            NotLeaderError: this node is not (or stopped being) the leader.
+            RequestTimeout: no quorum confirmed leadership in time.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._reads_in.append(fut)
+        self._wake.set()
+        try:
+            index = await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout("read index not confirmed by a quorum in time") from None
+        await self.wait_applied(index, timeout)
+        return index
+
+    async def wait_applied(self, index: int, timeout: float = 3.0) -> None:  # noqa: ASYNC109
+        """Wait until this node has applied ``index``."""
+        if self.applied_index >= index:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._applied_waiters.append((index, fut))
+        try:
+            await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"index {index} not applied in time") from None
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-able status summary."""
+        conf = self.core.conf
+        return {
+            "id": self.id,
+            "role": self.core.role.name.lower(),
+            "term": self.core.term,
+            "leader": self.core.leader_id,
+            "commit_index": self.core.commit_index,
+            "applied_index": self.applied_index,
+            "last_index": self.core.last_index,
+            "snapshot_index": self.snapshot_index,
+            "voters": list(conf.voters),
+            "learners": list(conf.learners),
+            "peers": dict(self.transport.peers),
+        }
+
+    # -- peer endpoint ----------------------------------------------------------------
+
+    async def handle_peer_request(self, request: web.Request) -> web.Response:
+        """``POST /raft/v1/msgs``: a msgpack list of messages from one peer."""
+        token = self.config.token
+        if token and request.headers.get(TOKEN_HEADER) != token:
+            raise web.HTTPForbidden(text="missing or wrong cluster token")
+        src = request.headers.get(FROM_HEADER, "")
+        if src not in self.transport.peers:
+            raise web.HTTPForbidden(text=f"unknown peer {src!r}")
+        body = await request.read()
+        try:
+            raw = decode(body, max_size=MAX_PEER_BODY)
+            if not isinstance(raw, list):
+                raise RemoteProtocolError("peer body must be a msgpack list of messages")
+            msgs = [check_message(from_wire(m)) for m in raw]
+        except RemoteProtocolError as exc:
+            raise web.HTTPBadRequest(text=f"malformed peer message: {exc}") from None
+        for m in msgs:
+            if getattr(m, "src", None) != src or getattr(m, "dst", None) != self.id:
+                raise web.HTTPBadRequest(text="message src/dst do not match the request")
+        if self._closed:
+            raise web.HTTPServiceUnavailable(text="node closed")
+        fut: asyncio.Future[list[Message]] = asyncio.get_running_loop().create_future()
+        self._inbox.extend(msgs)
+        self._reply_wait.append((src, fut))
+        self._wake.set()
+        try:
+            replies = await wait_future(fut, REPLY_WAIT)
+        except TimeoutError:
+            replies = []  # whatever we answer later goes out in a request of our own
+        if not replies:
+            return web.Response(status=204)
+        body = encode([to_wire(m) for m in replies], max_size=MAX_PEER_BODY)
+        return web.Response(body=body, content_type="application/msgpack")
+
+    def _on_reply(self, msgs: list[Message]) -> None:
+        self._inbox.extend(msgs)
+        self._wake.set()
+
+    def add_routes(self, app: web.Application) -> None:
+        """Add the peer endpoint to ``app``."""
+        app.router.add_post(PEER_PATH, self.handle_peer_request)
+
+    # -- loop -------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        interval = self.config.tick_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while not self._closed:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if loop.time() - next_at > 5 * interval:
+                next_at = loop.time()  # we were starved; do not burst ticks
+            self._ticks += 1
+            self._wake.set()
+
+    async def _run(self) -> None:
+        try:
+            while not self._closed:
+                await self._wake.wait()
+                self._wake.clear()
+                self._feed_core()
+                rounds = 0
+                while self.core.has_ready() and not self._closed and rounds < 64:
+                    rounds += 1
+                    await self._handle_ready(self.core.ready())
+                    self._feed_core()
+                if rounds >= 64:
+                    self._wake.set()
+                armed, self._armed = self._armed, {}
+                for fut, msgs in armed.values():
+                    self._resolve_reply(fut, msgs)
+                await self._maybe_snapshot()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.failed = exc
+            self.log.exception("raft_loop_crashed")
+            raise
+
+    def _feed_core(self) -> None:
+        core = self.core
+        ticks, self._ticks = self._ticks, 0
+        for _ in range(min(ticks, 10)):
+            core.tick()
+        waiting, self._reply_wait = self._reply_wait, []
+        for src, wfut in waiting:
+            old = self._armed.pop(src, None)
+            if old is not None:
+                self._resolve_reply(*old)
+            self._armed[src] = (wfut, [])
+        while self._inbox:
+            msg = self._inbox.popleft()
+            try:
+                core.step(msg)
+            except RemoteProtocolError as exc:  # e.g. an undecodable config entry
+                self.log.warning("peer_message_refused", src=msg.src, error=str(exc))
+        while self._proposals_in:
+            data, fut = self._proposals_in.popleft()
+            if fut.done():
+                continue
+            try:
+                index = core.propose(data)
+            except NotLeaderError:
+                fut.set_exception(self._not_leader())
+                continue
+            except Exception as exc:
+                fut.set_exception(exc)
+                continue
+            self._pending[index] = _Proposal(core.term, fut, time.perf_counter())
+        while self._conf_in:
+            change, cfut = self._conf_in.popleft()
+            try:
+                index = core.propose_conf_change(change)
+            except Exception as exc:
+                cfut.set_exception(exc)
+                continue
+            self._pending[index] = _Proposal(core.term, cfut, time.perf_counter())
+        while self._reads_in:
+            rfut = self._reads_in.popleft()
+            if rfut.done():
+                continue
+            self._read_seq += 1
+            ctx = self._read_seq.to_bytes(8, "big")
+            try:
+                core.read_index(ctx)
+            except NotLeaderError:
+                rfut.set_exception(self._not_leader())
+                continue
+            self._read_waiters[ctx] = rfut
+
+    async def _handle_ready(self, rd: Ready) -> None:
+        # 1. persist (off the event loop; one fsync for the whole batch)
+        if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
+            started = time.perf_counter()
+            if self._inline_persist:
+                self._persist(rd)  # no fsync: a plain write() is cheaper than a thread hop
+            else:
+                async with self._store_lock:
+                    await asyncio.to_thread(self._persist, rd)
+            self._m_fsync.observe(time.perf_counter() - started)
+            if rd.entries:
+                self._m_batch.observe(len(rd.entries))
+            size = getattr(self._log_store, "size_bytes", None)
+            if isinstance(size, int):
+                self._m_log_size.set(size)
+        # 2. send (answers to a waiting peer request ride on its HTTP response)
+        armed = self._armed
+        for msg in rd.messages:
+            slot = armed.get(msg.dst) if armed else None
+            if slot is not None and not slot[0].done():
+                slot[1].append(msg)
+            else:
+                self.transport.send(msg)
+        # 3. install snapshot, apply committed, serve reads
+        if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
+            self.fsm.restore(rd.snapshot.data)
+            self.applied_index = rd.snapshot.meta.index
+            self.applied_term = rd.snapshot.meta.term
+            self.snapshot_index = rd.snapshot.meta.index
+            self._fail_pending_upto(self.applied_index)
+        for entry in rd.committed:
+            if entry.index <= self.applied_index:
+                continue
+            result: object = None
+            if entry.kind == EntryKind.NORMAL:
+                result = self.fsm.apply(entry.data)
+            self.applied_index = entry.index
+            self.applied_term = entry.term
+            p = self._pending.pop(entry.index, None)
+            if p is not None and not p.future.done():
+                if p.term == entry.term:
+                    p.future.set_result(result)
+                    self._m_commit.observe(time.perf_counter() - p.started)
+                else:
+                    p.future.set_exception(
+                        ProposalDroppedError("leadership changed; the proposal was overwritten")
+                    )
+        self._m_applied.set(self.applied_index)
+        for rs in rd.read_states:
+            rfut = self._read_waiters.pop(rs.ctx, None)
+            if rfut is not None and not rfut.done():
+                rfut.set_result(rs.index)
+        self._wake_applied()
+        # 4. events
+        for ev in rd.events:
+            self._on_event(ev)
+        self.core.advance(rd)
+
+    def _persist(self, rd: Ready) -> None:
+        """Runs in a worker thread: durable before any message of ``rd`` is sent."""
+        if rd.snapshot is not None:
+            # A snapshot from the leader replaces our whole log (the core dropped it).
+            self._snapshots.save(rd.snapshot)
+            meta = rd.snapshot.meta
+            self._log_store.compact(meta.index, meta.term, keep_tail=False)
+        # Entries before the hard state: both go out in one write and one fsync, and if
+        # a crash tears that write, a commit index beyond the surviving log is impossible.
+        if rd.entries:
+            self._log_store.append(rd.entries)
+        if rd.hard_state is not None:
+            self._stable.save_hard_state(rd.hard_state)
+        self._stable.sync()
+        if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
+            self._log_store.sync()
+
+    def _fail_pending_upto(self, index: int) -> None:
+        for i in [i for i in self._pending if i <= index]:
+            p = self._pending.pop(i)
+            if not p.future.done():
+                p.future.set_exception(
+                    ProposalDroppedError("a snapshot replaced the entry; outcome unknown")
+                )
+
+    def _wake_applied(self) -> None:
+        if not self._applied_waiters:
+            return
+        keep = []
+        for index, fut in self._applied_waiters:
+            if fut.done():
+                continue
+            if self.applied_index >= index:
+                fut.set_result(None)
+            else:
+                keep.append((index, fut))
+        self._applied_waiters = keep
+
+    def _on_event(self, ev: object) -> None:
+        self._m_term.set(self.core.term)
+        if isinstance(ev, BecameLeader):
+            self._m_leader.set(1)
+            self.log.info("became_leader", term=ev.term)
+        elif isinstance(ev, BecameFollower):
+            self._m_leader.set(0)
+            self.log.info("became_follower", term=ev.term, leader=ev.leader)
+            self._fail_reads()
+            self._fail_proposals()
+        elif isinstance(ev, BecameCandidate):
+            self._m_leader.set(0)
+            if not ev.pre_vote:
+                self.elections += 1
+                self._m_elections.inc()
+            self.log.info("campaign", term=ev.term, pre_vote=ev.pre_vote)
+            self._fail_reads()
+            self._fail_proposals()
+        elif isinstance(ev, ReadIndexDropped):
+            rfut = self._read_waiters.pop(ev.ctx, None)
+            if rfut is not None and not rfut.done():
+                rfut.set_exception(self._not_leader())
+        else:
+            self.log.info("raft_event", kind=type(ev).__name__, detail=repr(ev))
+
+    def _resolve_reply(self, fut: asyncio.Future[list[Message]], msgs: list[Message]) -> None:
+        if not fut.done():
+            fut.set_result(msgs)
+        else:  # the request gave up waiting: send the answers on our own
+            for m in msgs:
+                self.transport.send(m)
+
+    def _fail_proposals(self) -> None:
+        """Leadership was lost: answer pending proposals now instead of at their timeout.
+
+        Their entries may still commit under the next leader, so the outcome is unknown;
+        callers retry with the same client id and sequence number (exactly-once).
+        """
+        pending, self._pending = self._pending, {}
+        for p in pending.values():
+            if not p.future.done():
+                p.future.set_exception(
+                    ProposalDroppedError("leadership lost before the write committed; retry")
+                )
+
+    def _fail_reads(self) -> None:
+        waiters, self._read_waiters = self._read_waiters, {}
+        for rfut in waiters.values():
+            if not rfut.done():
+                rfut.set_exception(self._not_leader())
+
+    async def _maybe_snapshot(self) -> None:
+        behind = self.applied_index - self.snapshot_index
+        if behind >= self.config.snapshot_every:
+            await self.snapshot_now()
+            return
+        # Large values fill the log long before snapshot_every entries: compact by size too.
+        size = getattr(self._log_store, "size_bytes", 0)
+        if behind >= 16 and isinstance(size, int) and size > self.config.snapshot_log_bytes:
+            await self.snapshot_now()
+
+    async def snapshot_now(self) -> int:
+        """Snapshot the state machine at the applied index and compact the log.
+
+        Returns the snapshot's index (unchanged when nothing new was applied).
+        """
+        index, term = self.applied_index, self.applied_term
+        if index <= self.snapshot_index:
+            return self.snapshot_index
+        data = self.fsm.snapshot()
+        snap = Snapshot(meta=SnapshotMeta(index=index, term=term, conf=self.core.conf), data=data)
+        self.core.compact(index, data)
+        self.snapshot_index = index
+        async with self._store_lock:
+            await asyncio.to_thread(self._save_snapshot, snap)
+        self._m_snapshots.inc()
+        self.log.info("snapshot_taken", index=index, term=term, bytes=len(data))
+        return index
+
+    def _save_snapshot(self, snap: Snapshot) -> None:
+        self._snapshots.save(snap)
+        self._log_store.compact(snap.meta.index, snap.meta.term)
+
+
+__all__ = ["PEER_PATH", "NodeConfig", "PeerTransport", "RaftNode", "StateMachine"]

@@ -1,0 +1,32 @@
+"""Public test tooling: a deterministic Raft cluster simulator and a linearizability checker.
+
+* :mod:`dsys.testing.sim` - :class:`SimNetwork`, :func:`run_campaign`.
+* :mod:`dsys.testing.linearizability` - :func:`check`, :class:`KVModel`,
+  :class:`RegisterModel`, :class:`History`, :func:`load_jepsen_history`.
+"""
+
+from __future__ import annotations
+
+from dsys.testing.linearizability import (
+    CheckResult,
+    History,
+    KVModel,
+    Operation,
+    RegisterModel,
+    check,
+    load_jepsen_history,
+)
+from dsys.testing.sim import InvariantViolation, SimNetwork, run_campaign
+
+__all__ = [
+    "CheckResult",
+    "History",
+    "InvariantViolation",
+    "KVModel",
+    "Operation",
+    "RegisterModel",
+    "SimNetwork",
+    "check",
+    "load_jepsen_history",
+    "run_campaign",
+]

@@ -1,0 +1,136 @@
+"""Shared helpers for the kv tests: free ports, in-process clusters, server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import aiohttp
+
+from dsys.kv.server import KVServer, ServerConfig
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports that were free a moment ago."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def cluster_configs(
+    tmp: Path, n: int = 3, *, ports: Sequence[int] | None = None, **kw: object
+) -> list[ServerConfig]:
+    """Configs of an ``n``-node cluster on free loopback ports."""
+    ports = list(ports or free_ports(n))
+    ids = [f"n{i + 1}" for i in range(n)]
+    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
+    return [
+        ServerConfig(
+            id=i,
+            port=p,
+            peers={j: a for j, a in addrs.items() if j != i},
+            data_dir=str(tmp / i),
+            **kw,  # type: ignore[arg-type]
+        )
+        for i, p in zip(ids, ports, strict=True)
+    ]
+
+
+async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVServer:
+    """The leader of an in-process cluster once one is elected and has committed."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        leaders = [s for s in servers if s.node.is_leader]
+        if len(leaders) == 1 and leaders[0].node.applied_index >= 1:
+            return leaders[0]
+        await asyncio.sleep(0.02)
+    raise AssertionError("no leader elected in time")
+
+
+class Proc:
+    """One ``dsys kv serve`` subprocess."""
+
+    def __init__(self, cfg: ServerConfig, *, extra: Sequence[str] = ()) -> None:
+        self.cfg = cfg
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.addr = f"127.0.0.1:{cfg.port}"
+
+    def start(self) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "dsys",
+            "kv",
+            "serve",
+            "--id",
+            self.cfg.id,
+            "--listen",
+            self.addr,
+            "--data-dir",
+            self.cfg.data_dir,
+            *[f"--peer={k}={v}" for k, v in self.cfg.peers.items()],
+            *self.extra,
+        ]
+        Path(self.cfg.data_dir).mkdir(parents=True, exist_ok=True)
+        log = open(Path(self.cfg.data_dir).parent / f"{self.cfg.id}.log", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def kill9(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+async def status(addr: str) -> dict[str, object] | None:
+    """``GET /v1/status`` of ``addr`` or None when it does not answer."""
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s,
+            s.get(f"http://{addr}/v1/status") as r,
+        ):
+            data: dict[str, object] = await r.json()
+            return data
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return None
+
+
+async def wait_proc_leader(procs: Sequence[Proc], limit_s: float = 20.0) -> Proc:
+    """The process that reports itself leader (agreed by the others that answer)."""
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for p in procs:
+            if not p.alive:
+                continue
+            st = await status(p.addr)
+            if st and st.get("role") == "leader":
+                return p
+        await asyncio.sleep(0.05)
+    raise AssertionError("no leader among the processes in time")

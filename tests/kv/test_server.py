@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dsys.errors import ConflictError
+from dsys.kv.client import KVClient
+from dsys.kv.server import KVServer
+
+from .helpers import cluster_configs, wait_leader
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3)]
+    for s in servers:
+        await s.start()
+    try:
+        yield servers
+    finally:
+        for s in servers:
+            await s.close()
+
+
+async def test_http_api_put_get_delete_cas_scan(cluster: list[KVServer]) -> None:
+    leader = await wait_leader(cluster)
+    base = f"http://127.0.0.1:{leader.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"{base}/v1/kv/a/1", data=b"hello") as r:
+            assert r.status == 200
+            rev = (await r.json())["revision"]
+        async with http.get(f"{base}/v1/kv/a/1") as r:
+            assert r.status == 200 and await r.read() == b"hello"
+            assert r.headers["X-Dsys-Revision"] == str(rev)
+        async with http.put(f"{base}/v1/kv/a/1?if_revision=0", data=b"x") as r:
+            assert r.status == 409
+        async with http.put(f"{base}/v1/kv/a/1?if_revision={rev}", data=b"x") as r:
+            assert r.status == 200
+        async with http.put(f"{base}/v1/kv/a/2", data=b"y") as r:
+            assert r.status == 200
+        async with http.get(f"{base}/v1/kv?prefix=a/&limit=10") as r:
+            items = await r.json()
+            assert [i["key"] for i in items] == ["a/1", "a/2"]
+        async with http.delete(f"{base}/v1/kv/a/2") as r:
+            assert r.status == 200
+        async with http.delete(f"{base}/v1/kv/a/2") as r:
+            assert r.status == 404
+        async with http.get(f"{base}/v1/kv/a/2") as r:
+            assert r.status == 404
+        follower = next(s for s in cluster if s is not leader)
+        fbase = f"http://127.0.0.1:{follower.port}"
+        async with http.put(f"{fbase}/v1/kv/z", data=b"1", allow_redirects=False) as r:
+            assert r.status == 307
+            assert r.headers["Location"] == f"{base}/v1/kv/z"
+        async with http.get(f"{fbase}/v1/kv/a/1?consistency=stale") as r:
+            assert r.status in (200, 404)  # a stale read answers locally
+        async with http.get(f"{base}/v1/status") as r:
+            st = await r.json()
+            assert st["role"] == "leader" and st["leader"] == leader.config.id
+        # a retried HTTP write with the same client id + seq applies once
+        hdrs = {"X-Dsys-Client-Id": "curl-1", "X-Dsys-Seq": "1"}
+        async with http.put(f"{base}/v1/kv/once", data=b"1", headers=hdrs) as r:
+            first = (await r.json())["revision"]
+        async with http.put(f"{base}/v1/kv/once", data=b"1", headers=hdrs) as r:
+            assert (await r.json())["revision"] == first
+        async with http.get(f"{base}/v1/kv/once") as r:
+            assert r.headers["X-Dsys-Revision"] == str(first)
+        async with http.put(
+            f"{base}/v1/kv/once", data=b"1", headers={"X-Dsys-Client-Id": "c"}
+        ) as r:
+            assert r.status == 400 and "X-Dsys-Seq" in await r.text()
+
+
+async def test_client_ops_and_many_in_flight(cluster: list[KVServer]) -> None:
+    await wait_leader(cluster)
+    eps = [f"127.0.0.1:{s.port}" for s in cluster]
+    async with KVClient(eps) as kv:
+        revs = await asyncio.gather(*(kv.put(f"k{i:03d}", b"v%d" % i) for i in range(200)))
+        assert sorted(revs) == list(range(min(revs), min(revs) + 200))
+        got = await kv.get("k007")
+        assert got is not None and got.value == b"v7"
+        assert await kv.get("missing") is None
+        rev = await kv.cas("c", b"1", revision=0)
+        with pytest.raises(ConflictError):
+            await kv.cas("c", b"2", revision=0)
+        assert await kv.cas("c", b"2", revision=rev) > rev
+        assert [i.key for i in await kv.scan("k00", limit=3)] == ["k000", "k001", "k002"]
+        assert await kv.delete("c") is not None
+        assert await kv.delete("c") is None
+
+
+async def test_storage_failure_stops_the_server_with_an_error(tmp_path: Path) -> None:
+    from dsys.kv.server import ServerConfig, serve
+
+    started: asyncio.Future[KVServer] = asyncio.get_running_loop().create_future()
+    cfg = ServerConfig(id="solo", data_dir=str(tmp_path / "solo"))
+    task = asyncio.create_task(serve(cfg, on_started=started.set_result))
+    server = await started
+    base = f"http://127.0.0.1:{server.port}"
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):  # a single node elects itself (bounded wait)
+            if server.node.is_leader:
+                break
+            await asyncio.sleep(0.02)
+        async with http.put(f"{base}/v1/kv/a", data=b"1") as r:
+            assert r.status == 200
+
+        def broken_sync() -> None:
+            raise OSError(28, "No space left on device")
+
+        server.wal.sync = broken_sync  # type: ignore[method-assign]
+        try:
+            async with http.put(f"{base}/v1/kv/b", data=b"2") as r:
+                assert r.status >= 500  # never acknowledged
+        except aiohttp.ClientError:
+            pass  # or the server already stopped
+    assert await asyncio.wait_for(task, 10) == 1
+    assert isinstance(server.node.failed, OSError)
