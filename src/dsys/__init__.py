@@ -23,13 +23,13 @@ from dsys.errors import (
     TransportError,
     UnavailableError,
 )
+from dsys.kv.client import KVClient
 from dsys.pubsub import Broker as PubSubBroker
 from dsys.pubsub import Client as PubSubClient
+from dsys.raft import RaftConfig, RaftCore
 from dsys.ratelimit import Decision, Limiter
 from dsys.resilience import Bulkhead, CircuitBreaker, Policy, Retry, Timeout
 from dsys.sharding import BoundedLoadRing, HashRing, RendezvousHash, ShardRouter, jump_hash
-from dsys.kv.client import KVClient
-from dsys.raft import RaftConfig, RaftCore
 
 __all__ = [
     "BadInputError",
@@ -43,17 +43,17 @@ __all__ = [
     "Decision",
     "DsysError",
     "HashRing",
+    "KVClient",
     "Limiter",
     "LoadBalancer",
-    "KVClient",
     "NotLeaderError",
     "Policy",
     "ProtocolError",
     "PubSubBroker",
     "PubSubClient",
-    "RendezvousHash",
     "RaftConfig",
     "RaftCore",
+    "RendezvousHash",
     "RequestTimeout",
     "Retry",
     "ShardRouter",
