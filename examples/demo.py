@@ -6,9 +6,11 @@ real process where a user would run one:
 1. shard routing: plan what moves when a node joins;
 2. pub/sub: a broker process, wildcard subscribers, a queue group of order workers;
 3. rate limiting: three limiter nodes sharing one limit across app instances;
-4. load balancing: a reverse-proxy process (p2c-ewma) over three quote services, one
+4. Raft KV store: a 3-node cluster of processes with write-ahead logs; the leader is
+   killed with SIGKILL mid-run, a new one takes over, no acknowledged write is lost;
+5. load balancing: a reverse-proxy process (p2c-ewma) over three quote services, one
    of them slow, then one killed mid-run;
-5. circuit breaker: calls to a quote service that goes down and comes back.
+6. circuit breaker: calls to a quote service that goes down and comes back.
  Every server started here is stopped at the end, whatever
 happens; the demo stops by itself within a minute.
 """
@@ -18,18 +20,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from dsys.errors import CircuitOpenError
+from dsys.errors import CircuitOpenError, ConflictError
+from dsys.kv import KVClient
 from dsys.observability import configure_logging, start_site
 from dsys.pubsub import Client, Msg
 from dsys.ratelimit import ClusterStore, Limiter
@@ -186,7 +192,65 @@ async def demo_ratelimit() -> None:
             await limiter.close()
 
 
-# -- 4. load balancing --------------------------------------------------------------------
+# -- 4. Raft KV store ---------------------------------------------------------------------
+
+
+async def demo_kv() -> None:
+    ports = [port_near(7101 + i) for i in range(3)]
+    ids = ["n1", "n2", "n3"]
+    addrs = dict(zip(ids, (f"127.0.0.1:{p}" for p in ports), strict=True))
+    say(f"4. Raft KV store: 3 processes ({', '.join(addrs.values())}), fsync on every commit")
+    data = Path(tempfile.mkdtemp(prefix="dsys-demo-kv-"))
+    procs = {}
+    for node, addr in addrs.items():
+        peers = [
+            a
+            for other, peer in addrs.items()
+            if other != node
+            for a in ("--peer", f"{other}={peer}")
+        ]
+        procs[node] = spawn(
+            "kv", "serve", "--id", node, "--listen", addr, "--data-dir", str(data / node), *peers
+        )
+    for addr in addrs.values():
+        await wait_healthy(f"http://{addr}")
+    try:
+        async with KVClient(list(addrs.values())) as kv:
+            for symbol, price in [("INFY", b"1523.50"), ("TCS", b"3410.00")]:
+                rev = await kv.put(f"prices/{symbol}", price)
+                print(f"  put prices/{symbol} = {price.decode()}  -> revision {rev}")
+            rev = await kv.cas("orders/1", b"open", revision=0)
+            print(f"  cas orders/1 (must not exist) -> revision {rev}")
+            try:
+                await kv.cas("orders/1", b"open", revision=0)
+            except ConflictError as exc:
+                print(f"  cas orders/1 again -> ConflictError: {exc}")
+            status = await kv.status(kv.leader)
+            leader = status["leader"]
+            print(f"  leader is {leader} (term {status['term']}); killing it with SIGKILL")
+            os.killpg(procs[leader].pid, signal.SIGKILL)
+            start = time.monotonic()
+            acked = []
+            for i in range(20):
+                await kv.put(f"ticks/{i:02}", b"%d" % i)
+                acked.append(i)
+            status = await kv.status(kv.leader)
+            print(
+                f"  20 more writes acknowledged {time.monotonic() - start:.2f} s after the kill; "
+                f"new leader {status['leader']} (term {status['term']})"
+            )
+            keys = [item.key for item in await kv.scan("ticks/")]
+            got = await kv.get("prices/INFY")
+            assert got is not None
+            print(
+                f"  scan ticks/ -> {len(keys)} keys, all acknowledged writes present: "
+                f"{len(keys) == len(acked)}; prices/INFY = {got.value.decode()}"
+            )
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# -- 5. load balancing --------------------------------------------------------------------
 
 
 async def start_quote_service(name: str, delay: float) -> tuple[web.AppRunner, int]:
@@ -226,7 +290,7 @@ async def demo_balance() -> None:
         await start_quote_service("quotes-c (slow, +50 ms)", 0.050),
     ]
     port = port_near(7301)
-    say(f"4. Load balancing: a proxy process on 127.0.0.1:{port}, strategy p2c-ewma")
+    say(f"5. Load balancing: a proxy process on 127.0.0.1:{port}, strategy p2c-ewma")
     backends = [arg for _, p in services for arg in ("--backend", f"http://127.0.0.1:{p}")]
     spawn("lb", "serve", "--listen", f"127.0.0.1:{port}", "--strategy", "p2c-ewma", *backends)
     await wait_healthy(f"http://127.0.0.1:{port}/_dsys")
@@ -271,7 +335,7 @@ class QuoteServiceDown(Exception):
 
 async def demo_breaker() -> None:
     runner, port = await start_quote_service("quotes", 0.0)
-    say("5. Circuit breaker: the quote service fails, the breaker opens, then recovers")
+    say("6. Circuit breaker: the quote service fails, the breaker opens, then recovers")
     breaker = CircuitBreaker(
         "quotes", failure_rate_threshold=50, window=CountWindow(size=10), minimum_calls=5,
         open_wait=0.5, permitted_calls_in_half_open=2,
@@ -313,6 +377,7 @@ async def demo_breaker() -> None:
 async def amain() -> None:
     await demo_pubsub()
     await demo_ratelimit()
+    await demo_kv()
     await demo_balance()
     await demo_breaker()
 

@@ -18,6 +18,8 @@ def test_demo_runs_end_to_end() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "queue group: {'worker-0': 10, 'worker-1': 10, 'worker-2': 10}" in text
+    assert "cas orders/1 again -> ConflictError" in text
+    assert "all acknowledged writes present: True" in text
     assert "next 200 requests -> statuses {200: 200}" in text
     assert "breaker: closed -> open" in text
     assert "after recovery: {'ok': 10}" in text

@@ -4,3 +4,7 @@
 """
 
 from __future__ import annotations
+
+from dsys.kv.client import GetResult, KVClient, ScanItem
+
+__all__ = ["GetResult", "KVClient", "ScanItem"]
