@@ -222,6 +222,41 @@ async def test_admin_api_lists_drains_adds_and_removes(
     assert "dsys_balance_ejections_total" in text
 
 
+async def test_admin_changes_need_the_admin_token_when_one_is_set(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    a, b = backend("a"), backend("b")
+    lb = proxy([a.url], "--no-health-check", "--admin-token", "s3cret")
+    add = lb.url + "/_dsys/endpoints"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(add, json={"url": b.url}) as resp:
+            assert resp.status == 401
+            assert "admin token" in (await resp.json())["message"]
+        bad = {"Authorization": "Bearer nope"}
+        async with s.post(add, json={"url": b.url}, headers=bad) as resp:
+            assert resp.status == 401
+        good = {"Authorization": "Bearer s3cret"}
+        async with s.post(add, json={"url": b.url}, headers=good) as resp:
+            assert resp.status == 201
+        async with s.get(add) as resp:  # reading needs no token
+            urls = {e["url"] for e in (await resp.json())["endpoints"]}
+    assert urls == {a.url, b.url}
+
+
+@pytest.mark.parametrize(
+    ("remote", "loopback"),
+    [("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("10.0.0.1", False),
+     ("192.168.1.5", False), ("::ffff:8.8.8.8", False), ("", False), (None, False),
+     ("not-an-ip", False)],
+)  # fmt: skip
+def test_without_a_token_only_loopback_clients_may_change_endpoints(
+    remote: str | None, loopback: bool
+) -> None:
+    from dsys.balance.proxy import _is_loopback
+
+    assert _is_loopback(remote) is loopback
+
+
 def _raw(port: int, data: bytes) -> bytes:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(data)

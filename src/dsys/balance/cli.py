@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 from dsys.balance.health import HealthCheckConfig, OutlierConfig
@@ -59,6 +60,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--eject-after", type=int, default=5, help="consecutive errors that eject")
     s.add_argument("--ejection-time", type=float, default=10.0, help="base ejection seconds")
     s.add_argument("--max-ejection-percent", type=float, default=50.0)
+    s.add_argument(
+        "--admin-token",
+        default=os.environ.get("DSYS_LB_ADMIN_TOKEN"),
+        help="bearer token admin changes need (env DSYS_LB_ADMIN_TOKEN); "
+        "without one, only loopback clients may change endpoints",
+    )
     s.add_argument("--no-circuit-breaker", action="store_true")
     s.add_argument("--shutdown-timeout", type=float, default=10.0)
     s.add_argument("--max-connections", type=int, default=512, help="upstream connections")
@@ -98,6 +105,7 @@ def _serve(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         max_connections=args.max_connections,
         admin_prefix=args.admin_prefix,
+        admin_token=args.admin_token or None,
         fast_path=not args.no_fast_path,
     )
     log = get_logger("balance")

@@ -28,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
+import ipaddress
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,6 +104,9 @@ class ProxyConfig:
         client_max_size: largest request body accepted, in bytes (413 beyond).
         shutdown_timeout: seconds in-flight requests get to finish on shutdown.
         admin_prefix: path prefix of the admin API on the proxy port ("" disables).
+        admin_token: when set, admin changes (add, drain, undrain, remove) need
+            ``Authorization: Bearer <token>``; when unset, they are accepted only from
+            loopback clients. Reading (list, ``/healthz``, ``/metrics``) is always open.
         fast_path: serve plain bodiless HTTP/1.1 requests with the callback-based
             fast path (:mod:`dsys.balance.fastpath`); everything else uses aiohttp.
     """
@@ -118,6 +123,7 @@ class ProxyConfig:
     client_max_size: int = 1 << 30
     shutdown_timeout: float = 10.0
     admin_prefix: str = "/_dsys"
+    admin_token: str | None = None
     fast_path: bool = True
 
     def __post_init__(self) -> None:
@@ -131,6 +137,16 @@ class ProxyConfig:
             not self.admin_prefix.startswith("/") or self.admin_prefix.endswith("/")
         ):
             raise ConfigError("admin_prefix must start with '/' and not end with '/'")
+
+
+def _is_loopback(remote: str | None) -> bool:
+    """Whether a peer address (as aiohttp reports it) is on the loopback interface."""
+    if not remote:
+        return False
+    try:
+        return ipaddress.ip_address(remote).is_loopback
+    except ValueError:
+        return False
 
 
 class _UpstreamFailed(Exception):
@@ -201,7 +217,9 @@ class LoadBalancer:
 
     def admin_app(self) -> web.Application:
         """The admin API alone (endpoints, drain, add, ``/healthz``, ``/metrics``)."""
-        admin = web.Application(middlewares=[error_middleware], client_max_size=1 << 20)
+        admin = web.Application(
+            middlewares=[error_middleware, self._admin_guard], client_max_size=1 << 20
+        )
         admin.router.add_get("/endpoints", self._admin_list)
         admin.router.add_post("/endpoints", self._admin_add)
         admin.router.add_post("/endpoints/drain", self._admin_drain)
@@ -566,6 +584,29 @@ class LoadBalancer:
         return client
 
     # ---- admin API ----------------------------------------------------------------
+
+    @web.middleware
+    async def _admin_guard(
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Admin changes need the admin token, or a loopback client when none is set."""
+        if request.method in ("GET", "HEAD"):
+            return await handler(request)
+        token = self.config.admin_token
+        if token is not None:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return json_error(401, "unauthorized", "admin changes need the admin token")
+        elif not _is_loopback(request.remote):
+            return json_error(
+                403,
+                "forbidden",
+                "admin changes are accepted from loopback clients only; "
+                "start the proxy with --admin-token to allow others",
+            )
+        return await handler(request)
 
     async def _admin_list(self, request: web.Request) -> web.Response:
         return web.json_response({"endpoints": self.pool.snapshot()})
