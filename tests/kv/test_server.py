@@ -119,3 +119,42 @@ async def test_storage_failure_stops_the_server_with_an_error(tmp_path: Path) ->
             pass  # or the server already stopped
     assert await asyncio.wait_for(task, 10) == 1
     assert isinstance(server.node.failed, OSError)
+
+
+async def test_snapshot_keeps_the_config_in_effect_at_its_index(tmp_path: Path) -> None:
+    """A snapshot taken while a membership change is still uncommitted stores the old one.
+
+    The core applies a configuration when it is appended (not committed), so ``core.conf``
+    can run ahead of the snapshot index; the snapshot must carry the configuration in
+    effect at its own index, or a restart from it would resurrect an uncommitted change.
+    """
+    from dsys.raft.messages import ConfChange, ConfChangeType
+
+    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3)]
+    for s in servers:
+        await s.start()
+    try:
+        leader = await wait_leader(servers)
+        async with KVClient([f"127.0.0.1:{leader.port}"]) as kv:
+            await kv.put("k", b"v")
+        for s in servers:  # no quorum left: the change below cannot commit
+            if s is not leader:
+                await s.close()
+        change = asyncio.ensure_future(
+            leader.node.propose_conf_change(ConfChange(ConfChangeType.ADD_LEARNER, "n9"))
+        )
+        for _ in range(100):  # until the leader has appended (and so adopted) it
+            await asyncio.sleep(0.01)
+            if "n9" in leader.node.core.conf.learners:
+                break
+        assert "n9" in leader.node.core.conf.learners
+        index = await leader.node.snapshot_now()
+        assert index == leader.node.applied_index
+        snap = leader.node._snapshots.load()  # what a restart would load
+        assert snap is not None and snap.meta.index == index
+        assert "n9" not in snap.meta.conf.learners
+        assert sorted(snap.meta.conf.voters) == ["n1", "n2", "n3"]
+        change.cancel()
+    finally:
+        for s in servers:
+            await s.close()

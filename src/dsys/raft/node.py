@@ -70,7 +70,6 @@ from dsys.raft.messages import (
     Ready,
     Role,
     Snapshot,
-    SnapshotMeta,
     SnapshotRequest,
     decode_conf,
 )
@@ -1041,8 +1040,11 @@ class RaftNode:
         if index <= self.snapshot_index:
             return self.snapshot_index
         data = self.fsm.snapshot()
-        snap = Snapshot(meta=SnapshotMeta(index=index, term=term, conf=self.core.conf), data=data)
         self.core.compact(index, data)
+        # The core's snapshot carries the configuration in effect at ``index``; core.conf
+        # may already be a newer, uncommitted one, which must not be persisted with it.
+        snap = self.core.snapshot
+        assert snap is not None and snap.meta.index == index, "compact made no snapshot"
         self.snapshot_index = index
         async with self._store_lock:
             await asyncio.to_thread(self._save_snapshot, snap)
