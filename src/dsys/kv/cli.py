@@ -30,11 +30,21 @@ from dsys.observability import parse_listen
 
 def register(subparsers: Any) -> None:
     """Add the ``kv`` block and its verbs to the ``dsys`` parser."""
-    kv = subparsers.add_parser("kv", help="Raft-replicated key-value store")
+    kv = subparsers.add_parser(
+        "kv",
+        help="Raft-replicated key-value store",
+        description="Run servers of a Raft-replicated key-value store (or a local cluster) "
+        "and read, write and administer it from the command line.",
+    )
     kv.set_defaults(block_parser=kv)
     verbs = kv.add_subparsers(dest="verb", metavar="<verb>")
 
-    serve = verbs.add_parser("serve", help="run one KV server (a Raft replica)")
+    serve = verbs.add_parser(
+        "serve",
+        help="run one KV server (a Raft replica)",
+        description="Run one KV server: a Raft replica with a write-ahead log in --data-dir, "
+        "the client HTTP API and /v1/ws channel, /healthz and /metrics.",
+    )
     serve.add_argument("--id", required=True, help="this node's id, e.g. n1")
     serve.add_argument("--listen", default="127.0.0.1:7101", help="HOST:PORT to serve on")
     serve.add_argument(
@@ -67,8 +77,15 @@ def register(subparsers: Any) -> None:
     )
     serve.set_defaults(func=_serve)
 
-    member = verbs.add_parser("member", help="membership: list, add (learner), promote, remove")
-    member.add_argument("action", choices=("list", "add", "promote", "remove"))
+    member = verbs.add_parser(
+        "member",
+        help="membership: list, add (learner), promote, remove",
+        description="List the members, add a node as a learner, promote a learner to voter, "
+        "or remove a node (one change at a time).",
+    )
+    member.add_argument(
+        "action", choices=("list", "add", "promote", "remove"), help="what to do"
+    )
     member.add_argument("node_id", nargs="?", help="the member's id")
     member.add_argument("addr", nargs="?", help="HOST:PORT of the new member (for add)")
     member.add_argument(
@@ -79,11 +96,21 @@ def register(subparsers: Any) -> None:
     member.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
     member.set_defaults(func=_member)
 
-    cluster = verbs.add_parser("cluster", help="start a local cluster for trying it out")
+    cluster = verbs.add_parser(
+        "cluster",
+        help="start a local cluster for trying it out",
+        description="Start N local KV servers on consecutive ports (7101.. by default) as "
+        "child processes; Ctrl-C stops them all.",
+    )
     cluster.add_argument("--nodes", type=int, default=3, help="number of nodes (default 3)")
     cluster.add_argument("--base-port", type=int, default=7101, help="first port (default 7101)")
     cluster.add_argument("--data-dir", default=None, help="directory (default: a temp dir)")
-    cluster.add_argument("--fsync", choices=("always", "none"), default="always")
+    cluster.add_argument(
+        "--fsync",
+        choices=("always", "none"),
+        default="always",
+        help="always (default) or none (UNSAFE, for benchmarks)",
+    )
     cluster.set_defaults(func=_cluster)
 
     for name, help_text in (
@@ -92,7 +119,7 @@ def register(subparsers: Any) -> None:
         ("del", "delete a key"),
         ("status", "show each server's status"),
     ):
-        p = verbs.add_parser(name, help=help_text)
+        p = verbs.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
         p.add_argument(
             "--cluster",
             default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
@@ -100,7 +127,7 @@ def register(subparsers: Any) -> None:
         )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
         if name != "status":
-            p.add_argument("key")
+            p.add_argument("key", help="the key (UTF-8 text)")
         if name == "put":
             p.add_argument("value", help="the value (UTF-8 text; '-' reads stdin)")
             p.add_argument("--if-revision", type=int, default=None, help="compare-and-set")
