@@ -10,7 +10,8 @@ import aiohttp
 import msgpack
 import pytest
 
-from dsys.pubsub import Broker, BrokerConfig, Client
+from dsys.errors import ConfigError
+from dsys.pubsub import Broker, BrokerConfig, Client, Permissions
 from dsys.pubsub.core import ConnKind
 
 
@@ -132,3 +133,34 @@ async def test_dial_back_only_to_the_peers_own_address(listen: str) -> None:
         assert kinds(b)[ConnKind.ROUTE_IN] == 1
         assert b._links == {}  # no dial-back to an address the peer does not own
         await ws.close()
+
+
+async def test_client_tokens_without_a_cluster_token_refuse_routes() -> None:
+    """A route may publish anything (rmsg), so with client tokens it needs its own secret:
+    otherwise any client could skip its token and permissions by announcing a route."""
+    tokens = {"reader": Permissions(publish=(), subscribe=("secret.>",))}
+    async with (
+        Broker(BrokerConfig(port=0, tokens=tokens)) as b,
+        Client([f"127.0.0.1:{b.port}"], token="reader") as reader,
+        aiohttp.ClientSession() as session,
+    ):
+        sub = await reader.subscribe("secret.>")
+        ws = await session.ws_connect(f"http://127.0.0.1:{b.port}/v1/ws")
+        hello = {"op": "connect", "route": True, "server_id": "x", "listen": "127.0.0.1:9"}
+        forged = {"op": "rmsg", "subject": "secret.plans", "data": b"forged", "queues": []}
+        await ws.send_bytes(msgpack.packb([hello, forged], use_bin_type=True))
+        m = await asyncio.wait_for(ws.receive(), 5)
+        frame = msgpack.unpackb(m.data)
+        assert frame["op"] == "err" and "cluster token" in frame["reason"]
+        m = await asyncio.wait_for(ws.receive(), 5)
+        assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert kinds(b)[ConnKind.ROUTE_IN] == 0
+        await reader.flush()
+        assert sub.pending() == 0
+
+
+def test_client_tokens_with_routes_need_a_cluster_token() -> None:
+    tokens = {"t": Permissions()}
+    with pytest.raises(ConfigError, match="cluster_token"):
+        BrokerConfig(port=0, tokens=tokens, routes=("127.0.0.1:7202",))
+    BrokerConfig(port=0, tokens=tokens, routes=("127.0.0.1:7202",), cluster_token="s")

@@ -32,7 +32,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "listening on 0.0.0.0)",
     )
     serve.add_argument("--auth", default=None, metavar="FILE", help="JSON token file")
-    serve.add_argument("--cluster-token", default=None, help="secret peers must present")
+    serve.add_argument(
+        "--cluster-token",
+        default=None,
+        help="secret peers must present to open a route (required with --auth and --route)",
+    )
     serve.add_argument("--max-payload", type=int, default=1024 * 1024, help="bytes per message")
     serve.add_argument("--max-subs", type=int, default=10_000, help="subscriptions per connection")
     serve.add_argument(
