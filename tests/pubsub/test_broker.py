@@ -488,3 +488,28 @@ async def test_without_reconnect_a_lost_connection_ends_subscriptions_with_an_er
         assert not c.is_connected
     finally:
         await c.close()
+
+
+async def test_flush_and_subscribe_while_reconnecting_complete_on_the_new_connection() -> None:
+    b1 = Broker(BrokerConfig(port=0))
+    port = await b1.start()
+    c = Client([f"127.0.0.1:{port}"], max_reconnect_wait=0.1)
+    await c.connect()
+    try:
+        await b1.close()
+        for _ in range(200):
+            if not c.is_connected:
+                break
+            await asyncio.sleep(0.01)
+        assert not c.is_connected
+        # Started while no broker listens: their pings must survive the reconnection.
+        flush = asyncio.ensure_future(c.flush(timeout=10))
+        subscribing = asyncio.ensure_future(c.subscribe("late", timeout=10))
+        await asyncio.sleep(0.3)
+        async with Broker(BrokerConfig(port=port)):
+            await flush
+            sub = await subscribing
+            await c.publish("late", b"hello")
+            assert (await sub.next_msg(5)).data == b"hello"
+    finally:
+        await c.close(timeout=1)

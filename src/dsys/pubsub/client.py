@@ -377,9 +377,15 @@ class Client:
                 if self._ws is None:
                     break
                 self.reconnects += 1
-                # _open re-sent every live subscription; queued sub/unsub/ping frames were
-                # for the old connection (their flushes already failed): keep publishes.
-                self._out[:] = [f for f in self._out if f.get("op") == "pub"]
+                # _open re-sent every live subscription; queued sub/unsub frames were for
+                # the old connection: keep publishes, and the pings of flushes started
+                # after the loss (those of earlier flushes failed with it).
+                pings = self._pings
+                self._out[:] = [
+                    f
+                    for f in self._out
+                    if f.get("op") == "pub" or (f.get("op") == "ping" and f.get("id") in pings)
+                ]
                 self._out_bytes = sum(_frame_size(f) for f in self._out)
                 if self._out_bytes < self.max_buffer_bytes:
                     self._space.set()
@@ -404,15 +410,17 @@ class Client:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._connected.clear()
+            # Pings sent on this connection will never be answered. Flushes started from
+            # now on are answered on the next connection: keep their futures apart.
+            lost, self._pings = self._pings, {}
+            for fut in lost.values():
+                if not fut.done():
+                    fut.set_exception(ConnectError("connection lost before the broker answered"))
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), timeout=1.0)
-            for fut in self._pings.values():
-                if not fut.done():
-                    fut.set_exception(ConnectError("connection lost before the broker answered"))
-            self._pings.clear()
 
     async def _reconnect(self) -> aiohttp.ClientWebSocketResponse | None:
         backoff = 0.05
@@ -435,6 +443,10 @@ class Client:
             if not fut.done():
                 fut.set_exception(error or ClosedError("client closed before a reply arrived"))
         self._requests.clear()
+        for ping in self._pings.values():
+            if not ping.done():
+                ping.set_exception(error or ClosedError("client closed before the broker answered"))
+        self._pings.clear()
         self._space.set()
 
     async def _writer(self, ws: aiohttp.ClientWebSocketResponse) -> None:
