@@ -320,3 +320,17 @@ async def test_leases_do_over_admit_by_the_unspent_tokens() -> None:
     spends = await _spend_schedule(events, 6, 5.0, 2)
     at_06 = [c for t, c in spends if t == pytest.approx(100.6)]
     assert sum(at_06) == 11
+
+
+async def test_lease_locks_stay_bounded_while_the_owner_is_down() -> None:
+    # Each key gets a lock serializing its lease requests; when every request fails no
+    # lease is ever stored, and the locks must not pile up (one per key ever seen).
+    store = ClusterStore([f"127.0.0.1:{free_port()}"], lease_size=5, timeout=0.5, max_leases=20)
+    lim = Limiter(rate=5, store=store, on_store_error="open")
+    try:
+        for i in range(200):
+            assert (await lim.hit(f"client-{i}")).allowed
+        assert lim.store_errors == 200
+        assert len(store._locks) <= 20
+    finally:
+        await lim.close()

@@ -71,6 +71,17 @@ class _Lease:
         self.blocked_need = 0
 
 
+class _KeyLock:
+    """Serializes one key's lease requests; ``users`` counts the tasks holding or
+    awaiting it, so it is dropped exactly when no task needs it and no lease exists."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 def _node_url(node: str) -> str:
     if not isinstance(node, str) or not node:
         raise ConfigError(f"node must be 'host:port' or an http:// URL, got {node!r}")
@@ -137,7 +148,8 @@ class ClusterStore:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._leases: dict[tuple[Any, ...], _Lease] = {}
-        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+        # invariant: a key is here only while it has a lease or a task uses its lock
+        self._locks: dict[tuple[Any, ...], _KeyLock] = {}
         self._specs: dict[int, tuple[Policy, list[object]]] = {}
         self.round_trips = 0
         """Requests sent to nodes so far."""
@@ -210,9 +222,25 @@ class ClusterStore:
             if now < lease.blocked_until and cost - lease.tokens >= lease.blocked_need:
                 wait = lease.blocked_until - now
                 return Decision(False, lease.tokens, wait, max(wait, lease.reset_at - now))
-        lock = self._locks.get(lk)
-        if lock is None:
-            lock = self._locks[lk] = asyncio.Lock()
+        key_lock = self._locks.get(lk)
+        if key_lock is None:
+            key_lock = self._locks[lk] = _KeyLock()
+        key_lock.users += 1
+        try:
+            return await self._lease_locked(policy, key, cost, lk, key_lock.lock)
+        finally:
+            key_lock.users -= 1
+            if not key_lock.users and lk not in self._leases and self._locks.get(lk) is key_lock:
+                del self._locks[lk]  # e.g. the request failed: keep no state for the key
+
+    async def _lease_locked(
+        self,
+        policy: TokenBucket,
+        key: str,
+        cost: int,
+        lk: tuple[Any, ...],
+        lock: asyncio.Lock,
+    ) -> Decision:
         async with lock:
             now = self._now()
             lease = self._leases.get(lk)
@@ -248,20 +276,18 @@ class ClusterStore:
 
     def _drop_leases(self, now: float) -> None:
         # Expired leases first; then the oldest half (their tokens are lost, counted).
+        # A key whose lock is in use keeps its lease (and lock): the user ends it.
+        locks = self._locks
         for lk, lease in list(self._leases.items()):
-            if lease.expires <= now and not self._locks[lk].locked():
+            if lease.expires <= now and not locks[lk].users:
                 self.expired_tokens += lease.tokens
                 del self._leases[lk]
-                del self._locks[lk]
+                del locks[lk]
         if len(self._leases) >= self.max_leases:
             for lk in list(self._leases)[: len(self._leases) // 2]:
-                if not self._locks[lk].locked():
+                if not locks[lk].users:
                     self.expired_tokens += self._leases.pop(lk).tokens
-                    del self._locks[lk]
-        # Locks of keys whose lease request failed have no lease: drop the idle ones.
-        for lk in [k for k, lock in self._locks.items() if k not in self._leases]:
-            if not self._locks[lk].locked():
-                del self._locks[lk]
+                    del locks[lk]
 
     async def _call(
         self, policy: Policy, key: str, cost: int, lease: tuple[int, int] | None
