@@ -165,6 +165,8 @@ class CircuitBreaker:
         failure_predicate: further filter on failure exceptions: return False to ignore.
         result_predicate: a returned value for which this returns True counts as a
             failure (e.g. ``lambda r: r.status >= 500``); the value is still returned.
+            A predicate that raises hands the permit back (no outcome is recorded) and
+            its exception propagates to the caller.
         listeners: called on each state transition.
         clock: monotonic time source (default: ``time.monotonic``).
         metrics: a :class:`dsys.observability.Metrics` whose registry receives the
@@ -415,7 +417,12 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _sync_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
-        failed = self._is_failure(exc)  # user predicates run outside the lock
+        try:
+            failed = self._is_failure(exc)  # user predicates run outside the lock
+        except BaseException:
+            with self._lock:
+                self._core.release(permit)  # a predicate failed: no outcome, free the slot
+            raise
         with self._lock:
             self._record(permit, failed, start)
         if self._core.events:
@@ -424,7 +431,12 @@ class CircuitBreaker:
     def _sync_result(self, permit: Permit, result: object, start: float, fast: bool = True) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
-        failed = self._is_bad_result(result)
+        try:
+            failed = self._is_bad_result(result)
+        except BaseException:
+            with self._lock:
+                self._core.release(permit)
+            raise
         with self._lock:
             self._record(permit, failed, start)
         if self._core.events:
@@ -532,7 +544,12 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _async_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
-        self._record(permit, self._is_failure(exc), start)
+        try:
+            failed = self._is_failure(exc)
+        except BaseException:
+            self._core.release(permit)  # a predicate failed: no outcome, free the slot
+            raise
+        self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
@@ -541,7 +558,12 @@ class CircuitBreaker:
     ) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
-        self._record(permit, self._is_bad_result(result), start)
+        try:
+            failed = self._is_bad_result(result)
+        except BaseException:
+            self._core.release(permit)
+            raise
+        self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
