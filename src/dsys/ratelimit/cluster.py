@@ -34,6 +34,7 @@ counts them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.ratelimit.core import Decision, Policy, TokenBucket
-from dsys.ratelimit.server import CONTENT_TYPE, policy_spec
+from dsys.ratelimit.server import CONTENT_TYPE, MAX_KEY_LEN, policy_spec
 from dsys.sharding import HashRing
 
 
@@ -80,6 +81,18 @@ class _KeyLock:
     def __init__(self) -> None:
         self.lock = asyncio.Lock()
         self.users = 0
+
+
+def _wire_key(key: str) -> str:
+    """``key`` as nodes accept it: itself, or a digest if it is empty, longer than
+    ``MAX_KEY_LEN`` or not encodable (lone surrogates from undecodable header bytes)."""
+    if 0 < len(key) <= MAX_KEY_LEN:
+        try:
+            key.encode("utf-8")
+            return key
+        except UnicodeEncodeError:
+            pass
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _node_url(node: str) -> str:
@@ -108,6 +121,10 @@ class ClusterStore:
         token: bearer token the nodes require, if any.
         max_leases: most keys with a local lease; the oldest are dropped beyond it.
         clock: times lease expiry (a :class:`~dsys.clock.ManualClock` in tests).
+
+    Any string is a key: one that nodes would refuse (empty, longer than
+    :data:`~dsys.ratelimit.server.MAX_KEY_LEN` characters, or holding lone surrogates,
+    as undecodable header bytes arrive) is sent as ``"sha256:" + its hex digest``.
 
     Raises:
         ConfigError: no nodes, bad addresses or numbers.
@@ -201,6 +218,8 @@ class ClusterStore:
             ConnectError, RequestTimeout, UnavailableError: the owner node failed.
             BadInputError: the node refused the request as malformed.
         """
+        if not (0 < len(key) <= MAX_KEY_LEN and key.isascii()):
+            key = _wire_key(key)
         if self.lease_size and isinstance(policy, TokenBucket):
             return await self._hit_leased(policy, key, cost)
         decision, _ = await self._call(policy, key, cost, None)
