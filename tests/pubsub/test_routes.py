@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -13,12 +12,7 @@ import pytest
 from dsys.errors import ConfigError
 from dsys.pubsub import Broker, BrokerConfig, Client, Permissions
 from dsys.pubsub.core import ConnKind
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dsys.testing.procs import free_port
 
 
 async def eventually(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
