@@ -127,10 +127,6 @@ class MemoryBreakerStore:
         return self._states.get(name)
 
 
-def _never(now: float) -> bool:
-    return False
-
-
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     if clock is None or type(clock) is MonotonicClock:
         return time.monotonic
@@ -182,6 +178,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "__weakref__",
+        "_buckets",
         "_core",
         "_failure_exceptions",
         "_failure_predicate",
@@ -200,7 +197,6 @@ class CircuitBreaker:
         "_store_poll_interval",
         "_store_version",
         "_timed",
-        "_try_add",
         "name",
     )
 
@@ -280,11 +276,8 @@ class CircuitBreaker:
         collector_for(metrics).breakers.add(self)
         # the lock-free fast path (see "sync" below) needs no result predicate, no store
         self._ring = self._core.ring
-        buckets = self._core.buckets
-        # the time window's fast success recorder, bound once (a count window never uses it)
-        self._try_add: Callable[[float], bool] = (
-            buckets.try_add_success if buckets is not None else _never
-        )
+        # the time window: a success before ``buckets.until`` is ``buckets.fast += 1``
+        self._buckets = self._core.buckets
         self._slow_at = config.slow_call_duration or float("inf")
         if result_predicate is not None or store is not None:
             self._mode = 0
@@ -391,7 +384,9 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if self._try_add(end):
+                buckets = self._buckets
+                if end < buckets.until:  # type: ignore[union-attr]
+                    buckets.fast += 1  # type: ignore[union-attr]
                     return result
             self._sync_result(permit, result, start, fast=False)
             return result
@@ -450,7 +445,10 @@ class CircuitBreaker:
             if self._mode == 2:
                 self._ring.seq += 1  # type: ignore[union-attr]
                 return True
-            return self._try_add(end)
+            buckets = self._buckets
+            if end < buckets.until:  # type: ignore[union-attr]
+                buckets.fast += 1  # type: ignore[union-attr]
+                return True
         return False
 
     def __enter__(self) -> CircuitBreaker:
@@ -519,7 +517,9 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if self._try_add(end):
+                buckets = self._buckets
+                if end < buckets.until:  # type: ignore[union-attr]
+                    buckets.fast += 1  # type: ignore[union-attr]
                     return result
             self._async_result(permit, result, start, fast=False)
             return result
@@ -616,7 +616,7 @@ class CircuitBreaker:
         now = self._now
         timed = self._timed
         slow_at = self._slow_at
-        try_add = self._try_add
+        buckets = self._buckets
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
             async_exception = self._async_exception
@@ -643,7 +643,8 @@ class CircuitBreaker:
                         if mode == 2:
                             ring.seq += 1  # type: ignore[union-attr]
                             return result
-                        if try_add(end):
+                        if end < buckets.until:  # type: ignore[union-attr]
+                            buckets.fast += 1  # type: ignore[union-attr]
                             return result
                     async_result(permit, result, start, fast=False)
                     return result
@@ -675,7 +676,8 @@ class CircuitBreaker:
                     if mode == 2:
                         ring.seq += 1  # type: ignore[union-attr]
                         return result
-                    if try_add(end):
+                    if end < buckets.until:  # type: ignore[union-attr]
+                        buckets.fast += 1  # type: ignore[union-attr]
                         return result
                 sync_result(permit, result, start, fast=False)
                 return result
