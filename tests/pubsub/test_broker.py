@@ -165,6 +165,17 @@ async def test_permissions_per_token() -> None:
                 assert resp.status == 403
 
 
+async def test_request_without_inbox_permission_says_so_instead_of_timing_out() -> None:
+    tokens = {"client": Permissions(subscribe=("svc.>",))}  # no _INBOX.> subscription
+    async with (
+        Broker(BrokerConfig(port=0, tokens=tokens)) as b,
+        Client(addr(b), token="client") as c,
+    ):
+        for _ in range(2):  # the refusal is not remembered as a working inbox
+            with pytest.raises(BadInputError, match="permission denied: subscribe"):
+                await c.request("svc.echo", b"?", timeout=30)
+
+
 async def test_garbage_frames_get_error_frames_and_the_connection_survives(
     broker: Broker,
 ) -> None:

@@ -645,9 +645,17 @@ class Client:
     async def request(self, subject: str, data: bytes = b"", *, timeout: float = 2.0) -> Msg:  # noqa: ASYNC109
         """Publish a request and wait for the first reply.
 
+        The first request subscribes to this client's reply inbox and waits for the
+        broker to confirm it (one round trip).
+
         Raises:
             RequestTimeout: no reply within ``timeout`` seconds.
+            BadInputError: the broker refused the inbox subscription (with tokens,
+                requesters need permission to subscribe to ``_INBOX.>``).
+            ConnectError: the connection was lost while the inbox was being set up.
         """
+        if self._reply_sub is not None and self._reply_sub.closed:
+            self._reply_sub = None  # refused (or ended): subscribe again
         if self._reply_sub is None:
             sub = _ReplySubscription(
                 self,
@@ -660,7 +668,16 @@ class Client:
             )
             self._subs[sub.sid] = sub
             self._reply_sub = sub
-            await self._send(sub._frame())
+            try:
+                await self._send(sub._frame())
+                await self.flush(timeout)
+            except BaseException:
+                self._forget(sub)
+                self._reply_sub = None
+                raise
+            if sub._error is not None:
+                self._reply_sub = None
+                raise sub._error
         reply = f"{self._inbox}.{next(self._req_ids)}"
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._requests[reply] = fut
