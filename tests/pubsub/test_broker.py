@@ -524,3 +524,46 @@ async def test_flush_and_subscribe_while_reconnecting_complete_on_the_new_connec
             assert (await sub.next_msg(5)).data == b"hello"
     finally:
         await c.close(timeout=1)
+
+
+async def test_malformed_frames_from_a_broker_are_skipped_not_fatal() -> None:
+    # A broken or hostile broker: msg frames without subject/data, with a non-bytes
+    # payload or an unhashable sid, then a good message. The client logs the bad ones
+    # (those for a live subscription) and keeps the connection.
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # connect (+ nothing else)
+        info = {"op": "info", "server_id": "fake"}
+        bad = [{"op": "msg", "sid": 1}, {"op": "msg", "sid": 1, "subject": "s", "data": 5}]
+        await ws.send_bytes(msgpack.packb([info, *bad], use_bin_type=True))
+        sub = msgpack.unpackb((await ws.receive()).data)
+        sid = sub["sid"] if isinstance(sub, dict) else sub[0]["sid"]
+        await ws.send_bytes(msgpack.packb({"op": "pong", "id": 1}))
+        frames = [
+            {"op": "msg", "sid": sid},  # no subject, no data
+            {"op": "msg", "sid": [sid]},  # unhashable sid
+            {"op": "msg", "sid": sid, "subject": "s", "data": b"ok"},
+        ]
+        await ws.send_bytes(msgpack.packb(frames, use_bin_type=True))
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with Client([f"127.0.0.1:{port}"], reconnect=False) as c:
+            s = await c.subscribe("s", timeout=5)
+            assert (await s.next_msg(5)).data == b"ok"
+            assert c.is_connected and c.reconnects == 0
+            # the frames sent before the subscription existed were for no one
+            assert sum("malformed frame" in e for e in c.errors) == 2, list(c.errors)
+    finally:
+        await runner.cleanup()

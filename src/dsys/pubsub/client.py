@@ -488,26 +488,38 @@ class Client:
         for f in frames:
             if not isinstance(f, dict):
                 continue
-            op = f.get("op")
-            if op == "msg":
-                sub = subs.get(f.get("sid", -1))
-                if sub is not None:
-                    sub._push(Msg(f["subject"], f["data"], f.get("reply")))
-            elif op == "pong":
-                fut = self._pings.pop(f.get("id", -1), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            elif op == "ping":
-                self._enqueue({"op": "pong", "id": f.get("id")})
-            elif op == "err":
-                reason = str(f.get("reason"))
-                self.errors.append(reason)
-                self.log.warning("broker reported an error", reason=reason, re=f.get("re"))
-                sid = f.get("sid")
-                if f.get("re") == "sub" and isinstance(sid, int):
-                    sub = subs.pop(sid, None)
+            try:
+                op = f.get("op")
+                if op == "msg":
+                    sub = subs.get(f.get("sid", -1))
                     if sub is not None:
-                        sub._close(BadInputError(reason))
+                        subject, data, reply = f.get("subject"), f.get("data"), f.get("reply")
+                        if (
+                            type(subject) is not str
+                            or type(data) is not bytes
+                            or (reply is not None and type(reply) is not str)
+                        ):
+                            raise TypeError("msg needs a str subject and bytes data")
+                        sub._push(Msg(subject, data, reply))
+                elif op == "pong":
+                    fut = self._pings.pop(f.get("id", -1), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif op == "ping":
+                    self._enqueue({"op": "pong", "id": f.get("id")})
+                elif op == "err":
+                    reason = str(f.get("reason"))
+                    self.errors.append(reason)
+                    self.log.warning("broker reported an error", reason=reason, re=f.get("re"))
+                    sid = f.get("sid")
+                    if f.get("re") == "sub" and isinstance(sid, int):
+                        sub = subs.pop(sid, None)
+                        if sub is not None:
+                            sub._close(BadInputError(reason))
+            except TypeError as exc:  # a broken broker (e.g. unhashable ids): skip the frame
+                reason = f"malformed frame from the broker ({exc}): {str(f)[:200]}"
+                self.errors.append(reason)
+                self.log.warning("bad frame from broker", error=reason)
 
     # -- sending -------------------------------------------------------------------
 
