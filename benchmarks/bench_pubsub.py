@@ -20,11 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import platform
-import re
 import shutil
-import socket
 import statistics
 import struct
 import subprocess
@@ -33,81 +30,38 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from dsys.testing.procs import (
+    ServerProcess,
+    free_port,
+    start_dsys,
+    start_redis,
+    stop_process,
+    wait_port,
+)
+
 SUBJECT = "bench.data"
 SUBSCRIBERS = 10
 SIZE = 100
 RATE = 1000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_broker() -> ServerProcess:
+    return start_dsys("pubsub", "serve", "--listen", "127.0.0.1:0")
 
 
-def wait_port(port: int, limit: float = 10.0) -> None:
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-@dataclass
-class Server:
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
-def start_dsys() -> Server:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsys", "pubsub", "serve", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "DSYS_LOG_LEVEL": "warning"},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().decode()
-    m = re.search(r":(\d+)\s*$", line)
-    if not m:
-        proc.kill()
-        raise RuntimeError(f"dsys broker did not start: {line!r}")
-    return Server("dsys", proc, int(m.group(1)))
-
-
-def start_redis() -> Server:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--protected-mode", "yes",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    wait_port(port)
-    return Server("redis", proc, port)
-
-
-def start_nats() -> Server:
+def start_nats() -> ServerProcess:
     port = free_port()
     proc = subprocess.Popen(
         ["nats-server", "-a", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_port(port)
-    return Server("nats", proc, port)
+    try:
+        wait_port(port, proc=proc)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return ServerProcess(proc, port)
 
 
 @dataclass
@@ -298,7 +252,7 @@ def main() -> int:
             print(f"skipping {name}: {binary} is not installed", file=sys.stderr)
         else:
             systems.append(name)
-    starters = {"dsys": start_dsys, "redis": start_redis, "nats": start_nats}
+    starters = {"dsys": start_broker, "redis": start_redis, "nats": start_nats}
     servers = {s: starters[s]() for s in systems}
     results: dict[str, dict[str, list[float]]] = {
         s: {"tput": [], "p50": [], "p99": []} for s in systems

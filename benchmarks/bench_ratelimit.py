@@ -20,15 +20,14 @@ import argparse
 import asyncio
 import os
 import platform
-import select
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+
+from dsys.testing.procs import start_dsys, start_redis
 
 BIG = 10**9  # a limit that never refuses during the benchmark
 
@@ -106,47 +105,13 @@ def bench_inprocess(rounds: int, n: int) -> list[tuple[str, float, str, float]]:
 # -- helpers for servers -----------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
 def limiter_nodes(count: int) -> Iterator[list[str]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        addrs = []
-        for _ in range(count):
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "dsys", "ratelimit", "serve", "--listen", "127.0.0.1:0"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                env={**os.environ, "DSYS_LOG_LEVEL": "warning"},
-            )
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = b""
-            deadline = time.monotonic() + 20
-            while not line.endswith(b"\n") and time.monotonic() < deadline:
-                if select.select([proc.stdout], [], [], 0.2)[0]:
-                    chunk = os.read(proc.stdout.fileno(), 256)
-                    if not chunk:
-                        break
-                    line += chunk
-            if not line.startswith(b"listening on http://"):
-                raise RuntimeError(f"limiter node did not start: {line!r}")
-            addrs.append(line.decode().strip().removeprefix("listening on http://"))
-        yield addrs
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with ExitStack() as stack:
+        yield [
+            stack.enter_context(start_dsys("ratelimit", "serve", "--listen", "127.0.0.1:0")).addr
+            for _ in range(count)
+        ]
 
 
 @contextmanager
@@ -155,26 +120,8 @@ def redis_server() -> Iterator[str | None]:
     if exe is None:
         yield None
         return
-    port = _free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
+    with start_redis(exe) as server:
+        yield server.addr
 
 
 # -- 2. cluster --------------------------------------------------------------------------

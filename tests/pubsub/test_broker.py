@@ -165,6 +165,17 @@ async def test_permissions_per_token() -> None:
                 assert resp.status == 403
 
 
+async def test_request_without_inbox_permission_says_so_instead_of_timing_out() -> None:
+    tokens = {"client": Permissions(subscribe=("svc.>",))}  # no _INBOX.> subscription
+    async with (
+        Broker(BrokerConfig(port=0, tokens=tokens)) as b,
+        Client(addr(b), token="client") as c,
+    ):
+        for _ in range(2):  # the refusal is not remembered as a working inbox
+            with pytest.raises(BadInputError, match="permission denied: subscribe"):
+                await c.request("svc.echo", b"?", timeout=30)
+
+
 async def test_garbage_frames_get_error_frames_and_the_connection_survives(
     broker: Broker,
 ) -> None:
@@ -448,6 +459,15 @@ async def test_mixed_encodings_and_odd_ping_ids_are_answered(broker: Broker, fir
         await ws.close()
 
 
+async def disconnected(c: Client) -> None:
+    """Wait (at most 2 s) until the client noticed its broker went away."""
+    for _ in range(200):
+        if not c.is_connected:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the client did not notice the broker closing")
+
+
 async def test_publishes_are_buffered_bounded_while_disconnected_then_sent() -> None:
     b1 = Broker(BrokerConfig(port=0))
     port = await b1.start()
@@ -456,11 +476,7 @@ async def test_publishes_are_buffered_bounded_while_disconnected_then_sent() -> 
     try:
         s = await c.subscribe("buf")
         await b1.close()
-        for _ in range(200):
-            if not c.is_connected:
-                break
-            await asyncio.sleep(0.01)
-        assert not c.is_connected
+        await disconnected(c)
         sent = 0
         with pytest.raises(TimeoutError):
             for i in range(1000):  # 1 MiB would be needed; the buffer holds 64 KiB
@@ -488,3 +504,67 @@ async def test_without_reconnect_a_lost_connection_ends_subscriptions_with_an_er
         assert not c.is_connected
     finally:
         await c.close()
+
+
+async def test_flush_and_subscribe_while_reconnecting_complete_on_the_new_connection() -> None:
+    b1 = Broker(BrokerConfig(port=0))
+    port = await b1.start()
+    c = Client([f"127.0.0.1:{port}"], max_reconnect_wait=0.1)
+    await c.connect()
+    try:
+        await b1.close()
+        await disconnected(c)
+        # Started while no broker listens: their pings must survive the reconnection.
+        flush = asyncio.ensure_future(c.flush(timeout=10))
+        subscribing = asyncio.ensure_future(c.subscribe("late", timeout=10))
+        await asyncio.sleep(0.3)
+        async with Broker(BrokerConfig(port=port)):
+            await flush
+            sub = await subscribing
+            await c.publish("late", b"hello")
+            assert (await sub.next_msg(5)).data == b"hello"
+    finally:
+        await c.close(timeout=1)
+
+
+async def test_malformed_frames_from_a_broker_are_skipped_not_fatal() -> None:
+    # A broken or hostile broker: msg frames without subject/data, with a non-bytes
+    # payload or an unhashable sid, then a good message. The client logs the bad ones
+    # (those for a live subscription) and keeps the connection.
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.receive()  # connect (+ nothing else)
+        info = {"op": "info", "server_id": "fake"}
+        bad = [{"op": "msg", "sid": 1}, {"op": "msg", "sid": 1, "subject": "s", "data": 5}]
+        await ws.send_bytes(msgpack.packb([info, *bad], use_bin_type=True))
+        sub = msgpack.unpackb((await ws.receive()).data)
+        sid = sub["sid"] if isinstance(sub, dict) else sub[0]["sid"]
+        await ws.send_bytes(msgpack.packb({"op": "pong", "id": 1}))
+        frames = [
+            {"op": "msg", "sid": sid},  # no subject, no data
+            {"op": "msg", "sid": [sid]},  # unhashable sid
+            {"op": "msg", "sid": sid, "subject": "s", "data": b"ok"},
+        ]
+        await ws.send_bytes(msgpack.packb(frames, use_bin_type=True))
+        await ws.receive()
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/v1/ws", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with Client([f"127.0.0.1:{port}"], reconnect=False) as c:
+            s = await c.subscribe("s", timeout=5)
+            assert (await s.next_msg(5)).data == b"ok"
+            assert c.is_connected and c.reconnects == 0
+            # the frames sent before the subscription existed were for no one
+            assert sum("malformed frame" in e for e in c.errors) == 2, list(c.errors)
+    finally:
+        await runner.cleanup()

@@ -3,63 +3,27 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import signal
 import sys
-import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
 
 from dsys.pubsub import Client, Msg, Subscription
+from dsys.testing.procs import ServerProcess, start_dsys
 
-
-@dataclass
-class Proc:
-    proc: asyncio.subprocess.Process
-    port: int
-    log: str
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.port}"
+Proc = ServerProcess
 
 
 async def start_broker(*routes: str) -> Proc:
-    log = tempfile.NamedTemporaryFile(prefix="dsys-pubsub-", suffix=".log", delete=False)  # noqa: SIM115
-    args = [sys.executable, "-m", "dsys", "pubsub", "serve", "--listen", "127.0.0.1:0"]
+    args = ["pubsub", "serve", "--listen", "127.0.0.1:0"]
     for r in routes:
         args += ["--route", r]
-    proc = await asyncio.create_subprocess_exec(
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=log,
-        env={**os.environ, "DSYS_LOG_LEVEL": "info"},
-    )
-    log.close()
-    assert proc.stdout is not None
-    try:
-        line = await asyncio.wait_for(proc.stdout.readline(), 20)
-    except TimeoutError:
-        proc.kill()
-        raise
-    m = re.search(r"listening on [\d.]+:(\d+)", line.decode())
-    assert m, f"unexpected first line {line!r}; see {log.name}"
-    return Proc(proc, int(m.group(1)), log.name)
+    return await asyncio.to_thread(start_dsys, *args, log_level="info", keep_log=True)
 
 
 async def stop(p: Proc) -> None:
-    if p.proc.returncode is None:
-        p.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(p.proc.wait(), 10)
-        except TimeoutError:
-            p.proc.kill()
-            await p.proc.wait()
-    os.unlink(p.log)
+    await asyncio.to_thread(p.stop)
 
 
 async def health(session: aiohttp.ClientSession, p: Proc) -> dict:
@@ -198,7 +162,7 @@ async def test_killed_broker_clients_reconnect_and_resume(cluster: list[Proc]) -
         assert (await watch.next_msg(10)).data == b"before"  # forwarded B -> C
 
         b.proc.kill()
-        await b.proc.wait()
+        await asyncio.to_thread(b.proc.wait)
 
         async def reconnected() -> bool:
             return bool(sub_client.reconnects and pub_client.reconnects)

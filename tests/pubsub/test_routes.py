@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 
 import aiohttp
 import msgpack
 import pytest
 
-from dsys.pubsub import Broker, BrokerConfig, Client
+from dsys.errors import ConfigError
+from dsys.pubsub import Broker, BrokerConfig, Client, Permissions
 from dsys.pubsub.core import ConnKind
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from dsys.testing.procs import free_port
 
 
 async def eventually(cond: Callable[[], bool | Awaitable[bool]], what: str) -> None:
@@ -105,20 +100,29 @@ async def test_a_route_to_itself_is_dropped() -> None:
         assert kinds(b)[ConnKind.ROUTE_OUT] == 0
 
 
+ROUTE_HELLO = {"op": "connect", "route": True, "server_id": "x", "listen": "127.0.0.1:9"}
+
+
+async def assert_route_refused(
+    session: aiohttp.ClientSession, b: Broker, ops: list[dict[str, object]]
+) -> None:
+    """Announce a route with ``ops``; the broker must answer a cluster-token error and close."""
+    ws = await session.ws_connect(f"http://127.0.0.1:{b.port}/v1/ws")
+    await ws.send_bytes(msgpack.packb(ops, use_bin_type=True))
+    m = await asyncio.wait_for(ws.receive(), 5)
+    frame = msgpack.unpackb(m.data)
+    assert frame["op"] == "err" and "cluster token" in frame["reason"]
+    m = await asyncio.wait_for(ws.receive(), 5)
+    assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+    assert kinds(b)[ConnKind.ROUTE_IN] == 0
+
+
 async def test_route_with_a_wrong_cluster_token_is_refused() -> None:
     async with (
         Broker(BrokerConfig(port=0, cluster_token="s3cret")) as b,
         aiohttp.ClientSession() as session,
     ):
-        ws = await session.ws_connect(f"http://127.0.0.1:{b.port}/v1/ws")
-        hello = {"op": "connect", "route": True, "server_id": "x", "listen": "127.0.0.1:9"}
-        await ws.send_bytes(msgpack.packb({**hello, "token": "guess"}))
-        m = await asyncio.wait_for(ws.receive(), 5)
-        frame = msgpack.unpackb(m.data)
-        assert frame["op"] == "err" and "cluster token" in frame["reason"]
-        m = await asyncio.wait_for(ws.receive(), 5)
-        assert m.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
-        assert kinds(b)[ConnKind.ROUTE_IN] == 0
+        await assert_route_refused(session, b, [{**ROUTE_HELLO, "token": "guess"}])
 
 
 @pytest.mark.parametrize("listen", ["10.1.2.3:7201", "example.invalid:7201", "127.0.0.1:0"])
@@ -132,3 +136,26 @@ async def test_dial_back_only_to_the_peers_own_address(listen: str) -> None:
         assert kinds(b)[ConnKind.ROUTE_IN] == 1
         assert b._links == {}  # no dial-back to an address the peer does not own
         await ws.close()
+
+
+async def test_client_tokens_without_a_cluster_token_refuse_routes() -> None:
+    """A route may publish anything (rmsg), so with client tokens it needs its own secret:
+    otherwise any client could skip its token and permissions by announcing a route."""
+    tokens = {"reader": Permissions(publish=(), subscribe=("secret.>",))}
+    async with (
+        Broker(BrokerConfig(port=0, tokens=tokens)) as b,
+        Client([f"127.0.0.1:{b.port}"], token="reader") as reader,
+        aiohttp.ClientSession() as session,
+    ):
+        sub = await reader.subscribe("secret.>")
+        forged = {"op": "rmsg", "subject": "secret.plans", "data": b"forged", "queues": []}
+        await assert_route_refused(session, b, [ROUTE_HELLO, forged])
+        await reader.flush()
+        assert sub.pending() == 0
+
+
+def test_client_tokens_with_routes_need_a_cluster_token() -> None:
+    tokens = {"t": Permissions()}
+    with pytest.raises(ConfigError, match="cluster_token"):
+        BrokerConfig(port=0, tokens=tokens, routes=("127.0.0.1:7202",))
+    BrokerConfig(port=0, tokens=tokens, routes=("127.0.0.1:7202",), cluster_token="s")

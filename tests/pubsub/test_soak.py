@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import sys
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +11,7 @@ import msgpack
 import pytest
 
 from dsys.pubsub import Client
+from dsys.testing.procs import start_dsys
 
 
 def rss_mib(pid: int) -> float:
@@ -27,16 +25,13 @@ def rss_mib(pid: int) -> float:
 @pytest.mark.timeout(300)
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 async def test_broker_memory_stays_bounded_with_stalled_consumers() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dsys", "pubsub", "serve", "--listen", "127.0.0.1:0",
-        "--max-pending-bytes", str(1024 * 1024),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ, "DSYS_LOG_LEVEL": "error"},
-    )  # fmt: skip
+    server = await asyncio.to_thread(
+        start_dsys,
+        *("pubsub", "serve", "--listen", "127.0.0.1:0", "--max-pending-bytes", str(1024 * 1024)),
+        log_level="error",
+    )
+    proc, port = server.proc, server.port
     try:
-        assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode()
-        port = int(line.rsplit(":", 1)[1])
         addr = [f"127.0.0.1:{port}"]
         async with aiohttp.ClientSession() as session, Client(addr) as pub, Client(addr) as fast:
             stalled = []
@@ -71,10 +66,4 @@ async def test_broker_memory_stays_bounded_with_stalled_consumers() -> None:
             for ws in stalled:
                 await ws.close()
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 10)
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await asyncio.to_thread(server.stop)

@@ -16,16 +16,14 @@ the window that defines the limit.
 from __future__ import annotations
 
 import asyncio
-import os
-import select
-import subprocess
-import sys
+import contextlib
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from dsys.ratelimit import ClusterStore, Limiter
+from dsys.testing.procs import start_dsys
 
 RATE = 200.0  # tokens per second
 BURST = 200  # covers 1 s of client stalls without wasting tokens
@@ -33,49 +31,13 @@ DURATION = 3.0
 CLIENTS = 6
 
 
-def _start_node() -> tuple[subprocess.Popen[bytes], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsys", "ratelimit", "serve", "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "DSYS_LOG_LEVEL": "warning"},
-    )
-    assert proc.stdout is not None
-    deadline = time.monotonic() + 20.0
-    line = b""
-    while time.monotonic() < deadline and not line.endswith(b"\n"):
-        ready, _, _ = select.select([proc.stdout], [], [], 0.2)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 256)
-            if not chunk:
-                break
-            line += chunk
-    if not line.startswith(b"listening on http://"):
-        proc.kill()
-        proc.wait()
-        pytest.fail(f"dsys ratelimit serve did not start: {line!r}")
-    return proc, line.decode().strip().removeprefix("listening on http://")
-
-
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[list[str]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        addrs = []
-        for _ in range(3):
-            proc, addr = _start_node()
-            procs.append(proc)
-            addrs.append(addr)
-        yield addrs
-    finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    with contextlib.ExitStack() as stack:
+        yield [
+            stack.enter_context(start_dsys("ratelimit", "serve", "--listen", "127.0.0.1:0")).addr
+            for _ in range(3)
+        ]
 
 
 async def _hammer(
@@ -161,28 +123,25 @@ async def test_cluster_with_leases_stays_within_the_stated_bound(nodes: list[str
 
 
 async def test_a_dead_owner_only_affects_its_keys() -> None:
-    procs = []
-    try:
-        for _ in range(2):
-            procs.append(_start_node())
-        addrs = [addr for _, addr in procs]
+    with contextlib.ExitStack() as stack:
+        procs = [
+            stack.enter_context(start_dsys("ratelimit", "serve", "--listen", "127.0.0.1:0"))
+            for _ in range(2)
+        ]
+        addrs = [p.addr for p in procs]
         store = ClusterStore(addrs, timeout=2.0)
         lim = Limiter(rate=10, burst=2, store=store, on_store_error="closed")
         keys = {store.owner(f"user{i}"): f"user{i}" for i in range(50)}
         alive_key, dead_key = keys[addrs[0]], keys[addrs[1]]
         assert (await lim.hit(dead_key)).allowed
-        procs[1][0].kill()
-        procs[1][0].wait()
+        procs[1].proc.kill()
+        procs[1].proc.wait()
         refused = await lim.hit(dead_key)
         assert not refused.allowed and refused.retry_after == 1.0
         assert lim.store_errors == 1
         assert [(await lim.hit(alive_key)).allowed for _ in range(3)] == [True, True, False]
         assert lim.store_errors == 1
         await lim.close()
-    finally:
-        for proc, _ in procs:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.slow

@@ -125,6 +125,13 @@ def test_unknown_key_shortcut() -> None:
         ratelimit_middleware(Limiter(rate=1), key="cookie")
 
 
+@pytest.mark.parametrize("cost", [0, -1, 6, 1.5, True])
+def test_a_cost_that_can_never_pass_is_a_configuration_error(cost: object) -> None:
+    # Found at start-up, not as a 400 (or 500) on every request.
+    with pytest.raises(ConfigError, match="cost"):
+        ratelimit_middleware(Limiter(rate=5), cost=cost)  # type: ignore[arg-type]
+
+
 async def test_three_app_instances_share_one_limit_through_the_cluster() -> None:
     """The tutorial's set-up: 3 limiter nodes, 3 app instances, one limit for a client."""
     from dsys.ratelimit import ClusterStore, LimiterServer

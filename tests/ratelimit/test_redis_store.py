@@ -112,3 +112,14 @@ def test_bad_configuration() -> None:
     lim = Limiter(rate=5, store=RedisStore())
     with pytest.raises(ConfigError, match="hit_sync needs a MemoryStore"):
         lim.hit_sync("k")
+
+
+async def test_keys_with_undecodable_bytes_are_limited(redis_url: str) -> None:
+    # aiohttp hands undecodable header bytes over as lone surrogates.
+    lim = Limiter(rate=1, per=60.0, burst=2, store=RedisStore(redis_url))
+    try:
+        for key in (f"h:\udcff{_key()}", f"\ud800{_key()}"):
+            assert [(await lim.hit(key)).allowed for _ in range(3)] == [True, True, False]
+        assert lim.store_errors == 0
+    finally:
+        await lim.close()

@@ -320,3 +320,39 @@ async def test_leases_do_over_admit_by_the_unspent_tokens() -> None:
     spends = await _spend_schedule(events, 6, 5.0, 2)
     at_06 = [c for t, c in spends if t == pytest.approx(100.6)]
     assert sum(at_06) == 11
+
+
+async def test_lease_locks_stay_bounded_while_the_owner_is_down() -> None:
+    # Each key gets a lock serializing its lease requests; when every request fails no
+    # lease is ever stored, and the locks must not pile up (one per key ever seen).
+    store = ClusterStore([f"127.0.0.1:{free_port()}"], lease_size=5, timeout=0.5, max_leases=20)
+    lim = Limiter(rate=5, store=store, on_store_error="open")
+    try:
+        for i in range(200):
+            assert (await lim.hit(f"client-{i}")).allowed
+        assert lim.store_errors == 200
+        assert len(store._locks) <= 20
+    finally:
+        await lim.close()
+
+
+ODD_KEYS = ["", "x" * 5000, "h:X-Key:\udcff\udcfe", "\ud800", "ü" * 1024]
+
+
+@pytest.mark.parametrize("lease", [0, 3])
+async def test_any_string_key_is_limited_through_the_cluster(lease: int) -> None:
+    # Keys come from clients (headers may hold undecodable bytes, as lone surrogates):
+    # every string is a key, limited like any other, never a node-side 400.
+    server = LimiterServer(clock=ManualClock(5.0))
+    runner, port = await start_site(server.app(), "127.0.0.1", 0)
+    lim = Limiter(
+        rate=1, per=60.0, burst=2, store=ClusterStore([f"127.0.0.1:{port}"], lease_size=lease)
+    )
+    try:
+        for key in ODD_KEYS:
+            assert [(await lim.hit(key)).allowed for _ in range(3)] == [True, True, False], key
+        assert await lim.hit("x" * 5001)  # a different long key has its own bucket
+        assert lim.store_errors == 0
+    finally:
+        await lim.close()
+        await runner.cleanup()

@@ -567,3 +567,57 @@ async def test_a_success_that_reaches_minimum_calls_can_open(mode: str, entry: s
         async with b:
             pass
     assert b.state is BreakerState.OPEN
+
+
+class Reply:
+    def __init__(self, status: int) -> None:
+        self.status = status
+
+
+def status_is_5xx(r: object) -> bool:
+    return r.status >= 500  # type: ignore[attr-defined,no-any-return]  # raises on non-replies
+
+
+def only_boom(exc: BaseException) -> bool:
+    if "odd" in str(exc):
+        raise RuntimeError("predicate bug")
+    return True
+
+
+@pytest.mark.parametrize("entry", ["call", "decorator", "call_async", "async_decorator"])
+async def test_a_raising_predicate_hands_the_half_open_permit_back(entry: str) -> None:
+    clock = ManualClock()
+    b = make(
+        clock,
+        permitted_calls_in_half_open=1,
+        result_predicate=status_is_5xx,
+        failure_predicate=only_boom,
+    )
+    trip_sync(b)
+    clock.advance(10.0)
+
+    def sync_fn(value: object) -> object:
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    async def async_fn(value: object) -> object:
+        return sync_fn(value)
+
+    async def run(value: object) -> object:
+        if entry == "call":
+            return b.call(sync_fn, value)
+        if entry == "decorator":
+            return b(sync_fn)(value)
+        if entry == "call_async":
+            return await b.call_async(async_fn, value)
+        return await b(async_fn)(value)
+
+    with pytest.raises(AttributeError):
+        await run("not a reply")  # the result predicate itself fails
+    with pytest.raises(RuntimeError, match="predicate bug"):
+        await run(Boom("odd"))  # so does the failure predicate
+    assert b.state is BreakerState.HALF_OPEN
+    # the trial slot came back both times: the trial runs and closes the breaker
+    assert isinstance(await run(Reply(200)), Reply)
+    assert b.state is BreakerState.CLOSED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,3 +76,22 @@ def test_count_window_matches_brute_force(size: int, steps: list[int]) -> None:
         assert w.calls == len(live)
         assert w.failures == sum(1 for o in live if o & FAILED)
         assert w.slow == sum(1 for o in live if o & SLOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seconds=st.floats(min_value=1e-3, max_value=1e4),
+    buckets=st.integers(min_value=1, max_value=3600),
+    now=st.floats(min_value=0.0, max_value=1e7),
+    probe=st.floats(min_value=0.0, max_value=1e7),
+)
+def test_fast_path_edge_agrees_with_the_bucket_of_a_time(
+    seconds: float, buckets: int, now: float, probe: float
+) -> None:
+    # The fast path tests `t < until`; it must mean exactly "t is not past the newest
+    # bucket", whatever the float rounding at the bucket's edge.
+    w = TimeBuckets(seconds, buckets)
+    w.add(now, 0)
+    head = w.bucket_of(now)
+    for t in (probe, w.until, math.nextafter(w.until, -math.inf)):
+        assert (t < w.until) == (w.bucket_of(t) <= head), (t, w.until, head)

@@ -41,6 +41,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hmac
 import itertools
 import json
 import uuid
@@ -92,7 +93,9 @@ class BrokerConfig:
         advertise: ``HOST:PORT`` peers should use to dial back; defaults to the bound
             address.
         tokens: token -> permissions; when set, clients must ``connect`` with a token.
-        cluster_token: when set, peers must present it to open a route.
+        cluster_token: when set, peers must present it to open a route. Required for
+            routes when ``tokens`` is set: a route may publish to any subject, so
+            without it any client could bypass its permissions by announcing a route.
         limits: per-connection bounds (payload, subscriptions, pending bytes ...).
         max_frame: largest WebSocket frame accepted, in bytes.
         heartbeat: seconds between WebSocket pings that detect dead peers.
@@ -128,6 +131,11 @@ class BrokerConfig:
             raise ConfigError(f"write_batch must be positive, got {self.write_batch}")
         for route in self.routes:
             parse_listen(route)
+        if self.tokens is not None and self.routes and self.cluster_token is None:
+            raise ConfigError(
+                "a broker with client tokens needs a cluster_token to link with peers "
+                "(routes bypass client permissions)"
+            )
         if self.tokens is not None:
             for token, perms in self.tokens.items():
                 if not isinstance(token, str) or not token:
@@ -544,7 +552,16 @@ class Broker:
         }
         if op.get("route") is True:
             token = self.config.cluster_token
-            if token is not None and op.get("token") != token:
+            if token is None and self.config.tokens is not None:
+                # A route publishes anywhere: with client tokens, routes need a secret too.
+                fx.disconnect[session.conn_id] = (
+                    "authentication failed: routes need a cluster token on this broker"
+                )
+                return
+            if token is not None and not (
+                isinstance(op.get("token"), str)
+                and hmac.compare_digest(op["token"].encode(), token.encode())
+            ):
                 fx.disconnect[session.conn_id] = "authentication failed: bad cluster token"
                 return
             peer_id = op.get("server_id")

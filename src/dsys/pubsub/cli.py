@@ -16,11 +16,21 @@ from dsys.pubsub.core import BrokerLimits, QueueChoice
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dsys pubsub serve|pub|sub``."""
-    block = subparsers.add_parser("pubsub", help="pub/sub broker with wildcard subjects")
+    block = subparsers.add_parser(
+        "pubsub",
+        help="pub/sub broker with wildcard subjects",
+        description="Pub/sub (dsys.pubsub): run a broker (alone or in a cluster), publish "
+        "and subscribe from the shell.",
+    )
     block.set_defaults(block_parser=block)
     verbs = block.add_subparsers(dest="verb", metavar="<verb>")
 
-    serve = verbs.add_parser("serve", help="run a broker")
+    serve = verbs.add_parser(
+        "serve",
+        help="run a broker",
+        description="Run a broker: WebSocket protocol on /v1/ws, POST /v1/publish/SUBJECT, "
+        "/healthz and /metrics, until SIGINT/SIGTERM.",
+    )
     serve.add_argument("--listen", default="127.0.0.1:7201", help="HOST:PORT (default %(default)s)")
     serve.add_argument(
         "--route", action="append", default=[], metavar="HOST:PORT", help="peer broker (repeat)"
@@ -31,31 +41,52 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="HOST:PORT peers use to dial back (default: the bound address; set it when "
         "listening on 0.0.0.0)",
     )
-    serve.add_argument("--auth", default=None, metavar="FILE", help="JSON token file")
-    serve.add_argument("--cluster-token", default=None, help="secret peers must present")
+    serve.add_argument(
+        "--auth",
+        default=None,
+        metavar="FILE",
+        help='JSON token file {"tokens": {TOKEN: {"publish": [...], "subscribe": [...]}}}',
+    )
+    serve.add_argument(
+        "--cluster-token",
+        default=None,
+        help="secret peers must present to open a route (required with --auth and --route)",
+    )
     serve.add_argument("--max-payload", type=int, default=1024 * 1024, help="bytes per message")
     serve.add_argument("--max-subs", type=int, default=10_000, help="subscriptions per connection")
     serve.add_argument(
         "--max-pending-bytes", type=int, default=8 * 1024 * 1024, help="queued bytes per client"
     )
     serve.add_argument(
-        "--queue-choice", choices=[q.value for q in QueueChoice], default="round_robin"
+        "--queue-choice",
+        choices=[q.value for q in QueueChoice],
+        default="round_robin",
+        help="how a queue-group member is picked (default %(default)s)",
     )
     serve.set_defaults(func=_serve)
 
-    pub = verbs.add_parser("pub", help="publish one message")
-    pub.add_argument("subject")
+    pub = verbs.add_parser(
+        "pub",
+        help="publish one message",
+        description="Publish one message to SUBJECT and wait until the broker has it.",
+    )
+    pub.add_argument("subject", help="subject to publish to (no wildcards)")
     pub.add_argument("data", help="payload (UTF-8 text)")
     pub.add_argument("--server", action="append", default=[], help="HOST:PORT (repeatable)")
-    pub.add_argument("--token", default=None)
+    pub.add_argument("--token", default=None, help="token, when the broker uses --auth")
     pub.set_defaults(func=_pub)
 
-    sub = verbs.add_parser("sub", help="print messages of a subject pattern")
-    sub.add_argument("subject")
+    sub = verbs.add_parser(
+        "sub",
+        help="print messages of a subject pattern",
+        description="Subscribe to a subject pattern and print each message as "
+        "'SUBJECT DATA', one per line.",
+    )
+    sub.add_argument("subject", help="subject pattern; * matches a token, > the rest")
     sub.add_argument("--queue", default=None, help="queue group")
     sub.add_argument("--count", type=int, default=0, help="exit after N messages (0: never)")
     sub.add_argument("--server", action="append", default=[], help="HOST:PORT (repeatable)")
-    sub.add_argument("--token", default=None)
+    sub.add_argument("--token", default=None, help="token, when the broker uses --auth")
     sub.set_defaults(func=_sub)
 
 

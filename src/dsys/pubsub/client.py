@@ -377,9 +377,15 @@ class Client:
                 if self._ws is None:
                     break
                 self.reconnects += 1
-                # _open re-sent every live subscription; queued sub/unsub/ping frames were
-                # for the old connection (their flushes already failed): keep publishes.
-                self._out[:] = [f for f in self._out if f.get("op") == "pub"]
+                # _open re-sent every live subscription; queued sub/unsub frames were for
+                # the old connection: keep publishes, and the pings of flushes started
+                # after the loss (those of earlier flushes failed with it).
+                pings = self._pings
+                self._out[:] = [
+                    f
+                    for f in self._out
+                    if f.get("op") == "pub" or (f.get("op") == "ping" and f.get("id") in pings)
+                ]
                 self._out_bytes = sum(_frame_size(f) for f in self._out)
                 if self._out_bytes < self.max_buffer_bytes:
                     self._space.set()
@@ -404,15 +410,17 @@ class Client:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._connected.clear()
+            # Pings sent on this connection will never be answered. Flushes started from
+            # now on are answered on the next connection: keep their futures apart.
+            lost, self._pings = self._pings, {}
+            for fut in lost.values():
+                if not fut.done():
+                    fut.set_exception(ConnectError("connection lost before the broker answered"))
             for task in (reader, writer):
                 task.cancel()
             await asyncio.gather(reader, writer, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(ws.close(), timeout=1.0)
-            for fut in self._pings.values():
-                if not fut.done():
-                    fut.set_exception(ConnectError("connection lost before the broker answered"))
-            self._pings.clear()
 
     async def _reconnect(self) -> aiohttp.ClientWebSocketResponse | None:
         backoff = 0.05
@@ -435,6 +443,10 @@ class Client:
             if not fut.done():
                 fut.set_exception(error or ClosedError("client closed before a reply arrived"))
         self._requests.clear()
+        for ping in self._pings.values():
+            if not ping.done():
+                ping.set_exception(error or ClosedError("client closed before the broker answered"))
+        self._pings.clear()
         self._space.set()
 
     async def _writer(self, ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -476,26 +488,38 @@ class Client:
         for f in frames:
             if not isinstance(f, dict):
                 continue
-            op = f.get("op")
-            if op == "msg":
-                sub = subs.get(f.get("sid", -1))
-                if sub is not None:
-                    sub._push(Msg(f["subject"], f["data"], f.get("reply")))
-            elif op == "pong":
-                fut = self._pings.pop(f.get("id", -1), None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-            elif op == "ping":
-                self._enqueue({"op": "pong", "id": f.get("id")})
-            elif op == "err":
-                reason = str(f.get("reason"))
-                self.errors.append(reason)
-                self.log.warning("broker reported an error", reason=reason, re=f.get("re"))
-                sid = f.get("sid")
-                if f.get("re") == "sub" and isinstance(sid, int):
-                    sub = subs.pop(sid, None)
+            try:
+                op = f.get("op")
+                if op == "msg":
+                    sub = subs.get(f.get("sid", -1))
                     if sub is not None:
-                        sub._close(BadInputError(reason))
+                        subject, data, reply = f.get("subject"), f.get("data"), f.get("reply")
+                        if (
+                            type(subject) is not str
+                            or type(data) is not bytes
+                            or (reply is not None and type(reply) is not str)
+                        ):
+                            raise TypeError("msg needs a str subject and bytes data")
+                        sub._push(Msg(subject, data, reply))
+                elif op == "pong":
+                    fut = self._pings.pop(f.get("id", -1), None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(None)
+                elif op == "ping":
+                    self._enqueue({"op": "pong", "id": f.get("id")})
+                elif op == "err":
+                    reason = str(f.get("reason"))
+                    self.errors.append(reason)
+                    self.log.warning("broker reported an error", reason=reason, re=f.get("re"))
+                    sid = f.get("sid")
+                    if f.get("re") == "sub" and isinstance(sid, int):
+                        sub = subs.pop(sid, None)
+                        if sub is not None:
+                            sub._close(BadInputError(reason))
+            except TypeError as exc:  # a broken broker (e.g. unhashable ids): skip the frame
+                reason = f"malformed frame from the broker ({exc}): {str(f)[:200]}"
+                self.errors.append(reason)
+                self.log.warning("bad frame from broker", error=reason)
 
     # -- sending -------------------------------------------------------------------
 
@@ -633,9 +657,17 @@ class Client:
     async def request(self, subject: str, data: bytes = b"", *, timeout: float = 2.0) -> Msg:  # noqa: ASYNC109
         """Publish a request and wait for the first reply.
 
+        The first request subscribes to this client's reply inbox and waits for the
+        broker to confirm it (one round trip).
+
         Raises:
             RequestTimeout: no reply within ``timeout`` seconds.
+            BadInputError: the broker refused the inbox subscription (with tokens,
+                requesters need permission to subscribe to ``_INBOX.>``).
+            ConnectError: the connection was lost while the inbox was being set up.
         """
+        if self._reply_sub is not None and self._reply_sub.closed:
+            self._reply_sub = None  # refused (or ended): subscribe again
         if self._reply_sub is None:
             sub = _ReplySubscription(
                 self,
@@ -648,7 +680,16 @@ class Client:
             )
             self._subs[sub.sid] = sub
             self._reply_sub = sub
-            await self._send(sub._frame())
+            try:
+                await self._send(sub._frame())
+                await self.flush(timeout)
+            except BaseException:
+                self._forget(sub)
+                self._reply_sub = None
+                raise
+            if sub._error is not None:
+                self._reply_sub = None
+                raise sub._error
         reply = f"{self._inbox}.{next(self._req_ids)}"
         fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
         self._requests[reply] = fut

@@ -27,11 +27,21 @@ REFUSED_EXIT = 3
 
 def register(subparsers: Any) -> None:
     """Add ``ratelimit serve`` and ``ratelimit check`` to the ``dsys`` parser."""
-    parser = subparsers.add_parser("ratelimit", help="rate limiting: limiter nodes, checks")
+    parser = subparsers.add_parser(
+        "ratelimit",
+        help="rate limiting: limiter nodes, checks",
+        description="Rate limiting (dsys.ratelimit): run a limiter node for ClusterStore "
+        "clients, or ask any store for decisions.",
+    )
     parser.set_defaults(block_parser=parser)
     verbs = parser.add_subparsers(dest="verb", metavar="<verb>")
 
-    serve = verbs.add_parser("serve", help="run a limiter node for ClusterStore clients")
+    serve = verbs.add_parser(
+        "serve",
+        help="run a limiter node for ClusterStore clients",
+        description="Run a limiter node: POST /v1/hit (msgpack), /healthz and /metrics, "
+        "until SIGINT/SIGTERM; prints 'listening on http://HOST:PORT' once bound.",
+    )
     serve.add_argument("--listen", default="127.0.0.1:7401", help="HOST:PORT (default %(default)s)")
     serve.add_argument(
         "--token",
@@ -42,22 +52,30 @@ def register(subparsers: Any) -> None:
     serve.add_argument("--max-body", type=int, default=64 * 1024, help="largest body, bytes")
     serve.set_defaults(func=_serve)
 
-    check = verbs.add_parser("check", help="send hits for a key and print the decisions")
-    check.add_argument("key")
+    check = verbs.add_parser(
+        "check",
+        help="send hits for a key and print the decisions",
+        description="Send --count hits for KEY through a store and print one JSON decision "
+        "per line; exit 0 when the last was allowed, 3 when refused.",
+    )
+    check.add_argument("key", help="the key to spend tokens for")
     check.add_argument(
         "--store",
         default="memory://",
         help="memory://, redis://HOST:PORT/DB or dsys://HOST:PORT,...",
     )
     check.add_argument("--rate", type=float, required=True, help="tokens per --per seconds")
-    check.add_argument("--per", type=float, default=1.0)
-    check.add_argument("--burst", type=int, default=None)
-    check.add_argument("--cost", type=int, default=1)
+    check.add_argument("--per", type=float, default=1.0, help="period in seconds (default 1)")
+    check.add_argument(
+        "--burst", type=int, default=None, help="token-bucket capacity (default: ceil(rate))"
+    )
+    check.add_argument("--cost", type=int, default=1, help="tokens per hit (default 1)")
     check.add_argument("--count", type=int, default=1, help="hits to send (1..100000)")
     check.add_argument(
         "--algorithm",
         default="token_bucket",
         choices=["token_bucket", "sliding_window", "fixed_window"],
+        help="limiting algorithm (default %(default)s)",
     )
     check.set_defaults(func=_check)
 

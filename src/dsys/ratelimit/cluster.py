@@ -34,6 +34,7 @@ counts them.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -54,7 +55,7 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.ratelimit.core import Decision, Policy, TokenBucket
-from dsys.ratelimit.server import CONTENT_TYPE, policy_spec
+from dsys.ratelimit.server import CONTENT_TYPE, MAX_KEY_LEN, policy_spec
 from dsys.sharding import HashRing
 
 
@@ -69,6 +70,29 @@ class _Lease:
         # (clients only ever take tokens), so refuse such requests locally until then.
         self.blocked_until = 0.0
         self.blocked_need = 0
+
+
+class _KeyLock:
+    """Serializes one key's lease requests; ``users`` counts the tasks holding or
+    awaiting it, so it is dropped exactly when no task needs it and no lease exists."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
+def _wire_key(key: str) -> str:
+    """``key`` as nodes accept it: itself, or a digest if it is empty, longer than
+    ``MAX_KEY_LEN`` or not encodable (lone surrogates from undecodable header bytes)."""
+    if 0 < len(key) <= MAX_KEY_LEN:
+        try:
+            key.encode("utf-8")
+            return key
+        except UnicodeEncodeError:
+            pass
+    return "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _node_url(node: str) -> str:
@@ -97,6 +121,10 @@ class ClusterStore:
         token: bearer token the nodes require, if any.
         max_leases: most keys with a local lease; the oldest are dropped beyond it.
         clock: times lease expiry (a :class:`~dsys.clock.ManualClock` in tests).
+
+    Any string is a key: one that nodes would refuse (empty, longer than
+    :data:`~dsys.ratelimit.server.MAX_KEY_LEN` characters, or holding lone surrogates,
+    as undecodable header bytes arrive) is sent as ``"sha256:" + its hex digest``.
 
     Raises:
         ConfigError: no nodes, bad addresses or numbers.
@@ -137,7 +165,8 @@ class ClusterStore:
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
         self._leases: dict[tuple[Any, ...], _Lease] = {}
-        self._locks: dict[tuple[Any, ...], asyncio.Lock] = {}
+        # invariant: a key is here only while it has a lease or a task uses its lock
+        self._locks: dict[tuple[Any, ...], _KeyLock] = {}
         self._specs: dict[int, tuple[Policy, list[object]]] = {}
         self.round_trips = 0
         """Requests sent to nodes so far."""
@@ -189,6 +218,8 @@ class ClusterStore:
             ConnectError, RequestTimeout, UnavailableError: the owner node failed.
             BadInputError: the node refused the request as malformed.
         """
+        if not (0 < len(key) <= MAX_KEY_LEN and key.isascii()):
+            key = _wire_key(key)
         if self.lease_size and isinstance(policy, TokenBucket):
             return await self._hit_leased(policy, key, cost)
         decision, _ = await self._call(policy, key, cost, None)
@@ -210,9 +241,25 @@ class ClusterStore:
             if now < lease.blocked_until and cost - lease.tokens >= lease.blocked_need:
                 wait = lease.blocked_until - now
                 return Decision(False, lease.tokens, wait, max(wait, lease.reset_at - now))
-        lock = self._locks.get(lk)
-        if lock is None:
-            lock = self._locks[lk] = asyncio.Lock()
+        key_lock = self._locks.get(lk)
+        if key_lock is None:
+            key_lock = self._locks[lk] = _KeyLock()
+        key_lock.users += 1
+        try:
+            return await self._lease_locked(policy, key, cost, lk, key_lock.lock)
+        finally:
+            key_lock.users -= 1
+            if not key_lock.users and lk not in self._leases and self._locks.get(lk) is key_lock:
+                del self._locks[lk]  # e.g. the request failed: keep no state for the key
+
+    async def _lease_locked(
+        self,
+        policy: TokenBucket,
+        key: str,
+        cost: int,
+        lk: tuple[Any, ...],
+        lock: asyncio.Lock,
+    ) -> Decision:
         async with lock:
             now = self._now()
             lease = self._leases.get(lk)
@@ -248,20 +295,18 @@ class ClusterStore:
 
     def _drop_leases(self, now: float) -> None:
         # Expired leases first; then the oldest half (their tokens are lost, counted).
+        # A key whose lock is in use keeps its lease (and lock): the user ends it.
+        locks = self._locks
         for lk, lease in list(self._leases.items()):
-            if lease.expires <= now and not self._locks[lk].locked():
+            if lease.expires <= now and not locks[lk].users:
                 self.expired_tokens += lease.tokens
                 del self._leases[lk]
-                del self._locks[lk]
+                del locks[lk]
         if len(self._leases) >= self.max_leases:
             for lk in list(self._leases)[: len(self._leases) // 2]:
-                if not self._locks[lk].locked():
+                if not locks[lk].users:
                     self.expired_tokens += self._leases.pop(lk).tokens
-                    del self._locks[lk]
-        # Locks of keys whose lease request failed have no lease: drop the idle ones.
-        for lk in [k for k, lock in self._locks.items() if k not in self._leases]:
-            if not self._locks[lk].locked():
-                del self._locks[lk]
+                    del locks[lk]
 
     async def _call(
         self, policy: Policy, key: str, cost: int, lease: tuple[int, int] | None

@@ -25,8 +25,8 @@ from collections.abc import Awaitable, Callable, Collection
 
 from aiohttp import web
 
-from dsys.errors import ConfigError
-from dsys.ratelimit.core import Decision
+from dsys.errors import BadInputError, ConfigError
+from dsys.ratelimit.core import Decision, check_cost
 from dsys.ratelimit.limiter import Limiter
 
 KeyFunc = Callable[[web.Request], "str | Awaitable[str | None] | None"]
@@ -97,9 +97,14 @@ def ratelimit_middleware(
         exempt: paths never limited (health checks and metrics by default).
 
     Raises:
-        ConfigError: an unknown ``key`` shortcut.
+        ConfigError: an unknown ``key`` shortcut, or a ``cost`` that is not an integer
+            in ``1..limiter.limit``.
     """
     key_func = _resolve_key(key)
+    try:
+        check_cost(cost, limiter.limit)
+    except BadInputError as exc:
+        raise ConfigError(f"ratelimit_middleware: {exc}") from None
     exempt_paths = frozenset(exempt)
 
     @web.middleware

@@ -117,7 +117,9 @@ class RedisStore:
         if cached is None or cached[0] is not policy:
             cached = (policy, repr(policy.interval), repr(policy.tolerance))
             self._policy_args[id(policy)] = cached
-        full_key = self.prefix + key
+        text_key = self.prefix + key
+        # Lone surrogates (undecodable header bytes) are keys too: encode them ourselves.
+        full_key = text_key if text_key.isascii() else text_key.encode("utf-8", "surrogatepass")
         exc_mod = self._exc
         try:
             sha = self._sha or await self._load()

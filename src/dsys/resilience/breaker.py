@@ -127,10 +127,6 @@ class MemoryBreakerStore:
         return self._states.get(name)
 
 
-def _never(now: float) -> bool:
-    return False
-
-
 def _clock_reader(clock: Clock | None) -> Callable[[], float]:
     if clock is None or type(clock) is MonotonicClock:
         return time.monotonic
@@ -165,6 +161,8 @@ class CircuitBreaker:
         failure_predicate: further filter on failure exceptions: return False to ignore.
         result_predicate: a returned value for which this returns True counts as a
             failure (e.g. ``lambda r: r.status >= 500``); the value is still returned.
+            A predicate that raises hands the permit back (no outcome is recorded) and
+            its exception propagates to the caller.
         listeners: called on each state transition.
         clock: monotonic time source (default: ``time.monotonic``).
         metrics: a :class:`dsys.observability.Metrics` whose registry receives the
@@ -180,6 +178,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "__weakref__",
+        "_buckets",
         "_core",
         "_failure_exceptions",
         "_failure_predicate",
@@ -198,7 +197,6 @@ class CircuitBreaker:
         "_store_poll_interval",
         "_store_version",
         "_timed",
-        "_try_add",
         "name",
     )
 
@@ -278,11 +276,8 @@ class CircuitBreaker:
         collector_for(metrics).breakers.add(self)
         # the lock-free fast path (see "sync" below) needs no result predicate, no store
         self._ring = self._core.ring
-        buckets = self._core.buckets
-        # the time window's fast success recorder, bound once (a count window never uses it)
-        self._try_add: Callable[[float], bool] = (
-            buckets.try_add_success if buckets is not None else _never
-        )
+        # the time window: a success before ``buckets.until`` is ``buckets.fast += 1``
+        self._buckets = self._core.buckets
         self._slow_at = config.slow_call_duration or float("inf")
         if result_predicate is not None or store is not None:
             self._mode = 0
@@ -389,7 +384,9 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if self._try_add(end):
+                buckets = self._buckets
+                if end < buckets.until:  # type: ignore[union-attr]
+                    buckets.fast += 1  # type: ignore[union-attr]
                     return result
             self._sync_result(permit, result, start, fast=False)
             return result
@@ -415,7 +412,12 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _sync_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
-        failed = self._is_failure(exc)  # user predicates run outside the lock
+        try:
+            failed = self._is_failure(exc)  # user predicates run outside the lock
+        except BaseException:
+            with self._lock:
+                self._core.release(permit)  # a predicate failed: no outcome, free the slot
+            raise
         with self._lock:
             self._record(permit, failed, start)
         if self._core.events:
@@ -424,7 +426,12 @@ class CircuitBreaker:
     def _sync_result(self, permit: Permit, result: object, start: float, fast: bool = True) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
-        failed = self._is_bad_result(result)
+        try:
+            failed = self._is_bad_result(result)
+        except BaseException:
+            with self._lock:
+                self._core.release(permit)
+            raise
         with self._lock:
             self._record(permit, failed, start)
         if self._core.events:
@@ -438,7 +445,10 @@ class CircuitBreaker:
             if self._mode == 2:
                 self._ring.seq += 1  # type: ignore[union-attr]
                 return True
-            return self._try_add(end)
+            buckets = self._buckets
+            if end < buckets.until:  # type: ignore[union-attr]
+                buckets.fast += 1  # type: ignore[union-attr]
+                return True
         return False
 
     def __enter__(self) -> CircuitBreaker:
@@ -507,7 +517,9 @@ class CircuitBreaker:
                 if mode == 2:
                     self._ring.seq += 1  # type: ignore[union-attr]
                     return result
-                if self._try_add(end):
+                buckets = self._buckets
+                if end < buckets.until:  # type: ignore[union-attr]
+                    buckets.fast += 1  # type: ignore[union-attr]
                     return result
             self._async_result(permit, result, start, fast=False)
             return result
@@ -532,7 +544,12 @@ class CircuitBreaker:
         return permit, (self._now() if self._timed else 0.0)  # type: ignore[return-value]
 
     def _async_exception(self, permit: Permit, exc: BaseException, start: float) -> None:
-        self._record(permit, self._is_failure(exc), start)
+        try:
+            failed = self._is_failure(exc)
+        except BaseException:
+            self._core.release(permit)  # a predicate failed: no outcome, free the slot
+            raise
+        self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
@@ -541,7 +558,12 @@ class CircuitBreaker:
     ) -> None:
         if fast and self._mode >= 2 and self._fast_success(permit, start):
             return
-        self._record(permit, self._is_bad_result(result), start)
+        try:
+            failed = self._is_bad_result(result)
+        except BaseException:
+            self._core.release(permit)
+            raise
+        self._record(permit, failed, start)
         if self._core.events:
             self._emit()
 
@@ -594,7 +616,7 @@ class CircuitBreaker:
         now = self._now
         timed = self._timed
         slow_at = self._slow_at
-        try_add = self._try_add
+        buckets = self._buckets
         if inspect.iscoroutinefunction(fn):
             call_async = self.call_async
             async_exception = self._async_exception
@@ -621,7 +643,8 @@ class CircuitBreaker:
                         if mode == 2:
                             ring.seq += 1  # type: ignore[union-attr]
                             return result
-                        if try_add(end):
+                        if end < buckets.until:  # type: ignore[union-attr]
+                            buckets.fast += 1  # type: ignore[union-attr]
                             return result
                     async_result(permit, result, start, fast=False)
                     return result
@@ -653,7 +676,8 @@ class CircuitBreaker:
                     if mode == 2:
                         ring.seq += 1  # type: ignore[union-attr]
                         return result
-                    if try_add(end):
+                    if end < buckets.until:  # type: ignore[union-attr]
+                        buckets.fast += 1  # type: ignore[union-attr]
                         return result
                 sync_result(permit, result, start, fast=False)
                 return result

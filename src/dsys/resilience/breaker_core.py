@@ -340,6 +340,11 @@ class TimeBuckets:
     at time ``now`` the window holds the calls whose bucket is greater than
     ``now // width - buckets``. A call reported with a time older than the newest bucket
     seen is counted in that newest bucket (time never runs backwards inside the window).
+
+    Fast path. ``until`` is the first time past the newest bucket; a success at a time
+    ``now < until`` may be recorded by ``buckets.fast += 1`` (that is all
+    :meth:`try_add_success` does). Such successes are moved into their bucket when the
+    window next moves on; :attr:`calls` and :attr:`successes` include them.
     """
 
     __slots__ = (
@@ -349,11 +354,13 @@ class TimeBuckets:
         "_n",
         "_slot",
         "_slow",
+        "_successes",
+        "_total",
         "_width",
-        "calls",
         "failures",
+        "fast",
         "slow",
-        "successes",
+        "until",
     )
 
     def __init__(self, seconds: float, buckets: int) -> None:
@@ -364,15 +371,44 @@ class TimeBuckets:
         self._slow = [0] * buckets
         self._head: int | None = None
         self._slot = 0
-        self.calls = 0
+        self._total = 0  # calls in the buckets, not counting ``fast``
+        self._successes = 0
         self.failures = 0
         self.slow = 0
-        self.successes = 0
-        """Successes recorded by :meth:`try_add_success` (lifetime, for metrics)."""
+        self.fast = 0
+        """Successes in the newest bucket not yet moved into it (see the fast path)."""
+        self.until = -math.inf
+        """The first time past the newest bucket (``-inf`` before any call)."""
+
+    @property
+    def calls(self) -> int:
+        """Calls in the window."""
+        return self._total + self.fast
+
+    @property
+    def successes(self) -> int:
+        """Successes recorded on the fast path (lifetime, for metrics)."""
+        return self._successes + self.fast
 
     def bucket_of(self, now: float) -> int:
         """The bucket number of time ``now``."""
         return int(now // self._width)
+
+    def _bucket_end(self, e: int) -> float:
+        # The least float t with t // width > e, so `now < until` agrees exactly with
+        # `now // width <= e` (floor division is monotonic; rounding moves the edge by ulps).
+        width = self._width
+        end = (e + 1) * width
+        for _ in range(64):
+            if end // width > e:
+                break
+            end = math.nextafter(end, math.inf)
+        for _ in range(64):
+            below = math.nextafter(end, -math.inf)
+            if below // width <= e:
+                break
+            end = below
+        return end
 
     def expire(self, now: float) -> None:
         """Drop the buckets that fell out of the window at time ``now``."""
@@ -380,32 +416,40 @@ class TimeBuckets:
         head = self._head
         if head is not None and e <= head:
             return
+        fast = self.fast
+        if fast:
+            # Straight-line code: no thread switch under the GIL between read and reset.
+            self.fast = 0
+            self._calls[self._slot] += fast
+            self._total += fast
+            self._successes += fast
         n = self._n
         if head is None or e - head >= n:
-            if self.calls:
+            if self._total:
                 self._calls = [0] * n
                 self._fails = [0] * n
                 self._slow = [0] * n
-                self.calls = self.failures = self.slow = 0
+                self._total = self.failures = self.slow = 0
         else:
             calls, fails, slow = self._calls, self._fails, self._slow
             for k in range(head + 1, e + 1):
                 j = k % n
                 c = calls[j]
                 if c:
-                    self.calls -= c
+                    self._total -= c
                     self.failures -= fails[j]
                     self.slow -= slow[j]
                     calls[j] = fails[j] = slow[j] = 0
         self._head = e
         self._slot = e % n
+        self.until = self._bucket_end(e)
 
     def add(self, now: float, outcome: int) -> None:
         """Record one call at time ``now`` with outcome bits (``FAILED | SLOW``)."""
         self.expire(now)
         j = self._slot
         self._calls[j] += 1
-        self.calls += 1
+        self._total += 1
         if outcome:
             if outcome & FAILED:
                 self._fails[j] += 1
@@ -420,22 +464,23 @@ class TimeBuckets:
         Nothing expires then, so the failure rate can only fall: no check is needed.
         Returns False (recording nothing) when the bucket moved on.
         """
-        if now // self._width == self._head:
-            self._calls[self._slot] += 1
-            self.calls += 1
-            self.successes += 1
+        if now < self.until:
+            self.fast += 1
             return True
         return False
 
     def clear(self) -> None:
         """Forget every call."""
         n = self._n
+        self._successes += self.fast
+        self.fast = 0
         self._calls = [0] * n
         self._fails = [0] * n
         self._slow = [0] * n
         self._head = None
         self._slot = 0
-        self.calls = self.failures = self.slow = 0
+        self.until = -math.inf
+        self._total = self.failures = self.slow = 0
 
 
 @dataclass(slots=True)
@@ -459,8 +504,9 @@ class BreakerCore:
     predicate) whose permit is still ``core.permit`` may be recorded directly, if
     ``fast`` is still true when it ends: with a count window (``ring`` is not ``None``)
     by ``core.ring.seq += 1``, with a time window by
-    ``core.buckets.try_add_success(now)`` (when it returns False, call
-    :meth:`on_success`). That is all :meth:`on_success` would do, minus the calls.
+    ``core.buckets.try_add_success(now)`` (inlined: ``if now < buckets.until:
+    buckets.fast += 1``; otherwise call :meth:`on_success`). That is all
+    :meth:`on_success` would do, minus the calls.
 
     Args:
         config: the validated configuration.

@@ -183,6 +183,30 @@ class Retry:
             return True
         return left is None or delay < left
 
+    def _retry_delay(
+        self,
+        attempt: int,
+        started: float,
+        previous: float,
+        exc: BaseException | None,
+        result: object,
+        *,
+        deadline: bool,
+    ) -> float | None:
+        """After a failed attempt: the delay before the next one (announced), or ``None``
+        to give up (counted; the exception, if any, gets a note saying why)."""
+        try:
+            delay = self._next_delay(attempt, started, previous, exc)
+            if deadline and not self._deadline_allows(delay):
+                raise _GiveUp("the deadline is too close")
+        except _GiveUp as stop:
+            self.gave_up += 1
+            if exc is not None:
+                exc.add_note(f"dsys Retry gave up after {attempt} attempt(s): {stop}")
+            return None
+        self._announce(attempt, delay, exc, result)
+        return delay
+
     async def call_async(
         self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs
     ) -> R:
@@ -199,29 +223,16 @@ class Retry:
             except Exception as exc:
                 if not self._retryable(exc):
                     raise
-                try:
-                    delay = self._next_delay(attempt, started, previous, exc)
-                    if not self._deadline_allows(delay):
-                        raise _GiveUp("the deadline is too close")
-                except _GiveUp as stop:
-                    self.gave_up += 1
-                    exc.add_note(f"dsys Retry gave up after {attempt} attempt(s): {stop}")
+                delay = self._retry_delay(attempt, started, previous, exc, None, deadline=True)
+                if delay is None:
                     raise exc from None
-                self._announce(attempt, delay, exc, None)
-                await self._sleep(delay)
-                previous = delay
-                continue
-            rr = self.retry_on_result
-            if rr is None or not rr(result):
-                return result
-            try:
-                delay = self._next_delay(attempt, started, previous, None)
-                if not self._deadline_allows(delay):
-                    raise _GiveUp("the deadline is too close")
-            except _GiveUp:
-                self.gave_up += 1
-                return result
-            self._announce(attempt, delay, None, result)
+            else:
+                rr = self.retry_on_result
+                if rr is None or not rr(result):
+                    return result
+                delay = self._retry_delay(attempt, started, previous, None, result, deadline=True)
+                if delay is None:
+                    return result
             await self._sleep(delay)
             previous = delay
 
@@ -239,25 +250,16 @@ class Retry:
             except Exception as exc:
                 if not self._retryable(exc):
                     raise
-                try:
-                    delay = self._next_delay(attempt, started, previous, exc)
-                except _GiveUp as stop:
-                    self.gave_up += 1
-                    exc.add_note(f"dsys Retry gave up after {attempt} attempt(s): {stop}")
+                delay = self._retry_delay(attempt, started, previous, exc, None, deadline=False)
+                if delay is None:
                     raise exc from None
-                self._announce(attempt, delay, exc, None)
-                self._sync_sleep(delay)
-                previous = delay
-                continue
-            rr = self.retry_on_result
-            if rr is None or not rr(result):
-                return result
-            try:
-                delay = self._next_delay(attempt, started, previous, None)
-            except _GiveUp:
-                self.gave_up += 1
-                return result
-            self._announce(attempt, delay, None, result)
+            else:
+                rr = self.retry_on_result
+                if rr is None or not rr(result):
+                    return result
+                delay = self._retry_delay(attempt, started, previous, None, result, deadline=False)
+                if delay is None:
+                    return result
             self._sync_sleep(delay)
             previous = delay
 

@@ -81,7 +81,7 @@ def register(subparsers: Any) -> None:
         help="ring (default), rendezvous (weighted HRW) or jump (bucket index into --nodes)",
     )
     locate.add_argument("--mode", choices=("mmh3", "ketama"), default="mmh3", help="ring layout")
-    locate.add_argument("keys", nargs="+", metavar="KEY")
+    locate.add_argument("keys", nargs="+", metavar="KEY", help="keys to locate")
     locate.set_defaults(func=cmd_locate)
 
     rebalance = verbs.add_parser(

@@ -1,0 +1,31 @@
+"""dsys.testing.procs: the helpers tests and benchmarks use to run server processes."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from dsys.testing.procs import free_port, start_dsys, wait_port
+
+
+def test_start_dsys_serves_until_stopped() -> None:
+    with start_dsys("ratelimit", "serve", "--listen", "127.0.0.1:0", keep_log=True) as node:
+        assert node.port > 0 and node.addr == f"127.0.0.1:{node.port}"
+        with urllib.request.urlopen(f"http://{node.addr}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+        log = node.log
+        assert log is not None
+    assert node.proc.returncode is not None  # stopped on exit
+    with pytest.raises(FileNotFoundError):
+        open(log).close()  # the log went with the server
+
+
+def test_a_server_that_cannot_start_is_reported_and_reaped() -> None:
+    with pytest.raises(RuntimeError, match="did not print its address"):
+        start_dsys("pubsub", "serve", "--listen", "127.0.0.1:99999", timeout=20)
+
+
+def test_wait_port_gives_up_when_nothing_listens() -> None:
+    with pytest.raises(RuntimeError, match="nothing listens"):
+        wait_port(free_port(), timeout=0.3)
