@@ -28,11 +28,20 @@ def _backend(value: str) -> tuple[str, int]:
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``dsys lb ...`` (alias ``dsys balance ...``) to the CLI."""
     lb = subparsers.add_parser(
-        "lb", aliases=["balance"], help="load-balancing HTTP/WebSocket reverse proxy"
+        "lb",
+        aliases=["balance"],
+        help="load-balancing HTTP/WebSocket reverse proxy",
+        description="Run a load-balancing HTTP/1.1 and WebSocket reverse proxy with health "
+        "checks, outlier ejection, circuit breakers and an admin API.",
     )
     lb.set_defaults(block_parser=lb)
     verbs = lb.add_subparsers(dest="verb", metavar="<verb>")
-    s = verbs.add_parser("serve", help="run the reverse proxy")
+    s = verbs.add_parser(
+        "serve",
+        help="run the reverse proxy",
+        description="Proxy requests on --listen to the --backend endpoints with the chosen "
+        "strategy; /_dsys/ (or --admin-listen) serves the admin API, /healthz and /metrics.",
+    )
     s.add_argument("--listen", default="127.0.0.1:7301", help="HOST:PORT (port 0: any)")
     s.add_argument(
         "--backend",
@@ -42,7 +51,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="URL[,weight=N]",
         help="an upstream endpoint, e.g. http://127.0.0.1:9001 (repeat; more via the admin API)",
     )
-    s.add_argument("--strategy", default="p2c-ewma", choices=STRATEGIES)
+    s.add_argument(
+        "--strategy", default="p2c-ewma", choices=STRATEGIES, help="how to pick an endpoint"
+    )
     s.add_argument(
         "--ewma-decay", type=float, default=2.0, help="p2c-ewma: seconds for a peak to fade"
     )
@@ -55,19 +66,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--health-interval", type=float, default=5.0, help="seconds between probes")
     s.add_argument("--no-health-check", action="store_true", help="disable active checks")
     s.add_argument("--max-tries", type=int, default=3, help="tries per request (retries safe)")
-    s.add_argument("--connect-timeout", type=float, default=2.0)
+    s.add_argument(
+        "--connect-timeout", type=float, default=2.0, help="seconds to open an upstream connection"
+    )
     s.add_argument("--timeout", type=float, default=30.0, help="seconds to response headers")
     s.add_argument("--eject-after", type=int, default=5, help="consecutive errors that eject")
     s.add_argument("--ejection-time", type=float, default=10.0, help="base ejection seconds")
-    s.add_argument("--max-ejection-percent", type=float, default=50.0)
+    s.add_argument(
+        "--max-ejection-percent",
+        type=float,
+        default=50.0,
+        help="most endpoints (percent) outlier detection may eject at once",
+    )
     s.add_argument(
         "--admin-token",
         default=os.environ.get("DSYS_LB_ADMIN_TOKEN"),
         help="bearer token admin changes need (env DSYS_LB_ADMIN_TOKEN); "
         "without one, only loopback clients may change endpoints",
     )
-    s.add_argument("--no-circuit-breaker", action="store_true")
-    s.add_argument("--shutdown-timeout", type=float, default=10.0)
+    s.add_argument(
+        "--no-circuit-breaker", action="store_true", help="no per-endpoint circuit breaker"
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get to finish on shutdown",
+    )
     s.add_argument("--max-connections", type=int, default=512, help="upstream connections")
     s.add_argument("--no-fast-path", action="store_true", help="send every request through aiohttp")
     s.add_argument(

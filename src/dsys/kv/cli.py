@@ -83,9 +83,7 @@ def register(subparsers: Any) -> None:
         description="List the members, add a node as a learner, promote a learner to voter, "
         "or remove a node (one change at a time).",
     )
-    member.add_argument(
-        "action", choices=("list", "add", "promote", "remove"), help="what to do"
-    )
+    member.add_argument("action", choices=("list", "add", "promote", "remove"), help="what to do")
     member.add_argument("node_id", nargs="?", help="the member's id")
     member.add_argument("addr", nargs="?", help="HOST:PORT of the new member (for add)")
     member.add_argument(
