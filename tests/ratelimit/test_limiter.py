@@ -111,6 +111,7 @@ async def test_decorator_limits_calls() -> None:
         ({"rate": 5, "burst": 7, "algorithm": "sliding_window"}, "no burst"),
         ({"rate": 5, "store": object()}, "store must be"),
         ({"rate": 5, "name": ""}, "name"),
+        ({"rate": 5, "on_store_error": "closed", "failure_retry_after": 0}, "must be > 0"),
     ],
 )
 def test_bad_limiter_config(kwargs: dict[str, object], match: str) -> None:

@@ -243,6 +243,9 @@ class Limiter:
         for label, value in (("failure_retry_after", failure_retry_after), ("max_wait", max_wait)):
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{label} must be a finite number >= 0, got {value!r}")
+        if on_store_error == "closed" and failure_retry_after == 0:
+            # wait()/acquire() would retry a dead store in a tight loop.
+            raise ConfigError("failure_retry_after must be > 0 when on_store_error='closed'")
         if not isinstance(name, str) or not name:
             raise ConfigError("name must be a non-empty string")
         self.store: Store | MemoryStore = store if store is not None else MemoryStore()
