@@ -244,12 +244,13 @@ class SimNode:
 class SimNetwork:
     """A seeded, deterministic simulated cluster of Raft cores (see the module docs).
 
+    ``election_tick``, ``heartbeat_tick``, ``pre_vote``, ``check_quorum``, ``lease_read``,
+    ``max_entries_per_msg`` and ``max_inflight_msgs`` are passed to every node's
+    :class:`~dsys.raft.RaftConfig` (small message limits exercise more paths).
+
     Args:
         node_ids: the initial voters (3 or 5 are typical).
         seed: seed of the single random generator driving the whole simulation.
-        election_tick / heartbeat_tick / pre_vote / check_quorum / lease_read: passed to
-            every node's :class:`~dsys.raft.RaftConfig`.
-        max_entries_per_msg / max_inflight_msgs: idem (small values exercise more paths).
         max_delay: messages are delayed by 0..max_delay ticks (uniformly).
         trace_limit: how many trace lines to keep for failure reports.
     """
