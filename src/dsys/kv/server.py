@@ -78,7 +78,8 @@ from dsys.observability import (
     start_site,
 )
 from dsys.raft.messages import ConfChange, ConfChangeType
-from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode, wait_future
+from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
+from dsys.raft.timers import expire_after, wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
 MAX_VALUE_BYTES = 1024 * 1024
@@ -201,6 +202,7 @@ class KVServer:
         self._m_latency = self.metrics.histogram(
             "request_seconds", "Client request latency", labels=("op",)
         )
+        self._m_children: dict[tuple[str, int | str], tuple[Any, Any]] = {}
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -313,7 +315,7 @@ class KVServer:
                 self.node.propose_future(encode_command(cmd)), self.config.request_timeout
             )
         except TimeoutError:
-            raise RequestTimeout("write not committed in time; retry with the same seq") from None
+            raise RequestTimeout(_WRITE_TIMEOUT) from None
         except ProposalDroppedError as exc:
             raise UnavailableError(str(exc), retry_after=0.1) from exc
         assert isinstance(result, Result)
@@ -328,8 +330,13 @@ class KVServer:
     # -- HTTP handlers ----------------------------------------------------------------
 
     def _count(self, op: str, status: int | str, started: float) -> None:
-        self._m_requests.labels(op, str(status)).inc()
-        self._m_latency.labels(op).observe(time.perf_counter() - started)
+        key = (op, status)
+        children = self._m_children.get(key)
+        if children is None:  # label lookups are costly: resolve each pair once
+            children = (self._m_requests.labels(op, str(status)), self._m_latency.labels(op))
+            self._m_children[key] = children
+        children[0].inc()
+        children[1].observe(time.perf_counter() - started)
 
     async def handle_put(self, request: web.Request) -> web.Response:
         """``PUT /v1/kv/{key}``: body = value."""
@@ -562,6 +569,10 @@ class KVServer:
                     continue
                 for req in reqs:
                     await sem.acquire()
+                    if isinstance(req, dict) and req.get("op") in _WS_WRITE_OPS:
+                        # the hot path: no task, the proposal's future answers directly
+                        self._ws_write(req, out, sem)
+                        continue
                     t = asyncio.create_task(run(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
@@ -589,22 +600,87 @@ class KVServer:
             except (ConnectionError, RuntimeError):
                 return
 
+    def _ws_write(
+        self, req: dict[str, Any], out: asyncio.Queue[dict[str, Any]], sem: asyncio.Semaphore
+    ) -> None:
+        """Start a WebSocket put/delete; its answer is queued on ``out`` when it is known.
+
+        Same checks and answers as :meth:`_ws_call`, without a task per request: the
+        proposal's future carries the request to its answer (timeouts share one timer per
+        10 ms bucket).
+        """
+        started = time.perf_counter()
+        rid = req.get("id")
+        op = req["op"]
+        if not isinstance(rid, int):
+            out.put_nowait(self._ws_finish(op, _ws_error(None, "bad_request", _NO_ID), started))
+            sem.release()
+            return
+        try:
+            fut = self.node.propose_future(encode_command(self._ws_write_cmd(op, req)))
+        except Exception as exc:
+            out.put_nowait(self._ws_finish(op, self._ws_write_answer(rid, None, exc), started))
+            sem.release()
+            return
+        expire_after(fut, self.config.request_timeout)
+
+        def done(f: asyncio.Future[object]) -> None:
+            sem.release()
+            if f.cancelled():
+                return
+            answer = self._ws_write_answer(
+                rid, f.result() if f.exception() is None else None, f.exception()
+            )
+            out.put_nowait(self._ws_finish(op, answer, started))
+
+        fut.add_done_callback(done)
+
+    def _ws_write_answer(
+        self, rid: int, result: object, exc: BaseException | None
+    ) -> dict[str, Any]:
+        if exc is None:
+            assert isinstance(result, Result)
+            return {
+                "id": rid,
+                "status": result.status,
+                "revision": result.revision,
+                "key_revision": result.key_revision,
+            }
+        if isinstance(exc, NotLeaderError):
+            return self._not_leader_answer(rid, exc)
+        if isinstance(exc, BadInputError):
+            return _ws_error(rid, "bad_request", str(exc))
+        if isinstance(exc, TimeoutError):
+            return _ws_error(rid, "unavailable", _WRITE_TIMEOUT)
+        if isinstance(exc, (ProposalDroppedError, UnavailableError, RequestTimeout, ClosedError)):
+            return _ws_error(rid, "unavailable", str(exc))
+        self.log.error("ws_write_failed", error=repr(exc))
+        return _ws_error(rid, "unavailable", f"write failed: {exc}")
+
+    def _ws_finish(self, op: str, resp: dict[str, Any], started: float) -> dict[str, Any]:
+        resp["node"] = self.config.id
+        self._count(f"ws_{op}", resp["status"], started)
+        return resp
+
+    def _not_leader_answer(self, rid: int, exc: NotLeaderError) -> dict[str, Any]:
+        return {
+            "id": rid,
+            "status": "not_leader",
+            "leader": exc.leader_hint,
+            "leader_addr": self._leader_addr(exc.leader_hint),
+            "message": str(exc),
+        }
+
     async def _ws_call(self, req: Any) -> dict[str, Any]:
         rid = req.get("id") if isinstance(req, dict) else None
         if not isinstance(rid, int):
-            return _ws_error(None, "bad_request", "request needs an integer 'id'")
+            return _ws_error(None, "bad_request", _NO_ID)
         started = time.perf_counter()
         op = req.get("op")
         try:
             resp = await self._ws_dispatch(rid, op, req)
         except NotLeaderError as exc:
-            resp = {
-                "id": rid,
-                "status": "not_leader",
-                "leader": exc.leader_hint,
-                "leader_addr": self._leader_addr(exc.leader_hint),
-                "message": str(exc),
-            }
+            resp = self._not_leader_answer(rid, exc)
         except BadInputError as exc:
             resp = _ws_error(rid, "bad_request", str(exc))
         except (UnavailableError, RequestTimeout, ClosedError) as exc:
@@ -635,20 +711,27 @@ class KVServer:
             if kv is None:
                 return {"id": rid, "status": "not_found"}
             return {"id": rid, "status": "ok", "value": kv.value, "revision": kv.mod_revision}
+        if op not in _WS_WRITE_OPS:
+            raise BadInputError(f"unknown op {op!r}")
+        result = await self.write(self._ws_write_cmd(op, req))
+        return self._ws_write_answer(rid, result, None)
+
+    def _ws_write_cmd(self, op: object, req: dict[str, Any]) -> Put | Delete:
+        """The command of a WebSocket put/del request (BadInputError if malformed)."""
+        key = validate_key(req.get("key"))
         if_revision = req.get("if_revision")
         if if_revision is not None and (not isinstance(if_revision, int) or if_revision < 0):
             raise BadInputError("if_revision must be a non-negative integer")
         cid, seq = req.get("cid", ""), req.get("seq", 0)
         if not isinstance(cid, str) or not isinstance(seq, int) or len(cid) > 128:
             raise BadInputError("cid must be a short string and seq an integer")
-        cmd: Put | Delete
         if op == "put":
             value, ttl = req.get("value"), req.get("ttl_ms", 0)
             if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
                 raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
             if not isinstance(ttl, int) or ttl < 0:
                 raise BadInputError("ttl_ms must be a non-negative integer")
-            cmd = Put(
+            return Put(
                 key=key,
                 value=value,
                 if_revision=if_revision,
@@ -657,20 +740,13 @@ class KVServer:
                 client_id=cid,
                 seq=seq,
             )
-        elif op == "del":
-            cmd = Delete(key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=cid, seq=seq)
-        else:
-            raise BadInputError(f"unknown op {op!r}")
-        result = await self.write(cmd)
-        return {
-            "id": rid,
-            "status": result.status,
-            "revision": result.revision,
-            "key_revision": result.key_revision,
-        }
+        return Delete(key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=cid, seq=seq)
 
 
 _WS_OPS = frozenset({"get", "put", "del", "scan", "status"})
+_WS_WRITE_OPS = frozenset({"put", "del"})
+_NO_ID = "request needs an integer 'id'"
+_WRITE_TIMEOUT = "write not committed in time; retry with the same seq"
 
 
 def _resp_size(resp: dict[str, Any]) -> int:
