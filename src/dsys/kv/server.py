@@ -342,8 +342,10 @@ class KVServer:
         """``PUT /v1/kv/{key}``: body = value."""
         started = time.perf_counter()
         key = validate_key(request.match_info["key"])
-        if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
-        ttl = _opt_int(request.query.get("ttl"), "ttl")
+        if_revision = ttl = None
+        if request.query_string:  # parsing an empty query string still costs
+            if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
+            ttl = _opt_int(request.query.get("ttl"), "ttl")
         if request.content_length is not None and request.content_length > MAX_VALUE_BYTES:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_VALUE_BYTES, actual_size=request.content_length
@@ -391,8 +393,9 @@ class KVServer:
             result = await self.write(cmd)
         except NotLeaderError as exc:
             raise self._redirect_error(exc) from None
-        if result.ok:
-            return web.json_response({"revision": result.revision})
+        if result.ok:  # the bytes json_response({"revision": n}) makes, without json.dumps
+            body = b'{"revision": %d}' % result.revision
+            return web.Response(body=body, content_type="application/json", charset="utf-8")
         if result.status == "conflict":
             return json_error(
                 409,
