@@ -4,7 +4,7 @@ One aiohttp application per node serves, on one ``host:port``:
 
 * the client API (JSON metadata, raw byte values)::
 
-    PUT    /v1/kv/{key}[?if_revision=R][&ttl=SECONDS]  -> 200 {"revision": N} | 409
+    PUT    /v1/kv/{key}[?if_revision=R&ttl=SECONDS]    -> 200 {"revision": N} | 409
     GET    /v1/kv/{key}[?consistency=stale]            -> 200 raw value + X-Dsys-Revision | 404
     DELETE /v1/kv/{key}[?if_revision=R]                -> 200 {"revision": N} | 404 | 409
     GET    /v1/kv?prefix=P&limit=L                     -> 200 [{"key": K, "revision": N}, ...]
@@ -22,7 +22,8 @@ One aiohttp application per node serves, on one ``host:port``:
     POST   /v1/admin/members {"id": ID, "addr": A}  -> add ID as a learner
     POST   /v1/admin/members/{id}/promote           -> make the learner a voter
     DELETE /v1/admin/members/{id}                   -> remove a voter or learner
-* ``POST /raft/v1/msgs`` for peers (see :mod:`dsys.raft.node`),
+* the peer endpoints ``GET /raft/v1/stream`` (WebSocket) and ``POST /raft/v1/msgs``
+  (see :mod:`dsys.raft.node`),
 * ``/healthz`` and ``/metrics``.
 
 The WebSocket channel carries binary msgpack frames; each frame is a *list* of

@@ -16,14 +16,17 @@ The node owns one loop task that is the only code touching the core::
 Group commit falls out of this shape: while one batch is being fsynced, new proposals
 and messages queue up, and the next ``Ready`` carries all of them to the next fsync.
 
-Peers talk over HTTP: :class:`PeerTransport` keeps one bounded queue and one sender task
-per peer; the sender drains everything queued into one ``POST /raft/v1/msgs`` whose body
-is a msgpack list of messages, so many AppendEntries share one request. The receiving
-side (:meth:`RaftNode.handle_peer_request`) checks the optional shared cluster token
-(403 otherwise), refuses unknown peers (403) and malformed or insane messages (400), steps
-the messages and, once the resulting ``Ready`` is persisted, returns its answers to that
-peer (append and vote responses) in the HTTP response body, so a replication round trip
-costs one POST. Answers that are not ready within a second go out in a POST of their own.
+Peers talk over WebSockets: :class:`PeerTransport` keeps one bounded queue, one sender
+task and one persistent WebSocket (``GET /raft/v1/stream``) per peer; the sender drains
+everything queued into one binary frame, a msgpack list of messages, so many
+AppendEntries share one frame, and it never waits for an answer (the peer answers over
+its own connection to us), so AppendEntries are pipelined up to the core's
+``max_inflight_msgs``. The receiving side (:meth:`RaftNode.handle_peer_stream`) checks
+the optional shared cluster token and the peer id before the upgrade (403 otherwise);
+a malformed or insane frame is logged, counted and closes that connection (code 1003)
+while the server stays up. ``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`:
+one batch per request, answers in the response body, 403/400 on bad input) is still
+served.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -258,7 +261,7 @@ class NodeConfig:
         token: shared cluster token required on every peer request (None = none).
         peer_queue: messages queued per peer before new ones are dropped.
         max_batch: messages per peer request.
-        peer_timeout: seconds a peer request may take.
+        peer_timeout: seconds to connect to a peer; also the peer WebSocket heartbeat.
         snapshot_log_bytes: also snapshot once the log store holds more bytes than this.
         join: this node joins an existing cluster (added with a membership change);
             it learns the membership from the leader instead of bootstrapping it.
@@ -291,12 +294,15 @@ class NodeConfig:
 
 
 class PeerTransport:
-    """Sends Raft messages to peers over HTTP, batched and queued per peer.
+    """Sends Raft messages to peers over one WebSocket each, batched and queued per peer.
 
     Args:
         node_id: our id, sent in every request.
         peers: peer id -> ``host:port``.
         token: the cluster token to send, if any.
+        queue_size: messages queued per peer before new ones are dropped.
+        max_batch: messages per frame.
+        timeout: seconds to connect, and the WebSocket heartbeat interval.
     """
 
     def __init__(
@@ -325,8 +331,6 @@ class PeerTransport:
         self._readers: set[asyncio.Task[None]] = set()
         self._heartbeat = timeout
         self.dropped = 0
-        self.on_reply: Callable[[list[Message]], None] | None = None
-        """Receives messages a peer sent back in the body of its HTTP response."""
         self.log = get_logger("raft.transport", node_id=node_id)
 
     async def start(self) -> None:
@@ -429,20 +433,6 @@ class PeerTransport:
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
         return ws
-
-    def _deliver_reply(self, peer: NodeId, body: bytes) -> None:
-        """Hand the messages a peer piggybacked on its HTTP response to ``on_reply``."""
-        try:
-            raw = decode(body, max_size=MAX_PEER_BODY)
-            if not isinstance(raw, list):
-                raise RemoteProtocolError("reply body must be a msgpack list of messages")
-            msgs = [check_message(from_wire(m)) for m in raw]
-        except RemoteProtocolError as exc:
-            self.log.warning("peer_reply_refused", peer=peer, error=str(exc))
-            return
-        good = [m for m in msgs if m.src == peer and m.dst == self.node_id]
-        if good and self.on_reply is not None:
-            self.on_reply(good)
 
     async def close(self) -> None:
         """Stop the senders and close the session."""
@@ -563,7 +553,6 @@ class RaftNode:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
         self.core = self._restore_core()
-        self.transport.on_reply = self._on_reply
 
     # -- construction -----------------------------------------------------------------
 
@@ -891,10 +880,6 @@ class RaftNode:
             return web.Response(status=204)
         body = encode([to_wire(m) for m in replies], max_size=MAX_PEER_BODY)
         return web.Response(body=body, content_type="application/msgpack")
-
-    def _on_reply(self, msgs: list[Message]) -> None:
-        self._inbox.extend(msgs)
-        self._wake.set()
 
     def add_routes(self, app: web.Application) -> None:
         """Add the peer endpoints to ``app``."""
