@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -816,6 +817,10 @@ def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
     return {"id": rid, "status": status, "message": message}
 
 
+GC_THRESHOLDS = (10_000, 20, 50)
+"""``gc.set_threshold`` of a ``dsys kv serve`` process (Python's default is 700, 10, 10)."""
+
+
 async def serve(
     config: ServerConfig, *, on_started: Callable[[KVServer], None] | None = None
 ) -> int:
@@ -828,6 +833,10 @@ async def serve(
         config: the server configuration.
         on_started: called with the running server once it listens.
     """
+    # A server process allocates a few short-lived objects per request and keeps a large
+    # live heap (log, store); collecting the young generation every 700 allocations
+    # costs several percent of CPU for nothing (refcounting frees nearly everything).
+    gc.set_threshold(*GC_THRESHOLDS)
     server = KVServer(config)
     await server.start()
     if on_started is not None:
