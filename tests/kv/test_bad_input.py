@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dsys.kv.client import KVClient
 from dsys.kv.server import MAX_VALUE_BYTES, KVServer
 from dsys.raft.messages import CODEC, Heartbeat
-from dsys.raft.node import FROM_HEADER, PEER_PATH, TOKEN_HEADER
+from dsys.raft.node import FROM_HEADER, PEER_PATH, STREAM_PATH, TOKEN_HEADER
 
 from .helpers import cluster_configs, wait_leader
 
@@ -80,6 +80,79 @@ async def test_random_bytes_to_peer_port_get_4xx(cluster: list[KVServer], junk: 
     assert status in (200, 204, 400)
 
 
+def _refused(server: KVServer) -> float:
+    return server.node._m_refused._value.get()  # type: ignore[attr-defined,no-any-return]
+
+
+async def _expect_refused_frame(ws: aiohttp.ClientWebSocketResponse, word: str) -> None:
+    msg = await ws.receive(timeout=10)
+    assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+    assert ws.close_code == aiohttp.WSCloseCode.UNSUPPORTED_DATA
+    assert word in msg.extra, msg.extra
+
+
+async def test_peer_stream_refuses_bad_peers_and_bad_frames(cluster: list[KVServer]) -> None:
+    leader = await wait_leader(cluster)
+    url = f"http://127.0.0.1:{leader.port}{STREAM_PATH}"
+    src = "n2" if leader.config.id != "n2" else "n1"
+    good = {FROM_HEADER: src, TOKEN_HEADER: TOKEN}
+    hb = Heartbeat(src=src, dst=leader.config.id, term=0, commit=0)
+    body = msgpack.packb([CODEC.to_plain(hb)])
+    before = _refused(leader)
+    async with aiohttp.ClientSession() as http:
+        # token and peer id are checked before the upgrade: a clear 403
+        for headers, word in (
+            ({**good, TOKEN_HEADER: "wrong"}, "token"),
+            ({FROM_HEADER: src}, "token"),
+            ({**good, FROM_HEADER: "intruder"}, "unknown peer"),
+        ):
+            with pytest.raises(aiohttp.WSServerHandshakeError) as err:
+                await http.ws_connect(url, headers=headers)
+            assert err.value.status == 403
+            async with http.get(url, headers=headers) as r:
+                assert r.status == 403 and word in await r.text()
+        spoofed = Heartbeat(src="n3", dst="n9", term=0, commit=0)
+        bad_frames = [
+            (b"\xc1\xff garbage", "malformed"),
+            (msgpack.packb({"t": "raft.nope"}), "malformed"),
+            (msgpack.packb([{"t": "raft.heartbeat", "v": 1}]), "missing field"),
+            (msgpack.packb([["A", src, leader.config.id, 1, 0, 0, 0, "x"]]), "malformed"),
+            (msgpack.packb([CODEC.to_plain(spoofed)]), "src/dst"),
+        ]
+        for frame, word in bad_frames:
+            async with http.ws_connect(url, headers=good) as ws:
+                await ws.send_bytes(body)  # a good frame first: the connection stays open
+                await ws.send_bytes(frame)
+                await _expect_refused_frame(ws, word)
+        async with http.ws_connect(url, headers=good) as ws:
+            await ws.send_str("text")
+            await _expect_refused_frame(ws, "binary")
+    assert _refused(leader) - before == len(bad_frames) + 1
+    assert leader.node.is_leader  # a stale-term heartbeat does not disturb the leader
+    async with KVClient([f"127.0.0.1:{s.port}" for s in cluster]) as kv:
+        await kv.put("after-garbage", b"ok")
+        got = await kv.get("after-garbage")
+        assert got is not None and got.value == b"ok"
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(junk=st.binary(max_size=200))
+async def test_random_frames_on_peer_stream_close_it_cleanly(
+    cluster: list[KVServer], junk: bytes
+) -> None:
+    node = cluster[0]
+    url = f"http://127.0.0.1:{node.port}{STREAM_PATH}"
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url, headers={FROM_HEADER: "n2", TOKEN_HEADER: TOKEN}) as ws:
+            await ws.send_bytes(junk)
+            await ws.send_bytes(b"\xc1")  # refused for sure, if the junk was not
+            await _expect_refused_frame(ws, "malformed")
+        async with http.get(f"http://127.0.0.1:{node.port}/healthz") as r:
+            assert r.status == 200
+
+
 async def test_client_api_bad_requests_and_nothing_lost(cluster: list[KVServer]) -> None:
     leader = await wait_leader(cluster)
     base = f"http://127.0.0.1:{leader.port}"
@@ -111,6 +184,18 @@ async def test_client_api_bad_requests_and_nothing_lost(cluster: list[KVServer])
             await ws.send_bytes(msgpack.packb([{"id": 2, "op": "put", "key": "", "value": b""}]))
             reply = msgpack.unpackb((await ws.receive()).data)
             assert reply[0]["status"] == "bad_request"
+            await ws.send_bytes(msgpack.packb([{"op": "put", "key": "k", "value": 5}]))
+            reply = msgpack.unpackb((await ws.receive()).data)
+            assert reply[0]["status"] == "bad_request" and "'id'" in reply[0]["message"]
+            await ws.send_bytes(msgpack.packb([{"id": 3, "op": "put", "key": "k", "value": 5}]))
+            reply = msgpack.unpackb((await ws.receive()).data)
+            assert reply[0] == {
+                "id": 3,
+                "status": "bad_request",
+                "message": reply[0]["message"],
+                "node": leader.config.id,
+            }
+            assert "value must be bytes" in reply[0]["message"]
             await ws.send_str("text frame")
             reply = msgpack.unpackb((await ws.receive()).data)
             assert reply[0]["status"] == "bad_request"

@@ -39,6 +39,7 @@ from dsys.errors import (
     RemoteProtocolError,
     RequestTimeout,
 )
+from dsys.raft.timers import wait_future
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,20 +69,6 @@ class _Retry(Exception):
         super().__init__(message)
         self.leader = leader
         self.addr = addr
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-async def _wait(fut: asyncio.Future[dict[str, Any]], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-    """Await ``fut`` at most ``timeout`` seconds, without the task ``wait_for`` creates."""
-    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-    try:
-        return await fut
-    finally:
-        handle.cancel()
 
 
 class _Conn:
@@ -154,7 +141,7 @@ class _Conn:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
         try:
-            return await _wait(fut, timeout)
+            return await wait_future(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(f"no answer from {self.endpoint} in {timeout:.2f}s") from None
         finally:

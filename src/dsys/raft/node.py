@@ -16,14 +16,17 @@ The node owns one loop task that is the only code touching the core::
 Group commit falls out of this shape: while one batch is being fsynced, new proposals
 and messages queue up, and the next ``Ready`` carries all of them to the next fsync.
 
-Peers talk over HTTP: :class:`PeerTransport` keeps one bounded queue and one sender task
-per peer; the sender drains everything queued into one ``POST /raft/v1/msgs`` whose body
-is a msgpack list of messages, so many AppendEntries share one request. The receiving
-side (:meth:`RaftNode.handle_peer_request`) checks the optional shared cluster token
-(403 otherwise), refuses unknown peers (403) and malformed or insane messages (400), steps
-the messages and, once the resulting ``Ready`` is persisted, returns its answers to that
-peer (append and vote responses) in the HTTP response body, so a replication round trip
-costs one POST. Answers that are not ready within a second go out in a POST of their own.
+Peers talk over WebSockets: :class:`PeerTransport` keeps one bounded queue, one sender
+task and one persistent WebSocket (``GET /raft/v1/stream``) per peer; the sender drains
+everything queued into one binary frame, a msgpack list of messages, so many
+AppendEntries share one frame, and it never waits for an answer (the peer answers over
+its own connection to us), so AppendEntries are pipelined up to the core's
+``max_inflight_msgs``. The receiving side (:meth:`RaftNode.handle_peer_stream`) checks
+the optional shared cluster token and the peer id before the upgrade (403 otherwise);
+a malformed or insane frame is logged, counted and closes that connection (code 1003)
+while the server stays up. ``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`:
+one batch per request, answers in the response body, 403/400 on bad input) is still
+served.
 """
 
 from __future__ import annotations
@@ -33,12 +36,12 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import aiohttp
-from aiohttp import web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from dsys.codec import decode, encode
 from dsys.errors import (
@@ -74,9 +77,13 @@ from dsys.raft.messages import (
     decode_conf,
 )
 from dsys.raft.storage import LogStore, SnapshotStore, StableStore
+from dsys.raft.timers import wait_future
 
 PEER_PATH = "/raft/v1/msgs"
-"""Path of the peer endpoint every node serves."""
+"""Path of the request/response peer endpoint (one POST per batch; still served)."""
+
+STREAM_PATH = "/raft/v1/stream"
+"""Path of the peer WebSocket every node serves (what :class:`PeerTransport` uses)."""
 
 TOKEN_HEADER = "X-Dsys-Cluster-Token"
 FROM_HEADER = "X-Dsys-From"
@@ -223,26 +230,6 @@ def from_wire(v: Any) -> Message:
     raise RemoteProtocolError(f"unknown message tag {tag!r} with {n} fields")
 
 
-T = TypeVar("T")
-
-
-def _expire(fut: asyncio.Future[Any]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError())
-
-
-async def wait_future(fut: asyncio.Future[T], timeout: float) -> T:  # noqa: ASYNC109
-    """Await ``fut`` for at most ``timeout`` seconds (TimeoutError after that).
-
-    Cheaper than ``asyncio.wait_for`` on the hot path: no extra task, one timer handle.
-    """
-    handle = asyncio.get_running_loop().call_later(timeout, _expire, fut)
-    try:
-        return await fut
-    finally:
-        handle.cancel()
-
-
 class StateMachine(Protocol):
     """What a :class:`RaftNode` applies committed entries to."""
 
@@ -273,7 +260,7 @@ class NodeConfig:
         token: shared cluster token required on every peer request (None = none).
         peer_queue: messages queued per peer before new ones are dropped.
         max_batch: messages per peer request.
-        peer_timeout: seconds a peer request may take.
+        peer_timeout: seconds to connect to a peer; also the peer WebSocket heartbeat.
         snapshot_log_bytes: also snapshot once the log store holds more bytes than this.
         join: this node joins an existing cluster (added with a membership change);
             it learns the membership from the leader instead of bootstrapping it.
@@ -306,12 +293,15 @@ class NodeConfig:
 
 
 class PeerTransport:
-    """Sends Raft messages to peers over HTTP, batched and queued per peer.
+    """Sends Raft messages to peers over one WebSocket each, batched and queued per peer.
 
     Args:
         node_id: our id, sent in every request.
         peers: peer id -> ``host:port``.
         token: the cluster token to send, if any.
+        queue_size: messages queued per peer before new ones are dropped.
+        max_batch: messages per frame.
+        timeout: seconds to connect, and the WebSocket heartbeat interval.
     """
 
     def __init__(
@@ -326,7 +316,7 @@ class PeerTransport:
     ) -> None:
         self.node_id = node_id
         self.peers = dict(peers)
-        self._headers = {FROM_HEADER: node_id, "Content-Type": "application/msgpack"}
+        self._headers = {FROM_HEADER: node_id}
         if token:
             self._headers[TOKEN_HEADER] = token
         self._queues: dict[NodeId, asyncio.Queue[Message]] = {
@@ -337,16 +327,14 @@ class PeerTransport:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._readers: set[asyncio.Task[None]] = set()
+        self._heartbeat = timeout
         self.dropped = 0
-        self.on_reply: Callable[[list[Message]], None] | None = None
-        """Receives messages a peer sent back in the body of its HTTP response."""
         self.log = get_logger("raft.transport", node_id=node_id)
 
     async def start(self) -> None:
         """Open the HTTP session and start one sender per peer."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit_per_host=4), timeout=self._timeout
-        )
+        self._session = aiohttp.ClientSession(timeout=self._timeout)
         for peer in self.peers:
             self._tasks.append(asyncio.create_task(self._sender(peer)))
 
@@ -377,62 +365,94 @@ class PeerTransport:
             self.dropped += 1  # Raft tolerates loss; the leader retries
 
     async def _sender(self, peer: NodeId) -> None:
+        """Send ``peer``'s queue over one persistent WebSocket, one frame per batch.
+
+        Frames are pipelined: nothing waits for an answer (the peer answers over its
+        own connection to us), so several AppendEntries can be in flight, bounded by the
+        core's ``max_inflight``. A failed connect or send drops the batch (Raft retries)
+        and backs off before reconnecting.
+        """
         q = self._queues[peer]
         backoff = 0.0
-        while self._queues.get(peer) is q:
-            batch = [await q.get()]
-            addr = self.peers.get(peer)
-            if addr is None:
-                return
-            url = f"http://{addr}{PEER_PATH}"
-            while len(batch) < self._max_batch and not q.empty():
-                batch.append(q.get_nowait())
-            if backoff:
-                # The peer was unreachable: send only the newest state, not a backlog.
-                await asyncio.sleep(backoff)
-            body = encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY)
-            assert self._session is not None
-            try:
-                async with self._session.post(url, data=body, headers=self._headers) as resp:
-                    if resp.status >= 300:
-                        text = await resp.text()
-                        self.log.warning("peer_refused", peer=peer, status=resp.status, body=text)
-                    else:
-                        reply = await resp.read()
-                        if reply and self.on_reply is not None:
-                            self._deliver_reply(peer, reply)
-                backoff = 0.0
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                self.dropped += len(batch)
-                if not backoff:
-                    self.log.debug("peer_unreachable", peer=peer, error=str(exc))
-                backoff = min(0.2, max(0.01, backoff * 2))
-
-    def _deliver_reply(self, peer: NodeId, body: bytes) -> None:
-        """Hand the messages a peer piggybacked on its HTTP response to ``on_reply``."""
+        ws: aiohttp.ClientWebSocketResponse | None = None
+        ws_addr: str | None = None
         try:
-            raw = decode(body, max_size=MAX_PEER_BODY)
-            if not isinstance(raw, list):
-                raise RemoteProtocolError("reply body must be a msgpack list of messages")
-            msgs = [check_message(from_wire(m)) for m in raw]
-        except RemoteProtocolError as exc:
-            self.log.warning("peer_reply_refused", peer=peer, error=str(exc))
-            return
-        good = [m for m in msgs if m.src == peer and m.dst == self.node_id]
-        if good and self.on_reply is not None:
-            self.on_reply(good)
+            while self._queues.get(peer) is q:
+                batch = [await q.get()]
+                addr = self.peers.get(peer)
+                if addr is None:
+                    return
+                if ws is not None and (ws.closed or ws_addr != addr):
+                    await ws.close()
+                    ws = None
+                if ws is None:
+                    if backoff:
+                        # The peer was unreachable: send only the newest state, not a backlog.
+                        await asyncio.sleep(backoff)
+                    ws = await self._connect(peer, addr)
+                    if ws is None:
+                        self.dropped += len(batch)
+                        backoff = min(0.2, max(0.01, backoff * 2))
+                        continue
+                    ws_addr = addr
+                while len(batch) < self._max_batch and not q.empty():
+                    batch.append(q.get_nowait())
+                body = encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY)
+                try:
+                    await ws.send_bytes(body)
+                    backoff = 0.0
+                except (aiohttp.ClientError, ConnectionError, RuntimeError) as exc:
+                    self.dropped += len(batch)
+                    self.log.debug("peer_send_failed", peer=peer, error=str(exc))
+                    backoff = min(0.2, max(0.01, backoff * 2))
+        finally:
+            if ws is not None:
+                with contextlib.suppress(Exception):
+                    await ws.close()
+
+    async def _connect(self, peer: NodeId, addr: str) -> aiohttp.ClientWebSocketResponse | None:
+        assert self._session is not None
+        try:
+            ws = await self._session.ws_connect(
+                f"http://{addr}{STREAM_PATH}",
+                headers=self._headers,
+                max_msg_size=MAX_PEER_BODY,
+                heartbeat=self._heartbeat,
+                timeout=_WS_TIMEOUT,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            self.log.warning("peer_refused", peer=peer, status=exc.status, reason=exc.message)
+            return None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self.log.debug("peer_unreachable", peer=peer, error=str(exc))
+            return None
+        # The peer sends nothing on this connection, but control frames (pong, close)
+        # are only processed while someone reads.
+        task = asyncio.create_task(_read_until_closed(ws))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+        return ws
 
     async def close(self) -> None:
         """Stop the senders and close the session."""
-        for t in self._tasks:
+        tasks = [*self._tasks, *self._readers]
+        for t in tasks:
             t.cancel()
-        for t in self._tasks:
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_close=1.0)
+
+
+async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
+    async for _ in ws:
+        pass
 
 
 @dataclass(slots=True)
@@ -484,6 +504,7 @@ class RaftNode:
             timeout=config.peer_timeout,
         )
         self._inbox: deque[Message] = deque()
+        self._streams: set[web.WebSocketResponse] = set()
         # Peer requests waiting for the messages we answer them with (piggybacked on the
         # HTTP response instead of a POST of our own): registered, then armed once their
         # messages were stepped, then resolved after the resulting Ready was persisted.
@@ -522,13 +543,15 @@ class RaftNode:
         self._m_log_size = self.metrics.gauge("log_size_bytes", "Size of the write-ahead log")
         self._m_applied = self.metrics.gauge("applied_index", "Last applied log index")
         self._m_snapshots = self.metrics.counter("snapshots_total", "Snapshots taken")
+        self._m_refused = self.metrics.counter(
+            "peer_frames_refused_total", "Malformed peer batches refused"
+        )
         self._m_batch = self.metrics.histogram(
             "batch_entries",
             "Entries persisted per fsync (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
         )
         self.core = self._restore_core()
-        self.transport.on_reply = self._on_reply
 
     # -- construction -----------------------------------------------------------------
 
@@ -598,6 +621,7 @@ class RaftNode:
             # a crashed loop already logged and recorded its error in self.failed
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self._close_streams()
         await self.transport.close()
         for _, wfut in self._reply_wait:
             if not wfut.done():
@@ -743,25 +767,104 @@ class RaftNode:
 
     # -- peer endpoint ----------------------------------------------------------------
 
-    async def handle_peer_request(self, request: web.Request) -> web.Response:
-        """``POST /raft/v1/msgs``: a msgpack list of messages from one peer."""
+    def _check_peer(self, request: web.Request) -> NodeId:
+        """The sending peer's id, once its token and id check out (403 otherwise)."""
         token = self.config.token
         if token and request.headers.get(TOKEN_HEADER) != token:
             raise web.HTTPForbidden(text="missing or wrong cluster token")
         src = request.headers.get(FROM_HEADER, "")
         if src not in self.transport.peers:
             raise web.HTTPForbidden(text=f"unknown peer {src!r}")
-        body = await request.read()
+        return src
+
+    def _decode_batch(self, body: bytes, src: NodeId) -> list[Message]:
+        """Decode and check one batch of messages from ``src``.
+
+        Raises:
+            RemoteProtocolError: malformed, insane, or not from ``src`` to us.
+        """
         try:
             raw = decode(body, max_size=MAX_PEER_BODY)
             if not isinstance(raw, list):
                 raise RemoteProtocolError("peer body must be a msgpack list of messages")
             msgs = [check_message(from_wire(m)) for m in raw]
         except RemoteProtocolError as exc:
-            raise web.HTTPBadRequest(text=f"malformed peer message: {exc}") from None
+            raise RemoteProtocolError(f"malformed peer message: {exc}") from None
+        me = self.id
         for m in msgs:
-            if getattr(m, "src", None) != src or getattr(m, "dst", None) != self.id:
-                raise web.HTTPBadRequest(text="message src/dst do not match the request")
+            if m.src != src or m.dst != me:
+                raise RemoteProtocolError("message src/dst do not match the request")
+        return msgs
+
+    async def handle_peer_stream(self, request: web.Request) -> web.WebSocketResponse:
+        """``GET /raft/v1/stream``: a WebSocket of message batches from one peer.
+
+        The token and the peer id are checked before the upgrade (403). Each binary
+        frame is a msgpack list of messages; a malformed frame (or a text frame) is
+        logged, counted in ``dsys_raft_peer_frames_refused_total`` and closes the
+        connection with code 1003 and the reason (the peer reconnects). Frames that
+        arrive while the inbox is full are dropped (Raft retries).
+        """
+        src = self._check_peer(request)
+        ws = web.WebSocketResponse(max_msg_size=MAX_PEER_BODY, heartbeat=self.config.peer_timeout)
+        await ws.prepare(request)
+        self._streams.add(ws)
+        try:
+            await self._read_stream(ws, src)
+        finally:
+            self._streams.discard(ws)
+        return ws
+
+    async def _read_stream(self, ws: web.WebSocketResponse, src: NodeId) -> None:
+        inbox_limit = 4 * self.config.peer_queue
+        async for frame in ws:
+            if frame.type != WSMsgType.BINARY:
+                if frame.type == WSMsgType.TEXT:
+                    await self._refuse_frame(ws, src, "frames must be binary msgpack")
+                    break
+                continue
+            try:
+                if src not in self.transport.peers:
+                    raise RemoteProtocolError(f"unknown peer {src!r}")
+                msgs = self._decode_batch(frame.data, src)
+            except RemoteProtocolError as exc:
+                await self._refuse_frame(ws, src, str(exc))
+                break
+            if self._closed:
+                break
+            if len(self._inbox) >= inbox_limit:
+                self.transport.dropped += len(msgs)
+                continue
+            self._inbox.extend(msgs)
+            self._wake.set()
+
+    async def _close_streams(self, app: web.Application | None = None) -> None:
+        """Close the inbound peer WebSockets (on shutdown, so handlers need not time out)."""
+        streams = list(self._streams)
+        self._streams.clear()
+        for ws in streams:
+            with contextlib.suppress(Exception):
+                await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
+
+    async def _refuse_frame(self, ws: web.WebSocketResponse, src: NodeId, why: str) -> None:
+        self._m_refused.inc()
+        self.log.warning("peer_frame_refused", src=src, error=why)
+        reason = why.encode("utf-8", "replace")[:120]
+        await ws.close(code=WSCloseCode.UNSUPPORTED_DATA, message=reason)
+
+    async def handle_peer_request(self, request: web.Request) -> web.Response:
+        """``POST /raft/v1/msgs``: a msgpack list of messages from one peer.
+
+        The request/response form of the peer endpoint (answers ride back on the
+        response); :class:`PeerTransport` uses :meth:`handle_peer_stream` instead.
+        """
+        src = self._check_peer(request)
+        body = await request.read()
+        try:
+            msgs = self._decode_batch(body, src)
+        except RemoteProtocolError as exc:
+            self._m_refused.inc()
+            raise web.HTTPBadRequest(text=str(exc)) from None
         if self._closed:
             raise web.HTTPServiceUnavailable(text="node closed")
         fut: asyncio.Future[list[Message]] = asyncio.get_running_loop().create_future()
@@ -777,13 +880,11 @@ class RaftNode:
         body = encode([to_wire(m) for m in replies], max_size=MAX_PEER_BODY)
         return web.Response(body=body, content_type="application/msgpack")
 
-    def _on_reply(self, msgs: list[Message]) -> None:
-        self._inbox.extend(msgs)
-        self._wake.set()
-
     def add_routes(self, app: web.Application) -> None:
-        """Add the peer endpoint to ``app``."""
+        """Add the peer endpoints to ``app``."""
         app.router.add_post(PEER_PATH, self.handle_peer_request)
+        app.router.add_get(STREAM_PATH, self.handle_peer_stream)
+        app.on_shutdown.append(self._close_streams)
 
     # -- loop -------------------------------------------------------------------------
 
@@ -1057,4 +1158,12 @@ class RaftNode:
         self._log_store.compact(snap.meta.index, snap.meta.term)
 
 
-__all__ = ["PEER_PATH", "NodeConfig", "PeerTransport", "RaftNode", "StateMachine"]
+__all__ = [
+    "PEER_PATH",
+    "STREAM_PATH",
+    "NodeConfig",
+    "PeerTransport",
+    "RaftNode",
+    "StateMachine",
+    "wait_future",
+]
