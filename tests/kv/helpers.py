@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import aiohttp
@@ -48,6 +49,19 @@ def cluster_configs(
         )
         for i, p in zip(ids, ports, strict=True)
     ]
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[KVServer]]:
+    """An ``n``-node in-process cluster on free loopback ports, closed on the way out."""
+    servers = [KVServer(c) for c in cluster_configs(tmp, n, **kw)]
+    try:
+        for s in servers:
+            await s.start()
+        yield servers
+    finally:
+        for s in servers:
+            await s.close()
 
 
 async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVServer:

@@ -16,21 +16,15 @@ from dsys.kv.server import MAX_VALUE_BYTES, KVServer
 from dsys.raft.messages import CODEC, Heartbeat
 from dsys.raft.node import FROM_HEADER, PEER_PATH, STREAM_PATH, TOKEN_HEADER
 
-from .helpers import cluster_configs, wait_leader
+from .helpers import cluster_configs, running_cluster, wait_leader
 
 TOKEN = "s3cret"
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[KVServer]]:
-    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3, token=TOKEN)]
-    for s in servers:
-        await s.start()
-    try:
+    async with running_cluster(tmp_path, token=TOKEN) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def _post_peer(

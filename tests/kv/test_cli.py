@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,7 @@ import pytest
 
 from dsys.kv.server import KVServer
 
-from .helpers import cluster_configs, wait_leader
+from .helpers import running_cluster, wait_leader
 
 
 async def _dsys(*args: str) -> tuple[int, str, str]:
@@ -30,15 +31,9 @@ async def _dsys(*args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3)]
-    for s in servers:
-        await s.start()
-    try:
+async def cluster(tmp_path: Path) -> AsyncIterator[list[KVServer]]:
+    async with running_cluster(tmp_path) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def test_cli_put_get_del_status(cluster: list[KVServer]) -> None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -10,19 +11,13 @@ from dsys.errors import ConflictError
 from dsys.kv.client import KVClient
 from dsys.kv.server import KVServer
 
-from .helpers import cluster_configs, wait_leader
+from .helpers import running_cluster, wait_leader
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3)]
-    for s in servers:
-        await s.start()
-    try:
+async def cluster(tmp_path: Path) -> AsyncIterator[list[KVServer]]:
+    async with running_cluster(tmp_path) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def test_http_api_put_get_delete_cas_scan(cluster: list[KVServer]) -> None:
@@ -130,10 +125,7 @@ async def test_snapshot_keeps_the_config_in_effect_at_its_index(tmp_path: Path) 
     """
     from dsys.raft.messages import ConfChange, ConfChangeType
 
-    servers = [KVServer(c) for c in cluster_configs(tmp_path, 3)]
-    for s in servers:
-        await s.start()
-    try:
+    async with running_cluster(tmp_path) as servers:
         leader = await wait_leader(servers)
         async with KVClient([f"127.0.0.1:{leader.port}"]) as kv:
             await kv.put("k", b"v")
@@ -155,6 +147,3 @@ async def test_snapshot_keeps_the_config_in_effect_at_its_index(tmp_path: Path) 
         assert "n9" not in snap.meta.conf.learners
         assert sorted(snap.meta.conf.voters) == ["n1", "n2", "n3"]
         change.cancel()
-    finally:
-        for s in servers:
-            await s.close()
