@@ -63,6 +63,24 @@ async def test_peer_endpoint_refuses_bad_peers_and_bad_bytes(cluster: list[KVSer
     assert leader.node.is_leader  # a stale-term heartbeat does not disturb the leader
 
 
+async def test_peer_post_is_refused_with_503_when_the_inbox_is_full(
+    cluster: list[KVServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dsys.raft.node import RaftNode
+
+    leader = await wait_leader(cluster)
+    src = next(s.config.id for s in cluster if s is not leader)
+    good = {FROM_HEADER: src, TOKEN_HEADER: TOKEN}
+    body = msgpack.packb(
+        [CODEC.to_plain(Heartbeat(src=src, dst=leader.config.id, term=0, commit=0))]
+    )
+    monkeypatch.setattr(RaftNode, "_inbox_limit", property(lambda self: 0))
+    async with aiohttp.ClientSession() as http:
+        status, text = await _post_peer(http, leader.port, body, good)
+    assert status == 503 and "inbox full" in text
+    assert len(leader.node._inbox) == 0
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

@@ -816,7 +816,7 @@ class RaftNode:
         return ws
 
     async def _read_stream(self, ws: web.WebSocketResponse, src: NodeId) -> None:
-        inbox_limit = 4 * self.config.peer_queue
+        inbox_limit = self._inbox_limit
         async for frame in ws:
             if frame.type != WSMsgType.BINARY:
                 if frame.type == WSMsgType.TEXT:
@@ -837,6 +837,11 @@ class RaftNode:
                 continue
             self._inbox.extend(msgs)
             self._wake.set()
+
+    @property
+    def _inbox_limit(self) -> int:
+        """Most peer messages queued for the Raft loop; more are dropped (Raft resends)."""
+        return 4 * self.config.peer_queue
 
     async def _close_streams(self, app: web.Application | None = None) -> None:
         """Close the inbound peer WebSockets (on shutdown, so handlers need not time out)."""
@@ -867,6 +872,9 @@ class RaftNode:
             raise web.HTTPBadRequest(text=str(exc)) from None
         if self._closed:
             raise web.HTTPServiceUnavailable(text="node closed")
+        if len(self._inbox) >= self._inbox_limit:  # the same bound as the stream path
+            self.transport.dropped += len(msgs)
+            raise web.HTTPServiceUnavailable(text="peer inbox full; retry later")
         fut: asyncio.Future[list[Message]] = asyncio.get_running_loop().create_future()
         self._inbox.extend(msgs)
         self._reply_wait.append((src, fut))
