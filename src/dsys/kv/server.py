@@ -323,6 +323,39 @@ class KVServer:
         assert isinstance(result, Result)
         return result
 
+    def submit_write(
+        self,
+        cmd: Put | Delete | SetMember,
+        done: Callable[[Result | None, BaseException | None], None],
+    ) -> None:
+        """Start a write without a task or an await: the callback form of :meth:`write`.
+
+        ``done(result, None)`` or ``done(None, exc)`` is called exactly once, later, from
+        the event loop; ``exc`` is one of the errors :meth:`write` raises. Errors known
+        before the proposal is queued (:class:`NotLeaderError`, :class:`ClosedError`) are
+        raised by this call instead.
+        """
+        fut = self.node.propose_future(encode_command(cmd))
+        expire_after(fut, self.config.request_timeout)
+
+        def finished(f: asyncio.Future[object]) -> None:
+            if f.cancelled():
+                done(None, RequestTimeout(_WRITE_TIMEOUT))
+                return
+            exc = f.exception()
+            if exc is None:
+                result = f.result()
+                assert isinstance(result, Result)
+                done(result, None)
+            elif isinstance(exc, TimeoutError):
+                done(None, RequestTimeout(_WRITE_TIMEOUT))
+            elif isinstance(exc, ProposalDroppedError):
+                done(None, UnavailableError(str(exc), retry_after=0.1))
+            else:
+                done(None, exc)
+
+        fut.add_done_callback(finished)
+
     async def read_barrier(self, stale: bool) -> None:
         """Wait until a linearizable read may be served here (no-op when ``stale``)."""
         if stale:
