@@ -78,7 +78,11 @@ async def test_lagging_node_catches_up_from_a_snapshot(procs: list[Proc]) -> Non
     victim = next(p for p in procs if p is not leader)
     victim.kill9()
     async with KVClient([p.addr for p in procs if p is not victim], timeout=20.0) as kv:
-        await asyncio.gather(*(kv.put(f"s{i}", b"x" * 100) for i in range(400)))
+        # one at a time: concurrent writes would share BATCH entries, and the snapshot
+        # (every 100 entries here) needs entries
+        for i in range(250):
+            await kv.put(f"s{i}", b"x" * 100)
+        await asyncio.gather(*(kv.put(f"s{i}", b"y" * 100) for i in range(250, 400)))
         st_leader = await status(leader.addr)
         assert st_leader is not None and int(st_leader["snapshot_index"]) > 0  # type: ignore[call-overload]
     victim.start()
@@ -92,7 +96,10 @@ async def test_whole_cluster_kill9_and_restart_keeps_every_acknowledged_write(
 ) -> None:
     await wait_proc_leader(procs)
     async with KVClient([p.addr for p in procs], timeout=20.0) as kv:
-        revs = await asyncio.gather(*(kv.put(f"d{i}", b"%d" % i) for i in range(250)))
+        # 150 entries one at a time (a snapshot is taken at 100), then concurrent writes
+        # that share BATCH entries in the WAL tail
+        revs = [await kv.put(f"d{i}", b"%d" % i) for i in range(150)]
+        revs += await asyncio.gather(*(kv.put(f"d{i}", b"%d" % i) for i in range(150, 250)))
         cas_rev = await kv.cas("d0", b"changed", revision=revs[0])
     for p in procs:
         p.kill9()

@@ -147,3 +147,27 @@ async def test_snapshot_keeps_the_config_in_effect_at_its_index(tmp_path: Path) 
         assert "n9" not in snap.meta.conf.learners
         assert sorted(snap.meta.conf.voters) == ["n1", "n2", "n3"]
         change.cancel()
+
+
+async def test_concurrent_writes_share_batch_entries_and_every_replica_agrees(
+    cluster: list[KVServer],
+) -> None:
+    leader = await wait_leader(cluster)
+    first = leader.node.applied_index
+    async with KVClient([f"127.0.0.1:{s.port}" for s in cluster]) as kv:
+        revs = await asyncio.gather(*(kv.put(f"b{i}", b"%d" % i) for i in range(300)))
+    # every write got its own revision, and the revisions are exactly the next 300
+    assert sorted(revs) == list(range(min(revs), min(revs) + 300))
+    entries = leader.node.applied_index - first
+    assert 1 <= entries < 300, "concurrent proposals should share BATCH entries"
+    # followers apply the same commands in the same order: identical state
+    target = leader.node.applied_index
+    for _ in range(200):
+        if all(s.node.applied_index >= target for s in cluster):
+            break
+        await asyncio.sleep(0.02)
+    want = {f"b{i}": (b"%d" % i, revs[i]) for i in range(300)}
+    for s in cluster:
+        got = {f"b{i}": s.fsm.get(f"b{i}") for i in range(300)}
+        assert {k: (v.value, v.mod_revision) for k, v in got.items() if v} == want
+        assert s.fsm.revision == leader.fsm.revision

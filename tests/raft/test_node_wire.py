@@ -17,6 +17,8 @@ from dsys.raft.messages import (
     Heartbeat,
     HeartbeatResponse,
     VoteRequest,
+    decode_batch,
+    encode_batch,
 )
 from dsys.raft.node import check_message, from_wire, to_wire
 
@@ -69,3 +71,16 @@ def test_semantic_garbage_is_refused() -> None:
     for v in bad:
         with pytest.raises(RemoteProtocolError):
             check_message(from_wire(v))
+
+
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_batch_entries_round_trip(commands: list[bytes]) -> None:
+    assert decode_batch(encode_batch(commands)) == commands
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"\xc1", b"\x91\x01", b"\x81\xa1a\xc4\x00", b"\x92\xc4\x00\xa1x", b"\xc4\x00"]
+)
+def test_a_malformed_batch_entry_is_refused(data: bytes) -> None:
+    with pytest.raises(RemoteProtocolError):
+        decode_batch(data)

@@ -90,6 +90,7 @@ from dsys.raft.messages import (
     VoteRequest,
     VoteResponse,
     decode_conf,
+    encode_batch,
     encode_conf,
 )
 
@@ -480,6 +481,17 @@ class RaftCore:
         if self._transferee is not None:
             raise ProposalDroppedError("leadership transfer in progress")
         return self._append_leader(EntryKind.NORMAL, bytes(data))
+
+    def propose_batch(self, commands: Sequence[bytes]) -> int:
+        """Append several commands as one BATCH entry (one log slot, one replication).
+
+        Same contract as :meth:`propose`; every command of the batch commits or none does.
+        """
+        if self._role is not Role.LEADER:
+            raise NotLeaderError(leader_hint=self._lead)
+        if self._transferee is not None:
+            raise ProposalDroppedError("leadership transfer in progress")
+        return self._append_leader(EntryKind.BATCH, encode_batch(commands))
 
     def propose_conf_change(self, change: ConfChange) -> int:
         """Propose adding/removing one node (or promoting a learner); returns the index.

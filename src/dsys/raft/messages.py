@@ -10,11 +10,15 @@ pre-vote request the term the sender *would* campaign in).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TypeAlias
 
-from dsys.codec import MessageCodec
+import msgpack
+
+from dsys.codec import MessageCodec, decode
+from dsys.errors import RemoteProtocolError
 
 NodeId: TypeAlias = str
 """Identifier of a Raft node (any stable string, e.g. ``"n1"``)."""
@@ -32,6 +36,9 @@ class EntryKind(IntEnum):
     """A :class:`ConfState` (``data`` is ``CODEC.encode(conf_state)``); takes effect on append."""
     NOOP = 2
     """The empty entry a new leader appends to commit entries of earlier terms."""
+    BATCH = 3
+    """Several opaque commands in one entry (``data`` is :func:`encode_batch`'s output),
+    applied in order as if each were a NORMAL entry."""
 
 
 class Role(IntEnum):
@@ -360,6 +367,24 @@ def decode_conf(data: bytes) -> ConfState:
     return conf
 
 
+def encode_batch(commands: Sequence[bytes]) -> bytes:
+    """Encode commands as the data of one BATCH entry."""
+    data: bytes = msgpack.packb(list(commands), use_bin_type=True)
+    return data
+
+
+def decode_batch(data: bytes) -> list[bytes]:
+    """Decode the data of a BATCH entry into its commands.
+
+    Raises:
+        RemoteProtocolError: ``data`` is not a msgpack list of byte strings.
+    """
+    items = decode(data, max_size=len(data) + 1)
+    if type(items) is not list or not all(type(c) is bytes for c in items):
+        raise RemoteProtocolError("a batch entry must be a list of byte strings")
+    return items
+
+
 __all__ = [
     "CODEC",
     "MESSAGE_TYPES",
@@ -390,4 +415,6 @@ __all__ = [
     "TimeoutNow",
     "VoteRequest",
     "VoteResponse",
+    "decode_batch",
+    "encode_batch",
 ]

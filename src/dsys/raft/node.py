@@ -74,6 +74,7 @@ from dsys.raft.messages import (
     Role,
     Snapshot,
     SnapshotRequest,
+    decode_batch,
     decode_conf,
 )
 from dsys.raft.storage import LogStore, SnapshotStore, StableStore
@@ -264,6 +265,9 @@ class NodeConfig:
         snapshot_log_bytes: also snapshot once the log store holds more bytes than this.
         join: this node joins an existing cluster (added with a membership change);
             it learns the membership from the leader instead of bootstrapping it.
+        proposal_batch: most proposals queued together that share one log entry (a
+            BATCH entry: one append, one replication, one fsync slot); 1 turns it off.
+        proposal_batch_bytes: most command bytes in one BATCH entry.
     """
 
     id: NodeId
@@ -278,6 +282,8 @@ class NodeConfig:
     peer_timeout: float = 5.0
     join: bool = False
     snapshot_log_bytes: int = 64 * 1024 * 1024
+    proposal_batch: int = 256
+    proposal_batch_bytes: int = 1024 * 1024
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -290,6 +296,8 @@ class NodeConfig:
             raise ConfigError("need 1 <= heartbeat_tick < election_tick")
         if self.snapshot_every < 1 or self.peer_queue < 1 or self.max_batch < 1:
             raise ConfigError("snapshot_every, peer_queue and max_batch must be >= 1")
+        if self.proposal_batch < 1 or self.proposal_batch_bytes < 1:
+            raise ConfigError("proposal_batch and proposal_batch_bytes must be >= 1")
 
 
 class PeerTransport:
@@ -457,9 +465,16 @@ async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
 
 @dataclass(slots=True)
 class _Proposal:
+    """The futures waiting for one log entry (several when it is a BATCH entry)."""
+
     term: int
-    future: asyncio.Future[object]
+    futures: list[asyncio.Future[object]]
     started: float
+
+    def fail(self, exc: BaseException) -> None:
+        for fut in self.futures:
+            if not fut.done():
+                fut.set_exception(exc)
 
 
 class RaftNode:
@@ -631,8 +646,7 @@ class RaftNode:
                 wfut.set_result([])
         err = ClosedError("raft node closed")
         for p in self._pending.values():
-            if not p.future.done():
-                p.future.set_exception(err)
+            p.fail(err)
         for _, fut in self._proposals_in:
             if not fut.done():
                 fut.set_exception(err)
@@ -949,19 +963,8 @@ class RaftNode:
                 core.step(msg)
             except RemoteProtocolError as exc:  # e.g. an undecodable config entry
                 self.log.warning("peer_message_refused", src=msg.src, error=str(exc))
-        while self._proposals_in:
-            data, fut = self._proposals_in.popleft()
-            if fut.done():
-                continue
-            try:
-                index = core.propose(data)
-            except NotLeaderError:
-                fut.set_exception(self._not_leader())
-                continue
-            except Exception as exc:
-                fut.set_exception(exc)
-                continue
-            self._pending[index] = _Proposal(core.term, fut, time.perf_counter())
+        if self._proposals_in:
+            self._propose_queued()
         while self._conf_in:
             change, cfut = self._conf_in.popleft()
             try:
@@ -969,7 +972,7 @@ class RaftNode:
             except Exception as exc:
                 cfut.set_exception(exc)
                 continue
-            self._pending[index] = _Proposal(core.term, cfut, time.perf_counter())
+            self._pending[index] = _Proposal(core.term, [cfut], time.perf_counter())
         while self._reads_in:
             rfut = self._reads_in.popleft()
             if rfut.done():
@@ -982,6 +985,35 @@ class RaftNode:
                 rfut.set_exception(self._not_leader())
                 continue
             self._read_waiters[ctx] = rfut
+
+    def _propose_queued(self) -> None:
+        """Append the queued proposals: up to ``proposal_batch`` of them per log entry."""
+        core, queue = self.core, self._proposals_in
+        most, most_bytes = self.config.proposal_batch, self.config.proposal_batch_bytes
+        now = time.perf_counter()
+        while queue:
+            datas: list[bytes] = []
+            futs: list[asyncio.Future[object]] = []
+            size = 0
+            while queue and len(datas) < most and size < most_bytes:
+                data, fut = queue.popleft()
+                if not fut.done():
+                    datas.append(data)
+                    futs.append(fut)
+                    size += len(data)
+            if not datas:
+                return
+            try:
+                index = core.propose(datas[0]) if len(datas) == 1 else core.propose_batch(datas)
+            except NotLeaderError:
+                exc: Exception = self._not_leader()
+            except Exception as e:
+                exc = e
+            else:
+                self._pending[index] = _Proposal(core.term, futs, now)
+                continue
+            for fut in futs:
+                fut.set_exception(exc)
 
     async def _handle_ready(self, rd: Ready) -> None:
         # 1. persist (off the event loop; one fsync for the whole batch)
@@ -1016,20 +1048,25 @@ class RaftNode:
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue
-            result: object = None
-            if entry.kind == EntryKind.NORMAL:
-                result = self.fsm.apply(entry.data)
+            kind = entry.kind
+            results: list[object]
+            if kind == EntryKind.NORMAL:
+                results = [self.fsm.apply(entry.data)]
+            elif kind == EntryKind.BATCH:
+                results = [self.fsm.apply(cmd) for cmd in self._batch_commands(entry)]
+            else:
+                results = [None]
             self.applied_index = entry.index
             self.applied_term = entry.term
             p = self._pending.pop(entry.index, None)
-            if p is not None and not p.future.done():
-                if p.term == entry.term:
-                    p.future.set_result(result)
+            if p is not None:
+                if p.term == entry.term and len(p.futures) == len(results):
+                    for fut, result in zip(p.futures, results, strict=True):
+                        if not fut.done():
+                            fut.set_result(result)
                     self._m_commit.observe(time.perf_counter() - p.started)
                 else:
-                    p.future.set_exception(
-                        ProposalDroppedError("leadership changed; the proposal was overwritten")
-                    )
+                    p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
         self._m_applied.set(self.applied_index)
         for rs in rd.read_states:
             rfut = self._read_waiters.pop(rs.ctx, None)
@@ -1058,13 +1095,23 @@ class RaftNode:
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
 
+    def _batch_commands(self, entry: Entry) -> list[bytes]:
+        """The commands of a committed BATCH entry (none if it cannot be decoded).
+
+        Every replica decides the same for the same bytes, so a bad entry is a
+        replicated no-op and never wedges the log (our own leaders only write good ones).
+        """
+        try:
+            return decode_batch(entry.data)
+        except RemoteProtocolError as exc:
+            self.log.error("batch_entry_undecodable", index=entry.index, error=str(exc))
+            return []
+
     def _fail_pending_upto(self, index: int) -> None:
         for i in [i for i in self._pending if i <= index]:
-            p = self._pending.pop(i)
-            if not p.future.done():
-                p.future.set_exception(
-                    ProposalDroppedError("a snapshot replaced the entry; outcome unknown")
-                )
+            self._pending.pop(i).fail(
+                ProposalDroppedError("a snapshot replaced the entry; outcome unknown")
+            )
 
     def _wake_applied(self) -> None:
         if not self._applied_waiters:
@@ -1118,11 +1165,9 @@ class RaftNode:
         callers retry with the same client id and sequence number (exactly-once).
         """
         pending, self._pending = self._pending, {}
+        err = ProposalDroppedError("leadership lost before the write committed; retry")
         for p in pending.values():
-            if not p.future.done():
-                p.future.set_exception(
-                    ProposalDroppedError("leadership lost before the write committed; retry")
-                )
+            p.fail(err)
 
     def _fail_reads(self) -> None:
         waiters, self._read_waiters = self._read_waiters, {}

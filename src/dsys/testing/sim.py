@@ -63,6 +63,7 @@ from dsys.raft.messages import (
     Ready,
     Role,
     Snapshot,
+    decode_batch,
     decode_conf,
 )
 from dsys.raft.session import SessionTable
@@ -683,20 +684,28 @@ class SimNetwork:
             if e.kind == EntryKind.CONFIG:
                 self.committed_voters = list(decode_conf(e.data).voters)
                 self.committed_conf_index = e.index
-        if e.kind != EntryKind.NORMAL:
-            n.pending_writes.pop(e.index, None)
-            return
-        client, seq, result = n.fsm.apply(e.data)
         pending = n.pending_writes.pop(e.index, None)
-        if pending is None:
+        if e.kind == EntryKind.NORMAL:
+            commands = [e.data]
+        elif e.kind == EntryKind.BATCH:
+            commands = decode_batch(e.data)
+        else:
             return
-        term, pclient, pseq = pending
-        c = self._client(pclient)
-        if term == e.term and (pclient, pseq) == (client, seq):
-            if c is not None and c.seq == seq and c.op is not None:
-                self._complete(c, result)
-        elif c is not None and c.seq == pseq and c.op is not None:
-            self._retry_soon(pclient)
+        answered = False
+        for data in commands:
+            client, seq, result = n.fsm.apply(data)
+            if pending is None:
+                continue
+            term, pclient, pseq = pending
+            c = self._client(pclient)
+            if term == e.term and (pclient, pseq) == (client, seq):
+                answered = True
+                if c is not None and c.seq == seq and c.op is not None:
+                    self._complete(c, result)
+        if pending is not None and not answered:
+            c = self._client(pending[1])
+            if c is not None and c.seq == pending[2] and c.op is not None:
+                self._retry_soon(pending[1])
 
     def _serve_reads(self, n: SimNode) -> None:
         keep = []
@@ -797,7 +806,12 @@ class SimNetwork:
                 if op[0] == "cas":
                     value = op[3]
                 cmd = encode([c.id, c.seq, op[0], key, value, expected])
-                idx = n.core.propose(cmd)
+                if self.rng.random() < 0.3:
+                    # a BATCH entry: the command with a no-op of another client around it
+                    noop = encode(["batch-filler", self.rng.randint(1, 10**9), "get", key])
+                    idx = n.core.propose_batch([noop, cmd] if self.rng.random() < 0.5 else [cmd])
+                else:
+                    idx = n.core.propose(cmd)
                 n.pending_writes[idx] = (n.core.term, c.id, c.seq)
                 self.trace(f"client {c.id} seq={c.seq} {op} proposed on {target} idx={idx}")
         except NotLeaderError as exc:
