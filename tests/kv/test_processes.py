@@ -16,7 +16,7 @@ from .helpers import Proc, cluster_configs, status, wait_proc_leader
 
 @pytest.fixture
 def procs(tmp_path: Path) -> Iterator[list[Proc]]:
-    ps = [Proc(c, extra=["--snapshot-every", "100"]) for c in cluster_configs(tmp_path, 3)]
+    ps = [Proc(c, extra=["--snapshot-every", "20"]) for c in cluster_configs(tmp_path, 3)]
     for p in ps:
         p.start()
     try:
@@ -78,11 +78,11 @@ async def test_lagging_node_catches_up_from_a_snapshot(procs: list[Proc]) -> Non
     victim = next(p for p in procs if p is not leader)
     victim.kill9()
     async with KVClient([p.addr for p in procs if p is not victim], timeout=20.0) as kv:
-        # one at a time: concurrent writes would share BATCH entries, and the snapshot
-        # (every 100 entries here) needs entries
-        for i in range(250):
+        # one at a time: concurrent writes share BATCH entries, and the snapshot (every
+        # 20 entries here) needs entries
+        for i in range(60):
             await kv.put(f"s{i}", b"x" * 100)
-        await asyncio.gather(*(kv.put(f"s{i}", b"y" * 100) for i in range(250, 400)))
+        await asyncio.gather(*(kv.put(f"s{i}", b"y" * 100) for i in range(60, 400)))
         st_leader = await status(leader.addr)
         assert st_leader is not None and int(st_leader["snapshot_index"]) > 0  # type: ignore[call-overload]
     victim.start()
@@ -96,15 +96,15 @@ async def test_whole_cluster_kill9_and_restart_keeps_every_acknowledged_write(
 ) -> None:
     await wait_proc_leader(procs)
     async with KVClient([p.addr for p in procs], timeout=20.0) as kv:
-        # 150 entries one at a time (a snapshot is taken at 100), then concurrent writes
+        # 50 entries one at a time (snapshots are taken every 20), then concurrent writes
         # that share BATCH entries in the WAL tail
-        revs = [await kv.put(f"d{i}", b"%d" % i) for i in range(150)]
-        revs += await asyncio.gather(*(kv.put(f"d{i}", b"%d" % i) for i in range(150, 250)))
+        revs = [await kv.put(f"d{i}", b"%d" % i) for i in range(50)]
+        revs += await asyncio.gather(*(kv.put(f"d{i}", b"%d" % i) for i in range(50, 250)))
         cas_rev = await kv.cas("d0", b"changed", revision=revs[0])
     for p in procs:
         p.kill9()
     for p in procs:
-        p.start()  # snapshot (every 100 entries) + WAL tail replay
+        p.start()  # snapshot (every 20 entries) + WAL tail replay
     await wait_proc_leader(procs)
     async with KVClient([p.addr for p in procs], timeout=20.0) as kv:
         got = await kv.get("d0")

@@ -81,7 +81,7 @@ from dsys.observability import (
 )
 from dsys.raft.messages import ConfChange, ConfChangeType
 from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
-from dsys.raft.timers import expire_after, wait_future
+from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
 MAX_VALUE_BYTES = 1024 * 1024
@@ -189,6 +189,7 @@ class KVServer:
                 snapshot_every=config.snapshot_every,
                 token=config.token,
                 join=config.join,
+                proposal_timeout=config.request_timeout,
             ),
             log=self.wal,
             stable=self.wal,
@@ -335,16 +336,9 @@ class KVServer:
         before the proposal is queued (:class:`NotLeaderError`, :class:`ClosedError`) are
         raised by this call instead.
         """
-        fut = self.node.propose_future(encode_command(cmd))
-        expire_after(fut, self.config.request_timeout)
 
-        def finished(f: asyncio.Future[object]) -> None:
-            if f.cancelled():
-                done(None, RequestTimeout(_WRITE_TIMEOUT))
-                return
-            exc = f.exception()
+        def finished(result: object, exc: BaseException | None) -> None:
             if exc is None:
-                result = f.result()
                 assert isinstance(result, Result)
                 done(result, None)
             elif isinstance(exc, TimeoutError):
@@ -354,7 +348,7 @@ class KVServer:
             else:
                 done(None, exc)
 
-        fut.add_done_callback(finished)
+        self.node.propose_callback(encode_command(cmd), finished, cmd)
 
     async def read_barrier(self, stale: bool) -> None:
         """Wait until a linearizable read may be served here (no-op when ``stale``)."""
@@ -656,28 +650,20 @@ class KVServer:
         started = time.perf_counter()
         rid = req.get("id")
         op = req["op"]
-        if not isinstance(rid, int):
+        if type(rid) is not int:
             out.put_nowait(self._ws_finish(op, _ws_error(None, "bad_request", _NO_ID), started))
             sem.release()
             return
+
+        def done(result: object, exc: BaseException | None) -> None:
+            sem.release()
+            out.put_nowait(self._ws_finish(op, self._ws_write_answer(rid, result, exc), started))
+
         try:
-            fut = self.node.propose_future(encode_command(self._ws_write_cmd(op, req)))
+            cmd = self._ws_write_cmd(op, req)
+            self.node.propose_callback(encode_command(cmd), done, cmd)
         except Exception as exc:
-            out.put_nowait(self._ws_finish(op, self._ws_write_answer(rid, None, exc), started))
-            sem.release()
-            return
-        expire_after(fut, self.config.request_timeout)
-
-        def done(f: asyncio.Future[object]) -> None:
-            sem.release()
-            if f.cancelled():
-                return
-            answer = self._ws_write_answer(
-                rid, f.result() if f.exception() is None else None, f.exception()
-            )
-            out.put_nowait(self._ws_finish(op, answer, started))
-
-        fut.add_done_callback(done)
+            done(None, exc)
 
     def _ws_write_answer(
         self, rid: int, result: object, exc: BaseException | None
@@ -760,20 +746,23 @@ class KVServer:
         result = await self.write(self._ws_write_cmd(op, req))
         return self._ws_write_answer(rid, result, None)
 
-    def _ws_write_cmd(self, op: object, req: dict[str, Any]) -> Put | Delete:
+    @staticmethod
+    def _ws_write_cmd(op: object, req: dict[str, Any]) -> Put | Delete:
         """The command of a WebSocket put/del request (BadInputError if malformed)."""
         key = validate_key(req.get("key"))
         if_revision = req.get("if_revision")
-        if if_revision is not None and (not isinstance(if_revision, int) or if_revision < 0):
+        # exact types (a bool is not an integer here): the leader applies this very
+        # command, followers what decoding its bytes gives, and the two must agree
+        if if_revision is not None and (type(if_revision) is not int or if_revision < 0):
             raise BadInputError("if_revision must be a non-negative integer")
         cid, seq = req.get("cid", ""), req.get("seq", 0)
-        if not isinstance(cid, str) or not isinstance(seq, int) or len(cid) > 128:
+        if type(cid) is not str or type(seq) is not int or len(cid) > 128:
             raise BadInputError("cid must be a short string and seq an integer")
         if op == "put":
             value, ttl = req.get("value"), req.get("ttl_ms", 0)
-            if not isinstance(value, bytes) or len(value) > MAX_VALUE_BYTES:
+            if type(value) is not bytes or len(value) > MAX_VALUE_BYTES:
                 raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
-            if not isinstance(ttl, int) or ttl < 0:
+            if type(ttl) is not int or ttl < 0:
                 raise BadInputError("ttl_ms must be a non-negative integer")
             return Put(
                 key=key,

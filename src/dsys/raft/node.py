@@ -36,9 +36,9 @@ import contextlib
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -235,7 +235,12 @@ class StateMachine(Protocol):
     """What a :class:`RaftNode` applies committed entries to."""
 
     def apply(self, data: bytes) -> object:
-        """Apply one committed command; the result resolves the proposal's future."""
+        """Apply one committed command; the result resolves the proposal's future.
+
+        A state machine may also offer ``apply_command(decoded)``: the leader then
+        applies the entries it proposed with ``decoded`` (see
+        :meth:`RaftNode.propose_callback`) without decoding them again.
+        """
         ...
 
     def snapshot(self) -> bytes:
@@ -268,6 +273,8 @@ class NodeConfig:
         proposal_batch: most proposals queued together that share one log entry (a
             BATCH entry: one append, one replication, one fsync slot); 1 turns it off.
         proposal_batch_bytes: most command bytes in one BATCH entry.
+        proposal_timeout: seconds a proposal waits for its entry to commit before its
+            caller gets ``TimeoutError`` (the entry may still commit afterwards).
     """
 
     id: NodeId
@@ -284,6 +291,7 @@ class NodeConfig:
     snapshot_log_bytes: int = 64 * 1024 * 1024
     proposal_batch: int = 256
     proposal_batch_bytes: int = 1024 * 1024
+    proposal_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -296,6 +304,8 @@ class NodeConfig:
             raise ConfigError("need 1 <= heartbeat_tick < election_tick")
         if self.snapshot_every < 1 or self.peer_queue < 1 or self.max_batch < 1:
             raise ConfigError("snapshot_every, peer_queue and max_batch must be >= 1")
+        if self.proposal_timeout <= 0:
+            raise ConfigError("proposal_timeout must be > 0")
         if self.proposal_batch < 1 or self.proposal_batch_bytes < 1:
             raise ConfigError("proposal_batch and proposal_batch_bytes must be >= 1")
 
@@ -463,18 +473,43 @@ async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
         pass
 
 
+ProposalCallback: TypeAlias = Callable[[object, BaseException | None], None]
+"""Called once with ``(result, None)`` or ``(None, error)`` when a proposal's outcome is known."""
+
+
+def _future_callback(fut: asyncio.Future[object]) -> ProposalCallback:
+    def done(result: object, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
+
+    return done
+
+
 @dataclass(slots=True)
 class _Proposal:
-    """The futures waiting for one log entry (several when it is a BATCH entry)."""
+    """Who waits for one log entry (several callers when it is a BATCH entry)."""
 
     term: int
-    futures: list[asyncio.Future[object]]
+    callbacks: list[ProposalCallback]
     started: float
+    decoded: list[object] | None = None
+    """The commands as the state machine's ``apply_command`` takes them, when every
+    proposer gave them: the leader applies its own entries without decoding them."""
 
     def fail(self, exc: BaseException) -> None:
-        for fut in self.futures:
-            if not fut.done():
-                fut.set_exception(exc)
+        for cb in self.callbacks:
+            _call(cb, None, exc)
+
+
+def _call(cb: ProposalCallback, result: object, exc: BaseException | None) -> None:
+    try:
+        cb(result, exc)
+    except Exception:  # a caller's bug must not stop the Raft loop
+        get_logger("raft.node").exception("proposal_callback_failed")
 
 
 class RaftNode:
@@ -508,6 +543,7 @@ class RaftNode:
         self._stable = stable
         self._snapshots = snapshots
         self.fsm = fsm
+        self._apply_decoded: Callable[[Any], object] | None = getattr(fsm, "apply_command", None)
         self.metrics = metrics or Metrics("raft")
         self.log = get_logger("raft.node", node_id=config.id)
         self.transport = PeerTransport(
@@ -525,7 +561,7 @@ class RaftNode:
         # messages were stepped, then resolved after the resulting Ready was persisted.
         self._reply_wait: list[tuple[NodeId, asyncio.Future[list[Message]]]] = []
         self._armed: dict[NodeId, tuple[asyncio.Future[list[Message]], list[Message]]] = {}
-        self._proposals_in: deque[tuple[bytes, asyncio.Future[object]]] = deque()
+        self._proposals_in: deque[tuple[bytes, ProposalCallback, object]] = deque()
         self._reads_in: deque[asyncio.Future[int]] = deque()
         self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
         self._pending: dict[int, _Proposal] = {}
@@ -647,9 +683,9 @@ class RaftNode:
         err = ClosedError("raft node closed")
         for p in self._pending.values():
             p.fail(err)
-        for _, fut in self._proposals_in:
-            if not fut.done():
-                fut.set_exception(err)
+        queued, self._proposals_in = self._proposals_in, deque()
+        for _, cb, _ in queued:
+            _call(cb, None, err)
         for rfut in [*self._read_waiters.values(), *self._reads_in]:
             if not rfut.done():
                 rfut.set_exception(err)
@@ -714,9 +750,33 @@ class RaftNode:
         if not self.is_leader:
             raise self._not_leader()
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._proposals_in.append((data, fut))
+        self._proposals_in.append((data, _future_callback(fut), None))
         self._wake.set()
         return fut
+
+    def propose_callback(self, data: bytes, done: ProposalCallback, decoded: object = None) -> None:
+        """Queue a proposal; ``done(result, None)`` or ``done(None, error)`` follows.
+
+        The cheapest way to propose: no future, no task. ``done`` runs exactly once, in
+        the Raft loop (keep it short; an exception from it is logged and ignored), with
+        the errors :meth:`propose` raises, or ``TimeoutError`` once the proposal waited
+        ``proposal_timeout`` seconds (its entry may still commit later).
+
+        ``decoded`` is the command as the state machine's optional ``apply_command``
+        takes it; the leader then applies its own entry without decoding ``data``. It
+        must be exactly what decoding ``data`` gives.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            ClosedError: the node was closed.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        self._proposals_in.append((data, done, decoded))
+        if not self._wake.is_set():
+            self._wake.set()
 
     async def propose_conf_change(self, change: ConfChange) -> object:
         """Propose a membership change; returns once it is applied here."""
@@ -951,6 +1011,8 @@ class RaftNode:
         ticks, self._ticks = self._ticks, 0
         for _ in range(min(ticks, 10)):
             core.tick()
+        if ticks and self._pending:
+            self._expire_proposals()
         waiting, self._reply_wait = self._reply_wait, []
         for src, wfut in waiting:
             old = self._armed.pop(src, None)
@@ -972,7 +1034,9 @@ class RaftNode:
             except Exception as exc:
                 cfut.set_exception(exc)
                 continue
-            self._pending[index] = _Proposal(core.term, [cfut], time.perf_counter())
+            self._pending[index] = _Proposal(
+                core.term, [_future_callback(cfut)], time.perf_counter()
+            )
         while self._reads_in:
             rfut = self._reads_in.popleft()
             if rfut.done():
@@ -993,16 +1057,19 @@ class RaftNode:
         now = time.perf_counter()
         while queue:
             datas: list[bytes] = []
-            futs: list[asyncio.Future[object]] = []
+            cbs: list[ProposalCallback] = []
+            decoded: list[object] | None = []
             size = 0
             while queue and len(datas) < most and size < most_bytes:
-                data, fut = queue.popleft()
-                if not fut.done():
-                    datas.append(data)
-                    futs.append(fut)
-                    size += len(data)
-            if not datas:
-                return
+                data, cb, dec = queue.popleft()
+                datas.append(data)
+                cbs.append(cb)
+                if decoded is not None:
+                    if dec is None:
+                        decoded = None
+                    else:
+                        decoded.append(dec)
+                size += len(data)
             try:
                 index = core.propose(datas[0]) if len(datas) == 1 else core.propose_batch(datas)
             except NotLeaderError:
@@ -1010,10 +1077,24 @@ class RaftNode:
             except Exception as e:
                 exc = e
             else:
-                self._pending[index] = _Proposal(core.term, futs, now)
+                self._pending[index] = _Proposal(core.term, cbs, now, decoded)
                 continue
-            for fut in futs:
-                fut.set_exception(exc)
+            for cb in cbs:
+                _call(cb, None, exc)
+
+    def _expire_proposals(self) -> None:
+        """Answer ``TimeoutError`` to proposals older than ``proposal_timeout``."""
+        pending = self._pending
+        cutoff = time.perf_counter() - self.config.proposal_timeout
+        expired = []
+        for index, p in pending.items():  # in index order, so oldest first
+            if p.started > cutoff:
+                break
+            expired.append(index)
+        for index in expired:
+            pending.pop(index).fail(
+                TimeoutError("not committed in time; the entry may still commit")
+            )
 
     async def _handle_ready(self, rd: Ready) -> None:
         # 1. persist (off the event loop; one fsync for the whole batch)
@@ -1045,25 +1126,31 @@ class RaftNode:
             self.applied_term = rd.snapshot.meta.term
             self.snapshot_index = rd.snapshot.meta.index
             self._fail_pending_upto(self.applied_index)
+        pending, apply, apply_decoded = self._pending, self.fsm.apply, self._apply_decoded
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue
             kind = entry.kind
+            p = pending.pop(entry.index, None)
+            # (index, term) names one entry: a proposal of that term is exactly this entry
+            mine = p is not None and p.term == entry.term
+            decoded = p.decoded if p is not None and mine else None
             results: list[object]
-            if kind == EntryKind.NORMAL:
-                results = [self.fsm.apply(entry.data)]
-            elif kind == EntryKind.BATCH:
-                results = [self.fsm.apply(cmd) for cmd in self._batch_commands(entry)]
+            if kind == EntryKind.NORMAL or kind == EntryKind.BATCH:
+                if decoded is not None and apply_decoded is not None:
+                    results = [apply_decoded(c) for c in decoded]
+                elif kind == EntryKind.NORMAL:
+                    results = [apply(entry.data)]
+                else:
+                    results = [apply(cmd) for cmd in self._batch_commands(entry)]
             else:
                 results = [None]
             self.applied_index = entry.index
             self.applied_term = entry.term
-            p = self._pending.pop(entry.index, None)
             if p is not None:
-                if p.term == entry.term and len(p.futures) == len(results):
-                    for fut, result in zip(p.futures, results, strict=True):
-                        if not fut.done():
-                            fut.set_result(result)
+                if mine and len(p.callbacks) == len(results):
+                    for cb, result in zip(p.callbacks, results, strict=True):
+                        _call(cb, result, None)
                     self._m_commit.observe(time.perf_counter() - p.started)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
