@@ -6,6 +6,8 @@ from collections.abc import Mapping
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dsys.errors import BadInputError, ConfigError, ConflictError, NotLeaderError
 from dsys.observability import (
@@ -140,3 +142,39 @@ def test_logging_follows_a_replaced_stderr(capsys: pytest.CaptureFixture[str]) -
         sys.stderr = old
     assert '"event": "swapped"' in replacement.getvalue()
     configure_logging(json=False)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["get", "put", "ws_put"]),
+            st.sampled_from([200, 404, "ok", "conflict"]),
+            st.floats(min_value=0, max_value=20, allow_nan=False),
+        ),
+        max_size=40,
+    )
+)
+def test_request_stats_export_what_prometheus_counter_and_histogram_would(
+    events: list[tuple[str, int | str, float]],
+) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fast = Metrics("t")
+    stats = fast.request_stats("requests_total", "Requests", "request_seconds", "Latency")
+    slow = Metrics("t")
+    count = slow.counter("requests_total", "Requests", labels=("op", "status"))
+    latency = slow.histogram("request_seconds", "Latency", labels=("op",))
+    for op, status, seconds in events:
+        stats.observe(op, status, seconds)
+        count.labels(op, str(status)).inc()
+        latency.labels(op).observe(seconds)
+
+    def samples(m: Metrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        out = []
+        for family in text_string_to_metric_families(m.render().decode()):
+            for s in family.samples:
+                if not s.name.endswith("_created"):
+                    out.append((s.name, tuple(sorted(s.labels.items())), round(s.value, 9)))
+        return sorted(out)
+
+    assert samples(fast) == samples(slow)

@@ -199,13 +199,9 @@ class KVServer:
         )
         self._sync_members(self.fsm.members)
         self.fsm.on_members_changed = self._sync_members
-        self._m_requests = self.metrics.counter(
-            "requests_total", "Client requests", labels=("op", "status")
+        self._m_requests = self.metrics.request_stats(
+            "requests_total", "Client requests", "request_seconds", "Client request latency"
         )
-        self._m_latency = self.metrics.histogram(
-            "request_seconds", "Client request latency", labels=("op",)
-        )
-        self._m_children: dict[tuple[str, int | str], tuple[Any, Any]] = {}
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -359,13 +355,7 @@ class KVServer:
     # -- HTTP handlers ----------------------------------------------------------------
 
     def _count(self, op: str, status: int | str, started: float) -> None:
-        key = (op, status)
-        children = self._m_children.get(key)
-        if children is None:  # label lookups are costly: resolve each pair once
-            children = (self._m_requests.labels(op, str(status)), self._m_latency.labels(op))
-            self._m_children[key] = children
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started)
+        self._m_requests.observe(op, status, time.perf_counter() - started)
 
     async def handle_put(self, request: web.Request) -> web.Response:
         """``PUT /v1/kv/{key}``: body = value."""

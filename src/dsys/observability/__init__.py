@@ -12,11 +12,12 @@ from dsys.observability.http import (
     start_site,
 )
 from dsys.observability.logging import configure_logging, get_logger
-from dsys.observability.metrics import Metrics
+from dsys.observability.metrics import Metrics, RequestStats
 
 __all__ = [
     "HealthCheck",
     "Metrics",
+    "RequestStats",
     "add_observability_routes",
     "configure_logging",
     "error_middleware",
