@@ -1,9 +1,19 @@
 from __future__ import annotations
 
+import msgpack
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dsys.kv.fsm import Delete, KVStateMachine, Put, Tick, encode_command
+from dsys.errors import RemoteProtocolError
+from dsys.kv.fsm import (
+    Delete,
+    KVStateMachine,
+    Put,
+    Result,
+    Tick,
+    decode_command,
+    encode_command,
+)
 
 keys = st.sampled_from(["a", "ab", "abc", "b", "ba", "c"])
 ops = st.lists(
@@ -136,3 +146,56 @@ def test_command_round_trip() -> None:
         Tick(now_ms=7),
     ):
         assert decode_command(encode_command(cmd)) == cmd
+
+
+_field = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-2, max_value=40),
+    st.text(max_size=3),
+    st.binary(max_size=3),
+)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.one_of(
+            # well-formed puts, deletes and ticks on few keys, with TTLs and sessions
+            st.builds(
+                lambda k, v, r, ttl, now, c, s: encode_command(
+                    Put(key=k, value=v, if_revision=r, ttl_ms=ttl, now_ms=now, client_id=c, seq=s)
+                ),
+                st.sampled_from(["a", "b"]),
+                st.binary(max_size=2),
+                st.one_of(st.none(), st.integers(0, 6)),
+                st.sampled_from([0, 0, 5]),
+                st.integers(0, 30),
+                st.sampled_from(["", "c1", "c2"]),
+                st.integers(1, 6),
+            ),
+            st.builds(
+                lambda k, now: encode_command(Delete(key=k, now_ms=now)),
+                st.sampled_from(["a", "b"]),
+                st.integers(0, 30),
+            ),
+            st.builds(lambda now: encode_command(Tick(now_ms=now)), st.integers(0, 30)),
+            # put-shaped lists with a wrong field somewhere, and plain garbage
+            st.lists(_field, min_size=8, max_size=8).map(lambda v: msgpack.packb([1, *v[1:]])),
+            st.binary(max_size=12),
+        ),
+        max_size=30,
+    )
+)
+def test_apply_decides_exactly_what_decode_and_apply_command_decide(datas: list[bytes]) -> None:
+    """``apply`` has a fast path for puts; it must agree with the general one."""
+    fast, slow = KVStateMachine(per_client=3), KVStateMachine(per_client=3)
+    for data in datas:
+        try:
+            cmd = decode_command(data)
+        except RemoteProtocolError:
+            want = Result(ok=False, revision=slow.revision, status="invalid")
+        else:
+            want = slow.apply_command(cmd)
+        assert fast.apply(data) == want
+    assert fast.snapshot() == slow.snapshot()

@@ -31,10 +31,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
 from sortedcontainers import SortedDict
 
 from dsys.codec import decode, encode
 from dsys.errors import ConfigError, RemoteProtocolError
+
+_unpack = msgpack.unpackb
 
 MAX_KEY_BYTES = 1024
 """Longest key accepted, in UTF-8 bytes."""
@@ -122,6 +125,10 @@ def encode_command(cmd: Command) -> bytes:
     else:
         plain = [_TICK, cmd.now_ms]
     return encode(plain, max_size=MAX_COMMAND_BYTES)
+
+
+def _no_ext(code: int, data: bytes) -> object:
+    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
 
 
 def _int(v: Any) -> int:
@@ -373,6 +380,25 @@ class KVStateMachine:
         A command that cannot be decoded is a replicated no-op with status ``"invalid"``
         (every replica decides the same), so a bad entry can never wedge the log.
         """
+        # The hot case, a well-formed Put, without building a Put: exactly what
+        # decode_command + apply_command decide, field checks included.
+        if len(data) <= MAX_COMMAND_BYTES:
+            try:
+                v = _unpack(data, raw=False, strict_map_key=True, ext_hook=_no_ext)
+            except Exception:  # malformed: the general path below says so
+                v = None
+            if type(v) is list and len(v) == 8 and v[0] == _PUT:
+                _, key, value, if_revision, ttl_ms, now_ms, client_id, seq = v
+                if (
+                    type(key) is str
+                    and type(value) is bytes
+                    and (if_revision is None or type(if_revision) is int)
+                    and type(ttl_ms) is int
+                    and type(now_ms) is int
+                    and type(client_id) is str
+                    and type(seq) is int
+                ):
+                    return self._apply_put(key, value, if_revision, ttl_ms, now_ms, client_id, seq)
         try:
             cmd = decode_command(data)
         except RemoteProtocolError:
@@ -381,6 +407,10 @@ class KVStateMachine:
 
     def apply_command(self, cmd: Command) -> Result:
         """Apply one decoded command (see :meth:`apply`)."""
+        if isinstance(cmd, Put):
+            return self._apply_put(
+                cmd.key, cmd.value, cmd.if_revision, cmd.ttl_ms, cmd.now_ms, cmd.client_id, cmd.seq
+            )
         if isinstance(cmd, SetMember):
             if cmd.addr:
                 self.members[cmd.id] = cmd.addr
@@ -398,29 +428,55 @@ class KVStateMachine:
             cached = self.sessions.check(cmd.client_id, cmd.seq)
             if cached is not None:
                 return cached
-        result = self._put(cmd) if isinstance(cmd, Put) else self._delete(cmd)
+        result = self._delete(cmd)
         if cmd.client_id:
             self.sessions.record(cmd.client_id, cmd.seq, result, self.clock_ms)
+        return result
+
+    def _apply_put(
+        self,
+        key: str,
+        value: bytes,
+        if_revision: int | None,
+        ttl_ms: int,
+        now_ms: int,
+        client_id: str,
+        seq: int,
+    ) -> Result:
+        if now_ms > self.clock_ms:
+            self.clock_ms = now_ms
+            if self._ttl:
+                self._expire()
+        sessions = self.sessions
+        if client_id:
+            cached = sessions.check(client_id, seq)
+            if cached is not None:
+                return cached
+        old: KeyValue | None = self._data.get(key)
+        current = old.mod_revision if old is not None else 0
+        if current and old is not None and old.expires_ms and old.expires_ms <= self.clock_ms:
+            current = 0  # expired by the replicated clock: as if missing
+        if if_revision is not None and if_revision != current:
+            result = Result(
+                ok=False, revision=self.revision, status="conflict", key_revision=current
+            )
+        else:
+            self.revision = revision = self.revision + 1
+            if old is not None and old.expires_ms:
+                self._ttl.pop((old.expires_ms, key), None)
+            create = old.create_revision if (old is not None and current) else revision
+            expires = self.clock_ms + ttl_ms if ttl_ms > 0 else 0
+            self._data[key] = KeyValue(key, value, revision, create, expires)
+            if expires:
+                self._ttl[(expires, key)] = None
+            result = Result(ok=True, revision=revision)
+        if client_id:
+            sessions.record(client_id, seq, result, self.clock_ms)
         return result
 
     def _current_revision(self, key: str) -> int:
         kv = self.get(key)
         return kv.mod_revision if kv is not None else 0
-
-    def _put(self, cmd: Put) -> Result:
-        current = self._current_revision(cmd.key)
-        if cmd.if_revision is not None and cmd.if_revision != current:
-            return Result(ok=False, revision=self.revision, status="conflict", key_revision=current)
-        self.revision += 1
-        old: KeyValue | None = self._data.get(cmd.key)
-        if old is not None and old.expires_ms:
-            self._ttl.pop((old.expires_ms, cmd.key), None)
-        create = old.create_revision if (old is not None and current) else self.revision
-        expires = self.clock_ms + cmd.ttl_ms if cmd.ttl_ms > 0 else 0
-        self._data[cmd.key] = KeyValue(cmd.key, cmd.value, self.revision, create, expires)
-        if expires:
-            self._ttl[(expires, cmd.key)] = None
-        return Result(ok=True, revision=self.revision)
 
     def _delete(self, cmd: Delete) -> Result:
         current = self._current_revision(cmd.key)
