@@ -589,17 +589,27 @@ class KVServer:
                 except RemoteProtocolError as exc:
                     out.put_nowait(_ws_error(None, "bad_request", str(exc)))
                     continue
+                # The hot path: the frame's puts and deletes become one proposal (one
+                # queue slot, one callback) without a task; other requests get a task.
+                writes = _Writes()
                 for req in reqs:
                     if sem.used >= sem.limit:
+                        if writes.cmds:
+                            self._ws_write_many(writes, out, sem)
+                            writes = _Writes()
                         await sem.wait_room()
                     sem.used += 1
-                    if isinstance(req, dict) and req.get("op") in _WS_WRITE_OPS:
-                        # the hot path: no task, the proposal's future answers directly
-                        self._ws_write(req, out, sem)
+                    if type(req) is dict and req.get("op") in _WS_WRITE_OPS:
+                        self._ws_add_write(req, writes, out, sem)
+                        if len(writes.cmds) >= _WRITES_PER_PROPOSAL or writes.size > _WRITE_BYTES:
+                            self._ws_write_many(writes, out, sem)
+                            writes = _Writes()
                         continue
                     t = asyncio.create_task(run(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
+                if writes.cmds:
+                    self._ws_write_many(writes, out, sem)
         finally:
             for t in list(tasks):
                 t.cancel()
@@ -630,28 +640,59 @@ class KVServer:
             return False
         return True
 
-    def _ws_write(self, req: dict[str, Any], out: _Outbox, sem: _Window) -> None:
-        """Start a WebSocket put/delete; its answer is queued on ``out`` when it is known.
-
-        Same checks and answers as :meth:`_ws_call`, without a task per request: the
-        proposal's future carries the request to its answer (timeouts share one timer per
-        10 ms bucket).
-        """
-        started = time.perf_counter()
+    def _ws_add_write(
+        self, req: dict[str, Any], writes: _Writes, out: _Outbox, sem: _Window
+    ) -> None:
+        """Check one put/del request and add it to ``writes`` (or answer its error now)."""
         rid = req.get("id")
         op = req["op"]
-        if type(rid) is not int:
-            out.put_nowait(self._ws_finish(op, _ws_error(None, "bad_request", _NO_ID), started))
+        try:
+            if type(rid) is not int:
+                raise BadInputError(_NO_ID)
+            cmd = self._ws_write_cmd(op, req)
+            data = encode_command(cmd)
+        except DsysError as exc:
             sem.release()
+            answer = _ws_error(rid if type(rid) is int else None, "bad_request", str(exc))
+            out.put_nowait(self._ws_finish(op, answer, writes.started))
             return
+        writes.ids.append(rid)
+        writes.ops.append(op)
+        writes.cmds.append(cmd)
+        writes.datas.append(data)
+        writes.size += len(data)
 
-        def done(result: object, exc: BaseException | None) -> None:
-            sem.release()
-            out.put_nowait(self._ws_finish(op, self._ws_write_answer(rid, result, exc), started))
+    def _ws_write_many(self, writes: _Writes, out: _Outbox, sem: _Window) -> None:
+        """Propose a frame's writes together; their answers are queued on ``out``."""
+        node_id, stats = self.config.id, self._m_requests
+
+        def done(results: list[object] | None, exc: BaseException | None) -> None:
+            sem.release(len(writes.ids))
+            elapsed = time.perf_counter() - writes.started
+            answers = []
+            if results is not None:
+                for rid, op, r in zip(writes.ids, writes.ops, results, strict=True):
+                    assert isinstance(r, Result)
+                    answers.append(
+                        {
+                            "id": rid,
+                            "status": r.status,
+                            "revision": r.revision,
+                            "key_revision": r.key_revision,
+                            "node": node_id,
+                        }
+                    )
+                    stats.observe(_WS_OP_NAMES[op], r.status, elapsed)
+            else:
+                for rid, op in zip(writes.ids, writes.ops, strict=True):
+                    answer = self._ws_write_answer(rid, None, exc)
+                    answer["node"] = node_id
+                    answers.append(answer)
+                    stats.observe(_WS_OP_NAMES[op], answer["status"], elapsed)
+            out.extend(answers)
 
         try:
-            cmd = self._ws_write_cmd(op, req)
-            self.node.propose_callback(encode_command(cmd), done, cmd)
+            self.node.propose_many(writes.datas, done, writes.cmds)  # type: ignore[arg-type]
         except Exception as exc:
             done(None, exc)
 
@@ -766,6 +807,18 @@ class KVServer:
         return Delete(key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=cid, seq=seq)
 
 
+@dataclass(slots=True)
+class _Writes:
+    """The put/del requests of one WebSocket frame, proposed together."""
+
+    ids: list[int] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    cmds: list[Put | Delete] = field(default_factory=list)
+    datas: list[bytes] = field(default_factory=list)
+    size: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
 class _Window:
     """Bounds the requests in flight on one WebSocket (one acquirer: its reader).
 
@@ -785,9 +838,9 @@ class _Window:
             self._room.clear()
             await self._room.wait()
 
-    def release(self) -> None:
-        """One request finished."""
-        self.used -= 1
+    def release(self, n: int = 1) -> None:
+        """``n`` requests finished."""
+        self.used -= n
         self._room.set()
 
 
@@ -805,6 +858,11 @@ class _Outbox:
         self._items.append(resp)
         self._ready.set()
 
+    def extend(self, resps: list[dict[str, Any]]) -> None:
+        """Queue several answers."""
+        self._items.extend(resps)
+        self._ready.set()
+
     async def take(self) -> list[dict[str, Any]]:
         """Wait for answers and take all of them."""
         while not self._items:
@@ -816,6 +874,9 @@ class _Outbox:
 
 _WS_OPS = frozenset({"get", "put", "del", "scan", "status"})
 _WS_WRITE_OPS = frozenset({"put", "del"})
+_WS_OP_NAMES = {"put": "ws_put", "del": "ws_del"}
+_WRITES_PER_PROPOSAL = 256
+_WRITE_BYTES = 1024 * 1024
 _NO_ID = "request needs an integer 'id'"
 _WRITE_TIMEOUT = "write not committed in time; retry with the same seq"
 

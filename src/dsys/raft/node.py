@@ -489,23 +489,49 @@ def _future_callback(fut: asyncio.Future[object]) -> ProposalCallback:
     return done
 
 
+ManyCallback: TypeAlias = Callable[[list[object] | None, BaseException | None], None]
+"""Called once with ``(results, None)`` (one per command, in order) or ``(None, error)``."""
+
+
 @dataclass(slots=True)
 class _Proposal:
     """Who waits for one log entry (several callers when it is a BATCH entry)."""
 
     term: int
-    callbacks: list[ProposalCallback]
+    callbacks: list[Any]
     started: float
-    decoded: list[object] | None = None
+    decoded: list[object] | None
     """The commands as the state machine's ``apply_command`` takes them, when every
     proposer gave them: the leader applies its own entries without decoding them."""
+    count: int
+    """How many commands the entry holds."""
+    spans: list[int] | None
+    """Per callback: 0 for a :data:`ProposalCallback` (one result), n for a
+    :data:`ManyCallback` (a list of n results); None when all are 0."""
+
+    def answer(self, results: list[object]) -> None:
+        callbacks, spans = self.callbacks, self.spans
+        if spans is None:
+            for cb, result in zip(callbacks, results, strict=True):
+                _call(cb, result, None)
+            return
+        i = 0
+        for cb, n in zip(callbacks, spans, strict=True):
+            if n:
+                _call(cb, results[i : i + n], None)
+                i += n
+            else:
+                _call(cb, results[i], None)
+                i += 1
 
     def fail(self, exc: BaseException) -> None:
         for cb in self.callbacks:
             _call(cb, None, exc)
 
 
-def _call(cb: ProposalCallback, result: object, exc: BaseException | None) -> None:
+def _call(
+    cb: Callable[[Any, BaseException | None], None], result: object, exc: BaseException | None
+) -> None:
     try:
         cb(result, exc)
     except Exception:  # a caller's bug must not stop the Raft loop
@@ -561,7 +587,8 @@ class RaftNode:
         # messages were stepped, then resolved after the resulting Ready was persisted.
         self._reply_wait: list[tuple[NodeId, asyncio.Future[list[Message]]]] = []
         self._armed: dict[NodeId, tuple[asyncio.Future[list[Message]], list[Message]]] = {}
-        self._proposals_in: deque[tuple[bytes, ProposalCallback, object]] = deque()
+        # (data, ProposalCallback, decoded) or ([data, ...], ManyCallback, [decoded, ...])
+        self._proposals_in: deque[tuple[Any, Any, Any]] = deque()
         self._reads_in: deque[asyncio.Future[int]] = deque()
         self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
         self._pending: dict[int, _Proposal] = {}
@@ -775,6 +802,31 @@ class RaftNode:
         if not self.is_leader:
             raise self._not_leader()
         self._proposals_in.append((data, done, decoded))
+        if not self._wake.is_set():
+            self._wake.set()
+
+    def propose_many(
+        self, datas: list[bytes], done: ManyCallback, decoded: list[object] | None = None
+    ) -> None:
+        """Queue several commands that go into one log entry together, with one callback.
+
+        Like :meth:`propose_callback`, but ``done(results, None)`` gets one result per
+        command, in order (they commit together or not at all). For a server that
+        receives many commands at once (a frame of a multiplexed connection), this costs
+        one queue slot and one callback instead of one per command.
+
+        Raises:
+            ValueError: ``datas`` is empty, or ``decoded`` does not match it.
+            NotLeaderError: this node is not the leader.
+            ClosedError: the node was closed.
+        """
+        if not datas or (decoded is not None and len(decoded) != len(datas)):
+            raise ValueError("propose_many needs commands (and as many decoded ones)")
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        self._proposals_in.append((datas, done, decoded))
         if not self._wake.is_set():
             self._wake.set()
 
@@ -1035,7 +1087,7 @@ class RaftNode:
                 cfut.set_exception(exc)
                 continue
             self._pending[index] = _Proposal(
-                core.term, [_future_callback(cfut)], time.perf_counter()
+                core.term, [_future_callback(cfut)], time.perf_counter(), None, 1, None
             )
         while self._reads_in:
             rfut = self._reads_in.popleft()
@@ -1057,19 +1109,37 @@ class RaftNode:
         now = time.perf_counter()
         while queue:
             datas: list[bytes] = []
-            cbs: list[ProposalCallback] = []
+            cbs: list[Any] = []
+            spans: list[int] = []
+            many = False
             decoded: list[object] | None = []
             size = 0
             while queue and len(datas) < most and size < most_bytes:
-                data, cb, dec = queue.popleft()
-                datas.append(data)
+                data, cb, dec = queue[0]
+                if type(data) is list:  # propose_many: the group stays in one entry
+                    n, nbytes = len(data), sum(map(len, data))
+                    if datas and (len(datas) + n > most or size + nbytes > most_bytes):
+                        break
+                    datas.extend(data)
+                    spans.append(n)
+                    many = True
+                    if decoded is not None:
+                        if dec is None:
+                            decoded = None
+                        else:
+                            decoded.extend(dec)
+                    size += nbytes
+                else:
+                    datas.append(data)
+                    spans.append(0)
+                    if decoded is not None:
+                        if dec is None:
+                            decoded = None
+                        else:
+                            decoded.append(dec)
+                    size += len(data)
+                queue.popleft()
                 cbs.append(cb)
-                if decoded is not None:
-                    if dec is None:
-                        decoded = None
-                    else:
-                        decoded.append(dec)
-                size += len(data)
             try:
                 index = core.propose(datas[0]) if len(datas) == 1 else core.propose_batch(datas)
             except NotLeaderError:
@@ -1077,7 +1147,9 @@ class RaftNode:
             except Exception as e:
                 exc = e
             else:
-                self._pending[index] = _Proposal(core.term, cbs, now, decoded)
+                self._pending[index] = _Proposal(
+                    core.term, cbs, now, decoded, len(datas), spans if many else None
+                )
                 continue
             for cb in cbs:
                 _call(cb, None, exc)
@@ -1148,9 +1220,8 @@ class RaftNode:
             self.applied_index = entry.index
             self.applied_term = entry.term
             if p is not None:
-                if mine and len(p.callbacks) == len(results):
-                    for cb, result in zip(p.callbacks, results, strict=True):
-                        _call(cb, result, None)
+                if mine and p.count == len(results):
+                    p.answer(results)
                     self._m_commit.observe(time.perf_counter() - p.started)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
