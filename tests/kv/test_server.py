@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -171,3 +172,37 @@ async def test_concurrent_writes_share_batch_entries_and_every_replica_agrees(
         got = {f"b{i}": s.fsm.get(f"b{i}") for i in range(300)}
         assert {k: (v.value, v.mod_revision) for k, v in got.items() if v} == want
         assert s.fsm.revision == leader.fsm.revision
+
+
+async def test_propose_many_and_single_proposals_share_entries_and_answer_in_order(
+    cluster: list[KVServer],
+) -> None:
+    from dsys.kv.fsm import Put, Result, encode_command
+
+    leader = await wait_leader(cluster)
+    loop = asyncio.get_running_loop()
+    got: dict[str, object] = {}
+    done = loop.create_future()
+
+    def answer(name: str) -> Any:
+        def cb(result: object, exc: BaseException | None) -> None:
+            got[name] = exc if exc is not None else result
+            if len(got) == 3 and not done.done():
+                done.set_result(None)
+
+        return cb
+
+    puts = [Put(key=f"m{i}", value=b"%d" % i) for i in range(5)]
+    with pytest.raises(ValueError):
+        leader.node.propose_many([], answer("never"))
+    leader.node.propose_callback(encode_command(puts[0]), answer("first"))
+    leader.node.propose_many([encode_command(p) for p in puts[1:4]], answer("many"), puts[1:4])
+    leader.node.propose_callback(encode_command(puts[4]), answer("last"), puts[4])
+    await asyncio.wait_for(done, 5)
+    first, many, last = got["first"], got["many"], got["last"]
+    assert isinstance(first, Result) and isinstance(last, Result) and isinstance(many, list)
+    revs = [first.revision, *(r.revision for r in many), last.revision]
+    assert revs == list(range(revs[0], revs[0] + 5))  # one revision each, in queue order
+    for p, rev in zip(puts, revs, strict=True):
+        kv = leader.fsm.get(p.key)
+        assert kv is not None and kv.value == p.value and kv.mod_revision == rev
