@@ -797,13 +797,7 @@ class RaftNode:
             NotLeaderError: this node is not the leader.
             ClosedError: the node was closed.
         """
-        if self._closed:
-            raise ClosedError("raft node closed")
-        if not self.is_leader:
-            raise self._not_leader()
-        self._proposals_in.append((data, done, decoded))
-        if not self._wake.is_set():
-            self._wake.set()
+        self._enqueue((data, done, decoded))
 
     def propose_many(
         self, datas: list[bytes], done: ManyCallback, decoded: list[object] | None = None
@@ -822,11 +816,14 @@ class RaftNode:
         """
         if not datas or (decoded is not None and len(decoded) != len(datas)):
             raise ValueError("propose_many needs commands (and as many decoded ones)")
+        self._enqueue((datas, done, decoded))
+
+    def _enqueue(self, item: tuple[Any, Any, Any]) -> None:
         if self._closed:
             raise ClosedError("raft node closed")
         if not self.is_leader:
             raise self._not_leader()
-        self._proposals_in.append((datas, done, decoded))
+        self._proposals_in.append(item)
         if not self._wake.is_set():
             self._wake.set()
 
