@@ -202,7 +202,7 @@ class _Conn:
                     break
                 if not isinstance(batch, list):
                     break
-                node = None
+                node: dict[str, Any] | None = None
                 for resp in batch:
                     if not isinstance(resp, dict):
                         continue
@@ -212,10 +212,13 @@ class _Conn:
                         continue
                     if fut is not None and not fut.done():
                         fut.set_result(resp)
-                    node = resp.get("node")
-                # every answer on this connection comes from the same server
-                if isinstance(node, str) and self._by_id.get(node) != self.endpoint:
-                    self._by_id[node] = self.endpoint
+                    node = resp
+                # every answer on this connection comes from the same server: its node id
+                # (in the last answer of the frame) tells which node this endpoint is
+                if node is not None:
+                    nid = node.get("node")
+                    if isinstance(nid, str) and self._by_id.get(nid) != self.endpoint:
+                        self._by_id[nid] = self.endpoint
         finally:
             if self._ws is ws:  # not replaced by a newer connection meanwhile
                 self.up = False
@@ -450,7 +453,11 @@ class KVClient:
             "cid": self.client_id,
             "seq": seq,
         }
-        resp = await self._request(req, _size(key, value), timeout, False)
+        try:
+            size = len(key) + len(value)
+        except TypeError:  # not a str and bytes: the server will say what is wrong
+            size = _size(key, value)
+        resp = await self._request(req, size, timeout, False)
         if resp["status"] == "ok":
             return int(resp["revision"])
         return _write_refused(req, resp)
