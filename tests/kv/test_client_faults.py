@@ -115,3 +115,14 @@ async def test_an_unsendable_value_fails_alone(
         assert isinstance(bad, BadInputError)
         assert "cannot encode" in str(bad)
         assert server.fsm.get("good") is not None and server.fsm.get("bad") is None
+
+
+async def test_a_spent_timeout_sends_nothing_and_zero_means_the_default(
+    proxied: tuple[KVServer, FaultProxy],
+) -> None:
+    server, proxy = proxied
+    async with KVClient([f"127.0.0.1:{proxy.port}"]) as kv:
+        with pytest.raises(RequestTimeout):
+            await kv.put("spent", b"v", timeout=-1.0)
+        assert isinstance(await kv.put("zero", b"v", timeout=0), int)
+        assert server.fsm.get("spent") is None and server.fsm.get("zero") is not None

@@ -608,8 +608,10 @@ class KVClient:
         """
         if self._closed:
             raise ClosedError("client closed")
-        if timeout is None:
+        if not timeout:  # None (or 0): the client's default
             total, per_try = self.timeout, self._first_try
+        elif timeout < 0:
+            raise RequestTimeout("request failed after 0 attempts: no time left")
         else:
             total, per_try = timeout, min(self.request_timeout, timeout)
         started = _monotonic()
