@@ -13,8 +13,9 @@ Which load generator drives which row, and why:
   to ``/v1/kv/h<n % 1000>`` on the leader. The machine has 2 cores shared by the three
   servers and the load generator; an aiohttp client in this process costs about 85 us of
   CPU per request, so it measured our load generator more than the server (about 8,300
-  req/s against about 12,000 with wrk, same leader). wrk is C and spends a few us per
-  request. ops/s counts 2xx answers only; every other answer (a 307 to another leader,
+  req/s against about 12,000 with wrk, same leader); wrk is written in C and costs far
+  less per request. wrk takes whole seconds (a 2.5 s run is 3 s, after a 1 s warm-up at
+  64 connections). ops/s counts 2xx answers only; every other answer (a 307 to another leader,
   a 503) and every socket error is an error, and a row with errors says so in the table.
   p50/p99 are wrk's (over all answers), the median over rounds. Without ``wrk`` on the
   PATH the rows fall back to the aiohttp client and are labelled ``HTTP (aiohttp client)``.
