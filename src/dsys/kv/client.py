@@ -8,6 +8,13 @@ remembers which endpoint is which node), retries with exponential backoff and ji
 makes retried writes idempotent: each write carries this client's id and a sequence
 number that stays the same across retries, so the cluster applies it at most once.
 
+Each attempt waits at most ``request_timeout`` (or what is left of the operation's
+``timeout``) for its answer; the deadline fires up to 10 ms late, never early. The path
+of a request that succeeds at once is kept short, because a write-heavy client shares the
+machine's CPU with the servers: no copy of the request, no timer of its own (one timer
+per connection and 10 ms covers every request sent in that slot) and no task or helper
+coroutine between ``await kv.put(...)`` and the future its answer resolves.
+
 Example::
 
     async with KVClient(["127.0.0.1:7101", "127.0.0.1:7102", "127.0.0.1:7103"]) as kv:
@@ -20,12 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import random
+import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 
@@ -36,10 +43,11 @@ from dsys.errors import (
     ConfigError,
     ConflictError,
     ConnectError,
+    LocalProtocolError,
     RemoteProtocolError,
     RequestTimeout,
 )
-from dsys.raft.timers import wait_future
+from dsys.raft.timers import GRAIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,17 @@ class ScanItem:
 FRAME_BUDGET = 4 * 1024 * 1024
 """Bytes of requests packed into one WebSocket frame (the server accepts 8 MiB)."""
 
+_MAX_FRAME_IN = 32 * 1024 * 1024
+"""Largest answer frame the client accepts."""
+
+_REQ_OVERHEAD = 64
+"""Bytes counted per request on top of its key and value when splitting frames."""
+
+_RETRY_STATUSES = frozenset({"not_leader", "unavailable", "bad_request"})
+"""Answers that are not a final result of the request."""
+
+_monotonic = time.monotonic
+
 
 class _Retry(Exception):
     """Internal: the attempt failed in a way worth retrying elsewhere."""
@@ -72,117 +91,297 @@ class _Retry(Exception):
 
 
 class _Conn:
-    """One WebSocket to one server with its in-flight requests."""
+    """One WebSocket to one server with its in-flight requests.
 
-    def __init__(self, endpoint: str, session: aiohttp.ClientSession) -> None:
+    The hot path is :meth:`submit`: it gives the request the next id, queues it for the
+    next frame and returns the future its answer resolves. Everything else happens
+    once per frame or once per 10 ms, not once per request:
+
+    * :meth:`_flush` (scheduled once per loop iteration) sends every queued request in
+      one frame (several when they exceed :data:`FRAME_BUDGET`) and arms the timeouts:
+      the ids of one flush are consecutive, so all requests with the connection's usual
+      attempt timeout are one id range in a deadline bucket (deadlines rounded *up* to
+      :data:`~dsys.raft.timers.GRAIN`, one timer per bucket); a request with another
+      timeout gets a range of its own.
+    * the reader resolves answers by id and notes which node answers on this endpoint.
+
+    A timeout therefore fires between 0 and ``GRAIN`` seconds late, never early, and an
+    abandoned (cancelled) request leaves ``_pending`` when its answer or deadline comes.
+    """
+
+    __slots__ = (
+        "_buckets",
+        "_by_id",
+        "_closing",
+        "_custom",
+        "_flush_scheduled",
+        "_lock",
+        "_loop",
+        "_next_id",
+        "_out",
+        "_out_bytes",
+        "_own",
+        "_pending",
+        "_reader",
+        "_timeout",
+        "_ws",
+        "endpoint",
+        "up",
+    )
+
+    def __init__(
+        self,
+        endpoint: str,
+        loop: asyncio.AbstractEventLoop,
+        timeout: float,
+        by_id: dict[str, str],
+    ) -> None:
         self.endpoint = endpoint
-        self._session = session
+        self.up = False  # connected and not known to be broken
+        self._loop = loop
+        self._timeout = timeout  # the usual attempt timeout (armed per id range)
+        self._by_id = by_id  # node id -> endpoint, shared with the client
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
         self._out: list[dict[str, Any]] = []
+        self._out_bytes = 0
+        self._custom: list[tuple[int, float]] = []  # (id, timeout) of unusual timeouts
+        self._own: set[int] = set()  # ids armed with a timeout of their own
+        # deadline slot -> (timer, [(first id, end id, own timeout?, timeout), ...])
+        self._buckets: dict[int, tuple[asyncio.TimerHandle, list[tuple[int, int, bool, float]]]]
+        self._buckets = {}
         self._flush_scheduled = False
         self._reader: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[bool] | None = None  # closing a dropped WebSocket
         self._lock = asyncio.Lock()
-        self._ids = itertools.count(1)
+        self._next_id = 1
 
-    @property
-    def open(self) -> bool:
-        return self._ws is not None and not self._ws.closed
-
-    async def connect(self, timeout: float) -> None:  # noqa: ASYNC109
+    async def connect(self, session: aiohttp.ClientSession, timeout: float) -> None:  # noqa: ASYNC109
+        """Open the WebSocket unless it is open (ConnectError when that fails)."""
         async with self._lock:
-            if self.open:
-                return
+            old = self._ws
+            if old is not None:
+                if self.up and not old.closed:
+                    return
+                # a send on it failed: drop it (its reader no longer answers for us)
+                if self._reader is not None:
+                    self._reader.cancel()
+                if not old.closed:
+                    self._closing = asyncio.ensure_future(old.close())
             try:
-                self._ws = await self._session.ws_connect(
+                ws = await session.ws_connect(
                     f"http://{self.endpoint}/v1/ws",
                     timeout=aiohttp.ClientWSTimeout(ws_close=timeout),
-                    max_msg_size=32 * 1024 * 1024,
+                    max_msg_size=_MAX_FRAME_IN,
                     heartbeat=30.0,
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise ConnectError(f"cannot connect to {self.endpoint}: {exc}") from exc
-            self._reader = asyncio.create_task(self._read_loop(self._ws))
+            self._ws = ws
+            self.up = True
+            self._reader = asyncio.create_task(self._read_loop(ws))
+
+    def submit(
+        self,
+        req: dict[str, Any],
+        size: int,
+        timeout: float,
+    ) -> asyncio.Future[dict[str, Any]]:
+        """Queue ``req`` for the next frame; the future gets its answer.
+
+        The future fails with RequestTimeout after ``timeout`` seconds, or ConnectError
+        when the connection is lost first. ``size`` is the bytes of key and value.
+        """
+        rid = self._next_id
+        self._next_id = rid + 1
+        req["id"] = rid
+        fut = self._loop.create_future()
+        self._pending[rid] = fut
+        self._out.append(req)
+        self._out_bytes += size
+        if timeout != self._timeout:
+            self._custom.append((rid, timeout))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        return fut
 
     async def _read_loop(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        pending = self._pending
         try:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.BINARY:
                     continue
                 try:
-                    batch = decode(msg.data, max_size=32 * 1024 * 1024)
+                    batch = decode(msg.data, max_size=_MAX_FRAME_IN)
                 except RemoteProtocolError:
                     break
                 if not isinstance(batch, list):
                     break
+                node: dict[str, Any] | None = None
                 for resp in batch:
                     if not isinstance(resp, dict):
                         continue
-                    fut = self._pending.pop(resp.get("id"), None)  # type: ignore[arg-type]
+                    try:
+                        fut = pending.pop(resp.get("id"), None)  # type: ignore[arg-type]
+                    except TypeError:  # an unhashable id: not one of ours
+                        continue
                     if fut is not None and not fut.done():
                         fut.set_result(resp)
+                    node = resp
+                # every answer on this connection comes from the same server: its node id
+                # (in the last answer of the frame) tells which node this endpoint is
+                if node is not None:
+                    nid = node.get("node")
+                    if isinstance(nid, str) and self._by_id.get(nid) != self.endpoint:
+                        self._by_id[nid] = self.endpoint
         finally:
-            self._fail_all(ConnectError(f"connection to {self.endpoint} lost"))
+            if self._ws is ws:  # not replaced by a newer connection meanwhile
+                self.up = False
+                self._fail_all(ConnectError(f"connection to {self.endpoint} lost"))
 
     def _fail_all(self, exc: Exception) -> None:
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
+        self._out.clear()
+        self._out_bytes = 0
+        self._custom.clear()
+        if not self._pending:
+            return
+        futs = list(self._pending.values())
+        self._pending.clear()
+        for fut in futs:
             if not fut.done():
                 fut.set_exception(exc)
 
-    async def call(self, req: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-        await self.connect(timeout)
-        rid = next(self._ids)
-        req["id"] = rid
-        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[rid] = fut
-        self._out.append(req)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        try:
-            return await wait_future(fut, timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"no answer from {self.endpoint} in {timeout:.2f}s") from None
-        finally:
-            self._pending.pop(rid, None)
-
     def _flush(self) -> None:
-        """Send every queued request in one frame (called once per loop iteration)."""
+        """Send every queued request and arm its timeout (once per loop iteration)."""
         self._flush_scheduled = False
-        batch, self._out = self._out, []
-        ws = self._ws
+        batch = self._out
         if not batch:
             return
+        size = self._out_bytes + _REQ_OVERHEAD * len(batch)
+        custom = self._custom
+        self._out = []
+        self._out_bytes = 0
+        if custom:
+            self._custom = []
+        ws = self._ws
         if ws is None or ws.closed:
+            self.up = False
             self._fail_all(ConnectError(f"connection to {self.endpoint} is closed"))
             return
+        now = self._loop.time()
+        self._arm(now + self._timeout, batch[0]["id"], batch[-1]["id"] + 1, False, self._timeout)
+        for rid, timeout in custom:
+            self._own.add(rid)
+            self._arm(now + timeout, rid, rid + 1, True, timeout)
+        if size <= FRAME_BUDGET:
+            self._send(ws, batch)
+            return
         # Split into frames the server accepts (values are <= 1 MiB each).
-        frames: list[list[dict[str, Any]]] = [[]]
+        frame: list[dict[str, Any]] = []
         size = 0
         for req in batch:
-            n = 64 + len(req.get("key", "")) + len(req.get("value", b""))
-            if frames[-1] and size + n > FRAME_BUDGET:
-                frames.append([])
+            key, value = req.get("key", ""), req.get("value", b"")
+            n = _REQ_OVERHEAD + (len(key) if isinstance(key, str) else 0)
+            n += len(value) if isinstance(value, bytes) else 0
+            if frame and size + n > FRAME_BUDGET:
+                self._send(ws, frame)
+                frame = []
                 size = 0
-            frames[-1].append(req)
+            frame.append(req)
             size += n
-        for frame in frames:
-            data = encode(frame, max_size=32 * 1024 * 1024)
-            task = asyncio.ensure_future(ws.send_bytes(data))
-            task.add_done_callback(self._sent)
+        self._send(ws, frame)
 
-    def _sent(self, task: asyncio.Future[None]) -> None:
-        if task.cancelled() or task.exception() is not None:
+    def _send(self, ws: aiohttp.ClientWebSocketResponse, frame: list[dict[str, Any]]) -> None:
+        try:
+            data = encode(frame, max_size=_MAX_FRAME_IN)
+        except LocalProtocolError:
+            # a request msgpack cannot carry (say, a value that is not bytes): fail that
+            # request alone, send the others
+            frame = [req for req in frame if self._encodable(req)]
+            if not frame:
+                return
+            data = encode(frame, max_size=_MAX_FRAME_IN)
+        # Run the send's first step here: without compression it writes the frame to the
+        # transport and returns, so no task is needed. Only a send that must wait for
+        # flow control (a full socket buffer) gets a task to finish it.
+        coro = ws.send_bytes(data)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+        except Exception:
+            if self._ws is ws:
+                self.up = False
+                self._fail_all(ConnectError(f"sending to {self.endpoint} failed"))
+            return
+        if isinstance(waiting, asyncio.Future):
+            waiting._asyncio_future_blocking = False  # taken, as a Task takes it
+        task = asyncio.ensure_future(_finish(coro, waiting))
+        task.add_done_callback(lambda t: self._sent(t, ws))
+
+    def _encodable(self, req: dict[str, Any]) -> bool:
+        try:
+            encode(req, max_size=_MAX_FRAME_IN)
+        except LocalProtocolError as exc:
+            fut = self._pending.pop(req["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+            return False
+        return True
+
+    def _sent(self, task: asyncio.Future[None], ws: aiohttp.ClientWebSocketResponse) -> None:
+        if (task.cancelled() or task.exception() is not None) and self._ws is ws:
+            self.up = False
             self._fail_all(ConnectError(f"sending to {self.endpoint} failed"))
 
+    def _arm(self, when: float, first: int, end: int, own: bool, timeout: float) -> None:
+        """Fail the ids ``first <= id < end`` still pending at ``when`` (rounded up)."""
+        slot = int(when / GRAIN) + 1
+        entry = self._buckets.get(slot)
+        if entry is None:
+            timer = self._loop.call_at(slot * GRAIN, self._expire, slot)
+            entry = self._buckets[slot] = (timer, [])
+        entry[1].append((first, end, own, timeout))
+
+    def _expire(self, slot: int) -> None:
+        entry = self._buckets.pop(slot, None)
+        if entry is None:
+            return
+        pending, own_ids = self._pending, self._own
+        for first, end, own, timeout in entry[1]:
+            if own:
+                own_ids.discard(first)
+                expired = [first] if first in pending else []
+            else:
+                expired = []
+                for rid in pending:  # ids ascend in insertion order
+                    if rid >= end:
+                        break
+                    if rid >= first and rid not in own_ids:
+                        expired.append(rid)
+            for rid in expired:
+                fut = pending.pop(rid)
+                if not fut.done():
+                    fut.set_exception(
+                        RequestTimeout(f"no answer from {self.endpoint} in {timeout:.2f}s")
+                    )
+
     async def close(self) -> None:
+        """Close the WebSocket and fail what is still in flight with ClosedError."""
+        self.up = False
         if self._ws is not None:
             await self._ws.close()
+        if self._closing is not None:
+            await self._closing
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
+        for timer, _ in self._buckets.values():
+            timer.cancel()
+        self._buckets.clear()
+        self._own.clear()
         self._fail_all(ClosedError("client closed"))
 
 
@@ -216,7 +415,8 @@ class KVClient:
         self.timeout = timeout
         self.request_timeout = request_timeout
         self.client_id = client_id or uuid.uuid4().hex
-        self._seq = itertools.count(1)
+        self._first_try = min(request_timeout, timeout)  # attempt timeout of a default call
+        self._seq = 0  # the last sequence number given to a write
         self._session: aiohttp.ClientSession | None = None
         self._conns: dict[str, _Conn] = {}
         self._leader: str | None = None  # endpoint believed to be the leader
@@ -258,7 +458,9 @@ class KVClient:
 
         Linearizable unless ``stale`` (then any server answers from its local state).
         """
-        resp = await self._request({"op": "get", "key": key, "stale": stale}, timeout, stale)
+        resp = await self._request(
+            {"op": "get", "key": key, "stale": stale}, _size(key, None), timeout, stale
+        )
         if resp["status"] == "not_found":
             return None
         return GetResult(value=resp["value"], revision=resp["revision"])
@@ -273,9 +475,25 @@ class KVClient:
     ) -> int:
         """Set ``key`` to ``value`` (optionally expiring after ``ttl`` seconds); returns the
         new revision."""
-        return await self._write(
-            {"op": "put", "key": key, "value": value, "ttl_ms": int((ttl or 0) * 1000)}, timeout
-        )
+        # the hot path of a write-heavy client: no helper coroutine between here and the
+        # request loop (see _write for the shared checks)
+        self._seq = seq = self._seq + 1  # the same seq on every retry: exactly-once
+        req = {
+            "op": "put",
+            "key": key,
+            "value": value,
+            "ttl_ms": int(ttl * 1000) if ttl else 0,
+            "cid": self.client_id,
+            "seq": seq,
+        }
+        try:
+            size = len(key) + len(value)
+        except TypeError:  # not a str and bytes: the server will say what is wrong
+            size = _size(key, value)
+        resp = await self._request(req, size, timeout, False)
+        if resp["status"] == "ok":
+            return int(resp["revision"])
+        return _write_refused(req, resp)
 
     async def cas(
         self,
@@ -291,7 +509,9 @@ class KVClient:
             ConflictError: the revision did not match (``exc.revision`` is the current one).
         """
         return await self._write(
-            {"op": "put", "key": key, "value": value, "if_revision": revision}, timeout
+            {"op": "put", "key": key, "value": value, "if_revision": revision},
+            _size(key, value),
+            timeout,
         )
 
     async def delete(
@@ -309,7 +529,7 @@ class KVClient:
         if revision is not None:
             req["if_revision"] = revision
         try:
-            return await self._write(req, timeout)
+            return await self._write(req, _size(key, None), timeout)
         except _NotFound:
             return None
 
@@ -323,36 +543,37 @@ class KVClient:
     ) -> list[ScanItem]:
         """Keys starting with ``prefix`` (in order, at most ``limit``) and their revisions."""
         resp = await self._request(
-            {"op": "scan", "prefix": prefix, "limit": limit, "stale": stale}, timeout, stale
+            {"op": "scan", "prefix": prefix, "limit": limit, "stale": stale},
+            _size(prefix, None),
+            timeout,
+            stale,
         )
         return [ScanItem(key=k, revision=r) for k, r in resp["items"]]
 
     async def status(self, endpoint: str | None = None) -> dict[str, Any]:
         """The status of one server (the first endpoint by default)."""
         ep = endpoint or self.endpoints[0]
-        resp = await self._attempt(ep, {"op": "status"}, self.request_timeout)
+        if self._closed:
+            raise ClosedError("client closed")
+        conn = self._conn(ep)
+        if not conn.up:
+            await conn.connect(self._get_session(), self.request_timeout)
+        resp = await conn.submit({"op": "status"}, 0, self.request_timeout)
+        if resp.get("status") == "bad_request":
+            raise BadInputError(str(resp.get("message")))
         info: dict[str, Any] = resp["info"]
         return info
 
     # -- machinery --------------------------------------------------------------------
 
-    async def _write(self, req: dict[str, Any], timeout: float | None) -> int:  # noqa: ASYNC109
+    async def _write(self, req: dict[str, Any], size: int, timeout: float | None) -> int:  # noqa: ASYNC109
+        self._seq = seq = self._seq + 1  # the same seq on every retry: exactly-once
         req["cid"] = self.client_id
-        req["seq"] = next(self._seq)  # the same seq on every retry: exactly-once
-        resp = await self._request(req, timeout, False)
-        status = resp["status"]
-        if status == "ok":
+        req["seq"] = seq
+        resp = await self._request(req, size, timeout, False)
+        if resp["status"] == "ok":
             return int(resp["revision"])
-        if status == "conflict":
-            exc = ConflictError(
-                f"revision of {req['key']!r} is {resp.get('key_revision')}, "
-                f"not {req.get('if_revision')}"
-            )
-            exc.revision = resp.get("key_revision", 0)  # type: ignore[attr-defined]
-            raise exc
-        if status == "not_found":
-            raise _NotFound()
-        raise BadInputError(f"write refused: {status}")
+        return _write_refused(req, resp)
 
     def _pick(self) -> str:
         if self._leader is not None:
@@ -360,30 +581,59 @@ class KVClient:
         ep = self.endpoints[self._rr % len(self.endpoints)]
         return ep
 
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _conn(self, ep: str) -> _Conn:
+        conn = self._conns.get(ep)
+        if conn is None:
+            loop = asyncio.get_running_loop()
+            conn = self._conns[ep] = _Conn(ep, loop, self._first_try, self._by_id)
+        return conn
+
     async def _request(
         self,
         req: dict[str, Any],
+        size: int,
         timeout: float | None,  # noqa: ASYNC109
         any_node: bool,
     ) -> dict[str, Any]:
+        """Send ``req`` until a final answer, following redirects, retrying with backoff.
+
+        The first attempt on an open connection costs a dict lookup, an id and a future;
+        deadlines and backoff are computed only once an attempt failed. The same ``req``
+        (same ``cid``/``seq``) is sent on every attempt, under a new request id.
+        """
         if self._closed:
             raise ClosedError("client closed")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.timeout)
+        if not timeout:  # None (or 0): the client's default
+            total, per_try = self.timeout, self._first_try
+        elif timeout < 0:
+            raise RequestTimeout("request failed after 0 attempts: no time left")
+        else:
+            total, per_try = timeout, min(self.request_timeout, timeout)
+        started = _monotonic()
         attempt = 0
         last: Exception | None = None
         while True:
-            ep = self._pick()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise RequestTimeout(f"request failed after {attempt} attempts: {last}") from last
+            ep = self._leader or self._pick()
+            conn = self._conns.get(ep) or self._conn(ep)
             try:
-                resp = await self._attempt(ep, dict(req), min(self.request_timeout, remaining))
-                if any_node or resp["status"] != "not_leader":
-                    if resp["status"] == "unavailable":
-                        raise _Retry(str(resp.get("message")))
+                if not conn.up:
+                    await conn.connect(self._get_session(), per_try)
+                resp = await conn.submit(req, size, per_try)
+                status = resp.get("status")
+                if status not in _RETRY_STATUSES:
                     if not any_node:
                         self._leader = ep
+                    return resp
+                if status == "bad_request":
+                    raise BadInputError(str(resp.get("message")))
+                if status == "unavailable":
+                    raise _Retry(str(resp.get("message")))
+                if any_node:  # not_leader, but any node may answer: the caller decides
                     return resp
                 raise _Retry(
                     str(resp.get("message")),
@@ -396,13 +646,20 @@ class KVClient:
             except (ConnectError, RequestTimeout) as exc:
                 last = exc
                 self._on_failure(ep, None, None)
+            if self._closed:
+                raise ClosedError("client closed")
             attempt += 1
+            deadline = started + total
             # redirect to a known leader at once; otherwise back off with jitter. The cap
             # is short: an election takes a few hundred ms and we want the next leader
             # found soon after it wins.
             if self._leader is None or attempt > 3:
                 delay = min(0.1, 0.01 * (2 ** min(attempt, 6))) * (0.5 + random.random())
-                await asyncio.sleep(min(delay, max(0.0, deadline - loop.time())))
+                await asyncio.sleep(min(delay, max(0.0, deadline - _monotonic())))
+            remaining = deadline - _monotonic()
+            if remaining <= 0:
+                raise RequestTimeout(f"request failed after {attempt} attempts: {last}") from last
+            per_try = min(self.request_timeout, remaining)
 
     def _on_failure(self, ep: str, leader_id: str | None, addr: str | None) -> None:
         hinted = self._by_id.get(leader_id) if leader_id else None
@@ -414,19 +671,43 @@ class KVClient:
         self._leader = None
         self._rr = (self.endpoints.index(ep) + 1) if ep in self.endpoints else self._rr + 1
 
-    async def _attempt(self, ep: str, req: dict[str, Any], timeout: float) -> dict[str, Any]:  # noqa: ASYNC109
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        conn = self._conns.get(ep)
-        if conn is None:
-            conn = self._conns[ep] = _Conn(ep, self._session)
-        resp = await conn.call(req, timeout)
-        node = resp.get("node")
-        if isinstance(node, str):
-            self._by_id[node] = ep
-        if resp.get("status") == "bad_request":
-            raise BadInputError(str(resp.get("message")))
-        return resp
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
+    """Run the rest of ``coro``, whose first step stopped at the future ``waiting``."""
+    while True:
+        if isinstance(waiting, asyncio.Future):
+            # the coroutine itself raises what the future raised when it resumes
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await waiting
+        else:  # a bare yield: give the loop one turn
+            await asyncio.sleep(0)
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            return
+
+
+def _size(key: object, value: object) -> int:
+    """Bytes of ``key`` and ``value`` counted against the frame budget."""
+    n = len(key) if isinstance(key, str) else 0
+    if isinstance(value, bytes):
+        n += len(value)
+    return n
+
+
+def _write_refused(req: dict[str, Any], resp: dict[str, Any]) -> NoReturn:
+    """Raise the error of a write answered with a status other than ``ok``."""
+    status = resp["status"]
+    if status == "conflict":
+        exc = ConflictError(
+            f"revision of {req['key']!r} is {resp.get('key_revision')}, "
+            f"not {req.get('if_revision')}"
+        )
+        exc.revision = resp.get("key_revision", 0)  # type: ignore[attr-defined]
+        raise exc
+    if status == "not_found":
+        raise _NotFound()
+    raise BadInputError(f"write refused: {status}")
 
 
 class _NotFound(Exception):
