@@ -76,7 +76,28 @@ _GET, _PUT, _DELETE = 0, 1, 2
 _METHODS = {b"GET": _GET, b"PUT": _PUT, b"DELETE": _DELETE}
 # Headers that send a request down the full path.
 _SLOW_HEADERS = frozenset(
-    {b"transfer-encoding", b"expect", b"upgrade", TOKEN_HEADER.lower().encode()}
+    {
+        b"transfer-encoding",
+        b"content-encoding",  # aiohttp would inflate the body
+        b"expect",
+        b"upgrade",
+        TOKEN_HEADER.lower().encode(),
+    }
+)
+# aiohttp answers 400 when one of these comes twice (RFC 9110 singletons).
+_SINGLETONS = frozenset(
+    {
+        b"content-length",
+        b"content-location",
+        b"content-range",
+        b"content-type",
+        b"etag",
+        b"host",
+        b"max-forwards",
+        b"server",
+        b"transfer-encoding",
+        b"user-agent",
+    }
 )
 _CLIENT_ID = b"x-dsys-client-id"
 _SEQ = b"x-dsys-seq"
@@ -85,6 +106,7 @@ _SERVER = SERVER_SOFTWARE.encode()
 _HANDOFF = -1  # _parse_one: hand the connection to aiohttp
 _WAIT = 0  # _parse_one: need more bytes
 _DONE = 1  # _parse_one: one request started
+_BLOCKED = 2  # _parse_one: a read waits for the requests before it
 
 
 class _DateCache:
@@ -208,6 +230,7 @@ class KVFastPath:
         self.conns: set[_Conn] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.handoffs = 0  # connections given to aiohttp (for tests and curiosity)
         self.loop = asyncio.get_running_loop()
         self._emptied = asyncio.Event()
         self._listener: asyncio.Server | None = None
@@ -261,7 +284,7 @@ class KVFastPath:
 class _Slot:
     """One request's place in its connection's answer order."""
 
-    __slots__ = ("close", "cmd", "conn", "op", "out", "started", "target")
+    __slots__ = ("close", "cmd", "conn", "op", "out", "read", "started", "target")
 
     def __init__(self, conn: _Conn, target: bytes, close: bool) -> None:
         self.conn = conn
@@ -271,6 +294,7 @@ class _Slot:
         self.cmd: Put | Delete | None = None
         self.op = ""
         self.started = 0.0
+        self.read = False  # a GET: nothing after it starts before it is answered
 
     def answer(self, out: bytes) -> None:
         self.out = out
@@ -392,12 +416,19 @@ class _Conn(asyncio.Protocol):
             while self.buf and self.transport is not None:
                 if self.closing or self.handoff_wanted or self.fast.draining:
                     return
-                if len(self.pending) >= MAX_PIPELINE or self.write_paused:
-                    self._pause()
+                if (
+                    len(self.pending) >= MAX_PIPELINE
+                    or self.write_paused
+                    or (self.pending and self.pending[-1].read)
+                ):
+                    self._pause()  # resumed by ready()
                     return
                 state = self._parse_one()
                 if state == _WAIT:
                     break
+                if state == _BLOCKED:
+                    self._pause()
+                    return
                 if state == _HANDOFF:
                     if self.pending or self.write_paused:
                         self.handoff_wanted = True
@@ -426,7 +457,12 @@ class _Conn(asyncio.Protocol):
         if end < 0:
             # Not a whole head yet. Let aiohttp judge (and answer) anything that does
             # not start like a request line, so garbage gets its 400 at once.
-            if len(buf) > MAX_HEAD or not 65 <= buf[0] <= 90:
+            if (
+                len(buf) > MAX_HEAD
+                or not 65 <= buf[0] <= 90
+                or buf.count(b"\n") != buf.count(b"\r\n")  # bare LF
+                or _BAD_BYTE.search(buf) is not None
+            ):
                 return _HANDOFF
             self.need = len(buf) + 1
             return _WAIT
@@ -446,6 +482,10 @@ class _Conn(asyncio.Protocol):
         m = _TARGET.match(parts[1])
         if method is None or m is None:
             return _HANDOFF
+        if method == _GET and self.pending:
+            # A read sees every write before it on the connection and none after it,
+            # as when aiohttp serves pipelined requests one at a time: wait.
+            return _BLOCKED
         key = m.group(1)
         if b"/." in key or key.startswith(b"."):
             return _HANDOFF  # dot segments: let yarl normalise them
@@ -453,6 +493,7 @@ class _Conn(asyncio.Protocol):
         close = False
         cid: bytes | None = None
         seq: bytes | None = None
+        singles: set[bytes] = set()
         for line in lines[1:]:
             colon = line.find(b":")
             if colon <= 0 or len(line) > MAX_LINE:
@@ -465,11 +506,15 @@ class _Conn(asyncio.Protocol):
                     _GOOD_NAMES.add(name)
             if name in _SLOW_HEADERS:
                 return _HANDOFF
-            if name == b"content-length":
-                value = line[colon + 1 :].strip(b" \t")
-                if length is not None or not value.isdigit() or len(value) > 18:
-                    return _HANDOFF
-                length = int(value)
+            if name in _SINGLETONS:
+                if name in singles:
+                    return _HANDOFF  # aiohttp: "Duplicate ... header found" (400)
+                singles.add(name)
+                if name == b"content-length":
+                    value = line[colon + 1 :].strip(b" \t")
+                    if not value.isdigit() or len(value) > 18:
+                        return _HANDOFF
+                    length = int(value)
             elif name == b"connection":
                 for token in line[colon + 1 :].split(b","):
                     token = token.strip(b" \t").lower()
@@ -485,6 +530,8 @@ class _Conn(asyncio.Protocol):
                 if seq is not None:
                     return _HANDOFF
                 seq = line[colon + 1 :].strip(b" \t")
+        if b"host" not in singles:
+            return _HANDOFF  # aiohttp: "Missing 'Host' header in request." (400)
         start = end + 4
         if method == _PUT:
             length = length or 0
@@ -500,10 +547,13 @@ class _Conn(asyncio.Protocol):
             length = 0
         self.need = 0
         rest = start + length
+        if close and rest < len(buf):
+            return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
         self.buf = buf[rest:] if rest < len(buf) else b""
         if close:
             self.closing = True
         slot = _Slot(self, parts[1], close or self.fast.draining)
+        slot.read = method == _GET
         self.pending.append(slot)
         qs = m.group(2)
         try:
@@ -652,6 +702,7 @@ class _Conn(asyncio.Protocol):
         if transport is None:
             return
         self.fast.forget(self)
+        self.fast.handoffs += 1
         handler = self.fast.fallback()
         self.transport = None
         buf, self.buf = self.buf, b""
