@@ -283,6 +283,10 @@ SCRIPT: list[tuple[bytes, int | None]] = [
     (req("GET", "/v1/kv/eq/a", b"", ["Connection: close"]) + req("GET", "/v1/kv/eq/a"), 400),
     (b"GET /v1/kv/eq/a HTTP/1.1\r\nHost: t\r\nhost: u\r\n\r\n", 400),
     (req("PUT", "/v1/kv/eq/gz", b"x", ["Content-Encoding: identity"]), 200),
+    (b"PUT /v1/kv/eq/z HTTP/1.1\r\nHost: t\r\nContent-Length: 003\r\n\r\nabc", 200),
+    (b"PUT /v1/kv/eq/z HTTP/1.1\r\nHost: t\r\nContent-Length: \t3 \r\n\r\nabc", 200),
+    (b"PUT /v1/kv/eq/z HTTP/1.1\r\nHost: t\r\nContent-Length: +3\r\n\r\nabc", 400),
+    (b"Put /v1/kv/eq/z HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc", None),
     (req("PUT", "/v1/kv/eq/a", b"x", ["Connection: keep-alive", "Connection: close"]), 200),
 ]
 
