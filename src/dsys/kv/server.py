@@ -400,7 +400,10 @@ class KVServer:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_VALUE_BYTES, actual_size=request.content_length
             )
-        value = await request.read()
+        try:
+            value = await request.read()
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding it cannot inflate
+            raise BadInputError(f"unreadable request body: {exc}") from None
         if len(value) > MAX_VALUE_BYTES:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_VALUE_BYTES, actual_size=len(value))
         cmd = Put(
