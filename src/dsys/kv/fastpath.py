@@ -301,6 +301,8 @@ class _Slot:
         self.conn.ready(self)
 
     def fail(self, exc: BaseException) -> None:
+        if not isinstance(exc, DsysError):
+            self.close = True  # a bug, not bad input: answer 500 and close, as aiohttp does
         self.answer(_error_answer(self.conn.fast.server, exc, self.target, self.close))
 
     def write_done(self, result: Result | None, exc: BaseException | None) -> None:
