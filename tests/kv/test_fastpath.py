@@ -625,3 +625,11 @@ def test_random_bytes_never_get_a_5xx(pair: list[KVServer], junk: bytes, prefix:
         c.close()
     (got,) = exchange(pair[0].port, req("GET", "/v1/kv/eq/a?consistency=stale"))
     assert status(got) == 200
+
+
+def test_cli_switch() -> None:
+    from dsys.cli import build_parser
+
+    base = ["kv", "serve", "--id", "n1", "--data-dir", "d"]
+    assert build_parser().parse_args(base).fast_path is True
+    assert build_parser().parse_args([*base, "--no-fast-path"]).fast_path is False
