@@ -75,6 +75,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="join an existing cluster (add it first with `dsys kv member add`)",
     )
+    serve.add_argument(
+        "--no-fast-path",
+        dest="fast_path",
+        action="store_false",
+        help="serve the HTTP API through aiohttp only (no protocol-level fast path)",
+    )
     serve.set_defaults(func=_serve)
 
     member = verbs.add_parser(
@@ -164,6 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
         election_tick=args.election_tick,
         snapshot_every=args.snapshot_every,
         join=args.join,
+        fast_path=args.fast_path,
     )
     if not config.fsync:
         print(

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -84,6 +84,9 @@ from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
+if TYPE_CHECKING:
+    from dsys.kv.fastpath import KVFastPath
+
 MAX_VALUE_BYTES = 1024 * 1024
 """Largest value accepted (1 MiB); larger bodies get 413."""
 
@@ -113,6 +116,8 @@ class ServerConfig:
         max_inflight_per_ws: requests in flight per WebSocket before it stops reading.
         join: join an existing cluster (after ``POST /v1/admin/members`` added this node)
             instead of bootstrapping a new one from ``peers``.
+        fast_path: serve hot ``PUT``/``GET``/``DELETE /v1/kv/{key}`` requests with the
+            protocol-level fast path (:mod:`dsys.kv.fastpath`); False = aiohttp only.
     """
 
     id: str
@@ -128,6 +133,7 @@ class ServerConfig:
     request_timeout: float = 5.0
     max_inflight_per_ws: int = 1024
     join: bool = False
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -204,6 +210,7 @@ class KVServer:
         )
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
+        self._fast: KVFastPath | None = None
         self._ticker: asyncio.Task[None] | None = None
         self.port = config.port
 
@@ -247,9 +254,14 @@ class KVServer:
     async def start(self) -> KVServer:
         """Start the Raft node and listen; ``self.port`` is the bound port afterwards."""
         await self.node.start()
-        self._runner, self.port = await start_site(
-            self.app, self.config.host, self.config.port, shutdown_timeout=1.0
-        )
+        if self.config.fast_path:
+            from dsys.kv.fastpath import start_fast_site
+
+            self._runner, self._fast, self.port = await start_fast_site(self)
+        else:
+            self._runner, self.port = await start_site(
+                self.app, self.config.host, self.config.port, shutdown_timeout=1.0
+            )
         self._ticker = asyncio.create_task(self._ttl_ticker())
         self.log.info(
             "kv_server_started",
@@ -265,6 +277,9 @@ class KVServer:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
+        if self._fast is not None:
+            await self._fast.close(timeout=1.0)  # requests in flight finish, then cut
+            self._fast = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -369,7 +384,10 @@ class KVServer:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_VALUE_BYTES, actual_size=request.content_length
             )
-        value = await request.read()
+        try:
+            value = await request.read()
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding it cannot inflate
+            raise BadInputError(f"unreadable request body: {exc}") from None
         if len(value) > MAX_VALUE_BYTES:
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_VALUE_BYTES, actual_size=len(value))
         cmd = Put(
