@@ -30,12 +30,13 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import aiohttp
 
+from dsys.aiotools import start_inline
 from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
@@ -305,19 +306,15 @@ class _Conn:
         # Run the send's first step here: without compression it writes the frame to the
         # transport and returns, so no task is needed. Only a send that must wait for
         # flow control (a full socket buffer) gets a task to finish it.
-        coro = ws.send_bytes(data)
         try:
-            waiting = coro.send(None)
-        except StopIteration:
-            return
+            task = start_inline(ws.send_bytes(data))
         except Exception:
             if self._ws is ws:
                 self.up = False
                 self._fail_all(ConnectError(f"sending to {self.endpoint} failed"))
             return
-        if isinstance(waiting, asyncio.Future):
-            waiting._asyncio_future_blocking = False  # taken, as a Task takes it
-        task = asyncio.ensure_future(_finish(coro, waiting))
+        if task is None:
+            return
         task.add_done_callback(lambda t: self._sent(t, ws))
 
     def _encodable(self, req: dict[str, Any]) -> bool:
@@ -670,21 +667,6 @@ class KVClient:
             return
         self._leader = None
         self._rr = (self.endpoints.index(ep) + 1) if ep in self.endpoints else self._rr + 1
-
-
-async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
-    """Run the rest of ``coro``, whose first step stopped at the future ``waiting``."""
-    while True:
-        if isinstance(waiting, asyncio.Future):
-            # the coroutine itself raises what the future raised when it resumes
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await waiting
-        else:  # a bare yield: give the loop one turn
-            await asyncio.sleep(0)
-        try:
-            waiting = coro.send(None)
-        except StopIteration:
-            return
 
 
 def _size(key: object, value: object) -> int:

@@ -1,0 +1,49 @@
+"""Small asyncio helpers shared by the building blocks' hot paths."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Any
+
+
+def start_inline(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
+    """Run the first step of ``coro`` now; a task finishes it only if it has to wait.
+
+    For sends such as ``WebSocketResponse.send_bytes``: without compression their first
+    step writes to the transport and returns, so the common case costs no task and no
+    loop turn. Only a send that must wait (flow control: a full socket buffer) gets a
+    task, which the caller may watch for errors.
+
+    Raises:
+        Exception: whatever the first step raised.
+    """
+    try:
+        waiting = coro.send(None)
+    except StopIteration:
+        return None
+    if isinstance(waiting, asyncio.Future):
+        waiting._asyncio_future_blocking = False  # taken, as a Task takes it
+    return asyncio.ensure_future(_finish(coro, waiting))
+
+
+async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
+    """Run the rest of ``coro``, whose last step stopped at ``waiting``."""
+    try:
+        while True:
+            if isinstance(waiting, asyncio.Future):
+                # the coroutine itself raises what the future raised when it resumes
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await waiting
+            else:  # a bare yield: give the loop one turn
+                await asyncio.sleep(0)
+            try:
+                waiting = coro.send(None)
+            except StopIteration:
+                return
+    finally:
+        coro.close()
+
+
+__all__ = ["start_inline"]
