@@ -178,3 +178,25 @@ def test_request_stats_export_what_prometheus_counter_and_histogram_would(
         return sorted(out)
 
     assert samples(fast) == samples(slow)
+
+
+@given(st.lists(st.floats(min_value=0, max_value=600, allow_nan=False), max_size=40))
+def test_fast_histogram_exports_what_a_prometheus_histogram_would(values: list[float]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fast, slow = Metrics("t"), Metrics("t")
+    h1 = fast.fast_histogram("batch", "Batch sizes", buckets=(1, 2, 4, 64, 512))
+    h2 = slow.histogram("batch", "Batch sizes", buckets=(1, 2, 4, 64, 512))
+    for v in values:
+        h1.observe(v)
+        h2.observe(v)
+
+    def samples(m: Metrics) -> list[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return sorted(
+            (s.name, tuple(sorted(s.labels.items())), round(s.value, 6))
+            for family in text_string_to_metric_families(m.render().decode())
+            for s in family.samples
+            if not s.name.endswith("_created")
+        )
+
+    assert samples(fast) == samples(slow)

@@ -79,6 +79,14 @@ class Metrics:
         self.registry.register(stats)
         return stats
 
+    def fast_histogram(
+        self, name: str, doc: str, buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS
+    ) -> FastHistogram:
+        """Create a :class:`FastHistogram` ``dsys_<component>_<name>`` in this registry."""
+        hist = FastHistogram(self._name(name), doc, buckets)
+        self.registry.register(hist)
+        return hist
+
     def render(self) -> bytes:
         """The registry's metrics in the Prometheus text exposition format."""
         return generate_latest(self.registry)
@@ -128,16 +136,45 @@ class RequestStats(Collector):
         yield count
         latency = HistogramMetricFamily(self._latency_name, self._latency_doc, labels=["op"])
         for op, h in sorted(self._hist.items()):
-            cumulative, buckets = 0.0, []
-            for bound, hits in zip([*map(_le, self._bounds), "+Inf"], h[:-1], strict=True):
-                cumulative += hits
-                buckets.append((bound, cumulative))
-            latency.add_metric([op], buckets, sum_value=h[-1])
+            latency.add_metric([op], _cumulative(self._bounds, h), sum_value=h[-1])
         yield latency
 
 
-def _le(bound: float) -> str:
-    return repr(float(bound))
+class FastHistogram(Collector):
+    """An unlabelled histogram whose :meth:`observe` takes no lock.
+
+    Exports what a prometheus-client ``Histogram`` exports (buckets, count, sum), for code
+    on one event loop that observes on every round of a hot loop.
+    """
+
+    def __init__(
+        self, name: str, doc: str, buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS
+    ) -> None:
+        self._name = name
+        self._doc = doc
+        self._bounds = sorted(buckets)
+        self._h = [0.0] * (len(self._bounds) + 2)  # per-bucket counts, +Inf, then the sum
+
+    def observe(self, value: float) -> None:
+        """Record one observation."""
+        h = self._h
+        h[bisect_left(self._bounds, value)] += 1
+        h[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        """The histogram family (called by the registry at scrape time)."""
+        family = HistogramMetricFamily(self._name, self._doc, labels=[])
+        family.add_metric([], _cumulative(self._bounds, self._h), sum_value=self._h[-1])
+        yield family
 
 
-__all__ = ["CONTENT_TYPE", "DEFAULT_LATENCY_BUCKETS", "Metrics", "RequestStats"]
+def _cumulative(bounds: Sequence[float], h: Sequence[float]) -> list[tuple[str, float]]:
+    """Prometheus' cumulative ``(le, count)`` pairs from per-bucket counts (+ a sum)."""
+    cumulative, out = 0.0, []
+    for bound, hits in zip([*(repr(float(b)) for b in bounds), "+Inf"], h[:-1], strict=True):
+        cumulative += hits
+        out.append((bound, cumulative))
+    return out
+
+
+__all__ = ["CONTENT_TYPE", "DEFAULT_LATENCY_BUCKETS", "FastHistogram", "Metrics", "RequestStats"]

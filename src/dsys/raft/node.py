@@ -151,10 +151,13 @@ def check_message(msg: Message) -> Message:
     Raises:
         RemoteProtocolError: the message is not sane.
     """
-    for f in dataclasses.fields(msg):
-        v = getattr(msg, f.name)
+    names = _FIELD_NAMES.get(type(msg))
+    if names is None:
+        names = _FIELD_NAMES[type(msg)] = tuple(f.name for f in dataclasses.fields(msg))
+    for name in names:
+        v = getattr(msg, name)
         if type(v) is int and v < 0:
-            raise RemoteProtocolError(f"{type(msg).__name__}.{f.name} is negative")
+            raise RemoteProtocolError(f"{type(msg).__name__}.{name} is negative")
     if isinstance(msg, AppendRequest):
         last_term = msg.prev_term
         for i, e in enumerate(msg.entries):
@@ -175,6 +178,7 @@ def check_message(msg: Message) -> Message:
 
 
 _ENTRY_KINDS = frozenset(int(k) for k in EntryKind)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def from_wire(v: Any) -> Message:
@@ -612,19 +616,25 @@ class RaftNode:
         self._m_term = self.metrics.gauge("term", "Current Raft term")
         self._m_elections = self.metrics.counter("elections_total", "Elections started")
         self._m_leader = self.metrics.gauge("is_leader", "1 when this node is the leader")
-        self._m_commit = self.metrics.histogram(
+        # observed on every round of the Raft loop: lock-free histograms, and gauges read
+        # at scrape time
+        self._m_commit = self.metrics.fast_histogram(
             "commit_latency_seconds", "Proposal to apply latency on the leader"
         )
-        self._m_fsync = self.metrics.histogram(
+        self._m_fsync = self.metrics.fast_histogram(
             "fsync_seconds", "Time to persist one Ready batch (write + fsync)"
         )
-        self._m_log_size = self.metrics.gauge("log_size_bytes", "Size of the write-ahead log")
-        self._m_applied = self.metrics.gauge("applied_index", "Last applied log index")
+        self.metrics.gauge("log_size_bytes", "Size of the write-ahead log").set_function(
+            lambda: float(getattr(self._log_store, "size_bytes", 0))
+        )
+        self.metrics.gauge("applied_index", "Last applied log index").set_function(
+            lambda: float(self.applied_index)
+        )
         self._m_snapshots = self.metrics.counter("snapshots_total", "Snapshots taken")
         self._m_refused = self.metrics.counter(
             "peer_frames_refused_total", "Malformed peer batches refused"
         )
-        self._m_batch = self.metrics.histogram(
+        self._m_batch = self.metrics.fast_histogram(
             "batch_entries",
             "Entries persisted per fsync (group commit)",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
@@ -1177,9 +1187,6 @@ class RaftNode:
             self._m_fsync.observe(time.perf_counter() - started)
             if rd.entries:
                 self._m_batch.observe(len(rd.entries))
-            size = getattr(self._log_store, "size_bytes", None)
-            if isinstance(size, int):
-                self._m_log_size.set(size)
         # 2. send (answers to a waiting peer request ride on its HTTP response)
         armed = self._armed
         for msg in rd.messages:
@@ -1222,7 +1229,6 @@ class RaftNode:
                     self._m_commit.observe(time.perf_counter() - p.started)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
-        self._m_applied.set(self.applied_index)
         for rs in rd.read_states:
             rfut = self._read_waiters.pop(rs.ctx, None)
             if rfut is not None and not rfut.done():
