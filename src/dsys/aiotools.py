@@ -8,6 +8,19 @@ from collections.abc import Coroutine
 from typing import Any
 
 
+def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, buffered: bytes) -> None:
+    """Give a connection to another protocol, with the bytes read but not yet parsed.
+
+    How a protocol-level fast path passes a request it does not serve (and the rest of
+    the connection) to a full HTTP server's protocol, e.g. aiohttp's ``AppRunner.server()``.
+    """
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+    transport.resume_reading()
+    if buffered:
+        protocol.data_received(buffered)
+
+
 def start_inline(coro: Coroutine[Any, Any, None]) -> asyncio.Task[None] | None:
     """Run the first step of ``coro`` now; a task finishes it only if it has to wait.
 
@@ -46,4 +59,4 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
         coro.close()
 
 
-__all__ = ["start_inline"]
+__all__ = ["hand_over", "start_inline"]

@@ -34,6 +34,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
+from dsys.aiotools import hand_over
 from dsys.errors import NoHealthyBackendError
 
 if TYPE_CHECKING:
@@ -383,14 +384,9 @@ class _ClientConn(asyncio.Protocol):
         if transport is None:
             return
         self.fast.forget(self)
-        handler = self.fast.fallback()
         self.transport = None
         buf, self.buf = self.buf, b""
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        transport.resume_reading()
-        if buf:
-            handler.data_received(buf)
+        hand_over(transport, self.fast.fallback(), buf)
 
     def _dispatch(self, req: _Request) -> None:
         fast = self.fast

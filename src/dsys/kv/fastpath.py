@@ -42,6 +42,7 @@ from typing import cast
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
+from dsys.aiotools import hand_over
 from dsys.errors import (
     BadInputError,
     ConflictError,
@@ -705,14 +706,9 @@ class _Conn(asyncio.Protocol):
             return
         self.fast.forget(self)
         self.fast.handoffs += 1
-        handler = self.fast.fallback()
         self.transport = None
         buf, self.buf = self.buf, b""
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        transport.resume_reading()
-        if buf:
-            handler.data_received(buf)
+        hand_over(transport, self.fast.fallback(), buf)
 
     def close(self) -> None:
         """Close the connection (buffered answers are still sent)."""
