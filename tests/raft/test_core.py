@@ -169,6 +169,27 @@ def test_messages_for_other_nodes_are_ignored() -> None:
     assert core.term == 0
 
 
+def test_a_commit_notice_is_applied_without_an_answer_and_a_heartbeat_is_answered() -> None:
+    core = RaftCore(RaftConfig(id="a"), voters=["a", "b", "c"])
+    ents = (Entry(term=1, index=1, kind=int(EntryKind.NORMAL), data=b"x"),)
+    core.step(
+        AppendRequest(src="b", dst="a", term=1, prev_index=0, prev_term=0, commit=0, entries=ents)
+    )
+    core.advance(core.ready())
+    # ctx 0: the leader only tells the new commit index
+    core.step(Heartbeat(src="b", dst="a", term=1, commit=1, ctx=0))
+    rd = core.ready()
+    assert [e.index for e in rd.committed] == [1]
+    assert not any(isinstance(m, HeartbeatResponse) for m in rd.messages)
+    core.advance(rd)
+    # a heartbeat round (ctx > 0) is answered: leases and ReadIndex count on it
+    core.step(Heartbeat(src="b", dst="a", term=1, commit=1, ctx=5))
+    rd = core.ready()
+    assert [(type(m), m.ctx) for m in rd.messages if isinstance(m, HeartbeatResponse)] == [
+        (HeartbeatResponse, 5)
+    ]
+
+
 @pytest.mark.parametrize(
     ("change", "error"),
     [

@@ -844,7 +844,12 @@ class RaftCore:
             self._election_elapsed = 0
             self._set_lead(msg.src)
             self._commit_to(min(msg.commit, self.last_index))
-            self._send(HeartbeatResponse(src=self._id, dst=msg.src, term=self._term, ctx=msg.ctx))
+            if msg.ctx:
+                # ctx 0 only carries a new commit index (see _flush): no answer, so a
+                # commit notice costs the leader no message in and no step
+                self._send(
+                    HeartbeatResponse(src=self._id, dst=msg.src, term=self._term, ctx=msg.ctx)
+                )
         elif isinstance(msg, SnapshotRequest):
             self._election_elapsed = 0
             self._set_lead(msg.src)
