@@ -817,7 +817,9 @@ class RaftNode:
         Like :meth:`propose_callback`, but ``done(results, None)`` gets one result per
         command, in order (they commit together or not at all). For a server that
         receives many commands at once (a frame of a multiplexed connection), this costs
-        one queue slot and one callback instead of one per command.
+        one queue slot and one callback instead of one per command. The group is never
+        split, so its entry may hold more than ``proposal_batch`` commands: callers bound
+        their groups.
 
         Raises:
             ValueError: ``datas`` is empty, or ``decoded`` does not match it.
