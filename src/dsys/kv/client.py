@@ -282,9 +282,7 @@ class _Conn:
         frame: list[dict[str, Any]] = []
         size = 0
         for req in batch:
-            key, value = req.get("key", ""), req.get("value", b"")
-            n = _REQ_OVERHEAD + (len(key) if isinstance(key, str) else 0)
-            n += len(value) if isinstance(value, bytes) else 0
+            n = _REQ_OVERHEAD + _size(req.get("key"), req.get("value"))
             if frame and size + n > FRAME_BUDGET:
                 self._send(ws, frame)
                 frame = []
