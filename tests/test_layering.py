@@ -37,6 +37,7 @@ PURE = [
     "pubsub/subjects.py",
     "pubsub/core.py",
     "kv/fsm.py",
+    "streams/fsm.py",
     "raft/messages.py",
     "raft/core.py",
     "raft/session.py",
