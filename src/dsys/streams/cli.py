@@ -110,7 +110,12 @@ def register(subparsers: Any) -> None:
     add.add_argument(
         "--subject", action="append", default=[], help="subject pattern captured (repeat)"
     )
-    add.add_argument("--retention", choices=("limits", "workqueue"), default="limits")
+    add.add_argument(
+        "--retention",
+        choices=("limits", "workqueue"),
+        default="limits",
+        help="limits (keep until a limit drops them) or workqueue (delete once acked)",
+    )
     add.add_argument("--max-msgs", type=int, default=0, help="most messages kept (0 = no limit)")
     add.add_argument("--max-bytes", type=int, default=None, help="most bytes kept")
     add.add_argument("--max-age", type=float, default=0, help="seconds a message is kept")
@@ -135,7 +140,12 @@ def register(subparsers: Any) -> None:
     sub.add_argument(
         "--consumer", default="", help="durable consumer (created if missing; default ephemeral)"
     )
-    sub.add_argument("--deliver", choices=("all", "new", "last"), default="all")
+    sub.add_argument(
+        "--deliver",
+        choices=("all", "new", "last"),
+        default="all",
+        help="where a new consumer starts (default all)",
+    )
     sub.add_argument("--filter", default="", help="only subjects matching this pattern")
     sub.add_argument("--count", type=int, default=0, help="stop after N messages (0 = never)")
     sub.add_argument("--no-ack", action="store_true", help="print without acknowledging")

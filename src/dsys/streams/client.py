@@ -138,6 +138,7 @@ class Subscription:
         self.worker = worker
         self._queue: asyncio.Queue[StreamMsg | BaseException] = asyncio.Queue()
         self.closed = False
+        self.active = False  # the server confirmed it once: resubscribe after reconnects
 
     def _request(self) -> dict[str, Any]:
         req: dict[str, Any] = {
@@ -279,7 +280,8 @@ class StreamClient:
             self._ws, self._endpoint = ws, ep
             self._reader = asyncio.create_task(self._read_loop(ws))
             for sub in self._subs.values():  # resume push subscriptions here
-                self._send(sub._request() | {"id": next(self._ids)})
+                if sub.active:
+                    self._send(sub._request() | {"id": next(self._ids)})
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
@@ -678,6 +680,7 @@ class StreamClient:
         except BaseException:
             self._subs.pop(sub.sid, None)
             raise
+        sub.active = True
         return sub
 
     async def status(self) -> dict[str, Any]:

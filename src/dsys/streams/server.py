@@ -1146,8 +1146,13 @@ class _WsConn:
 
     def _subscribe(self, rid: int, args: dict[str, Any]) -> dict[str, Any]:
         sid, max_inflight = args.get("sid"), args.get("max_inflight", 256)
-        if type(sid) is not int or sid in self.subs:
-            raise BadInputError("sub needs a new integer 'sid'")
+        if type(sid) is not int:
+            raise BadInputError("sub needs an integer 'sid'")
+        old = self.subs.get(sid)
+        if old is not None:
+            if (old.stream, old.consumer) != (args.get("stream"), args.get("consumer")):
+                raise BadInputError(f"subscription {sid} exists for another consumer")
+            return {"id": rid, "status": "ok", "sid": sid}  # a resubscribe: same as before
         if type(max_inflight) is not int or not 1 <= max_inflight <= MAX_BATCH:
             raise BadInputError(f"max_inflight must be between 1 and {MAX_BATCH}")
         if len(self.subs) >= MAX_SUBS_PER_WS:
