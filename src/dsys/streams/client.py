@@ -226,6 +226,7 @@ class StreamClient:
         self._subs: dict[int, Subscription] = {}
         self._closed = False
         self._buckets: dict[int, list[int]] = {}
+        self._connect_waiting = 0
         self._sweeper: asyncio.Future[None] | None = None
         self._msg_prefix = uuid.uuid4().hex[:16] + "-"
         self._msg_ids = itertools.count(1)
@@ -410,8 +411,17 @@ class StreamClient:
                 raise RequestTimeout(f"{req.get('op')}: no answer in {self.timeout} s ({last})")
             try:
                 ws = self._ws
-                if ws is None or ws.closed or (prefer is not None and prefer != self._endpoint):
-                    await self._connect(prefer)
+                if (
+                    ws is None
+                    or ws.closed
+                    or (prefer is not None and prefer != self._endpoint)
+                    or self._connect_waiting
+                ):  # (queue behind a connect in progress: requests keep their order)
+                    self._connect_waiting += 1
+                    try:
+                        await self._connect(prefer)
+                    finally:
+                        self._connect_waiting -= 1
                 rid = next(self._ids)
                 fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
                 self._pending[rid] = fut
