@@ -339,3 +339,31 @@ async def test_push_subscription_resumes_on_the_new_leader(tmp_path: Path) -> No
             info = await c.consumer_info("S", "C")
             assert info is not None and info["ack_floor"] == 30
             await sub.close()
+
+
+async def test_client_nak_progress_term_claim_and_dead_letters(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path, n=1) as servers, StreamClient(endpoints(servers)) as c:
+        await c.add_stream(StreamConfig(name="J", subjects=("j.*",), retention="workqueue"))
+        await c.add_consumer("J", ConsumerConfig(name="w", ack_wait_ms=60_000, max_deliver=2))
+        for i in range(4):
+            await c.publish(f"j.{i}", b"job %d" % i)
+        a, b, d, e = await c.fetch("J", "w", batch=4, worker="w1")
+        assert await a.nak(delay=0.0) == "ok"
+        assert await b.in_progress() == "ok"
+        assert await d.term(reason="poison") == "ok"
+        again = await c.fetch("J", "w", batch=4, expires=2.0, worker="w2")
+        assert [(m.seq, m.deliveries) for m in again] == [(a.seq, 2)]
+        assert await again[0].nak() == "ok"  # a third delivery would pass max_deliver
+        assert await c.fetch("J", "w", batch=4, expires=0.5) == []
+        claimed = await c.claim("J", "w", worker="w3", min_idle=0, count=1)
+        assert [(m.seq, m.deliveries) for m in claimed] == [(b.seq, 2)]
+        assert await b.ack() == "stale"
+        assert await claimed[0].ack() == "ok"
+        assert await e.ack() == "ok"
+        dead = await c.read("J-dlq")
+        reasons = {m.headers["dsys-dlq-seq"]: m.headers["dsys-dlq-reason"] for m in dead}
+        assert reasons == {str(d.seq): "terminated: poison", str(a.seq): "max_deliver"}
+        pending = await c.pending("J", "w")
+        assert pending == []
+        info = await c.stream_info("J")
+        assert info is not None and info["messages"] == 0  # acked or dead: all gone
