@@ -81,7 +81,11 @@ class Result:
     lat: list[float] = field(default_factory=list)
     lost: int = 0
     drain: float = float("nan")
+    server_us: float = float("nan")  # server CPU per acknowledged publish (all replicas)
+    client_us: float = float("nan")  # this process's CPU per acknowledged publish
     errors: list[str] = field(default_factory=list)
+    p50: float = float("nan")
+    p99: float = float("nan")
 
 
 def pct(values: list[float], q: float) -> float:
@@ -124,6 +128,31 @@ async def publish_load(
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(workers)))
     return done / (time.perf_counter() - t0), done
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds the processes used so far (Linux ``/proc``; nan elsewhere)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+async def measured_publish(
+    op: Callable[[], Awaitable[int]], workers: int, seconds: float, pids: list[int], res: Result
+) -> int:
+    """The measured publish run: rate and CPU per message into ``res``; returns the count."""
+    server0, client0 = cpu_seconds(pids), time.process_time()
+    res.pub, done = await publish_load(op, workers, seconds, res.errors)
+    if done:
+        res.server_us = (cpu_seconds(pids) - server0) / done * 1e6
+        res.client_us = (time.process_time() - client0) / done * 1e6
+    return done
 
 
 async def paced(publish: Callable[[bytes], Awaitable[Any]], seconds: float) -> int:
@@ -214,8 +243,9 @@ async def bench_dsys(replicas: int, fsync: str, base: Path, seconds: float, n: i
                 return 1
 
             _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds), res.errors)
-            res.pub, done = await publish_load(pub, INFLIGHT, seconds, res.errors)
-            stored += done
+            stored += await measured_publish(
+                pub, INFLIGHT, seconds, [p.pid for p in cluster.procs], res
+            )
             if stored < n:
                 await publish_load(pub, INFLIGHT, (n - stored) / max(res.pub, 1) + 0.5, [])
 
@@ -306,8 +336,7 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
             return per
 
         _, stored = await publish_load(pub, REDIS_PIPELINES, min(0.5, seconds), res.errors)
-        res.pub, done = await publish_load(pub, REDIS_PIPELINES, seconds, res.errors)
-        stored += done
+        stored += await measured_publish(pub, REDIS_PIPELINES, seconds, [proc.pid], res)
         if stored < n:
             await publish_load(pub, REDIS_PIPELINES, (n - stored) / max(res.pub, 1) + 0.5, [])
 
@@ -395,8 +424,7 @@ async def bench_nats(base: Path, seconds: float, n: int) -> Result:
             return 1
 
         _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds), res.errors)
-        res.pub, done = await publish_load(pub, INFLIGHT, seconds, res.errors)
-        stored += done
+        stored += await measured_publish(pub, INFLIGHT, seconds, [proc.pid], res)
         if stored < n:
             await publish_load(pub, INFLIGHT, (n - stored) / max(res.pub, 1) + 0.5, [])
 
@@ -483,32 +511,46 @@ def main() -> int:
             print(f"skipping {prefix}: {binary} is not installed", file=sys.stderr)
             keys = [k for k in keys if not k.startswith(prefix)]
     results: dict[str, list[Result]] = {k: [] for k in keys}
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-streams-") as tmp:
         for rnd in range(rounds):
             order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
             for k in order:
                 res = run_one(k, Path(tmp) / f"{k}-{rnd}", seconds, n)
+                res.p50, res.p99 = pct(res.lat, 0.5), pct(res.lat, 0.99)
                 results[k].append(res)
                 print(
                     f"round {rnd + 1} {k:15s}: publish {res.pub:9,.0f}/s  "
-                    f"p50 {pct(res.lat, 0.5):6.2f} ms  p99 {pct(res.lat, 0.99):6.2f} ms  "
+                    f"p50 {res.p50:7.2f} ms  p99 {res.p99:7.2f} ms  "
                     f"consume {res.drain:9,.0f}/s"
                     + (f"  ({len(res.errors)} errors)" if res.errors else ""),
                     file=sys.stderr,
                 )
     elapsed = time.perf_counter() - started
+    print_table(results, rounds, seconds, n, elapsed, (load_before, os.getloadavg()[0]))
+    return 0
 
+
+def print_table(
+    results: dict[str, list[Result]],
+    rounds: int,
+    seconds: float,
+    n: int,
+    elapsed: float,
+    load: tuple[float, float],
+) -> None:
     def med(k: str, attr: str) -> float:
         vals = [getattr(r, attr) for r in results[k]]
         return statistics.median(vals) if vals else float("nan")
 
+    def ref(k: str) -> str:
+        return "redis-always" if SYSTEMS[k][2] == "always" else "redis-none"
+
     def ratio(k: str, attr: str) -> str:
-        fsync = SYSTEMS[k][2]
-        ref = "redis-always" if fsync == "always" else "redis-none"
-        if ref not in results or k == ref:
-            return "1.00x" if k == ref else ""
-        return f"{med(k, attr) / med(ref, attr):.2f}x"
+        if ref(k) not in results:
+            return ""
+        return f"{med(k, attr) / med(ref(k), attr):.2f}x"
 
     print()
     print(
@@ -516,35 +558,65 @@ def main() -> int:
         f"{seconds:g} s; latency at {RATE:,} msg/s for {seconds:g} s (acks included); consume "
         f"{n:,} stored messages in batches of {BATCH} with acks; median of {rounds} round(s); "
         f"{platform.python_implementation()} {platform.python_version()}, "
-        f"{os.cpu_count()} cores; {elapsed:.0f} s"
+        f"{os.cpu_count()} cores, load average {load[0]:.1f} before and {load[1]:.1f} after; "
+        f"{elapsed:.0f} s"
     )
     print()
     print(
-        "| system | replicas | fsync | publish msgs/s | vs Redis R1 | p50 ms | p99 ms "
-        "| consume msgs/s | vs Redis R1 |"
+        "| system | replicas | fsync | publish msgs/s | vs Redis R1 | server CPU µs/msg "
+        "| client CPU µs/msg | p50 ms | p99 ms | consume msgs/s | vs Redis R1 |"
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     errors: list[str] = []
-    for k in keys:
+    for k in results:
         label, reps, fsync = SYSTEMS[k]
-        lat = [x for r in results[k] for x in r.lat]
         lost = sum(r.lost for r in results[k])
-        p99 = f"{pct(lat, 0.99):.2f}" + (f" ({lost} lost)" if lost else "")
+        p99 = f"{med(k, 'p99'):.2f}" + (f" ({lost:,} lost)" if lost else "")
         print(
             f"| {label} | {reps} | {fsync} | {med(k, 'pub'):,.0f} | {ratio(k, 'pub')} | "
-            f"{pct(lat, 0.5):.2f} | {p99} | {med(k, 'drain'):,.0f} | {ratio(k, 'drain')} |"
+            f"{med(k, 'server_us'):.1f} | {med(k, 'client_us'):.1f} | {med(k, 'p50'):.2f} | "
+            f"{p99} | {med(k, 'drain'):,.0f} | {ratio(k, 'drain')} |"
         )
         for r in results[k]:
             errors += [f"{k}: {e}" for e in r.errors]
     print(
-        "\nRatios compare with the Redis Streams row of the same durability: fsync=always "
-        "with appendfsync always, the rest with Redis without AOF."
+        "\n`vs Redis R1` compares with the Redis Streams row of the same durability (fsync "
+        "always: appendfsync always; the others: Redis without AOF). p50/p99 are medians of "
+        "each round's percentiles; `lost` counts messages not received within 10 s."
     )
+    goals: list[str] = []
+    for fsync in ("always", "none"):
+        r1, r3, red = f"dsys-r1-{fsync}", f"dsys-r3-{fsync}", f"redis-{fsync}"
+        if red not in results:
+            continue
+        base = med(red, "pub")
+        if r3 in results:
+            ok = med(r3, "pub") >= base
+            goals.append(
+                f"R3 >= Redis R1, fsync {fsync}: {med(r3, 'pub'):,.0f} vs {base:,.0f} "
+                f"({med(r3, 'pub') / base:.2f}x): {'met' if ok else 'NOT met'}"
+            )
+        if r1 in results:
+            ok = med(r1, "pub") >= 2 * base
+            goals.append(
+                f"R1 >= 2x Redis R1, fsync {fsync}: {med(r1, 'pub'):,.0f} vs {2 * base:,.0f} "
+                f"({med(r1, 'pub') / base:.2f}x): {'met' if ok else 'NOT met'}"
+            )
+    for k in results:
+        if k.startswith("dsys"):
+            p99 = med(k, "p99")
+            goals.append(
+                f"p99 < 10 ms at {RATE:,} msg/s, {k}: {p99:.2f} ms: "
+                f"{'met' if p99 < 10 else 'NOT met'}"
+            )
+    if goals:
+        print("\nGoals (issue 12):")
+        for line in goals:
+            print(f"- {line}")
     if errors:
         print(f"\nERRORS ({len(errors)}):")
         for line in sorted(set(errors))[:20]:
             print(f"- {line}")
-    return 0
 
 
 if __name__ == "__main__":
