@@ -18,7 +18,7 @@ per system and round:
   publish-to-receive over every message of every round. dsys: ``StreamClient.subscribe``
   (push); Redis: ``XREADGROUP ... BLOCK`` + ``XACK``; NATS: a push consumer with explicit
   acks.
-* consume: drain ``N`` stored messages (20,000; 5,000 with ``--quick``) through a new
+* consume: drain ``N`` stored messages (20,000; 3,000 with ``--quick``) through a new
   consumer, a batch of ``BATCH`` (500) at a time, acknowledging each batch before the
   next fetch. dsys: ``fetch(batch=500)`` + one ``ack`` call per batch; Redis:
   ``XREADGROUP COUNT 500`` + ``XACK`` of the batch's ids; NATS: a pull consumer,
@@ -242,7 +242,7 @@ async def bench_dsys(replicas: int, fsync: str, base: Path, seconds: float, n: i
                 await c.publish(SUBJECT, payload)
                 return 1
 
-            _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds), res.errors)
+            _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds / 4), res.errors)
             stored += await measured_publish(
                 pub, INFLIGHT, seconds, [p.pid for p in cluster.procs], res
             )
@@ -335,7 +335,7 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
             await pipe.execute()
             return per
 
-        _, stored = await publish_load(pub, REDIS_PIPELINES, min(0.5, seconds), res.errors)
+        _, stored = await publish_load(pub, REDIS_PIPELINES, min(0.5, seconds / 4), res.errors)
         stored += await measured_publish(pub, REDIS_PIPELINES, seconds, [proc.pid], res)
         if stored < n:
             await publish_load(pub, REDIS_PIPELINES, (n - stored) / max(res.pub, 1) + 0.5, [])
@@ -423,7 +423,7 @@ async def bench_nats(base: Path, seconds: float, n: int) -> Result:
             await js.publish(SUBJECT, payload)
             return 1
 
-        _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds), res.errors)
+        _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds / 4), res.errors)
         stored += await measured_publish(pub, INFLIGHT, seconds, [proc.pid], res)
         if stored < n:
             await publish_load(pub, INFLIGHT, (n - stored) / max(res.pub, 1) + 0.5, [])
@@ -503,7 +503,7 @@ def main() -> int:
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = 1.0 if args.quick else 3.0
-    n = 5_000 if args.quick else 20_000
+    n = 3_000 if args.quick else 20_000
 
     keys = [k for k in SYSTEMS if not args.only or k in args.only.split(",")]
     for binary, prefix in (("redis-server", "redis"), ("nats-server", "nats")):
@@ -517,13 +517,14 @@ def main() -> int:
         for rnd in range(rounds):
             order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
             for k in order:
+                t0 = time.perf_counter()
                 res = run_one(k, Path(tmp) / f"{k}-{rnd}", seconds, n)
                 res.p50, res.p99 = pct(res.lat, 0.5), pct(res.lat, 0.99)
                 results[k].append(res)
                 print(
                     f"round {rnd + 1} {k:15s}: publish {res.pub:9,.0f}/s  "
                     f"p50 {res.p50:7.2f} ms  p99 {res.p99:7.2f} ms  "
-                    f"consume {res.drain:9,.0f}/s"
+                    f"consume {res.drain:9,.0f}/s  ({time.perf_counter() - t0:.1f} s)"
                     + (f"  ({len(res.errors)} errors)" if res.errors else ""),
                     file=sys.stderr,
                 )
