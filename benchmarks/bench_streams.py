@@ -356,9 +356,12 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
         await r.xgroup_create("lat", "lat", id="$", mkstream=True)
         acks: set[asyncio.Task[Any]] = set()
 
+        stop = False
+
         async def consume() -> None:
-            while True:
-                resp = await r2.xreadgroup("lat", "w1", {"lat": ">"}, count=100, block=1000)
+            # stopped by a flag: cancelling a blocked XREADGROUP hangs redis-py (8.1)
+            while not stop:
+                resp = await r2.xreadgroup("lat", "w1", {"lat": ">"}, count=100, block=100)
                 if not resp:
                     continue
                 ids = []
@@ -374,9 +377,8 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
         sent = await paced(lambda d: r.xadd("lat", {"d": d}), seconds)
         await wait_count(lambda: len(res.lat), sent)
         res.lost = sent - len(res.lat)
-        pump.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pump
+        stop = True
+        await pump
         await asyncio.gather(*acks, return_exceptions=True)
     finally:
         for cl in (r, r2):
@@ -525,7 +527,7 @@ def main() -> int:
                     f"round {rnd + 1} {k:15s}: publish {res.pub:9,.0f}/s  "
                     f"p50 {res.p50:7.2f} ms  p99 {res.p99:7.2f} ms  "
                     f"consume {res.drain:9,.0f}/s  ({time.perf_counter() - t0:.1f} s)"
-                    + (f"  ({len(res.errors)} errors)" if res.errors else ""),
+                    + (f"  ({len(res.errors)} errors: {res.errors[0]})" if res.errors else ""),
                     file=sys.stderr,
                 )
     elapsed = time.perf_counter() - started
