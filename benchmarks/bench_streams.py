@@ -164,6 +164,18 @@ async def measured_publish(
     return done
 
 
+async def top_up(
+    op: Callable[[], Awaitable[int]], workers: int, stored: int, n: int, res: Result
+) -> None:
+    """Publish more until at least ``n`` messages are stored, for the consume phase."""
+    for _ in range(50):
+        if stored >= n:
+            return
+        _, more = await publish_load(op, workers, (n - stored) / max(res.pub, 500) + 0.1, [])
+        stored += more
+    res.errors.append(f"top-up: only {stored} of {n} messages stored")
+
+
 async def paced(publish: Callable[[bytes], Awaitable[Any]], seconds: float, res: Result) -> int:
     """Start one publish every 1/RATE s (not waiting for the previous); returns the count.
 
@@ -264,8 +276,7 @@ async def bench_dsys(replicas: int, fsync: str, base: Path, seconds: float, n: i
             stored += await measured_publish(
                 pub, INFLIGHT, seconds, [p.pid for p in cluster.procs], res
             )
-            if stored < n:
-                await publish_load(pub, INFLIGHT, (n - stored) / max(res.pub, 1) + 0.5, [])
+            await top_up(pub, INFLIGHT, stored, n, res)
 
             # consume: fetch + ack batches
             await c.add_consumer("BENCH", ConsumerConfig(name="drain"))
@@ -355,8 +366,7 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
 
         _, stored = await publish_load(pub, REDIS_PIPELINES, min(0.5, seconds / 4), res.errors)
         stored += await measured_publish(pub, REDIS_PIPELINES, seconds, [proc.pid], res)
-        if stored < n:
-            await publish_load(pub, REDIS_PIPELINES, (n - stored) / max(res.pub, 1) + 0.5, [])
+        await top_up(pub, REDIS_PIPELINES, stored, n, res)
 
         await r.xgroup_create("bench", "drain", id="0")
         got = 0
@@ -445,8 +455,7 @@ async def bench_nats(base: Path, seconds: float, n: int) -> Result:
 
         _, stored = await publish_load(pub, INFLIGHT, min(0.5, seconds / 4), res.errors)
         stored += await measured_publish(pub, INFLIGHT, seconds, [proc.pid], res)
-        if stored < n:
-            await publish_load(pub, INFLIGHT, (n - stored) / max(res.pub, 1) + 0.5, [])
+        await top_up(pub, INFLIGHT, stored, n, res)
 
         psub = await js.pull_subscribe(
             SUBJECT,
