@@ -531,7 +531,7 @@ def main() -> int:
     parser.add_argument("--only", default="", help="comma-separated system keys (debugging)")
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
-    seconds = 1.0 if args.quick else 3.0
+    seconds = 1.0 if args.quick else 2.5
     n = 3_000 if args.quick else 20_000
 
     keys = [k for k in SYSTEMS if not args.only or k in args.only.split(",")]
