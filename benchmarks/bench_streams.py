@@ -346,14 +346,16 @@ async def bench_redis(fsync: str, base: Path, seconds: float, n: int) -> Result:
     proc, port = start_redis(fsync, base)
     # Fixed pools, connected before measuring: redis-py opens a connection per concurrent
     # command when none is free, and a new one costs a handshake of several round trips.
+    # 64 connections for the paced publisher: one command at a time per connection, so
+    # with appendfsync always (an fsync per reply) fewer would throttle it below 1,000/s.
     r = redis.Redis(
-        connection_pool=redis.BlockingConnectionPool(host=LOOPBACK, port=port, max_connections=16)
+        connection_pool=redis.BlockingConnectionPool(host=LOOPBACK, port=port, max_connections=64)
     )
     r2 = redis.Redis(
         connection_pool=redis.BlockingConnectionPool(host=LOOPBACK, port=port, max_connections=4)
     )
     try:
-        await asyncio.gather(*(r.ping() for _ in range(16)), *(r2.ping() for _ in range(4)))
+        await asyncio.gather(*(r.ping() for _ in range(64)), *(r2.ping() for _ in range(4)))
         payload = b"x" * SIZE
         per = INFLIGHT // REDIS_PIPELINES
 
