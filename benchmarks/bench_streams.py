@@ -56,6 +56,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import struct
 import subprocess
@@ -532,6 +533,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--only", default="", help="comma-separated system keys (debugging)")
     args = parser.parse_args()
+    # a SIGTERM unwinds like Ctrl-C, so every server started here is stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     rounds = args.rounds or (1 if args.quick else 3)
     seconds = 1.0 if args.quick else 2.5
     n = 3_000 if args.quick else 20_000
