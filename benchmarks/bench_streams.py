@@ -44,7 +44,8 @@ Durability, per row:
   its row compares with the ``fsync=none`` rows.
 
 Run: ``.venv/bin/python benchmarks/bench_streams.py [--quick] [--rounds N]``
-(``--quick``: one short round, under a minute; the default, 3 rounds, takes 4-5 minutes).
+(``--quick``: one short round, about 35 s; the default, 3 rounds, about 5 minutes, 5 to 6
+when other jobs load the machine).
 """
 
 from __future__ import annotations
