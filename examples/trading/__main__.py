@@ -55,9 +55,8 @@ async def session(ts: TradingSystem, say: Callable[[str], None]) -> None:
                     continue
                 for tick in unpack_message(msg.data):
                     sym = next(i.symbol for i in insts if i.token == tick["instrument_token"])
-                    say(
-                        f"tick via dsys lb: {sym:10} {tick['mode']:5} ltp {_rupees(tick['last_price'])}"
-                    )
+                    ltp = _rupees(int(str(tick["last_price"])))
+                    say(f"tick via dsys lb: {sym:10} {tick['mode']:5} ltp {ltp}")
                     got += 1
         sym = watch[0].symbol
         o = await call("POST", "/api/orders", token, symbol=sym, side="BUY", qty=10, type="MARKET")
