@@ -481,7 +481,7 @@ class Broker:
         if o["status"] in DONE:
             raise ApiError(400, f"order {oid} is already {o['status']}")
         await self.send(oid, f"cancel{int(time.time() * 1000)}", o["symbol"], Cancel(oid))
-        return await self.wait(user, oid)
+        return await self.wait(user, oid, done=True)
 
     async def send(self, oid: str, op: str, symbol: str, cmd: Place | Modify | Cancel) -> None:
         """Publish a command to ORDERS: breaker + retries, the message id as idempotency key."""
@@ -509,14 +509,21 @@ class Broker:
                     break
                 self.unsent.pop(msg_id, None)
 
-    async def wait(self, user: str, oid: str, limit: float = 3.0) -> dict[str, Any]:
-        """The order once the exchange answered (or as it is after ``limit`` seconds)."""
+    async def wait(
+        self, user: str, oid: str, limit: float = 3.0, *, done: bool = False
+    ) -> dict[str, Any]:
+        """The order once the exchange answered, or finished with ``done`` (at most
+        ``limit`` seconds: then as it is)."""
         deadline = time.monotonic() + limit
         while True:
             acct, _ = await self.load(user)
             o: dict[str, Any] = acct["orders"][oid]
-            pending = o["status"] in ("VALIDATION PENDING", "MODIFY PENDING")
-            if not pending or time.monotonic() > deadline:
+            waiting = (
+                "VALIDATION PENDING",
+                "MODIFY PENDING",
+                *(("OPEN", "TRIGGER PENDING") if done else ()),
+            )
+            if o["status"] not in waiting or time.monotonic() > deadline:
                 return o
             ev = self.waiters.setdefault(oid, asyncio.Event())
             with contextlib.suppress(TimeoutError):

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
 from dsys.testing.procs import (
@@ -124,21 +125,40 @@ class TradingSystem:
             )  # fmt: skip
             wait_healthy(self.kv, timeout=20)
             wait_healthy(self.streams, timeout=20)
-            for m in self.matcher_ids:
-                self.start_matcher(m)
-            self.servers["feed"] = start_module(
-                f"{PKG}.feed", "--streams", self.streams, "--pubsub", self.pubsub,
-                "--instruments", str(self.n_instruments), *self.feed_args,
-                log_level=self.log_level, keep_log=True,
-            )  # fmt: skip
-            backends = []
-            for i in range(self.n_tickers):
-                t = start_module(
-                    f"{PKG}.ticker", "--pubsub", self.pubsub,
-                    "--instruments", str(self.n_instruments), log_level=self.log_level,
-                )  # fmt: skip
-                self.servers[f"ticker-{i + 1}"] = t
-                backends += ["--backend", f"http://{t.addr}"]
+            with ThreadPoolExecutor(max_workers=8) as pool:  # they start independently
+                jobs = [pool.submit(self.start_matcher, m) for m in self.matcher_ids]
+                feed = pool.submit(
+                    start_module,
+                    f"{PKG}.feed",
+                    "--streams",
+                    self.streams,
+                    "--pubsub",
+                    self.pubsub,
+                    "--instruments",
+                    str(self.n_instruments),
+                    *self.feed_args,
+                    log_level=self.log_level,
+                    keep_log=True,
+                )
+                tickers = [
+                    pool.submit(
+                        start_module,
+                        f"{PKG}.ticker",
+                        "--pubsub",
+                        self.pubsub,
+                        "--instruments",
+                        str(self.n_instruments),
+                        log_level=self.log_level,
+                    )
+                    for _ in range(self.n_tickers)
+                ]
+                for j in jobs:
+                    j.result()
+                self.servers["feed"] = feed.result()
+                backends = []
+                for i, t in enumerate(tickers):
+                    self.servers[f"ticker-{i + 1}"] = t.result()
+                    backends += ["--backend", f"http://{t.result().addr}"]
             self.lb = self._dsys_at_port(
                 "lb", "serve", "--listen", "127.0.0.1:{port}", "--strategy", "least-outstanding",
                 *backends,
@@ -162,15 +182,18 @@ class TradingSystem:
         s.stop()
 
     def stop(self) -> None:
-        for s in reversed(list(self.servers.values())):
+        """SIGTERM to every process at once, then wait for each (SIGKILL after 5 s)."""
+        procs = [s.proc for s in self.servers.values()] + self.raw
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+        for s in self.servers.values():
             with contextlib.suppress(Exception):
                 s.stop(timeout=5)
-        self.servers.clear()
         for p in self.raw:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
             with contextlib.suppress(Exception):
                 stop_process(p, timeout=5)
+        self.servers.clear()
         self.raw.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
