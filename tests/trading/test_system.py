@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,15 +22,10 @@ from examples.trading.system import TradingSystem
 
 from dsys.streams.client import StreamClient
 
-N_INSTRUMENTS = 40
+from .conftest import N_INSTRUMENTS
+
 INSTS = instruments(N_INSTRUMENTS)
 S0 = INSTS[0].symbol
-
-
-@pytest.fixture(scope="module")
-def system() -> Iterator[TradingSystem]:
-    with TradingSystem(instruments=N_INSTRUMENTS, feed_args=["--interval", "0.5"]) as ts:
-        yield ts
 
 
 @pytest.fixture
