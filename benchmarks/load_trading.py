@@ -148,12 +148,9 @@ def main() -> None:
     )
     print("| measure | value |")
     print("|---|---:|")
-    print(
-        f"| MARKET orders through the API ({args.concurrency} concurrent) | {o['orders_per_s']:,.0f}/s |"
-    )
-    print(
-        f"| order-to-fill p50 / p99 (request to COMPLETE) | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} ms |"
-    )
+    rate, p50, p99 = o["orders_per_s"], o["p50_ms"], o["p99_ms"]
+    print(f"| MARKET orders through the API ({args.concurrency} concurrent) | {rate:,.0f}/s |")
+    print(f"| order-to-fill p50 / p99 (request to COMPLETE) | {p50:.1f} / {p99:.1f} ms |")
     print(f"| orders complete | {o['complete']:.1%} |")
     print(
         f"| ticks delivered to {k['connected']:.0f} WebSocket clients via dsys lb "
