@@ -546,7 +546,14 @@ class Broker:
                 await asyncio.sleep(0.5)
                 continue
             for msg in msgs:
-                await self.apply(msg.seq, json.loads(msg.data))
+                try:
+                    await self.apply(msg.seq, json.loads(msg.data))
+                except (UnavailableError, OSError, TimeoutError) as exc:
+                    log.warning("results: KV unavailable; redelivered later", error=str(exc))
+                    await asyncio.sleep(0.5)
+                    break  # unacked: this and the rest of the batch come again, in order
+                except Exception:  # a result this code cannot apply: log it, do not stall
+                    log.exception("results: cannot apply", seq=msg.seq)
                 await msg.ack()
 
     async def apply(self, seq: int, res: dict[str, Any]) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from dsys.errors import UnavailableError
 from dsys.observability import configure_logging, get_logger
 from dsys.pubsub import Client
 from dsys.streams.client import StreamClient
@@ -121,7 +122,12 @@ async def run(m: Matcher, sc: StreamClient, ps: Client) -> None:
     log.info("rebuilding", recorded=len(m.recorded), orders=last_at_start)
     idle = 0.0
     while True:
-        page = await sc.read(ORDERS_STREAM, start_seq=m.next_seq, limit=PAGE)
+        try:
+            page = await sc.read(ORDERS_STREAM, start_seq=m.next_seq, limit=PAGE)
+        except (UnavailableError, OSError, TimeoutError) as exc:
+            log.warning("orders stream unavailable", error=str(exc))
+            await asyncio.sleep(0.5)
+            continue
         if not page:
             if not m.rebuilt and m.next_seq > last_at_start:
                 m.rebuilt = True
@@ -148,10 +154,16 @@ async def run(m: Matcher, sc: StreamClient, ps: Client) -> None:
                     log.error("replay differs", seq=msg.seq, recorded=seen, now=result["events"])
                 continue
             body = json.dumps(result, separators=(",", ":")).encode()
-            pubs.append(sc.publish(f"results.{symbol}", body, msg_id=f"r{msg.seq}"))
-        if pubs:
-            await asyncio.gather(*pubs)
+            pubs.append((f"results.{symbol}", body, f"r{msg.seq}"))
+        while pubs:  # until every result is stored (the message id makes retries harmless)
+            try:
+                await asyncio.gather(*(sc.publish(s, b, msg_id=i) for s, b, i in pubs))
+            except (UnavailableError, OSError, TimeoutError) as exc:
+                log.warning("results stream unavailable", error=str(exc))
+                await asyncio.sleep(0.5)
+                continue
             m.published += len(pubs)
+            break
         if m.rebuilt or m.next_seq > last_at_start:
             for symbol in touched:
                 bids, asks = m.books[symbol].depth(5)
