@@ -300,3 +300,34 @@ async def test_ticker_through_the_load_balancer_and_bad_frames(
                 for tick in unpack_message(msg.data):
                     seen[int(str(tick["instrument_token"]))] = str(tick["mode"])
         assert set(seen) == set(tokens)
+
+
+async def test_tick_streams_resume_after_a_ticker_gateway_is_killed(
+    system: TradingSystem, http: aiohttp.ClientSession
+) -> None:
+    """Clients reconnect through dsys lb and resubscribe; the other gateway serves them."""
+    tokens = [INSTS[0].token, INSTS[1].token, INSTS[2].token]
+    after_kill: dict[int, int] = {}
+    killed = asyncio.Event()
+
+    async def client(i: int) -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                async with http.ws_connect(system.ticker_url) as ws:
+                    await ws.send_str(json.dumps({"a": "subscribe", "v": tokens}))
+                    async for msg in ws:
+                        if msg.type == aiohttp.WSMsgType.BINARY and killed.is_set():
+                            after_kill[i] = after_kill.get(i, 0) + 1
+                            if after_kill[i] >= 3:
+                                return
+            except (aiohttp.ClientError, OSError):
+                pass
+            await asyncio.sleep(0.2)  # the connection dropped: reconnect, resubscribe
+
+    tasks = [asyncio.create_task(client(i)) for i in range(4)]
+    await asyncio.sleep(1.0)
+    system.kill9("ticker-1")
+    killed.set()
+    await asyncio.wait_for(asyncio.gather(*tasks), 25)
+    assert all(after_kill.get(i, 0) >= 3 for i in range(4)), after_kill
