@@ -306,7 +306,7 @@ def _check_invariants(cmds: list[Command], book: OrderBook, events: list[Event])
         assert oid in orders
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(commands())
 def test_same_events_as_the_naive_reference_book(cmds: list[Command]) -> None:
     book = OrderBook()
@@ -327,7 +327,7 @@ def _final_qty(cmds: list[Command], events_by_cmd: list[list[Event]]) -> dict[ob
     return qty
 
 
-@settings(max_examples=120, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(commands(stops=True))
 def test_invariants_with_stops_and_replay_is_identical(cmds: list[Command]) -> None:
     book = OrderBook()
