@@ -409,7 +409,9 @@ class Broker:
             return o, True
 
         order, new = await self.update(user, reserve)
-        if new:
+        if new or order["status"] == "VALIDATION PENDING":
+            # a retry with the same tag resends: the first try may have stopped after the
+            # reservation (a KV failover, a crash); the message id keeps it to one order
             otype = {"MARKET": OT.LIMIT, "LIMIT": OT.LIMIT, "SL": OT.SL, "SL-M": OT.SL}[
                 order["type"]
             ]

@@ -14,12 +14,14 @@ and the broker API (which also serves the web page).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
 
@@ -34,6 +36,7 @@ from dsys.testing.procs import (
 )
 
 PKG = __package__ or "examples.trading"
+START_TIMEOUT = 90.0  # seconds a service may take to come up (generous: shared machines)
 
 
 class TradingSystem:
@@ -46,6 +49,7 @@ class TradingSystem:
         secret: the HMAC key for tokens.
         feed_args: extra arguments for the feed (e.g. ``["--interval", "0.5"]``).
         api_args: extra arguments for the broker API.
+        kv_nodes: Raft KV replicas (3 tolerates the loss of one, e.g. its leader).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class TradingSystem:
         feed_args: list[str] | None = None,
         api_args: list[str] | None = None,
         log_level: str = "warning",
+        kv_nodes: int = 1,
     ) -> None:
         self.n_instruments = instruments
         self.matcher_ids = [f"m{i + 1}" for i in range(matchers)]
@@ -66,6 +71,8 @@ class TradingSystem:
         self.feed_args = feed_args or []
         self.api_args = api_args or []
         self.log_level = log_level
+        self.kv_nodes = kv_nodes
+        self.kv_procs: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
         self.dir = tempfile.mkdtemp(prefix="dsys-trading-")
         self.raw: list[subprocess.Popen[bytes]] = []
         self.servers: dict[str, ServerProcess] = {}
@@ -100,31 +107,74 @@ class TradingSystem:
         self.raw.append(proc)
         return f"127.0.0.1:{port}"
 
+    def _start_kv(self, kv_dir: str) -> str:
+        ids = [f"n{i + 1}" for i in range(self.kv_nodes)]
+        addrs = {i: f"127.0.0.1:{free_port()}" for i in ids}
+        for node in ids:
+            peers = [a for o in ids if o != node for a in ("--peer", f"{o}={addrs[o]}")]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "dsys", "kv", "serve", "--id", node,
+                 "--listen", addrs[node], "--data-dir", os.path.join(kv_dir, node), *peers],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "DSYS_LOG_LEVEL": self.log_level},
+                start_new_session=True,
+            )  # fmt: skip
+            self.raw.append(proc)
+            self.kv_procs[node] = (addrs[node], proc)
+        return ",".join(addrs.values())
+
+    def kv_leader(self) -> str | None:
+        """The id of the KV node that says it is the leader (None if none answers so)."""
+        for node, (addr, proc) in self.kv_procs.items():
+            if proc.poll() is not None:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://{addr}/v1/status", timeout=1) as r:
+                    if json.loads(r.read()).get("role") == "leader":
+                        return node
+            except (OSError, ValueError):
+                continue
+        return None
+
+    def kill9_kv(self, node: str) -> None:
+        """SIGKILL KV node ``node`` (it stays down)."""
+        _, proc = self.kv_procs[node]
+        proc.kill()
+        proc.wait()
+
     def start_matcher(self, node_id: str) -> ServerProcess:
         """Start (or restart) matcher ``node_id``."""
         s = start_module(
             f"{PKG}.matcher", "--id", node_id, "--matchers", ",".join(self.matcher_ids),
             "--streams", self.streams, "--pubsub", self.pubsub,
-            "--instruments", str(self.n_instruments), log_level=self.log_level, keep_log=True,
+            "--instruments", str(self.n_instruments), log_level=self.log_level,
+            timeout=START_TIMEOUT, keep_log=True,
         )  # fmt: skip
         self.servers[f"matcher-{node_id}"] = s
         return s
 
     def start(self) -> TradingSystem:
         try:
-            ps = start_dsys("pubsub", "serve", "--listen", "127.0.0.1:0", log_level=self.log_level)
+            ps = start_dsys(
+                "pubsub",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                log_level=self.log_level,
+                timeout=START_TIMEOUT,
+            )
             self.servers["pubsub"] = ps
             self.pubsub = ps.addr
             kv_dir, st_dir = os.path.join(self.dir, "kv"), os.path.join(self.dir, "streams")
-            self.kv = self._dsys_at_port(
-                "kv", "serve", "--id", "n1", "--listen", "127.0.0.1:{port}", "--data-dir", kv_dir
-            )
+            self.kv = self._start_kv(kv_dir)
             self.streams = self._dsys_at_port(
                 "streams", "serve", "--id", "s1", "--listen", "127.0.0.1:{port}",
                 "--data-dir", st_dir,
             )  # fmt: skip
-            wait_healthy(self.kv, timeout=20)
-            wait_healthy(self.streams, timeout=20)
+            for addr in self.kv.split(","):
+                wait_healthy(addr, timeout=START_TIMEOUT)
+            wait_healthy(self.streams, timeout=START_TIMEOUT)
             with ThreadPoolExecutor(max_workers=8) as pool:  # they start independently
                 jobs = [pool.submit(self.start_matcher, m) for m in self.matcher_ids]
                 feed = pool.submit(
@@ -138,6 +188,7 @@ class TradingSystem:
                     str(self.n_instruments),
                     *self.feed_args,
                     log_level=self.log_level,
+                    timeout=START_TIMEOUT,
                     keep_log=True,
                 )
                 tickers = [
@@ -149,6 +200,7 @@ class TradingSystem:
                         "--instruments",
                         str(self.n_instruments),
                         log_level=self.log_level,
+                        timeout=START_TIMEOUT,
                     )
                     for _ in range(self.n_tickers)
                 ]
@@ -163,11 +215,12 @@ class TradingSystem:
                 "lb", "serve", "--listen", "127.0.0.1:{port}", "--strategy", "least-outstanding",
                 *backends,
             )  # fmt: skip
-            wait_port(int(self.lb.rsplit(":", 1)[1]), timeout=20)
+            wait_port(int(self.lb.rsplit(":", 1)[1]), timeout=START_TIMEOUT)
             self.servers["api"] = start_module(
                 f"{PKG}.api", "--kv", self.kv, "--streams", self.streams, "--pubsub", self.pubsub,
                 "--ticker-url", self.ticker_url, "--instruments", str(self.n_instruments),
-                "--secret", self.secret, *self.api_args, log_level=self.log_level, keep_log=True,
+                "--secret", self.secret, *self.api_args, log_level=self.log_level,
+                timeout=START_TIMEOUT, keep_log=True,
             )  # fmt: skip
         except BaseException:
             self.stop()
