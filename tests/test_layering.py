@@ -68,7 +68,7 @@ PURE = [
     "sharding/router.py",
     "pubsub/subjects.py",
     "pubsub/core.py",
-    "kv/answers.py",
+    "kv/api.py",
     "kv/fsm.py",
     "raft/messages.py",
     "raft/core.py",

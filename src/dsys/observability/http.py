@@ -23,6 +23,7 @@ from dsys.errors import (
     ConflictError,
     DsysError,
     NotLeaderError,
+    RemoteProtocolError,
     RequestTimeout,
     UnavailableError,
 )
@@ -67,16 +68,19 @@ async def error_middleware(
 ) -> web.StreamResponse:
     """Map dsys errors to HTTP statuses with a JSON body; the server stays up.
 
-    BadInputError -> 400, ConflictError -> 409, NotLeaderError -> 307 (with ``Location``
-    when the leader is known) or 503, UnavailableError -> 503 with ``Retry-After``,
-    RequestTimeout -> 504, an oversized body -> 413.
+    BadInputError -> 400 (a RemoteProtocolError's ``status_hint``), ConflictError -> 409,
+    NotLeaderError -> 307 (with ``Location`` when the leader is known) or 503, UnavailableError -> 503 with ``Retry-After``,
+    RequestTimeout -> 504, an oversized body -> 413, any other DsysError (e.g. a
+    LocalProtocolError: our own bug) -> 500. The KV's fast path gives the same answers
+    from :func:`dsys.kv.api.error_answer` (a test compares them).
     """
     try:
         return await handler(request)
     except web.HTTPException:
         raise
     except BadInputError as exc:
-        return json_error(400, "bad_request", str(exc))
+        status = exc.status_hint if isinstance(exc, RemoteProtocolError) else 400
+        return json_error(status, "bad_request", str(exc))
     except ConflictError as exc:
         return json_error(409, "conflict", str(exc))
     except NotLeaderError as exc:
