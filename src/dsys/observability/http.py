@@ -69,10 +69,11 @@ async def error_middleware(
     """Map dsys errors to HTTP statuses with a JSON body; the server stays up.
 
     BadInputError -> 400 (a RemoteProtocolError's ``status_hint``), ConflictError -> 409,
-    NotLeaderError -> 307 (with ``Location`` when the leader is known) or 503, UnavailableError -> 503 with ``Retry-After``,
-    RequestTimeout -> 504, an oversized body -> 413, any other DsysError (e.g. a
-    LocalProtocolError: our own bug) -> 500. The KV's fast path gives the same answers
-    from :func:`dsys.kv.api.error_answer` (a test compares them).
+    NotLeaderError -> 307 (with ``Location`` when the leader is known) or 503,
+    UnavailableError -> 503 with ``Retry-After``, RequestTimeout -> 504, an oversized
+    body -> 413, any other DsysError (e.g. a LocalProtocolError: our own bug) -> 500.
+    The KV's fast path gives the same answers from :func:`dsys.kv.api.error_answer`
+    (a test compares them).
     """
     try:
         return await handler(request)
