@@ -536,3 +536,18 @@ def test_render_head_refuses_what_would_split_a_message() -> None:
 def test_valid_host() -> None:
     assert valid_host(b"example.com:8080") and valid_host(b"[::1]") and valid_host(b"")
     assert not valid_host(b'a"b') and not valid_host(b"a b") and not valid_host(b"a/b")
+
+
+def test_take_body_waits_for_the_whole_body_then_ends_the_message() -> None:
+    p = Parser()
+    p.feed(H + b"Content-Length: 5\r\n\r\nhel")
+    assert isinstance(p.next_event(), Request)
+    assert p.take_body() is None and p.buffered == 3  # nothing consumed
+    p.feed(b"loGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert p.take_body() == b"hello"
+    assert isinstance(p.next_event(), Request)
+    assert p.take_body() == b""  # no body: just the end
+    p.feed(H + b"Transfer-Encoding: chunked\r\n\r\n")
+    p.next_event()
+    with pytest.raises(LocalProtocolError):
+        p.take_body()

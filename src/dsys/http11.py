@@ -170,6 +170,7 @@ Event = Request | InformationalResponse | Response | Data | EndOfMessage | Conne
 """What :meth:`Parser.next_event` returns (besides ``None``: need more bytes)."""
 
 END: Final = EndOfMessage()
+_new = tuple.__new__  # builds an event without NamedTuple's keyword-handling __new__
 """The :class:`EndOfMessage` without trailers (shared: events are immutable)."""
 
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -292,10 +293,10 @@ class ReceiveBuffer:
         return self.extract(len(self._data))
 
 
-def _fields(block: bytes, trailers: bool = False) -> tuple[list[Header], int]:
-    """Split validated field lines (each ending in CRLF) into headers; count them."""
+def _fields(block: bytes, trailers: bool = False) -> list[Header]:
+    """Validate field lines (each ending in CRLF) and split them into headers."""
     if not block:
-        return [], 0
+        return []
     if _FIELD_LINES.match(block) is None:
         what = "trailer" if trailers else "header"
         raise _fail(f"malformed {what} field line (bare CR/LF, obs-fold, control byte or space)")
@@ -309,7 +310,7 @@ def _fields(block: bytes, trailers: bool = False) -> tuple[list[Header], int]:
             raise _fail(f"field line longer than {MAX_LINE} bytes", 431)
         name, _, value = line.partition(b":")
         out.append((name, name.lower(), value.strip(b" \t")))
-    return out, len(lines)
+    return out
 
 
 def _framing(
@@ -417,7 +418,7 @@ class Parser:
         """
         if self._eof:
             raise LocalProtocolError("bytes fed after EOF")
-        self._buf += data
+        self._buf._data += data
 
     def feed_eof(self) -> None:
         """The peer closed its side: no more bytes will come."""
@@ -449,19 +450,20 @@ class Parser:
         try:
             if state == _HEAD:
                 return self._head()
+            if state == _EOM:
+                self._state = _IDLE if self.client else _HEAD
+                return END
             if state == _LENGTH:
                 buf = self._buf
-                if not len(buf):
+                if not buf._data:
                     if self._eof:
                         raise _fail("connection closed inside a body")
                     return None
                 data = buf.extract(self._left)
                 self._left -= len(data)
                 if self._left == 0:
-                    self._state = _EOM  # marker: EndOfMessage is next
-                return Data(data)
-            if state == _EOM:
-                return self._end(END)
+                    self._state = _EOM
+                return _new(Data, (data,))
             if state >= _CHUNK_SIZE and state <= _TRAILERS:
                 return self._chunked()
             if state == _UNTIL_CLOSE:
@@ -477,6 +479,33 @@ class Parser:
             self._state = _ERROR
             raise
 
+    def take_body(self) -> bytes | None:
+        """The rest of a ``Content-Length`` body and the end of its message, in one step.
+
+        What the :class:`Data` events up to :class:`EndOfMessage` would give, for a
+        caller that wants the body whole (``b""`` for a message without one).
+
+        Returns:
+            The body, or ``None`` (nothing consumed) while part of it is still to come.
+
+        Raises:
+            LocalProtocolError: the body is chunked or read until close, or no message
+                is being parsed.
+        """
+        state = self._state
+        if state == _EOM:
+            self._state = _IDLE if self.client else _HEAD
+            return b""
+        if state != _LENGTH:
+            raise LocalProtocolError("take_body() needs a Content-Length body")
+        buf = self._buf
+        left = self._left
+        if len(buf._data) < left:
+            return None
+        self._state = _IDLE if self.client else _HEAD
+        self._left = 0
+        return buf.extract(left)
+
     def _end(self, event: EndOfMessage) -> EndOfMessage:
         self._state = _IDLE if self.client else _HEAD
         return event
@@ -485,12 +514,18 @@ class Parser:
 
     def _head(self) -> Request | Response | InformationalResponse | ConnectionClosed | None:
         buf = self._buf
-        if not len(buf):
+        data = buf._data
+        if not data:
             if self._eof:
                 self._state = _CLOSED
                 return ConnectionClosed()
             return None
-        end = buf.find(b"\r\n\r\n")
+        end = data.find(b"\r\n\r\n", buf._search)
+        if end >= 0:  # the common case: the whole head came at once
+            end += 4
+            buf.steps += end - buf._search
+        else:
+            end = buf.find(b"\r\n\r\n")  # remembers where it stopped; finds bare CR/LF
         if end < 0:
             if len(buf) > self.max_head:
                 raise _fail(f"head larger than {self.max_head} bytes", 431)
@@ -502,18 +537,20 @@ class Parser:
             return None
         if end > self.max_head:
             raise _fail(f"head larger than {self.max_head} bytes", 431)
-        head = buf.peek(end)
+        head = bytes(data[:end])
         first = head.find(b"\r\n")
-        line = head[:first]
-        if len(line) > MAX_LINE:
+        if first > MAX_LINE:
             raise _fail(f"start line longer than {MAX_LINE} bytes", 414)
-        headers, _ = _fields(head[first + 2 : -2])
-        buf.steps += end  # the validation pass
+        headers = _fields(head[first + 2 : -2])
+        buf.steps += 2 * end  # the copy and the validation pass
         if self.client:
-            event: Request | Response | InformationalResponse = self._response(line, headers, head)
+            event: Request | Response | InformationalResponse = self._response(
+                head[:first], headers, head
+            )
         else:
-            event = self._request(line, headers, head)
-        buf.extract(end)  # only now: a head that fails stays buffered, for a hand-off
+            event = self._request(head[:first], headers, head)
+        del data[:end]  # only now: a head that fails stays buffered, for a hand-off
+        buf._search = 0
         return event
 
     def _request(self, line: bytes, headers: list[Header], raw: bytes) -> Request:
@@ -540,17 +577,20 @@ class Parser:
             self._state, self._left = _LENGTH, length
         else:
             self._state = _EOM
-        return Request(
-            method,
-            target,
-            version,
-            tuple(headers),
-            length,
-            bool(chunked),
-            keep_alive,
-            connection,
-            host,
-            raw,
+        return _new(
+            Request,
+            (
+                method,
+                target,
+                version,
+                tuple(headers),
+                length,
+                bool(chunked),
+                keep_alive,
+                connection,
+                host,
+                raw,
+            ),
         )
 
     def _response(
@@ -590,16 +630,19 @@ class Parser:
         else:
             body = BODY_LENGTH
             self._state = _EOM
-        return Response(
-            status,
-            reason or b"",
-            version,
-            tuple(headers),
-            length,
-            body,
-            keep_alive,
-            connection,
-            raw,
+        return _new(
+            Response,
+            (
+                status,
+                reason or b"",
+                version,
+                tuple(headers),
+                length,
+                body,
+                keep_alive,
+                connection,
+                raw,
+            ),
         )
 
     # ---- chunked bodies -----------------------------------------------------------------
@@ -654,7 +697,7 @@ class Parser:
                     raise _fail(f"trailer section larger than {self.max_head} bytes", 431)
                 break
             block = buf.peek(end)[:-2]
-            trailers, _ = _fields(block, trailers=True)
+            trailers = _fields(block, trailers=True)
             for _, name, _ in trailers:
                 if name in _NOT_TRAILERS:
                     raise _fail(f"{name.decode()} is not allowed in a trailer section")

@@ -43,7 +43,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from dsys.aiotools import hand_over
 from dsys.errors import BadInputError, DsysError, NotLeaderError, RemoteProtocolError
-from dsys.http11 import Data, EndOfMessage, Parser, Request
+from dsys.http11 import Parser, Request
 from dsys.kv.api import (
     MAX_VALUE_BYTES,
     Answer,
@@ -308,6 +308,7 @@ class _Conn(asyncio.Protocol):
         "parsing",
         "pending",
         "read_paused",
+        "target",
         "transport",
         "write_paused",
     )
@@ -316,6 +317,7 @@ class _Conn(asyncio.Protocol):
         self.fast = fast
         self.parser = Parser(max_head=MAX_HEAD)
         self.head: Request | None = None  # parsed, not started yet (body or turn awaited)
+        self.target: tuple[bytes, bytes | None] = (b"", None)  # head's (key, query)
         self.need = 0  # buffered bytes the head needs (its body) before going on
         self.parsing = False  # inside _next
         self.pending: deque[_Slot] = deque()
@@ -427,8 +429,10 @@ class _Conn(asyncio.Protocol):
                 return _WAIT
             assert isinstance(event, Request)  # a server-role parser starts with one
             req = self.head = event
-            if not self._servable(req):
+            target = self._servable(req)
+            if target is None:
                 return _HANDOFF
+            self.target = target
         method = _METHODS[req.method]
         if method == _GET and self.pending:
             # A read sees every write before it on the connection and none after it,
@@ -441,12 +445,8 @@ class _Conn(asyncio.Protocol):
         close = not req.keep_alive
         if close and parser.buffered > length:
             return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
-        body = b""
-        event = parser.next_event()
-        if isinstance(event, Data):
-            body = event.data
-            event = parser.next_event()
-        assert isinstance(event, EndOfMessage)
+        body = parser.take_body()
+        assert body is not None  # all of it is buffered
         self.need = 0
         self.head = None
         if close:
@@ -454,9 +454,7 @@ class _Conn(asyncio.Protocol):
         slot = _Slot(self, req.target, close or self.fast.draining)
         slot.read = method == _GET
         self.pending.append(slot)
-        m = _TARGET.match(req.target)
-        assert m is not None  # _servable checked it
-        key, qs = m.groups()
+        key, qs = self.target
         try:
             if method == _PUT:
                 self._put(slot, key, qs, req, body)
@@ -469,30 +467,30 @@ class _Conn(asyncio.Protocol):
         return _DONE
 
     @staticmethod
-    def _servable(req: Request) -> bool:
-        """Whether the fast path serves ``req`` byte for byte as aiohttp would."""
+    def _servable(req: Request) -> tuple[bytes, bytes | None] | None:
+        """``(key, query)`` if the fast path serves ``req`` byte for byte as aiohttp would."""
         if req.version != b"1.1" or req.method not in _METHODS or not req.raw.isascii():
-            return False  # obs-text in a field: aiohttp decides
+            return None  # obs-text in a field: aiohttp decides
         m = _TARGET.match(req.target)
         if m is None:
-            return False
+            return None
         key = m.group(1)
         if b"/." in key or key.startswith(b"."):
-            return False  # dot segments: let yarl normalise them
+            return None  # dot segments: let yarl normalise them
         if req.connection and not req.connection <= _PLAIN_CONNECTION:
-            return False  # names more hop-by-hop headers
+            return None  # names more hop-by-hop headers
         length = req.content_length or 0
         if length > (MAX_VALUE_BYTES if req.method == b"PUT" else 0):
-            return False  # aiohttp's 413, or a body on GET/DELETE: the full path
+            return None  # aiohttp's 413, or a body on GET/DELETE: the full path
         singles: set[bytes] = set()
         for _, name, _ in req.headers:
             if name in _SLOW_HEADERS:
-                return False
+                return None
             if name in _ONCE:
                 if name in singles:
-                    return False  # aiohttp: "Duplicate ... header found" (400)
+                    return None  # aiohttp: "Duplicate ... header found" (400)
                 singles.add(name)
-        return True
+        return key, m.group(2)
 
     # ---- requests -----------------------------------------------------------------
 
