@@ -26,8 +26,9 @@ from dsys.http11 import valid_host
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _PAIR = rb"%s=(?:%s|%s)" % (_TOKEN, _TOKEN, _QUOTED)
-_ELEMENT = rb"(?:%s)?(?:;(?:%s)?)*" % (_PAIR, _PAIR)
-# RFC 7239 section 4: Forwarded = 1#forwarded-element (a list: OWS around commas)
+_ELEMENT = rb"%s(?:;%s)*" % (_PAIR, _PAIR)
+# RFC 7239 section 4: Forwarded = 1#forwarded-element (a list: OWS around commas).
+# Stricter than the grammar: no empty elements or pairs, so every element is plain.
 _FORWARDED = re.compile(rb"%s(?:[ \t]*,[ \t]*%s)*\Z" % (_ELEMENT, _ELEMENT))
 # X-Forwarded-For: a comma list of addresses (v4, v6, with or without port/brackets).
 _XFF = re.compile(rb"[0-9A-Za-z.:\[\]_\-]+(?:[ \t]*,[ \t]*[0-9A-Za-z.:\[\]_\-]+)*\Z")
