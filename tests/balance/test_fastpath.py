@@ -89,7 +89,7 @@ async def _read_response(reader: asyncio.StreamReader) -> bytes:
             status = ev.status_code
         elif isinstance(ev, h11.Data):
             body += ev.data
-        elif isinstance(ev, h11.EndOfMessage) or isinstance(ev, h11.ConnectionClosed):
+        elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
             return b"%d %s" % (status, body)
 
 
