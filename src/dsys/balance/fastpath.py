@@ -255,6 +255,7 @@ class _ClientConn(asyncio.Protocol):
 
     __slots__ = (
         "fast",
+        "fwd",
         "idle_since",
         "parser",
         "paused",
@@ -272,6 +273,7 @@ class _ClientConn(asyncio.Protocol):
         self.paused = False
         self.peer = "unknown"
         self.xff = b"unknown"  # the peer as X-Forwarded-For lists it
+        self.fwd = b"for=unknown;proto=http"  # the start of our Forwarded element
         self.idle_since = fast.loop.time()
 
     # ---- asyncio callbacks --------------------------------------------------------
@@ -282,6 +284,7 @@ class _ClientConn(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             self.peer = str(peer[0])
         self.xff = forwarded.x_forwarded_for(None, self.peer)
+        self.fwd = forwarded.prefix(self.peer, "http")
         self.fast.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
@@ -387,7 +390,7 @@ class _ClientConn(asyncio.Protocol):
         out.append(b"X-Forwarded-Proto: http")
         if not has_xfh and host:
             out.append(b"X-Forwarded-Host: " + host)
-        mine = forwarded.element(self.peer, "http", host)
+        mine = forwarded.element_of(self.fwd, host)
         out.append(b"Forwarded: " + forwarded.forwarded(fwd, mine))
         out.append(b"\r\n")
         return b"\r\n".join(out)

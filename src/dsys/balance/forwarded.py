@@ -52,10 +52,26 @@ def node(peer: str) -> bytes:
 
 def element(peer: str, proto: str, host: bytes | None) -> bytes:
     """This proxy's ``Forwarded`` element: ``for=...;proto=...[;host="..."]``."""
-    out = b"for=" + node(peer) + b";proto=" + (b"https" if proto == "https" else b"http")
+    return element_of(b"for=" + node(peer) + b";proto=" + _proto(proto), host)
+
+
+def element_of(prefix: bytes, host: bytes | None) -> bytes:
+    """:func:`element` from its ``for=...;proto=...`` part, already built from :func:`node`.
+
+    For a connection that sends many requests: the peer address is checked once.
+    """
     if host and valid_host(host):
-        out += b";host=" + quote(host)
-    return out
+        return prefix + b';host="' + host + b'"'  # a valid host has no '"' or '\\'
+    return prefix
+
+
+def prefix(peer: str, proto: str) -> bytes:
+    """The ``for=...;proto=...`` part of :func:`element` (see :func:`element_of`)."""
+    return b"for=" + node(peer) + b";proto=" + _proto(proto)
+
+
+def _proto(proto: str) -> bytes:
+    return b"https" if proto == "https" else b"http"
 
 
 def forwarded(prior: bytes | None, mine: bytes) -> bytes:
@@ -73,4 +89,4 @@ def x_forwarded_for(prior: bytes | None, peer: str) -> bytes:
     return addr
 
 
-__all__ = ["element", "forwarded", "node", "quote", "x_forwarded_for"]
+__all__ = ["element", "element_of", "forwarded", "node", "prefix", "quote", "x_forwarded_for"]
