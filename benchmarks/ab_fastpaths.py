@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import signal
 import statistics
@@ -56,7 +57,24 @@ def med(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def interleave(rounds: int, trees: dict[str, Callable[[], dict[str, float]]]) -> dict[str, list]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, run: Callable[[], dict[str, float]], seconds: float) -> dict[str, float]:
+    """``run()`` plus the CPU the server ``pid`` spent per request meanwhile (us)."""
+    before = cpu_seconds(pid)
+    res = run()
+    spent = cpu_seconds(pid) - before
+    res["cpu_us"] = spent / max(1.0, res["rps"] * seconds) * 1e6
+    return res
+
+
+def interleave(
+    rounds: int, trees: dict[str, Callable[[], dict[str, float]]]
+) -> dict[str, list[dict[str, float]]]:
     out: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
     for _ in range(rounds):
         for name, run in trees.items():
@@ -74,6 +92,7 @@ def bench_proxy(before: str, rounds: int, duration: float) -> None:
             procs.append(p)
             backends.append(port)
         ports = {}
+        pids = {}
         for name, path in (("A (before)", before), ("B (after)", None)):
             cmd = [py, "-m", "dsys", "lb", "serve", "--listen", "127.0.0.1:0", "--seed", "1"]
             for port in backends:
@@ -81,23 +100,30 @@ def bench_proxy(before: str, rounds: int, duration: float) -> None:
             with python_path(path):
                 p, ports[name] = start(cmd, env=dict(os.environ, DSYS_LOG_LEVEL="warning"))
             procs.append(p)
+            pids[name] = p.pid
             wrk(ports[name], 1.0)  # warm-up
-        res = interleave(rounds, {n: (lambda p=p: wrk(p, duration)) for n, p in ports.items()})
+        res = interleave(
+            rounds,
+            {
+                n: (lambda n=n, p=p: measured(pids[n], lambda: wrk(p, duration), duration))
+                for n, p in ports.items()
+            },
+        )
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=15)
     print(f"\nproxy: wrk -t1 -c50 -d{duration:g}s, {rounds} interleaved rounds, medians")
-    print("| tree | req/s | p50 ms | p90 ms | p99 ms | errors | req/s per round |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| tree | req/s | p50 ms | p90 ms | p99 ms | errors | proxy CPU per request |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, runs in res.items():
-        each = ", ".join(f"{r['rps']:,.0f}" for r in runs)
-        m = {k: med([r[k] for r in runs]) for k in ("rps", "p50", "p90", "p99")}
+        m = {k: med([r[k] for r in runs]) for k in ("rps", "p50", "p90", "p99", "cpu_us")}
         print(
             f"| {name} | {m['rps']:,.0f} | {m['p50']:.2f} | {m['p90']:.2f} | {m['p99']:.2f} "
-            f"| {sum(r['errors'] for r in runs):.0f} | {each} |"
+            f"| {sum(r['errors'] for r in runs):.0f} | {m['cpu_us']:.1f} us |"
         )
+        print(f"<!-- {name} per round: {[round(r['rps']) for r in runs]} -->")
 
 
 async def bench_kv(before: str, rounds: int, seconds: float, base: Path) -> None:
@@ -110,29 +136,35 @@ async def bench_kv(before: str, rounds: int, seconds: float, base: Path) -> None
             with python_path(path):
                 c.start()
             clusters[name] = c
-        urls = {n: f"http://{c.addrs[await c.leader()]}" for n, c in clusters.items()}
+        leaders = {n: await c.leader() for n, c in clusters.items()}
+        urls = {n: f"http://{c.addrs[leaders[n]]}" for n, c in clusters.items()}
+        pids = {n: c.procs[leaders[n]].pid for n, c in clusters.items()}
         for url in urls.values():
             await run_wrk(script, url, 64, 1)  # warm-up
         res: dict[tuple[str, int], list[Run]] = {}
+        cpu: dict[tuple[str, int], list[float]] = {}
         for _ in range(rounds):
             for conns in (64, 1):
                 for name, url in urls.items():
-                    res.setdefault((name, conns), []).append(
-                        await run_wrk(script, url, conns, seconds)
-                    )
+                    spent = cpu_seconds(pids[name])
+                    run = await run_wrk(script, url, conns, seconds)
+                    spent = cpu_seconds(pids[name]) - spent
+                    res.setdefault((name, conns), []).append(run)
+                    n = max(1.0, run.ops * math.ceil(seconds))
+                    cpu.setdefault((name, conns), []).append(spent / n * 1e6)
     finally:
         for c in clusters.values():
             c.stop()
     print(f"\nkv: fsync=none, wrk PUTs of 16 bytes for {seconds:g}s, {rounds} rounds, medians")
-    print("| tree | in flight | ops/s | p50 ms | p99 ms | errors | ops/s per round |")
-    print("|---|---:|---:|---:|---:|---:|---|")
+    print("| tree | in flight | ops/s | p50 ms | p99 ms | errors | leader CPU per put |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for (name, conns), runs in sorted(res.items(), key=lambda kv: (-kv[0][1], kv[0][0])):
-        each = ", ".join(f"{r.ops:,.0f}" for r in runs)
         print(
             f"| {name} | {conns} | {med([r.ops for r in runs]):,.0f} "
             f"| {med([r.p50 for r in runs]) * 1000:.2f} | {med([r.p99 for r in runs]) * 1000:.2f} "
-            f"| {sum(r.errors for r in runs)} | {each} |"
+            f"| {sum(r.errors for r in runs)} | {med(cpu[name, conns]):.1f} us |"
         )
+        print(f"<!-- {name} {conns} per round: {[round(r.ops) for r in runs]} -->")
 
 
 def main() -> int:

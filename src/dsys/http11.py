@@ -24,8 +24,9 @@ ends (request smuggling lives in the disagreements):
 * ``Content-Length`` is 1 to 18 ASCII digits (no sign, no ``0x``, no list), at most
   once; ``Transfer-Encoding`` is a list of tokens with ``chunked`` exactly once and
   last; a message with both is an error, and so is ``Transfer-Encoding`` in HTTP/1.0;
-* a request with a ``Transfer-Encoding`` whose last coding is not ``chunked`` is an
-  error (its end cannot be found); such a response is read until the connection closes;
+* a request's ``Transfer-Encoding`` must be exactly ``chunked`` (a request's body is
+  decoded here, and no other coding is); a response whose last coding is not
+  ``chunked`` is read until the connection closes;
 * chunk sizes are 1 to 16 hex digits (no sign, no ``0x``, no whitespace before the
   extensions), extensions must parse and are discarded, chunk data ends in CRLF;
 * a request has exactly one valid ``Host`` (HTTP/1.1) or at most one (HTTP/1.0);
@@ -123,32 +124,43 @@ class InformationalResponse(NamedTuple):
     raw: bytes
 
 
-class Response(NamedTuple):
+class _ResponseHead(NamedTuple):
+    status: int
+    reason: bytes
+    version: bytes
+    content_length: int | None
+    body: str
+    keep_alive: bool
+    connection: frozenset[bytes]
+    raw: bytes
+
+
+class Response(_ResponseHead):
     """A final response head (status 200 to 599).
 
     Attributes:
         status: the status code.
         reason: the reason phrase (may be empty).
         version: ``b"1.1"`` or ``b"1.0"``.
-        headers: the fields in order.
         content_length: the ``Content-Length`` value, if given (for a ``HEAD``, 204 or
             304 answer it describes a body that is not sent).
         body: how the body is framed: :data:`BODY_NONE`, :data:`BODY_LENGTH`,
             :data:`BODY_CHUNKED` or :data:`BODY_UNTIL_CLOSE`.
         keep_alive: the connection may carry another request after this answer.
         connection: the lower-cased tokens of ``Connection``.
-        raw: the head's bytes as received.
+        raw: the head's bytes as received (validated field by field).
     """
 
-    status: int
-    reason: bytes
-    version: bytes
-    headers: tuple[Header, ...]
-    content_length: int | None
-    body: str
-    keep_alive: bool
-    connection: frozenset[bytes]
-    raw: bytes
+    __slots__ = ()
+
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        """The fields in order, as :data:`Header` triples.
+
+        Split on demand: a proxy that forwards the head as it came never needs them.
+        """
+        raw = self.raw
+        return tuple(_fields(raw[raw.find(b"\r\n") + 2 : -2]))
 
 
 class Data(NamedTuple):
@@ -186,10 +198,13 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80
 _FIELD_LINES = re.compile(
     rb"(?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*\Z" % (_TCHAR, MAX_LINE)
 )
-# Over validated lines: the name, and the value without its surrounding OWS. Linear:
-# an inner run of SP/HTAB is taken only when a visible byte follows it.
-_FIELD = re.compile(rb"([^:]+):[ \t]*((?:[^\r \t]+|[ \t]+(?=[^\r \t]))*)[ \t]*\r\n")
+# Over validated lines: the name, and the value without its leading OWS (trailing OWS,
+# rare, is stripped in a second step: a lazy regex could be quadratic on long runs).
+_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
+_TRAILING_OWS = re.compile(rb"[ \t]\r\n")
 _NAME = re.compile(rb"([^:]+):[^\r]*\r\n")
+# The fields a response's framing depends on, over the lower-cased field lines.
+_FRAMING_FIELDS = re.compile(rb"(?:^|\n)(content-length|transfer-encoding|connection):([^\r]*)\r")
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|%s))?)*\Z"
@@ -304,16 +319,34 @@ def _fields(block: bytes, trailers: bool = False) -> list[Header]:
     """Validate field lines (each ending in CRLF) and split them into headers."""
     if not block:
         return []
+    _check_fields(block, trailers)
+    pairs = _FIELD.findall(block)
+    if len(pairs) > MAX_HEADERS:
+        raise _fail(f"more than {MAX_HEADERS} fields", 431)
+    names = _NAME.findall(block.lower())  # one C pass instead of a lower() per field
+    if _TRAILING_OWS.search(block) is None:
+        return [(raw, name, value) for (raw, value), name in zip(pairs, names, strict=True)]
+    return [
+        (raw, name, value.rstrip(b" \t")) for (raw, value), name in zip(pairs, names, strict=True)
+    ]
+
+
+def _framing_fields(block: bytes) -> list[Header]:
+    """Validate field lines like :func:`_fields`; return only the framing fields."""
+    if not block:
+        return []
+    _check_fields(block, False)
+    if block.count(b"\r\n") > MAX_HEADERS:
+        raise _fail(f"more than {MAX_HEADERS} fields", 431)
+    return [(n, n, v.strip(b" \t")) for n, v in _FRAMING_FIELDS.findall(block.lower())]
+
+
+def _check_fields(block: bytes, trailers: bool) -> None:
     if _FIELD_LINES.match(block) is None:
         if any(len(line) > MAX_LINE for line in block.split(b"\r\n")):
             raise _fail(f"field line longer than {MAX_LINE} bytes", 431)
         what = "trailer" if trailers else "header"
         raise _fail(f"malformed {what} field line (bare CR/LF, obs-fold, control byte or space)")
-    pairs = _FIELD.findall(block)
-    if len(pairs) > MAX_HEADERS:
-        raise _fail(f"more than {MAX_HEADERS} fields", 431)
-    names = _NAME.findall(block.lower())  # one C pass instead of a lower() per field
-    return [(raw, name, value) for (raw, value), name in zip(pairs, names, strict=True)]
 
 
 def _framing(
@@ -361,8 +394,10 @@ def _framing(
         if n_chunked > 1 or (n_chunked == 1 and codings[-1] != _CHUNKED):
             raise _fail("chunked must be the last transfer coding, and only once")
         chunked = n_chunked == 1
-        if request and not chunked:
-            raise _fail("a request's last transfer coding must be chunked", 501)
+        if request and codings != [_CHUNKED]:
+            # RFC 9112 6.1: a coding we do not implement is a 501; as h11 does, a request
+            # may only be chunked (its body is ours to decode)
+            raise _fail("a request's only transfer coding must be chunked", 501)
     return length, chunked, connection, host, hosts
 
 
@@ -544,14 +579,14 @@ class Parser:
         first = head.find(b"\r\n")
         if first > MAX_LINE:
             raise _fail(f"start line longer than {MAX_LINE} bytes", 414)
-        headers = _fields(head[first + 2 : -2])
+        block = head[first + 2 : -2]
         buf.steps += 2 * end  # the copy and the validation pass
         if self.client:
             event: Request | Response | InformationalResponse = self._response(
-                head[:first], headers, head
+                head[:first], block, head
             )
         else:
-            event = self._request(head[:first], headers, head)
+            event = self._request(head[:first], _fields(block), head)
         del data[:end]  # only now: a head that fails stays buffered, for a hand-off
         buf._search = 0
         return event
@@ -596,9 +631,7 @@ class Parser:
             ),
         )
 
-    def _response(
-        self, line: bytes, headers: list[Header], raw: bytes
-    ) -> Response | InformationalResponse:
+    def _response(self, line: bytes, block: bytes, raw: bytes) -> Response | InformationalResponse:
         m = _STATUS_LINE.match(line)
         if m is None:
             raise _fail(f"malformed status line {line[:60]!r}")
@@ -611,8 +644,8 @@ class Parser:
         if status < 200:
             if status == 101:
                 raise _fail("101 Switching Protocols was not asked for")
-            return InformationalResponse(status, reason or b"", tuple(headers), raw)
-        length, chunked, connection, _, _ = _framing(headers, version, False)
+            return InformationalResponse(status, reason or b"", tuple(_fields(block)), raw)
+        length, chunked, connection, _, _ = _framing(_framing_fields(block), version, False)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
@@ -635,17 +668,7 @@ class Parser:
             self._state = _EOM
         return _new(
             Response,
-            (
-                status,
-                reason or b"",
-                version,
-                tuple(headers),
-                length,
-                body,
-                keep_alive,
-                connection,
-                raw,
-            ),
+            (status, reason or b"", version, length, body, keep_alive, connection, raw),
         )
 
     # ---- chunked bodies -----------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
@@ -89,6 +90,11 @@ MAX_LINE = 8190  # aiohttp's own limit: longer lines go to it for a clean 4xx
 HIGH_WATER = 256 * 1024
 
 
+# A response field that must not be forwarded (the names of _DROP_RESPONSE).
+_HOP_BY_HOP_RESPONSE = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-authenticate|proxy-connection|te|trailer|upgrade):",
+    re.IGNORECASE,
+)
 _REASONS = {400: "Bad Request", 413: "Content Too Large", 414: "URI Too Long"}
 _REASONS |= {431: "Request Header Fields Too Large", 501: "Not Implemented"}
 
@@ -711,13 +717,11 @@ class _UpstreamConn(asyncio.Protocol):
         if lease is not None:
             fast.lb._count(lease.endpoint, status, fast.loop.time() - req.started)
         close = req.close_after or fast.draining
-        plain = resp.version == b"1.1" and not resp.connection
-        if plain:
-            for _, name, _ in resp.headers:
-                if name in _DROP_RESPONSE:
-                    plain = False
-                    break
-        if plain:
+        if (
+            resp.version == b"1.1"
+            and not resp.connection
+            and _HOP_BY_HOP_RESPONSE.search(resp.raw) is None
+        ):
             # The common answer (HTTP/1.1, nothing hop-by-hop): its head as it came,
             # which the parser validated field by field.
             head = resp.raw[:-2]
