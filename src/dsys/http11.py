@@ -196,7 +196,7 @@ _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80
 # Field lines, each with its CRLF: name, colon, then visible bytes, SP, HTAB or obs-text.
 # Excludes obs-fold (a line cannot start with SP/HTAB), bare CR/LF, NUL and other CTLs.
 _FIELD_LINES = re.compile(
-    rb"(?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*\Z" % (_TCHAR, MAX_LINE)
+    rb"(?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*" % (_TCHAR, MAX_LINE)
 )
 # Over validated lines: the name, and the value without its leading OWS (trailing OWS,
 # rare, is stripped in a second step: a lazy regex could be quadratic on long runs).
@@ -204,7 +204,9 @@ _FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
 _TRAILING_OWS = re.compile(rb"[ \t]\r\n")
 _NAME = re.compile(rb"([^:]+):[^\r]*\r\n")
 # The fields a response's framing depends on, over the lower-cased field lines.
-_FRAMING_FIELDS = re.compile(rb"(?:^|\n)(content-length|transfer-encoding|connection):([^\r]*)\r")
+# (Over a whole head: each field line follows a "\n", and a literal first byte lets the
+# regex engine skip ahead instead of trying every position.)
+_FRAMING_FIELDS = re.compile(rb"\n(content-length|transfer-encoding|connection):([^\r]*)\r")
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
 _CHUNK_LINE = re.compile(
     rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[ \t]*[%s]+(?:[ \t]*=[ \t]*(?:[%s]+|%s))?)*\Z"
@@ -331,18 +333,21 @@ def _fields(block: bytes, trailers: bool = False) -> list[Header]:
     ]
 
 
-def _framing_fields(block: bytes) -> list[Header]:
-    """Validate field lines like :func:`_fields`; return only the framing fields."""
+def _framing_fields(block: bytes, head: bytes) -> list[Header]:
+    """Validate field lines like :func:`_fields`; return only the framing fields.
+
+    ``block`` is the field lines of ``head``, the whole head.
+    """
     if not block:
         return []
     _check_fields(block, False)
     if block.count(b"\r\n") > MAX_HEADERS:
         raise _fail(f"more than {MAX_HEADERS} fields", 431)
-    return [(n, n, v.strip(b" \t")) for n, v in _FRAMING_FIELDS.findall(block.lower())]
+    return [(n, n, v.strip(b" \t")) for n, v in _FRAMING_FIELDS.findall(head.lower())]
 
 
 def _check_fields(block: bytes, trailers: bool) -> None:
-    if _FIELD_LINES.match(block) is None:
+    if _FIELD_LINES.fullmatch(block) is None:
         if any(len(line) > MAX_LINE for line in block.split(b"\r\n")):
             raise _fail(f"field line longer than {MAX_LINE} bytes", 431)
         what = "trailer" if trailers else "header"
@@ -645,7 +650,7 @@ class Parser:
             if status == 101:
                 raise _fail("101 Switching Protocols was not asked for")
             return InformationalResponse(status, reason or b"", tuple(_fields(block)), raw)
-        length, chunked, connection, _, _ = _framing(_framing_fields(block), version, False)
+        length, chunked, connection, _, _ = _framing(_framing_fields(block, raw), version, False)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:
