@@ -200,7 +200,7 @@ _FIELD_LINES = re.compile(
 )
 # Over validated lines: the name, and the value without its leading OWS (trailing OWS,
 # rare, is stripped in a second step: a lazy regex could be quadratic on long runs).
-_FIELD = re.compile(rb"([^:]+):[ \t]*([^\r]*)\r\n")
+_FIELD_VALUE = re.compile(rb"[^:]+:[ \t]*([^\r]*)\r\n")
 _TRAILING_OWS = re.compile(rb"[ \t]\r\n")
 _NAME = re.compile(rb"([^:]+):[^\r]*\r\n")
 # The fields a response's framing depends on, over the lower-cased field lines.
@@ -321,16 +321,16 @@ def _fields(block: bytes, trailers: bool = False) -> list[Header]:
     """Validate field lines (each ending in CRLF) and split them into headers."""
     if not block:
         return []
-    _check_fields(block, trailers)
-    pairs = _FIELD.findall(block)
-    if len(pairs) > MAX_HEADERS:
+    if _FIELD_LINES.fullmatch(block) is None:
+        _check_fields(block, trailers)  # raises, saying why
+    # C passes only (no Python loop per field): names as sent, lower-cased, values
+    raws = _NAME.findall(block)
+    if len(raws) > MAX_HEADERS:
         raise _fail(f"more than {MAX_HEADERS} fields", 431)
-    names = _NAME.findall(block.lower())  # one C pass instead of a lower() per field
-    if _TRAILING_OWS.search(block) is None:
-        return [(raw, name, value) for (raw, value), name in zip(pairs, names, strict=True)]
-    return [
-        (raw, name, value.rstrip(b" \t")) for (raw, value), name in zip(pairs, names, strict=True)
-    ]
+    values = _FIELD_VALUE.findall(block)
+    if _TRAILING_OWS.search(block) is not None:  # rare: strip trailing OWS too
+        values = [v.rstrip(b" \t") for v in values]
+    return list(zip(raws, _NAME.findall(block.lower()), values, strict=True))
 
 
 def _framing_fields(block: bytes, head: bytes) -> list[Header]:
