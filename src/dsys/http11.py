@@ -191,6 +191,10 @@ _TCHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
 _TOKEN = re.compile(rb"[%s]+\Z" % _TCHAR)
+_REQUEST_HEAD = re.compile(
+    rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n"
+    rb"((?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*)\r\n" % (_TCHAR, _TCHAR, MAX_LINE)
+)
 _REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\Z" % _TCHAR)
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
 # Field lines, each with its CRLF: name, colon, then visible bytes, SP, HTAB or obs-text.
@@ -317,11 +321,11 @@ class ReceiveBuffer:
         return self.extract(len(self._data))
 
 
-def _fields(block: bytes, trailers: bool = False) -> list[Header]:
-    """Validate field lines (each ending in CRLF) and split them into headers."""
+def _fields(block: bytes, valid: bool = False, trailers: bool = False) -> list[Header]:
+    """Validate field lines (each ending in CRLF; ``valid``: already done) and split them."""
     if not block:
         return []
-    if _FIELD_LINES.fullmatch(block) is None:
+    if not valid and _FIELD_LINES.fullmatch(block) is None:
         _check_fields(block, trailers)  # raises, saying why
     # C passes only (no Python loop per field): names as sent, lower-cased, values
     raws = _NAME.findall(block)
@@ -442,6 +446,12 @@ class Parser:
     def buffered(self) -> int:
         """Bytes fed and not yet turned into events."""
         return len(self._buf._data)
+
+    @property
+    def buffer(self) -> bytearray:
+        """The buffered bytes themselves, for ``len()`` checks on hot paths (read only:
+        changing them corrupts the parse). The same object for the parser's life."""
+        return self._buf._data
 
     @property
     def body_left(self) -> int:
@@ -581,28 +591,39 @@ class Parser:
         if end > self.max_head:
             raise _fail(f"head larger than {self.max_head} bytes", 431)
         head = bytes(data[:end])
+        buf.steps += 2 * end  # the copy and the validation pass
+        if not self.client:
+            m = _REQUEST_HEAD.fullmatch(head)  # the common case: one C pass validates it all
+            if m is not None and m.end(2) <= MAX_LINE:
+                method, target, version, block = m.groups()
+                req = self._request(method, target, version, _fields(block, True), head)
+                del data[:end]
+                buf._search = 0
+                return req
         first = head.find(b"\r\n")
         if first > MAX_LINE:
             raise _fail(f"start line longer than {MAX_LINE} bytes", 414)
         block = head[first + 2 : -2]
-        buf.steps += 2 * end  # the copy and the validation pass
         if self.client:
             event: Request | Response | InformationalResponse = self._response(
                 head[:first], block, head
             )
-        else:
-            event = self._request(head[:first], _fields(block), head)
+        else:  # something is wrong with it: find what, for the error's message
+            line = head[:first]
+            rl = _REQUEST_LINE.match(line)
+            if rl is None:
+                raise _fail(f"malformed request line {line[:60]!r}")
+            method, target, version = rl.groups()
+            event = self._request(method, target, version, _fields(block), head)
         del data[:end]  # only now: a head that fails stays buffered, for a hand-off
         buf._search = 0
         return event
 
-    def _request(self, line: bytes, headers: list[Header], raw: bytes) -> Request:
-        m = _REQUEST_LINE.match(line)
-        if m is None:
-            raise _fail(f"malformed request line {line[:60]!r}")
-        method, target, version = m.groups()
+    def _request(
+        self, method: bytes, target: bytes, version: bytes, headers: list[Header], raw: bytes
+    ) -> Request:
         if version not in _VERSIONS:
-            raise _fail(f"HTTP version {version.decode()} is not supported", 505)
+            raise _fail(f"HTTP version {version.decode()} is not supported")
         length, chunked, connection, host, hosts = _framing(headers, version, True)
         if hosts > 1:
             raise _fail("more than one Host")
@@ -728,7 +749,7 @@ class Parser:
                     raise _fail(f"trailer section larger than {self.max_head} bytes", 431)
                 break
             block = buf.peek(end)[:-2]
-            trailers = _fields(block, trailers=True)
+            trailers = _fields(block, False, True)
             for _, name, _ in trailers:
                 if name in _NOT_TRAILERS:
                     raise _fail(f"{name.decode()} is not allowed in a trailer section")

@@ -182,15 +182,12 @@ def _query(qs: bytes) -> dict[str, str]:
     return out
 
 
-def _session(req: Request) -> tuple[str, int]:
-    """:func:`~dsys.kv.api.session_fields` of a request's header values."""
-    cid = seq = None
-    for _, name, value in req.headers:
-        if name == _CLIENT_ID:
-            cid = value.decode()
-        elif name == _SEQ:
-            seq = value.decode()
-    return session_fields(cid, seq)
+def _session(session: tuple[bytes | None, bytes | None]) -> tuple[str, int]:
+    """:func:`~dsys.kv.api.session_fields` of the raw header values."""
+    cid, seq = session
+    if not cid:
+        return "", 0
+    return session_fields(cid.decode(), seq.decode() if seq is not None else None)
 
 
 class KVFastPath:
@@ -299,6 +296,7 @@ class _Conn(asyncio.Protocol):
 
     __slots__ = (
         "active_at",
+        "buf",
         "closing",
         "fast",
         "handoff_wanted",
@@ -308,6 +306,7 @@ class _Conn(asyncio.Protocol):
         "parsing",
         "pending",
         "read_paused",
+        "session",
         "target",
         "transport",
         "write_paused",
@@ -316,8 +315,10 @@ class _Conn(asyncio.Protocol):
     def __init__(self, fast: KVFastPath) -> None:
         self.fast = fast
         self.parser = Parser(max_head=MAX_HEAD)
+        self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
         self.head: Request | None = None  # parsed, not started yet (body or turn awaited)
         self.target: tuple[bytes, bytes | None] = (b"", None)  # head's (key, query)
+        self.session: tuple[bytes | None, bytes | None] = (None, None)  # client id, seq
         self.need = 0  # buffered bytes the head needs (its body) before going on
         self.parsing = False  # inside _next
         self.pending: deque[_Slot] = deque()
@@ -339,9 +340,8 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        parser = self.parser
-        parser.feed(data)
-        if parser.buffered >= self.need:
+        self.parser.feed(data)
+        if len(self.buf) >= self.need:
             self._next()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -379,7 +379,7 @@ class _Conn(asyncio.Protocol):
             return  # an answer ready at once, from inside this loop
         self.parsing = True
         try:
-            while (self.parser.buffered or self.head) and self.transport is not None:
+            while (self.buf or self.head) and self.transport is not None:
                 if self.closing or self.handoff_wanted or self.fast.draining:
                     return
                 if (
@@ -439,11 +439,12 @@ class _Conn(asyncio.Protocol):
             # as when aiohttp serves pipelined requests one at a time: wait.
             return _BLOCKED
         length = req.content_length or 0
-        if parser.buffered < length:
+        buffered = len(self.buf)
+        if buffered < length:
             self.need = length
             return _WAIT
         close = not req.keep_alive
-        if close and parser.buffered > length:
+        if close and buffered > length:
             return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
         body = parser.take_body()
         assert body is not None  # all of it is buffered
@@ -466,8 +467,7 @@ class _Conn(asyncio.Protocol):
             slot.fail(exc)
         return _DONE
 
-    @staticmethod
-    def _servable(req: Request) -> tuple[bytes, bytes | None] | None:
+    def _servable(self, req: Request) -> tuple[bytes, bytes | None] | None:
         """``(key, query)`` if the fast path serves ``req`` byte for byte as aiohttp would."""
         if req.version != b"1.1" or req.method not in _METHODS or not req.raw.isascii():
             return None  # obs-text in a field: aiohttp decides
@@ -483,13 +483,19 @@ class _Conn(asyncio.Protocol):
         if length > (MAX_VALUE_BYTES if req.method == b"PUT" else 0):
             return None  # aiohttp's 413, or a body on GET/DELETE: the full path
         singles: set[bytes] = set()
-        for _, name, _ in req.headers:
+        cid = seq = None
+        for _, name, value in req.headers:
             if name in _SLOW_HEADERS:
                 return None
             if name in _ONCE:
                 if name in singles:
                     return None  # aiohttp: "Duplicate ... header found" (400)
                 singles.add(name)
+                if name == _CLIENT_ID:
+                    cid = value
+                elif name == _SEQ:
+                    seq = value
+        self.session = (cid, seq)
         return key, m.group(2)
 
     # ---- requests -----------------------------------------------------------------
@@ -503,7 +509,7 @@ class _Conn(asyncio.Protocol):
             q = _query(qs)
             if_revision = opt_int(q.get("if_revision"), "if_revision")
             ttl = opt_int(q.get("ttl"), "ttl")
-        client_id, n = _session(req)
+        client_id, n = _session(self.session)
         slot.op = "put"
         slot.cmd = Put(
             key=key,
@@ -521,7 +527,7 @@ class _Conn(asyncio.Protocol):
         slot.started = time.perf_counter()
         key = validate_key(key_b.decode())
         if_revision = opt_int(_query(qs).get("if_revision") if qs else None, "if_revision")
-        client_id, n = _session(req)
+        client_id, n = _session(self.session)
         slot.op = "delete"
         slot.cmd = Delete(
             key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=client_id, seq=n
@@ -598,7 +604,7 @@ class _Conn(asyncio.Protocol):
                 self._handoff()
         elif self.parsing:
             return  # _next goes on by itself
-        elif (self.parser.buffered or self.head) and self.parser.buffered >= self.need:
+        elif (self.buf or self.head) and len(self.buf) >= self.need:
             self._next()
         elif self.read_paused and self._may_read():
             self.read_paused = False
