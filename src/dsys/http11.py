@@ -195,6 +195,10 @@ _REQUEST_HEAD = re.compile(
     rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n"
     rb"((?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*)\r\n" % (_TCHAR, _TCHAR, MAX_LINE)
 )
+_RESPONSE_HEAD = re.compile(
+    rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
+    rb"((?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*)\r\n" % (_TCHAR, MAX_LINE)
+)
 _REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\Z" % _TCHAR)
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
 # Field lines, each with its CRLF: name, colon, then visible bytes, SP, HTAB or obs-text.
@@ -337,14 +341,15 @@ def _fields(block: bytes, valid: bool = False, trailers: bool = False) -> list[H
     return list(zip(raws, _NAME.findall(block.lower()), values, strict=True))
 
 
-def _framing_fields(block: bytes, head: bytes) -> list[Header]:
+def _framing_fields(block: bytes, head: bytes, valid: bool) -> list[Header]:
     """Validate field lines like :func:`_fields`; return only the framing fields.
 
-    ``block`` is the field lines of ``head``, the whole head.
+    ``block`` is the field lines of ``head``, the whole head (``valid``: checked already).
     """
     if not block:
         return []
-    _check_fields(block, False)
+    if not valid:
+        _check_fields(block, False)
     if block.count(b"\r\n") > MAX_HEADERS:
         raise _fail(f"more than {MAX_HEADERS} fields", 431)
     return [(n, n, v.strip(b" \t")) for n, v in _FRAMING_FIELDS.findall(head.lower())]
@@ -592,7 +597,15 @@ class Parser:
             raise _fail(f"head larger than {self.max_head} bytes", 431)
         head = bytes(data[:end])
         buf.steps += 2 * end  # the copy and the validation pass
-        if not self.client:
+        if self.client:
+            r = _RESPONSE_HEAD.fullmatch(head)  # the common case, as for requests
+            if r is not None:
+                version, code, reason, block = r.groups()
+                resp = self._response(version, code, reason, block, head, True)
+                del data[:end]
+                buf._search = 0
+                return resp
+        else:
             m = _REQUEST_HEAD.fullmatch(head)  # the common case: one C pass validates it all
             if m is not None and m.end(2) <= MAX_LINE:
                 method, target, version, block = m.groups()
@@ -604,9 +617,14 @@ class Parser:
         if first > MAX_LINE:
             raise _fail(f"start line longer than {MAX_LINE} bytes", 414)
         block = head[first + 2 : -2]
-        if self.client:
+        if self.client:  # something is wrong with it (or a long line): find what
+            line = head[:first]
+            sl = _STATUS_LINE.match(line)
+            if sl is None:
+                raise _fail(f"malformed status line {line[:60]!r}")
+            version, code, reason = sl.groups()
             event: Request | Response | InformationalResponse = self._response(
-                head[:first], block, head
+                version, code, reason, block, head, False
             )
         else:  # something is wrong with it: find what, for the error's message
             line = head[:first]
@@ -657,11 +675,15 @@ class Parser:
             ),
         )
 
-    def _response(self, line: bytes, block: bytes, raw: bytes) -> Response | InformationalResponse:
-        m = _STATUS_LINE.match(line)
-        if m is None:
-            raise _fail(f"malformed status line {line[:60]!r}")
-        version, code, reason = m.groups()
+    def _response(
+        self,
+        version: bytes,
+        code: bytes,
+        reason: bytes | None,
+        block: bytes,
+        raw: bytes,
+        valid: bool,
+    ) -> Response | InformationalResponse:
         if version not in _VERSIONS:
             raise _fail(f"HTTP version {version.decode()} is not supported", 505)
         status = int(code)
@@ -670,8 +692,10 @@ class Parser:
         if status < 200:
             if status == 101:
                 raise _fail("101 Switching Protocols was not asked for")
-            return InformationalResponse(status, reason or b"", tuple(_fields(block)), raw)
-        length, chunked, connection, _, _ = _framing(_framing_fields(block, raw), version, False)
+            return InformationalResponse(status, reason or b"", tuple(_fields(block, valid)), raw)
+        length, chunked, connection, _, _ = _framing(
+            _framing_fields(block, raw, valid), version, False
+        )
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:

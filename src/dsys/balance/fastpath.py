@@ -294,11 +294,10 @@ class _ClientConn(asyncio.Protocol):
         self.fast.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        parser.feed(data)
+        self.parser.feed(data)
         if self.request is None:
             self._next()
-        elif parser.buffered > HIGH_WATER and self.transport is not None:
+        elif len(self.parser.buffer) > HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()  # pipelined bytes pile up: wait
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -509,7 +508,7 @@ class _ClientConn(asyncio.Protocol):
         if close or self.fast.draining:
             self.close()
             return
-        if self.parser.buffered:
+        if self.parser.buffer:
             self.transport.resume_reading()
             self._next()
 
@@ -681,7 +680,7 @@ class _UpstreamConn(asyncio.Protocol):
 
     def _finish(self, client: _ClientConn, req: _Request, out: list[bytes]) -> None:
         """The whole response is parsed: send what is left of it, then go on."""
-        if self.parser.buffered:
+        if self.parser.buffer:
             self.keep_alive = False  # bytes past the answer: do not trust the connection
         if client.transport is not None:
             client.transport.write(b"".join(out))
