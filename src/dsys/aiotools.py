@@ -7,14 +7,6 @@ import contextlib
 from collections.abc import Coroutine
 from typing import Any
 
-SERVER_GC_THRESHOLDS = (10_000, 20, 50)
-"""``gc.set_threshold`` of a dsys server process (Python's default is 700, 10, 10).
-
-A server allocates a few short-lived objects per request (parsed heads, events) and
-keeps a large live heap; collecting the young generation every 700 allocations costs
-several percent of CPU for nothing, as reference counting frees nearly everything.
-"""
-
 
 def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, buffered: bytes) -> None:
     """Give a connection to another protocol, with the bytes read but not yet parsed.
@@ -67,4 +59,4 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
         coro.close()
 
 
-__all__ = ["SERVER_GC_THRESHOLDS", "hand_over", "start_inline"]
+__all__ = ["hand_over", "start_inline"]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import ipaddress
 import weakref
@@ -40,7 +39,6 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from dsys.aiotools import SERVER_GC_THRESHOLDS
 from dsys.balance import forwarded
 from dsys.balance.health import Ejected
 from dsys.balance.pool import Lease, Pool, PoolConfig
@@ -739,7 +737,6 @@ async def serve(
     from dsys.balance.fastpath import FastPath
     from dsys.observability import start_site
 
-    gc.set_threshold(*SERVER_GC_THRESHOLDS)  # as `dsys kv serve`: see the constant
     lb = LoadBalancer(config)
     loop = asyncio.get_running_loop()
     runner = web.AppRunner(

@@ -47,7 +47,6 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from dsys.aiotools import SERVER_GC_THRESHOLDS
 from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
@@ -869,8 +868,8 @@ def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
     return {"id": rid, "status": status, "message": message}
 
 
-GC_THRESHOLDS = SERVER_GC_THRESHOLDS
-"""``gc.set_threshold`` of a ``dsys kv serve`` process (see ``SERVER_GC_THRESHOLDS``)."""
+GC_THRESHOLDS = (10_000, 20, 50)
+"""``gc.set_threshold`` of a ``dsys kv serve`` process (Python's default is 700, 10, 10)."""
 
 
 async def serve(
