@@ -192,8 +192,9 @@ class ChatClient:
         elif kind == "refetch":
             st = self.rooms.setdefault(f["room"], RoomState())
             st.refetches += 1
-            st.epoch, st.offset, st.seq = "", 0, 0
+            st.epoch, st.offset, st.seq, st.log = "", 0, 0, []  # start over from the latest page
             self._send({"type": "sub", "room": f["room"]})
+            self._resolve("refetch", f)
         elif kind == "subscribed":
             st = self.rooms.setdefault(f["room"], RoomState())
             st.epoch = st.epoch or f["epoch"]
