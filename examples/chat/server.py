@@ -365,6 +365,9 @@ class ChatServer:
             self.members.pop((ev["room"], ev["user"]), None)
         else:
             self._member_left(ev["room"], ev["user"])
+        text = json.dumps({"type": "member", **ev})
+        for conn in list(self.by_room.get(ev["room"], ())):
+            conn.send(text)
 
     # -- posting: the owner side ----------------------------------------------------
 
@@ -831,6 +834,7 @@ class ChatServer:
         req = {"room": room, "user": conn.user, "cid": cid, "text": text,
                "retry": bool(f.get("retry"))}  # fmt: skip
         stored = await self.post(req)
+        self.typing_sent.pop((room, conn.user), None)  # the next keystroke is news again
         conn.send({"type": "ack", "cid": cid, "room": room, "offset": stored.offset,
                    "seq": stored.seq, "id": stored.id, "epoch": stored.epoch})  # fmt: skip
 

@@ -1,12 +1,11 @@
-"""The chat example on real processes: 3 KV nodes, a stream node, a broker, 2 chat
-servers and ``dsys lb``, started once for the module (a few seconds)."""
+"""The chat example on real processes (the ``cluster`` fixture: 3 KV nodes, a stream
+node, a broker, 2 chat servers and ``dsys lb``, started once for tests/chat)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -16,12 +15,6 @@ from examples.chat.cluster import ChatCluster
 from examples.chat.common import MAX_FRAME, sign_token
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[ChatCluster]:
-    with ChatCluster(password_cost="fast", post_rate=20, post_burst=30) as c:
-        yield c
 
 
 async def _until(cond: Any, limit: float = 10.0) -> None:

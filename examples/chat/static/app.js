@@ -158,6 +158,9 @@ function onFrame(f) {
       for (const m of state.members) if (m.user === f.user) m.state = f.state;
       renderMembers();
       break;
+    case "member":  // someone joined or left a room we follow
+      if (f.room === state.current) send({ type: "members", room: f.room });
+      break;
     case "members":
       if (f.room === state.current) { state.members = f.members; renderMembers(); }
       break;
@@ -315,6 +318,7 @@ $("send-form").addEventListener("submit", (ev) => {
   $("messages").scrollTop = $("messages").scrollHeight;
   send({ type: "send", room: state.current, cid, text });
   $("text").value = "";
+  state.lastTyping = 0;  // the message ends the indicator; the next keystroke starts one
 });
 
 $("text").addEventListener("input", () => {
