@@ -67,6 +67,7 @@ class ChatClient:
         *,
         on_msg: Callable[[ChatClient, dict[str, Any]], None] | None = None,
         token: str | None = None,
+        http: aiohttp.ClientSession | None = None,
     ) -> None:
         self.base = base.rstrip("/")
         self.user = user
@@ -82,7 +83,8 @@ class ChatClient:
         self.events: list[dict[str, Any]] = []  # typing, presence, members, rooms ...
         self._waiters: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._unacked: dict[str, dict[str, Any]] = {}
-        self._http: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = http
+        self._own_http = http is None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -97,7 +99,8 @@ class ChatClient:
         await self.close()
 
     async def start(self, timeout: float = 20.0) -> None:  # noqa: ASYNC109
-        self._http = aiohttp.ClientSession()
+        if self._http is None:
+            self._http = aiohttp.ClientSession()
         if self.token is None:
             self.token = await signup_or_login(self._http, self.base, self.user, self.password)
         self._task = asyncio.create_task(self._run())
@@ -111,7 +114,7 @@ class ChatClient:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._http is not None:
+        if self._http is not None and self._own_http:
             await self._http.close()
 
     def drop(self) -> None:
