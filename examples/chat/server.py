@@ -145,6 +145,7 @@ class Conn:
     views: dict[str, View] = field(default_factory=dict)
     bad_frames: int = 0
     closed: bool = False
+    watching: set[str] = field(default_factory=set)  # users whose presence it is shown
 
     def send(self, frame: dict[str, Any] | str) -> None:
         if self.closed:
@@ -213,7 +214,8 @@ class ChatServer:
         self.members: dict[tuple[str, str], tuple[bool, float]] = {}
         self.rooms_cache: dict[str, tuple[dict[str, Any], float]] = {}
         self.typing_sent: dict[tuple[str, str], float] = {}
-        self.tasks: list[asyncio.Task[None]] = []
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.presence: dict[str, str] = {}  # state of the users connected here
         self.stats = {"posts": 0, "delivered": 0, "forwarded": 0, "fallbacks": 0, "gaps": 0}
 
     # -- life cycle -----------------------------------------------------------------
@@ -232,7 +234,7 @@ class ChatServer:
         await self._register()
         await self._refresh_ring()
         for loop in (self._heartbeat_loop, self._ring_loop, self._presence_loop, self._bus_watch):
-            self.tasks.append(asyncio.create_task(loop()))
+            self.tasks.add(asyncio.create_task(loop()))
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -420,8 +422,8 @@ class ChatServer:
                 await self.bus.publish(reply, json.dumps(out).encode())
 
         task = asyncio.create_task(answer())
-        self.tasks.append(task)
-        task.add_done_callback(self.tasks.remove)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def store_local(self, req: dict[str, Any]) -> Stored:
         room = self.owned.get(req["room"])
@@ -580,8 +582,8 @@ class ChatServer:
             return
         view.syncing = True
         task = asyncio.create_task(self._sync(conn, view))
-        self.tasks.append(task)
-        task.add_done_callback(self.tasks.remove)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _sync(self, conn: Conn, view: View) -> None:
         """Send ``view`` everything after its last offset from the stream, then go live."""
@@ -634,14 +636,17 @@ class ChatServer:
             await self.set_presence(ev["user"], "online")  # still here, on this server
             return
         text = json.dumps({"type": "presence", **ev})
-        for conn in list(self.conns):
-            conn.send(text)
+        for conn in list(self.conns):  # only to those shown this user (members of a room)
+            if ev["user"] in conn.watching:
+                conn.send(text)
 
     async def set_presence(self, user: str, state: str) -> None:
         key = f"chat/presence/{user}"
         if state == "offline":
+            self.presence.pop(user, None)
             await self._kv(self.kv.delete, key)
         else:
+            self.presence[user] = state
             await self._kv(self.kv.put, key, json.dumps({"state": state}).encode(),
                            ttl=PRESENCE_TTL)  # fmt: skip
         ev = {"user": user, "state": state}
@@ -652,11 +657,13 @@ class ChatServer:
         # last server holding a connection of theirs (a killed server stops renewing).
         while True:
             await asyncio.sleep(PRESENCE_TTL / 3)
-            for user in list(self.by_user):
-                with contextlib.suppress(DsysError):
-                    got = await self._kv(self.kv.get, f"chat/presence/{user}", stale=True)
-                    value = got.value if got is not None else b'{"state": "online"}'
-                    await self._kv(self.kv.put, f"chat/presence/{user}", value, ttl=PRESENCE_TTL)
+            renewals = [
+                self._kv(self.kv.put, f"chat/presence/{user}",
+                         json.dumps({"state": self.presence.get(user, "online")}).encode(),
+                         ttl=PRESENCE_TTL)
+                for user in list(self.by_user)
+            ]  # fmt: skip
+            await asyncio.gather(*renewals, return_exceptions=True)
 
     async def presence_of(self, user: str) -> str:
         got = await self._kv(self.kv.get, f"chat/presence/{user}", stale=True)
@@ -992,9 +999,9 @@ class ChatServer:
     async def _op_members(self, conn: Conn, f: dict[str, Any]) -> None:
         room = check_name(get_field(f, "room", str), "room")
         await self.require_member(room, conn.user)
-        users = [
-            i.key.rsplit("/", 1)[1] for i in await self._kv(self.kv.scan, f"chat/members/{room}/")
-        ]
+        items = await self._kv(self.kv.scan, f"chat/members/{room}/")
+        users = [i.key.rsplit("/", 1)[1] for i in items]
+        conn.watching = set(users)
         states = await asyncio.gather(*(self.presence_of(u) for u in users))
         members = [{"user": u, "state": s} for u, s in zip(users, states, strict=True)]
         conn.send({"type": "members", "room": room, "members": members})
