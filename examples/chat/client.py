@@ -127,7 +127,7 @@ class ChatClient:
     async def _run(self) -> None:
         assert self._http is not None
         backoff = 0.1
-        while not self._closed:
+        while not self._closed and not self._http.closed:
             try:
                 async with self._http.ws_connect(
                     f"{self.base}/ws", heartbeat=5.0, max_msg_size=0
@@ -137,12 +137,13 @@ class ChatClient:
                     async for raw in ws:
                         if raw.type != aiohttp.WSMsgType.TEXT:
                             break
-                        frame = json.loads(raw.data)
-                        if frame["type"] == "welcome":
-                            backoff = 0.1
-                            await self._on_welcome(frame)
-                        else:
-                            self._on_frame(frame)
+                        data = json.loads(raw.data)
+                        for frame in data if isinstance(data, list) else [data]:
+                            if frame["type"] == "welcome":
+                                backoff = 0.1
+                                await self._on_welcome(frame)
+                            else:
+                                self._on_frame(frame)
             except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             finally:

@@ -145,7 +145,8 @@ class ChatCluster:
             backends = [a for s in self.addrs("chat") for a in ("--backend", f"http://{s}")]
             self._spawn(Proc("lb", "lb", lb, [py, "-m", "dsys", "lb", "serve", "--listen", lb,
                 "--strategy", "least-outstanding", "--health-interval", "0.5",
-                "--eject-after", "1", "--ejection-time", "1", *backends]))  # fmt: skip
+                "--eject-after", "1", "--ejection-time", "1",
+                "--max-connections", "20000", *backends]))  # fmt: skip
             wait_healthy(f"{lb}/_dsys", timeout=20)
             self._say(
                 f"  chat servers: {', '.join(self.addrs('chat'))}\n  load balancer: http://{lb}"

@@ -4,7 +4,8 @@ The wire protocol is JSON text frames over one WebSocket per client (``/ws``). E
 frame is an object with a ``type``. A client speaks first with ``hello`` (its session
 token and, after a reconnect, where it was in each room); the server answers
 ``welcome`` and then the frames below. Anything malformed gets an ``error`` frame with a
-``code`` and never reaches another user.
+``code`` and never reaches another user. Under load the server sends several frames in
+one WebSocket message as a JSON array of frames (clients accept both).
 
 =========================  ======================================================
 client -> server           server -> client

@@ -786,13 +786,23 @@ class ChatServer:
         return ws
 
     async def _writer(self, conn: Conn) -> None:
+        # Frames queued while the last one was being sent go out together as one JSON
+        # array (at most 64): under load a client, the load balancer and this server
+        # handle one WebSocket frame for many messages.
         with contextlib.suppress(ConnectionError, RuntimeError):
             while True:
-                text = await conn.out.get()
-                if text is None:
+                batch = [await conn.out.get()]
+                while not conn.out.empty() and len(batch) < 64 and batch[-1] is not None:
+                    batch.append(conn.out.get_nowait())
+                end = batch[-1] is None
+                frames = [t for t in batch if t is not None]
+                if len(frames) == 1:
+                    await conn.ws.send_str(frames[0])
+                elif frames:
+                    await conn.ws.send_str("[" + ",".join(frames) + "]")
+                if end:
                     await conn.ws.close(code=1011 if conn.out.qsize() else 1000)
                     return
-                await conn.ws.send_str(text)
 
     async def _on_frame(self, conn: Conn, data: str) -> None:
         ref = None

@@ -72,7 +72,10 @@ function connect() {
   const ws = new WebSocket(`${proto}://${location.host}/ws`);
   state.ws = ws;
   ws.onopen = () => ws.send(JSON.stringify({ type: "hello", token: state.token }));
-  ws.onmessage = (ev) => onFrame(JSON.parse(ev.data));
+  ws.onmessage = (ev) => {
+    const data = JSON.parse(ev.data);  // one frame, or an array of them under load
+    for (const f of Array.isArray(data) ? data : [data]) onFrame(f);
+  };
   ws.onclose = (ev) => {
     state.ready = false;
     if (ev.code === 4001) {  // the token was refused: log in again
