@@ -78,26 +78,28 @@ class Results:
 
 
 async def _chaos(cluster: ChatCluster, seconds: float, res: Results) -> None:
-    """Kill a chat server, a broker and the KV leader in turn; restart each later."""
-    step = seconds / 7
+    """Kill a chat server, a broker and the KV leader in turn, each at a fixed point of
+    the load (15 %, 40 %, 65 % of it), and restart each 15 % of the load later."""
+    t0 = time.monotonic()
 
-    async def kill_restart(name: str, what: str) -> None:
-        t0 = time.monotonic()
+    async def at(fraction: float) -> None:
+        await asyncio.sleep(max(0.0, t0 + fraction * seconds - time.monotonic()))
+
+    async def kill_restart(when: float, name: str | None, what: str) -> None:
+        await at(when)
+        if name is None:  # the KV leader: whoever it is now
+            async with KVClient(cluster.addrs("kv")) as kv:
+                name = str((await kv.status())["leader"])
         await asyncio.to_thread(cluster.kill, name)
-        res.chaos.append(f"kill -9 {what} ({name})")
-        print(f"  chaos: kill -9 {what} {name}", flush=True)
-        await asyncio.sleep(step)
+        res.chaos.append(f"kill -9 {what} ({name}) at {time.monotonic() - t0:.0f} s")
+        print(f"  chaos: {time.monotonic() - t0:5.1f} s kill -9 {what} {name}", flush=True)
+        await at(when + 0.15)
         await asyncio.to_thread(cluster.restart, name)
-        print(f"  chaos: {name} restarted ({time.monotonic() - t0:.1f} s later)", flush=True)
+        print(f"  chaos: {time.monotonic() - t0:5.1f} s {name} is back", flush=True)
 
-    await asyncio.sleep(step)
-    await kill_restart(cluster.names("chat")[0], "a chat server")
-    await asyncio.sleep(step)
-    await kill_restart(cluster.names("broker")[0], "a pub/sub broker")
-    await asyncio.sleep(step)
-    async with KVClient(cluster.addrs("kv")) as kv:
-        leader = str((await kv.status())["leader"])
-    await kill_restart(leader, "the KV leader")
+    await kill_restart(0.15, cluster.names("chat")[0], "a chat server")
+    await kill_restart(0.40, cluster.names("broker")[0], "a pub/sub broker")
+    await kill_restart(0.65, None, "the KV leader")
 
 
 async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:

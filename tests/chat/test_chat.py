@@ -17,10 +17,10 @@ from examples.chat.common import MAX_FRAME, sign_token
 pytestmark = pytest.mark.timeout(90)
 
 
-async def _until(cond: Any, limit: float = 10.0) -> None:
+async def _until(cond: Any, limit: float = 15.0) -> None:
     deadline = time.monotonic() + limit
     while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
+        assert time.monotonic() < deadline, f"condition not reached in {limit} s"
         await asyncio.sleep(0.05)
 
 
@@ -57,9 +57,9 @@ async def test_two_clients_chat_through_a_sigkill_and_miss_nothing(cluster: Chat
         assert victim is not None
         cluster.kill(victim)  # SIGKILL: no close frames, no goodbye to the KV store
         await asyncio.wait_for(asyncio.gather(*talkers), 60)
-        await _until(lambda: len(alice.offsets("kill-test")) == 80, 20)
-        await _until(lambda: len(bob.offsets("kill-test")) == 80, 20)
-        assert alice.server != victim and alice.connects == 2
+        await _until(lambda: len(alice.offsets("kill-test")) == 80, 30)
+        await _until(lambda: len(bob.offsets("kill-test")) == 80, 30)
+        assert alice.server != victim and alice.connects >= 2
         for c in (alice, bob):
             assert c.offsets("kill-test") == list(range(1, 81))  # in order, none missing
             assert c.dups == c.holes == 0
