@@ -12,7 +12,9 @@ import aiohttp
 import pytest
 from examples.chat.client import ChatClient, ChatError
 from examples.chat.cluster import ChatCluster
-from examples.chat.common import MAX_FRAME, sign_token
+from examples.chat.common import MAX_FRAME, STREAM, sign_token
+
+from dsys.streams.client import StreamClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -239,3 +241,24 @@ async def test_resume_refetch_unread_typing_presence(cluster: ChatCluster) -> No
             "history:lounge",
         )
         assert [m["offset"] for m in page["messages"]] == [2] and page["more"]
+
+
+async def test_a_gap_older_than_the_history_is_told_to_refetch(cluster: ChatCluster) -> None:
+    async with (
+        ChatClient(cluster.url, "lena") as lena,
+        StreamClient(cluster.addrs("streams")) as sc,
+    ):
+        await lena.create("retained")
+        acks = [await lena.send("retained", f"r{i}") for i in range(1, 6)]
+        await _until(lambda: lena.offsets("retained") == [1, 2, 3, 4, 5])
+        # the stream drops offsets 1-3 of the room (as retention limits would)
+        await sc.purge(STREAM, subject="chat.room.retained", upto_seq=acks[3]["seq"])
+        st = lena.rooms["retained"]
+        st.log, st.offset, st.seq = st.log[:1], 1, acks[0]["seq"]
+        ans = await lena.request(
+            {"type": "sub", "room": "retained", "offset": 1, "epoch": st.epoch, "seq": st.seq},
+            "refetch",
+        )
+        assert ans["reason"] == "gap older than the history"
+        await _until(lambda: lena.offsets("retained") == [4, 5])  # the latest page, again
+        assert st.refetches == 1 and lena.dups == lena.holes == 0
