@@ -146,6 +146,8 @@ class Conn:
     bad_frames: int = 0
     closed: bool = False
     watching: set[str] = field(default_factory=set)  # users whose presence it is shown
+    posts: asyncio.Queue[dict[str, Any]] = field(default_factory=asyncio.Queue)
+    poster: asyncio.Task[None] | None = None  # stores this connection's posts in order
 
     def send(self, frame: dict[str, Any] | str) -> None:
         if self.closed:
@@ -782,6 +784,8 @@ class ChatServer:
                     with contextlib.suppress(DsysError):
                         await self.set_presence(user, "offline")
             writer.cancel()
+            if conn.poster is not None:
+                conn.poster.cancel()
             await ws.close()
         return ws
 
@@ -844,16 +848,35 @@ class ChatServer:
             raise FrameError("bad_frame", "cid must be 1-64 characters")
         if not text.strip() or len(text) > MAX_TEXT:
             raise FrameError("bad_text", f"text must be 1-{MAX_TEXT} characters, not blank")
-        await self.require_member(room, conn.user)
-        decision = await self.post_limit.hit(conn.user)
+        # The limit is applied as the frame arrives (not after the posts queued before
+        # it are stored), so a flood is refused at once, whatever the store's latency.
+        decision = self.post_limit.hit_sync(conn.user)
         if not decision.allowed:
             raise FrameError("rate_limited", "slow down", retry_after=decision.retry_after)
-        req = {"room": room, "user": conn.user, "cid": cid, "text": text,
-               "retry": bool(f.get("retry"))}  # fmt: skip
-        stored = await self.post(req)
-        self.typing_sent.pop((room, conn.user), None)  # the next keystroke is news again
-        conn.send({"type": "ack", "cid": cid, "room": room, "offset": stored.offset,
-                   "seq": stored.seq, "id": stored.id, "epoch": stored.epoch})  # fmt: skip
+        conn.posts.put_nowait({"room": room, "user": conn.user, "cid": cid, "text": text,
+                               "retry": bool(f.get("retry"))})  # fmt: skip
+        if conn.poster is None or conn.poster.done():
+            conn.poster = asyncio.create_task(self._poster(conn))
+
+    async def _poster(self, conn: Conn) -> None:
+        """Store one connection's posts one after the other (its messages keep its order)."""
+        while not conn.closed:
+            req = await conn.posts.get()
+            room, cid = req["room"], req["cid"]
+            try:
+                await self.require_member(room, conn.user)
+                stored = await self.post(req)
+            except FrameError as exc:
+                conn.send(exc.frame(cid))
+                continue
+            except (DsysError, TimeoutError) as exc:
+                message = f"{type(exc).__name__}: {exc}"
+                conn.send({"type": "error", "code": "unavailable", "ref": cid,
+                           "message": message, "retry_after": 0.5})  # fmt: skip
+                continue
+            self.typing_sent.pop((room, conn.user), None)  # the next keystroke is news again
+            conn.send({"type": "ack", "cid": cid, "room": room, "offset": stored.offset,
+                       "seq": stored.seq, "id": stored.id, "epoch": stored.epoch})  # fmt: skip
 
     async def _op_sub(self, conn: Conn, f: dict[str, Any]) -> None:
         room = check_name(get_field(f, "room", str), "room")
