@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs-build docs bench demo trading clean venv
+.PHONY: test lint typecheck pytest docs-build docs bench demo chat trading clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 ## demo: the main showcase on localhost
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+## chat: the chat example (issue 15) on localhost until Ctrl-C; CHAT_ARGS="--seconds 10"
+chat: $(STAMP)
+	$(BIN)/python -m examples.chat $(CHAT_ARGS)
 
 clean:
 	rm -rf $(VENV) .site .mypy_cache .pytest_cache .ruff_cache
