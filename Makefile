@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs-build docs bench demo clean venv
+.PHONY: test lint typecheck pytest docs-build docs bench demo shop clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ bench: $(STAMP)
 ## demo: the main showcase on localhost
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+## shop: the e-commerce example (examples/shop) on localhost; Ctrl-C stops it
+shop: $(STAMP)
+	$(BIN)/python -m examples.shop $(SHOP_ARGS)
 
 clean:
 	rm -rf $(VENV) .site .mypy_cache .pytest_cache .ruff_cache
