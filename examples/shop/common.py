@@ -32,11 +32,11 @@ from dsys.streams.client import StreamClient, StreamMsg
 
 STREAM = "SHOP"
 DLQ = "SHOP-DLQ"
-CONSUMERS = {
-    "orders": "shop.evt.>",
-    "inventory": "shop.cmd.inventory.>",
-    "payment": "shop.cmd.payment.>",
-    "delivery": "shop.cmd.delivery.>",
+CONSUMERS = {  # name: (subjects, ack wait in ms: a little more than handling takes)
+    "orders": ("shop.evt.>", 3_000),
+    "inventory": ("shop.cmd.inventory.>", 5_000),
+    "payment": ("shop.cmd.payment.>", 20_000),
+    "delivery": ("shop.cmd.delivery.>", 5_000),
 }
 MAX_DELIVER = 8
 
@@ -61,13 +61,13 @@ async def setup_streams(sc: StreamClient) -> None:
             dead_letter=DLQ,
         )
     )
-    for name, subject in CONSUMERS.items():
+    for name, (subject, ack_wait) in CONSUMERS.items():
         await sc.add_consumer(
             STREAM,
             ConsumerConfig(
                 name=name,
                 filter_subject=subject,
-                ack_wait_ms=15_000,
+                ack_wait_ms=ack_wait,
                 max_deliver=MAX_DELIVER,
                 max_ack_pending=1_000,
             ),

@@ -318,7 +318,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         """Relays outboxes left behind (a crash between the CAS and the publish)."""
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("order/", limit=100_000):
+                for item in await kv.scan("order/", limit=10_000):
                     if clean.get(item.key) != item.revision:
                         await relay_soon(item.key.removeprefix("order/"))
             await asyncio.sleep(1.0)
@@ -389,7 +389,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         return web.json_response(status_view(doc))
 
     async def all_orders(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("order/", limit=100_000)]
+        keys = [i.key for i in await kv.scan("order/", limit=10_000)]
         docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
         return web.json_response([status_view(d) for d, _ in docs if d is not None])
 
@@ -473,7 +473,7 @@ async def inventory_app(ctx: Ctx) -> web.Application:
     async def expiry_sweeper() -> None:
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("stock/", limit=100_000):
+                for item in await kv.scan("stock/", limit=10_000):
                     gone: list[str] = []
                     _, wrote = await update_json(kv, item.key, partial(_expire, gone))
                     if wrote:
@@ -579,7 +579,7 @@ async def provider_app(ctx: Ctx) -> web.Application:
         return await pay(request, "refund")
 
     async def ledger(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("pay/", limit=100_000)]
+        keys = [i.key for i in await kv.scan("pay/", limit=10_000)]
         docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
         out = [
             {"key": k.removeprefix("pay/"), "kind": d["kind"], "status": d.get("status"),
