@@ -1,7 +1,8 @@
 """The shop's invariants, checked on real processes (``examples.shop.run.Shop``).
 
-One shop per module (1 KV node, 1 stream node, 2 gateways behind ``dsys lb``, a payment
-provider failing 30 % of its calls), so the whole file runs in well under a minute.
+One shop for the test session (``conftest.py``: 1 KV node, 1 stream node, 2 gateways
+behind ``dsys lb``, a payment provider failing 30 % of its calls), so the whole file runs
+in well under a minute.
 """
 
 from __future__ import annotations
@@ -11,37 +12,14 @@ import json
 import secrets
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
-import pytest
 from examples.shop.run import Api, Shop
 
 from dsys.streams.client import StreamClient
 
 FINAL = ("delivered", "cancelled", "refunded")
-
-
-@pytest.fixture(scope="module")
-def shop() -> Iterator[Shop]:
-    with Shop(
-        kv_nodes=1,
-        stream_nodes=1,
-        gateways=2,
-        delivery_step=0.2,
-        provider_error_rate=0.3,
-        provider_latency=(0.0, 0.05),
-        rate=1000,
-        quiet=True,
-    ) as s:
-        yield s
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def get(http: aiohttp.ClientSession, url: str) -> Any:
