@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DONE_KEPT = 2000
+DONE_KEPT = 500
 """Finished orders remembered per product (enough to answer any redelivered command)."""
 
 

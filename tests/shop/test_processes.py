@@ -15,8 +15,10 @@ from collections import Counter
 from typing import Any
 
 import aiohttp
+import pytest
 from examples.shop.run import Api, Shop
 
+from dsys.kv import KVClient
 from dsys.streams.client import StreamClient
 
 FINAL = ("delivered", "cancelled", "refunded")
@@ -216,3 +218,66 @@ async def test_kill_9_the_orders_service_mid_load_every_acknowledged_order_ends_
     stock = await get(http, f"{shop.urls['inventory']}/stock/{pid}")
     assert stock["on_hand"] == 15 - sold and stock["held"] == 0
     await check_money(shop, http, acked)
+
+
+@pytest.mark.slow
+async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load() -> None:
+    """The issue's chaos run on 3-node clusters (about 90 s): kill -9 the orders service,
+    the KV leader, the stream leader and a gateway during a load, restart each."""
+    shop = await asyncio.to_thread(
+        Shop(kv_nodes=3, stream_nodes=3, gateways=2, delivery_step=0.2, rate=1000,
+             provider_error_rate=0.2, provider_latency=(0.0, 0.05), quiet=True).start
+    )  # fmt: skip
+    try:
+        async with aiohttp.ClientSession() as http:
+            pid = await new_product(shop, http, stock=40, price=300)
+            buyers = await asyncio.gather(*(customer(http, shop, "c") for _ in range(60)))
+            acked: list[str] = []
+            answers: Counter[int] = Counter()
+
+            async def buy(api: Api, delay: float) -> None:
+                await asyncio.sleep(delay)
+                for _ in range(3):  # a customer retries a failed checkout (same key)
+                    s, _ = await api.call("POST", "/api/cart/items", {"product": pid, "qty": 1})
+                    if s != 200:
+                        await asyncio.sleep(0.5)
+                        continue
+                    key = {"Idempotency-Key": api.token[-16:]}
+                    status, data = await api.call("POST", "/api/checkout", {}, headers=key)
+                    answers[status] += 1
+                    if status == 202:
+                        acked.append(data["id"])
+                        return
+                    await asyncio.sleep(0.5)
+
+            async def chaos() -> None:
+                async with KVClient(shop.kv) as kv:
+                    leader = (await kv.status(kv.leader or shop.kv[0]))["leader"]
+                async with StreamClient(shop.streams) as sc:
+                    sleader = (await sc.status())["leader"]
+                for victim in ("orders", f"kv-{leader}", f"streams-{sleader}", "gateway-1"):
+                    await asyncio.sleep(1.5)
+                    await asyncio.to_thread(shop.kill, victim)
+                    await asyncio.sleep(1.0)
+                    await asyncio.to_thread(shop.restart, victim)
+
+            await asyncio.gather(chaos(), *(buy(b, 0.1 * i) for i, b in enumerate(buyers)))
+            deadline = time.monotonic() + 60
+            while True:
+                mine = [
+                    o
+                    for o in await get(http, f"{shop.urls['orders']}/admin/orders")
+                    if o["items"][0][0] == pid
+                ]
+                if all(o["status"] in FINAL for o in mine):
+                    break
+                assert time.monotonic() < deadline, [o for o in mine if o["status"] not in FINAL]
+                await asyncio.sleep(0.5)
+            assert set(acked) <= {o["id"] for o in mine}
+            sold = Counter(o["status"] for o in mine)["delivered"]
+            stock = await get(http, f"{shop.urls['inventory']}/stock/{pid}")
+            print(f"checkouts {dict(answers)}; orders {Counter(o['status'] for o in mine)}")
+            assert stock["on_hand"] == 40 - sold and stock["held"] == 0
+            await check_money(shop, http, [o["id"] for o in mine])
+    finally:
+        await asyncio.to_thread(shop.stop)
