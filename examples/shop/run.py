@@ -168,7 +168,12 @@ class Shop:
             a for i in range(1, self.gateways + 1) for a in ("--backend", self.urls[f"gateway-{i}"])
         ]
         argv = [sys.executable, "-m", "dsys", "lb", "serve", "--listen", f"127.0.0.1:{port}",
-                "--strategy", "p2c-ewma", "--health-interval", "1", *backends]  # fmt: skip
+                "--strategy", "p2c-ewma", "--health-interval", "1",
+                # the gateways pass on their dependencies' 503s; ejecting a gateway or
+                # opening its breaker for them would only send the same 503s to the other
+                # one (and, with one gateway down, leave none). The 1 s health checks find
+                # a dead gateway instead.
+                "--eject-after", "1000000", "--no-circuit-breaker", *backends]  # fmt: skip
         self._spawn(Proc("lb", argv, f"http://127.0.0.1:{port}"), wait=False)
         wait_healthy(f"127.0.0.1:{port}/_dsys", timeout=20)
         self.url = f"http://127.0.0.1:{port}"

@@ -38,7 +38,7 @@ import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -303,6 +303,13 @@ async def orders_app(ctx: Ctx) -> web.Application:
         if new is not None and new["outbox"]:
             await relay(oid)  # more arrived meanwhile
 
+    running: set[asyncio.Task[None]] = set()
+
+    def background(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        running.add(task)
+        task.add_done_callback(running.discard)
+
     async def relay_soon(oid: str) -> None:
         if oid in relaying:
             return
@@ -350,7 +357,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         stats["duplicates"] += s.duplicate
         await msg.ack()
         if not s.duplicate:
-            await relay_soon(ev.order)
+            background(relay_soon(ev.order))
 
     ctx.spawn(consume(ctx.stream, "orders", on_event, concurrency=32))
     ctx.spawn(sweeper())
@@ -379,7 +386,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         assert doc is not None
         if doc["order"]["user"] != user:
             raise json_error(409, "conflict", "that idempotency key was used by someone else")
-        await relay_soon(oid)
+        background(relay_soon(oid))  # the order is stored: the outbox does the rest
         return web.json_response(status_view(doc), status=201 if created else 200)
 
     async def get_order(request: web.Request) -> web.Response:

@@ -5,8 +5,8 @@ const state = { token: sessionStorage.getItem("token") || "", user: "", products
                 currency: "USD", rates: { USD: 1 }, socket: null };
 const $ = (id) => document.getElementById(id);
 
-async function api(method, path, body) {
-  const headers = { "Content-Type": "application/json" };
+async function api(method, path, body, extraHeaders = {}) {
+  const headers = { "Content-Type": "application/json", ...extraHeaders };
   if (state.token) headers.Authorization = `Bearer ${state.token}`;
   const resp = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
   const data = await resp.json().catch(() => ({}));
@@ -89,8 +89,12 @@ function renderCart(cart) {
 
 async function checkout() {
   $("checkout").disabled = true;
+  // one key per purchase, kept until it succeeds: a retried click is the same order
+  state.checkoutKey = state.checkoutKey || crypto.randomUUID();
   try {
-    const order = await api("POST", "/api/checkout", { card: $("card").value });
+    const order = await api("POST", "/api/checkout", { card: $("card").value },
+                            { "Idempotency-Key": state.checkoutKey });
+    state.checkoutKey = "";
     $("checkout-msg").textContent = `order ${order.id} placed`;
     await loadCart();
   } catch (err) {
