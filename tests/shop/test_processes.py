@@ -285,3 +285,50 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
             await check_money(shop, http, [o["id"] for o in mine])
     finally:
         await asyncio.to_thread(shop.stop)
+
+
+async def test_a_duplicate_event_is_skipped_and_a_replayed_charge_is_not_charged_again(
+    shop: Shop, http: aiohttp.ClientSession
+) -> None:
+    api = await customer(http, shop, "dup")
+    await api.call("POST", "/api/cart/items", {"product": "mug", "qty": 1})
+    _, order = await api.call("POST", "/api/checkout", {})
+    assert (await api.wait_final(order["id"]))["status"] == "delivered"
+    oid = order["id"]
+    before = await get(http, f"{shop.urls['orders']}/admin/stats")
+    async with StreamClient(shop.streams) as sc:  # the same event again, stored again
+        ev = {"id": f"{oid}:payment.authorised", "kind": "payment.authorised", "order": oid}
+        await sc.publish("shop.evt.payment.authorised", json.dumps(ev).encode())
+    deadline = time.monotonic() + 10
+    while (await get(http, f"{shop.urls['orders']}/admin/stats"))["duplicates"] == before[
+        "duplicates"
+    ]:
+        assert time.monotonic() < deadline, "the duplicate was not seen"
+        await asyncio.sleep(0.1)
+    assert (await get(http, f"{shop.urls['orders']}/orders/{oid}"))["status"] == "delivered"
+    # the provider replays the answer for the same idempotency key: no second charge
+    key = {"Idempotency-Key": f"{oid}:charge"}
+    card = "4242424242424242"  # the gateway's default
+    body = {"order": oid, "amount": order["amount"], "user": order["user"], "card": card}
+    for _ in range(20):  # the provider fails 30 % of calls on purpose
+        async with http.post(f"{shop.urls['provider']}/v1/charges", json=body, headers=key) as r:
+            if r.status == 200:
+                assert r.headers["Idempotent-Replayed"] == "true"
+                break
+    else:
+        raise AssertionError("the provider never answered")
+    await check_money(shop, http, [oid])
+
+
+async def test_a_cart_survives_its_cart_instance_dying(
+    shop: Shop, http: aiohttp.ClientSession
+) -> None:
+    users = await asyncio.gather(*(customer(http, shop, "cart") for _ in range(6)))
+    for u in users:
+        await u.call("POST", "/api/cart/items", {"product": "hairdryer", "qty": 2})
+    await asyncio.to_thread(shop.kill, "cart-1")
+    try:
+        for u in users:  # half of them lived on cart-1: the ring sends them to cart-2
+            assert await u.call("GET", "/api/cart") == (200, {"items": {"hairdryer": 2}})
+    finally:
+        await asyncio.to_thread(shop.restart, "cart-1")
