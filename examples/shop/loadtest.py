@@ -64,12 +64,12 @@ def pct(xs: Sequence[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000 if xs else 0.0
 
 
-async def user(http: aiohttp.ClientSession, url: str, stats: Stats, until: float,
-               think: tuple[float, float], rng: random.Random) -> None:  # fmt: skip
-    api = Api(http, url)
-    await api.signup(f"load{secrets.token_hex(5)}")
+async def user(api: Api, stats: Stats, until: float, think: tuple[float, float],
+               rng: random.Random) -> None:  # fmt: skip
     currency = "USD"
     names, weights = zip(*TASKS, strict=True)
+    if think[1] > 0:  # users arrive spread over one think time (Locust's spawn rate)
+        await asyncio.sleep(rng.uniform(0, think[1]))
 
     async def timed(name: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         t = time.perf_counter()
@@ -119,10 +119,19 @@ async def run(
             stock = {"on_hand": 1_000_000}
             async with http.put(f"{shop.urls['inventory']}/admin/stock/{pid}", json=stock) as r:
                 assert r.status == 200, await r.text()
+        apis = [Api(http, url) for _ in range(users)]
+        for i in range(0, users, 10):  # sign up first (argon2 is meant to be slow): not timed
+            await asyncio.gather(
+                *(a.signup(f"load{secrets.token_hex(5)}") for a in apis[i : i + 10])
+            )
+        # warm up: each user opens its connection once (100 users connecting in the same
+        # millisecond overflow the listen backlog and wait out a 1 s SYN retry otherwise)
+        for i in range(0, users, 10):
+            await asyncio.gather(*(a.call("GET", "/api/currencies") for a in apis[i : i + 10]))
         start = time.monotonic()
         until = start + seconds
         await asyncio.gather(*(
-            user(http, url, stats, until, think, random.Random(rng.random())) for _ in range(users)
+            user(api, stats, until, think, random.Random(rng.random())) for api in apis
         ))  # fmt: skip
         elapsed = time.monotonic() - start
         ends: Counter[str] = Counter()
