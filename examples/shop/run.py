@@ -387,3 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         shop.stop()
         print("  every process stopped")
     return 0
+
+
+def demo(seconds: float = 1.0) -> int:
+    """Run the shop briefly for ``make demo`` (1-node clusters; call it outside an event
+    loop): start everything, make the scripted visit, stop every process."""
+    return main(["--seconds", str(seconds), "--kv-nodes", "1", "--stream-nodes", "1"])

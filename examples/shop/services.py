@@ -980,7 +980,11 @@ async def gateway_app(ctx: Ctx) -> web.Application:
             nonlocal version
             while not sock.closed:
                 q = "" if version < 0 else f"?after={version}"
-                status, data = await upstream("GET", f"{a.history}/users/{user}/orders{q}")
+                try:
+                    status, data = await upstream("GET", f"{a.history}/users/{user}/orders{q}")
+                except web.HTTPServiceUnavailable:  # the history service restarts: wait
+                    await asyncio.sleep(1.0)
+                    continue
                 if status == 200 and data["version"] != version:
                     version = data["version"]
                     await sock.send_json({"orders": data["orders"]})
