@@ -517,9 +517,24 @@ async def inventory_app(ctx: Ctx) -> web.Application:
         await kv.put(f"stock/{pid}", dumps(Stock(pid, qty).to_plain()))
         return web.json_response({"product": pid, "on_hand": qty})
 
+    async def expire_now(request: web.Request) -> web.Response:
+        """Expire a product's reservations as if ``ahead`` seconds had passed (for tests
+        and demos of the expiry; the sweeper does the same when their time comes)."""
+        b = await body_json(request)
+        ahead = b.get("ahead", 0)
+        if not isinstance(ahead, (int, float)) or ahead < 0:
+            raise json_error(400, "bad_ahead", "ahead must be seconds >= 0")
+        gone: list[str] = []
+        key = f"stock/{request.match_info['pid']}"
+        await update_json(kv, key, partial(_expire, gone, ahead=float(ahead)))
+        for o in gone:
+            await publish_event(ctx, saga.event(o, "inventory.expired"))
+        return web.json_response({"expired": gone})
+
     app = web.Application()
     app.router.add_get("/stock/{pid}", get_stock)
     app.router.add_put("/admin/stock/{pid}", set_stock)
+    app.router.add_post("/admin/stock/{pid}/expire", expire_now)
     return app
 
 
@@ -527,12 +542,13 @@ def _reserve(order: str, qty: int, ttl: float, s: Stock) -> str:
     return s.reserve(order, qty, now=now(), ttl=ttl)
 
 
-def _expire(gone: list[str], doc: Json | None) -> Json | None:
-    """Drop the due reservations of a stock document; their orders go into ``gone``."""
+def _expire(gone: list[str], doc: Json | None, ahead: float = 0.0) -> Json | None:
+    """Drop the reservations of a stock document due ``ahead`` seconds from now; their
+    orders go into ``gone``."""
     if doc is None:
         return None
     s = Stock.from_plain(doc)
-    gone[:] = s.expire(now=now())
+    gone[:] = s.expire(now=now() + ahead)
     return s.to_plain() if gone else None
 
 

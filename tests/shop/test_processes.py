@@ -332,3 +332,31 @@ async def test_a_cart_survives_its_cart_instance_dying(
             assert await u.call("GET", "/api/cart") == (200, {"items": {"hairdryer": 2}})
     finally:
         await asyncio.to_thread(shop.restart, "cart-1")
+
+
+async def test_an_expired_reservation_frees_the_stock_for_the_next_customer(
+    shop: Shop, http: aiohttp.ClientSession
+) -> None:
+    pid = await new_product(shop, http, stock=1, price=100)
+    async with StreamClient(shop.streams) as sc:  # a checkout that never pays: a ghost hold
+        ghost = {"id": "o-ghost:inventory.reserve:0", "kind": "inventory.reserve",
+                 "order": f"o-ghost-{pid}", "user": "ghost", "items": [[pid, 1, 100]],
+                 "amount": 100}  # fmt: skip
+        await sc.publish("shop.cmd.inventory.reserve", json.dumps(ghost).encode())
+    deadline = time.monotonic() + 10
+    while (await get(http, f"{shop.urls['inventory']}/stock/{pid}"))["held"] != 1:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    late = await customer(http, shop, "late")
+    await late.call("POST", "/api/cart/items", {"product": pid, "qty": 1})
+    _, first = await late.call("POST", "/api/checkout", {})
+    final = await late.wait_final(first["id"])
+    assert (final["status"], final["reason"]) == ("cancelled", f"{pid}: out of stock")
+    url = f"{shop.urls['inventory']}/admin/stock/{pid}/expire"
+    async with http.post(url, json={"ahead": 301}) as r:  # the 5-minute hold runs out
+        assert (await r.json())["expired"] == [f"o-ghost-{pid}"]
+    await late.call("POST", "/api/cart/items", {"product": pid, "qty": 1})
+    _, second = await late.call("POST", "/api/checkout", {})
+    assert (await late.wait_final(second["id"]))["status"] == "delivered"
+    stock = await get(http, f"{shop.urls['inventory']}/stock/{pid}")
+    assert stock == {"product": pid, "on_hand": 0, "available": 0, "held": 0}
