@@ -9,7 +9,7 @@ import pytest
 from examples.shop.run import Shop
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def shop() -> Iterator[Shop]:
     """The shop on loopback: 1 KV node, 1 stream node, 2 gateways behind ``dsys lb``, a
     provider failing 30 % of its calls, 0.2 s delivery stages."""

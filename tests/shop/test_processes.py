@@ -1,6 +1,6 @@
 """The shop's invariants, checked on real processes (``examples.shop.run.Shop``).
 
-One shop for the test session (``conftest.py``: 1 KV node, 1 stream node, 2 gateways
+One shop for the tests of this package (``conftest.py``: 1 KV node, 1 stream node, 2 gateways
 behind ``dsys lb``, a payment provider failing 30 % of its calls), so the whole file runs
 in well under a minute.
 """
