@@ -230,3 +230,21 @@ def test_stock_never_goes_below_zero_and_expired_reservations_free_units() -> No
     assert s.confirm("b", now=8) == "confirmed" and s.on_hand == 1  # idempotent
     assert s.release("b") == "restocked" and s.on_hand == 2
     assert Stock.from_plain(s.to_plain()) == s
+
+
+@pytest.mark.parametrize("module", ["saga.py", "stock.py"])
+def test_the_cores_are_pure(module: str) -> None:
+    """saga.py and stock.py import no I/O, clock or asyncio (STYLE.md's pure cores)."""
+    import ast
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "shop" / module
+    tree = ast.parse(path.read_text())
+    imported = {
+        (n.module or "") if isinstance(n, ast.ImportFrom) else a.name
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in n.names
+    }
+    forbidden = {"asyncio", "aiohttp", "time", "random", "socket", "dsys"}  # nor any adapter
+    assert not {m.split(".")[0] for m in imported} & forbidden, imported
