@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs-build docs bench demo shop clean venv
+.PHONY: test lint typecheck pytest docs-build docs bench demo shop trading clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,3 +48,7 @@ shop: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .site .mypy_cache .pytest_cache .ruff_cache
+
+## trading: the stock ticker and trading example on localhost (Ctrl-C stops it)
+trading: $(STAMP)
+	$(BIN)/python -m examples.trading $(TRADING_ARGS)
