@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs-build docs bench demo chat trading clean venv
+.PHONY: test lint typecheck pytest docs-build docs bench demo chat trading shop clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +45,10 @@ demo: $(STAMP)
 ## chat: the chat example (issue 15) on localhost until Ctrl-C; CHAT_ARGS="--seconds 10"
 chat: $(STAMP)
 	$(BIN)/python -m examples.chat $(CHAT_ARGS)
+
+## shop: the e-commerce example (examples/shop) on localhost; Ctrl-C stops it
+shop: $(STAMP)
+	$(BIN)/python -m examples.shop $(SHOP_ARGS)
 
 clean:
 	rm -rf $(VENV) .site .mypy_cache .pytest_cache .ruff_cache
