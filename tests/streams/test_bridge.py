@@ -47,7 +47,9 @@ async def test_pubsub_serve_forward_flag(tmp_path: Path) -> None:
         await wait_leader(servers)
         await c.add_stream(StreamConfig(name="TICKS", subjects=("ticks.>",)))
         spec = f"ticks.>={endpoints(servers)[0]}"
-        with start_dsys("pubsub", "serve", "--listen", "127.0.0.1:0", "--forward", spec) as b:
+        with start_dsys(
+            "pubsub", "serve", "--listen", "127.0.0.1:0", "--forward", spec, timeout=60.0
+        ) as b:
             async with Client([b.addr]) as pub:
                 # the forwarder subscribes right after the broker listens: wait for it
                 for _ in range(100):

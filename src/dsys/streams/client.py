@@ -151,6 +151,10 @@ class Subscription:
         }
         if self.worker:
             req["worker"] = self.worker
+        if self.active:
+            # a resubscription after a reconnect: what this subscription held on the lost
+            # connection (some of it may never have arrived) is released at once
+            req["resume"] = True
         return req
 
     def __aiter__(self) -> Subscription:
@@ -723,8 +727,14 @@ class StreamClient:
         """Push deliveries of a consumer to this client, ``max_inflight`` unacked at most.
 
         Several subscribers (in any processes) of one durable consumer share its messages.
+        ``worker`` names this subscriber in the consumer's pending list (a unique one by
+        default); after a reconnect, the deliveries it held are released for redelivery.
         """
-        sub = Subscription(self, next(self._sids), stream, consumer, max_inflight, worker)
+        sid = next(self._sids)
+        # a stable worker id (not the server's per-connection one), so that after a
+        # reconnect the server can release what this subscription held
+        worker = worker or f"{self._msg_prefix}sub{sid}"
+        sub = Subscription(self, sid, stream, consumer, max_inflight, worker)
         self._subs[sub.sid] = sub
         try:
             await self._call(sub._request())

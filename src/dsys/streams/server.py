@@ -227,6 +227,7 @@ class _Sub:
     consumer: str
     worker: str
     max_inflight: int
+    resume: bool = False  # a resubscription: release what this worker held first
     outstanding: dict[int, float] = field(default_factory=dict)  # seq -> local expiry
     task: asyncio.Task[None] | None = None
     room: asyncio.Event = field(default_factory=asyncio.Event)
@@ -1179,7 +1180,7 @@ class _WsConn:
         worker = args.get("worker") or f"{self.id}/{sid}"
         if type(worker) is not str or len(worker) > 128:
             raise BadInputError("worker must be a string of at most 128")
-        sub = _Sub(sid, stream, consumer, worker, max_inflight)
+        sub = _Sub(sid, stream, consumer, worker, max_inflight, resume=args.get("resume") is True)
         self.subs[sid] = sub
         sub.task = asyncio.create_task(self._push(sub))
         self.server._m_subs.inc()
@@ -1204,6 +1205,10 @@ class _WsConn:
         info = s.fsm.consumer_info(sub.stream, sub.consumer)
         ack_wait = (info or {}).get("config", {}).get("ack_wait_ms", 30_000) / 1000
         try:
+            if sub.resume:  # its deliveries on the lost connection may never have arrived
+                await s.write(
+                    s.command(Release, stream=sub.stream, consumer=sub.consumer, worker=sub.worker)
+                )
             while sub.sid in self.subs:
                 now = time.monotonic()
                 for seq in [q for q, exp in sub.outstanding.items() if exp <= now]:
@@ -1254,7 +1259,7 @@ _OPS: dict[object, frozenset[str]] = {
     "add_consumer": frozenset({"stream", "config"}),
     "del_consumer": frozenset({"stream", "consumer"}),
     "claim": frozenset({"stream", "consumer", "worker", "min_idle_ms", "count"}),
-    "sub": frozenset({"sid", "stream", "consumer", "max_inflight", "worker"}),
+    "sub": frozenset({"sid", "stream", "consumer", "max_inflight", "worker", "resume"}),
     "unsub": frozenset({"sid"}),
     "status": frozenset(),
     "streams": frozenset({"stale"}),
