@@ -176,3 +176,14 @@ def test_history_replays_to_the_same_store(
                     assert model.pop(ev.key, None) is not None
             rev = page.next_revision
         assert model == final
+
+
+def test_max_bytes_stops_at_a_revision_boundary() -> None:
+    fsm = KVStateMachine()
+    for i in range(6):
+        fsm.apply_command(Put(key=f"k{i}", value=b"x" * 100))
+    page = _all(fsm, 1, "", limit=1000)
+    assert len(page.events) == 6
+    page = fsm.changes(1, "", 1000, max_bytes=250)
+    assert isinstance(page, Changes)
+    assert [e.revision for e in page.events] == [1, 2, 3] and page.next_revision == 4

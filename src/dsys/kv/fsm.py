@@ -460,12 +460,13 @@ class KVStateMachine:
     # -- change history (watch) -------------------------------------------------------
 
     def changes(
-        self, start_revision: int, prefix: str = "", limit: int = 1000
+        self, start_revision: int, prefix: str = "", limit: int = 1000, max_bytes: int = 1 << 20
     ) -> Changes | Compacted:
         """Events at or after ``start_revision`` whose key starts with ``prefix``.
 
-        At most ``limit`` events are looked at (matching or not), but a revision's events
-        are never split, so a call may return a few more. ``start_revision`` beyond the
+        At most ``limit`` events are looked at (matching or not), and looking stops once
+        the returned values exceed ``max_bytes``; but a revision's events are never split,
+        so a call may return a few more. ``start_revision`` beyond the
         current revision is allowed: nothing is returned yet and ``next_revision`` stays.
 
         Returns:
@@ -480,14 +481,19 @@ class KVStateMachine:
         i = bisect_left(h, start_revision, key=_rev_of)
         n = len(h)
         end = min(n, i + max(1, limit))
-        while end < n and h[end][0] == h[end - 1][0]:
-            end += 1  # the rest of the last revision's events
         events: list[WatchEvent] = []
-        for j in range(i, end):
+        size = 0
+        j = i
+        while j < n:
             ev = h[j]
+            if (j >= end or size > max_bytes) and ev[0] != h[j - 1][0]:
+                break  # only whole revisions
             if ev[1].startswith(prefix):
                 events.append(_event(ev))
-        next_revision = h[end][0] if end < n else self.revision + 1
+                if ev[2] is not None:
+                    size += len(ev[2])
+            j += 1
+        next_revision = h[j][0] if j < n else self.revision + 1
         return Changes(events, next_revision)
 
     def _trim_history(self) -> None:
