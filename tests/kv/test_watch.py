@@ -293,3 +293,15 @@ async def test_resume_after_leader_failover_without_gaps_or_duplicates(tmp_path:
         assert revs == list(range(start, last + 1))
         assert set(acked) <= set(revs)
         assert w.resumes >= 1 and w.endpoint != leader_ep
+
+
+async def test_large_values_reach_a_watcher_that_starts_behind(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path, n=1) as servers:
+        await wait_leader(servers)
+        async with KVClient([f"127.0.0.1:{servers[0].port}"]) as kv:
+            revs = [await kv.put(f"big/{i}", bytes([i]) * 900_000) for i in range(24)]
+            w = kv.watch("big/", start_revision=revs[0])
+            got = await take(w, 24, timeout=30)
+            await w.close()
+            assert [e.value for e in got] == [bytes([i]) * 900_000 for i in range(24)]
+            assert await kv.put("after", b"x") > revs[-1]  # the connection is fine

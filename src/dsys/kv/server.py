@@ -937,7 +937,10 @@ _WRITE_TIMEOUT = "write not committed in time; retry with the same seq"
 
 def _resp_size(resp: dict[str, Any]) -> int:
     value = resp.get("value")
-    return 64 + (len(value) if isinstance(value, bytes) else 0)
+    size = 64 + (len(value) if isinstance(value, bytes) else 0)
+    if "events" in resp:  # a watch's batch (up to about 1 MiB of values)
+        size += sum(48 + len(e[2]) + (len(e[3]) if e[3] else 0) for e in resp["events"])
+    return size
 
 
 def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
