@@ -737,7 +737,9 @@ class Watcher:
     next server from ``next_revision``, retrying with backoff until one answers.
     """
 
-    def __init__(self, client: KVClient, prefix: str, start_revision: int, max_buffered: int):
+    def __init__(
+        self, client: KVClient, prefix: str, start_revision: int, max_buffered: int
+    ) -> None:
         self.prefix = prefix
         self.next_revision = start_revision
         """The next revision wanted (0 until the first server fixed it)."""
