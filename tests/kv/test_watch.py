@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from dsys.kv.fsm import WatchEvent
 from dsys.kv.server import KVServer
 from dsys.kv.watch import OUTBOX_LIMIT
 
-from .helpers import running_cluster, wait_leader
+from .helpers import cluster_configs, running_cluster, wait_leader
 
 
 async def take(w: Watcher, n: int, timeout: float = 10.0) -> list[WatchEvent]:  # noqa: ASYNC109
@@ -305,3 +306,34 @@ async def test_large_values_reach_a_watcher_that_starts_behind(tmp_path: Path) -
             await w.close()
             assert [e.value for e in got] == [bytes([i]) * 900_000 for i in range(24)]
             assert await kv.put("after", b"x") > revs[-1]  # the connection is fine
+
+
+async def test_a_node_whose_history_is_too_short_sends_the_watch_elsewhere(
+    tmp_path: Path,
+) -> None:
+    configs = cluster_configs(tmp_path, 3)
+    configs[0] = dataclasses.replace(configs[0], watch_history=2)  # n1 keeps 2 events
+    servers = [KVServer(c) for c in configs]
+    try:
+        for s in servers:
+            await s.start()
+        await wait_leader(servers)
+        eps = [f"127.0.0.1:{s.port}" for s in servers]
+        async with KVClient(eps) as kv:
+            revs = [await kv.put(f"h{i}", b"x") for i in range(6)]
+            for s in servers:
+                await s.node.wait_applied(servers[0].node.applied_index, 5.0)
+            assert servers[0].fsm.compacted_revision == revs[-3]
+            async with KVClient(eps) as wc:  # n1 first: compacted there, fine on n2
+                wc._leader = eps[0]
+                w = wc.watch("h", start_revision=revs[0])
+                assert [e.revision for e in await take(w, 6)] == revs
+                assert w.endpoint == eps[1]
+                await w.close()
+            async with KVClient(eps[:1]) as only_n1:
+                with pytest.raises(CompactedError) as info:
+                    await only_n1.watch("h", start_revision=revs[0]).start()
+                assert info.value.revision == revs[-2]
+    finally:
+        for s in servers:
+            await s.close()
