@@ -337,3 +337,21 @@ async def test_a_node_whose_history_is_too_short_sends_the_watch_elsewhere(
     finally:
         for s in servers:
             await s.close()
+
+
+async def test_idle_http_watch_writes_progress_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("dsys.kv.watch.PROGRESS_EVERY", 0.3)
+    async with running_cluster(tmp_path, n=1) as servers:
+        server = await wait_leader(servers)
+        async with KVClient([f"127.0.0.1:{server.port}"]) as kv, aiohttp.ClientSession() as http:
+            rev = await kv.put("other", b"x")  # not under the prefix
+            url = f"http://127.0.0.1:{server.port}/v1/watch?prefix=p/&start_revision=1"
+            async with http.get(url) as resp:
+                line = json.loads(await asyncio.wait_for(resp.content.readline(), 5))
+                # nothing under p/ up to `rev`: resuming from rev + 1 misses nothing
+                assert line == {"type": "progress", "revision": rev}
+                r2 = await kv.put("p/a", b"1")
+                line = json.loads(await asyncio.wait_for(resp.content.readline(), 5))
+                assert line == {"revision": r2, "type": "put", "key": "p/a", "value": "1"}
