@@ -16,6 +16,7 @@ one base class. Subclasses name the failure kind, not the module that raised it:
     │   └── StreamFullError                  a stream at a limit refuses new messages (507)
     ├── NotFoundError (also LookupError)     the named stream, consumer or key is absent (404)
     ├── ClosedError                          the resource was closed
+    ├── CompactedError(revision)             a watch start revision is gone (HTTP 410)
     ├── UnavailableError                     no one can serve the request right now
     │   ├── NotLeaderError(leader_hint)      ask the leader instead (a redirect)
     │   ├── NoHealthyBackendError            every backend is down or ejected
@@ -157,11 +158,28 @@ class ProposalDroppedError(RaftError):
     """A proposal was dropped before it committed (e.g. leadership changed)."""
 
 
+class CompactedError(DsysError):
+    """A watch asked for revisions the server no longer keeps (HTTP 410 Gone).
+
+    The changes before ``revision`` were dropped from the change history (it is bounded,
+    and starts afresh at a snapshot's revision). Refetch the current state (a get or a
+    scan) and watch again from that read's revision + 1, which is at least ``revision``.
+
+    Attributes:
+        revision: the oldest revision still available to watch from.
+    """
+
+    def __init__(self, message: str = "", *, revision: int = 0) -> None:
+        super().__init__(message or f"revisions before {revision} were compacted")
+        self.revision = revision
+
+
 __all__ = [
     "BadInputError",
     "BulkheadFullError",
     "CircuitOpenError",
     "ClosedError",
+    "CompactedError",
     "ConfigError",
     "ConflictError",
     "ConnectError",

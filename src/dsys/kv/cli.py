@@ -9,19 +9,22 @@
     dsys kv get KEY --cluster ...
     dsys kv del KEY --cluster ...
     dsys kv status --cluster ...
+    dsys kv watch PREFIX [--start-revision R] --cluster ...   # one JSON line per change
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import sys
 from typing import Any
 
 from dsys.clitools import parse_peers, run_local_cluster
-from dsys.errors import ConfigError
+from dsys.errors import CompactedError, ConfigError
+from dsys.kv.fsm import HISTORY_EVENTS, WatchEvent
 from dsys.observability import parse_listen
 
 
@@ -71,6 +74,14 @@ def register(subparsers: Any) -> None:
         "--join",
         action="store_true",
         help="join an existing cluster (add it first with `dsys kv member add`)",
+    )
+    serve.add_argument(
+        "--watch-history",
+        type=int,
+        default=HISTORY_EVENTS,
+        metavar="EVENTS",
+        help=f"change events kept for watchers (default {HISTORY_EVENTS}); a watch "
+        "starting before them gets a 'compacted' error",
     )
     serve.add_argument(
         "--no-fast-path",
@@ -137,6 +148,41 @@ def register(subparsers: Any) -> None:
             p.add_argument("--stale", action="store_true", help="read any server's local state")
         p.set_defaults(func=_client_command, command=name)
 
+    watch = verbs.add_parser(
+        "watch",
+        help="print every change under a prefix as it happens",
+        description="Print every change (put, delete, expire) of keys starting with PREFIX, "
+        'one JSON line each: {"revision", "type", "key", "value" (UTF-8) or '
+        '"value_b64"}. Any server may serve the watch; when it goes away the watch '
+        "resumes on another from the last revision printed + 1, without gaps or "
+        "duplicates. Exits 2 when the start revision was compacted (refetch, then watch "
+        "from a newer revision). Ctrl-C stops.",
+    )
+    watch.add_argument(
+        "prefix", nargs="?", default="", help="only keys starting with this (default: all)"
+    )
+    watch.add_argument(
+        "--start-revision",
+        type=int,
+        default=None,
+        metavar="R",
+        help="first revision to print (default: the next change); earlier changes are "
+        "replayed from the servers' change history",
+    )
+    watch.add_argument(
+        "--count",
+        type=int,
+        default=None,
+        metavar="N",
+        help="exit after printing N changes (default: run until interrupted)",
+    )
+    watch.add_argument(
+        "--cluster",
+        default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
+        help="comma-separated HOST:PORT list of servers",
+    )
+    watch.set_defaults(func=_watch)
+
 
 def _serve(args: argparse.Namespace) -> int:
     from dsys.kv.server import ServerConfig, serve
@@ -155,6 +201,7 @@ def _serve(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         join=args.join,
         fast_path=args.fast_path,
+        watch_history=args.watch_history,
     )
     if not config.fsync:
         print(
@@ -267,6 +314,49 @@ async def _client_async(args: argparse.Namespace) -> int:
             return 1
         print(json.dumps({"revision": rev_del}))
         return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(_watch_async(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _watch_async(args: argparse.Namespace) -> int:
+    from dsys.kv.client import KVClient
+
+    if args.start_revision is not None and args.start_revision < 0:
+        raise ConfigError("--start-revision must be >= 0")
+    endpoints = [e for e in args.cluster.split(",") if e.strip()]
+    printed = 0
+    async with KVClient(endpoints) as kv:
+        try:
+            async with kv.watch(args.prefix, start_revision=args.start_revision) as changes:
+                print(
+                    f"watching {args.prefix!r} from revision {changes.next_revision}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                async for ev in changes:
+                    print(json.dumps(_event_line(ev), ensure_ascii=False), flush=True)
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        break
+        except CompactedError as exc:
+            print(f"dsys: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def _event_line(ev: WatchEvent) -> dict[str, Any]:
+    line: dict[str, Any] = {"revision": ev.revision, "type": ev.type, "key": ev.key}
+    if ev.value is not None:
+        try:
+            line["value"] = ev.value.decode("utf-8")
+        except UnicodeDecodeError:
+            line["value_b64"] = base64.b64encode(ev.value).decode("ascii")
+    return line
 
 
 __all__ = ["register"]

@@ -21,6 +21,9 @@ Example::
         rev = await kv.put("greeting", b"hello")
         value = await kv.get("greeting")          # GetResult(value=b"hello", revision=rev)
         await kv.cas("greeting", b"hi", revision=rev)
+        async with kv.watch("app/", start_revision=rev) as changes:
+            async for event in changes:                # WatchEvent(revision, type, key, value)
+                ...
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -41,6 +45,7 @@ from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
     ClosedError,
+    CompactedError,
     ConfigError,
     ConflictError,
     ConnectError,
@@ -48,6 +53,7 @@ from dsys.errors import (
     RemoteProtocolError,
     RequestTimeout,
 )
+from dsys.kv.fsm import WatchEvent
 from dsys.raft.timers import GRAIN
 
 
@@ -127,6 +133,7 @@ class _Conn:
         "_timeout",
         "_ws",
         "endpoint",
+        "sinks",
         "up",
     )
 
@@ -156,6 +163,8 @@ class _Conn:
         self._closing: asyncio.Future[bool] | None = None  # closing a dropped WebSocket
         self._lock = asyncio.Lock()
         self._next_id = 1
+        # watch id -> callback of its pushed answers (None = the connection was lost)
+        self.sinks: dict[int, Callable[[dict[str, Any] | None], None]] = {}
 
     async def connect(self, session: aiohttp.ClientSession, timeout: float) -> None:  # noqa: ASYNC109
         """Open the WebSocket unless it is open (ConnectError when that fails)."""
@@ -229,6 +238,10 @@ class _Conn:
                         continue
                     if fut is not None and not fut.done():
                         fut.set_result(resp)
+                    elif fut is None and self.sinks:  # pushed events of a watch
+                        sink = self.sinks.get(resp.get("id"))  # type: ignore[arg-type]
+                        if sink is not None:
+                            sink(resp)
                     node = resp
                 # every answer on this connection comes from the same server: its node id
                 # (in the last answer of the frame) tells which node this endpoint is
@@ -242,6 +255,11 @@ class _Conn:
                 self._fail_all(ConnectError(f"connection to {self.endpoint} lost"))
 
     def _fail_all(self, exc: Exception) -> None:
+        if self.sinks:  # the watches on this connection are gone with it
+            sinks = list(self.sinks.values())
+            self.sinks.clear()
+            for sink in sinks:
+                sink(None)
         self._out.clear()
         self._out_bytes = 0
         self._custom.clear()
@@ -563,6 +581,40 @@ class KVClient:
         info: dict[str, Any] = resp["info"]
         return info
 
+    def watch(
+        self,
+        prefix: str = "",
+        *,
+        start_revision: int | None = None,
+        max_buffered: int = 1000,
+    ) -> Watcher:
+        """Every change of keys starting with ``prefix`` from ``start_revision`` on.
+
+        Returns a :class:`Watcher`: iterate it with ``async for`` (it yields
+        :class:`~dsys.kv.fsm.WatchEvent` in revision order) and close it with
+        :meth:`Watcher.close` or ``async with``. Any server may serve it (watches read
+        each replica's applied state); after a lost connection it resumes, on the same
+        or another server, from the last delivered revision + 1: no gap, no duplicate.
+
+        Args:
+            prefix: only keys starting with this ("" = every key).
+            start_revision: the first revision wanted; None or 0 = the next change.
+            max_buffered: events held for a slow consumer; beyond that the watch pauses
+                (the server stops sending) and resumes when the consumer catches up.
+
+        Raises:
+            BadInputError: ``prefix`` is not a string or ``start_revision`` is negative.
+        """
+        if not isinstance(prefix, str):
+            raise BadInputError(f"watch prefix must be a string, got {type(prefix).__name__}")
+        if start_revision is not None and (type(start_revision) is not int or start_revision < 0):
+            raise BadInputError(
+                f"start_revision must be a non-negative integer, got {start_revision!r}"
+            )
+        if max_buffered < 1:
+            raise ConfigError("max_buffered must be >= 1")
+        return Watcher(self, prefix, start_revision or 0, max_buffered)
+
     # -- machinery --------------------------------------------------------------------
 
     async def _write(self, req: dict[str, Any], size: int, timeout: float | None) -> int:  # noqa: ASYNC109
@@ -671,6 +723,241 @@ class KVClient:
         self._rr = (self.endpoints.index(ep) + 1) if ep in self.endpoints else self._rr + 1
 
 
+class Watcher:
+    """An open watch of :meth:`KVClient.watch`: an async iterator of change events.
+
+    The watch starts on the first ``async for`` step, :meth:`start` or ``async with``.
+    Events come in revision order, each once; ``revision`` is the last one delivered.
+    Iteration ends after :meth:`close`, and raises:
+
+    * :class:`~dsys.errors.CompactedError` when the events from the next revision are
+      no longer kept by any server (``exc.revision`` is the oldest still available):
+      refetch the state and watch again from its revision + 1;
+    * :class:`~dsys.errors.BadInputError` when the server refuses the watch (e.g. too
+      many watches on one connection);
+    * :class:`~dsys.errors.ClosedError` when the client was closed.
+
+    Lost connections and servers that go away are not errors: the watch resumes on the
+    next server from ``next_revision``, retrying with backoff until one answers.
+    """
+
+    def __init__(
+        self, client: KVClient, prefix: str, start_revision: int, max_buffered: int
+    ) -> None:
+        self.prefix = prefix
+        self.next_revision = start_revision
+        """The next revision wanted (0 until the first server fixed it)."""
+        self.revision = 0
+        """The revision of the last event delivered (0 = none yet)."""
+        self.endpoint: str | None = None
+        """The server currently streaming the events."""
+        self.resumes = 0
+        """How many times the watch was re-established (after a loss or a pause)."""
+        self._client = client
+        self._max = max_buffered
+        self._queue: deque[WatchEvent] = deque()
+        self._ready = asyncio.Event()  # something to take, or the end
+        self._room = asyncio.Event()  # a paused watch may resume
+        self._started = asyncio.Event()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._accepts = 0  # subscriptions a server accepted
+
+    async def start(self) -> Watcher:
+        """Open the watch and wait until a server accepted it (or it failed)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        await self._started.wait()
+        if self._error is not None and not self._queue:
+            raise self._error
+        return self
+
+    async def close(self) -> None:
+        """Stop watching (the server is told); iteration ends."""
+        self._closed = True
+        self._queue.clear()
+        self._ready.set()
+        self._started.set()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def __aenter__(self) -> Watcher:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __aiter__(self) -> Watcher:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self._task is None and not self._closed:
+            self._task = asyncio.create_task(self._run())
+        queue = self._queue
+        if self._closed:
+            raise StopAsyncIteration
+        while not queue:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._error is not None:
+                raise self._error
+            self._ready.clear()
+            await self._ready.wait()
+        ev = queue.popleft()
+        self.revision = ev.revision
+        if len(queue) <= self._max // 2:
+            self._room.set()
+        return ev
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ready.set()
+        self._started.set()
+
+    async def _run(self) -> None:
+        client = self._client
+        eps = client.endpoints
+        # start where requests go (the leader, when known), move on after a failure
+        i = eps.index(client._leader) if client._leader in eps else client._rr
+        failures = 0
+        compacted: set[str] = set()  # servers that no longer have next_revision
+        while not self._closed:
+            if client._closed:
+                self._fail(ClosedError("client closed"))
+                return
+            ep = eps[i % len(eps)]
+            before, accepts = self.next_revision, self._accepts
+            self.endpoint = None
+            try:
+                outcome = await self._subscribe(ep)
+            except (ConnectError, RequestTimeout) as exc:
+                outcome = f"lost: {exc}"
+            if self.next_revision != before:
+                compacted.clear()
+            if self._accepts != accepts:  # the server had accepted it
+                failures = 0
+            self.resumes += 1
+            if outcome == "paused":  # resume here once the consumer drained the queue
+                self._room.clear()
+                if len(self._queue) > self._max // 2:
+                    await self._room.wait()
+                continue
+            i += 1
+            if isinstance(outcome, CompactedError):
+                # another server may still have the revisions (its history is its own)
+                compacted.add(ep)
+                if len(compacted) >= len(eps):
+                    self._fail(outcome)
+                    return
+                continue
+            if isinstance(outcome, BaseException):
+                self._fail(outcome)
+                return
+            failures += 1
+            delay = min(0.5, 0.02 * (2 ** min(failures, 5))) * (0.5 + random.random())
+            await asyncio.sleep(delay)
+
+    async def _subscribe(self, ep: str) -> str | BaseException:
+        """One subscription on ``ep``; returns why it ended (or the error to raise)."""
+        client = self._client
+        conn = client._conn(ep)
+        if not conn.up:
+            await conn.connect(client._get_session(), client.request_timeout)
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[str | BaseException] = loop.create_future()
+
+        def sink(resp: dict[str, Any] | None) -> None:
+            if ended.done():
+                return
+            if resp is None:
+                ended.set_result("lost")
+                return
+            status = resp.get("status")
+            if status == "events":
+                try:
+                    self._take(resp["events"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    conn.sinks.pop(wid, None)
+                    ended.set_result(f"lost: bad events from {ep}: {exc}")
+                    return
+                if len(self._queue) >= self._max:  # pause: the consumer is behind
+                    conn.sinks.pop(wid, None)
+                    ended.set_result("paused")
+            elif status == "compacted":
+                conn.sinks.pop(wid, None)
+                ended.set_result(_compacted(resp))
+            else:  # the server gave up on this watch: try again (elsewhere)
+                conn.sinks.pop(wid, None)
+                ended.set_result(f"lost: {resp.get('message')}")
+
+        req: dict[str, Any] = {
+            "op": "watch",
+            "prefix": self.prefix,
+            "start_revision": self.next_revision,
+        }
+        fut = conn.submit(req, len(self.prefix), client.request_timeout)
+        wid: int = req["id"]
+        conn.sinks[wid] = sink
+        try:
+            resp = await fut
+            status = resp.get("status")
+            if status == "compacted":
+                return _compacted(resp)
+            if status == "bad_request":
+                return BadInputError(str(resp.get("message")))
+            if status != "ok":
+                return f"lost: {resp.get('message')}"
+            if not self.next_revision:
+                self.next_revision = int(resp["start_revision"])
+            self.endpoint = ep
+            self._accepts += 1
+            self._started.set()
+            return await ended
+        finally:
+            conn.sinks.pop(wid, None)
+            self._unwatch(conn, wid)  # harmless when the server already ended it
+
+    def _take(self, events: list[Any]) -> None:
+        """Queue pushed events newer than the last one taken (no duplicates)."""
+        nxt = self.next_revision
+        last = nxt - 1
+        batch = []
+        for revision, kind, key, value in events:
+            if type(revision) is not int or not isinstance(key, str):
+                raise TypeError("malformed event")
+            if revision < nxt or revision < last:
+                continue  # already delivered (or out of order: never from our servers)
+            batch.append(WatchEvent(revision, str(kind), key, value))
+            last = revision
+        if batch:
+            self._queue.extend(batch)
+            self.next_revision = last + 1
+            self._ready.set()
+
+    def _unwatch(self, conn: _Conn, wid: int) -> None:
+        """Tell the server to stop watch ``wid`` (best effort, nobody waits)."""
+        if not conn.up:
+            return
+        fut = conn.submit({"op": "unwatch", "watch": wid}, 0, self._client.request_timeout)
+        fut.add_done_callback(_ignore_result)
+
+
+def _compacted(resp: dict[str, Any]) -> CompactedError:
+    revision = resp.get("revision")
+    return CompactedError(
+        str(resp.get("message") or ""), revision=revision if type(revision) is int else 0
+    )
+
+
+def _ignore_result(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _size(key: object, value: object) -> int:
     """Bytes of ``key`` and ``value`` counted against the frame budget."""
     n = len(key) if isinstance(key, str) else 0
@@ -698,4 +985,4 @@ class _NotFound(Exception):
     pass
 
 
-__all__ = ["GetResult", "KVClient", "ScanItem"]
+__all__ = ["GetResult", "KVClient", "ScanItem", "Watcher"]

@@ -22,11 +22,22 @@ same state; nothing here reads a clock or a random source.
   already committed returns its first result instead of being applied twice.
 * **Snapshots.** :meth:`KVStateMachine.snapshot` encodes the whole state (data, revision,
   clock, sessions) as msgpack; :meth:`KVStateMachine.restore` replaces the state by it.
+* **Change history (watch).** Every change appends one small tuple
+  ``(revision, key, value, expired)`` to a bounded deque (``value`` is None for a
+  delete; ``expired`` marks a delete decided by TTL expiry; all keys expiring at one log
+  position share one revision). Old events are dropped beyond ``history_events`` events or
+  ``history_bytes`` bytes of values; ``compacted_revision`` (the *floor*) is then the
+  revision of the newest dropped event, and after :meth:`KVStateMachine.restore` it is
+  the snapshot's revision (the history is not part of a snapshot). Events with a revision
+  above the floor are all present, so :meth:`KVStateMachine.changes` answers a watcher
+  from any revision above it, or :class:`Compacted`. Every replica keeps its own history
+  of what it applied, so a watcher may read from any replica and resume on another.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from bisect import bisect_left
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +58,12 @@ SNAPSHOT_MAX_BYTES = 1 << 30
 
 MAX_COMMAND_BYTES = 16 * 1024 * 1024
 """Largest encoded command accepted."""
+
+HISTORY_EVENTS = 100_000
+"""Change events kept for watchers by default."""
+
+HISTORY_BYTES = 64 * 1024 * 1024
+"""Bytes of values (puts) kept in the change history by default."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -246,6 +263,54 @@ def validate_key(key: object) -> str:
     return key
 
 
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    """One change of the store, as a watcher sees it.
+
+    Attributes:
+        revision: the store revision of the change (keys expiring together share one).
+        type: ``"put"``, ``"delete"`` or ``"expire"`` (a delete decided by TTL expiry).
+        key: the changed key.
+        value: the new value of a put; None for a delete or an expiry.
+    """
+
+    revision: int
+    type: str
+    key: str
+    value: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What :meth:`KVStateMachine.changes` found.
+
+    Attributes:
+        events: matching events in revision order (never part of a revision's events).
+        next_revision: where the next call continues (every event below it was looked at).
+    """
+
+    events: list[WatchEvent]
+    next_revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compacted:
+    """The requested revision is no longer in the change history.
+
+    Attributes:
+        revision: the oldest revision still available (``compacted_revision + 1``):
+            refetch the state (e.g. a scan) and watch from its revision + 1, at least this.
+    """
+
+    revision: int
+
+
+def _event(ev: tuple[int, str, bytes | None, bool]) -> WatchEvent:
+    rev, key, value, expired = ev
+    kind = "put" if value is not None else ("expire" if expired else "delete")
+    return WatchEvent(rev, kind, key, value)
+
+
 class Sessions:
     """Exactly-once table: the recent results of each client, bounded in clients and seqs.
 
@@ -325,9 +390,29 @@ class KVStateMachine:
     Args:
         max_clients: exactly-once sessions kept (see :class:`Sessions`).
         per_client: results kept per client session.
+        history_events: change events kept for watchers (at least 1).
+        history_bytes: bytes of put values kept in the change history (the newest event
+            is kept whatever its size).
     """
 
-    def __init__(self, *, max_clients: int = 10_000, per_client: int = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_clients: int = 10_000,
+        per_client: int = 1024,
+        history_events: int = HISTORY_EVENTS,
+        history_bytes: int = HISTORY_BYTES,
+    ) -> None:
+        if history_events < 1 or history_bytes < 0:
+            raise ConfigError("history_events must be >= 1 and history_bytes >= 0")
+        self._history_events = history_events
+        self._history_bytes = history_bytes
+        # (revision, key, value or None, expired) in revision order
+        self._history: deque[tuple[int, str, bytes | None, bool]] = deque()
+        self._hbytes = 0  # bytes of the values in _history
+        # invariant: every event with revision > compacted_revision is in _history
+        self.compacted_revision = 0
+        """Revisions up to this one are gone from the change history (the floor)."""
         self._data: SortedDict = SortedDict()  # key -> KeyValue
         self._ttl: SortedDict = SortedDict()  # (expires_ms, key) -> None
         self.revision = 0
@@ -371,6 +456,59 @@ class KVStateMachine:
             kv = self.get(key)
             if kv is not None:
                 yield kv
+
+    # -- change history (watch) -------------------------------------------------------
+
+    def changes(
+        self, start_revision: int, prefix: str = "", limit: int = 1000, max_bytes: int = 1 << 20
+    ) -> Changes | Compacted:
+        """Events at or after ``start_revision`` whose key starts with ``prefix``.
+
+        At most ``limit`` events are looked at (matching or not), and looking stops once
+        the returned values exceed ``max_bytes``; but a revision's events are never split,
+        so a call may return a few more. ``start_revision`` beyond the
+        current revision is allowed: nothing is returned yet and ``next_revision`` stays.
+
+        Returns:
+            :class:`Changes` (continue from its ``next_revision``), or :class:`Compacted`
+            when events at ``start_revision`` were already dropped.
+        """
+        if start_revision <= self.compacted_revision:
+            return Compacted(self.compacted_revision + 1)
+        h = self._history
+        if start_revision > self.revision:
+            return Changes([], start_revision)
+        i = bisect_left(h, start_revision, key=_rev_of)
+        n = len(h)
+        end = min(n, i + max(1, limit))
+        events: list[WatchEvent] = []
+        size = 0
+        j = i
+        while j < n:
+            ev = h[j]
+            if (j >= end or size > max_bytes) and ev[0] != h[j - 1][0]:
+                break  # only whole revisions
+            if ev[1].startswith(prefix):
+                events.append(_event(ev))
+                if ev[2] is not None:
+                    size += len(ev[2])
+            j += 1
+        next_revision = h[j][0] if j < n else self.revision + 1
+        return Changes(events, next_revision)
+
+    def _trim_history(self) -> None:
+        """Drop the oldest events beyond the bounds (always keeps the newest one)."""
+        h = self._history
+        while len(h) > 1 and (len(h) > self._history_events or self._hbytes > self._history_bytes):
+            rev, _, value, _ = h.popleft()
+            if value is not None:
+                self._hbytes -= len(value)
+            self.compacted_revision = rev
+
+    @property
+    def history_len(self) -> int:
+        """Events in the change history."""
+        return len(self._history)
 
     # -- writes -----------------------------------------------------------------------
 
@@ -469,6 +607,17 @@ class KVStateMachine:
             self._data[key] = KeyValue(key, value, revision, create, expires)
             if expires:
                 self._ttl[(expires, key)] = None
+            # the change history: one tuple per put, one event dropped per put once full
+            h = self._history
+            h.append((revision, key, value, False))
+            self._hbytes += len(value)
+            if len(h) > self._history_events:
+                gone = h.popleft()
+                self.compacted_revision = gone[0]
+                if gone[2] is not None:
+                    self._hbytes -= len(gone[2])
+            if self._hbytes > self._history_bytes:
+                self._trim_history()
             result = Result(ok=True, revision=revision)
         if client_id:
             sessions.record(client_id, seq, result, self.clock_ms)
@@ -488,19 +637,27 @@ class KVStateMachine:
         if old.expires_ms:
             self._ttl.pop((old.expires_ms, cmd.key), None)
         self.revision += 1
+        self._history.append((self.revision, cmd.key, None, False))
+        if len(self._history) > self._history_events:
+            self._trim_history()
         return Result(ok=True, revision=self.revision)
 
     def _expire(self) -> None:
         removed = False
+        revision = self.revision + 1  # every key expiring now changes at this revision
+        h = self._history
         while self._ttl:
             expires, key = self._ttl.keys()[0]
             if expires > self.clock_ms:
                 break
             del self._ttl[(expires, key)]
-            self._data.pop(key, None)
+            if self._data.pop(key, None) is not None:
+                h.append((revision, key, None, True))
             removed = True
         if removed:
-            self.revision += 1
+            self.revision = revision
+            if len(h) > self._history_events:
+                self._trim_history()
 
     @property
     def has_ttl_keys(self) -> bool:
@@ -547,15 +704,27 @@ class KVStateMachine:
             raise RemoteProtocolError(f"malformed KV snapshot: {exc}") from exc
         self._data, self._ttl, self.sessions = data_map, ttl, sessions
         self.revision, self.clock_ms = revision, clock
+        # the events before the snapshot are unknown here: watchers resume above it
+        self._history.clear()
+        self._hbytes = 0
+        self.compacted_revision = revision
         self.members = members
         if self.on_members_changed is not None:
             self.on_members_changed(dict(self.members))
 
 
+def _rev_of(ev: tuple[int, str, bytes | None, bool]) -> int:
+    return ev[0]
+
+
 __all__ = [
+    "HISTORY_BYTES",
+    "HISTORY_EVENTS",
     "MAX_COMMAND_BYTES",
     "MAX_KEY_BYTES",
+    "Changes",
     "Command",
+    "Compacted",
     "Delete",
     "KVStateMachine",
     "KeyValue",
@@ -564,6 +733,7 @@ __all__ = [
     "Sessions",
     "SetMember",
     "Tick",
+    "WatchEvent",
     "decode_command",
     "encode_command",
     "validate_key",

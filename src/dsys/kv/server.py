@@ -10,6 +10,7 @@ One aiohttp application per node serves, on one ``host:port``:
     GET    /v1/kv?prefix=P&limit=L                     -> 200 [{"key": K, "revision": N}, ...]
     GET    /v1/status                                  -> 200 {"id", "role", "term", ...}
     GET    /v1/ws                                      -> WebSocket, msgpack frames (KVClient)
+    GET    /v1/watch?prefix=P&start_revision=R         -> 200 NDJSON change stream | 410
 
   A follower answers writes and linearizable reads with ``307`` + ``Location`` of the
   leader, or ``503`` + ``Retry-After`` when no leader is known. A write answered ``503``
@@ -31,6 +32,8 @@ requests ``{"id": n, "op": "get"|"put"|"del"|"scan"|"status", ...}`` and the ser
 answers with frames that are lists of responses ``{"id": n, "status": ..., ...}``, so
 many requests are in flight on one connection and frames are batched both ways.
 Writes may carry ``cid`` (client id) and ``seq`` for exactly-once retries.
+The ops ``"watch"`` and ``"unwatch"`` open and close change streams whose events come
+as further answers with the watch request's id (see :mod:`dsys.kv.watch`).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from dsys.kv.api import (
 )
 from dsys.kv.fastpath import KVFastPath, start_fast_site
 from dsys.kv.fsm import (
+    HISTORY_EVENTS,
     Delete,
     KVStateMachine,
     Put,
@@ -81,6 +85,7 @@ from dsys.kv.fsm import (
     encode_command,
     validate_key,
 )
+from dsys.kv.watch import WatchHub
 from dsys.observability import (
     Metrics,
     add_observability_routes,
@@ -122,6 +127,9 @@ class ServerConfig:
             instead of bootstrapping a new one from ``peers``.
         fast_path: serve hot ``PUT``/``GET``/``DELETE /v1/kv/{key}`` requests with the
             protocol-level fast path (:mod:`dsys.kv.fastpath`); False = aiohttp only.
+        watch_history: change events kept for watchers (older ones are compacted).
+        max_watches: open watches allowed on this server (WebSocket and HTTP).
+        max_watches_per_ws: open watches allowed on one WebSocket connection.
     """
 
     id: str
@@ -138,6 +146,9 @@ class ServerConfig:
     max_inflight_per_ws: int = 1024
     join: bool = False
     fast_path: bool = True
+    watch_history: int = HISTORY_EVENTS
+    max_watches: int = 4096
+    max_watches_per_ws: int = 64
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -187,7 +198,7 @@ class KVServer:
         self.wal = WriteAheadLog(data / "wal", fsync=config.fsync)
         if self.wal.repaired_bytes:
             self.log.warning("wal_torn_tail_repaired", bytes=self.wal.repaired_bytes)
-        self.fsm = KVStateMachine()
+        self.fsm = KVStateMachine(history_events=config.watch_history)
         self.node = RaftNode(
             NodeConfig(
                 id=config.id,
@@ -207,6 +218,13 @@ class KVServer:
         )
         self._sync_members(self.fsm.members)
         self.fsm.on_members_changed = self._sync_members
+        self.watches = WatchHub(
+            self.node,
+            self.fsm,
+            node_id=config.id,
+            max_watches=config.max_watches,
+            max_per_ws=config.max_watches_per_ws,
+        )
         self._m_requests = self.metrics.request_stats(
             "requests_total", "Client requests", "request_seconds", "Client request latency"
         )
@@ -240,6 +258,7 @@ class KVServer:
         r.add_get("/v1/kv", self.handle_scan)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
+        r.add_get("/v1/watch", self.handle_watch)
         r.add_get("/v1/admin/members", self.handle_members)
         r.add_post("/v1/admin/members", self.handle_add_member)
         r.add_post("/v1/admin/members/{id}/promote", self.handle_promote)
@@ -273,6 +292,7 @@ class KVServer:
 
     async def close(self) -> None:
         """Stop serving and close the node (the WAL is synced and closed)."""
+        await self.watches.close()
         if self._ticker is not None:
             self._ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -475,7 +495,13 @@ class KVServer:
         st["keys"] = len(self.fsm)
         st["leader_addr"] = self._leader_addr(st["leader"])
         st["fsync"] = "always" if self.config.fsync else "none"
+        st["compacted_revision"] = self.fsm.compacted_revision
+        st["watches"] = self.watches.count
         return st
+
+    async def handle_watch(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/watch?prefix=P&start_revision=R``: NDJSON change stream (any node)."""
+        return await self.watches.handle_http(request)
 
     # -- membership admin -------------------------------------------------------------
 
@@ -562,6 +588,7 @@ class KVServer:
         sem = _Window(self.config.max_inflight_per_ws)
         tasks: set[asyncio.Task[None]] = set()
         writer = asyncio.create_task(self._ws_writer(ws, out))
+        watches = self.watches.ws_session(out)
 
         async def run(req: Any) -> None:
             try:
@@ -598,12 +625,17 @@ class KVServer:
                             self._ws_write_many(writes, out, sem)
                             writes = _Writes()
                         continue
+                    if type(req) is dict and req.get("op") in _WS_WATCH_OPS:
+                        watches.handle(req)  # answers at once; events follow on `out`
+                        sem.release()
+                        continue
                     t = asyncio.create_task(run(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
                 if writes.cmds:
                     self._ws_write_many(writes, out, sem)
         finally:
+            watches.close()
             for t in list(tasks):
                 t.cancel()
             writer.cancel()
@@ -841,6 +873,9 @@ class _Outbox:
         self._items.extend(resps)
         self._ready.set()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     async def take(self) -> list[dict[str, Any]]:
         """Wait for answers and take all of them."""
         while not self._items:
@@ -852,6 +887,7 @@ class _Outbox:
 
 _WS_OPS = frozenset({"get", "put", "del", "scan", "status"})
 _WS_WRITE_OPS = frozenset({"put", "del"})
+_WS_WATCH_OPS = frozenset({"watch", "unwatch"})
 _WS_OP_NAMES = {"put": "ws_put", "del": "ws_del"}
 _WRITES_PER_PROPOSAL = 256
 _WRITE_BYTES = 1024 * 1024
@@ -861,7 +897,10 @@ _WRITE_TIMEOUT = "write not committed in time; retry with the same seq"
 
 def _resp_size(resp: dict[str, Any]) -> int:
     value = resp.get("value")
-    return 64 + (len(value) if isinstance(value, bytes) else 0)
+    size = 64 + (len(value) if isinstance(value, bytes) else 0)
+    if "events" in resp:  # a watch's batch (up to about 1 MiB of values)
+        size += sum(48 + len(e[2]) + (len(e[3]) if e[3] else 0) for e in resp["events"])
+    return size
 
 
 def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
