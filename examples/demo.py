@@ -12,7 +12,10 @@ real process where a user would run one:
    stream, the leader is killed mid-way, the consumer carries on from its acked floor;
 5. load balancing: a reverse-proxy process (p2c-ewma) over three quote services, one
    of them slow, then one killed mid-run;
-6. circuit breaker: calls to a quote service that goes down and comes back.
+6. circuit breaker: calls to a quote service that goes down and comes back;
+7. the example apps, briefly: chat, stock trading and a shop, each a multi-process
+   system built only from these blocks (``make chat``, ``make trading``, ``make shop``
+   run them until Ctrl-C).
  Every server started here is stopped at the end, whatever
 happens; the demo stops by itself within a minute.
 """
@@ -443,6 +446,50 @@ async def amain() -> None:
     await demo_breaker()
 
 
+EXAMPLES = [
+    ("chat", "7a. Chat: 2 chat servers behind dsys lb, KV, streams, pub/sub", ["--seconds", "0"]),
+    (
+        "trading",
+        "7b. Stock ticker and trading: feed, matchers, tickers, broker API",
+        ["--seconds", "0"],
+    ),
+    (
+        "shop",
+        "7c. Shop: gateways, cart, orders saga, inventory, payment, delivery",
+        ["--seconds", "0", "--kv-nodes", "1", "--stream-nodes", "1"],
+    ),
+]
+
+
+def demo_examples() -> None:
+    """Run each example app briefly (its own processes; it stops them itself)."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "DSYS_LOG_LEVEL": "warning"}
+    for module, title, args in EXAMPLES:
+        say(title)
+        try:
+            out = subprocess.run(
+                [PY, "-m", f"examples.{module}", *args],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+        except subprocess.TimeoutExpired:
+            print(f"  examples.{module} did not finish in 120 s")
+            continue
+        lines = [
+            ln
+            for ln in out.stdout.splitlines()
+            if ln.strip() and "==" not in ln and "in a browser" not in ln
+        ]
+        for line in lines:
+            print("  " + line.strip())
+        if out.returncode != 0:
+            print(f"  examples.{module} exited with {out.returncode}: {out.stderr[-500:]}")
+
+
 def main() -> int:
     """Run the showcase; returns the exit code."""
     configure_logging(level="error")
@@ -450,6 +497,7 @@ def main() -> int:
     with processes():
         demo_sharding()
         asyncio.run(asyncio.wait_for(amain(), timeout=120))
+    demo_examples()
     say("done: every process stopped")
     return 0
 

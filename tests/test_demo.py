@@ -7,13 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
 
 
+@pytest.mark.timeout(480)
 def test_demo_runs_end_to_end() -> None:
     env = {**os.environ, "DSYS_DEMO_ANY_PORT": "1"}
     out = subprocess.run(
-        [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=180, env=env
+        [sys.executable, str(DEMO)], capture_output=True, text=True, timeout=420, env=env
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
@@ -25,4 +28,8 @@ def test_demo_runs_end_to_end() -> None:
     assert "next 200 requests -> statuses {200: 200}" in text
     assert "breaker: closed -> open" in text
     assert "after recovery: {'ok': 10}" in text
+    assert "nothing missed, nothing twice: True" in text  # chat
+    assert "BUY 10 RELIANCE at market -> COMPLETE" in text  # trading
+    assert "-> packed -> shipped -> delivered" in text  # shop
+    assert "exited with" not in text
     assert "every process stopped" in text
