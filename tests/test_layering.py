@@ -38,6 +38,8 @@ PURE = [
     "pubsub/core.py",
     "kv/fsm.py",
     "streams/fsm.py",
+    "jobs/core.py",
+    "jobs/cron.py",
     "raft/messages.py",
     "raft/core.py",
     "raft/session.py",
