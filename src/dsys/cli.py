@@ -25,6 +25,7 @@ BLOCKS: tuple[str, ...] = (
     "resilience",
     "pubsub",
     "balance",
+    "jobs",
 )
 
 

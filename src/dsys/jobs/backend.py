@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
+from dsys.errors import ConfigError
 from dsys.jobs.core import JobInfo, JobSpec, JobState
 
 Outcome: TypeAlias = Literal["ok", "stale"]
@@ -151,4 +152,40 @@ class Backend(Protocol):
         ...
 
 
-__all__ = ["AdminOutcome", "Backend", "Enqueued", "HeartbeatOutcome", "Lease", "Outcome"]
+def open_backend(url: str, *, lease: float = 30.0) -> Backend:
+    """A backend from a URL: ``redis://HOST:PORT/DB`` (or ``rediss://``, ``unix://``) for
+    :class:`~dsys.jobs.redis_backend.RedisBackend`; ``dsys://HOST:PORT,...?kv=HOST:PORT,...``
+    for :class:`~dsys.jobs.dsys_backend.DsysBackend` (streams servers, then KV servers).
+
+    Raises:
+        ConfigError: an unknown scheme or a malformed URL.
+    """
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if scheme in ("redis", "rediss", "unix"):
+        from dsys.jobs.redis_backend import RedisBackend
+
+        return RedisBackend(url, lease=lease)
+    if scheme == "dsys":
+        import importlib
+
+        try:
+            mod = importlib.import_module("dsys.jobs.dsys_backend")
+        except ModuleNotFoundError as exc:
+            raise ConfigError("the dsys backend is not available in this installation") from exc
+        backend: Backend = mod.DsysBackend.from_url(url, lease=lease)
+        return backend
+    raise ConfigError(
+        f"unknown job backend URL {url!r}: use redis://HOST:PORT/DB or "
+        "dsys://STREAMS_HOST:PORT,...?kv=KV_HOST:PORT,..."
+    )
+
+
+__all__ = [
+    "AdminOutcome",
+    "Backend",
+    "Enqueued",
+    "HeartbeatOutcome",
+    "Lease",
+    "Outcome",
+    "open_backend",
+]

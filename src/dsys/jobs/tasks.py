@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from dsys.errors import BadInputError, ConfigError, LocalProtocolError
 from dsys.jobs.core import JobSpec, check_retries, check_task_name, check_timeout, encode_value
+from dsys.jobs.cron import CronJob
 from dsys.resilience.backoff import Backoff
 
 if TYPE_CHECKING:
@@ -84,6 +85,19 @@ class Registry:
 
     def __init__(self) -> None:
         self._tasks: dict[str, TaskDef] = {}
+        self.crons: list[CronJob] = []
+        """Cron schedules every worker of this registry offers to run (see
+        :meth:`add_cron`)."""
+
+    def add_cron(self, job: CronJob) -> None:
+        """Add a cron schedule; the worker holding its queue's scheduler lease runs it.
+
+        Raises:
+            ConfigError: another schedule has the same name.
+        """
+        if any(c.name == job.name for c in self.crons):
+            raise ConfigError(f"a cron schedule named {job.name!r} is already registered")
+        self.crons.append(job)
 
     @overload
     def task(self, fn: Callable[P, R], /) -> Callable[P, R]: ...

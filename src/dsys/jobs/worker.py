@@ -186,6 +186,10 @@ class Worker:
         self._stopping = asyncio.Event()
         self._log = get_logger("jobs", worker=self.id, queue=self.config.queue)
         self._cron_last: dict[str, datetime] = {}
+        self.crons: tuple[CronJob, ...] = (*self.config.cron, *registry.crons)
+        names = [c.name for c in self.crons]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"cron schedules need distinct names, got {names}")
         self._task: asyncio.Task[None] | None = None
         self._finished = None
         if metrics is not None:
@@ -198,7 +202,7 @@ class Worker:
     async def run(self) -> None:
         """Take and run jobs until :meth:`stop` (or cancellation); then drain."""
         loops = [asyncio.create_task(self._heartbeat_loop(), name="dsys-jobs-heartbeat")]
-        if self.config.cron:
+        if self.crons:
             loops.append(asyncio.create_task(self._scheduler_loop(), name="dsys-jobs-cron"))
         try:
             await self._fetch_loop()
@@ -436,7 +440,7 @@ class Worker:
                 if held and not self.is_scheduler:
                     self._log.info("became the cron scheduler")
                     start = datetime.fromtimestamp(self._wallclock() - cfg.cron_catchup, UTC)
-                    self._cron_last = {c.name: start for c in cfg.cron}
+                    self._cron_last = {c.name: start for c in self.crons}
                 self.is_scheduler = held
                 if held:
                     await self.tick_cron()
@@ -449,7 +453,7 @@ class Worker:
         returns how many jobs were created."""
         now = datetime.fromtimestamp(self._wallclock(), UTC)
         created = 0
-        for c in self.config.cron:
+        for c in self.crons:
             last = self._cron_last.get(c.name, now - timedelta(seconds=self.config.cron_catchup))
             for fire in c.schedule.fires_between(last, now, limit=100):
                 spec = c.spec_for(fire, self.config.queue)
