@@ -37,7 +37,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 # Blocks merged so far whose CLI is reviewed; add each block here as it lands.
-@pytest.mark.parametrize("block", ["shard", "kv", "ratelimit", "pubsub", "lb"])
+@pytest.mark.parametrize("block", ["shard", "kv", "ratelimit", "pubsub", "streams", "lb"])
 def test_every_level_of_help_says_what_it_does(block: str) -> None:
     parser = _subparsers(build_parser())[block]
     assert parser.description, f"`dsys {block} --help` has no description"

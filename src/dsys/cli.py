@@ -24,6 +24,7 @@ BLOCKS: tuple[str, ...] = (
     "ratelimit",
     "resilience",
     "pubsub",
+    "streams",
     "balance",
     "jobs",
 )
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dsys",
         description="dsys: distributed-systems building blocks (sharding, Raft KV, "
-        "rate limiting, pub/sub, load balancing, circuit breakers).",
+        "rate limiting, pub/sub, streams, load balancing, circuit breakers).",
     )
     parser.add_argument("--version", action="version", version=f"dsys {dsys.__version__}")
     parser.add_argument(

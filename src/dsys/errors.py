@@ -9,7 +9,10 @@ one base class. Subclasses name the failure kind, not the module that raised it:
     │   └── ProtocolError                    bytes that break the wire protocol
     │       ├── LocalProtocolError           we were asked to send something invalid
     │       └── RemoteProtocolError          a peer sent malformed or oversized data
+    │   └── PayloadTooLargeError             a body or message is larger than allowed (413)
     ├── ConflictError                        a precondition failed (CAS revision, exists)
+    │   └── StreamFullError                  a stream at a limit refuses new messages (507)
+    ├── NotFoundError (also LookupError)     the named stream, consumer or key is absent (404)
     ├── ClosedError                          the resource was closed
     ├── UnavailableError                     no one can serve the request right now
     │   ├── NotLeaderError(leader_hint)      ask the leader instead (a redirect)
@@ -57,6 +60,18 @@ class RemoteProtocolError(ProtocolError):
 
 class ConflictError(DsysError):
     """A precondition did not hold, e.g. a compare-and-set revision mismatch (HTTP 409)."""
+
+
+class PayloadTooLargeError(BadInputError):
+    """A request body or message is larger than the server accepts (HTTP 413)."""
+
+
+class StreamFullError(ConflictError):
+    """A stream with ``discard="new"`` is at a limit and refused a message (HTTP 507)."""
+
+
+class NotFoundError(DsysError, LookupError):
+    """The named resource (stream, consumer, message) does not exist (HTTP 404)."""
 
 
 class ClosedError(DsysError):
@@ -141,13 +156,16 @@ __all__ = [
     "LocalProtocolError",
     "LogCompactedError",
     "NoHealthyBackendError",
+    "NotFoundError",
     "NotLeaderError",
+    "PayloadTooLargeError",
     "ProposalDroppedError",
     "ProtocolError",
     "RaftError",
     "RateLimitedError",
     "RemoteProtocolError",
     "RequestTimeout",
+    "StreamFullError",
     "TransportError",
     "UnavailableError",
 ]

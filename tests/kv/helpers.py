@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -76,10 +77,11 @@ async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVS
 
 
 class Proc:
-    """One ``dsys kv serve`` subprocess."""
+    """One ``dsys <block> serve`` subprocess (``kv`` by default; ``streams`` too)."""
 
-    def __init__(self, cfg: ServerConfig, *, extra: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: Any, *, extra: Sequence[str] = (), block: str = "kv") -> None:
         self.cfg = cfg
+        self.block = block
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr = f"127.0.0.1:{cfg.port}"
@@ -89,7 +91,7 @@ class Proc:
             sys.executable,
             "-m",
             "dsys",
-            "kv",
+            self.block,
             "serve",
             "--id",
             self.cfg.id,

@@ -258,3 +258,28 @@ def test_jepsen_loader_rejects_malformed_lines(tmp_path: Path, line: str) -> Non
     path.write_text(line + "\n")
     with pytest.raises(BadInputError):
         load_jepsen_history(path)
+
+
+def test_stream_model_accepts_gap_free_appends_and_refuses_a_skipped_sequence() -> None:
+    from dsys.testing import StreamModel
+
+    h = History()
+    a = h.invoke("c1", ("append", "x"))
+    b = h.invoke("c2", ("append", "y"))
+    h.ok(b, 1)
+    h.ok(a, 2)
+    r = h.invoke("c3", ("last",))
+    h.ok(r, 2)
+    lost = h.invoke("c4", ("append", "z"))
+    h.info(lost)  # unknown: it may never have happened
+    assert check(h.operations(), StreamModel()).linearizable
+    bad = History()
+    x = bad.invoke("c1", ("append", "x"))
+    bad.ok(x, 2)  # sequence 1 was never given to anyone
+    assert not check(bad.operations(), StreamModel()).linearizable
+    stale = History()
+    w = stale.invoke("c1", ("append", "x"))
+    stale.ok(w, 1)
+    q = stale.invoke("c2", ("last",))
+    stale.ok(q, 0)  # a read after the acknowledged append cannot miss it
+    assert not check(stale.operations(), StreamModel()).linearizable

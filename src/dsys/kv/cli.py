@@ -17,13 +17,10 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from typing import Any
 
+from dsys.clitools import parse_peers, run_local_cluster
 from dsys.errors import ConfigError
 from dsys.observability import parse_listen
 
@@ -141,19 +138,6 @@ def register(subparsers: Any) -> None:
         p.set_defaults(func=_client_command, command=name)
 
 
-def _parse_peers(values: list[str]) -> dict[str, str]:
-    peers: dict[str, str] = {}
-    for v in values:
-        node, sep, addr = v.partition("=")
-        if not sep or not node or not addr:
-            raise ConfigError(f"--peer must look like ID=HOST:PORT, got {v!r}")
-        host, port = parse_listen(addr)
-        if port == 0:
-            raise ConfigError(f"--peer {v!r} needs a port")
-        peers[node] = f"{host}:{port}"
-    return peers
-
-
 def _serve(args: argparse.Namespace) -> int:
     from dsys.kv.server import ServerConfig, serve
 
@@ -162,7 +146,7 @@ def _serve(args: argparse.Namespace) -> int:
         id=args.id,
         host=host,
         port=port,
-        peers=_parse_peers(args.peer),
+        peers=parse_peers(args.peer),
         data_dir=args.data_dir,
         fsync=args.fsync == "always",
         token=args.token,
@@ -181,46 +165,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    n = args.nodes
-    if not 1 <= n <= 9:
-        raise ConfigError("--nodes must be between 1 and 9")
-    base = args.data_dir or tempfile.mkdtemp(prefix="dsys-kv-")
-    ids = [f"n{i + 1}" for i in range(n)]
-    addrs = {i: f"127.0.0.1:{args.base_port + k}" for k, i in enumerate(ids)}
-    procs: list[subprocess.Popen[bytes]] = []
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # stop the servers on SIGTERM too
-    try:
-        for i in ids:
-            cmd = [sys.executable, "-m", "dsys", "kv", "serve", "--id", i, "--listen", addrs[i]]
-            cmd += ["--data-dir", os.path.join(base, i), "--fsync", args.fsync]
-            cmd += [f"--peer={j}={a}" for j, a in addrs.items() if j != i]
-            procs.append(subprocess.Popen(cmd))
-        endpoints = ",".join(addrs.values())
-        first = next(iter(addrs.values()))
-        print(
-            f"dsys kv cluster: {n} nodes, data in {base}\n"
+    def banner(base: str, servers: list[str]) -> str:
+        endpoints = ",".join(servers)
+        return (
+            f"dsys kv cluster: {len(servers)} nodes, data in {base}\n"
             f"  servers: {endpoints}\n"
-            f"  try:     curl -L -X PUT --data-binary hello http://{first}/v1/kv/greeting\n"
-            f"           curl -L http://{first}/v1/kv/greeting\n"
+            f"  try:     curl -L -X PUT --data-binary hello http://{servers[0]}/v1/kv/greeting\n"
+            f"           curl -L http://{servers[0]}/v1/kv/greeting\n"
             f"           dsys kv status --cluster {endpoints}\n"
-            f"  Ctrl-C stops the cluster.",
-            flush=True,
+            f"  Ctrl-C stops the cluster."
         )
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.5)
-        print("dsys kv cluster: a server exited; stopping the others", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+
+    return run_local_cluster(
+        "kv",
+        nodes=args.nodes,
+        base_port=args.base_port,
+        data_dir=args.data_dir,
+        extra_args=["--fsync", args.fsync],
+        banner=banner,
+    )
 
 
 def _member(args: argparse.Namespace) -> int:
@@ -262,10 +225,6 @@ async def _member_async(args: argparse.Namespace) -> int:
                 last = f"{ep}: {exc}"
     print(f"dsys: error: {last}", file=sys.stderr)
     return 1
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
 
 
 def _client_command(args: argparse.Namespace) -> int:

@@ -22,8 +22,11 @@ from dsys.errors import (
     ConfigError,
     ConflictError,
     DsysError,
+    NotFoundError,
     NotLeaderError,
+    PayloadTooLargeError,
     RequestTimeout,
+    StreamFullError,
     UnavailableError,
 )
 from dsys.observability.metrics import CONTENT_TYPE, Metrics
@@ -67,7 +70,8 @@ async def error_middleware(
 ) -> web.StreamResponse:
     """Map dsys errors to HTTP statuses with a JSON body; the server stays up.
 
-    BadInputError -> 400, ConflictError -> 409, NotLeaderError -> 307 (with ``Location``
+    BadInputError -> 400 (PayloadTooLargeError -> 413), NotFoundError -> 404,
+    ConflictError -> 409 (StreamFullError -> 507), NotLeaderError -> 307 (with ``Location``
     when the leader is known) or 503, UnavailableError -> 503 with ``Retry-After``,
     RequestTimeout -> 504, an oversized body -> 413.
     """
@@ -75,8 +79,14 @@ async def error_middleware(
         return await handler(request)
     except web.HTTPException:
         raise
+    except PayloadTooLargeError as exc:
+        return json_error(413, "too_large", str(exc))
     except BadInputError as exc:
         return json_error(400, "bad_request", str(exc))
+    except NotFoundError as exc:
+        return json_error(404, "not_found", str(exc))
+    except StreamFullError as exc:
+        return json_error(507, "full", str(exc))
     except ConflictError as exc:
         return json_error(409, "conflict", str(exc))
     except NotLeaderError as exc:

@@ -52,6 +52,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="secret peers must present to open a route (required with --auth and --route)",
     )
+    serve.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="PATTERN=HOST:PORT[,HOST:PORT...]",
+        help="capture subjects matching PATTERN into the stream cluster at those servers "
+        "(repeatable; a stream must capture the subjects)",
+    )
+    serve.add_argument(
+        "--forward-token", default=None, help="pub/sub token the forwarder uses (with --auth)"
+    )
     serve.add_argument("--max-payload", type=int, default=1024 * 1024, help="bytes per message")
     serve.add_argument("--max-subs", type=int, default=10_000, help="subscriptions per connection")
     serve.add_argument(
@@ -108,11 +119,23 @@ def _serve(args: argparse.Namespace) -> int:
         limits=limits,
         max_frame=max(4 * 1024 * 1024, args.max_payload + 64 * 1024),
     )
-    asyncio.run(_serve_async(config))
+    forwards: dict[str, list[str]] = {}
+    for spec in args.forward:
+        pattern, sep, servers = spec.partition("=")
+        if not sep or not pattern or not servers:
+            raise ConfigError(f"--forward must look like PATTERN=HOST:PORT[,...], got {spec!r}")
+        forwards.setdefault(servers, []).append(pattern)
+    asyncio.run(_serve_async(config, forwards, args.forward_token))
     return 0
 
 
-async def _serve_async(config: BrokerConfig) -> None:
+async def _serve_async(
+    config: BrokerConfig,
+    forwards: dict[str, list[str]] | None = None,
+    forward_token: str | None = None,
+) -> None:
+    from dsys.streams.bridge import StreamForwarder
+
     broker = Broker(config)
     try:
         await broker.start()
@@ -120,9 +143,24 @@ async def _serve_async(config: BrokerConfig) -> None:
         await broker.close()
         raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc}") from exc
     print(f"dsys pubsub listening on {config.host}:{broker.port}", flush=True)
+    forwarders = []
+    own = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    if ":" in own:
+        own = f"[{own}]"
     try:
+        for servers, patterns in (forwards or {}).items():
+            fwd = StreamForwarder(
+                [f"{own}:{broker.port}"],
+                [s for s in servers.split(",") if s],
+                patterns,
+                token=forward_token,
+            )
+            forwarders.append(await fwd.start())
+            print(f"dsys pubsub forwarding {patterns} to streams at {servers}", flush=True)
         await _wait_for_signal()
     finally:
+        for fwd in forwarders:
+            await fwd.close()
         await broker.close()
 
 

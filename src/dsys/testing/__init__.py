@@ -2,7 +2,7 @@
 
 * :mod:`dsys.testing.sim` - :class:`SimNetwork`, :func:`run_campaign`.
 * :mod:`dsys.testing.linearizability` - :func:`check`, :class:`KVModel`,
-  :class:`RegisterModel`, :class:`History`, :func:`load_jepsen_history`.
+  :class:`RegisterModel`, :class:`StreamModel`, :class:`History`, :func:`load_jepsen_history`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dsys.testing.linearizability import (
     KVModel,
     Operation,
     RegisterModel,
+    StreamModel,
     check,
     load_jepsen_history,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "Operation",
     "RegisterModel",
     "SimNetwork",
+    "StreamModel",
     "check",
     "load_jepsen_history",
     "run_campaign",

@@ -155,6 +155,35 @@ class KVModel:
         return parts
 
 
+class StreamModel:
+    """An append-only log: ``("append", v)`` returns the sequence it was given, and
+    ``("last",)`` returns the last sequence (0 = empty).
+
+    The state is the last sequence, so an append answered ``s`` must take effect right
+    after the log reached ``s - 1``: acknowledged sequences are unique, gap-free and in
+    real-time order. Which value sits at which sequence is checked against the stored
+    log separately (it is not a property of one history).
+    """
+
+    def init(self) -> Hashable:
+        """An empty log."""
+        return 0
+
+    def step(self, state: Hashable, input: object, output: object) -> tuple[bool, Hashable]:
+        """Apply one append or read of the last sequence."""
+        if not isinstance(input, tuple) or not input or not isinstance(state, int):
+            raise BadInputError(f"not a stream operation: {input!r}")
+        if input[0] == "append":
+            return (output is UNKNOWN or output == state + 1), state + 1
+        if input[0] == "last":
+            return (output is UNKNOWN or output == state), state
+        raise BadInputError(f"unknown stream operation {input[0]!r}")
+
+    def partition(self, history: Sequence[Operation]) -> dict[object, list[Operation]]:
+        """A log is one partition."""
+        return {None: list(history)}
+
+
 def _register_step(state: Hashable, input: object, output: object, _: int) -> tuple[bool, Hashable]:
     if not isinstance(input, tuple) or not input:
         raise BadInputError(f"not a register operation: {input!r}")
@@ -486,6 +515,7 @@ __all__ = [
     "Model",
     "Operation",
     "RegisterModel",
+    "StreamModel",
     "check",
     "load_jepsen_history",
 ]
