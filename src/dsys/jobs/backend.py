@@ -153,18 +153,28 @@ class Backend(Protocol):
 
 
 def open_backend(url: str, *, lease: float = 30.0) -> Backend:
-    """A backend from a URL: ``redis://HOST:PORT/DB`` (or ``rediss://``, ``unix://``) for
-    :class:`~dsys.jobs.redis_backend.RedisBackend`; ``dsys://HOST:PORT,...?kv=HOST:PORT,...``
-    for :class:`~dsys.jobs.dsys_backend.DsysBackend` (streams servers, then KV servers).
+    """A backend from a URL: ``redis://HOST:PORT/DB[?prefix=P]`` (or ``rediss://``,
+    ``unix://``) for :class:`~dsys.jobs.redis_backend.RedisBackend`;
+    ``dsys://HOST:PORT,...?kv=HOST:PORT,...[&stream=S&prefix=P&token=T]`` for
+    :class:`~dsys.jobs.dsys_backend.DsysBackend` (streams servers, then KV servers).
 
     Raises:
         ConfigError: an unknown scheme or a malformed URL.
     """
     scheme = url.split("://", 1)[0] if "://" in url else ""
     if scheme in ("redis", "rediss", "unix"):
+        import urllib.parse
+
         from dsys.jobs.redis_backend import RedisBackend
 
-        return RedisBackend(url, lease=lease)
+        parts = urllib.parse.urlsplit(url)
+        query = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        prefix = [v for k, v in query if k == "prefix"]
+        rest = urllib.parse.urlencode([(k, v) for k, v in query if k != "prefix"])
+        plain = urllib.parse.urlunsplit(parts._replace(query=rest))
+        if prefix:
+            return RedisBackend(plain, prefix=prefix[-1], lease=lease)
+        return RedisBackend(plain, lease=lease)
     if scheme == "dsys":
         import importlib
 
