@@ -7,16 +7,19 @@ of a module but no state.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from dsys.jobs.backend import Backend, open_backend
-from dsys.testing.procs import start_dsys, start_redis
+from dsys.testing.procs import free_port, start_redis, stop_process, wait_healthy
 
 LEASE = 1.0
 """Lease of the test backends: short, so lost leases are noticed within a test."""
@@ -41,21 +44,30 @@ def redis_url() -> Iterator[str]:
         yield f"redis://{server.addr}/0"
 
 
+@contextlib.contextmanager
+def serve(block: str, data_dir: Path) -> Iterator[str]:
+    """``dsys BLOCK serve`` (one node, fsync none) on a free port until the block ends."""
+    addr = f"127.0.0.1:{free_port()}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir.parent / f"{block}.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsys", block, "serve", "--id", "n1", "--listen", addr,
+             "--data-dir", str(data_dir), "--fsync", "none", "--tick", "0.01"],
+            stdout=log, stderr=log, env={**os.environ, "DSYS_LOG_LEVEL": "warning"},
+        )  # fmt: skip
+    try:
+        wait_healthy(addr, timeout=20)
+        yield addr
+    finally:
+        stop_process(proc)
+
+
 @pytest.fixture(scope="module")
 def dsys_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A one-node ``dsys streams serve`` and a one-node ``dsys kv serve``, as processes."""
     base = tmp_path_factory.mktemp("dsys-jobs")
-    with (
-        start_dsys(
-            "streams", "serve", "--id", "s1", "--listen", "127.0.0.1:0",
-            "--data-dir", str(base / "streams"), "--fsync", "none", "--tick", "0.01",
-        ) as streams,
-        start_dsys(
-            "kv", "serve", "--id", "k1", "--listen", "127.0.0.1:0",
-            "--data-dir", str(base / "kv"), "--fsync", "none", "--tick", "0.01",
-        ) as kv,
-    ):  # fmt: skip
-        yield streams.addr, kv.addr
+    with serve("streams", base / "streams") as streams, serve("kv", base / "kv") as kv:
+        yield streams, kv
 
 
 def backend_url(kind: str, request: pytest.FixtureRequest) -> str:

@@ -9,7 +9,8 @@ Layout::
     consumers <queue>-p<N>      one durable consumer per queue and priority used (0..9),
                                 ack wait = the lease; many workers share each (a group)
     stream  <stream>-dlq        where dead-lettered jobs' messages go (``term``)
-    KV      <prefix>job/<id>    the job's record (msgpack): spec, state, attempt, tries,
+    KV      <prefix>job/<h>/<id> the job's record (msgpack; h = crc32(id) % 16, a hex digit):
+                                spec, state, attempt, tries,
                                 run, seq, progress, result, error, times; results expire
                                 with the KV's TTL
     KV      <prefix>lease/<n>   the cron scheduler's lease (owner, with a TTL)
@@ -27,7 +28,9 @@ earlier run (a requeue, a re-publish after a crash) is acknowledged and dropped.
 Enqueue writes the record first (``cas(revision=0)``: the job id dedups), then publishes;
 if the enqueuer dies in between, enqueueing the same id again publishes the missing
 message (the stream's message-id window and the sequence check drop duplicates).
-Listing (``dsys jobs ls``) scans the KV prefix and reads every record: O(jobs).
+Listing (``dsys jobs ls``) scans the 16 record prefixes and reads the records of the page
+asked for, in key order (not time order); it sees at most 160,000 records (a KV scan
+answers at most 10,000 keys).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import asyncio
 import contextlib
 import time
 import urllib.parse
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +67,8 @@ JOB_HEADER = "dsys-job"
 RUN_HEADER = "dsys-job-run"
 _RUNNABLE = ("queued", "scheduled", "retrying", "running")
 _BAND_REFRESH_S = 2.0
+_BUCKETS = 16  # job records are spread over 16 key prefixes ...
+_SCAN_LIMIT = 10_000  # ... because one KV scan answers at most 10,000 keys
 
 
 def _now_ms() -> int:
@@ -167,7 +173,7 @@ class DsysBackend:
     # -- names ------------------------------------------------------------------------
 
     def _key(self, job_id: str) -> str:
-        return f"{self.prefix}job/{job_id}"
+        return f"{self.prefix}job/{zlib.crc32(job_id.encode()) % _BUCKETS:x}/{job_id}"
 
     def _subject(self, queue: str, band: int) -> str:
         return f"{self.stream}.{queue}.{band}"
@@ -502,16 +508,18 @@ class DsysBackend:
         return await self._admin(job_id, requeue=True)
 
     async def _all(self, queue: str) -> list[str]:
-        items = await self._kv.scan(f"{self.prefix}job/", limit=1_000_000)
-        return [it.key for it in items]
+        """Every record's key (a KV scan answers at most 10,000 keys: one per bucket)."""
+        scans = await asyncio.gather(
+            *(self._kv.scan(f"{self.prefix}job/{b:x}/", limit=_SCAN_LIMIT) for b in range(_BUCKETS))
+        )
+        return sorted(it.key for items in scans for it in items)
 
     async def list_jobs(
         self, queue: str, state: JobState | None, offset: int, limit: int
     ) -> list[JobInfo]:
         """Jobs of ``queue`` in key order (job id), optionally only those in ``state``."""
         keys = (await self._all(queue))[offset : offset + limit]
-        n = len(self.prefix) + len("job/")
-        got = await asyncio.gather(*(self._get(k[n:]) for k in keys))
+        got = await asyncio.gather(*(self._get(k.rsplit("/", 1)[1]) for k in keys))
         infos = [_info(g[0]) for g in got if g is not None]
         return [i for i in infos if i.spec.queue == queue and (state is None or i.state == state)]
 
@@ -522,10 +530,9 @@ class DsysBackend:
     async def purge(self, queue: str, states: Sequence[JobState]) -> int:
         """Delete the records of ``queue``'s final jobs in ``states``."""
         wanted = {s for s in states if s in FINAL_STATES}
-        n = len(self.prefix) + len("job/")
         removed = 0
         for key in await self._all(queue):
-            got = await self._get(key[n:])
+            got = await self._get(key.rsplit("/", 1)[1])
             if got is None:
                 continue
             rec, rev = got
