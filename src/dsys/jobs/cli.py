@@ -282,7 +282,7 @@ async def _worker_async(url: str, lease: float, registry: Registry, config: Work
         s = worker.stats
         print(
             f"stopped: {s.started} started, {s.succeeded} succeeded, {s.retried} retried, "
-            f"{s.dead} dead, {s.stale} stale",
+            f"{s.dead} dead, {s.stale} stale, {s.lost} lost",
             flush=True,
         )
     finally:

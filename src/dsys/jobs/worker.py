@@ -346,7 +346,20 @@ class Worker:
                     "release", self.backend.release(lease, max(0.001, decision.retry_after))
                 )
                 return
-        await self._execute(task, lease, retries)
+        me = asyncio.current_task()
+        try:
+            await self._execute(task, lease, retries)
+        except asyncio.CancelledError:
+            # cancelled by a heartbeat's answer, while running or while reporting
+            if me in self._cancelled:
+                self.stats.cancelled += 1
+                self._count("cancelled")
+                return  # the backend already holds it as cancelled
+            if me in self._abandoned:
+                self.stats.lost += 1
+                self._count("lost")
+                return  # another attempt holds it now; a report would be refused
+            raise
 
     async def _execute(self, task: TaskDef, lease: Lease, retries: int) -> None:
         spec = lease.spec
@@ -361,14 +374,8 @@ class Worker:
                 else:
                     result = await asyncio.to_thread(task.fn, *spec.args, **spec.kwargs)
         except asyncio.CancelledError:
-            if me in self._cancelled:
-                self.stats.cancelled += 1
-                self._count("cancelled")
-                return  # the backend already holds it as cancelled
-            if me in self._abandoned:
-                self.stats.lost += 1
-                self._count("lost")
-                return  # another attempt holds it now
+            if me in self._cancelled or me in self._abandoned:
+                raise  # counted by _run_one
             # the worker is stopping: give the job back without counting the try
             with contextlib.suppress(DsysError):
                 await asyncio.shield(self.backend.release(lease, 0.0))
