@@ -24,17 +24,23 @@ from .conftest import APP_DIR, make_backend
 
 def _env(log: Path) -> dict[str, str]:
     path = os.pathsep.join(p for p in (str(APP_DIR), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "JOBS_TEST_LOG": str(log), "DSYS_LOG_LEVEL": "info"}
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "JOBS_TEST_LOG": str(log),
+        "DSYS_LOG_LEVEL": "warning",
+    }
 
 
 @contextlib.contextmanager
 def worker(url: str, log: Path, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     """``dsys jobs worker jobs_app:tasks`` with a 1 s lease; stopped (SIGTERM) at the end."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dsys", "jobs", "worker", "jobs_app:tasks", "--backend", url,
-         "--lease", "1", "--poll", "0.2", "--concurrency", "4", *extra],
-        stdout=subprocess.PIPE, stderr=open(f"{log}.{len(extra)}.err", "ab"), env=_env(log),
-    )  # fmt: skip
+    with open(f"{log}.err", "ab") as err:  # the workers' logs, for when a test fails
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dsys", "jobs", "worker", "jobs_app:tasks", "--backend", url,
+             "--lease", "1", "--poll", "0.2", "--concurrency", "4", *extra],
+            stdout=subprocess.PIPE, stderr=err, env=_env(log),
+        )  # fmt: skip
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()

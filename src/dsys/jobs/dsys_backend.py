@@ -7,13 +7,16 @@ Layout::
                                 headers dsys-job (id), dsys-job-run (run number) and, for
                                 delayed jobs, dsys-not-before
     consumers <queue>-p<N>      one durable consumer per queue and priority used (0..9),
-                                ack wait = the lease; many workers share each (a group)
+                                created by workers; ack wait = the lease (the first
+                                worker's); many workers share each (a consumer group)
     stream  <stream>-dlq        where dead-lettered jobs' messages go (``term``)
     KV      <prefix>job/<h>/<id> the job's record (msgpack; h = crc32(id) % 16, a hex digit):
                                 spec, state, attempt, tries,
                                 run, seq, progress, result, error, times; results expire
                                 with the KV's TTL
     KV      <prefix>lease/<n>   the cron scheduler's lease (owner, with a TTL)
+    KV      <prefix>bands/<queue>/<priority>  marks the priorities a queue has had jobs
+                                of (workers create a consumer for each)
 
 The stream does the delivery: it holds delayed messages back until their
 ``dsys-not-before`` time, redelivers a message whose ack deadline passed (a worker that
@@ -50,6 +53,7 @@ from dsys.errors import ConfigError, ConflictError, NotFoundError, RemoteProtoco
 from dsys.jobs.backend import AdminOutcome, Enqueued, HeartbeatOutcome, Lease, Outcome
 from dsys.jobs.core import (
     FINAL_STATES,
+    MAX_PRIORITY,
     JobInfo,
     JobSpec,
     JobState,
@@ -59,6 +63,7 @@ from dsys.jobs.core import (
     parse_state,
 )
 from dsys.kv.client import KVClient
+from dsys.observability import get_logger
 from dsys.streams import ConsumerConfig, StreamConfig
 from dsys.streams.client import StreamClient
 from dsys.streams.fsm import NOT_BEFORE_HEADER, validate_name
@@ -141,6 +146,8 @@ class DsysBackend:
         self._streams = StreamClient(list(streams), timeout=timeout, token=token)
         self._kv = KVClient(list(kv), timeout=timeout)
         self._ready: set[tuple[str, int]] = set()  # (queue, priority) with a consumer
+        self._marked: set[tuple[str, int]] = set()  # (queue, priority) marked as used
+        self._log = get_logger("jobs.dsys", stream=stream)
         self._stream_ready = False
         self._setup = asyncio.Lock()
         self._bands: dict[str, tuple[float, list[int]]] = {}
@@ -182,30 +189,58 @@ class DsysBackend:
     def _consumer(queue: str, band: int) -> str:
         return f"{queue}-p{band}"
 
-    async def _ensure(self, queue: str, band: int = 0) -> None:
-        """Create the stream and the consumer of ``queue``'s priority ``band`` (once)."""
+    async def _ensure_stream(self) -> None:
+        if self._stream_ready:
+            return
+        await self._streams.add_stream(
+            StreamConfig(name=self.stream, subjects=(f"{self.stream}.>",), retention="workqueue")
+        )
+        self._stream_ready = True
+
+    async def _mark_band(self, queue: str, band: int) -> None:
+        """Record (once per process) that ``queue`` has jobs of priority ``band``, so that
+        workers create its consumer; producers never create consumers."""
+        if (queue, band) in self._marked:
+            return
+        await self._ensure_stream()
+        await self._kv.put(f"{self.prefix}bands/{queue}/{band}", b"")
+        self._marked.add((queue, band))
+
+    async def _ensure_consumer(self, queue: str, band: int) -> None:
+        """Create the consumer of ``queue``'s priority ``band`` with ack wait = the lease.
+
+        The first worker sets a queue's lease; a worker configured with another one adopts
+        the existing consumer's (its heartbeats follow ``self.lease``).
+        """
         if (queue, band) in self._ready:
             return
         async with self._setup:
             if (queue, band) in self._ready:
                 return
-            if not self._stream_ready:
-                await self._streams.add_stream(
-                    StreamConfig(
-                        name=self.stream, subjects=(f"{self.stream}.>",), retention="workqueue"
-                    )
+            await self._ensure_stream()
+            name = self._consumer(queue, band)
+            try:
+                await self._streams.add_consumer(
+                    self.stream,
+                    ConsumerConfig(
+                        name=name,
+                        filter_subject=self._subject(queue, band),
+                        ack_wait_ms=max(1, int(self.lease * 1000)),
+                        max_deliver=0,  # the core decides when to give up
+                        max_ack_pending=100_000,
+                    ),
                 )
-                self._stream_ready = True
-            await self._streams.add_consumer(
-                self.stream,
-                ConsumerConfig(
-                    name=self._consumer(queue, band),
-                    filter_subject=self._subject(queue, band),
-                    ack_wait_ms=max(1, int(self.lease * 1000)),
-                    max_deliver=0,  # the core decides when to give up
-                    max_ack_pending=100_000,
-                ),
-            )
+            except ConflictError:
+                info = await self._streams.consumer_info(self.stream, name)
+                wait_ms = int(((info or {}).get("config") or {}).get("ack_wait_ms", 0))
+                if wait_ms and wait_ms != int(self.lease * 1000):
+                    self._log.warning(
+                        "the queue's consumer has another lease; using it",
+                        consumer=name,
+                        lease=wait_ms / 1000,
+                        configured=self.lease,
+                    )
+                    self.lease = wait_ms / 1000
             self._ready.add((queue, band))
 
     # -- records ----------------------------------------------------------------------
@@ -266,7 +301,7 @@ class DsysBackend:
 
     async def enqueue(self, spec: JobSpec, data: bytes, *, delay: float, at_ms: int) -> Enqueued:
         """Write the record (the id dedups), then publish the job's message."""
-        await self._ensure(spec.queue, spec.priority)
+        await self._mark_band(spec.queue, spec.priority)
         now = _now_ms()
         nb = max(at_ms, now + int(delay * 1000))
         state: JobState = "scheduled" if nb > now else "queued"
@@ -297,25 +332,26 @@ class DsysBackend:
         return Enqueued(spec.id, True, state)
 
     async def _bands_of(self, queue: str) -> list[int]:
-        """The priorities of ``queue`` that have a consumer (one is created per priority
-        used), highest first; refreshed every few seconds."""
+        """The priorities ``queue`` has had jobs of, highest first, each with its consumer
+        (refreshed every few seconds)."""
         now = time.monotonic()
         cached = self._bands.get(queue)
         if cached is not None and now - cached[0] < _BAND_REFRESH_S:
             return cached[1]
         bands = {0}
-        for name in await self._streams.consumers(self.stream):
-            q, sep, band = name.rpartition("-p")
-            if sep and q == queue and band.isdigit():
-                bands.add(int(band))
+        for item in await self._kv.scan(f"{self.prefix}bands/{queue}/", limit=100):
+            tail = item.key.rsplit("/", 1)[1]
+            if tail.isdigit() and int(tail) <= MAX_PRIORITY:
+                bands.add(int(tail))
         ordered = sorted(bands, reverse=True)
+        for band in ordered:
+            await self._ensure_consumer(queue, band)
         self._bands[queue] = (now, ordered)
         return ordered
 
     async def fetch(self, queue: str, worker: str, batch: int, wait: float) -> list[Lease]:
         """Lease up to ``batch`` jobs, highest priority first (see the module docstring)."""
         check_queue_name(queue)
-        await self._ensure(queue)
         bands = await self._bands_of(queue)
         out: list[Lease] = []
         for band in bands:
@@ -494,7 +530,7 @@ class DsysBackend:
                 continue
             if requeue:
                 spec = decode_spec(rec["spec"])
-                await self._ensure(spec.queue, spec.priority)
+                await self._mark_band(spec.queue, spec.priority)
                 await self._publish(spec, int(new["run"]), 0)
             return "ok"
         return "wrong_state"
@@ -558,12 +594,9 @@ class DsysBackend:
         return False
 
     async def queues(self) -> list[str]:
-        """Queue names that have consumers on the stream."""
-        try:
-            names = await self._streams.consumers(self.stream)
-        except NotFoundError:
-            return []
-        return sorted({n.rsplit("-p", 1)[0] for n in names if "-p" in n})
+        """Queue names that have had jobs."""
+        items = await self._kv.scan(f"{self.prefix}bands/", limit=10_000)
+        return sorted({it.key[len(self.prefix) :].split("/")[1] for it in items})
 
     async def close(self) -> None:
         """Close both clients."""

@@ -414,9 +414,9 @@ class Worker:
     # -- heartbeats -----------------------------------------------------------------
 
     async def _heartbeat_loop(self) -> None:
-        interval = self.backend.lease / 3
         while True:
-            await asyncio.sleep(interval)
+            # read each time: a backend may adopt the lease its queue already has
+            await asyncio.sleep(self.backend.lease / 3)
             running = [(t, lease) for t, lease in self._running.items() if not t.done()]
             if not running:
                 continue
