@@ -28,7 +28,9 @@ Redis Cluster is not supported (the scripts touch keys of several slots).
 
 from __future__ import annotations
 
+import asyncio
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -105,9 +107,10 @@ return {1, st}
 FETCH_LUA = (
     _COMMON
     + """
--- ARGV: prefix, queue, consumer, count, lease_ms, group, then (band, entry id) pairs
--- already read by a blocking XREADGROUP of this consumer
+-- ARGV: prefix, queue, consumer, count, lease_ms, group, claim (1: take over expired
+-- leases), then (band, entry id) pairs already read by a blocking XREADGROUP of this consumer
 local p, q, c, n, lease, g = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5], ARGV[6]
+local claim = ARGV[7] == '1'
 local now = now_ms()
 local dk = p .. 'delayed:' .. q
 local due = redis.call('ZRANGEBYSCORE', dk, '-inf', now, 'LIMIT', 0, 1000)
@@ -134,7 +137,7 @@ local function start(s, sid, id)
     redis.call('XDEL', s, sid)
   end
 end
-for i = 7, #ARGV, 2 do
+for i = 8, #ARGV, 2 do
   local s = stream(p, q, ARGV[i])
   local e = redis.call('XRANGE', s, ARGV[i + 1], ARGV[i + 1])
   if e[1] then start(s, e[1][1], e[1][2][2]) else redis.call('XACK', s, g, ARGV[i + 1]) end
@@ -144,7 +147,7 @@ for band = 9, 0, -1 do
   local s = stream(p, q, band)
   if redis.call('EXISTS', s) == 1 then
     bands[#bands + 1] = band
-    if #out < n then
+    if claim and #out < n then
       local r = redis.call('XAUTOCLAIM', s, g, c, lease, '0-0', 'COUNT', n - #out)
       for _, e in ipairs(r[2]) do
         if e[2] then start(s, e[1], e[2][2]) else redis.call('XACK', s, g, e[1]) end
@@ -373,23 +376,81 @@ class RedisBackend:
         self._requeue = client.register_script(REQUEUE_LUA)
         self._lease = client.register_script(LEASE_LUA)
         self._bands: dict[str, list[bytes]] = {}
+        self._pending: list[tuple[Any, list[Any], asyncio.Future[Any]]] = []
+        self._flush_scheduled = False
+        self._sending: set[asyncio.Future[None]] = set()
+        self._last_claim: dict[str, float] = {}
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, self._exc.ConnectionError):
+            return ConnectError(f"redis at {self.url}: {exc}")
+        if isinstance(exc, self._exc.TimeoutError):
+            return RequestTimeout(f"redis at {self.url}: {exc}")
+        if isinstance(exc, self._exc.RedisError):
+            return UnavailableError(f"redis at {self.url}: {exc}")
+        return exc
 
     async def _call(self, script: Any, args: Sequence[Any], keys: Sequence[str] = ()) -> Any:
         try:
             return await script(keys=list(keys), args=list(args))
-        except self._exc.ConnectionError as exc:
-            raise ConnectError(f"redis at {self.url}: {exc}") from exc
-        except self._exc.TimeoutError as exc:
-            raise RequestTimeout(f"redis at {self.url}: {exc}") from exc
         except self._exc.RedisError as exc:
-            raise UnavailableError(f"redis at {self.url}: {exc}") from exc
+            raise self._translate(exc) from exc
+
+    def _batched(self, script: Any, args: list[Any]) -> asyncio.Future[Any]:
+        """Run ``script`` (no keys) in the next pipeline: the calls made in one event-loop
+        iteration (many producers' enqueues, many jobs' completions) share one round
+        trip and one system call."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append((script, args, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        batch, self._pending = self._pending, []
+        task = asyncio.ensure_future(self._send(batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send(self, batch: list[tuple[Any, list[Any], asyncio.Future[Any]]]) -> None:
+        results: list[Any]
+        try:
+            if len(batch) == 1:
+                script, args, _ = batch[0]
+                try:
+                    results = [await script(keys=[], args=args)]
+                except self._exc.RedisError as exc:
+                    results = [exc]
+            else:
+                pipe = self._r.pipeline(transaction=False)
+                for script, args, _ in batch:
+                    pipe.evalsha(script.sha, 0, *args)
+                results = await pipe.execute(raise_on_error=False)
+                for i, (script, args, _) in enumerate(batch):
+                    if isinstance(results[i], self._exc.NoScriptError):
+                        try:  # loads the script (after a restart or SCRIPT FLUSH)
+                            results[i] = await script(keys=[], args=args)
+                        except self._exc.RedisError as exc:
+                            results[i] = exc
+        except BaseException as exc:  # the connection failed: every call fails
+            results = [exc] * len(batch)
+        for (_, _, fut), r in zip(batch, results, strict=True):
+            if fut.done():
+                continue
+            if isinstance(r, BaseException):
+                fut.set_exception(self._translate(r))
+            else:
+                fut.set_result(r)
 
     def _job_key(self, job_id: str) -> str:
         return f"{self.prefix}job:{job_id}"
 
     async def enqueue(self, spec: JobSpec, data: bytes, *, delay: float, at_ms: int) -> Enqueued:
         """Store a new job unless its id exists (see :class:`~dsys.jobs.backend.Backend`)."""
-        created, state = await self._call(
+        created, state = await self._batched(
             self._enqueue,
             [
                 self.prefix,
@@ -406,14 +467,19 @@ class RedisBackend:
 
     async def fetch(self, queue: str, worker: str, batch: int, wait: float) -> list[Lease]:
         """Lease up to ``batch`` jobs, blocking up to ``wait`` seconds when none is due."""
-        args: list[Any] = [self.prefix, queue, worker, batch, _ms(self.lease), GROUP]
-        out, nxt, bands, now = await self._call(self._fetch, args)
+        now = time.monotonic()
+        # taking over expired leases scans the pending entries: every lease / 4 is enough
+        claim = now - self._last_claim.get(queue, 0.0) >= self.lease / 4
+        if claim:
+            self._last_claim[queue] = now
+        args: list[Any] = [self.prefix, queue, worker, batch, _ms(self.lease), GROUP, int(claim)]
+        out, nxt, bands, redis_now = await self._call(self._fetch, args)
         self._bands[queue] = [b if isinstance(b, bytes) else str(b).encode() for b in bands]
         if out or wait <= 0 or not bands:
             return self._leases(out, worker)
         block = _ms(wait)
         if nxt:
-            block = max(1, min(block, int(float(nxt)) - int(now)))
+            block = max(1, min(block, int(float(nxt)) - int(redis_now)))
         streams = {f"{self.prefix}q:{queue}:{_text(b)}": ">" for b in bands}
         try:
             got = await self._r.xreadgroup(GROUP, worker, streams, count=batch, block=block)
@@ -429,6 +495,7 @@ class RedisBackend:
             band = _text(name).rsplit(":", 1)[1]
             for entry_id, _fields in entries:
                 args += [band, entry_id]
+        args[6] = 0
         out, _nxt, _bands, _now = await self._call(self._fetch, args)
         return self._leases(out, worker)
 
@@ -462,7 +529,7 @@ class RedisBackend:
 
     async def complete(self, lease: Lease, result: bytes, result_ttl: float) -> Outcome:
         """Record success unless the lease is stale."""
-        r = await self._call(
+        r = await self._batched(
             self._complete,
             [self.prefix, GROUP, lease.spec.id, lease.attempt, result, _ms(result_ttl)],
         )
@@ -471,7 +538,7 @@ class RedisBackend:
     async def fail(self, lease: Lease, error: str, retry_delay: float | None) -> Outcome:
         """Record a failed try (retry after ``retry_delay``, or dead-letter on ``None``)."""
         delay = -1 if retry_delay is None else _ms(retry_delay)
-        r = await self._call(
+        r = await self._batched(
             self._fail, [self.prefix, GROUP, lease.spec.id, lease.attempt, error, delay]
         )
         return "ok" if _text(r) == "ok" else "stale"
@@ -485,7 +552,7 @@ class RedisBackend:
 
     async def progress(self, lease: Lease, value: bytes) -> Outcome:
         """Record progress unless the lease is stale."""
-        r = await self._call(self._progress, [self.prefix, lease.spec.id, lease.attempt, value])
+        r = await self._batched(self._progress, [self.prefix, lease.spec.id, lease.attempt, value])
         return "ok" if _text(r) == "ok" else "stale"
 
     async def get(self, job_id: str) -> JobInfo | None:
@@ -578,7 +645,11 @@ class RedisBackend:
             raise UnavailableError(f"redis at {self.url}: {exc}") from exc
 
     async def close(self) -> None:
-        """Close the connection pool."""
+        """Wait for batched calls in flight, then close the connection pool."""
+        if self._pending:
+            self._flush()
+        if self._sending:
+            await asyncio.gather(*self._sending, return_exceptions=True)
         await self._r.aclose()
 
     async def __aenter__(self) -> RedisBackend:

@@ -235,6 +235,7 @@ class Worker:
         while not self._stopping.is_set():
             await self._free.acquire()  # wait for a free slot, then take every free one
             free = 1
+            await asyncio.sleep(0)  # let jobs finishing in this iteration free theirs too
             while not self._free.locked():
                 await self._free.acquire()
                 free += 1
