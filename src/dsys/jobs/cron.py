@@ -203,8 +203,11 @@ class CronJob:
         name: names the schedule (1-64 of ``A-Z a-z 0-9 _ -``); part of each fire's job id.
         expr: the schedule, a :class:`CronExpr` or its text (UTC).
         task: the task to call.
-        args, kwargs: its arguments (msgpack-encodable).
-        priority, timeout, retries: job options (see ``Queue.enqueue``).
+        args: its positional arguments (msgpack-encodable).
+        kwargs: its keyword arguments (msgpack-encodable).
+        priority: the jobs' priority (0..9).
+        timeout: seconds per try (default: the task's).
+        retries: retries after the first try (default: the task's).
 
     Raises:
         BadInputError: a bad name, expression or option.
