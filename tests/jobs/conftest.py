@@ -56,7 +56,7 @@ def serve(block: str, data_dir: Path) -> Iterator[str]:
             stdout=log, stderr=log, env={**os.environ, "DSYS_LOG_LEVEL": "warning"},
         )  # fmt: skip
     try:
-        wait_healthy(addr, timeout=20)
+        wait_healthy(addr, timeout=60)
         yield addr
     finally:
         stop_process(proc)

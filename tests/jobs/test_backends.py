@@ -483,3 +483,27 @@ async def test_fetch_skips_what_was_cancelled_after_it_was_published(backend: Ba
     assert await backend.fetch("default", "w", 5, 0.1) == []
     lease = Lease(spec, 1, 1, "1-0:1", 0, "w")
     assert await backend.complete(lease, b"", 60) == "stale"
+
+
+async def test_stop_lets_running_jobs_finish_and_takes_no_new_ones(backend: Backend) -> None:
+    tasks = Registry()
+    started = asyncio.Event()
+    ran: list[str] = []
+
+    @tasks.task
+    async def job(seconds: float) -> None:
+        ran.append(current_job().job_id)
+        started.set()
+        await asyncio.sleep(seconds)
+
+    q = Queue(backend)
+    await q.enqueue("job", 0.5, job_id="first")
+    worker = Worker(backend, tasks, config(concurrency=1))
+    run = asyncio.create_task(worker.run())
+    await asyncio.wait_for(started.wait(), 20)
+    await q.enqueue("job", 0.0, job_id="second")
+    worker.stop()
+    await asyncio.wait_for(run, 30)
+    first, second = await q.status("first"), await q.status("second")
+    assert first is not None and first.state == "succeeded"
+    assert second is not None and second.state == "queued" and ran == ["first"]

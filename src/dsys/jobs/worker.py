@@ -233,8 +233,9 @@ class Worker:
         cfg = self.config
         errors = 0
         while not self._stopping.is_set():
-            await self._free.acquire()  # wait for a free slot, then take every free one
-            free = 1
+            if not await self._slot_or_stop():
+                break
+            free = 1  # then take every free slot
             await asyncio.sleep(0)  # let jobs finishing in this iteration free theirs too
             while not self._free.locked():
                 await self._free.acquire()
@@ -253,6 +254,26 @@ class Worker:
                 for _ in range(free - len(leases)):
                     self._free.release()
             self._start(leases)
+
+    async def _slot_or_stop(self) -> bool:
+        """Wait for a free slot (True, slot taken) or for :meth:`stop` (False)."""
+        if not self._free.locked():
+            await self._free.acquire()
+            return True
+        acquire = asyncio.ensure_future(self._free.acquire())
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({acquire, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if acquire.done():
+            if self._stopping.is_set():
+                self._free.release()
+                return False
+            return True
+        acquire.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await acquire
+            self._free.release()  # it was granted just as it was cancelled
+        return False
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
