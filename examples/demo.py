@@ -8,6 +8,8 @@ real process where a user would run one:
 3. rate limiting: three limiter nodes sharing one limit across app instances;
 4. Raft KV store: a 3-node cluster of processes with write-ahead logs; the leader is
    killed with SIGKILL mid-run, a new one takes over, no acknowledged write is lost;
+4b. durable streams: a 3-process stream cluster; a consumer works through an order
+   stream, the leader is killed mid-way, the consumer carries on from its acked floor;
 5. load balancing: a reverse-proxy process (p2c-ewma) over three quote services, one
    of them slow, then one killed mid-run;
 6. circuit breaker: calls to a quote service that goes down and comes back.
@@ -40,6 +42,8 @@ from dsys.observability import configure_logging, start_site
 from dsys.pubsub import Client, Msg
 from dsys.ratelimit import ClusterStore, Limiter
 from dsys.resilience import CircuitBreaker, CountWindow
+from dsys.streams import ConsumerConfig, StreamConfig
+from dsys.streams.client import StreamClient
 
 PY = sys.executable
 PROCS: list[subprocess.Popen[bytes]] = []
@@ -250,6 +254,62 @@ async def demo_kv() -> None:
         shutil.rmtree(data, ignore_errors=True)
 
 
+async def demo_streams() -> None:
+    ports = [port_near(7501 + i) for i in range(3)]
+    ids = ["n1", "n2", "n3"]
+    addrs = dict(zip(ids, (f"127.0.0.1:{p}" for p in ports), strict=True))
+    say(f"4b. durable streams: 3 processes ({', '.join(addrs.values())}), Raft + fsync")
+    data = Path(tempfile.mkdtemp(prefix="dsys-demo-streams-"))
+    procs = {}
+    for node, addr in addrs.items():
+        peers = [
+            a
+            for other, peer in addrs.items()
+            if other != node
+            for a in ("--peer", f"{other}={peer}")
+        ]
+        procs[node] = spawn(
+            "streams", "serve", "--id", node, "--listen", addr,
+            "--data-dir", str(data / node), *peers,
+        )  # fmt: skip
+    for addr in addrs.values():
+        await wait_healthy(f"http://{addr}")
+    try:
+        async with StreamClient(list(addrs.values()), timeout=15.0) as c:
+            await c.add_stream(StreamConfig(name="ORDERS", subjects=("orders.>",)))
+            acks = await asyncio.gather(
+                *[c.publish(f"orders.NSE.{i}", b"order %d" % i) for i in range(100)]
+            )
+            print(f"  published 100 orders -> sequences {acks[0].seq}..{acks[-1].seq}")
+            await c.add_consumer("ORDERS", ConsumerConfig(name="billing", ack_wait_ms=1000))
+            processed: Counter[int] = Counter()
+            for m in await c.fetch("ORDERS", "billing", batch=40, expires=2.0):
+                processed[m.seq] += 1
+                await m.ack()
+            status = await c.status()
+            leader = status["leader"]
+            print(
+                f"  billing processed and acked {len(processed)}; leader {leader} killed (SIGKILL)"
+            )
+            os.killpg(procs[leader].pid, signal.SIGKILL)
+            start = time.monotonic()
+            first_after = None
+            while len(processed) < 100:
+                for m in await c.fetch("ORDERS", "billing", batch=20, expires=2.0):
+                    first_after = first_after or m.seq
+                    processed[m.seq] += 1
+                    await m.ack()
+            info = await c.consumer_info("ORDERS", "billing")
+            assert info is not None
+            print(
+                f"  consumer resumed at seq {first_after} on the new leader "
+                f"({time.monotonic() - start:.2f} s); acked floor {info['ack_floor']}; "
+                f"processed twice: {sum(1 for n in processed.values() if n > 1)}"
+            )
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
 # -- 5. load balancing --------------------------------------------------------------------
 
 
@@ -378,6 +438,7 @@ async def amain() -> None:
     await demo_pubsub()
     await demo_ratelimit()
     await demo_kv()
+    await demo_streams()
     await demo_balance()
     await demo_breaker()
 

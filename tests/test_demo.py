@@ -20,6 +20,8 @@ def test_demo_runs_end_to_end() -> None:
     assert "queue group: {'worker-0': 10, 'worker-1': 10, 'worker-2': 10}" in text
     assert "cas orders/1 again -> ConflictError" in text
     assert "all acknowledged writes present: True" in text
+    assert "consumer resumed at seq 41 on the new leader" in text
+    assert "acked floor 100; processed twice: 0" in text
     assert "next 200 requests -> statuses {200: 200}" in text
     assert "breaker: closed -> open" in text
     assert "after recovery: {'ok': 10}" in text

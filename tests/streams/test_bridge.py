@@ -62,4 +62,5 @@ async def test_pubsub_serve_forward_flag(tmp_path: Path) -> None:
                     await pub.publish("ticks.NSE.TCS", b"%d" % i)
                 await pub.flush()
             got = await _wait_count(c, "TICKS", first + 50)
-        assert got[first:] == [b"%d" % i for i in range(50)]
+        # (probes still in flight when the first one landed may come later)
+        assert [g for g in got if g != b"probe"] == [b"%d" % i for i in range(50)]

@@ -306,3 +306,64 @@ async def test_malformed_websocket_frames_get_errors_and_the_server_stays_up(
             assert ok[0]["status"] == "ok"
         async with http.get(f"http://127.0.0.1:{servers[0].port}/healthz") as r:
             assert r.status == 200
+
+
+async def test_push_subscription_resumes_on_the_new_leader(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path) as servers:
+        leader = await wait_leader(servers)
+        async with StreamClient(endpoints(servers), timeout=10.0) as c:
+            await c.add_stream(StreamConfig(name="S", subjects=("r",)))
+            await c.add_consumer("S", ConsumerConfig(name="C", ack_wait_ms=60_000))
+            sub = await c.subscribe("S", "C", max_inflight=10)
+            await asyncio.gather(*[c.publish("r", b"%d" % i) for i in range(20)])
+            got = []
+            for _ in range(10):
+                m = await sub.next(5.0)
+                got.append(m.seq)
+                await m.ack()
+            await leader.close()
+            await wait_leader([s for s in servers if s is not leader])
+            await asyncio.gather(*[c.publish("r", b"%d" % i) for i in range(20, 30)])
+            done = set(got)
+            while len(done) < 30:
+                m = await sub.next(10.0)
+                got.append(m.seq)
+                status = await m.ack()
+                # a delivery superseded by a redelivery (its worker connection went away
+                # during the failover) answers "stale"; the redelivery is acked instead
+                assert status in ("ok", "not_pending", "stale"), status
+                if status == "ok":
+                    done.add(m.seq)
+            assert sorted(done) == list(range(1, 31))
+            assert got[:10] == list(range(1, 11))
+            info = await c.consumer_info("S", "C")
+            assert info is not None and info["ack_floor"] == 30
+            await sub.close()
+
+
+async def test_client_nak_progress_term_claim_and_dead_letters(tmp_path: Path) -> None:
+    async with running_cluster(tmp_path, n=1) as servers, StreamClient(endpoints(servers)) as c:
+        await c.add_stream(StreamConfig(name="J", subjects=("j.*",), retention="workqueue"))
+        await c.add_consumer("J", ConsumerConfig(name="w", ack_wait_ms=60_000, max_deliver=2))
+        for i in range(4):
+            await c.publish(f"j.{i}", b"job %d" % i)
+        a, b, d, e = await c.fetch("J", "w", batch=4, worker="w1")
+        assert await a.nak(delay=0.0) == "ok"
+        assert await b.in_progress() == "ok"
+        assert await d.term(reason="poison") == "ok"
+        again = await c.fetch("J", "w", batch=4, expires=2.0, worker="w2")
+        assert [(m.seq, m.deliveries) for m in again] == [(a.seq, 2)]
+        assert await again[0].nak() == "ok"  # a third delivery would pass max_deliver
+        assert await c.fetch("J", "w", batch=4, expires=0.5) == []
+        claimed = await c.claim("J", "w", worker="w3", min_idle=0, count=1)
+        assert [(m.seq, m.deliveries) for m in claimed] == [(b.seq, 2)]
+        assert await b.ack() == "stale"
+        assert await claimed[0].ack() == "ok"
+        assert await e.ack() == "ok"
+        dead = await c.read("J-dlq")
+        reasons = {m.headers["dsys-dlq-seq"]: m.headers["dsys-dlq-reason"] for m in dead}
+        assert reasons == {str(d.seq): "terminated: poison", str(a.seq): "max_deliver"}
+        pending = await c.pending("J", "w")
+        assert pending == []
+        info = await c.stream_info("J")
+        assert info is not None and info["messages"] == 0  # acked or dead: all gone

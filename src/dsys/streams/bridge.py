@@ -9,7 +9,8 @@ runs one inside the broker process.
 Delivery from publisher to broker is at most once (pub/sub core, as NATS core); from the
 forwarder on it is durable: each message gets a message id before its first attempt, so
 the forwarder's retries across a stream leader change never store it twice. Messages are
-published in the order received, ``max_inflight`` at a time.
+published in the order received, ``max_inflight`` at a time; a message retried after a
+failure (a leader change) may land after messages received later.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ from dsys.errors import (
 from dsys.streams.fsm import ConsumerConfig, PubAck, StreamConfig
 
 _MAX_FRAME = 64 * 1024 * 1024
+_GRAIN = 0.05
 
 
 @dataclass(slots=True, eq=False)
@@ -224,6 +225,11 @@ class StreamClient:
         self._sids = itertools.count(1)
         self._subs: dict[int, Subscription] = {}
         self._closed = False
+        self._buckets: dict[int, list[int]] = {}
+        self._connect_waiting = 0
+        self._sweeper: asyncio.Future[None] | None = None
+        self._msg_prefix = uuid.uuid4().hex[:16] + "-"
+        self._msg_ids = itertools.count(1)
         self.reconnects = 0
 
     async def __aenter__(self) -> StreamClient:
@@ -235,6 +241,8 @@ class StreamClient:
     async def close(self) -> None:
         """Close the connection; pending requests fail with :class:`ClosedError`."""
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for sub in list(self._subs.values()):
             sub.closed = True
             sub._queue.put_nowait(StopAsyncIteration())
@@ -402,14 +410,26 @@ class StreamClient:
             if left <= 0:
                 raise RequestTimeout(f"{req.get('op')}: no answer in {self.timeout} s ({last})")
             try:
-                await self._connect(prefer)
+                ws = self._ws
+                if (
+                    ws is None
+                    or ws.closed
+                    or (prefer is not None and prefer != self._endpoint)
+                    or self._connect_waiting
+                ):  # (queue behind a connect in progress: requests keep their order)
+                    self._connect_waiting += 1
+                    try:
+                        await self._connect(prefer)
+                    finally:
+                        self._connect_waiting -= 1
                 rid = next(self._ids)
                 fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
                 self._pending[rid] = fut
-                self._send({**req, "id": rid})
-                extra = req.get("expires_ms", 0) / 1000
+                req["id"] = rid
+                self._send(req)
+                self._arm(rid, left + req.get("expires_ms", 0) / 1000)
                 try:
-                    resp = await asyncio.wait_for(fut, left + extra)
+                    resp = await fut
                 finally:
                     self._pending.pop(rid, None)
                 status = resp.get("status")
@@ -436,6 +456,37 @@ class StreamClient:
                 await asyncio.sleep(min(0.05 * attempt, 0.5) * random.uniform(0.5, 1.0))
             except TimeoutError:
                 raise RequestTimeout(f"{req.get('op')}: no answer in {self.timeout} s") from None
+
+    def _arm(self, rid: int, timeout: float) -> None:
+        """Fail request ``rid`` with TimeoutError after ``timeout`` s (0 to 50 ms late).
+
+        Deadlines go into 50 ms buckets swept by one task: much cheaper per request than
+        a timer handle or ``asyncio.wait_for``.
+        """
+        key = int((time.monotonic() + timeout) / _GRAIN) + 1
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [rid]
+        else:
+            bucket.append(rid)
+        if self._sweeper is None:
+            self._sweeper = asyncio.ensure_future(self._sweep())
+
+    async def _sweep(self) -> None:
+        done_key = int(time.monotonic() / _GRAIN)
+        while not self._closed:
+            await asyncio.sleep(_GRAIN)
+            now_key = int(time.monotonic() / _GRAIN)
+            if len(self._buckets) < now_key - done_key:
+                keys = sorted(k for k in self._buckets if k <= now_key)
+            else:
+                keys = [k for k in range(done_key + 1, now_key + 1) if k in self._buckets]
+            for key in keys:
+                for rid in self._buckets.pop(key):
+                    fut = self._pending.pop(rid, None)
+                    if fut is not None and not fut.done():
+                        fut.set_exception(TimeoutError())
+            done_key = now_key
 
     def _msg(self, stream: str, consumer: str, w: Any, sid: int | None = None) -> StreamMsg:
         seq, subject, headers, data, ts, deliveries = w
@@ -510,7 +561,7 @@ class StreamClient:
             "op": "pub",
             "subject": subject,
             "data": data,
-            "msg_id": msg_id or uuid.uuid4().hex,
+            "msg_id": msg_id or f"{self._msg_prefix}{next(self._msg_ids)}",
         }
         if headers:
             req["headers"] = headers
