@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal, TypeAlias
 
@@ -476,11 +476,6 @@ def split_target(target: str) -> tuple[str, str | None]:
     if sep and not all(p.isidentifier() for p in obj.split(".")):
         raise BadInputError(f"expected MODULE:OBJECT (e.g. myapp.tasks:registry), got {target!r}")
     return module, (obj or None)
-
-
-def args_tuple(args: Sequence[Any]) -> tuple[Any, ...]:
-    """Arguments as a tuple (what :class:`JobSpec` stores)."""
-    return tuple(args)
 
 
 __all__ = [

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
@@ -279,10 +279,6 @@ def current_job() -> JobContext:
         raise LocalProtocolError("current_job() was called outside a running job") from None
 
 
-def _set_current(ctx: JobContext) -> contextvars.Token[JobContext]:
-    return _current.set(ctx)
-
-
 def resolve(registry: Registry, name: str) -> TaskDef:
     """The task ``name`` in ``registry``.
 
@@ -295,8 +291,6 @@ def resolve(registry: Registry, name: str) -> TaskDef:
         raise BadInputError(f"unknown task {name!r} (registered: {known})")
     return t
 
-
-AsyncFn = Callable[..., Awaitable[Any]]
 
 __all__ = [
     "JobContext",
