@@ -4,12 +4,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest docs-build docs bench demo clean venv
+.PHONY: test lint typecheck pytest docs-build docs bench demo chat trading clean venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,docs,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,docs,bench,examples]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -42,5 +42,13 @@ bench: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+## chat: the chat example (issue 15) on localhost until Ctrl-C; CHAT_ARGS="--seconds 10"
+chat: $(STAMP)
+	$(BIN)/python -m examples.chat $(CHAT_ARGS)
+
 clean:
 	rm -rf $(VENV) .site .mypy_cache .pytest_cache .ruff_cache
+
+## trading: the stock ticker and trading example on localhost (Ctrl-C stops it)
+trading: $(STAMP)
+	$(BIN)/python -m examples.trading $(TRADING_ARGS)

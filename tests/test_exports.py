@@ -1,13 +1,48 @@
+"""Public API: each package exports exactly its ``__all__`` (as httpx checks its own)."""
+
 from __future__ import annotations
+import __future__
+
+import importlib
+import pkgutil
+import types
+
+import pytest
 
 import dsys
 
+PACKAGES = sorted(
+    ["dsys"] + [m.name for m in pkgutil.walk_packages(dsys.__path__, "dsys.") if m.ispkg]
+)
+EXTRA_PUBLIC = {"__version__"}  # dunder names a package deliberately exports
 
-def test_all_names_exist_and_are_documented() -> None:
-    for name in dsys.__all__:
-        obj = getattr(dsys, name)
-        if name != "__version__":
-            assert obj.__doc__, f"dsys.{name} has no docstring"
+
+def _public_names(module: types.ModuleType) -> set[str]:
+    """Names a user sees with ``dir()``: no private names, submodules or ``annotations``."""
+    return {
+        name
+        for name, value in vars(module).items()
+        if (not name.startswith("_") or name in EXTRA_PUBLIC)
+        and not isinstance(value, (types.ModuleType, __future__._Feature))
+    }
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_public_names_equal_all(package: str) -> None:
+    module = importlib.import_module(package)
+    declared = getattr(module, "__all__", None)
+    assert declared is not None, f"{package} has no __all__"
+    assert len(declared) == len(set(declared)), f"{package}.__all__ has duplicates"
+    assert set(declared) == _public_names(module), package
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_all_names_exist_and_are_documented(package: str) -> None:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if isinstance(obj, (type, types.FunctionType)):
+            assert obj.__doc__, f"{package}.{name} has no docstring"
 
 
 def test_every_error_derives_from_the_base() -> None:
@@ -16,3 +51,12 @@ def test_every_error_derives_from_the_base() -> None:
     for name in errors.__all__:
         cls = getattr(errors, name)
         assert issubclass(cls, errors.DsysError), name
+
+
+def test_a_server_bug_is_not_bad_input() -> None:
+    from dsys import errors
+
+    assert not issubclass(errors.LocalProtocolError, errors.BadInputError)
+    assert issubclass(errors.RemoteProtocolError, errors.BadInputError)
+    assert issubclass(errors.LocalProtocolError, errors.ProtocolError)
+    assert issubclass(errors.RemoteProtocolError, errors.ProtocolError)

@@ -6,10 +6,12 @@ one base class. Subclasses name the failure kind, not the module that raised it:
     DsysError
     ├── ConfigError (also ValueError)        bad configuration given to a constructor
     ├── BadInputError (also ValueError)      bad input from a caller or client (4xx)
-    │   └── ProtocolError                    bytes that break the wire protocol
-    │       ├── LocalProtocolError           we were asked to send something invalid
-    │       └── RemoteProtocolError          a peer sent malformed or oversized data
     │   └── PayloadTooLargeError             a body or message is larger than allowed (413)
+    ├── ProtocolError                        bytes that break the wire protocol
+    │   ├── LocalProtocolError               we were asked to send something invalid:
+    │   │                                    our own bug, so a 500, never a 4xx
+    │   └── RemoteProtocolError              a peer sent malformed or oversized data;
+    │                                        also a BadInputError, so a 4xx
     ├── ConflictError                        a precondition failed (CAS revision, exists)
     │   └── StreamFullError                  a stream at a limit refuses new messages (507)
     ├── NotFoundError (also LookupError)     the named stream, consumer or key is absent (404)
@@ -25,7 +27,8 @@ one base class. Subclasses name the failure kind, not the module that raised it:
     │   └── RequestTimeout (also TimeoutError) no answer before the deadline
     └── RaftError                            consensus-level failures
         ├── ProposalDroppedError             a proposal was dropped (leader change)
-        └── LogCompactedError                the requested entries were compacted away
+        └── CorruptLogError                  the write-ahead log is damaged
+                                             (defined in dsys.raft.wal)
 
 Cores return expected outcomes as values; adapters raise these. A broken invariant
 is a bug and raises ``AssertionError``, never a ``DsysError``.
@@ -46,16 +49,30 @@ class BadInputError(DsysError, ValueError):
     """Input from a caller or a network client was invalid; maps to HTTP 4xx."""
 
 
-class ProtocolError(BadInputError):
-    """Bytes on the wire do not follow the protocol (malformed, oversized, wrong types)."""
+class ProtocolError(DsysError):
+    """Bytes on the wire do not follow the protocol (malformed, oversized, wrong types).
+
+    Not a :class:`BadInputError` by itself: whose fault it is depends on the side. The
+    peer's (:class:`RemoteProtocolError`, a 4xx) or ours (:class:`LocalProtocolError`,
+    a bug, answered 500).
+    """
 
 
 class LocalProtocolError(ProtocolError):
-    """We were asked to encode or send something the protocol cannot carry."""
+    """We were asked to encode or send something the protocol cannot carry (our bug)."""
 
 
-class RemoteProtocolError(ProtocolError):
-    """A peer or client sent bytes we cannot accept."""
+class RemoteProtocolError(ProtocolError, BadInputError):
+    """A peer or client sent bytes we cannot accept.
+
+    Attributes:
+        status_hint: the HTTP status a server should answer (400 unless the input was
+            too large, 413/414/431, or asked for something unsupported, 501/505).
+    """
+
+    def __init__(self, message: str = "", *, status_hint: int = 400) -> None:
+        super().__init__(message)
+        self.status_hint = status_hint
 
 
 class ConflictError(DsysError):
@@ -140,10 +157,6 @@ class ProposalDroppedError(RaftError):
     """A proposal was dropped before it committed (e.g. leadership changed)."""
 
 
-class LogCompactedError(RaftError):
-    """The requested log entries were compacted into a snapshot."""
-
-
 __all__ = [
     "BadInputError",
     "BulkheadFullError",
@@ -154,7 +167,6 @@ __all__ = [
     "ConnectError",
     "DsysError",
     "LocalProtocolError",
-    "LogCompactedError",
     "NoHealthyBackendError",
     "NotFoundError",
     "NotLeaderError",

@@ -476,6 +476,8 @@ def test_replicas_agree_through_bytes_and_snapshots(
             assert 0 <= info["num_ack_pending"] <= (4 if name == "D" else 1000)
             for p in leader.pending("S", name) or []:
                 assert p["seq"] > info["ack_floor"]
+            keys = list(leader._streams["S"].consumers[name].pending)
+            assert keys == sorted(keys), "pending must stay in sequence order"
     assert leader.snapshot() == follower.snapshot()
 
 

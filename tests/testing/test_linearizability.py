@@ -10,13 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsys.errors import BadInputError
+from dsys.testing.jepsen import load_jepsen_history
 from dsys.testing.linearizability import (
     History,
     KVModel,
     Operation,
     RegisterModel,
     check,
-    load_jepsen_history,
 )
 
 REPO = Path(__file__).resolve().parent.parent.parent

@@ -35,15 +35,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from dsys.aiotools import hand_over
-from dsys.errors import NoHealthyBackendError
+from dsys.balance import forwarded
+from dsys.errors import NoHealthyBackendError, RemoteProtocolError
+from dsys.http11 import (
+    BODY_CHUNKED,
+    BODY_UNTIL_CLOSE,
+    Data,
+    EndOfMessage,
+    Header,
+    InformationalResponse,
+    Parser,
+    Request,
+    Response,
+)
 
 if TYPE_CHECKING:
     from dsys.balance.pool import Lease
     from dsys.balance.proxy import LoadBalancer
 
 _FAST_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"DELETE"})
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_GOOD_NAMES: set[bytes] = set()  # lower-cased header names already checked by _TOKEN
 # Request headers never forwarded (hop-by-hop, or replaced by ours).
 _DROP_REQUEST = frozenset(
     {
@@ -61,14 +71,32 @@ _DROP_REQUEST = frozenset(
     }
 )
 # Request headers that send the request down the full (aiohttp) path.
-_SLOW_REQUEST = frozenset({b"transfer-encoding", b"upgrade", b"expect", b"content-length"})
+_SLOW_REQUEST = frozenset({b"upgrade", b"expect"})
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
 _DROP_RESPONSE = frozenset(
-    {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-connection", b"te", b"upgrade"}
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
 )
 MAX_HEAD = 32 * 1024
 UPSTREAM_IDLE = 30.0  # seconds an idle upstream connection is kept
 MAX_LINE = 8190  # aiohttp's own limit: longer lines go to it for a clean 4xx
 HIGH_WATER = 256 * 1024
+
+
+# A response field that must not be forwarded (the names of _DROP_RESPONSE).
+_HOP_BY_HOP_RESPONSE = re.compile(
+    rb"\r\n(?:connection|keep-alive|proxy-authenticate|proxy-connection|te|trailer|upgrade):",
+    re.IGNORECASE,
+)
+_REASONS = {400: "Bad Request", 413: "Content Too Large", 414: "URI Too Long"}
+_REASONS |= {431: "Request Header Fields Too Large", 501: "Not Implemented"}
 
 
 def _error_response(status: int, reason: str, kind: str, message: str, close: bool) -> bytes:
@@ -84,6 +112,13 @@ def _error_response(status: int, reason: str, kind: str, message: str, close: bo
 
 def _tries_failed(req: _Request) -> str:
     return f"{req.tries} tries failed (last: {req.last_error}); tried {', '.join(req.tried)}"
+
+
+def _last_chunk(trailers: tuple[Header, ...]) -> bytes:
+    """The end of a chunked body: the last chunk and the (validated) trailer fields."""
+    return (
+        b"0\r\n" + b"".join(raw + b": " + value + b"\r\n" for raw, _, value in trailers) + (b"\r\n")
+    )
 
 
 class FastPath:
@@ -225,10 +260,10 @@ class _ClientConn(asyncio.Protocol):
     """A client connection: parses request heads, forwards simple ones, hands off the rest."""
 
     __slots__ = (
-        "buf",
         "fast",
         "fwd",
         "idle_since",
+        "parser",
         "paused",
         "peer",
         "request",
@@ -238,13 +273,13 @@ class _ClientConn(asyncio.Protocol):
 
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast
-        self.buf = b""
+        self.parser = Parser(max_head=MAX_HEAD)
         self.request: _Request | None = None
         self.transport: asyncio.Transport | None = None
         self.paused = False
-        self.peer = b"unknown"
-        self.xff = b""
-        self.fwd = b""
+        self.peer = "unknown"
+        self.xff = b"unknown"  # the peer as X-Forwarded-For lists it
+        self.fwd = b"for=unknown;proto=http"  # the start of our Forwarded element
         self.idle_since = fast.loop.time()
 
     # ---- asyncio callbacks --------------------------------------------------------
@@ -253,16 +288,16 @@ class _ClientConn(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         peer = self.transport.get_extra_info("peername")
         if isinstance(peer, tuple) and peer:
-            self.peer = str(peer[0]).encode()
-        node = b'"[' + self.peer + b']"' if b":" in self.peer else self.peer
-        self.fwd = b"for=" + node + b";proto=http"
+            self.peer = str(peer[0])
+        self.xff = forwarded.x_forwarded_for(None, self.peer)
+        self.fwd = forwarded.prefix(self.peer, "http")
         self.fast.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
-        self.buf = self.buf + data if self.buf else data
+        self.parser.feed(data)
         if self.request is None:
             self._next()
-        elif len(self.buf) > HIGH_WATER and self.transport is not None:
+        elif len(self.parser.buffer) > HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()  # pipelined bytes pile up: wait
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -292,100 +327,98 @@ class _ClientConn(asyncio.Protocol):
     # ---- request handling ---------------------------------------------------------
 
     def _next(self) -> None:
-        """Start the next buffered request, if a complete head is there."""
-        buf = self.buf
-        if not buf:
+        """Start the next buffered request, if a complete head is there.
+
+        Parse, then forward, hand off or refuse: a request the strict parser rejects
+        gets a 4xx here and the connection closes (its framing cannot be trusted); a
+        valid one the fast path does not serve (a body, ``Upgrade``, HTTP/1.0, the
+        admin prefix...) goes whole to aiohttp.
+        """
+        parser = self.parser
+        try:
+            event = parser.next_event()
+        except RemoteProtocolError as exc:
+            self._reject(exc)
             return
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            # Not a whole head yet. Let aiohttp judge (and answer) anything that does
-            # not start like a request line, so garbage gets its 400 at once.
-            if len(buf) > MAX_HEAD or not 65 <= buf[0] <= 90:
-                self._handoff()
+        if event is None:
             return
-        head = buf[:end]
-        n_lines = head.count(b"\r\n")
-        if head.count(b"\n") != n_lines or head.count(b"\r") != n_lines or b"\0" in head:
-            self._handoff()  # bare CR/LF or NUL: aiohttp answers 400 with the reason
+        assert isinstance(event, Request)  # a server-role parser starts with one
+        head = self._upstream_head(event)
+        if head is None:
+            self._handoff(event)
             return
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if (
-            len(parts) != 3
-            or len(lines[0]) > MAX_LINE
-            or parts[2] != b"HTTP/1.1"
-            or parts[0] not in _FAST_METHODS
-            or not parts[1].startswith(b"/")
-            or (self.fast.admin_prefix and parts[1].startswith(self.fast.admin_prefix))
-            or self.fast.draining
-        ):
-            self._handoff()
-            return
-        out = [lines[0]]
-        host = b""
-        xff = b""
-        fwd = b""
-        close_after = False
-        has_xfh = False
-        for line in lines[1:]:
-            colon = line.find(b":")
-            if colon <= 0 or len(line) > MAX_LINE:
-                self._handoff()  # aiohttp answers 400/431 with the reason
-                return
-            name = line[:colon]
-            lname = name.lower()
-            if lname in _DROP_REQUEST or lname in _SLOW_REQUEST:
-                if lname in _SLOW_REQUEST:
-                    self._handoff()
-                    return
-                value = line[colon + 1 :].strip()
-                if lname == b"connection":
-                    tokens = {t.strip().lower() for t in value.split(b",")}
-                    if b"close" in tokens:
-                        close_after = True
-                    if tokens - {b"close", b"keep-alive", b""}:
-                        self._handoff()  # names further hop-by-hop headers: full path
-                        return
-                elif lname == b"x-forwarded-for":
-                    xff = value
-                elif lname == b"forwarded":
-                    fwd = value
-                continue
-            if lname not in _GOOD_NAMES:
-                if not _TOKEN.match(name):
-                    self._handoff()
-                    return
-                if len(_GOOD_NAMES) < 4096:
-                    _GOOD_NAMES.add(lname)
-            if lname == b"host":
-                host = line[colon + 1 :].strip()
-            elif lname == b"x-forwarded-host":
-                has_xfh = True
-            out.append(line)
-        if not host:
-            self._handoff()
-            return
-        self.buf = buf[end + 4 :]
-        peer = self.peer
-        out.append(b"X-Forwarded-For: " + (xff + b", " + peer if xff else peer))
-        out.append(b"X-Forwarded-Proto: http")
-        if not has_xfh:
-            out.append(b"X-Forwarded-Host: " + host)
-        f = self.fwd + b';host="' + host + b'"'
-        out.append(b"Forwarded: " + (fwd + b", " + f if fwd else f))
-        out.append(b"\r\n")
-        req = _Request(parts[0], b"\r\n".join(out), close_after)
+        end = parser.next_event()  # a bodiless request: its end is already known
+        assert isinstance(end, EndOfMessage)
+        req = _Request(event.method, head, not event.keep_alive)
         self.request = req
         self._dispatch(req)
 
-    def _handoff(self) -> None:
-        """Give the connection (and its unparsed bytes) to aiohttp's full path."""
+    def _upstream_head(self, r: Request) -> bytes | None:
+        """The head to send upstream, or ``None`` if the full path must serve ``r``.
+
+        Rendered from the parsed fields: hop-by-hop fields dropped, ``X-Forwarded-*``
+        and ``Forwarded`` built from validated values only (:mod:`dsys.balance.forwarded`).
+        """
+        fast = self.fast
+        if (
+            r.version != b"1.1"
+            or r.method not in _FAST_METHODS
+            or r.content_length is not None
+            or r.chunked
+            or not r.target.startswith(b"/")
+            or (fast.admin_prefix and r.target.startswith(fast.admin_prefix))
+            or (r.connection and not r.connection <= _PLAIN_CONNECTION)
+            or fast.draining
+        ):
+            return None
+        out = [b"%s %s HTTP/1.1" % (r.method, r.target)]
+        xff: bytes | None = None
+        fwd: bytes | None = None
+        has_xfh = False
+        for raw_name, name, value in r.headers:
+            if name in _DROP_REQUEST:
+                if name == b"x-forwarded-for":
+                    xff = value if xff is None else xff + b", " + value
+                elif name == b"forwarded":
+                    fwd = value if fwd is None else fwd + b", " + value
+                continue
+            if name in _SLOW_REQUEST:
+                return None
+            if name == b"x-forwarded-host":
+                has_xfh = True
+            out.append(raw_name + b": " + value)
+        host = r.host or b""  # the parser checked it is one valid uri-host[:port]
+        out.append(
+            b"X-Forwarded-For: "
+            + (forwarded.x_forwarded_for(xff, self.peer) if xff is not None else self.xff)
+        )
+        out.append(b"X-Forwarded-Proto: http")
+        if not has_xfh and host:
+            out.append(b"X-Forwarded-Host: " + host)
+        mine = forwarded.element_of(self.fwd, host)
+        out.append(b"Forwarded: " + forwarded.forwarded(fwd, mine))
+        out.append(b"\r\n")
+        return b"\r\n".join(out)
+
+    def _reject(self, exc: RemoteProtocolError) -> None:
+        """Answer a request the parser refused, then close: its framing is unknowable."""
+        status = exc.status_hint
+        reason = _REASONS.get(status, "Bad Request")
+        self.fast.lb._errors.labels(str(status)).inc()
+        if self.transport is not None:
+            self.transport.write(_error_response(status, reason, "bad_request", str(exc), True))
+        self.close()
+
+    def _handoff(self, head: Request | None = None) -> None:
+        """Give the connection (the parsed ``head`` and the rest) to aiohttp's full path."""
         transport = self.transport
         if transport is None:
             return
         self.fast.forget(self)
         self.transport = None
-        buf, self.buf = self.buf, b""
+        buf = self.parser.unparsed()
+        if head is not None:
+            buf = head.raw + buf
         hand_over(transport, self.fast.fallback(), buf)
 
     def _dispatch(self, req: _Request) -> None:
@@ -475,7 +508,7 @@ class _ClientConn(asyncio.Protocol):
         if close or self.fast.draining:
             self.close()
             return
-        if self.buf:
+        if self.parser.buffer:
             self.transport.resume_reading()
             self._next()
 
@@ -510,12 +543,16 @@ class _ClientConn(asyncio.Protocol):
 
 
 class _UpstreamConn(asyncio.Protocol):
-    """A keep-alive connection to one endpoint, carrying one request at a time."""
+    """A keep-alive connection to one endpoint, carrying one request at a time.
+
+    Its bytes go through a client-role :class:`~dsys.http11.Parser`: interim 1xx
+    answers are skipped, the final head is rendered again (hop-by-hop fields dropped),
+    and the body is forwarded as parsed: as it came for ``Content-Length`` framing,
+    re-chunked from the decoded data (extensions dropped) for ``chunked``.
+    """
 
     __slots__ = (
-        "buf",
-        "chunk_left",
-        "chunk_state",
+        "chunked",
         "client",
         "closed",
         "endpoint",
@@ -523,12 +560,12 @@ class _UpstreamConn(asyncio.Protocol):
         "got_bytes",
         "idle_since",
         "keep_alive",
-        "left",
-        "mode",
+        "parser",
         "req",
         "reused",
         "status",
         "transport",
+        "until_close",
     )
 
     def __init__(self, fast: FastPath, endpoint: str) -> None:
@@ -538,11 +575,9 @@ class _UpstreamConn(asyncio.Protocol):
         self.client: _ClientConn | None = None
         self.req: _Request | None = None
         self.closed = False
-        self.buf = b""
-        self.mode = 0  # 0 head, 1 length, 2 chunked, 3 until close
-        self.left = 0
-        self.chunk_state = 0  # 0 size line, 1 data, 2 data CRLF, 3 trailer lines
-        self.chunk_left = 0
+        self.parser = Parser(client=True, max_head=MAX_HEAD)
+        self.chunked = False  # the body being forwarded is re-chunked
+        self.until_close = False  # the body being forwarded ends with the connection
         self.keep_alive = True
         self.status = 0
         self.reused = False  # it served a request before this one
@@ -556,8 +591,8 @@ class _UpstreamConn(asyncio.Protocol):
         self.client = client
         self.req = req
         req.upstream = self
-        self.mode = 0
-        self.buf = b""
+        self.parser.expect_response(req.method)
+        self.chunked = self.until_close = False
         self.keep_alive = True
         self.got_bytes = False
         assert self.transport is not None
@@ -572,21 +607,16 @@ class _UpstreamConn(asyncio.Protocol):
         self.closed = True
         self.transport = None
         client, req = self.client, self.req
-        self.client = self.req = None
         if client is None or req is None or client.request is not req:
+            self.client = self.req = None
             return
-        if self.mode == 3:  # until-close framing: this is the end of the body
-            self._done(client, req)
+        if self.until_close:  # the end of the body is the end of the connection
+            self.parser.feed_eof()
+            self._events(client, req)
             return
+        self.client = self.req = None
         if req.sent_head:
-            # Broken off mid-body: cut the client so it sees a truncated answer.
-            lease, req.lease = req.lease, None
-            if lease is not None:
-                self.fast.pool.release(
-                    lease, ok=False, error="upstream broke off its response", feed_breaker=True
-                )
-            client.request = None
-            client.abort()
+            self._broken(client, req, "upstream broke off its response")
             return
         stale = self.reused and not self.got_bytes
         client.upstream_failed(req, f"{self.endpoint}: connection dropped", stale=stale)
@@ -597,221 +627,111 @@ class _UpstreamConn(asyncio.Protocol):
             self.close()  # bytes nobody asked for
             return
         self.got_bytes = True
-        if self.mode == 0:
-            buf = self.buf + data if self.buf else data
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD:
-                    self._bad(client, req, "response head too large")
-                else:
-                    self.buf = buf
+        self.parser.feed(data)
+        self._events(client, req)
+
+    def _events(self, client: _ClientConn, req: _Request) -> None:
+        """Forward what the parser makes of the bytes received so far."""
+        parser = self.parser
+        out: list[bytes] = []
+        try:
+            while True:
+                if not req.sent_head:
+                    event = parser.next_event()
+                    if event is None:
+                        break
+                    if type(event) is InformationalResponse:
+                        continue  # 100 Continue, 103 Early Hints: not the answer, not a failure
+                    assert type(event) is Response
+                    out.append(self._head(req, event))
+                    continue
+                if parser.body_left and not self.chunked:
+                    body = parser.take_body()  # the whole Content-Length body at once
+                    if body is not None:
+                        out.append(body)
+                        self._finish(client, req, out)
+                        return
+                event = parser.next_event()
+                if event is None:
+                    break
+                if type(event) is Data:
+                    if self.chunked:
+                        out.append(b"%x\r\n%s\r\n" % (len(event.data), event.data))
+                    else:
+                        out.append(event.data)
+                    continue
+                assert type(event) is EndOfMessage
+                if self.chunked:
+                    out.append(_last_chunk(event.trailers))
+                self._finish(client, req, out)
                 return
-            self.buf = b""
-            head = self._head(client, req, buf[:end])
-            if head is None:
-                return
-            data = buf[end + 4 :]
-            if self.mode == 0 or not data:  # no body, or none arrived yet
-                if client.transport is not None:
-                    client.transport.write(head)
-                if self.mode == 0:
-                    self._done(client, req)
-                return
-            self._body(client, req, data, head)  # head and body in one write
+        except RemoteProtocolError as exc:
+            if out and client.transport is not None:
+                client.transport.write(b"".join(out))
+            if req.sent_head:
+                self.client = self.req = None
+                self.close()
+                self._broken(client, req, f"malformed response body: {exc}")
+            else:
+                self._bad(client, req, f"malformed response: {exc}")
             return
-        self._body(client, req, data, b"")
+        if out and client.transport is not None:
+            client.transport.write(b"".join(out))
+
+    def _finish(self, client: _ClientConn, req: _Request, out: list[bytes]) -> None:
+        """The whole response is parsed: send what is left of it, then go on."""
+        if self.parser.buffer:
+            self.keep_alive = False  # bytes past the answer: do not trust the connection
+        if client.transport is not None:
+            client.transport.write(b"".join(out))
+        self._done(client, req)
+
+    def _broken(self, client: _ClientConn, req: _Request, why: str) -> None:
+        """The answer broke off after its head went out: cut the client (it sees a
+        truncated response) and blame the endpoint."""
+        lease, req.lease = req.lease, None
+        if lease is not None:
+            self.fast.pool.release(lease, ok=False, error=why, feed_breaker=True)
+        client.request = None
+        client.abort()
 
     def _bad(self, client: _ClientConn, req: _Request, why: str) -> None:
         self.client = self.req = None
         self.close()
         client.upstream_failed(req, f"{self.endpoint}: {why}")
 
-    def _head(self, client: _ClientConn, req: _Request, head: bytes) -> bytes | None:
-        """Parse and rewrite the response head; ``None`` if it was bad (already handled)."""
-        low = head.lower()
-        if (
-            b"\r\nconnection:" not in low
-            and b"\r\nkeep-alive:" not in low
-            and b"\r\ntransfer-encoding:" not in low
-            and b"\r\nupgrade:" not in low
-            and b"\r\nproxy-" not in low
-            and b"\r\nte:" not in low
-            and low.count(b"\r\ncontent-length:") == 1
-            and low.count(b"\n") == low.count(b"\r\n")
-            and low.startswith(b"http/1.1 ")
-        ):
-            # The common answer (HTTP/1.1, one Content-Length, nothing hop-by-hop):
-            # forwarded as it is, without splitting it into lines.
-            i = low.find(b"\r\ncontent-length:") + 17
-            j = low.find(b"\r\n", i)
-            try:
-                status = int(head[9:12])
-                length = int(head[i:] if j < 0 else head[i:j])
-            except ValueError:
-                status = length = -1
-            if status >= 200 and length >= 0:
-                return self._framed(client, req, status, length, False, head)
-        lines = head.split(b"\r\n")
-        status_line = lines[0]
-        try:
-            status = int(status_line[9:12])
-        except ValueError:
-            self._bad(client, req, "malformed status line")
-            return None
-        if not status_line.startswith(b"HTTP/1.") or status < 200:
-            self._bad(client, req, f"unexpected status line {status_line[:40]!r}")
-            return None
-        out = [status_line]
-        length = -1
-        chunked = False
-        for line in lines[1:]:
-            colon = line.find(b":")
-            if colon <= 0:
-                self._bad(client, req, "malformed response header")
-                return None
-            lname = line[:colon].lower()
-            if lname in _DROP_RESPONSE:
-                if lname == b"connection" and b"close" in line[colon + 1 :].lower():
-                    self.keep_alive = False
-                continue
-            if lname == b"content-length":
-                try:
-                    length = int(line[colon + 1 :])
-                except ValueError:
-                    self._bad(client, req, "malformed Content-Length")
-                    return None
-            elif lname == b"transfer-encoding":
-                chunked = b"chunked" in line[colon + 1 :].lower()
-            out.append(line)
-        if status_line.startswith(b"HTTP/1.0"):
-            self.keep_alive = False
-        return self._framed(client, req, status, length, chunked, b"\r\n".join(out))
-
-    def _framed(
-        self,
-        client: _ClientConn,
-        req: _Request,
-        status: int,
-        length: int,
-        chunked: bool,
-        head: bytes,
-    ) -> bytes:
-        """Set up body framing; return the head to send, blank line included."""
+    def _head(self, req: _Request, resp: Response) -> bytes:
+        """Set up the body's forwarding; return the head to send, blank line included."""
+        status = resp.status
         self.status = status
-        if req.is_head or status in (204, 304):
-            self.mode = 0
-        elif chunked:
-            self.mode, self.chunk_state, self.chunk_left = 2, 0, 0
-        elif length >= 0:
-            self.mode, self.left = 1, length
-            if length == 0:
-                self.mode = 0
-        else:
-            self.mode = 3
-            self.keep_alive = False
+        self.chunked = resp.body == BODY_CHUNKED
+        if resp.body == BODY_UNTIL_CLOSE:
+            self.until_close = True
             req.close_after = True
+        if not resp.keep_alive:
+            self.keep_alive = False
         req.sent_head = True
         fast = self.fast
         lease = req.lease
         if lease is not None:
             fast.lb._count(lease.endpoint, status, fast.loop.time() - req.started)
-        if req.close_after or fast.draining:
-            return head + b"\r\nConnection: close\r\n\r\n"
-        return head + b"\r\n\r\n"
-
-    def _body(self, client: _ClientConn, req: _Request, data: bytes, head: bytes) -> None:
-        """Forward body bytes (after ``head``, when it is still unsent) to the client."""
-        transport = client.transport
-        if self.mode == 1:
-            n = len(data)
-            if n >= self.left:
-                extra = n > self.left
-                piece = data[: self.left] if extra else data
-                if transport is not None:
-                    transport.write(head + piece if head else piece)
-                self.left = 0
-                if extra:
-                    self.keep_alive = False  # bytes past the body: do not trust it
-                self._done(client, req)
-                return
-            self.left -= n
-            if transport is not None:
-                transport.write(head + data if head else data)
-            return
-        if self.mode == 3:
-            if transport is not None:
-                transport.write(head + data if head else data)
-            return
-        # chunked: forward bytes as they are, tracking where the message ends
-        end = self._scan_chunked(data)
-        if end == -2:
-            self.keep_alive = False
-            if transport is not None:
-                transport.write(head + data if head else data)
-            self.close()
-            client.request = None
-            client.abort()
-            return
-        piece = data if end < 0 else data[:end]
-        if transport is not None:
-            transport.write(head + piece if head else piece)
-        if end >= 0:
-            if end < len(data):
-                self.keep_alive = False
-            self._done(client, req)
-
-    def _scan_chunked(self, data: bytes) -> int:
-        """Advance the chunked-framing state over ``data``.
-
-        Returns:
-            the offset just past the end of the message, -1 if it continues, -2 if
-            the framing is broken.
-        """
-        i = 0
-        n = len(data)
-        buf = self.buf
-        while i < n:
-            st = self.chunk_state
-            if st == 1:
-                take = min(self.chunk_left, n - i)
-                self.chunk_left -= take
-                i += take
-                if self.chunk_left == 0:
-                    self.chunk_state = 2
-                    self.chunk_left = 2
-                continue
-            if st == 2:
-                take = min(self.chunk_left, n - i)
-                self.chunk_left -= take
-                i += take
-                if self.chunk_left == 0:
-                    self.chunk_state = 0
-                continue
-            # size line (0) or trailer lines (3): accumulate up to CRLF
-            j = data.find(b"\n", i)
-            if j < 0:
-                buf += data[i:]
-                if len(buf) > 4096:
-                    return -2
-                self.buf = buf
-                return -1
-            line = (buf + data[i:j]).rstrip(b"\r")
-            buf = b""
-            i = j + 1
-            if st == 0:
-                try:
-                    size = int(line.split(b";", 1)[0].strip(), 16)
-                except ValueError:
-                    return -2
-                if size == 0:
-                    self.chunk_state = 3
-                else:
-                    self.chunk_state, self.chunk_left = 1, size
-            elif not line:  # empty line after the trailers: the end
-                self.buf = b""
-                return i
-        self.buf = buf
-        return -1
+        close = req.close_after or fast.draining
+        if (
+            resp.version == b"1.1"
+            and not resp.connection
+            and _HOP_BY_HOP_RESPONSE.search(resp.raw) is None
+        ):
+            # The common answer (HTTP/1.1, nothing hop-by-hop): its head as it came,
+            # which the parser validated field by field.
+            head = resp.raw[:-2]
+        else:
+            drop = _DROP_RESPONSE | resp.connection
+            lines = [b"HTTP/1.1 %d %s" % (status, resp.reason)]
+            lines += [raw + b": " + value for raw, name, value in resp.headers if name not in drop]
+            head = b"\r\n".join(lines) + b"\r\n"
+        if close:
+            return head + b"Connection: close\r\n\r\n"
+        return head + b"\r\n"
 
     def _done(self, client: _ClientConn, req: _Request) -> None:
         fast = self.fast

@@ -37,11 +37,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import WSMsgType, web
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
+from dsys.balance import forwarded
 from dsys.balance.health import Ejected
 from dsys.balance.pool import Lease, Pool, PoolConfig
 from dsys.errors import BadInputError, CircuitOpenError, ConfigError, NoHealthyBackendError
+from dsys.http11 import valid_host
 from dsys.observability import (
     Metrics,
     add_observability_routes,
@@ -83,6 +85,8 @@ _WS_HEADERS = frozenset(
 )
 _CONTENT_LENGTH = istr("Content-Length")
 _X_FORWARDED_FOR = istr("X-Forwarded-For")
+_FORWARDED = istr("Forwarded")
+_HOST = istr("Host")
 _NO_BODY_STATUS = frozenset({204, 304})
 
 
@@ -307,20 +311,21 @@ class LoadBalancer:
         headers: CIMultiDict[str] = CIMultiDict(
             (k, v) for k, v in src.items() if k not in drop and k != _X_FORWARDED_FOR
         )
+        # Built from validated values only (dsys.balance.forwarded): a crafted Host or
+        # prior Forwarded cannot forge or swallow the element a backend trusts.
         peer = request.remote or "unknown"
-        prior = src.get(_X_FORWARDED_FOR)
-        headers[_X_FORWARDED_FOR] = f"{prior}, {peer}" if prior else peer
+        prior = _header_bytes(src, _X_FORWARDED_FOR)
+        headers[_X_FORWARDED_FOR] = _text(forwarded.x_forwarded_for(prior, peer))
         proto = request.scheme
         headers["X-Forwarded-Proto"] = proto
-        host = src.get("Host")
-        if host:
-            headers.setdefault("X-Forwarded-Host", host)
-        node = f'"[{peer}]"' if ":" in peer else peer
-        fwd = f"for={node};proto={proto}"
-        if host:
-            fwd += f';host="{host}"'
-        prior_fwd = src.get("Forwarded")
-        headers["Forwarded"] = f"{prior_fwd}, {fwd}" if prior_fwd else fwd
+        host = _header_bytes(src, _HOST)
+        if host and valid_host(host):
+            headers.setdefault("X-Forwarded-Host", _text(host))
+        else:
+            headers.popall("X-Forwarded-Host", None)  # not one we can vouch for
+            host = None
+        mine = forwarded.element(peer, proto, host)
+        headers[_FORWARDED] = _text(forwarded.forwarded(_header_bytes(src, _FORWARDED), mine))
         return headers
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
@@ -651,6 +656,18 @@ class LoadBalancer:
 
     async def _admin_remove(self, request: web.Request) -> web.Response:
         return await self._admin_change(request, self.pool.remove, "removed")
+
+
+def _header_bytes(headers: CIMultiDictProxy[str], name: istr) -> bytes | None:
+    """All of a request's ``name`` fields as one list value, in bytes (``None``: absent)."""
+    values = headers.getall(name, None)
+    if not values:
+        return None
+    return ", ".join(values).encode("utf-8", "surrogateescape")
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
 
 
 async def _stream_body(

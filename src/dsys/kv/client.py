@@ -321,7 +321,11 @@ class _Conn:
         except LocalProtocolError as exc:
             fut = self._pending.pop(req["id"], None)
             if fut is not None and not fut.done():
-                fut.set_exception(exc)
+                # the caller's value, not our bug: their bad input (LocalProtocolError is
+                # no longer a BadInputError)
+                err = BadInputError(str(exc))
+                err.__cause__ = exc
+                fut.set_exception(err)
             return False
         return True
 

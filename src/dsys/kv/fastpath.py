@@ -31,29 +31,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import json
 import re
 import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from aiohttp import web
 from aiohttp.http import SERVER_SOFTWARE
 
 from dsys.aiotools import hand_over
-from dsys.errors import (
-    BadInputError,
-    ConflictError,
-    DsysError,
-    NotLeaderError,
-    RequestTimeout,
-    UnavailableError,
+from dsys.errors import BadInputError, DsysError, NotLeaderError, RemoteProtocolError
+from dsys.http11 import Parser, Request
+from dsys.kv.api import (
+    MAX_VALUE_BYTES,
+    Answer,
+    error_answer,
+    opt_int,
+    read_answer,
+    session_fields,
+    write_answer,
 )
 from dsys.kv.fsm import Delete, Put, Result, validate_key
-from dsys.kv.server import MAX_VALUE_BYTES, KVServer, _now_ms, _opt_int
 from dsys.raft.node import TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from dsys.kv.server import KVServer
 
 MAX_HEAD = 32 * 1024
 """Largest request head served here; a longer one goes to aiohttp (which answers 4xx)."""
@@ -67,12 +71,9 @@ MAX_PIPELINE = 128
 KEEPALIVE = 75.0
 """Seconds a connection may sit without a request in flight (aiohttp's keep-alive)."""
 
-# request line: METHOD /v1/kv/KEY[?QUERY] HTTP/1.1, with a conservative character set:
-# no percent-escapes, no '+' in the query, nothing that yarl would re-encode or decode.
+# request-target: /v1/kv/KEY[?QUERY], with a conservative character set: no
+# percent-escapes, no '+' in the query, nothing that yarl would re-encode or decode.
 _TARGET = re.compile(rb"/v1/kv/([A-Za-z0-9\-._~!$&'()*,;=:@/]+)(?:\?([A-Za-z0-9\-._~=&]*))?\Z")
-_BAD_BYTE = re.compile(rb"[^\t\r\n\x20-\x7e]")
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
-_GOOD_NAMES: set[bytes] = set()  # lower-cased header names already checked by _TOKEN
 _GET, _PUT, _DELETE = 0, 1, 2
 _METHODS = {b"GET": _GET, b"PUT": _PUT, b"DELETE": _DELETE}
 # Headers that send a request down the full path.
@@ -85,24 +86,23 @@ _SLOW_HEADERS = frozenset(
         TOKEN_HEADER.lower().encode(),
     }
 )
-# aiohttp answers 400 when one of these comes twice (RFC 9110 singletons).
+# aiohttp answers 400 when one of these comes twice (RFC 9110 singletons); the parser
+# itself refuses a second Content-Length or Host.
 _SINGLETONS = frozenset(
     {
-        b"content-length",
         b"content-location",
         b"content-range",
         b"content-type",
         b"etag",
-        b"host",
         b"max-forwards",
         b"server",
-        b"transfer-encoding",
         b"user-agent",
     }
 )
+_PLAIN_CONNECTION = frozenset({b"close", b"keep-alive"})
 _CLIENT_ID = b"x-dsys-client-id"
 _SEQ = b"x-dsys-seq"
-_JSON = b"application/json; charset=utf-8"
+_ONCE = _SINGLETONS | {_CLIENT_ID, _SEQ}
 _SERVER = SERVER_SOFTWARE.encode()
 _HANDOFF = -1  # _parse_one: hand the connection to aiohttp
 _WAIT = 0  # _parse_one: need more bytes
@@ -131,10 +131,17 @@ _DATE = _DateCache()
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
-def _response(
-    status: int, ctype: bytes, body: bytes, close: bool, before: bytes = b"", after: bytes = b""
-) -> bytes:
-    """An HTTP/1.1 response laid out like aiohttp's: its header order, Date and Server."""
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def render(answer: Answer, close: bool) -> bytes:
+    """An :class:`~dsys.kv.api.Answer` laid out as aiohttp sends it.
+
+    Its header order, then ``Content-Length``, ``Date`` and ``Server``, and
+    ``Connection: close`` when the connection closes after it.
+    """
+    status, ctype, body, before, after, bug = answer
     return b"".join(
         (
             b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\n%sContent-Length: %d\r\nDate: %s\r\n"
@@ -142,57 +149,27 @@ def _response(
             % (
                 status,
                 _REASONS.get(status, b"Unknown"),
-                before,
+                b"".join(b"%s: %s\r\n" % f for f in before) if before else b"",
                 ctype,
-                after,
+                b"".join(b"%s: %s\r\n" % f for f in after) if after else b"",
                 len(body),
                 _DATE.get(),
                 _SERVER,
-                b"Connection: close\r\n" if close else b"",
+                b"Connection: close\r\n" if close or bug else b"",
             ),
             body,
         )
     )
 
 
-def _json_error(status: int, kind: str, message: str, close: bool, **extra: object) -> bytes:
-    """What :func:`dsys.observability.json_error` sends."""
-    body = json.dumps({"error": kind, "message": message, **extra}).encode()
-    return _response(status, _JSON, body, close)
-
-
 def _error_answer(server: KVServer, exc: BaseException, target: bytes, close: bool) -> bytes:
     """The answer the handlers plus :func:`~dsys.observability.error_middleware` give."""
+    leader_url = None
     if isinstance(exc, NotLeaderError):
-        exc = server._redirect_error(exc)
-        if exc.leader_hint:
-            body = json.dumps(
-                {"error": "not_leader", "message": str(exc), "leader": exc.leader_hint}
-            ).encode()
-            location = exc.leader_hint.rstrip("/").encode() + target
-            return _response(307, _JSON, body, close, after=b"Location: %s\r\n" % location)
-        body = json.dumps(
-            {"error": "no_leader", "message": str(exc) or "no leader is known"}
-        ).encode()
-        retry = b"Retry-After: %d\r\n" % max(1, round(exc.retry_after or 1))
-        return _response(503, _JSON, body, close, after=retry)
-    if isinstance(exc, BadInputError):
-        return _json_error(400, "bad_request", str(exc), close)
-    if isinstance(exc, ConflictError):
-        return _json_error(409, "conflict", str(exc), close)
-    if isinstance(exc, UnavailableError):
-        body = json.dumps({"error": "unavailable", "message": str(exc)}).encode()
-        retry = b""
-        if exc.retry_after is not None:
-            retry = b"Retry-After: %d\r\n" % max(1, round(exc.retry_after))
-        return _response(503, _JSON, body, close, after=retry)
-    if isinstance(exc, RequestTimeout):
-        return _json_error(504, "timeout", str(exc), close)
-    if isinstance(exc, DsysError):
-        return _json_error(500, type(exc).__name__, str(exc), close)
-    server.log.error("fast_path_request_failed", error=repr(exc))
-    body = b"500 Internal Server Error\n\nServer got itself in trouble"
-    return _response(500, b"text/plain; charset=utf-8", body, True)
+        leader_url = server._redirect_error(exc).leader_hint
+    elif not isinstance(exc, DsysError):
+        server.log.error("fast_path_request_failed", error=repr(exc))
+    return render(error_answer(exc, target, leader_url), close)
 
 
 def _query(qs: bytes) -> dict[str, str]:
@@ -205,16 +182,12 @@ def _query(qs: bytes) -> dict[str, str]:
     return out
 
 
-def _session(cid: bytes | None, seq: bytes | None) -> tuple[str, int]:
-    """``KVServer._http_session`` on raw header values: ``(client_id, seq)``."""
+def _session(session: tuple[bytes | None, bytes | None]) -> tuple[str, int]:
+    """:func:`~dsys.kv.api.session_fields` of the raw header values."""
+    cid, seq = session
     if not cid:
         return "", 0
-    if len(cid) > 128:
-        raise BadInputError("X-Dsys-Client-Id is longer than 128 characters")
-    n = _opt_int(seq.decode() if seq is not None else None, "X-Dsys-Seq", minimum=1)
-    if n is None:
-        raise BadInputError("X-Dsys-Seq is required with X-Dsys-Client-Id")
-    return cid.decode(), n
+    return session_fields(cid.decode(), seq.decode() if seq is not None else None)
 
 
 class KVFastPath:
@@ -313,27 +286,9 @@ class _Slot:
             return
         cmd = self.cmd
         assert cmd is not None
-        close = self.close
-        if result.ok:
-            status = 200
-            out = _response(200, _JSON, b'{"revision": %d}' % result.revision, close)
-        elif result.status == "conflict":
-            status = 409
-            out = _json_error(
-                409,
-                "conflict",
-                f"revision of {cmd.key!r} is {result.key_revision}, not {cmd.if_revision}",
-                close,
-                revision=result.key_revision,
-            )
-        elif result.status == "not_found":
-            status = 404
-            out = _json_error(404, "not_found", f"key {cmd.key!r} does not exist", close)
-        else:
-            status = 400
-            out = _json_error(400, result.status, f"write refused: {result.status}", close)
-        self.conn.fast.server._count(self.op, status, self.started)
-        self.answer(out)
+        answer = write_answer(cmd, result)
+        self.conn.fast.server._count(self.op, answer.status, self.started)
+        self.answer(render(answer, self.close))
 
 
 class _Conn(asyncio.Protocol):
@@ -345,18 +300,26 @@ class _Conn(asyncio.Protocol):
         "closing",
         "fast",
         "handoff_wanted",
+        "head",
         "need",
+        "parser",
         "parsing",
         "pending",
         "read_paused",
+        "session",
+        "target",
         "transport",
         "write_paused",
     )
 
     def __init__(self, fast: KVFastPath) -> None:
         self.fast = fast
-        self.buf = b""
-        self.need = 0  # bytes the buffered request needs before it can be parsed again
+        self.parser = Parser(max_head=MAX_HEAD)
+        self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
+        self.head: Request | None = None  # parsed, not started yet (body or turn awaited)
+        self.target: tuple[bytes, bytes | None] = (b"", None)  # head's (key, query)
+        self.session: tuple[bytes | None, bytes | None] = (None, None)  # client id, seq
+        self.need = 0  # buffered bytes the head needs (its body) before going on
         self.parsing = False  # inside _next
         self.pending: deque[_Slot] = deque()
         self.transport: asyncio.Transport | None = None
@@ -377,7 +340,7 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
-        self.buf = self.buf + data if self.buf else data
+        self.parser.feed(data)
         if len(self.buf) >= self.need:
             self._next()
 
@@ -416,7 +379,7 @@ class _Conn(asyncio.Protocol):
             return  # an answer ready at once, from inside this loop
         self.parsing = True
         try:
-            while self.buf and self.transport is not None:
+            while (self.buf or self.head) and self.transport is not None:
                 if self.closing or self.handoff_wanted or self.fast.draining:
                     return
                 if (
@@ -454,142 +417,99 @@ class _Conn(asyncio.Protocol):
         )
 
     def _parse_one(self) -> int:
-        """Parse and start the first buffered request."""
-        buf = self.buf
-        end = buf.find(b"\r\n\r\n")
-        if end < 0:
-            # Not a whole head yet. Let aiohttp judge (and answer) anything that does
-            # not start like a request line, so garbage gets its 400 at once.
-            if (
-                len(buf) > MAX_HEAD
-                or not 65 <= buf[0] <= 90
-                or buf.count(b"\n") != buf.count(b"\r\n")  # bare LF
-                or _BAD_BYTE.search(buf) is not None
-            ):
+        """Parse and start the first buffered request (or say why not)."""
+        parser = self.parser
+        req = self.head
+        if req is None:
+            try:
+                event = parser.next_event()
+            except RemoteProtocolError:
+                return _HANDOFF  # still buffered, whole: aiohttp answers it (a 4xx)
+            if event is None:
+                return _WAIT
+            assert isinstance(event, Request)  # a server-role parser starts with one
+            req = self.head = event
+            target = self._servable(req)
+            if target is None:
                 return _HANDOFF
-            self.need = len(buf) + 1
-            return _WAIT
-        if end > MAX_HEAD:
-            return _HANDOFF
-        head = buf[:end]
-        n_lines = head.count(b"\r\n")
-        if head.count(b"\n") != n_lines or head.count(b"\r") != n_lines:
-            return _HANDOFF  # bare CR or LF: aiohttp answers 400 with the reason
-        if _BAD_BYTE.search(head) is not None:
-            return _HANDOFF  # control or non-ASCII bytes: aiohttp decides
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or parts[2] != b"HTTP/1.1" or len(lines[0]) > MAX_LINE:
-            return _HANDOFF
-        method = _METHODS.get(parts[0])
-        m = _TARGET.match(parts[1])
-        if method is None or m is None:
-            return _HANDOFF
+            self.target = target
+        method = _METHODS[req.method]
         if method == _GET and self.pending:
             # A read sees every write before it on the connection and none after it,
             # as when aiohttp serves pipelined requests one at a time: wait.
             return _BLOCKED
-        key = m.group(1)
-        if b"/." in key or key.startswith(b"."):
-            return _HANDOFF  # dot segments: let yarl normalise them
-        length: int | None = None
-        close = False
-        cid: bytes | None = None
-        seq: bytes | None = None
-        singles: set[bytes] = set()
-        for line in lines[1:]:
-            colon = line.find(b":")
-            if colon <= 0 or len(line) > MAX_LINE:
-                return _HANDOFF
-            name = line[:colon].lower()
-            if name not in _GOOD_NAMES:
-                if not _TOKEN.match(name):
-                    return _HANDOFF
-                if len(_GOOD_NAMES) < 4096:
-                    _GOOD_NAMES.add(name)
-            if name in _SLOW_HEADERS:
-                return _HANDOFF
-            if name in _SINGLETONS:
-                if name in singles:
-                    return _HANDOFF  # aiohttp: "Duplicate ... header found" (400)
-                singles.add(name)
-                if name == b"content-length":
-                    value = line[colon + 1 :].strip(b" \t")
-                    if not value.isdigit() or len(value) > 18:
-                        return _HANDOFF
-                    length = int(value)
-            elif name == b"connection":
-                for token in line[colon + 1 :].split(b","):
-                    token = token.strip(b" \t").lower()
-                    if token == b"close":
-                        close = True
-                    elif token not in (b"keep-alive", b""):
-                        return _HANDOFF
-            elif name == _CLIENT_ID:
-                if cid is not None:
-                    return _HANDOFF
-                cid = line[colon + 1 :].strip(b" \t")
-            elif name == _SEQ:
-                if seq is not None:
-                    return _HANDOFF
-                seq = line[colon + 1 :].strip(b" \t")
-        if b"host" not in singles:
-            return _HANDOFF  # aiohttp: "Missing 'Host' header in request." (400)
-        start = end + 4
-        if method == _PUT:
-            length = length or 0
-            if length > MAX_VALUE_BYTES:
-                return _HANDOFF  # aiohttp's 413 (after its own checks, in its order)
-            if len(buf) < start + length:
-                self.need = start + length
-                return _WAIT
-            body = buf[start : start + length]
-        elif length:
-            return _HANDOFF  # a body on GET/DELETE: unusual, the full path
-        else:
-            length = 0
-        self.need = 0
-        rest = start + length
-        if close and rest < len(buf):
+        length = req.content_length or 0
+        buffered = len(self.buf)
+        if buffered < length:
+            self.need = length
+            return _WAIT
+        close = not req.keep_alive
+        if close and buffered > length:
             return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
-        self.buf = buf[rest:] if rest < len(buf) else b""
+        body = parser.take_body()
+        assert body is not None  # all of it is buffered
+        self.need = 0
+        self.head = None
         if close:
             self.closing = True
-        slot = _Slot(self, parts[1], close or self.fast.draining)
+        slot = _Slot(self, req.target, close or self.fast.draining)
         slot.read = method == _GET
         self.pending.append(slot)
-        qs = m.group(2)
+        key, qs = self.target
         try:
             if method == _PUT:
-                self._put(slot, key, qs, cid, seq, body)
+                self._put(slot, key, qs, req, body)
             elif method == _GET:
                 self._get(slot, key, qs)
             else:
-                self._delete(slot, key, qs, cid, seq)
+                self._delete(slot, key, qs, req)
         except Exception as exc:
             slot.fail(exc)
         return _DONE
 
+    def _servable(self, req: Request) -> tuple[bytes, bytes | None] | None:
+        """``(key, query)`` if the fast path serves ``req`` byte for byte as aiohttp would."""
+        if req.version != b"1.1" or req.method not in _METHODS or not req.raw.isascii():
+            return None  # obs-text in a field: aiohttp decides
+        m = _TARGET.match(req.target)
+        if m is None:
+            return None
+        key = m.group(1)
+        if b"/." in key or key.startswith(b"."):
+            return None  # dot segments: let yarl normalise them
+        if req.connection and not req.connection <= _PLAIN_CONNECTION:
+            return None  # names more hop-by-hop headers
+        length = req.content_length or 0
+        if length > (MAX_VALUE_BYTES if req.method == b"PUT" else 0):
+            return None  # aiohttp's 413, or a body on GET/DELETE: the full path
+        singles: set[bytes] = set()
+        cid = seq = None
+        for _, name, value in req.headers:
+            if name in _SLOW_HEADERS:
+                return None
+            if name in _ONCE:
+                if name in singles:
+                    return None  # aiohttp: "Duplicate ... header found" (400)
+                singles.add(name)
+                if name == _CLIENT_ID:
+                    cid = value
+                elif name == _SEQ:
+                    seq = value
+        self.session = (cid, seq)
+        return key, m.group(2)
+
     # ---- requests -----------------------------------------------------------------
 
-    def _put(
-        self,
-        slot: _Slot,
-        key_b: bytes,
-        qs: bytes | None,
-        cid: bytes | None,
-        seq: bytes | None,
-        body: bytes,
-    ) -> None:
+    def _put(self, slot: _Slot, key_b: bytes, qs: bytes | None, req: Request, body: bytes) -> None:
         """``KVServer.handle_put`` (a body over the limit never gets here)."""
         slot.started = time.perf_counter()
         key = validate_key(key_b.decode())
         if_revision = ttl = None
         if qs:
             q = _query(qs)
-            if_revision = _opt_int(q.get("if_revision"), "if_revision")
-            ttl = _opt_int(q.get("ttl"), "ttl")
-        client_id, n = _session(cid, seq)
+            if_revision = opt_int(q.get("if_revision"), "if_revision")
+            ttl = opt_int(q.get("ttl"), "ttl")
+        client_id, n = _session(self.session)
         slot.op = "put"
         slot.cmd = Put(
             key=key,
@@ -602,14 +522,12 @@ class _Conn(asyncio.Protocol):
         )
         self.fast.server.submit_write(slot.cmd, slot.write_done)
 
-    def _delete(
-        self, slot: _Slot, key_b: bytes, qs: bytes | None, cid: bytes | None, seq: bytes | None
-    ) -> None:
+    def _delete(self, slot: _Slot, key_b: bytes, qs: bytes | None, req: Request) -> None:
         """``KVServer.handle_delete``."""
         slot.started = time.perf_counter()
         key = validate_key(key_b.decode())
-        if_revision = _opt_int(_query(qs).get("if_revision") if qs else None, "if_revision")
-        client_id, n = _session(cid, seq)
+        if_revision = opt_int(_query(qs).get("if_revision") if qs else None, "if_revision")
+        client_id, n = _session(self.session)
         slot.op = "delete"
         slot.cmd = Delete(
             key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=client_id, seq=n
@@ -643,16 +561,9 @@ class _Conn(asyncio.Protocol):
 
     def _read_answer(self, slot: _Slot, key: str) -> None:
         server = self.fast.server
-        kv = server.fsm.get(key)
-        if kv is None:
-            server._count("get", 404, slot.started)
-            slot.answer(_json_error(404, "not_found", f"key {key!r} does not exist", slot.close))
-            return
-        server._count("get", 200, slot.started)
-        revision = b"X-Dsys-Revision: %d\r\n" % kv.mod_revision
-        slot.answer(
-            _response(200, b"application/octet-stream", kv.value, slot.close, before=revision)
-        )
+        answer = read_answer(key, server.fsm.get(key))
+        server._count("get", answer.status, slot.started)
+        slot.answer(render(answer, slot.close))
 
     # ---- answers ------------------------------------------------------------------
 
@@ -693,7 +604,7 @@ class _Conn(asyncio.Protocol):
                 self._handoff()
         elif self.parsing:
             return  # _next goes on by itself
-        elif self.buf and len(self.buf) >= self.need:
+        elif (self.buf or self.head) and len(self.buf) >= self.need:
             self._next()
         elif self.read_paused and self._may_read():
             self.read_paused = False
@@ -707,7 +618,10 @@ class _Conn(asyncio.Protocol):
         self.fast.forget(self)
         self.fast.handoffs += 1
         self.transport = None
-        buf, self.buf = self.buf, b""
+        head, self.head = self.head, None
+        buf = self.parser.unparsed()
+        if head is not None:  # parsed, not served: aiohttp reads it again
+            buf = head.raw + buf
         hand_over(transport, self.fast.fallback(), buf)
 
     def close(self) -> None:

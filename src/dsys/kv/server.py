@@ -43,14 +43,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
-    ClosedError,
     ConfigError,
     ConflictError,
     DsysError,
@@ -60,6 +59,18 @@ from dsys.errors import (
     RequestTimeout,
     UnavailableError,
 )
+from dsys.kv.api import (
+    MAX_CLIENT_ID,
+    MAX_VALUE_BYTES,
+    Answer,
+    opt_int,
+    read_answer,
+    session_fields,
+    write_answer,
+    ws_error_status,
+    ws_write_answer,
+)
+from dsys.kv.fastpath import KVFastPath, start_fast_site
 from dsys.kv.fsm import (
     Delete,
     KVStateMachine,
@@ -75,7 +86,6 @@ from dsys.observability import (
     add_observability_routes,
     error_middleware,
     get_logger,
-    json_error,
     parse_listen,
     start_site,
 )
@@ -83,12 +93,6 @@ from dsys.raft.messages import ConfChange, ConfChangeType
 from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
-
-if TYPE_CHECKING:
-    from dsys.kv.fastpath import KVFastPath
-
-MAX_VALUE_BYTES = 1024 * 1024
-"""Largest value accepted (1 MiB); larger bodies get 413."""
 
 MAX_WS_FRAME = 8 * 1024 * 1024
 """Largest WebSocket frame accepted."""
@@ -152,16 +156,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _opt_int(value: str | None, name: str, *, minimum: int = 0) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise BadInputError(f"{name} must be an integer, got {value!r}") from None
-    if n < minimum:
-        raise BadInputError(f"{name} must be >= {minimum}, got {n}")
-    return n
+def _web_response(answer: Answer) -> web.Response:
+    """An :class:`~dsys.kv.api.Answer` as aiohttp sends it (same header order)."""
+    fields = [*answer.before, (b"Content-Type", answer.content_type), *answer.after]
+    return web.Response(
+        status=answer.status,
+        body=answer.body,
+        headers=[(k.decode(), v.decode("latin-1")) for k, v in fields],
+    )
 
 
 class KVServer:
@@ -255,8 +257,6 @@ class KVServer:
         """Start the Raft node and listen; ``self.port`` is the bound port afterwards."""
         await self.node.start()
         if self.config.fast_path:
-            from dsys.kv.fastpath import start_fast_site
-
             self._runner, self._fast, self.port = await start_fast_site(self)
         else:
             self._runner, self.port = await start_site(
@@ -378,8 +378,8 @@ class KVServer:
         key = validate_key(request.match_info["key"])
         if_revision = ttl = None
         if request.query_string:  # parsing an empty query string still costs
-            if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
-            ttl = _opt_int(request.query.get("ttl"), "ttl")
+            if_revision = opt_int(request.query.get("if_revision"), "if_revision")
+            ttl = opt_int(request.query.get("ttl"), "ttl")
         if request.content_length is not None and request.content_length > MAX_VALUE_BYTES:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=MAX_VALUE_BYTES, actual_size=request.content_length
@@ -406,7 +406,7 @@ class KVServer:
         """``DELETE /v1/kv/{key}``."""
         started = time.perf_counter()
         key = validate_key(request.match_info["key"])
-        if_revision = _opt_int(request.query.get("if_revision"), "if_revision")
+        if_revision = opt_int(request.query.get("if_revision"), "if_revision")
         cmd = Delete(
             key=key, if_revision=if_revision, now_ms=_now_ms(), **self._http_session(request)
         )
@@ -415,34 +415,16 @@ class KVServer:
         return resp
 
     def _http_session(self, request: web.Request) -> dict[str, Any]:
-        cid = request.headers.get("X-Dsys-Client-Id", "")
-        if not cid:
-            return {}
-        if len(cid) > 128:
-            raise BadInputError("X-Dsys-Client-Id is longer than 128 characters")
-        seq = _opt_int(request.headers.get("X-Dsys-Seq"), "X-Dsys-Seq", minimum=1)
-        if seq is None:
-            raise BadInputError("X-Dsys-Seq is required with X-Dsys-Client-Id")
-        return {"client_id": cid, "seq": seq}
+        headers = request.headers
+        cid, seq = session_fields(headers.get("X-Dsys-Client-Id"), headers.get("X-Dsys-Seq"))
+        return {"client_id": cid, "seq": seq} if cid else {}
 
     async def _http_write(self, cmd: Put | Delete) -> web.Response:
         try:
             result = await self.write(cmd)
         except NotLeaderError as exc:
             raise self._redirect_error(exc) from None
-        if result.ok:  # the bytes json_response({"revision": n}) makes, without json.dumps
-            body = b'{"revision": %d}' % result.revision
-            return web.Response(body=body, content_type="application/json", charset="utf-8")
-        if result.status == "conflict":
-            return json_error(
-                409,
-                "conflict",
-                f"revision of {cmd.key!r} is {result.key_revision}, not {cmd.if_revision}",
-                revision=result.key_revision,
-            )
-        if result.status == "not_found":
-            return json_error(404, "not_found", f"key {cmd.key!r} does not exist")
-        return json_error(400, result.status, f"write refused: {result.status}")
+        return _web_response(write_answer(cmd, result))
 
     async def handle_get(self, request: web.Request) -> web.Response:
         """``GET /v1/kv/{key}``: raw value with ``X-Dsys-Revision``, or 404."""
@@ -453,16 +435,9 @@ class KVServer:
             await self.read_barrier(stale)
         except NotLeaderError as exc:
             raise self._redirect_error(exc) from None
-        kv = self.fsm.get(key)
-        if kv is None:
-            self._count("get", 404, started)
-            return json_error(404, "not_found", f"key {key!r} does not exist")
-        self._count("get", 200, started)
-        return web.Response(
-            body=kv.value,
-            content_type="application/octet-stream",
-            headers={"X-Dsys-Revision": str(kv.mod_revision)},
-        )
+        answer = read_answer(key, self.fsm.get(key))
+        self._count("get", answer.status, started)
+        return _web_response(answer)
 
     def _stale(self, request: web.Request) -> bool:
         consistency = request.query.get("consistency", "linearizable")
@@ -476,7 +451,7 @@ class KVServer:
         """``GET /v1/kv?prefix=P&limit=L``: keys with their revisions."""
         started = time.perf_counter()
         prefix = request.query.get("prefix", "")
-        limit = _opt_int(request.query.get("limit"), "limit", minimum=1) or 1000
+        limit = opt_int(request.query.get("limit"), "limit", minimum=1) or 1000
         if limit > MAX_SCAN_LIMIT:
             raise BadInputError(f"limit must be <= {MAX_SCAN_LIMIT}")
         try:
@@ -691,15 +666,9 @@ class KVServer:
             if results is not None:
                 for rid, op, r in zip(writes.ids, writes.ops, results, strict=True):
                     assert isinstance(r, Result)
-                    answers.append(
-                        {
-                            "id": rid,
-                            "status": r.status,
-                            "revision": r.revision,
-                            "key_revision": r.key_revision,
-                            "node": node_id,
-                        }
-                    )
+                    answer = ws_write_answer(rid, r)
+                    answer["node"] = node_id
+                    answers.append(answer)
                     stats.observe(_WS_OP_NAMES[op], r.status, elapsed)
             else:
                 for rid, op in zip(writes.ids, writes.ops, strict=True):
@@ -719,22 +688,15 @@ class KVServer:
     ) -> dict[str, Any]:
         if exc is None:
             assert isinstance(result, Result)
-            return {
-                "id": rid,
-                "status": result.status,
-                "revision": result.revision,
-                "key_revision": result.key_revision,
-            }
+            return ws_write_answer(rid, result)
         if isinstance(exc, NotLeaderError):
             return self._not_leader_answer(rid, exc)
-        if isinstance(exc, BadInputError):
-            return _ws_error(rid, "bad_request", str(exc))
         if isinstance(exc, TimeoutError):
             return _ws_error(rid, "unavailable", _WRITE_TIMEOUT)
-        if isinstance(exc, (ProposalDroppedError, UnavailableError, RequestTimeout, ClosedError)):
-            return _ws_error(rid, "unavailable", str(exc))
-        self.log.error("ws_write_failed", error=repr(exc))
-        return _ws_error(rid, "unavailable", f"write failed: {exc}")
+        if not isinstance(exc, DsysError):
+            self.log.error("ws_write_failed", error=repr(exc))
+            return _ws_error(rid, "unavailable", f"write failed: {exc}")
+        return _ws_error(rid, ws_error_status(exc), str(exc))
 
     def _ws_finish(self, op: str, resp: dict[str, Any], started: float) -> dict[str, Any]:
         resp["node"] = self.config.id
@@ -760,10 +722,8 @@ class KVServer:
             resp = await self._ws_dispatch(rid, op, req)
         except NotLeaderError as exc:
             resp = self._not_leader_answer(rid, exc)
-        except BadInputError as exc:
-            resp = _ws_error(rid, "bad_request", str(exc))
-        except (UnavailableError, RequestTimeout, ClosedError) as exc:
-            resp = _ws_error(rid, "unavailable", str(exc))
+        except DsysError as exc:  # the table, not a guess: a server bug is not bad input
+            resp = _ws_error(rid, ws_error_status(exc), str(exc))
         resp["node"] = self.config.id
         self._count(f"ws_{op}" if op in _WS_OPS else "ws_bad", resp["status"], started)
         return resp
@@ -805,7 +765,7 @@ class KVServer:
         if if_revision is not None and (type(if_revision) is not int or if_revision < 0):
             raise BadInputError("if_revision must be a non-negative integer")
         cid, seq = req.get("cid", ""), req.get("seq", 0)
-        if type(cid) is not str or type(seq) is not int or len(cid) > 128:
+        if type(cid) is not str or type(seq) is not int or len(cid) > MAX_CLIENT_ID:
             raise BadInputError("cid must be a short string and seq an integer")
         if op == "put":
             value, ttl = req.get("value"), req.get("ttl_ms", 0)

@@ -25,6 +25,7 @@ from dsys.errors import (
     NotFoundError,
     NotLeaderError,
     PayloadTooLargeError,
+    RemoteProtocolError,
     RequestTimeout,
     StreamFullError,
     UnavailableError,
@@ -70,10 +71,13 @@ async def error_middleware(
 ) -> web.StreamResponse:
     """Map dsys errors to HTTP statuses with a JSON body; the server stays up.
 
-    BadInputError -> 400 (PayloadTooLargeError -> 413), NotFoundError -> 404,
-    ConflictError -> 409 (StreamFullError -> 507), NotLeaderError -> 307 (with ``Location``
-    when the leader is known) or 503, UnavailableError -> 503 with ``Retry-After``,
-    RequestTimeout -> 504, an oversized body -> 413.
+    BadInputError -> 400 (a RemoteProtocolError's ``status_hint``; PayloadTooLargeError
+    -> 413), NotFoundError -> 404, ConflictError -> 409 (StreamFullError -> 507),
+    NotLeaderError -> 307 (with ``Location`` when the leader is known) or 503,
+    UnavailableError -> 503 with ``Retry-After``, RequestTimeout -> 504, an oversized
+    body -> 413, any other DsysError (e.g. a LocalProtocolError: our own bug) -> 500.
+    The KV's fast path gives the same answers from :func:`dsys.kv.api.error_answer`
+    (a test compares them).
     """
     try:
         return await handler(request)
@@ -82,7 +86,8 @@ async def error_middleware(
     except PayloadTooLargeError as exc:
         return json_error(413, "too_large", str(exc))
     except BadInputError as exc:
-        return json_error(400, "bad_request", str(exc))
+        status = exc.status_hint if isinstance(exc, RemoteProtocolError) else 400
+        return json_error(status, "bad_request", str(exc))
     except NotFoundError as exc:
         return json_error(404, "not_found", str(exc))
     except StreamFullError as exc:

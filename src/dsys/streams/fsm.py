@@ -302,7 +302,7 @@ def _from_plain(cls: Any, value: object, convert: Mapping[str, Callable[[Any], A
 # -- messages, deliveries and results ---------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
     """One stored message.
 
@@ -345,7 +345,7 @@ class Delivery:
     deliveries: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class PubAck:
     """A publish committed (or was a duplicate of one that did)."""
 
@@ -769,7 +769,9 @@ class ConsumerState:
         return p
 
     def _advance_floor(self, last_seq: int) -> None:
-        floor = min(self.pending) - 1 if self.pending else self.next_seq - 1
+        # invariant: ``pending`` is in sequence order (entries are added as the cursor
+        # moves forward and updated in place), so its first key is its smallest
+        floor = next(iter(self.pending)) - 1 if self.pending else self.next_seq - 1
         self.ack_floor = max(self.ack_floor, min(floor, last_seq))
 
     def info(self, now_ms: int, stream: _Stream) -> dict[str, Any]:

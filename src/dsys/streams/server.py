@@ -431,9 +431,19 @@ class StreamServer:
             RequestTimeout: not committed within ``request_timeout``.
             UnavailableError: leadership changed before the outcome was known.
         """
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+
+        def done(result: object, exc: BaseException | None) -> None:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(result)
+                else:
+                    fut.set_exception(exc)
+
         try:
-            fut = self.node.propose_future(encode_command(cmd))
-            result = await wait_future(fut, self.config.request_timeout)
+            # the leader applies ``cmd`` itself, without decoding its bytes again
+            self.node.propose_callback(encode_command(cmd), done, cmd)
+            result = await wait_future(fut, self.config.request_timeout + 1.0)
         except TimeoutError:
             raise RequestTimeout("not committed in time; retry (publish with a msg_id)") from None
         except ProposalDroppedError as exc:

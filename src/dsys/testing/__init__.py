@@ -2,11 +2,13 @@
 
 * :mod:`dsys.testing.sim` - :class:`SimNetwork`, :func:`run_campaign`.
 * :mod:`dsys.testing.linearizability` - :func:`check`, :class:`KVModel`,
-  :class:`RegisterModel`, :class:`StreamModel`, :class:`History`, :func:`load_jepsen_history`.
+  :class:`RegisterModel`, :class:`StreamModel`, :class:`History`, :func:`parse_jepsen_history`.
+* :mod:`dsys.testing.jepsen` - :func:`load_jepsen_history` (reads the file).
 """
 
 from __future__ import annotations
 
+from dsys.testing.jepsen import load_jepsen_history
 from dsys.testing.linearizability import (
     CheckResult,
     History,
@@ -15,7 +17,7 @@ from dsys.testing.linearizability import (
     RegisterModel,
     StreamModel,
     check,
-    load_jepsen_history,
+    parse_jepsen_history,
 )
 from dsys.testing.sim import InvariantViolation, SimNetwork, run_campaign
 
@@ -30,5 +32,6 @@ __all__ = [
     "StreamModel",
     "check",
     "load_jepsen_history",
+    "parse_jepsen_history",
     "run_campaign",
 ]

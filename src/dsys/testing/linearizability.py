@@ -25,7 +25,8 @@ Example::
     b = h.invoke("c2", ("read",));    h.ok(b, 2)
     assert not check(h.operations(), RegisterModel()).linearizable
 
-Pure: no I/O except :func:`load_jepsen_history`, which reads a file.
+Pure: no I/O. :func:`parse_jepsen_history` reads a history's text;
+:func:`dsys.testing.jepsen.load_jepsen_history` reads it from a file.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import re
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol, TypeVar
 
 from dsys.errors import BadInputError
@@ -444,7 +444,7 @@ def _jepsen_value(text: str) -> int | None:
     return None if text == "nil" else int(text)
 
 
-def load_jepsen_history(path: str | Path) -> list[Operation]:
+def parse_jepsen_history(text: str, path: str = "<history>") -> list[Operation]:
     """Parse a Jepsen etcd register log (``INFO jepsen.util - P :TYPE :F VALUE`` lines).
 
     ``:ok`` ends an operation with its value, ``:fail`` means it did not take effect (a
@@ -452,12 +452,15 @@ def load_jepsen_history(path: str | Path) -> list[Operation]:
     ``:info`` and a missing end line mean the outcome is unknown. Inputs are for
     :class:`RegisterModel`. Times are line numbers.
 
+    Args:
+        text: the log's text.
+        path: where it came from, for error messages.
+
     Raises:
         BadInputError: a line does not follow the format.
     """
     ops: list[Operation] = []
     open_: dict[str, tuple[tuple[object, ...], int]] = {}
-    text = Path(path).read_text()
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -517,5 +520,5 @@ __all__ = [
     "RegisterModel",
     "StreamModel",
     "check",
-    "load_jepsen_history",
+    "parse_jepsen_history",
 ]

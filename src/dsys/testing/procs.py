@@ -174,14 +174,37 @@ def start_dsys(
         RuntimeError: the server did not print its address or become healthy in time
             (it is stopped first).
     """
+    return start_module(
+        "dsys", *args, timeout=timeout, log_level=log_level, keep_log=keep_log, health=health
+    )
+
+
+def start_module(
+    module: str,
+    *args: str,
+    timeout: float = 20.0,
+    log_level: str = "warning",
+    keep_log: bool = False,
+    health: bool = True,
+) -> ServerProcess:
+    """Run ``python -m MODULE ARGS`` and wait until it serves, as :func:`start_dsys` does.
+
+    For servers that are not ``dsys`` verbs (an example app's services, say): the module
+    must print one line ending in ``HOST:PORT`` once bound, and answer ``GET /healthz``
+    (unless ``health`` is false).
+
+    Raises:
+        RuntimeError: the server did not print its address or become healthy in time.
+    """
     log: str | None = None
     stderr: int | object = subprocess.DEVNULL
+    label = args[0] if module == "dsys" and args else module.rsplit(".", 1)[-1]
     if keep_log:
-        fd, log = tempfile.mkstemp(prefix=f"dsys-{args[0] if args else 'server'}-", suffix=".log")
+        fd, log = tempfile.mkstemp(prefix=f"dsys-{label}-", suffix=".log")
         stderr = fd
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "dsys", *args],
+            [sys.executable, "-m", module, *args],
             stdout=subprocess.PIPE,
             stderr=stderr,  # type: ignore[arg-type]
             env={**os.environ, "DSYS_LOG_LEVEL": log_level},
@@ -196,7 +219,7 @@ def start_dsys(
         m = _PORT_AT_END.search(line)
         if m is None:
             raise RuntimeError(
-                f"`dsys {' '.join(args)}` did not print its address: {line!r}"
+                f"`python -m {module} {' '.join(args)}` did not print its address: {line!r}"
                 + (f"; see {log}" if log else "")
             )
         server.port = int(m.group(1))
@@ -249,6 +272,7 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "start_dsys",
+    "start_module",
     "start_redis",
     "stop_process",
     "wait_healthy",

@@ -1,0 +1,1 @@
+"""A real-time chat built only from dsys blocks, aiohttp and the browser (issue 15)."""

@@ -1,0 +1,264 @@
+"""The chat example on real processes (the ``cluster`` fixture: 3 KV nodes, a stream
+node, a broker, 2 chat servers and ``dsys lb``, started once for tests/chat)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+from examples.chat.client import ChatClient, ChatError
+from examples.chat.cluster import ChatCluster
+from examples.chat.common import MAX_FRAME, STREAM, sign_token
+
+from dsys.streams.client import StreamClient
+
+pytestmark = pytest.mark.timeout(90)
+
+
+async def _until(cond: Any, limit: float = 15.0) -> None:
+    deadline = time.monotonic() + limit
+    while not cond():
+        assert time.monotonic() < deadline, f"condition not reached in {limit} s"
+        await asyncio.sleep(0.05)
+
+
+async def _connect_elsewhere(cluster: ChatCluster, user: str, avoid: str | None) -> ChatClient:
+    """A client on a server other than ``avoid`` (the lb picks; reconnect until it does)."""
+    for _ in range(20):
+        c = ChatClient(cluster.url, user)
+        await c.start()
+        if avoid is None or c.server != avoid:
+            return c
+        await c.close()
+    raise AssertionError("the load balancer never picked the other server")
+
+
+async def test_two_clients_chat_through_a_sigkill_and_miss_nothing(cluster: ChatCluster) -> None:
+    alice = await _connect_elsewhere(cluster, "alice", None)
+    bob = await _connect_elsewhere(cluster, "bob", alice.server)
+    try:
+        assert {alice.server, bob.server} == {"s1", "s2"}
+        await alice.create("kill-test")
+        await bob.join("kill-test")
+        acked: dict[str, list[str]] = {"alice": [], "bob": []}
+
+        async def talk(c: ChatClient, n: int) -> None:
+            for i in range(n):
+                text = f"{c.user} {i}"
+                await c.send("kill-test", text, timeout=30)
+                acked[c.user].append(text)
+                await asyncio.sleep(0.01)
+
+        talkers = [asyncio.create_task(talk(alice, 40)), asyncio.create_task(talk(bob, 40))]
+        await _until(lambda: len(acked["alice"]) >= 10)
+        victim = alice.server
+        assert victim is not None
+        cluster.kill(victim)  # SIGKILL: no close frames, no goodbye to the KV store
+        await asyncio.wait_for(asyncio.gather(*talkers), 60)
+        await _until(lambda: len(alice.offsets("kill-test")) == 80, 30)
+        await _until(lambda: len(bob.offsets("kill-test")) == 80, 30)
+        assert alice.server != victim and alice.connects >= 2
+        for c in (alice, bob):
+            assert c.offsets("kill-test") == list(range(1, 81))  # in order, none missing
+            assert c.dups == c.holes == 0
+            texts = c.texts("kill-test")
+            assert len(set(texts)) == 80  # none twice
+            for user in ("alice", "bob"):  # each author's messages in the order sent
+                assert [t for t in texts if t.startswith(user)] == acked[user]
+        assert alice.texts("kill-test") == bob.texts("kill-test")
+        ids = [m["id"] for m in alice.rooms["kill-test"].log]
+        assert ids == sorted(ids) and len(set(ids)) == 80  # time-sortable global ids
+    finally:
+        await alice.close()
+        await bob.close()
+        for name in cluster.names("chat"):
+            if not cluster.procs[name].alive:
+                cluster.restart(name)
+
+
+async def test_sign_up_log_in_and_tokens(cluster: ChatCluster) -> None:
+    async with aiohttp.ClientSession() as http:
+        good = {"user": "dora", "password": "long enough pw"}
+        async with http.post(f"{cluster.url}/api/signup", json=good) as r:
+            assert r.status == 200 and (await r.json())["token"]
+        async with http.post(f"{cluster.url}/api/signup", json=good) as r:
+            assert r.status == 409 and (await r.json())["error"] == "user_exists"
+        async with http.post(
+            f"{cluster.url}/api/login", json={**good, "password": "wrong password"}
+        ) as r:
+            assert r.status == 401 and (await r.json())["error"] == "bad_login"
+        async with http.post(f"{cluster.url}/api/login", json=good) as r:
+            assert r.status == 200
+        for body, code in [
+            ({"user": "Bad Name!", "password": "long enough pw"}, "bad_name"),
+            ({"user": "erin", "password": "short"}, "bad_password"),
+            ([1, 2], "bad_request"),
+        ]:
+            async with http.post(f"{cluster.url}/api/signup", json=body) as r:
+                assert r.status == 400 and (await r.json())["error"] == code
+        # the stored password is a salted argon2id hash, not the password
+        async with ChatClient(cluster.url, "dora", "long enough pw"):
+            pass
+        forged = sign_token(b"not the cluster's secret", "dora")
+        for token in (forged, "garbage", forged.split(".")[0] + ".AAAA"):
+            async with http.ws_connect(f"{cluster.url}/ws") as ws:
+                await ws.send_str(json.dumps({"type": "hello", "token": token}))
+                err = json.loads((await ws.receive(timeout=5)).data)
+                assert err["type"] == "error" and err["code"] == "bad_token"
+                closed = await ws.receive(timeout=5)
+                assert closed.type == aiohttp.WSMsgType.CLOSE and closed.data == 4001
+
+
+async def test_a_user_reads_and_posts_only_where_they_belong(cluster: ChatCluster) -> None:
+    async with (
+        ChatClient(cluster.url, "frank") as frank,
+        ChatClient(cluster.url, "grace") as grace,
+        ChatClient(cluster.url, "mallory") as mallory,
+    ):
+        await frank.create("private")
+        await grace.join("private")
+        for frame, code in [
+            ({"type": "sub", "room": "private"}, "not_member"),
+            ({"type": "history", "room": "private"}, "not_member"),
+            ({"type": "typing", "room": "private"}, "not_member"),
+            ({"type": "members", "room": "private"}, "not_member"),
+            ({"type": "sub", "room": "nowhere"}, "unknown_room"),
+            ({"type": "join", "room": "nowhere"}, "unknown_room"),
+            ({"type": "join", "room": "dm--frank--grace"}, "forbidden"),
+            ({"type": "dm", "user": "nobody"}, "unknown_user"),
+        ]:
+            with pytest.raises(ChatError) as exc:
+                await mallory.request(frame, "never")
+            assert exc.value.code == code, frame
+        with pytest.raises(ChatError, match="not_member"):
+            await mallory.send("private", "let me in")
+        # a post names its author from the session, never from the frame
+        await mallory.request({"type": "create", "room": "mallorys"}, "joined:mallorys")
+        ack = await mallory.send("mallorys", "hi")
+        assert ack["offset"] == 1
+        await frank.send("private", "for grace only")
+        await _until(lambda: grace.texts("private") == ["for grace only"])
+        assert "private" not in mallory.rooms or not mallory.rooms["private"].log
+        # direct messages: a room of the two users only
+        await frank.request({"type": "dm", "user": "grace"}, "joined:dm--frank--grace")
+        await frank.subscribe("dm--frank--grace")
+        await grace.subscribe("dm--frank--grace")
+        await frank.send("dm--frank--grace", "psst")
+        await _until(lambda: grace.texts("dm--frank--grace") == ["psst"])
+        assert all(m["from"] == "frank" for m in grace.rooms["dm--frank--grace"].log)
+
+
+async def test_bad_frames_get_clear_errors_and_reach_nobody(cluster: ChatCluster) -> None:
+    async with (
+        ChatClient(cluster.url, "henry") as henry,
+        ChatClient(cluster.url, "iris") as iris,
+    ):
+        await henry.create("noisy")
+        await iris.join("noisy")
+        cases = [
+            ("not json at all", "bad_frame"),
+            ("[1, 2, 3]", "bad_frame"),
+            (json.dumps({"type": "launch_missiles"}), "unknown_type"),
+            (json.dumps({"type": "send", "room": "noisy"}), "bad_frame"),
+            (json.dumps({"type": "send", "room": "noisy", "cid": 7, "text": "x"}), "bad_frame"),
+            (json.dumps({"type": "send", "room": "noisy", "cid": "c1", "text": "x" * 5000}),
+             "bad_text"),
+            (json.dumps({"type": "send", "room": "noisy", "cid": "c2", "text": "   "}), "bad_text"),
+            (json.dumps({"type": "send", "room": "../etc", "cid": "c3", "text": "x"}), "bad_name"),
+            (json.dumps({"type": "send", "room": "noisy", "cid": "c4", "text": "a" * MAX_FRAME}),
+             "too_large"),
+            (json.dumps({"type": "sub", "room": "noisy", "offset": "1"}), "bad_frame"),
+        ]  # fmt: skip
+        for raw, code in cases:
+            before = len(henry.errors)
+            henry.raw(raw)
+            await _until(lambda b=before: len(henry.errors) > b)  # type: ignore[misc]
+            assert henry.errors[-1]["code"] == code, raw
+            assert henry.errors[-1]["message"]
+        # a flood is refused per user with a retry hint; the rest still go through
+        for i in range(100):
+            henry.raw(
+                json.dumps({"type": "send", "room": "noisy", "cid": f"f{i}", "text": f"flood {i}"})
+            )
+        await _until(lambda: sum(e["code"] == "rate_limited" for e in henry.errors) >= 30)
+        assert all(e["retry_after"] > 0 for e in henry.errors if e["code"] == "rate_limited")
+        await asyncio.sleep(0.5)
+        assert 25 <= len(iris.texts("noisy")) <= 70
+        assert all(t.startswith("flood ") for t in iris.texts("noisy"))  # nothing else leaked
+        assert iris.errors == [] and iris.dups == iris.holes == 0
+        await henry.send("noisy", "still connected", timeout=10)
+
+
+async def test_resume_refetch_unread_typing_presence(cluster: ChatCluster) -> None:
+    async with (
+        ChatClient(cluster.url, "judy") as judy,
+        ChatClient(cluster.url, "karl") as karl,
+    ):
+        await judy.create("lounge")
+        await karl.join("lounge")
+        for i in range(3):
+            await judy.send("lounge", f"m{i}")
+        await _until(lambda: len(karl.offsets("lounge")) == 3)
+        # read markers and unread counts
+        karl._send({"type": "read", "room": "lounge", "offset": 1})
+        await asyncio.sleep(0.3)
+        rooms = (await karl.request({"type": "rooms"}, "rooms"))["rooms"]
+        lounge = next(r for r in rooms if r["room"] == "lounge")
+        assert (lounge["last_offset"], lounge["read"], lounge["unread"]) == (3, 1, 2)
+        karl._send({"type": "read", "room": "lounge", "offset": 3, "fully": True})
+        await asyncio.sleep(0.3)
+        rooms = (await karl.request({"type": "rooms"}, "rooms"))["rooms"]
+        lounge = next(r for r in rooms if r["room"] == "lounge")
+        assert (lounge["unread"], lounge["fully_read"]) == (0, 3)
+        # a stale epoch is told to refetch
+        ans = await karl.request(
+            {"type": "sub", "room": "lounge", "offset": 2, "epoch": "stale", "seq": 1}, "refetch"
+        )
+        assert ans["room"] == "lounge" and ans["epoch"] != "stale"
+        # resume from an offset: only what came after it
+        st = karl.rooms["lounge"]
+        await _until(lambda: st.epoch != "" and len(st.log) >= 3)
+        st.log = st.log[:1]
+        st.offset, st.seq = 1, st.log[0]["seq"]
+        karl._send({"type": "sub", "room": "lounge", "offset": 1, "epoch": st.epoch, "seq": st.seq})
+        await _until(lambda: karl.offsets("lounge") == [1, 2, 3])
+        # typing lasts about 30 s; presence comes from a lease in the KV store
+        judy._send({"type": "typing", "room": "lounge"})
+        await _until(lambda: any(e["type"] == "typing" for e in karl.events))
+        typing = next(e for e in karl.events if e["type"] == "typing")
+        assert typing["user"] == "judy" and 25 < typing["until"] - time.time() <= 30
+        members = await karl.request({"type": "members", "room": "lounge"}, "members:lounge")
+        assert {m["user"]: m["state"] for m in members["members"]} == {
+            "judy": "online", "karl": "online",
+        }  # fmt: skip
+        # history pages go backwards by stream sequence
+        page = await karl.request(
+            {"type": "history", "room": "lounge", "before_seq": st.log[-1]["seq"], "limit": 1},
+            "history:lounge",
+        )
+        assert [m["offset"] for m in page["messages"]] == [2] and page["more"]
+
+
+async def test_a_gap_older_than_the_history_is_told_to_refetch(cluster: ChatCluster) -> None:
+    async with (
+        ChatClient(cluster.url, "lena") as lena,
+        StreamClient(cluster.addrs("streams")) as sc,
+    ):
+        await lena.create("retained")
+        acks = [await lena.send("retained", f"r{i}") for i in range(1, 6)]
+        await _until(lambda: lena.offsets("retained") == [1, 2, 3, 4, 5])
+        # the stream drops offsets 1-3 of the room (as retention limits would)
+        await sc.purge(STREAM, subject="chat.room.retained", upto_seq=acks[3]["seq"])
+        st = lena.rooms["retained"]
+        st.log, st.offset, st.seq = st.log[:1], 1, acks[0]["seq"]
+        ans = await lena.request(
+            {"type": "sub", "room": "retained", "offset": 1, "epoch": st.epoch, "seq": st.seq},
+            "refetch",
+        )
+        assert ans["reason"] == "gap older than the history"
+        await _until(lambda: lena.offsets("retained") == [4, 5])  # the latest page, again
+        assert st.refetches == 1 and lena.dups == lena.holes == 0
