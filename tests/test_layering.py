@@ -71,6 +71,8 @@ PURE = [
     "kv/api.py",
     "kv/fsm.py",
     "streams/fsm.py",
+    "jobs/core.py",
+    "jobs/cron.py",
     "raft/messages.py",
     "raft/core.py",
     "raft/session.py",

@@ -26,6 +26,7 @@ BLOCKS: tuple[str, ...] = (
     "pubsub",
     "streams",
     "balance",
+    "jobs",
 )
 
 

@@ -518,18 +518,19 @@ class KVClient:
         value: bytes,
         *,
         revision: int,
+        ttl: float | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> int:
-        """Set ``key`` only if its current revision is ``revision`` (0 = must not exist).
+        """Set ``key`` only if its current revision is ``revision`` (0 = must not exist),
+        optionally expiring after ``ttl`` seconds.
 
         Raises:
             ConflictError: the revision did not match (``exc.revision`` is the current one).
         """
-        return await self._write(
-            {"op": "put", "key": key, "value": value, "if_revision": revision},
-            _size(key, value),
-            timeout,
-        )
+        req: dict[str, Any] = {"op": "put", "key": key, "value": value, "if_revision": revision}
+        if ttl:
+            req["ttl_ms"] = int(ttl * 1000)
+        return await self._write(req, _size(key, value), timeout)
 
     async def delete(
         self,
