@@ -28,13 +28,22 @@ async def _until(cond: Any, limit: float = 15.0) -> None:
 
 async def _connect_elsewhere(cluster: ChatCluster, user: str, avoid: str | None) -> ChatClient:
     """A client on a server other than ``avoid`` (the lb picks; reconnect until it does)."""
-    for _ in range(20):
-        c = ChatClient(cluster.url, user)
-        await c.start()
-        if avoid is None or c.server != avoid:
-            return c
-        await c.close()
-    raise AssertionError("the load balancer never picked the other server")
+    token = None  # log in once: logins are rate-limited (10 a minute per user)
+    held: list[ChatClient] = []  # connections to ``avoid`` kept open, so that a
+    try:  # least-outstanding lb turns to the other server whatever other tests left open
+        for _ in range(40):
+            c = ChatClient(cluster.url, user, token=token)
+            await c.start()
+            token = c.token
+            if avoid is None or c.server != avoid:
+                return c
+            held.append(c)
+            # a server restarted by an earlier test may not be back in the lb's rotation
+            await asyncio.sleep(0.5)
+        raise AssertionError("the load balancer never picked the other server")
+    finally:
+        for h in held:
+            await h.close()
 
 
 async def test_two_clients_chat_through_a_sigkill_and_miss_nothing(cluster: ChatCluster) -> None:
