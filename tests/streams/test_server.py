@@ -331,8 +331,9 @@ async def test_push_subscription_resumes_on_the_new_leader(tmp_path: Path) -> No
                 status = await m.ack()
                 # a delivery superseded by a redelivery (its worker connection went away
                 # during the failover) answers "stale"; the redelivery is acked instead
+                # and an ack retried after its answer was lost reports "not_pending"
                 assert status in ("ok", "not_pending", "stale"), status
-                if status == "ok":
+                if status in ("ok", "not_pending"):
                     done.add(m.seq)
             assert sorted(done) == list(range(1, 31))
             assert got[:10] == list(range(1, 11))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import random
 import time
@@ -293,7 +294,11 @@ class StreamClient:
             self._reader = asyncio.create_task(self._read_loop(ws))
             for sub in self._subs.values():  # resume push subscriptions here
                 if sub.active:
-                    self._send(sub._request() | {"id": next(self._ids)})
+                    rid = next(self._ids)
+                    fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+                    self._pending[rid] = fut
+                    fut.add_done_callback(functools.partial(self._resubscribed, sub, ws))
+                    self._send(sub._request() | {"id": rid})
 
     async def _drop(self) -> None:
         ws, self._ws = self._ws, None
@@ -355,27 +360,50 @@ class StreamClient:
         t = asyncio.ensure_future(again())
         t.add_done_callback(lambda t: t.cancelled() or t.exception())
 
+    def _resubscribed(
+        self,
+        sub: Subscription,
+        ws: aiohttp.ClientWebSocketResponse,
+        fut: asyncio.Future[dict[str, Any]],
+    ) -> None:
+        """A resubscription's answer: subscribe again when this server could not take it."""
+        if fut.cancelled() or fut.exception() is not None:
+            return  # the connection went away: the next connect resubscribes
+        status = fut.result().get("status")
+        if status == "ok" or self._closed or sub.closed or sub.sid not in self._subs:
+            return
+        if self._ws is not ws:
+            return  # answered on a connection since replaced (and resubscribed there)
+        if status in ("not_leader", "unavailable"):
+            self._subscribe_again(sub)
+        else:
+            sub._queue.put_nowait(_error(fut.result()))
+
+    def _subscribe_again(self, sub: Subscription) -> None:
+        """Send ``sub`` again through the normal path (it follows the leader, retries)."""
+
+        async def again() -> None:
+            try:
+                await self._call(sub._request())
+            except DsysError as exc:
+                if not sub.closed:
+                    sub._queue.put_nowait(exc)
+
+        t = asyncio.ensure_future(again())
+        t.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     def _on_push(self, resp: dict[str, Any]) -> None:
         sub = self._subs.get(resp["sid"])
         if sub is None:
             return
         if resp.get("end"):
-            if resp.get("status") == "not_leader":
-                self._resubscribe_soon()
+            if resp.get("status") in ("not_leader", "unavailable"):
+                self._subscribe_again(sub)  # e.g. this server stopped being the leader
                 return
             sub._queue.put_nowait(_error(resp))
             return
         for w in resp.get("msgs", ()):
             sub._queue.put_nowait(self._msg(sub.stream, sub.consumer, w, sub.sid))
-
-    def _resubscribe_soon(self) -> None:
-        async def again() -> None:
-            with contextlib.suppress(Exception):
-                await self._drop()
-            self._resubscribe()
-
-        t = asyncio.ensure_future(again())
-        t.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     def _send(self, req: dict[str, Any]) -> None:
         self._out.append(req)
