@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -95,7 +94,14 @@ from dsys.observability import (
     start_site,
 )
 from dsys.raft.messages import ConfChange, ConfChangeType
-from dsys.raft.node import MAX_PEER_BODY, TOKEN_HEADER, NodeConfig, RaftNode
+from dsys.raft.node import (
+    GC_THRESHOLDS,
+    MAX_PEER_BODY,
+    TOKEN_HEADER,
+    NodeConfig,
+    RaftNode,
+    serve_replica,
+)
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
@@ -907,10 +913,6 @@ def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
     return {"id": rid, "status": status, "message": message}
 
 
-GC_THRESHOLDS = (10_000, 20, 50)
-"""``gc.set_threshold`` of a ``dsys kv serve`` process (Python's default is 700, 10, 10)."""
-
-
 async def serve(
     config: ServerConfig, *, on_started: Callable[[KVServer], None] | None = None
 ) -> int:
@@ -923,31 +925,11 @@ async def serve(
         config: the server configuration.
         on_started: called with the running server once it listens.
     """
-    # A server process allocates a few short-lived objects per request and keeps a large
-    # live heap (log, store); collecting the young generation every 700 allocations
-    # costs several percent of CPU for nothing (refcounting frees nearly everything).
     gc.set_threshold(*GC_THRESHOLDS)
     server = KVServer(config)
-    await server.start()
-    if on_started is not None:
-        on_started(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    stop_task = asyncio.create_task(stop.wait())
-    loop_task = asyncio.create_task(server.node.wait_stopped())
-    try:
-        await asyncio.wait({stop_task, loop_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop_task.cancel()
-        loop_task.cancel()
-        await server.close()
-    if server.node.failed is not None:
-        server.log.error("kv_server_stopped_on_failure", error=repr(server.node.failed))
-        return 1
-    return 0
+    return await serve_replica(
+        server, on_started=on_started, failure_event="kv_server_stopped_on_failure"
+    )
 
 
 __all__ = ["MAX_VALUE_BYTES", "KVServer", "ServerConfig", "serve"]

@@ -50,7 +50,6 @@ import contextlib
 import gc
 import itertools
 import os
-import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -83,7 +82,7 @@ from dsys.observability import (
     json_error,
     start_site,
 )
-from dsys.raft.node import MAX_PEER_BODY, NodeConfig, RaftNode
+from dsys.raft.node import GC_THRESHOLDS, MAX_PEER_BODY, NodeConfig, RaftNode, serve_replica
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 from dsys.streams.fsm import (
@@ -1331,9 +1330,6 @@ def _outcome_answer(rid: int, out: Outcome) -> dict[str, Any]:
     return {"id": rid, "status": code, "message": out.message, **out.info}
 
 
-GC_THRESHOLDS = (10_000, 20, 50)
-
-
 async def serve(
     config: StreamServerConfig, *, on_started: Callable[[StreamServer], None] | None = None
 ) -> int:
@@ -1344,26 +1340,9 @@ async def serve(
     """
     gc.set_threshold(*GC_THRESHOLDS)
     server = StreamServer(config)
-    await server.start()
-    if on_started is not None:
-        on_started(server)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    stop_task = asyncio.create_task(stop.wait())
-    loop_task = asyncio.create_task(server.node.wait_stopped())
-    try:
-        await asyncio.wait({stop_task, loop_task}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stop_task.cancel()
-        loop_task.cancel()
-        await server.close()
-    if server.node.failed is not None:
-        server.log.error("streams_server_stopped_on_failure", error=repr(server.node.failed))
-        return 1
-    return 0
+    return await serve_replica(
+        server, on_started=on_started, failure_event="streams_server_stopped_on_failure"
+    )
 
 
 __all__ = [
