@@ -4,26 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from dsys.streams.server import StreamServer, StreamServerConfig
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from kv.helpers import free_ports
 
 
 def cluster_configs(tmp: Path, n: int = 3, **kw: object) -> list[StreamServerConfig]:

@@ -270,13 +270,8 @@ class KVServer:
         r.add_post("/v1/admin/members/{id}/promote", self.handle_promote)
         r.add_delete("/v1/admin/members/{id}", self.handle_remove_member)
         self.node.add_routes(app)
-        add_observability_routes(app, self.metrics, self._health)
+        add_observability_routes(app, self.metrics, self.node.health)
         return app
-
-    async def _health(self) -> Mapping[str, object]:
-        if self.node.failed is not None:
-            raise RuntimeError(f"raft loop stopped: {self.node.failed!r}")
-        return {"id": self.config.id, "role": self.node.role.name.lower(), "term": self.node.term}
 
     async def start(self) -> KVServer:
         """Start the Raft node and listen; ``self.port`` is the bound port afterwards."""

@@ -884,6 +884,12 @@ class RaftNode:
         except TimeoutError:
             raise RequestTimeout(f"index {index} not applied in time") from None
 
+    async def health(self) -> Mapping[str, object]:
+        """Health details for ``/healthz`` (raises when the Raft loop has died)."""
+        if self.failed is not None:
+            raise RuntimeError(f"raft loop stopped: {self.failed!r}")
+        return {"id": self.id, "role": self.role.name.lower(), "term": self.term}
+
     def status(self) -> dict[str, Any]:
         """A JSON-able status summary."""
         conf = self.core.conf

@@ -314,13 +314,8 @@ class StreamServer:
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         self.node.add_routes(app)
-        add_observability_routes(app, self.metrics, self._health)
+        add_observability_routes(app, self.metrics, self.node.health)
         return app
-
-    async def _health(self) -> Mapping[str, object]:
-        if self.node.failed is not None:
-            raise RuntimeError(f"raft loop stopped: {self.node.failed!r}")
-        return {"id": self.config.id, "role": self.node.role.name.lower(), "term": self.node.term}
 
     async def start(self) -> StreamServer:
         """Start the Raft node and listen; ``self.port`` is the bound port afterwards."""
