@@ -202,25 +202,26 @@ async def demo_ratelimit() -> None:
 # -- 4. Raft KV store ---------------------------------------------------------------------
 
 
-async def demo_kv() -> None:
-    ports = [port_near(7101 + i) for i in range(3)]
-    ids = ["n1", "n2", "n3"]
-    addrs = dict(zip(ids, (f"127.0.0.1:{p}" for p in ports), strict=True))
-    say(f"4. Raft KV store: 3 processes ({', '.join(addrs.values())}), fsync on every commit")
-    data = Path(tempfile.mkdtemp(prefix="dsys-demo-kv-"))
+async def start_cluster(
+    block: str, addrs: dict[str, str]
+) -> tuple[Path, dict[str, subprocess.Popen[bytes]]]:
+    """Start ``dsys BLOCK serve`` for each node id -> address; wait until all are healthy."""
+    data = Path(tempfile.mkdtemp(prefix=f"dsys-demo-{block}-"))
     procs = {}
     for node, addr in addrs.items():
-        peers = [
-            a
-            for other, peer in addrs.items()
-            if other != node
-            for a in ("--peer", f"{other}={peer}")
-        ]
+        peers = [f"--peer={other}={peer}" for other, peer in addrs.items() if other != node]
         procs[node] = spawn(
-            "kv", "serve", "--id", node, "--listen", addr, "--data-dir", str(data / node), *peers
+            block, "serve", "--id", node, "--listen", addr, "--data-dir", str(data / node), *peers
         )
     for addr in addrs.values():
         await wait_healthy(f"http://{addr}")
+    return data, procs
+
+
+async def demo_kv() -> None:
+    addrs = {f"n{i + 1}": f"127.0.0.1:{port_near(7101 + i)}" for i in range(3)}
+    say(f"4. Raft KV store: 3 processes ({', '.join(addrs.values())}), fsync on every commit")
+    data, procs = await start_cluster("kv", addrs)
     try:
         async with KVClient(list(addrs.values())) as kv:
             for symbol, price in [("INFY", b"1523.50"), ("TCS", b"3410.00")]:
@@ -258,25 +259,9 @@ async def demo_kv() -> None:
 
 
 async def demo_streams() -> None:
-    ports = [port_near(7501 + i) for i in range(3)]
-    ids = ["n1", "n2", "n3"]
-    addrs = dict(zip(ids, (f"127.0.0.1:{p}" for p in ports), strict=True))
+    addrs = {f"n{i + 1}": f"127.0.0.1:{port_near(7501 + i)}" for i in range(3)}
     say(f"4b. durable streams: 3 processes ({', '.join(addrs.values())}), Raft + fsync")
-    data = Path(tempfile.mkdtemp(prefix="dsys-demo-streams-"))
-    procs = {}
-    for node, addr in addrs.items():
-        peers = [
-            a
-            for other, peer in addrs.items()
-            if other != node
-            for a in ("--peer", f"{other}={peer}")
-        ]
-        procs[node] = spawn(
-            "streams", "serve", "--id", node, "--listen", addr,
-            "--data-dir", str(data / node), *peers,
-        )  # fmt: skip
-    for addr in addrs.values():
-        await wait_healthy(f"http://{addr}")
+    data, procs = await start_cluster("streams", addrs)
     try:
         async with StreamClient(list(addrs.values()), timeout=15.0) as c:
             await c.add_stream(StreamConfig(name="ORDERS", subjects=("orders.>",)))
