@@ -12,8 +12,10 @@ import pytest
 
 from dsys.codec import decode, encode
 from dsys.errors import BadInputError, ConflictError, NotFoundError, PayloadTooLargeError
+from dsys.raft.messages import EntryKind, decode_batch
 from dsys.streams import ConsumerConfig, StreamConfig
 from dsys.streams.client import StreamClient
+from dsys.streams.fsm import decode_command
 from dsys.streams.server import StreamServer
 
 from .helpers import endpoints, running_cluster, wait_leader
@@ -121,6 +123,34 @@ async def test_fetch_long_poll_wakes_on_publish(tmp_path: Path) -> None:
         before = servers[0].node.applied_index
         assert await c.fetch("S", "C", batch=1, expires=0.3) == []
         assert servers[0].node.applied_index - before <= 1  # at most one clock tick
+
+
+async def test_a_waiting_fetch_rides_in_the_publishs_log_entry(tmp_path: Path) -> None:
+    """A fetch waiting on a stream is proposed with the next publish to it, in one entry."""
+    async with running_cluster(tmp_path) as servers:
+        leader = await wait_leader(servers)
+        async with StreamClient(endpoints(servers), timeout=10.0) as c:
+            await c.add_stream(StreamConfig(name="S", subjects=("p",)))
+            await c.add_consumer("S", ConsumerConfig(name="C"))
+            waiting = asyncio.create_task(c.fetch("S", "C", batch=5, expires=10.0))
+            for _ in range(100):  # until the long poll waits on the leader
+                if leader._waiters.get("S"):
+                    break
+                await asyncio.sleep(0.02)
+            before = leader.node.core.last_index
+            ack = await c.publish("p", b"hello")
+            got = await asyncio.wait_for(waiting, 5.0)
+            assert [(m.seq, m.data, m.deliveries) for m in got] == [(ack.seq, b"hello", 1)]
+            entries = leader.node.core.entries(before + 1, leader.node.core.last_index + 1)
+            kinds = [
+                [type(decode_command(cmd)).__name__ for cmd in decode_batch(e.data)]
+                for e in entries
+                if e.kind == EntryKind.BATCH
+            ]
+            assert ["Publish", "Fetch"] in kinds  # one entry: no second consensus round
+            assert await got[0].ack() == "ok"
+            info = await c.consumer_info("S", "C")
+            assert info is not None and (info["ack_floor"], info["num_ack_pending"]) == (1, 0)
 
 
 async def test_slow_consumer_memory_is_bounded_by_the_stream_limits(tmp_path: Path) -> None:

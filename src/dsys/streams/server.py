@@ -37,7 +37,10 @@ One aiohttp application per node serves, on one ``host:port`` (default 7501):
 
 Push subscriptions (``op: "sub"``) run on the leader: a loop per subscription proposes a
 :class:`~dsys.streams.fsm.Fetch` whenever the consumer has work and the subscription has
-room (``max_inflight`` unacknowledged), and sends the deliveries. When the WebSocket goes
+room (``max_inflight`` unacknowledged), and sends the deliveries. A fetch that is waiting
+for new messages (a long poll, or an idle push subscription) rides along with the next
+publishes to its stream: its ``Fetch`` goes into the same log entry, right after them, so
+a new message reaches a waiting consumer in one consensus round, not two. When the WebSocket goes
 away its deliveries are released (due at once), so a reconnecting client, or another
 member of the group, gets them without waiting for the ack deadline.
 """
@@ -82,7 +85,14 @@ from dsys.observability import (
     json_error,
     start_site,
 )
-from dsys.raft.node import GC_THRESHOLDS, MAX_PEER_BODY, NodeConfig, RaftNode, serve_replica
+from dsys.raft.node import (
+    GC_THRESHOLDS,
+    MAX_PEER_BODY,
+    ManyCallback,
+    NodeConfig,
+    RaftNode,
+    serve_replica,
+)
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 from dsys.streams.fsm import (
@@ -232,6 +242,21 @@ class _Sub:
     room: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+@dataclass(slots=True)
+class _Waiter:
+    """A fetch waiting for messages on one stream.
+
+    ``fut`` gets ``None`` when the stream may have work (look again) or, when a publish
+    took the waiter along (``claimed``), the outcome of its ride-along ``Fetch``.
+    """
+
+    consumer: str
+    batch: int
+    worker: str
+    fut: asyncio.Future[Outcome | None]
+    claimed: bool = False
+
+
 class StreamServer:
     """A stream replica: durable Raft node, stream state machine, HTTP + WebSocket API.
 
@@ -270,7 +295,7 @@ class StreamServer:
             fsm=self.fsm,
             metrics=self.raft_metrics,
         )
-        self._events: dict[str, asyncio.Event] = {}
+        self._waiters: dict[str, list[_Waiter]] = {}
         self._m_requests = self.metrics.request_stats(
             "requests_total", "Client requests", "request_seconds", "Client request latency"
         )
@@ -367,15 +392,66 @@ class StreamServer:
         self._wake(stream)
 
     def _wake(self, stream: str) -> None:
-        ev = self._events.pop(stream, None)
-        if ev is not None:
-            ev.set()
+        """Tell the fetches waiting on ``stream`` to look again."""
+        waiters = self._waiters.pop(stream, None)
+        if waiters:
+            for w in waiters:
+                if not w.fut.done():
+                    w.fut.set_result(None)
 
-    def _event(self, stream: str) -> asyncio.Event:
-        ev = self._events.get(stream)
-        if ev is None:
-            ev = self._events[stream] = asyncio.Event()
-        return ev
+    def propose_publishes(self, cmds: list[Publish], done: ManyCallback) -> None:
+        """Propose publishes as one log entry; fetches waiting on their streams ride along.
+
+        ``done(results, None)`` gets one outcome per publish (or ``(None, exc)``). Each
+        waiting fetch of a stream these publishes go to gets a ``Fetch`` after them in the
+        same entry, so it sees them the moment they commit.
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+        """
+        datas = [encode_command(c) for c in cmds]
+        decoded: list[object] = list(cmds)
+        riders: list[_Waiter] = []
+        if self._waiters:
+            now = _now_ms()
+            for name in {c.stream or self.fsm.stream_for(c.subject) for c in cmds}:
+                if name is None:
+                    continue
+                for w in self._waiters.pop(name, None) or ():
+                    if w.fut.done():
+                        continue
+                    f = Fetch(
+                        stream=name, consumer=w.consumer, batch=w.batch, worker=w.worker, now_ms=now
+                    )
+                    w.claimed = True
+                    riders.append(w)
+                    datas.append(encode_command(f))
+                    decoded.append(f)
+        n = len(cmds)
+
+        def finished(results: list[object] | None, exc: BaseException | None) -> None:
+            for i, w in enumerate(riders):
+                if w.fut.done():
+                    continue
+                if results is None:
+                    assert exc is not None
+                    w.fut.set_exception(exc)
+                else:
+                    out = results[n + i]
+                    assert isinstance(out, (Fetched, Error)), out
+                    if isinstance(out, Fetched):
+                        self._m_delivered.inc(len(out.deliveries))
+                    w.fut.set_result(out)
+            done(results if results is None or not riders else results[:n], exc)
+
+        try:
+            self.node.propose_many(datas, finished, decoded)
+        except Exception as exc:
+            for w in riders:
+                if not w.fut.done():
+                    w.fut.set_exception(exc)
+                    w.fut.exception()  # retrieved: the fetch loop sees it or is gone
+            raise
 
     def _leader_addr(self, leader: str | None) -> str | None:
         if leader is None or leader == self.config.id:
@@ -436,8 +512,13 @@ class StreamServer:
                     fut.set_exception(exc)
 
         try:
-            # the leader applies ``cmd`` itself, without decoding its bytes again
-            self.node.propose_callback(encode_command(cmd), done, cmd)
+            if type(cmd) is Publish:
+                self.propose_publishes(
+                    [cmd], lambda rs, exc: done(rs[0] if rs is not None else None, exc)
+                )
+            else:
+                # the leader applies ``cmd`` itself, without decoding its bytes again
+                self.node.propose_callback(encode_command(cmd), done, cmd)
             result = await wait_future(fut, self.config.request_timeout + 1.0)
         except TimeoutError:
             raise RequestTimeout("not committed in time; retry (publish with a msg_id)") from None
@@ -479,10 +560,10 @@ class StreamServer:
             raise BadInputError(f"expires_ms must be between 0 and {MAX_FETCH_WAIT_MS}")
         deadline = time.monotonic() + expires_ms / 1000
         cmd = self.command(Fetch, stream=stream, consumer=consumer, batch=batch, worker=worker)
+        loop = asyncio.get_running_loop()
         while True:
             if not self.node.is_leader:
                 raise self.node._not_leader()
-            ev = self._event(stream)
             if self.fsm.has_work(stream, consumer, _now_ms()):
                 cmd = self.command(
                     Fetch, stream=stream, consumer=consumer, batch=batch, worker=worker
@@ -500,8 +581,30 @@ class StreamServer:
             due = self.fsm.next_due_ms(stream, consumer)
             if due is not None:
                 left = min(left, max(0.001, (due - _now_ms()) / 1000))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ev.wait(), min(left, 1.0))
+            # wait for a publish to this stream: it wakes us, or takes us along
+            waiter = _Waiter(consumer, batch, worker, loop.create_future())
+            self._waiters.setdefault(stream, []).append(waiter)
+            try:
+                await asyncio.wait((waiter.fut,), timeout=min(left, 1.0))
+                if waiter.claimed and not waiter.fut.done():
+                    # our Fetch is in a proposed entry: its deliveries are ours to hand out
+                    await asyncio.wait((waiter.fut,), timeout=self.config.request_timeout + 1.0)
+            finally:
+                if not waiter.fut.done():
+                    waiter.fut.cancel()
+                    rest = self._waiters.get(stream)
+                    if rest is not None and waiter in rest:
+                        rest.remove(waiter)
+                        if not rest:
+                            del self._waiters[stream]
+            if waiter.fut.cancelled() or waiter.fut.exception() is not None:
+                continue  # a ride-along that failed: look again (leadership is checked)
+            got = waiter.fut.result()
+            if got is not None:
+                raise_for(got)
+                assert isinstance(got, Fetched)
+                if got.deliveries:
+                    return got
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -1012,11 +1115,7 @@ class _WsConn:
                 self.send(answer)
 
         try:
-            server.node.propose_many(
-                [encode_command(c) for _, c in pubs],
-                finished,
-                [c for _, c in pubs],
-            )
+            server.propose_publishes([c for _, c in pubs], finished)
         except Exception as exc:
             finished(None, exc)
 
