@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsys.streams import fsm as fsm_module
 from dsys.streams.fsm import (
     NOT_BEFORE_HEADER,
     Ack,
@@ -97,6 +98,15 @@ def test_message_id_dedups_within_the_window_only() -> None:
     assert pub(sm, msg_id="a", now_ms=10) == PubAck("S", 1)
     assert pub(sm, msg_id="a", now_ms=500) == PubAck("S", 1, duplicate=True)
     assert pub(sm, msg_id="a", now_ms=1011) == PubAck("S", 2)
+
+
+def test_the_dedup_table_is_bounded_by_count_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fsm_module, "MAX_DEDUP_IDS", 3)
+    sm = machine()
+    for i, mid in enumerate("abcd"):
+        assert pub(sm, msg_id=mid) == PubAck("S", i + 1)
+    assert pub(sm, msg_id="a") == PubAck("S", 5)  # forgotten: the oldest of four ids
+    assert pub(sm, msg_id="d") == PubAck("S", 4, duplicate=True)
 
 
 def test_expected_last_sequence_is_optimistic_concurrency() -> None:

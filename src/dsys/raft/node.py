@@ -763,6 +763,10 @@ class RaftNode:
             retry_after=self.config.tick_interval * self.config.election_tick,
         )
 
+    def not_leader_error(self) -> NotLeaderError:
+        """The error a server on this node answers when it is not the leader (with a hint)."""
+        return self._not_leader()
+
     async def propose(self, data: bytes) -> object:
         """Replicate ``data`` and return the state machine's result once applied here.
 

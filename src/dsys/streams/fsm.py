@@ -77,6 +77,11 @@ MAX_HEADERS = 64
 MAX_BATCH = 10_000
 """Most messages one fetch may ask for."""
 
+MAX_DEDUP_IDS = 250_000
+"""Most message ids a stream remembers for deduplication: past it the oldest id is
+forgotten before its window ends (JetStream bounds the table only by time; at 10,000
+msg/s a 2-minute window would hold 1.2 million ids)."""
+
 MAX_STREAMS = 1_000
 MAX_CONSUMERS = 10_000
 """Most consumers on one stream."""
@@ -139,7 +144,8 @@ class StreamConfig:
         max_msg_size: largest payload accepted.
         discard: when a limit is reached, drop the ``"old"``-est messages or refuse
             ``"new"`` ones.
-        duplicate_window_ms: how long a message id is remembered for deduplication.
+        duplicate_window_ms: how long a message id is remembered for deduplication
+            (and at most the last :data:`MAX_DEDUP_IDS` ids).
         dead_letter: stream that receives messages a consumer gave up on ("" = the
             stream ``<name>-dlq``, created on first use).
     """
@@ -984,6 +990,8 @@ class StreamStateMachine:
         st.msgs[msg.seq] = msg
         st.bytes += size
         if cmd.msg_id:
+            if len(st.dedup) >= MAX_DEDUP_IDS:  # bounded by count too: forget the oldest
+                del st.dedup[next(iter(st.dedup))]
             st.dedup[cmd.msg_id] = (msg.seq, self.clock_ms)
         while (cfg.max_msgs and len(st.msgs) > cfg.max_msgs) or st.bytes > cfg.max_bytes:
             st.remove(st.msgs.keys()[0])
@@ -1477,6 +1485,7 @@ def _consumer_from_plain(v: Any) -> ConsumerState:
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
+    "MAX_DEDUP_IDS",
     "NOT_BEFORE_HEADER",
     "Ack",
     "AckResult",

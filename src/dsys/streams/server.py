@@ -563,7 +563,7 @@ class StreamServer:
         loop = asyncio.get_running_loop()
         while True:
             if not self.node.is_leader:
-                raise self.node._not_leader()
+                raise self.node.not_leader_error()
             if self.fsm.has_work(stream, consumer, _now_ms()):
                 cmd = self.command(
                     Fetch, stream=stream, consumer=consumer, batch=batch, worker=worker
@@ -1267,7 +1267,7 @@ class _WsConn:
         except InvalidCommand as exc:
             raise BadInputError(str(exc)) from None
         if not self.server.node.is_leader:
-            raise self.server.node._not_leader()
+            raise self.server.node.not_leader_error()
         if self.server.fsm.consumer_info(stream, consumer) is None:
             raise NotFoundError(f"no consumer {consumer!r} on stream {stream!r}")
         worker = args.get("worker") or f"{self.id}/{sid}"
