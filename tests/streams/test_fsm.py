@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dsys.pubsub.subjects import validate_subject
 from dsys.streams import fsm as fsm_module
 from dsys.streams.fsm import (
     NOT_BEFORE_HEADER,
@@ -16,6 +17,7 @@ from dsys.streams.fsm import (
     AddConsumer,
     AddStream,
     Claim,
+    Command,
     ConsumerConfig,
     DeleteConsumer,
     DeleteMessage,
@@ -33,9 +35,11 @@ from dsys.streams.fsm import (
     StreamStateMachine,
     Tick,
     build_command,
+    check_headers,
     decode_command,
     encode_command,
     patterns_overlap,
+    validate_name,
 )
 
 
@@ -502,3 +506,94 @@ def test_commands_round_trip_through_bytes() -> None:
     ]
     for cmd in cmds:
         assert decode_command(encode_command(cmd)) == cmd
+
+
+# -- the Publish fast path ----------------------------------------------------------------
+
+
+def _reference_publish(kwargs: dict[str, Any]) -> Publish:
+    """The general checks ``build_command`` ran for a Publish before it had a fast path."""
+    kw = dict(kwargs)
+    now = kw.get("now_ms", 0)
+    if not (type(now) is int and now >= 0):
+        raise InvalidCommand("now_ms")
+    if "stream" in kw and kw["stream"] != "":
+        validate_name(kw["stream"])
+    try:
+        validate_subject(kw.get("subject"))
+    except ValueError as exc:
+        raise InvalidCommand(str(exc)) from None
+    if type(kw.get("data")) is not bytes:
+        raise InvalidCommand("data")
+    kw["headers"] = check_headers(kw.get("headers", {}))
+    msg_id = kw.get("msg_id", "")
+    if not (type(msg_id) is str and len(msg_id) <= 256):
+        raise InvalidCommand("msg_id")
+    els = kw.get("expected_last_seq")
+    if not (els is None or (type(els) is int and els >= 0)):
+        raise InvalidCommand("expected_last_seq")
+    if type(kw.get("stream", "")) is not str:
+        raise InvalidCommand("stream")
+    try:
+        return Publish(**kw)
+    except TypeError as exc:
+        raise InvalidCommand(str(exc)) from None
+
+
+_ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.text(max_size=4),
+    st.binary(max_size=4),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=2), st.text(max_size=2), max_size=2),
+)
+_GOOD_PUB = {
+    "subject": st.sampled_from(["a.b", "a", "orders.1.x"]),
+    "data": st.binary(max_size=8),
+    "headers": st.dictionaries(st.text(min_size=1, max_size=3), st.text(max_size=3), max_size=3),
+    "stream": st.sampled_from(["", "S"]),
+    "msg_id": st.one_of(st.text(max_size=3), st.just("x" * 256)),
+    "expected_last_seq": st.one_of(st.none(), st.integers(0, 5)),
+    "now_ms": st.integers(0, 10**6),
+}
+_BAD_PUB = {
+    "subject": st.one_of(st.sampled_from(["a..b", "a.*", "a.>", "a b", "", ".a"]), _ANY),
+    "data": _ANY,
+    "headers": st.one_of(st.just({"": "v"}), st.just({"k": 1}), _ANY),
+    "stream": st.one_of(st.sampled_from(["bad name", "x" * 65]), _ANY),
+    "msg_id": st.one_of(st.just("x" * 257), _ANY),
+    "expected_last_seq": st.one_of(st.integers(-3, -1), _ANY),
+    "now_ms": st.one_of(st.integers(-3, -1), _ANY),
+    "extra": _ANY,
+}
+
+
+@st.composite
+def _publish_fields(draw: st.DrawFn) -> dict[str, Any]:
+    """Mostly valid Publish fields with zero to two of them replaced by odd values."""
+    optional = {k: v for k, v in _GOOD_PUB.items() if k != "subject"}
+    kw = draw(st.fixed_dictionaries({"subject": _GOOD_PUB["subject"]}, optional=optional))
+    if draw(st.booleans()):
+        kw["data"] = draw(_GOOD_PUB["data"])
+    for name in draw(st.lists(st.sampled_from(sorted(_BAD_PUB)), max_size=2)):
+        kw[name] = draw(_BAD_PUB[name])
+    return kw
+
+
+@settings(max_examples=300, deadline=None)
+@given(_publish_fields())
+def test_the_publish_fast_path_accepts_exactly_what_the_general_checks_accept(
+    kwargs: dict[str, Any],
+) -> None:
+    try:
+        want: Publish | None = _reference_publish(kwargs)
+    except InvalidCommand:
+        want = None
+    for _ in range(2):  # the second time the subject may come from the validated cache
+        try:
+            got: Command | None = build_command(Publish, kwargs)
+        except InvalidCommand:
+            got = None
+        assert got == want

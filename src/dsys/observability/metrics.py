@@ -117,16 +117,16 @@ class RequestStats(Collector):
         self._counts: dict[tuple[str, str], int] = {}
         self._hist: dict[str, list[float]] = {}  # per-bucket counts, +Inf, then the sum
 
-    def observe(self, op: str, status: int | str, seconds: float) -> None:
-        """Count one request of ``op`` that ended with ``status`` after ``seconds``."""
+    def observe(self, op: str, status: int | str, seconds: float, n: int = 1) -> None:
+        """Count ``n`` requests of ``op`` that ended with ``status`` after ``seconds``."""
         key = (op, str(status))
         counts = self._counts
-        counts[key] = counts.get(key, 0) + 1
+        counts[key] = counts.get(key, 0) + n
         h = self._hist.get(op)
         if h is None:
             h = self._hist[op] = [0.0] * (len(self._bounds) + 2)
-        h[bisect_left(self._bounds, seconds)] += 1
-        h[-1] += seconds
+        h[bisect_left(self._bounds, seconds)] += n
+        h[-1] += seconds * n
 
     def collect(self) -> Iterator[Metric]:
         """The counter and histogram families (called by the registry at scrape time)."""

@@ -471,12 +471,16 @@ class StreamServer:
             BadInputError: a field is missing, of the wrong type, or beyond this server's
                 limits.
         """
+        return self.command_from(cls, kwargs)
+
+    def command_from(self, cls: type[Any], kwargs: dict[str, Any]) -> Command:
+        """:meth:`command` with the fields in a dict it may change (no copy)."""
         kwargs["now_ms"] = _now_ms()
         try:
             cmd = build_command(cls, kwargs)
         except InvalidCommand as exc:
             raise BadInputError(str(exc)) from None
-        if isinstance(cmd, AddStream):
+        if type(cmd) is AddStream:
             cfg = cmd.config
             if cfg.max_bytes > self.config.max_stream_bytes:
                 raise BadInputError(
@@ -488,7 +492,7 @@ class StreamServer:
                     f"max_msg_size {cfg.max_msg_size} is above this server's limit "
                     f"{self.config.max_payload}"
                 )
-        elif isinstance(cmd, Publish) and len(cmd.data) > self.config.max_payload:
+        elif type(cmd) is Publish and len(cmd.data) > self.config.max_payload:
             raise PayloadTooLargeError(
                 f"payload is {len(cmd.data)} bytes; the limit is {self.config.max_payload}"
             )
@@ -1089,13 +1093,12 @@ class _WsConn:
 
     def _pub_cmd(self, req: dict[str, Any]) -> Publish:
         _rid(req)
-        fields_ = {
-            k: req[k]
-            for k in ("subject", "data", "headers", "stream", "msg_id", "expected_last_seq")
-            if k in req
-        }
-        cmd = self.server.command(Publish, **fields_)
-        assert isinstance(cmd, Publish)
+        kw = dict(req)
+        del kw["op"], kw["id"]
+        if "now_ms" in kw:
+            raise BadInputError("pub: unknown field(s) now_ms")
+        cmd = self.server.command_from(Publish, kw)  # unknown fields are refused there
+        assert type(cmd) is Publish
         return cmd
 
     def _publish_many(self, pubs: list[tuple[int, Publish]]) -> None:
@@ -1105,14 +1108,22 @@ class _WsConn:
         def finished(results: list[object] | None, exc: BaseException | None) -> None:
             self.done(len(pubs))
             elapsed = time.perf_counter() - started
+            ok = 0
+            out = self.out
             for i, (rid, _) in enumerate(pubs):
                 if results is None:
                     assert exc is not None
                     answer = self._error_answer(rid, exc)
                 else:
                     answer = _outcome_answer(rid, results[i])  # type: ignore[arg-type]
-                server._m_requests.observe("ws_pub", answer["status"], elapsed)
-                self.send(answer)
+                if answer["status"] == "ok":
+                    ok += 1
+                else:
+                    server._m_requests.observe("ws_pub", answer["status"], elapsed)
+                out.append(answer)
+            if ok:
+                server._m_requests.observe("ws_pub", "ok", elapsed, ok)
+            self.ready.set()
 
         try:
             server.propose_publishes([c for _, c in pubs], finished)
