@@ -13,8 +13,8 @@ inventory  stock documents (:mod:`examples.shop.stock`) changed only by compare-
 provider   a simulated payment provider, slow and failing on purpose, with Stripe-style
            idempotency keys kept 24 h (KV TTL): the same key replays the same answer
 payment    calls the provider through a circuit breaker and retries with a budget
-delivery   moves confirmed orders through packed, shipped, delivered: a durable consumer
-           whose message is negatively acknowledged with a delay between stages
+delivery   moves confirmed orders through packed, shipped, delivered: background jobs
+           (``dsys.jobs`` on streams + KV), one per step, each enqueueing the next delayed
 history    the order-history read model (CQRS), rebuilt from ``shop.order.status``
 =========  ==================================================================================
 
@@ -46,7 +46,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dsys.errors import CircuitOpenError, ConflictError, DsysError
+from dsys.errors import BadInputError, CircuitOpenError, ConflictError, DsysError
 from dsys.kv import KVClient
 from dsys.ratelimit import Limiter
 from dsys.ratelimit.middleware import ratelimit_middleware
@@ -706,34 +706,91 @@ async def payment_app(ctx: Ctx) -> web.Application:
 # -- delivery ----------------------------------------------------------------------------
 
 STAGES = ("delivery.packed", "delivery.shipped", "delivery.delivered")
+JOBS_STREAM = "SHOPJOBS"
+"""The delivery jobs' stream (``dsys.jobs.dsys_backend``; its records live under ``jobs/``)."""
+
+
+def delivery_job_id(order: str, stage: int) -> str:
+    """The job that moves ``order`` to ``STAGES[stage]``: one id per order and step, so a
+    redelivered command or a retried job enqueues it once."""
+    return f"deliver:{order}:{stage}"
 
 
 async def delivery_app(ctx: Ctx) -> web.Application:
-    kv = ctx.kvc
+    """Delivery as background jobs (:mod:`dsys.jobs` on the shop's streams + KV): the
+    ``delivery.schedule`` command enqueues the first step; each step publishes its event
+    and enqueues the next one ``--delivery-step`` seconds later."""
+    from dsys.jobs import Queue, Registry, Worker, WorkerConfig
+    from dsys.jobs.dsys_backend import DsysBackend
+    from dsys.resilience import Backoff
+
     step_delay: float = ctx.args.delivery_step
+    backend = DsysBackend(
+        ctx.args.streams.split(","), ctx.args.kv.split(","), stream=JOBS_STREAM,
+        prefix="jobs/", lease=5.0, timeout=15.0,
+    )  # fmt: skip
+    queue = Queue(backend, "delivery")
+    tasks = Registry()
+
+    @tasks.task(name="shop.deliver", retries=100, timeout=20,
+                backoff=Backoff(initial=0.1, maximum=2.0))  # fmt: skip
+    async def deliver(order: str, stage: int) -> str:
+        # the event id is derived from order + stage: a second run publishes nothing new
+        await publish_event(ctx, saga.event(order, STAGES[stage]))
+        if stage + 1 < len(STAGES):
+            await queue.enqueue(
+                "shop.deliver", order, stage + 1, delay=step_delay,
+                job_id=delivery_job_id(order, stage + 1),
+            )  # fmt: skip
+        return STAGES[stage]
 
     async def on_command(msg: StreamMsg) -> None:
         c = parse_command(msg)
         if c.kind != "delivery.schedule":
             raise ValueError(f"delivery does not handle {c.kind}")
-        key = f"delivery/{c.order}"
-        doc, _ = await get_json(kv, key)
-        done = 0 if doc is None else int(doc["stage"])
-        if done < len(STAGES):
-            # publish first: a crash before the CAS publishes the same event id again
-            await publish_event(ctx, saga.event(c.order, STAGES[done]))
-            await update_json(
-                kv, key, lambda d: {"stage": max(done + 1, 0 if d is None else int(d["stage"]))}
-            )
-            done += 1
-        if done < len(STAGES):
-            await msg.nak(step_delay)  # the next stage is due after a while
-        else:
-            await msg.ack()
-            await kv.delete(key)
+        try:
+            jid = delivery_job_id(c.order, 0)
+            await queue.enqueue("shop.deliver", c.order, 0, job_id=jid)
+        except BadInputError as exc:  # an order id no job id can carry
+            raise ValueError(str(exc)) from exc
+        await msg.ack()
+
+    worker = Worker(
+        backend, tasks, WorkerConfig(queue="delivery", concurrency=64, poll=0.2, shutdown_grace=2.0)
+    )
+
+    async def run_worker() -> None:
+        try:
+            await worker.run()
+        finally:
+            await backend.close()
 
     ctx.spawn(consume(ctx.stream, "delivery", on_command, concurrency=64))
-    return web.Application()
+    ctx.spawn(run_worker())
+
+    async def get_stats(request: web.Request) -> web.Response:
+        st = worker.stats
+        return web.json_response(
+            {"started": st.started, "succeeded": st.succeeded, "retried": st.retried,
+             "dead": st.dead, "stale": st.stale, "lost": st.lost}
+        )  # fmt: skip
+
+    async def job(request: web.Request) -> web.Response:
+        try:
+            info = await queue.status(request.match_info["jid"])
+        except BadInputError as exc:
+            raise json_error(400, "bad_job_id", str(exc)) from None
+        if info is None:
+            raise json_error(404, "not_found", "no such job")
+        return web.json_response(
+            {"id": info.spec.id, "state": info.state, "attempt": info.attempt,
+             "args": list(info.spec.args), "result": info.result}
+        )  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/admin/stats", get_stats)
+    app.router.add_get("/admin/jobs/{jid}", job)
+    return app
 
 
 # -- order history -----------------------------------------------------------------------

@@ -17,7 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from examples.shop.run import Api, Shop
+from examples.shop.services import JOBS_STREAM, delivery_job_id
 
+from dsys.jobs import Queue
+from dsys.jobs.dsys_backend import DsysBackend
 from dsys.kv import KVClient
 from dsys.streams.client import StreamClient
 
@@ -318,6 +321,41 @@ async def test_a_duplicate_event_is_skipped_and_a_replayed_charge_is_not_charged
     else:
         raise AssertionError("the provider never answered")
     await check_money(shop, http, [oid])
+
+
+async def test_delivery_runs_as_jobs_and_a_redelivered_schedule_enqueues_nothing_twice(
+    shop: Shop, http: aiohttp.ClientSession
+) -> None:
+    api = await customer(http, shop, "ship")
+    await api.call("POST", "/api/cart/items", {"product": "candle-holder", "qty": 1})
+    _, order = await api.call("POST", "/api/checkout", {})
+    oid = order["id"]
+    assert (await api.wait_final(oid))["status"] == "delivered"
+    async with DsysBackend(shop.streams, shop.kv, stream=JOBS_STREAM) as backend:
+        queue = Queue(backend, "delivery")
+        before = []
+        for stage in range(3):  # one job per step, each succeeded once
+            info = await queue.status(delivery_job_id(oid, stage))
+            assert info is not None and info.state == "succeeded", info
+            assert list(info.spec.args) == [oid, stage]
+            before.append(info)
+        async with StreamClient(shop.streams) as sc:  # the command again, stored again
+            cmd = {"id": f"{oid}:again", "kind": "delivery.schedule", "order": oid,
+                   "user": order["user"], "items": [], "amount": order["amount"]}  # fmt: skip
+            ack = await sc.publish("shop.cmd.delivery.schedule", json.dumps(cmd).encode())
+            deadline = time.monotonic() + 10
+            while (await sc.consumer_info("SHOP", "delivery") or {})["ack_floor"] < ack.seq:
+                assert time.monotonic() < deadline, "the delivery service did not take it"
+                await asyncio.sleep(0.1)
+        for stage in range(3):  # the same jobs, not run again
+            info = await queue.status(delivery_job_id(oid, stage))
+            assert info is not None and info.state == "succeeded"
+            assert (info.enqueued_ms, info.finished_ms, info.tries) == (
+                before[stage].enqueued_ms, before[stage].finished_ms, before[stage].tries
+            )  # fmt: skip
+    history = (await get(http, f"{shop.urls['orders']}/orders/{oid}"))["history"]
+    assert history[-3:] == ["packed", "shipped", "delivered"], history
+    assert history.count("packed") == 1, history
 
 
 async def test_a_cart_survives_its_cart_instance_dying(
