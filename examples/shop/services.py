@@ -48,7 +48,7 @@ from aiohttp import web
 
 from dsys.errors import BadInputError, CircuitOpenError, ConflictError, DsysError
 from dsys.kv import KVClient
-from dsys.ratelimit import Limiter
+from dsys.ratelimit import ClusterStore, Limiter
 from dsys.ratelimit.middleware import ratelimit_middleware
 from dsys.resilience import Backoff, CircuitBreaker, CountWindow, Retry, RetryBudget
 from dsys.sharding import HashRing
@@ -910,6 +910,9 @@ async def gateway_app(ctx: Ctx) -> web.Application:
             async with ctx.session.request(
                 method, url, json=body, timeout=aiohttp.ClientTimeout(total=10)
             ) as r:
+                if r.status in (502, 504):  # its load balancer found no instance to answer
+                    host = url.split("/")[2]
+                    raise json_error(503, "unavailable", f"upstream {host}: {r.status}")
                 return r.status, await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise json_error(503, "unavailable", f"upstream {url.split('/')[2]}: {exc}") from exc
@@ -1075,7 +1078,14 @@ async def gateway_app(ctx: Ctx) -> web.Application:
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(os.path.join(STATIC, "index.html"))
 
-    limiter = Limiter(rate=a.rate, per=1.0, burst=int(a.rate * 2), name="gateway")
+    # with --ratelimit the buckets live on `dsys ratelimit serve` nodes, shared by every
+    # gateway instance (a client alternating between instances gets one limit); if the
+    # nodes are unreachable the limiter lets requests through (fail open)
+    store = ClusterStore(a.ratelimit.split(","), timeout=0.5) if a.ratelimit else None
+    limiter = Limiter(
+        rate=a.rate, per=1.0, burst=a.burst or max(1, int(a.rate * 2)), name="gateway", store=store,
+        on_store_error="open",
+    )  # fmt: skip
 
     @web.middleware
     async def errors(
@@ -1105,6 +1115,12 @@ async def gateway_app(ctx: Ctx) -> web.Application:
     app.router.add_get("/api/orders", my_orders)
     app.router.add_get("/api/orders/{oid}", my_order)
     app.router.add_get("/api/ws", ws)
+
+    async def close_store(app: web.Application) -> None:
+        if store is not None:
+            await store.close()
+
+    app.on_cleanup.append(close_store)
     return app
 
 
@@ -1135,6 +1151,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", default="", help=f"URL of the {name} service")
     p.add_argument("--cart", default="", help="URLs of the cart instances, comma-separated")
     p.add_argument("--rate", type=float, default=50.0, help="gateway: requests/s per client")
+    p.add_argument("--burst", type=int, default=0, help="gateway: burst (default 2 s of --rate)")
+    p.add_argument(
+        "--ratelimit", default="", help="gateway: `dsys ratelimit serve` nodes, comma-separated"
+    )
     p.add_argument("--seed", action="store_true", help="inventory: stock the seed catalog")
     p.add_argument("--reservation-ttl", type=float, default=saga.RESERVATION_TTL)
     p.add_argument("--delivery-step", type=float, default=1.0, help="seconds per stage")

@@ -201,10 +201,14 @@ async def test_kill_9_the_orders_service_mid_load_every_acknowledged_order_ends_
 
     first = asyncio.gather(*(buy(b, 0.05 * i) for i, b in enumerate(buyers[:10])))
     await asyncio.wait_for(flowing.wait(), 20)  # kill it once orders are flowing
-    await asyncio.to_thread(shop.kill, "orders")
+    instances = shop.instances_of("orders")
+    assert len(instances) >= 2
+    for name in instances:  # every instance: the whole orders service is down
+        await asyncio.to_thread(shop.kill, name)
     await first
     refused_while_down = answers[503]
-    await asyncio.to_thread(shop.restart, "orders")
+    for name in instances:
+        await asyncio.to_thread(shop.restart, name)
     await asyncio.gather(*(buy(b) for b in buyers[10:]))
     print(f"checkouts: {dict(answers)}; refused while orders was down: {refused_while_down}")
     assert refused_while_down > 0 and len(acked) >= 11
@@ -361,6 +365,7 @@ async def test_delivery_runs_as_jobs_and_a_redelivered_schedule_enqueues_nothing
 async def test_a_cart_survives_its_cart_instance_dying(
     shop: Shop, http: aiohttp.ClientSession
 ) -> None:
+    assert shop.instances_of("cart") == ["cart-1", "cart-2"]
     users = await asyncio.gather(*(customer(http, shop, "cart") for _ in range(6)))
     for u in users:
         await u.call("POST", "/api/cart/items", {"product": "hairdryer", "qty": 2})
