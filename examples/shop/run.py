@@ -398,13 +398,13 @@ async def visit(shop: Shop, out: Any = print) -> None:
         out(f"  a declined card -> {final['status']} ({final['reason']}); nothing charged")
         status, err = await api.call("POST", "/api/cart/items", {"product": "mug", "qty": -3})
         out(f"  qty -3 -> {status} {err['error']}")
-        total: dict[str, Any] = {}
+        summed: dict[str, Any] = {}
         payments = shop.instances_of("payment")
         for name in payments:  # each instance counts what it did
             async with http.get(f"{shop.urls[name]}/admin/stats") as r:
                 for k, v in (await r.json()).items():
-                    total[k] = total.get(k, 0) + v if isinstance(v, int) else v
-        out(f"  payment service ({len(payments)} instances): {total}")
+                    summed[k] = summed.get(k, 0) + v if isinstance(v, int) else v
+        out(f"  payment service ({len(payments)} instances): {summed}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -420,9 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         shop.start()
-        for name, p in shop.procs.items():
+        for name, proc in shop.procs.items():
             if not name.startswith(("kv", "streams")):
-                print(f"  {name:11} {p.url}")
+                print(f"  {name:11} {proc.url}")
         print(f"\n  storefront: {shop.url}/\n")
         asyncio.run(visit(shop))
         if args.seconds is None:

@@ -62,6 +62,7 @@ from .common import (
     dumps,
     follow,
     get_json,
+    get_many,
     healthz,
     json_error,
     log,
@@ -325,7 +326,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         """Relays outboxes left behind (a crash between the CAS and the publish)."""
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("order/", limit=10_000):
+                async for item in kv.scan_iter("order/"):
                     if clean.get(item.key) != item.revision:
                         await relay_soon(item.key.removeprefix("order/"))
             await asyncio.sleep(1.0)
@@ -396,8 +397,8 @@ async def orders_app(ctx: Ctx) -> web.Application:
         return web.json_response(status_view(doc))
 
     async def all_orders(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("order/", limit=10_000)]
-        docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
+        keys = [i.key async for i in kv.scan_iter("order/")]
+        docs = await get_many(kv, keys)
         return web.json_response([status_view(d) for d, _ in docs if d is not None])
 
     async def get_stats(request: web.Request) -> web.Response:
@@ -480,7 +481,7 @@ async def inventory_app(ctx: Ctx) -> web.Application:
     async def expiry_sweeper() -> None:
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("stock/", limit=10_000):
+                async for item in kv.scan_iter("stock/"):
                     gone: list[str] = []
                     _, wrote = await update_json(kv, item.key, partial(_expire, gone))
                     if wrote:
@@ -602,8 +603,8 @@ async def provider_app(ctx: Ctx) -> web.Application:
         return await pay(request, "refund")
 
     async def ledger(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("pay/", limit=10_000)]
-        docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
+        keys = [i.key async for i in kv.scan_iter("pay/")]
+        docs = await get_many(kv, keys)
         out = [
             {"key": k.removeprefix("pay/"), "kind": d["kind"], "status": d.get("status"),
              "order": d["request"].get("order"), "amount": d["request"].get("amount")}
