@@ -232,8 +232,9 @@ async def test_kill_9_the_orders_service_mid_load_every_acknowledged_order_ends_
 
 @pytest.mark.slow
 async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load() -> None:
-    """The issue's chaos run on 3-node clusters (about 90 s): kill -9 the orders service,
-    the KV leader, the stream leader and a gateway during a load, restart each."""
+    """The issue's chaos run on 3-node clusters (about 90 s): kill -9 the orders service
+    (both instances), the KV leader, the stream leader, a gateway instance and a delivery
+    worker during a load, restart each."""
     shop = await asyncio.to_thread(
         Shop(kv_nodes=3, stream_nodes=3, gateways=2, delivery_step=0.2, rate=1000,
              provider_error_rate=0.2, provider_latency=(0.0, 0.05), quiet=True).start
@@ -244,6 +245,7 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
             buyers = await asyncio.gather(*(customer(http, shop, "c") for _ in range(60)))
             acked: list[str] = []
             answers: Counter[Any] = Counter()
+            killed: list[str] = []
 
             async def buy(api: Api, delay: float) -> None:
                 await asyncio.sleep(delay)
@@ -266,11 +268,21 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
                     leader = (await kv.status(kv.leader or shop.kv[0]))["leader"]
                 async with StreamClient(shop.streams) as sc:
                     sleader = (await sc.status())["leader"]
-                for victim in ("orders", f"kv-{leader}", f"streams-{sleader}", "gateway-1"):
+                victims = [
+                    shop.instances_of("orders"),  # the whole orders service
+                    [f"kv-{leader}"],
+                    [f"streams-{sleader}"],
+                    ["gateway-1"],
+                    ["delivery-1"],  # a jobs worker: its leased jobs go to delivery-2
+                ]
+                for names in victims:
                     await asyncio.sleep(1.5)
-                    await asyncio.to_thread(shop.kill, victim)
+                    for name in names:
+                        await asyncio.to_thread(shop.kill, name)
+                    killed.extend(names)
                     await asyncio.sleep(1.0)
-                    await asyncio.to_thread(shop.restart, victim)
+                    for name in names:
+                        await asyncio.to_thread(shop.restart, name)
 
             await asyncio.gather(chaos(), *(buy(b, 0.1 * i) for i, b in enumerate(buyers)))
             deadline = time.monotonic() + 60
@@ -287,7 +299,9 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
             assert set(acked) <= {o["id"] for o in mine}
             sold = Counter(o["status"] for o in mine)["delivered"]
             stock = await get(http, f"{shop.urls['inventory']}/stock/{pid}")
-            print(f"checkouts {dict(answers)}; orders {Counter(o['status'] for o in mine)}")
+            print(f"killed {killed}; checkouts {dict(answers)}; "
+                  f"orders {Counter(o['status'] for o in mine)}")  # fmt: skip
+            assert len(killed) == 6 and len(acked) >= 30
             assert stock["on_hand"] == 40 - sold and stock["held"] == 0
             await check_money(shop, http, [o["id"] for o in mine])
     finally:
