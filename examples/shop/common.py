@@ -82,6 +82,16 @@ async def get_json(kv: KVClient, key: str) -> tuple[Json | None, int]:
     return json.loads(got.value), got.revision
 
 
+async def get_many(
+    kv: KVClient, keys: list[str], batch: int = 256
+) -> list[tuple[Json | None, int]]:
+    """:func:`get_json` of every key, ``batch`` reads in flight at a time."""
+    out: list[tuple[Json | None, int]] = []
+    for i in range(0, len(keys), batch):
+        out += await asyncio.gather(*(get_json(kv, k) for k in keys[i : i + batch]))
+    return out
+
+
 async def update_json(
     kv: KVClient, key: str, change: Callable[[Json | None], Json | None]
 ) -> tuple[Json | None, bool]:

@@ -2,12 +2,14 @@
 
 ``python -m examples.shop`` (or ``make shop``) runs :func:`main`: a Raft KV cluster, a
 Raft stream cluster, every service of :mod:`examples.shop.services` as its own process
-(two gateways behind ``dsys lb``, two cart instances), then a short scripted visit, and
-waits for Ctrl-C. ``--seconds N`` stops after N seconds instead (the demo uses it).
+(two instances of each stateless one; the gateways, catalog, orders and history each
+behind a ``dsys lb``; a ``dsys ratelimit serve`` node for the gateways' shared limits),
+then a short scripted visit, and waits for Ctrl-C. ``--seconds N`` stops after N seconds
+instead (the demo uses it).
 
 :class:`Shop` is the same thing as a context manager for tests: ``shop.url`` is the
-public entry point, ``shop.urls[name]`` each service, ``shop.kill(name)`` /
-``shop.restart(name)`` for chaos.
+public entry point, ``shop.urls[name]`` each process (``shop.urls["orders"]``: the orders
+service's load balancer), ``shop.kill(name)`` / ``shop.restart(name)`` for chaos.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import select
@@ -24,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,11 @@ from dsys.testing.procs import free_port, wait_healthy
 from .common import setup_streams
 
 REPO = Path(__file__).resolve().parents[2]
+STATELESS = ("catalog", "inventory", "cart", "orders", "payment", "delivery", "history")
+"""Services run as several instances (their state is in the KV and the streams)."""
+BALANCED = ("catalog", "orders", "history")
+"""The ones the gateway calls over HTTP, each behind a ``dsys lb`` of its own (the cart
+instances are picked by the gateway's hash ring; the rest only consume streams)."""
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Shop:
         kv_nodes: size of the KV cluster.
         stream_nodes: size of the stream cluster.
         gateways: gateway instances behind the load balancer.
+        instances: instances of each other stateless service (see :data:`STATELESS`).
         reservation_ttl: seconds a reservation is held.
         delivery_step: seconds between delivery stages.
         provider_error_rate: how often the simulated provider fails (0..1).
@@ -73,6 +83,7 @@ class Shop:
     kv_nodes: int = 3
     stream_nodes: int = 3
     gateways: int = 2
+    instances: int = 2
     reservation_ttl: float = 300.0
     delivery_step: float = 1.0
     provider_error_rate: float = 0.2
@@ -86,11 +97,16 @@ class Shop:
     streams: list[str] = field(default_factory=list)
     url: str = ""
     tmp: str = ""
+    balancers: dict[str, str] = field(default_factory=dict)
 
     @property
     def urls(self) -> dict[str, str]:
-        """Each service's base URL."""
-        return {n: p.url for n, p in self.procs.items()}
+        """Each process's base URL; a service kind's name (``orders``) is its load
+        balancer, or its first instance when it has none (``payment``)."""
+        urls = {n: p.url for n, p in self.procs.items()}
+        for kind in STATELESS:
+            urls.setdefault(kind, self.balancers.get(kind) or urls.get(f"{kind}-1", ""))
+        return urls
 
     def say(self, text: str) -> None:
         if not self.quiet:
@@ -130,20 +146,19 @@ class Shop:
             f"  raft KV on {', '.join(self.kv)}; streams on {', '.join(self.streams)} "
             f"({time.monotonic() - t0:.1f} s)"
         )
+        rl = f"127.0.0.1:{free_port()}"  # the gateways' shared rate limits
+        self._spawn(Proc("ratelimit", [sys.executable, "-m", "dsys", "ratelimit", "serve",
+                                       "--listen", rl], f"http://{rl}"), wait=False)  # fmt: skip
         common = ["--kv", ",".join(self.kv), "--streams", ",".join(self.streams)]
+        n = self.instances
         names = [
             "provider",
-            "catalog",
-            "inventory",
-            "cart-1",
-            "cart-2",
-            "orders",
-            "payment",
-            "delivery",
-            "history",
+            *(f"{kind}-{i}" for kind in STATELESS for i in range(1, n + 1)),
             *(f"gateway-{i}" for i in range(1, self.gateways + 1)),
         ]
         url = {n: f"http://127.0.0.1:{free_port()}" for n in names}  # fixed: restarts keep them
+        for kind in BALANCED:  # each kind the gateway calls has its own `dsys lb`
+            self.balancers[kind] = f"http://127.0.0.1:{free_port()}"
         extra: dict[str, list[str]] = {
             "provider": ["--provider-error-rate", str(self.provider_error_rate),
                          "--provider-latency", *map(str, self.provider_latency)],
@@ -151,33 +166,45 @@ class Shop:
                           *(["--seed"] if self.seed_stock else [])],
             "payment": ["--provider", url["provider"]],
             "delivery": ["--delivery-step", str(self.delivery_step)],
+            "gateway": ["--catalog", self.balancers["catalog"],
+                        "--orders", self.balancers["orders"],
+                        "--history", self.balancers["history"],
+                        "--cart", ",".join(url[f"cart-{i}"] for i in range(1, n + 1)),
+                        "--rate", str(self.rate), "--ratelimit", rl],
         }  # fmt: skip
-        gateway = ["--catalog", url["catalog"], "--orders", url["orders"],
-                   "--history", url["history"], "--cart", f"{url['cart-1']},{url['cart-2']}",
-                   "--rate", str(self.rate)]  # fmt: skip
         started = [
-            self.service(
-                n, url[n], *common, *(gateway if n.startswith("gateway") else extra.get(n, []))
-            )
-            for n in names
+            self.service(name, url[name], *common, *extra.get(name.split("-")[0], []))
+            for name in names
         ]
+        for kind, lb in self.balancers.items():
+            backends = [f"{kind}-{i}" for i in range(1, n + 1)]
+            self._balancer(f"lb-{kind}", lb, [url[b] for b in backends], internal=True)
         for p in started:  # they start in parallel; now wait for each
             self._wait(p)
-        port = free_port()
-        backends = [
-            a for i in range(1, self.gateways + 1) for a in ("--backend", self.urls[f"gateway-{i}"])
-        ]
-        argv = [sys.executable, "-m", "dsys", "lb", "serve", "--listen", f"127.0.0.1:{port}",
-                "--strategy", "p2c-ewma", "--health-interval", "1",
-                # the gateways pass on their dependencies' 503s; ejecting a gateway or
-                # opening its breaker for them would only send the same 503s to the other
-                # one (and, with one gateway down, leave none). The 1 s health checks find
-                # a dead gateway instead.
-                "--eject-after", "1000000", "--no-circuit-breaker", *backends]  # fmt: skip
-        self._spawn(Proc("lb", argv, f"http://127.0.0.1:{port}"), wait=False)
-        wait_healthy(f"127.0.0.1:{port}/_dsys", timeout=20)
-        self.url = f"http://127.0.0.1:{port}"
+        wait_healthy(rl, timeout=20)
+        self.url = f"http://127.0.0.1:{free_port()}"
+        gateways = [url[f"gateway-{i}"] for i in range(1, self.gateways + 1)]
+        self._balancer("lb", self.url, gateways, internal=False)
+        for lb in (*self.balancers.values(), self.url):
+            wait_healthy(f"{lb.removeprefix('http://')}/_dsys", timeout=20)
         self.say(f"  {len(self.procs)} processes up in {time.monotonic() - t0:.1f} s")
+
+    def _balancer(self, name: str, url: str, backends: list[str], *, internal: bool) -> None:
+        """Start ``dsys lb serve`` on ``url`` in front of ``backends``."""
+        argv = [sys.executable, "-m", "dsys", "lb", "serve", "--listen",
+                url.removeprefix("http://"), "--strategy", "p2c-ewma", "--health-interval", "1",
+                *(a for b in backends for a in ("--backend", b))]  # fmt: skip
+        if not internal:
+            # the gateways pass on their dependencies' 503s; ejecting a gateway or opening
+            # its breaker for them would only send the same 503s to the other one (and,
+            # with one gateway down, leave none). The 1 s health checks find a dead
+            # gateway instead.
+            argv += ["--eject-after", "1000000", "--no-circuit-breaker"]
+        self._spawn(Proc(name, argv, url), wait=False)
+
+    def instances_of(self, kind: str) -> list[str]:
+        """The process names of service ``kind`` (``orders`` -> ``orders-1``, ``orders-2``)."""
+        return [n for n in self.procs if n.rsplit("-", 1)[0] == kind and n[-1].isdigit()]
 
     async def _setup_streams(self) -> None:
         async with StreamClient(self.streams, timeout=20.0) as sc:
@@ -241,6 +268,10 @@ class Shop:
             wait_healthy(p.url.removeprefix("http://"), timeout=20)
             return
         self._spawn(Proc(p.name, p.argv, p.url))
+        kind = name.rsplit("-", 1)[0]
+        lb = self.url if kind == "gateway" else self.balancers.get(kind)
+        if lb:  # back in rotation once its load balancer's health checks see it
+            _wait_up(lb, p.url)
 
     def stop(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL) and remove the data directory."""
@@ -270,6 +301,20 @@ class Shop:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _wait_up(lb: str, backend: str, timeout: float = 20.0) -> None:
+    """Wait until the ``dsys lb`` at ``lb`` lists ``backend`` as up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            with urllib.request.urlopen(f"{lb}/_dsys/endpoints", timeout=2) as r:
+                eps = json.loads(r.read())["endpoints"]
+            if any(e["url"].rstrip("/") == backend and e["state"] == "up" for e in eps):
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{backend} is not up behind {lb} after {timeout} s")
+        time.sleep(0.1)
 
 
 def _first_line(proc: subprocess.Popen[bytes], deadline: float) -> bytes:
@@ -353,8 +398,13 @@ async def visit(shop: Shop, out: Any = print) -> None:
         out(f"  a declined card -> {final['status']} ({final['reason']}); nothing charged")
         status, err = await api.call("POST", "/api/cart/items", {"product": "mug", "qty": -3})
         out(f"  qty -3 -> {status} {err['error']}")
-        async with http.get(f"{shop.urls['payment']}/admin/stats") as r:
-            out(f"  payment service: {await r.json()}")
+        summed: dict[str, Any] = {}
+        payments = shop.instances_of("payment")
+        for name in payments:  # each instance counts what it did
+            async with http.get(f"{shop.urls[name]}/admin/stats") as r:
+                for k, v in (await r.json()).items():
+                    summed[k] = summed.get(k, 0) + v if isinstance(v, int) else v
+        out(f"  payment service ({len(payments)} instances): {summed}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -370,9 +420,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     try:
         shop.start()
-        for name, url in shop.urls.items():
+        for name, proc in shop.procs.items():
             if not name.startswith(("kv", "streams")):
-                print(f"  {name:10} {url}")
+                print(f"  {name:11} {proc.url}")
         print(f"\n  storefront: {shop.url}/\n")
         asyncio.run(visit(shop))
         if args.seconds is None:

@@ -13,8 +13,8 @@ inventory  stock documents (:mod:`examples.shop.stock`) changed only by compare-
 provider   a simulated payment provider, slow and failing on purpose, with Stripe-style
            idempotency keys kept 24 h (KV TTL): the same key replays the same answer
 payment    calls the provider through a circuit breaker and retries with a budget
-delivery   moves confirmed orders through packed, shipped, delivered: a durable consumer
-           whose message is negatively acknowledged with a delay between stages
+delivery   moves confirmed orders through packed, shipped, delivered: background jobs
+           (``dsys.jobs`` on streams + KV), one per step, each enqueueing the next delayed
 history    the order-history read model (CQRS), rebuilt from ``shop.order.status``
 =========  ==================================================================================
 
@@ -46,9 +46,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from dsys.errors import CircuitOpenError, ConflictError, DsysError
+from dsys.errors import BadInputError, CircuitOpenError, ConflictError, DsysError
 from dsys.kv import KVClient
-from dsys.ratelimit import Limiter
+from dsys.ratelimit import ClusterStore, Limiter
 from dsys.ratelimit.middleware import ratelimit_middleware
 from dsys.resilience import Backoff, CircuitBreaker, CountWindow, Retry, RetryBudget
 from dsys.sharding import HashRing
@@ -62,6 +62,7 @@ from .common import (
     dumps,
     follow,
     get_json,
+    get_many,
     healthz,
     json_error,
     log,
@@ -325,7 +326,7 @@ async def orders_app(ctx: Ctx) -> web.Application:
         """Relays outboxes left behind (a crash between the CAS and the publish)."""
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("order/", limit=10_000):
+                async for item in kv.scan_iter("order/"):
                     if clean.get(item.key) != item.revision:
                         await relay_soon(item.key.removeprefix("order/"))
             await asyncio.sleep(1.0)
@@ -396,8 +397,8 @@ async def orders_app(ctx: Ctx) -> web.Application:
         return web.json_response(status_view(doc))
 
     async def all_orders(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("order/", limit=10_000)]
-        docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
+        keys = [i.key async for i in kv.scan_iter("order/")]
+        docs = await get_many(kv, keys)
         return web.json_response([status_view(d) for d, _ in docs if d is not None])
 
     async def get_stats(request: web.Request) -> web.Response:
@@ -480,7 +481,7 @@ async def inventory_app(ctx: Ctx) -> web.Application:
     async def expiry_sweeper() -> None:
         while True:
             with contextlib.suppress(DsysError):
-                for item in await kv.scan("stock/", limit=10_000):
+                async for item in kv.scan_iter("stock/"):
                     gone: list[str] = []
                     _, wrote = await update_json(kv, item.key, partial(_expire, gone))
                     if wrote:
@@ -602,8 +603,8 @@ async def provider_app(ctx: Ctx) -> web.Application:
         return await pay(request, "refund")
 
     async def ledger(request: web.Request) -> web.Response:
-        keys = [i.key for i in await kv.scan("pay/", limit=10_000)]
-        docs = await asyncio.gather(*(get_json(kv, k) for k in keys))
+        keys = [i.key async for i in kv.scan_iter("pay/")]
+        docs = await get_many(kv, keys)
         out = [
             {"key": k.removeprefix("pay/"), "kind": d["kind"], "status": d.get("status"),
              "order": d["request"].get("order"), "amount": d["request"].get("amount")}
@@ -706,34 +707,91 @@ async def payment_app(ctx: Ctx) -> web.Application:
 # -- delivery ----------------------------------------------------------------------------
 
 STAGES = ("delivery.packed", "delivery.shipped", "delivery.delivered")
+JOBS_STREAM = "SHOPJOBS"
+"""The delivery jobs' stream (``dsys.jobs.dsys_backend``; its records live under ``jobs/``)."""
+
+
+def delivery_job_id(order: str, stage: int) -> str:
+    """The job that moves ``order`` to ``STAGES[stage]``: one id per order and step, so a
+    redelivered command or a retried job enqueues it once."""
+    return f"deliver:{order}:{stage}"
 
 
 async def delivery_app(ctx: Ctx) -> web.Application:
-    kv = ctx.kvc
+    """Delivery as background jobs (:mod:`dsys.jobs` on the shop's streams + KV): the
+    ``delivery.schedule`` command enqueues the first step; each step publishes its event
+    and enqueues the next one ``--delivery-step`` seconds later."""
+    from dsys.jobs import Queue, Registry, Worker, WorkerConfig
+    from dsys.jobs.dsys_backend import DsysBackend
+    from dsys.resilience import Backoff
+
     step_delay: float = ctx.args.delivery_step
+    backend = DsysBackend(
+        ctx.args.streams.split(","), ctx.args.kv.split(","), stream=JOBS_STREAM,
+        prefix="jobs/", lease=5.0, timeout=15.0,
+    )  # fmt: skip
+    queue = Queue(backend, "delivery")
+    tasks = Registry()
+
+    @tasks.task(name="shop.deliver", retries=100, timeout=20,
+                backoff=Backoff(initial=0.1, maximum=2.0))  # fmt: skip
+    async def deliver(order: str, stage: int) -> str:
+        # the event id is derived from order + stage: a second run publishes nothing new
+        await publish_event(ctx, saga.event(order, STAGES[stage]))
+        if stage + 1 < len(STAGES):
+            await queue.enqueue(
+                "shop.deliver", order, stage + 1, delay=step_delay,
+                job_id=delivery_job_id(order, stage + 1),
+            )  # fmt: skip
+        return STAGES[stage]
 
     async def on_command(msg: StreamMsg) -> None:
         c = parse_command(msg)
         if c.kind != "delivery.schedule":
             raise ValueError(f"delivery does not handle {c.kind}")
-        key = f"delivery/{c.order}"
-        doc, _ = await get_json(kv, key)
-        done = 0 if doc is None else int(doc["stage"])
-        if done < len(STAGES):
-            # publish first: a crash before the CAS publishes the same event id again
-            await publish_event(ctx, saga.event(c.order, STAGES[done]))
-            await update_json(
-                kv, key, lambda d: {"stage": max(done + 1, 0 if d is None else int(d["stage"]))}
-            )
-            done += 1
-        if done < len(STAGES):
-            await msg.nak(step_delay)  # the next stage is due after a while
-        else:
-            await msg.ack()
-            await kv.delete(key)
+        try:
+            jid = delivery_job_id(c.order, 0)
+            await queue.enqueue("shop.deliver", c.order, 0, job_id=jid)
+        except BadInputError as exc:  # an order id no job id can carry
+            raise ValueError(str(exc)) from exc
+        await msg.ack()
+
+    worker = Worker(
+        backend, tasks, WorkerConfig(queue="delivery", concurrency=64, poll=0.2, shutdown_grace=2.0)
+    )
+
+    async def run_worker() -> None:
+        try:
+            await worker.run()
+        finally:
+            await backend.close()
 
     ctx.spawn(consume(ctx.stream, "delivery", on_command, concurrency=64))
-    return web.Application()
+    ctx.spawn(run_worker())
+
+    async def get_stats(request: web.Request) -> web.Response:
+        st = worker.stats
+        return web.json_response(
+            {"started": st.started, "succeeded": st.succeeded, "retried": st.retried,
+             "dead": st.dead, "stale": st.stale, "lost": st.lost}
+        )  # fmt: skip
+
+    async def job(request: web.Request) -> web.Response:
+        try:
+            info = await queue.status(request.match_info["jid"])
+        except BadInputError as exc:
+            raise json_error(400, "bad_job_id", str(exc)) from None
+        if info is None:
+            raise json_error(404, "not_found", "no such job")
+        return web.json_response(
+            {"id": info.spec.id, "state": info.state, "attempt": info.attempt,
+             "args": list(info.spec.args), "result": info.result}
+        )  # fmt: skip
+
+    app = web.Application()
+    app.router.add_get("/admin/stats", get_stats)
+    app.router.add_get("/admin/jobs/{jid}", job)
+    return app
 
 
 # -- order history -----------------------------------------------------------------------
@@ -853,6 +911,9 @@ async def gateway_app(ctx: Ctx) -> web.Application:
             async with ctx.session.request(
                 method, url, json=body, timeout=aiohttp.ClientTimeout(total=10)
             ) as r:
+                if r.status in (502, 504):  # its load balancer found no instance to answer
+                    host = url.split("/")[2]
+                    raise json_error(503, "unavailable", f"upstream {host}: {r.status}")
                 return r.status, await r.json(content_type=None)
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise json_error(503, "unavailable", f"upstream {url.split('/')[2]}: {exc}") from exc
@@ -1018,7 +1079,14 @@ async def gateway_app(ctx: Ctx) -> web.Application:
     async def index(request: web.Request) -> web.FileResponse:
         return web.FileResponse(os.path.join(STATIC, "index.html"))
 
-    limiter = Limiter(rate=a.rate, per=1.0, burst=int(a.rate * 2), name="gateway")
+    # with --ratelimit the buckets live on `dsys ratelimit serve` nodes, shared by every
+    # gateway instance (a client alternating between instances gets one limit); if the
+    # nodes are unreachable the limiter lets requests through (fail open)
+    store = ClusterStore(a.ratelimit.split(","), timeout=0.5) if a.ratelimit else None
+    limiter = Limiter(
+        rate=a.rate, per=1.0, burst=a.burst or max(1, int(a.rate * 2)), name="gateway", store=store,
+        on_store_error="open",
+    )  # fmt: skip
 
     @web.middleware
     async def errors(
@@ -1048,6 +1116,12 @@ async def gateway_app(ctx: Ctx) -> web.Application:
     app.router.add_get("/api/orders", my_orders)
     app.router.add_get("/api/orders/{oid}", my_order)
     app.router.add_get("/api/ws", ws)
+
+    async def close_store(app: web.Application) -> None:
+        if store is not None:
+            await store.close()
+
+    app.on_cleanup.append(close_store)
     return app
 
 
@@ -1078,6 +1152,10 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", default="", help=f"URL of the {name} service")
     p.add_argument("--cart", default="", help="URLs of the cart instances, comma-separated")
     p.add_argument("--rate", type=float, default=50.0, help="gateway: requests/s per client")
+    p.add_argument("--burst", type=int, default=0, help="gateway: burst (default 2 s of --rate)")
+    p.add_argument(
+        "--ratelimit", default="", help="gateway: `dsys ratelimit serve` nodes, comma-separated"
+    )
     p.add_argument("--seed", action="store_true", help="inventory: stock the seed catalog")
     p.add_argument("--reservation-ttl", type=float, default=saga.RESERVATION_TTL)
     p.add_argument("--delivery-step", type=float, default=1.0, help="seconds per stage")

@@ -64,6 +64,10 @@ def test_matches_a_dict_model(ops_list: list[tuple[object, ...]]) -> None:
         want = sorted(k for k in model if k.startswith(prefix))
         assert [kv.key for kv in fsm.scan(prefix, 1000)] == want
         assert [kv.key for kv in fsm.scan(prefix, 2)] == want[:2]
+        for cut in want:  # a cursor continues right after the key it names
+            assert [kv.key for kv in fsm.scan(prefix, 1000, after=cut)] == [
+                k for k in want if k > cut
+            ]
     # snapshot round trip gives the same state
     other = KVStateMachine()
     other.restore(fsm.snapshot())

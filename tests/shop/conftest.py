@@ -11,7 +11,8 @@ from examples.shop.run import Shop
 
 @pytest.fixture(scope="package")
 def shop() -> Iterator[Shop]:
-    """The shop on loopback: 1 KV node, 1 stream node, 2 gateways behind ``dsys lb``, a
+    """The shop on loopback: 1 KV node, 1 stream node, 2 instances of each stateless service
+    (gateways, catalog, orders, history behind ``dsys lb``s), a
     provider failing 30 % of its calls, 0.2 s delivery stages."""
     with Shop(
         kv_nodes=1,

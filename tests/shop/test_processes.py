@@ -17,7 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from examples.shop.run import Api, Shop
+from examples.shop.services import JOBS_STREAM, delivery_job_id
 
+from dsys.jobs import Queue
+from dsys.jobs.dsys_backend import DsysBackend
 from dsys.kv import KVClient
 from dsys.streams.client import StreamClient
 
@@ -198,10 +201,14 @@ async def test_kill_9_the_orders_service_mid_load_every_acknowledged_order_ends_
 
     first = asyncio.gather(*(buy(b, 0.05 * i) for i, b in enumerate(buyers[:10])))
     await asyncio.wait_for(flowing.wait(), 20)  # kill it once orders are flowing
-    await asyncio.to_thread(shop.kill, "orders")
+    instances = shop.instances_of("orders")
+    assert len(instances) >= 2
+    for name in instances:  # every instance: the whole orders service is down
+        await asyncio.to_thread(shop.kill, name)
     await first
     refused_while_down = answers[503]
-    await asyncio.to_thread(shop.restart, "orders")
+    for name in instances:
+        await asyncio.to_thread(shop.restart, name)
     await asyncio.gather(*(buy(b) for b in buyers[10:]))
     print(f"checkouts: {dict(answers)}; refused while orders was down: {refused_while_down}")
     assert refused_while_down > 0 and len(acked) >= 11
@@ -225,8 +232,9 @@ async def test_kill_9_the_orders_service_mid_load_every_acknowledged_order_ends_
 
 @pytest.mark.slow
 async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load() -> None:
-    """The issue's chaos run on 3-node clusters (about 90 s): kill -9 the orders service,
-    the KV leader, the stream leader and a gateway during a load, restart each."""
+    """The issue's chaos run on 3-node clusters (about 90 s): kill -9 the orders service
+    (both instances), the KV leader, the stream leader, a gateway instance and a delivery
+    worker during a load, restart each."""
     shop = await asyncio.to_thread(
         Shop(kv_nodes=3, stream_nodes=3, gateways=2, delivery_step=0.2, rate=1000,
              provider_error_rate=0.2, provider_latency=(0.0, 0.05), quiet=True).start
@@ -237,6 +245,7 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
             buyers = await asyncio.gather(*(customer(http, shop, "c") for _ in range(60)))
             acked: list[str] = []
             answers: Counter[Any] = Counter()
+            killed: list[str] = []
 
             async def buy(api: Api, delay: float) -> None:
                 await asyncio.sleep(delay)
@@ -259,11 +268,21 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
                     leader = (await kv.status(kv.leader or shop.kv[0]))["leader"]
                 async with StreamClient(shop.streams) as sc:
                     sleader = (await sc.status())["leader"]
-                for victim in ("orders", f"kv-{leader}", f"streams-{sleader}", "gateway-1"):
+                victims = [
+                    shop.instances_of("orders"),  # the whole orders service
+                    [f"kv-{leader}"],
+                    [f"streams-{sleader}"],
+                    ["gateway-1"],
+                    ["delivery-1"],  # a jobs worker: its leased jobs go to delivery-2
+                ]
+                for names in victims:
                     await asyncio.sleep(1.5)
-                    await asyncio.to_thread(shop.kill, victim)
+                    for name in names:
+                        await asyncio.to_thread(shop.kill, name)
+                    killed.extend(names)
                     await asyncio.sleep(1.0)
-                    await asyncio.to_thread(shop.restart, victim)
+                    for name in names:
+                        await asyncio.to_thread(shop.restart, name)
 
             await asyncio.gather(chaos(), *(buy(b, 0.1 * i) for i, b in enumerate(buyers)))
             deadline = time.monotonic() + 60
@@ -280,7 +299,9 @@ async def test_chaos_kill_orders_kv_leader_stream_node_and_a_gateway_during_load
             assert set(acked) <= {o["id"] for o in mine}
             sold = Counter(o["status"] for o in mine)["delivered"]
             stock = await get(http, f"{shop.urls['inventory']}/stock/{pid}")
-            print(f"checkouts {dict(answers)}; orders {Counter(o['status'] for o in mine)}")
+            print(f"killed {killed}; checkouts {dict(answers)}; "
+                  f"orders {Counter(o['status'] for o in mine)}")  # fmt: skip
+            assert len(killed) == 6 and len(acked) >= 30
             assert stock["on_hand"] == 40 - sold and stock["held"] == 0
             await check_money(shop, http, [o["id"] for o in mine])
     finally:
@@ -320,9 +341,45 @@ async def test_a_duplicate_event_is_skipped_and_a_replayed_charge_is_not_charged
     await check_money(shop, http, [oid])
 
 
+async def test_delivery_runs_as_jobs_and_a_redelivered_schedule_enqueues_nothing_twice(
+    shop: Shop, http: aiohttp.ClientSession
+) -> None:
+    api = await customer(http, shop, "ship")
+    await api.call("POST", "/api/cart/items", {"product": "candle-holder", "qty": 1})
+    _, order = await api.call("POST", "/api/checkout", {})
+    oid = order["id"]
+    assert (await api.wait_final(oid))["status"] == "delivered"
+    async with DsysBackend(shop.streams, shop.kv, stream=JOBS_STREAM) as backend:
+        queue = Queue(backend, "delivery")
+        before = []
+        for stage in range(3):  # one job per step, each succeeded once
+            info = await queue.status(delivery_job_id(oid, stage))
+            assert info is not None and info.state == "succeeded", info
+            assert list(info.spec.args) == [oid, stage]
+            before.append(info)
+        async with StreamClient(shop.streams) as sc:  # the command again, stored again
+            cmd = {"id": f"{oid}:again", "kind": "delivery.schedule", "order": oid,
+                   "user": order["user"], "items": [], "amount": order["amount"]}  # fmt: skip
+            ack = await sc.publish("shop.cmd.delivery.schedule", json.dumps(cmd).encode())
+            deadline = time.monotonic() + 10
+            while (await sc.consumer_info("SHOP", "delivery") or {})["ack_floor"] < ack.seq:
+                assert time.monotonic() < deadline, "the delivery service did not take it"
+                await asyncio.sleep(0.1)
+        for stage in range(3):  # the same jobs, not run again
+            info = await queue.status(delivery_job_id(oid, stage))
+            assert info is not None and info.state == "succeeded"
+            assert (info.enqueued_ms, info.finished_ms, info.tries) == (
+                before[stage].enqueued_ms, before[stage].finished_ms, before[stage].tries
+            )  # fmt: skip
+    history = (await get(http, f"{shop.urls['orders']}/orders/{oid}"))["history"]
+    assert history[-3:] == ["packed", "shipped", "delivered"], history
+    assert history.count("packed") == 1, history
+
+
 async def test_a_cart_survives_its_cart_instance_dying(
     shop: Shop, http: aiohttp.ClientSession
 ) -> None:
+    assert shop.instances_of("cart") == ["cart-1", "cart-2"]
     users = await asyncio.gather(*(customer(http, shop, "cart") for _ in range(6)))
     for u in users:
         await u.call("POST", "/api/cart/items", {"product": "hairdryer", "qty": 2})

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dsys.kv.client import GetResult, KVClient, ScanItem, Watcher
+from dsys.kv.client import GetResult, KVClient, ScanItem, ScanPage, Watcher
 from dsys.kv.fsm import WatchEvent
 
-__all__ = ["GetResult", "KVClient", "ScanItem", "WatchEvent", "Watcher"]
+__all__ = ["GetResult", "KVClient", "ScanItem", "ScanPage", "WatchEvent", "Watcher"]

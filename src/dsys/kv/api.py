@@ -18,6 +18,8 @@ delete of a missing    404 ``{"error": "not_found"}``               ``"not_found
 other refusal          400 ``{"error": status}``                    ``status``
 read of a key          200 raw value + ``X-Dsys-Revision``          ``"ok"``
 read of a missing key  404 ``{"error": "not_found"}``               ``"not_found"``
+a page of a scan       200 ``[{"key", "revision"}, ...]`` + ``Link:    ``"ok"`` + ``items``,
+                       <...&after=K>; rel="next"`` if there is more  ``more``, ``next``
 not the leader         307 + ``Location`` (503 if none is known)    ``"not_leader"``
 bad input              400 (or the error's ``status_hint``)         ``"bad_request"``
 conflict error         409                                          ``"bad_request"``
@@ -33,6 +35,7 @@ Pure: no I/O, no clock; the adapters resolve the leader's URL before asking.
 from __future__ import annotations
 
 import json
+import urllib.parse
 from typing import Any, NamedTuple
 
 from dsys.errors import (
@@ -44,7 +47,7 @@ from dsys.errors import (
     RequestTimeout,
     UnavailableError,
 )
-from dsys.kv.fsm import Delete, KeyValue, Put, Result
+from dsys.kv.fsm import Delete, KeyValue, Put, Result, validate_key
 
 MAX_VALUE_BYTES = 1024 * 1024
 """Largest value accepted (1 MiB); larger bodies get 413."""
@@ -117,6 +120,88 @@ def session_fields(client_id: str | None, seq: str | None) -> tuple[str, int]:
     if n is None:
         raise BadInputError("X-Dsys-Seq is required with X-Dsys-Client-Id")
     return client_id, n
+
+
+MAX_SCAN_LIMIT = 10_000
+"""Most keys one scan answers; ``after=`` (the last key of a page) continues from there."""
+
+
+class ScanRequest(NamedTuple):
+    """A checked scan: keys under ``prefix`` after ``after`` (None: from the start)."""
+
+    prefix: str
+    limit: int
+    after: str | None = None
+
+
+class ScanPage(NamedTuple):
+    """One page of a scan.
+
+    Attributes:
+        items: the keys of the page, in key order.
+        more: keys under the prefix follow the page.
+        next: the ``after`` that continues (the page's last key), or None at the end.
+    """
+
+    items: list[KeyValue]
+    more: bool
+    next: str | None
+
+
+def scan_request(prefix: object, limit: object, after: object = None) -> ScanRequest:
+    """Check the fields of a scan (query parameters or a WebSocket request).
+
+    Raises:
+        BadInputError: the prefix is not a string, the limit not an integer in
+            ``1..MAX_SCAN_LIMIT``, or ``after`` (the cursor) not a key under the prefix.
+    """
+    if not isinstance(prefix, str):
+        raise BadInputError(f"prefix must be a string, got {type(prefix).__name__}")
+    if type(limit) is not int or not 0 < limit <= MAX_SCAN_LIMIT:
+        raise BadInputError(f"limit must be an integer in 1..{MAX_SCAN_LIMIT}, got {limit!r}")
+    if after is not None:
+        try:
+            validate_key(after)
+        except BadInputError as exc:
+            raise BadInputError(f"bad cursor: after: {exc}") from None
+        assert isinstance(after, str)
+        if not after.startswith(prefix):
+            raise BadInputError(
+                f"bad cursor: after={after!r} is not a key under prefix {prefix!r} "
+                "(pass the 'next' of the previous page of the same scan)"
+            )
+    return ScanRequest(prefix, limit, after)
+
+
+def scan_page(req: ScanRequest, found: list[KeyValue]) -> ScanPage:
+    """The page answering ``req`` from ``found``: up to ``req.limit + 1`` keys read for it
+    (one more than the page tells whether there is more)."""
+    items = found[: req.limit]
+    more = len(found) > req.limit
+    return ScanPage(items, more, items[-1].key if more and items else None)
+
+
+def scan_answer(req: ScanRequest, page: ScanPage, path: str = "/v1/kv") -> Answer:
+    """The HTTP answer to a scan: the page as a JSON list (as before cursors) and, when
+    more keys follow, ``Link: <path?prefix=P&limit=L&after=K>; rel="next"`` (RFC 8288)."""
+    body = json.dumps([{"key": kv.key, "revision": kv.mod_revision} for kv in page.items])
+    after: Fields = ()
+    if page.next is not None:
+        q = urllib.parse.urlencode({"prefix": req.prefix, "limit": req.limit, "after": page.next})
+        after = ((b"Link", f'<{path}?{q}>; rel="next"'.encode()),)
+    return Answer(200, JSON, body.encode(), after=after)
+
+
+def ws_scan_answer(rid: int, page: ScanPage, revision: int) -> dict[str, Any]:
+    """The WebSocket answer to scan request ``rid`` (``next`` continues it when ``more``)."""
+    return {
+        "id": rid,
+        "status": "ok",
+        "items": [[kv.key, kv.mod_revision] for kv in page.items],
+        "revision": revision,
+        "more": page.more,
+        "next": page.next,
+    }
 
 
 def json_body(kind: str, message: str, **extra: object) -> bytes:
@@ -221,16 +306,23 @@ def ws_error_status(exc: BaseException) -> str:
 __all__ = [
     "JSON",
     "MAX_CLIENT_ID",
+    "MAX_SCAN_LIMIT",
     "MAX_VALUE_BYTES",
     "OCTETS",
     "Answer",
+    "ScanPage",
+    "ScanRequest",
     "error_answer",
     "json_body",
     "opt_int",
     "read_answer",
     "retry_after",
+    "scan_answer",
+    "scan_page",
+    "scan_request",
     "session_fields",
     "write_answer",
     "ws_error_status",
+    "ws_scan_answer",
     "ws_write_answer",
 ]

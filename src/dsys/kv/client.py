@@ -34,7 +34,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -71,6 +71,16 @@ class ScanItem:
 
     key: str
     revision: int
+
+
+@dataclass(frozen=True, slots=True)
+class ScanPage:
+    """One page of a scan: its keys, whether more follow, and the ``after`` that
+    continues it (``None`` at the end)."""
+
+    items: list[ScanItem]
+    more: bool
+    next: str | None
 
 
 FRAME_BUDGET = 4 * 1024 * 1024
@@ -556,17 +566,50 @@ class KVClient:
         prefix: str = "",
         *,
         limit: int = 1000,
+        after: str | None = None,
         stale: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[ScanItem]:
-        """Keys starting with ``prefix`` (in order, at most ``limit``) and their revisions."""
-        resp = await self._request(
-            {"op": "scan", "prefix": prefix, "limit": limit, "stale": stale},
-            _size(prefix, None),
-            timeout,
-            stale,
-        )
-        return [ScanItem(key=k, revision=r) for k, r in resp["items"]]
+        """Keys starting with ``prefix`` (in order, at most ``limit``, after the key
+        ``after`` when given) and their revisions; :meth:`scan_iter` walks all of them."""
+        page = await self.scan_page(prefix, limit=limit, after=after, stale=stale, timeout=timeout)
+        return page.items
+
+    async def scan_page(
+        self,
+        prefix: str = "",
+        *,
+        limit: int = 1000,
+        after: str | None = None,
+        stale: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> ScanPage:
+        """One page of keys under ``prefix`` after the key ``after`` (None: from the start).
+
+        Raises:
+            BadInputError: a bad limit, or ``after`` is not a key under ``prefix``.
+        """
+        req: dict[str, Any] = {"op": "scan", "prefix": prefix, "limit": limit, "stale": stale}
+        if after is not None:
+            req["after"] = after
+        resp = await self._request(req, _size(prefix, None) + len(after or ""), timeout, stale)
+        items = [ScanItem(key=k, revision=r) for k, r in resp["items"]]
+        more = bool(resp.get("more", False))
+        return ScanPage(items, more, resp.get("next") if more else None)
+
+    async def scan_iter(
+        self, prefix: str = "", *, page: int = 1000, stale: bool = False
+    ) -> AsyncIterator[ScanItem]:
+        """Every key under ``prefix`` in order, fetched ``page`` at a time (each page is
+        one consistent read; keys changed between pages may be seen or missed)."""
+        after: str | None = None
+        while True:
+            got = await self.scan_page(prefix, limit=page, after=after, stale=stale)
+            for item in got.items:
+                yield item
+            if not got.more or got.next is None:
+                return
+            after = got.next
 
     async def status(self, endpoint: str | None = None) -> dict[str, Any]:
         """The status of one server (the first endpoint by default)."""
@@ -986,4 +1029,4 @@ class _NotFound(Exception):
     pass
 
 
-__all__ = ["GetResult", "KVClient", "ScanItem", "Watcher"]
+__all__ = ["GetResult", "KVClient", "ScanItem", "ScanPage", "Watcher"]

@@ -435,12 +435,17 @@ class KVStateMachine:
             return None
         return kv
 
-    def scan(self, prefix: str = "", limit: int = 1000) -> list[KeyValue]:
-        """Live keys starting with ``prefix`` in key order, at most ``limit`` of them."""
+    def scan(self, prefix: str = "", limit: int = 1000, after: str | None = None) -> list[KeyValue]:
+        """Live keys starting with ``prefix`` in key order, at most ``limit`` of them;
+        with ``after``, only keys after that one (where the previous page ended)."""
         out: list[KeyValue] = []
         if limit <= 0:
             return out
-        for key in self._data.irange(minimum=prefix):
+        if after is not None and after >= prefix:
+            keys = self._data.irange(minimum=after, inclusive=(False, True))
+        else:
+            keys = self._data.irange(minimum=prefix)
+        for key in keys:
             if not key.startswith(prefix):
                 break
             kv = self.get(key)

@@ -7,7 +7,8 @@ One aiohttp application per node serves, on one ``host:port``:
     PUT    /v1/kv/{key}[?if_revision=R&ttl=SECONDS]    -> 200 {"revision": N} | 409
     GET    /v1/kv/{key}[?consistency=stale]            -> 200 raw value + X-Dsys-Revision | 404
     DELETE /v1/kv/{key}[?if_revision=R]                -> 200 {"revision": N} | 404 | 409
-    GET    /v1/kv?prefix=P&limit=L                     -> 200 [{"key": K, "revision": N}, ...]
+    GET    /v1/kv?prefix=P&limit=L[&after=K]           -> 200 [{"key": K, "revision": N}, ...]
+                                                          (+ Link: <...&after=LAST>; rel="next")
     GET    /v1/status                                  -> 200 {"id", "role", "term", ...}
     GET    /v1/ws                                      -> WebSocket, msgpack frames (KVClient)
     GET    /v1/watch?prefix=P&start_revision=R         -> 200 NDJSON change stream | 410
@@ -63,13 +64,20 @@ from dsys.errors import (
 )
 from dsys.kv.api import (
     MAX_CLIENT_ID,
+    MAX_SCAN_LIMIT,  # noqa: F401 - re-exported (it was defined here)
     MAX_VALUE_BYTES,
     Answer,
+    ScanPage,
+    ScanRequest,
     opt_int,
     read_answer,
+    scan_answer,
+    scan_page,
+    scan_request,
     session_fields,
     write_answer,
     ws_error_status,
+    ws_scan_answer,
     ws_write_answer,
 )
 from dsys.kv.fastpath import KVFastPath, start_fast_site
@@ -107,8 +115,6 @@ from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
 MAX_WS_FRAME = 8 * 1024 * 1024
 """Largest WebSocket frame accepted."""
-
-MAX_SCAN_LIMIT = 10_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -469,21 +475,22 @@ class KVServer:
         return consistency == "stale"
 
     async def handle_scan(self, request: web.Request) -> web.Response:
-        """``GET /v1/kv?prefix=P&limit=L``: keys with their revisions."""
+        """``GET /v1/kv?prefix=P&limit=L&after=K``: keys with their revisions, one page
+        (a ``Link: <...>; rel="next"`` header continues it)."""
         started = time.perf_counter()
-        prefix = request.query.get("prefix", "")
-        limit = opt_int(request.query.get("limit"), "limit", minimum=1) or 1000
-        if limit > MAX_SCAN_LIMIT:
-            raise BadInputError(f"limit must be <= {MAX_SCAN_LIMIT}")
+        q = request.query
+        limit = opt_int(q.get("limit"), "limit", minimum=1) or 1000
+        req = scan_request(q.get("prefix", ""), limit, q.get("after") or None)
         try:
             await self.read_barrier(self._stale(request))
         except NotLeaderError as exc:
             raise self._redirect_error(exc) from None
-        items = [
-            {"key": kv.key, "revision": kv.mod_revision} for kv in self.fsm.scan(prefix, limit)
-        ]
+        answer = scan_answer(req, self._scan(req), request.path)
         self._count("scan", 200, started)
-        return web.json_response(items)
+        return _web_response(answer)
+
+    def _scan(self, req: ScanRequest) -> ScanPage:
+        return scan_page(req, self.fsm.scan(req.prefix, req.limit + 1, req.after))
 
     async def handle_status(self, request: web.Request) -> web.Response:
         """``GET /v1/status``."""
@@ -765,17 +772,9 @@ class KVServer:
         if op == "status":
             return {"id": rid, "status": "ok", "info": self.status()}
         if op == "scan":
-            prefix = req.get("prefix", "")
-            limit = req.get("limit", 1000)
-            if (
-                not isinstance(prefix, str)
-                or not isinstance(limit, int)
-                or not (0 < limit <= MAX_SCAN_LIMIT)
-            ):
-                raise BadInputError("scan needs a string prefix and 0 < limit <= 10000")
+            scan = scan_request(req.get("prefix", ""), req.get("limit", 1000), req.get("after"))
             await self.read_barrier(bool(req.get("stale", False)))
-            items = [[kv.key, kv.mod_revision] for kv in self.fsm.scan(prefix, limit)]
-            return {"id": rid, "status": "ok", "items": items, "revision": self.fsm.revision}
+            return ws_scan_answer(rid, self._scan(scan), self.fsm.revision)
         key = validate_key(req.get("key"))
         if op == "get":
             await self.read_barrier(bool(req.get("stale", False)))
