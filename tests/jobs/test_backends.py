@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -13,13 +14,13 @@ from typing import Any
 import pytest
 
 from dsys.errors import BadInputError
-from dsys.jobs import CronJob, Queue, Registry, Worker, WorkerConfig, current_job
+from dsys.jobs import CronJob, Queue, Registry, Worker, WorkerConfig, current_job, dsys_backend
 from dsys.jobs.backend import Backend, Lease
 from dsys.jobs.core import JobInfo, JobSpec, encode_spec
 from dsys.ratelimit import Limiter, MemoryStore
 from dsys.resilience.backoff import Backoff
 
-from .conftest import LEASE, make_backend
+from .conftest import LEASE, backend_url, make_backend
 
 FAST = Backoff(initial=0.01, maximum=0.05, jitter="full")
 
@@ -507,3 +508,27 @@ async def test_stop_lets_running_jobs_finish_and_takes_no_new_ones(backend: Back
     first, second = await q.status("first"), await q.status("second")
     assert first is not None and first.state == "succeeded"
     assert second is not None and second.state == "queued" and ran == ["first"]
+
+
+async def test_dsys_listing_pages_through_kv_scans_without_a_cap(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing, counting and purging see every record, past any one scan page."""
+    monkeypatch.setattr(dsys_backend, "_SCAN_PAGE", 2)  # many pages from a few jobs
+    backend = make_backend(backend_url("dsys", request))
+    try:
+        q = Queue(backend)
+        ids = [f"pager-{i}" for i in range(7)]
+        for job_id in ids:
+            await q.enqueue("known", 1, job_id=job_id, delay=600)
+        assert await q.count() == 7
+        assert sorted([i.id async for i in q.list(page=3)]) == ids
+        assert [i.id for i in await backend.list_jobs(q.name, None, 2, 3)] == sorted(
+            ids, key=lambda j: (zlib.crc32(j.encode()) % 16, j)
+        )[2:5]
+        for job_id in ids:
+            assert await q.cancel(job_id) == "ok"
+        assert await q.purge(["cancelled"]) == 7
+        assert await q.count() == 0
+    finally:
+        await backend.close()

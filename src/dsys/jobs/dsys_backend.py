@@ -31,9 +31,9 @@ earlier run (a requeue, a re-publish after a crash) is acknowledged and dropped.
 Enqueue writes the record first (``cas(revision=0)``: the job id dedups), then publishes;
 if the enqueuer dies in between, enqueueing the same id again publishes the missing
 message (the stream's message-id window and the sequence check drop duplicates).
-Listing (``dsys jobs ls``) scans the 16 record prefixes and reads the records of the page
-asked for, in key order (not time order); it sees at most 160,000 records (a KV scan
-answers at most 10,000 keys).
+Listing (``dsys jobs ls``) pages through the 16 record prefixes with KV scan cursors and
+reads the records of the page asked for, in key order (not time order); every record is
+seen, however many there are.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import contextlib
 import time
 import urllib.parse
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,8 +72,8 @@ JOB_HEADER = "dsys-job"
 RUN_HEADER = "dsys-job-run"
 _RUNNABLE = ("queued", "scheduled", "retrying", "running")
 _BAND_REFRESH_S = 2.0
-_BUCKETS = 16  # job records are spread over 16 key prefixes ...
-_SCAN_LIMIT = 10_000  # ... because one KV scan answers at most 10,000 keys
+_BUCKETS = 16  # job records are spread over 16 key prefixes (kept: stored keys use them)
+_SCAN_PAGE = 1000  # keys per KV scan page when listing
 
 
 def _now_ms() -> int:
@@ -543,31 +543,40 @@ class DsysBackend:
         """Queue a dead or cancelled job again: a new run with a new message."""
         return await self._admin(job_id, requeue=True)
 
-    async def _all(self, queue: str) -> list[str]:
-        """Every record's key (a KV scan answers at most 10,000 keys: one per bucket)."""
-        scans = await asyncio.gather(
-            *(self._kv.scan(f"{self.prefix}job/{b:x}/", limit=_SCAN_LIMIT) for b in range(_BUCKETS))
-        )
-        return sorted(it.key for items in scans for it in items)
+    async def _keys(self) -> AsyncIterator[str]:
+        """Every record's key in key order, a page of keys at a time (no cap)."""
+        for b in range(_BUCKETS):
+            async for item in self._kv.scan_iter(f"{self.prefix}job/{b:x}/", page=_SCAN_PAGE):
+                yield item.key
 
     async def list_jobs(
         self, queue: str, state: JobState | None, offset: int, limit: int
     ) -> list[JobInfo]:
         """Jobs of ``queue`` in key order (job id), optionally only those in ``state``."""
-        keys = (await self._all(queue))[offset : offset + limit]
+        keys: list[str] = []
+        seen = 0
+        async for key in self._keys():
+            if seen >= offset + limit:
+                break
+            if seen >= offset:
+                keys.append(key)
+            seen += 1
         got = await asyncio.gather(*(self._get(k.rsplit("/", 1)[1]) for k in keys))
         infos = [_info(g[0]) for g in got if g is not None]
         return [i for i in infos if i.spec.queue == queue and (state is None or i.state == state)]
 
     async def count(self, queue: str, state: JobState | None) -> int:
         """Number of job records (of every queue: an upper bound)."""
-        return len(await self._all(queue))
+        n = 0
+        async for _ in self._keys():
+            n += 1
+        return n
 
     async def purge(self, queue: str, states: Sequence[JobState]) -> int:
         """Delete the records of ``queue``'s final jobs in ``states``."""
         wanted = {s for s in states if s in FINAL_STATES}
         removed = 0
-        for key in await self._all(queue):
+        async for key in self._keys():
             got = await self._get(key.rsplit("/", 1)[1])
             if got is None:
                 continue
@@ -595,8 +604,10 @@ class DsysBackend:
 
     async def queues(self) -> list[str]:
         """Queue names that have had jobs."""
-        items = await self._kv.scan(f"{self.prefix}bands/", limit=10_000)
-        return sorted({it.key[len(self.prefix) :].split("/")[1] for it in items})
+        names = set()
+        async for it in self._kv.scan_iter(f"{self.prefix}bands/", page=_SCAN_PAGE):
+            names.add(it.key[len(self.prefix) :].split("/")[1])
+        return sorted(names)
 
     async def close(self) -> None:
         """Close both clients."""
