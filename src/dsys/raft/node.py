@@ -54,6 +54,7 @@ from dsys.errors import (
     RequestTimeout,
 )
 from dsys.observability import Metrics, get_logger
+from dsys.raft import trace as _trace
 from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
     CODEC,
@@ -94,6 +95,8 @@ REPLY_WAIT = 1.0
 
 MAX_PEER_BODY = 64 * 1024 * 1024
 """Largest peer request accepted (a snapshot travels in one message)."""
+
+_TRACE = _trace.ENABLED  # per-stage timestamps of the write path (DSYS_RAFT_TRACE)
 
 
 def _i(v: Any) -> int:
@@ -421,6 +424,8 @@ class PeerTransport:
                 while len(batch) < self._max_batch and not q.empty():
                     batch.append(q.get_nowait())
                 body = encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY)
+                if _TRACE:
+                    _trace_sent(batch)
                 try:
                     await ws.send_bytes(body)
                     backoff = 0.0
@@ -471,6 +476,22 @@ class PeerTransport:
 
 
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_close=1.0)
+
+
+def _trace_sent(batch: list[Message]) -> None:
+    for m in batch:
+        if isinstance(m, AppendRequest) and m.entries:
+            _trace.mark("send_append", m.entries[-1].index, m.dst)
+        elif isinstance(m, AppendResponse) and m.success:
+            _trace.mark("send_ack", m.match_index, m.dst)
+
+
+def _trace_received(msgs: list[Message]) -> None:
+    for m in msgs:
+        if isinstance(m, AppendRequest) and m.entries:
+            _trace.mark("recv_append", m.entries[-1].index, m.src)
+        elif isinstance(m, AppendResponse) and m.success:
+            _trace.mark("recv_ack", m.match_index, m.src)
 
 
 async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -600,6 +621,7 @@ class RaftNode:
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._read_seq = 0
+        self._traced_commit = 0
         self._ticks = 0
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
@@ -732,6 +754,8 @@ class RaftNode:
                 afut.set_exception(err)
         async with self._store_lock:
             await asyncio.to_thread(self._log_store.close)
+        if _TRACE:
+            _trace.dump(self.id)
 
     # -- public API -------------------------------------------------------------------
 
@@ -837,6 +861,8 @@ class RaftNode:
         if not self.is_leader:
             raise self._not_leader()
         self._proposals_in.append(item)
+        if _TRACE:
+            _trace.mark("enqueue", -1)
         if not self._wake.is_set():
             self._wake.set()
 
@@ -972,6 +998,8 @@ class RaftNode:
             except RemoteProtocolError as exc:
                 await self._refuse_frame(ws, src, str(exc))
                 break
+            if _TRACE:
+                _trace_received(msgs)
             if self._closed:
                 break
             if len(self._inbox) >= inbox_limit:
@@ -1061,6 +1089,8 @@ class RaftNode:
                     rounds += 1
                     await self._handle_ready(self.core.ready())
                     self._feed_core()
+                    if _TRACE:
+                        self._trace_commit()
                 if rounds >= 64:
                     self._wake.set()
                 armed, self._armed = self._armed, {}
@@ -1073,6 +1103,11 @@ class RaftNode:
             self.failed = exc
             self.log.exception("raft_loop_crashed")
             raise
+
+    def _trace_commit(self) -> None:
+        if self.core.commit_index > self._traced_commit:
+            self._traced_commit = self.core.commit_index
+            _trace.mark("commit", self._traced_commit)
 
     def _feed_core(self) -> None:
         core = self.core
@@ -1093,6 +1128,8 @@ class RaftNode:
                 core.step(msg)
             except RemoteProtocolError as exc:  # e.g. an undecodable config entry
                 self.log.warning("peer_message_refused", src=msg.src, error=str(exc))
+        if _TRACE:
+            self._trace_commit()
         if self._proposals_in:
             self._propose_queued()
         while self._conf_in:
@@ -1166,6 +1203,8 @@ class RaftNode:
                 self._pending[index] = _Proposal(
                     core.term, cbs, now, decoded, len(datas), spans if many else None
                 )
+                if _TRACE:
+                    _trace.mark("propose", index)
                 continue
             for cb in cbs:
                 _call(cb, None, exc)
@@ -1188,6 +1227,8 @@ class RaftNode:
         # 1. persist (off the event loop; one fsync for the whole batch)
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             started = time.perf_counter()
+            if _TRACE and rd.entries:
+                _trace.mark("persist_start", rd.entries[-1].index)
             if self._inline_persist:
                 self._persist(rd)  # no fsync: a plain write() is cheaper than a thread hop
             else:
@@ -1196,6 +1237,8 @@ class RaftNode:
             self._m_fsync.observe(time.perf_counter() - started)
             if rd.entries:
                 self._m_batch.observe(len(rd.entries))
+                if _TRACE:
+                    _trace.mark("persist_end", rd.entries[-1].index)
         # 2. send (answers to a waiting peer request ride on its HTTP response)
         armed = self._armed
         for msg in rd.messages:
@@ -1215,6 +1258,8 @@ class RaftNode:
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue
+            if _TRACE:
+                _trace.mark("apply_start", entry.index)
             kind = entry.kind
             p = pending.pop(entry.index, None)
             # (index, term) names one entry: a proposal of that term is exactly this entry
@@ -1236,6 +1281,8 @@ class RaftNode:
                 if mine and p.count == len(results):
                     p.answer(results)
                     self._m_commit.observe(time.perf_counter() - p.started)
+                    if _TRACE:
+                        _trace.mark("answered", entry.index)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
         for rs in rd.read_states:
