@@ -121,6 +121,32 @@ def test_crash_and_restart_from_durable_state_only() -> None:
     ]
 
 
+def test_leader_crash_loses_its_unsynced_tail_and_nothing_committed() -> None:
+    # The simulation's model of a leader replicating before its own fsync: the entry's
+    # messages leave, the persist waits; a crash then loses the leader's copy. The
+    # durability check at the crash fails if the leader had counted that copy.
+    net = SimNetwork(node_ids=["a", "b", "c"], seed=21)
+    lead = net.tick_until(net.leader, max_ticks=100)
+    net.tick_until(lambda: net.nodes[lead].unsynced is None, max_ticks=50)
+    b, c = (n for n in net.nodes if n != lead)
+    net.cut(lead, c)
+    net.unsynced_p = 1.0
+    idx = net.nodes[lead].core.propose(b"only-b-has-it")
+    net.stabilize()
+    assert net.nodes[lead].unsynced is not None  # sent, not persisted
+    assert net.node(b).last_index >= idx and net.nodes[b].store.covers(idx, net.node(lead).term)
+    assert net.node(lead).commit_index < idx  # b's ack alone is not a majority
+    net.crash(lead)
+    assert net.nodes[lead].store.term_at(idx) is None  # the unsynced entry is gone
+    net.restart(lead)
+    net.heal()
+    net.unsynced_p = 0.5
+    net.tick_until(lambda: net.leader() is not None, max_ticks=300)
+    last = net.propose_via_leader(b"after")
+    net.tick_until(lambda: all(net.nodes[n].applied >= last for n in net.nodes), max_ticks=300)
+    net.assert_logs_match()
+
+
 def test_lagging_follower_gets_a_snapshot() -> None:
     net = SimNetwork(node_ids=["a", "b", "c"], seed=9)
     lead = net.tick_until(net.leader, max_ticks=100)

@@ -67,6 +67,7 @@ from dsys.raft.messages import (
     ConfChange,
     Entry,
     EntryKind,
+    HardState,
     Heartbeat,
     HeartbeatResponse,
     Message,
@@ -622,6 +623,7 @@ class RaftNode:
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._read_seq = 0
         self._traced_commit = 0
+        self._synced_hs: HardState | None = None  # the hard state last persisted
         self._ticks = 0
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
@@ -670,6 +672,7 @@ class RaftNode:
         snap = self._snapshots.load()
         loaded = self._log_store.load()
         hard = self._stable.load_hard_state()
+        self._synced_hs = hard
         applied = 0
         if snap is not None:
             self.fsm.restore(snap.data)
@@ -1224,13 +1227,22 @@ class RaftNode:
             )
 
     async def _handle_ready(self, rd: Ready) -> None:
-        # 1. persist (off the event loop; one fsync for the whole batch)
+        # 0. a leader replicates while it writes its own log (its own copy counts toward
+        #    a commit only after advance(); see RaftCore)
+        early = rd.messages_before_persist
+        if early and rd.messages:
+            self._send(rd.messages)
+        # 1. persist (off the event loop when it fsyncs; one fsync for the whole batch)
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             started = time.perf_counter()
             if _TRACE and rd.entries:
                 _trace.mark("persist_start", rd.entries[-1].index)
-            if self._inline_persist:
-                self._persist(rd)  # no fsync: a plain write() is cheaper than a thread hop
+            if self._inline_persist or (
+                not self._store_lock.locked() and not self._needs_fsync(rd)
+            ):
+                # No fsync (fsync off, or only the commit index moved, which the WAL
+                # writes without one): a plain write() is cheaper than a thread hop.
+                self._persist(rd)
             else:
                 async with self._store_lock:
                     await asyncio.to_thread(self._persist, rd)
@@ -1239,14 +1251,9 @@ class RaftNode:
                 self._m_batch.observe(len(rd.entries))
                 if _TRACE:
                     _trace.mark("persist_end", rd.entries[-1].index)
-        # 2. send (answers to a waiting peer request ride on its HTTP response)
-        armed = self._armed
-        for msg in rd.messages:
-            slot = armed.get(msg.dst) if armed else None
-            if slot is not None and not slot[0].done():
-                slot[1].append(msg)
-            else:
-                self.transport.send(msg)
+        # 2. send
+        if not early and rd.messages:
+            self._send(rd.messages)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
             self.fsm.restore(rd.snapshot.data)
@@ -1295,6 +1302,26 @@ class RaftNode:
             self._on_event(ev)
         self.core.advance(rd)
 
+    def _send(self, msgs: tuple[Message, ...]) -> None:
+        """Queue ``msgs`` (answers to a waiting peer request ride on its HTTP response)."""
+        armed = self._armed
+        for msg in msgs:
+            slot = armed.get(msg.dst) if armed else None
+            if slot is not None and not slot[0].done():
+                slot[1].append(msg)
+            else:
+                self.transport.send(msg)
+
+    def _needs_fsync(self, rd: Ready) -> bool:
+        """Whether persisting ``rd`` syncs: entries, a snapshot, or a new term or vote."""
+        if rd.entries or rd.snapshot is not None:
+            return True
+        hs = rd.hard_state
+        if hs is None:
+            return False
+        old = self._synced_hs
+        return old is None or old.term != hs.term or old.vote != hs.vote
+
     def _persist(self, rd: Ready) -> None:
         """Runs in a worker thread: durable before any message of ``rd`` is sent."""
         if rd.snapshot is not None:
@@ -1308,6 +1335,7 @@ class RaftNode:
             self._log_store.append(rd.entries)
         if rd.hard_state is not None:
             self._stable.save_hard_state(rd.hard_state)
+            self._synced_hs = rd.hard_state
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
