@@ -114,6 +114,12 @@ class Cluster:
                 p.wait()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def sequential_puts(addr: str, n: int) -> list[tuple[int, int]]:
     """``n`` PUTs, one at a time, over one keep-alive connection: (sent, answered) ns."""
     host, port = addr.rsplit(":", 1)
@@ -190,7 +196,8 @@ def analyse(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     lead_ev, enq = load_trace(trace_dir / f"{leader}.trace")
     fol = {f: load_trace(trace_dir / f"{f}.trace")[0] for f in followers}
-    proposes = sorted(i for (i, _p) in lead_ev["propose"])
+    proposes = sorted(i for (i, _p) in lead_ev["propose"])[skip:]
+    enq = enq[skip:]  # the warm-up puts
     commits = sorted(i for (i, _p) in lead_ev["commit"])
     if len(enq) != len(puts) or len(proposes) != len(puts):
         raise RuntimeError(
@@ -198,7 +205,7 @@ def analyse(
         )
     stages: dict[str, list[float]] = defaultdict(list)
     offsets: dict[str, list[float]] = defaultdict(list)
-    for k in range(skip, len(puts)):
+    for k in range(len(puts)):
         sent, done = puts[k]
         i = proposes[k]
         L = lead_ev
@@ -241,8 +248,8 @@ def analyse(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--puts", type=int, default=2000, help="sequential puts (default 2000)")
-    parser.add_argument("--warmup", type=int, default=200, help="puts left out of the figures")
+    parser.add_argument("--puts", type=int, default=2000, help="measured puts (default 2000)")
+    parser.add_argument("--warmup", type=int, default=200, help="puts before the measured ones")
     parser.add_argument("--tree", type=Path, help="run the replicas from this checkout's src")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="trace-put-") as tmp:
@@ -252,16 +259,23 @@ def main() -> None:
         cluster.start()
         try:
             leader = cluster.leader()
+            pids = {i: p.pid for i, p in cluster.procs.items()}
+            sequential_puts(cluster.addrs[leader], args.warmup)
+            cpu0 = {i: cpu_seconds(pid) for i, pid in pids.items()}
             puts = sequential_puts(cluster.addrs[leader], args.puts)
+            cpu = {i: cpu_seconds(pid) - cpu0[i] for i, pid in pids.items()}
         finally:
             cluster.stop()
-        lat = [(b - a) / 1e6 for a, b in puts[args.warmup :]]
-        elapsed = (puts[-1][1] - puts[args.warmup][0]) / 1e9
+        lat = [(b - a) / 1e6 for a, b in puts]
+        elapsed = (puts[-1][1] - puts[0][0]) / 1e9
+        lead_cpu = cpu[leader] / len(puts) * 1e3
+        fol_cpu = statistics.mean(cpu[i] for i in cpu if i != leader) / len(puts) * 1e3
         print(
             f"trace_put: 3 replicas, fsync always, {len(lat)} sequential puts (16-byte values) "
             f"over one keep-alive connection{f', tree {args.tree}' if args.tree else ''}\n"
             f"client latency p50 {pct(lat, 0.5):.3f} ms, p99 {pct(lat, 0.99):.3f} ms, "
-            f"{len(lat) / elapsed:,.0f} puts/s; load average {os.getloadavg()[0]:.2f}\n"
+            f"{len(lat) / elapsed:,.0f} puts/s; CPU per put: leader {lead_cpu:.3f} ms, "
+            f"follower {fol_cpu:.3f} ms; load average {os.getloadavg()[0]:.2f}\n"
         )
         if not (trace_dir / f"{leader}.trace").exists():
             print("(no trace files: this tree has no DSYS_RAFT_TRACE hooks)")

@@ -618,6 +618,19 @@ def test_leadership_transfer_sends_timeout_now_and_target_campaigns_through_leas
     assert resp.granted
 
 
+def test_leadership_transfer_resends_a_lost_timeout_now() -> None:
+    a = leader()
+    ack(a, "b", a.last_index)
+    drain(a)
+    a.transfer_leadership("b")
+    assert of(drain(a), TimeoutNow)  # ... and lost on the way
+    a.step(HeartbeatResponse(src="c", dst="a", term=a.term, ctx=1))
+    assert not of(drain(a), TimeoutNow)  # only the target's answers trigger it
+    a.step(HeartbeatResponse(src="b", dst="a", term=a.term, ctx=1))
+    (tn,) = of(drain(a), TimeoutNow)
+    assert tn.dst == "b" and tn.term == a.term
+
+
 class _Router:
     """A tiny hand-driven network of cores: deliver only between ``allowed`` nodes."""
 

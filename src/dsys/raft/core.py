@@ -1217,6 +1217,10 @@ class RaftCore:
                 pr.become_probe()  # the snapshot was probably lost: try again
         if pr.match < self.last_index:
             self._send_append(msg.src)
+        elif msg.src == self._transferee:
+            # The target is up to date but has not campaigned: the TimeoutNow was lost
+            # (an extra one is harmless: it only starts an election, in this term + 1).
+            self._send_timeout_now(msg.src)
         if msg.src in self._conf.voters and msg.ctx > self._read_acks.get(msg.src, 0):
             self._read_acks[msg.src] = msg.ctx
             self._advance_reads()

@@ -618,6 +618,8 @@ class RaftNode:
         self._proposals_in: deque[tuple[Any, Any, Any]] = deque()
         self._reads_in: deque[asyncio.Future[int]] = deque()
         self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
+        self._transfers_in: deque[tuple[NodeId, asyncio.Future[None]]] = deque()
+        self._transfer_waiters: list[tuple[NodeId, asyncio.Future[None]]] = []
         self._pending: dict[int, _Proposal] = {}
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
@@ -752,6 +754,9 @@ class RaftNode:
         for rfut in [*self._read_waiters.values(), *self._reads_in]:
             if not rfut.done():
                 rfut.set_exception(err)
+        for _, tfut in [*self._transfers_in, *self._transfer_waiters]:
+            if not tfut.done():
+                tfut.set_exception(err)
         for _, afut in self._applied_waiters:
             if not afut.done():
                 afut.set_exception(err)
@@ -877,6 +882,34 @@ class RaftNode:
         self._conf_in.append((change, fut))
         self._wake.set()
         return await fut
+
+    async def transfer_leadership(self, target: NodeId, timeout: float = 3.0) -> None:  # noqa: ASYNC109
+        """Hand leadership to voter ``target`` and return once this node follows it.
+
+        The leader stops taking proposals, brings ``target``'s log up to date and sends
+        it TimeoutNow; ``target`` campaigns at once (Raft dissertation 3.10).
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            BadInputError: ``target`` is not a voter.
+            RequestTimeout: ``target`` did not take over in time (the leader gives the
+                transfer up after an election timeout and takes proposals again).
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        if target == self.id:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transfers_in.append((target, fut))
+        self._wake.set()
+        try:
+            await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"{target!r} did not take leadership over in time") from None
+        finally:
+            self._transfer_waiters = [w for w in self._transfer_waiters if w[1] is not fut]
 
     async def read_barrier(self, timeout: float = 3.0) -> int:  # noqa: ASYNC109
         """Wait until a linearizable read may be served locally (ReadIndex).
@@ -1145,6 +1178,18 @@ class RaftNode:
             self._pending[index] = _Proposal(
                 core.term, [_future_callback(cfut)], time.perf_counter(), None, 1, None
             )
+        while self._transfers_in:
+            target, tfut = self._transfers_in.popleft()
+            if tfut.done():
+                continue
+            try:
+                core.transfer_leadership(target)
+            except NotLeaderError:
+                tfut.set_exception(self._not_leader())
+            except Exception as exc:
+                tfut.set_exception(exc)
+            else:
+                self._transfer_waiters.append((target, tfut))
         while self._reads_in:
             rfut = self._reads_in.popleft()
             if rfut.done():
@@ -1379,6 +1424,10 @@ class RaftNode:
         elif isinstance(ev, BecameFollower):
             self._m_leader.set(0)
             self.log.info("became_follower", term=ev.term, leader=ev.leader)
+            if self._transfer_waiters and ev.leader is not None:
+                for target, tfut in self._transfer_waiters:
+                    if target == ev.leader and not tfut.done():
+                        tfut.set_result(None)
             self._fail_reads()
             self._fail_proposals()
         elif isinstance(ev, BecameCandidate):
