@@ -1277,6 +1277,10 @@ class RaftNode:
         early = rd.messages_before_persist
         if early and rd.messages:
             self._send(rd.messages)
+            if rd.entries:
+                # One loop turn: the peer senders write the appends to their sockets now,
+                # before the persist thread takes the GIL to encode and write the WAL.
+                await asyncio.sleep(0)
         # 1. persist (off the event loop when it fsyncs; one fsync for the whole batch)
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             started = time.perf_counter()
