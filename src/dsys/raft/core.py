@@ -658,7 +658,10 @@ class RaftCore:
         return rd
 
     def advance(self, ready: Ready) -> None:
-        """Report that ``ready`` was persisted, sent and applied."""
+        """Report that ``ready`` was persisted, sent and applied.
+
+        A leader counts its own copy of ``ready.entries`` toward a commit only from here.
+        """
         self._ready_out = False
         if ready.hard_state is not None:
             self._prev_hs = ready.hard_state

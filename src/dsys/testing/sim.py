@@ -5,7 +5,10 @@ no sleeps, no wall clock. One seeded ``random.Random`` decides everything (messa
 delays, drops, duplicates, delivery order, the nodes' election-timeout seeds), so a seed
 replays exactly. Each node's *durable store* holds only what ``Ready`` told it to persist
 (snapshot, hard state, log entries), applied exactly as a real store would; a crashed
-node restarts from that store alone.
+node restarts from that store alone. A leader's Ready marked ``messages_before_persist``
+is, with probability ``unsynced_p``, persisted only on a later tick: its messages are
+delivered and answered first, and a crash in between loses those entries, as a crash
+during a real leader's fsync would.
 
 Safety invariants are checked as the simulation runs and raise :class:`InvariantViolation`
 (an ``AssertionError``) naming the seed:
