@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import platform
 import random
 import statistics
@@ -51,6 +52,13 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, in seconds (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Results:
     connections: int = 0
@@ -69,6 +77,8 @@ class Results:
     holes: int = 0
     misordered: int = 0
     refetches: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU s per process kind, in the window
+    load: str = ""  # the load average when the window ended
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -180,12 +190,24 @@ async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
                     by_author[c.user].append(ack["offset"])
                 await asyncio.sleep(min(rnd.expovariate(args.rate), stop_at - time.monotonic()))
 
+        def cpu_by_kind() -> dict[str, float]:
+            out: dict[str, float] = defaultdict(float)
+            for p in cluster.procs.values():
+                if p.alive and p.proc is not None:
+                    with contextlib.suppress(OSError):
+                        out[p.kind] += cpu_seconds(p.proc.pid)
+            return out
+
         async def window() -> None:
-            # deliveries are counted over exactly --seconds of load
+            # deliveries (and the processes' CPU time) are counted over exactly --seconds
+            cpu0 = cpu_by_kind()
             measuring["on"] = True
             await asyncio.sleep(args.seconds)
             measuring["on"] = False
+            cpu1 = cpu_by_kind()
+            res.cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
             res.window = args.seconds
+            res.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
         chaos = asyncio.create_task(_chaos(cluster, args.seconds, res)) if args.chaos else None
         await asyncio.gather(window(), *(user_loop(i, c) for i, c in enumerate(clients)))
@@ -240,6 +262,11 @@ def table(args: argparse.Namespace, res: Results) -> str:
         ("acked messages lost / duplicated / out of order",
          f"{res.lost} / {res.dups} / {res.misordered}"),
         ("refetches", str(res.refetches)),
+        ("CPU per 1,000 deliveries, chat servers (ms)",
+         f"{res.cpu.get('chat', 0) * 1e6 / res.delivered:.1f}" if res.delivered else "-"),
+        ("CPU in the window by process kind (s)",
+         ", ".join(f"{k} {v:.1f}" for k, v in sorted(res.cpu.items()))),
+        ("load average at the end of the window", res.load),
     ]  # fmt: skip
     if res.chaos:
         rows.append(("chaos", "; ".join(res.chaos)))
