@@ -5,6 +5,7 @@
 * ``dsys kv serve`` x 3 (Raft KV: accounts, rooms, members, markers, presence, servers)
 * ``dsys streams serve`` x 1 or 3 (the ``CHAT`` stream: per-room history)
 * ``dsys pubsub serve`` x 1 or more (routes between them: fan-out between servers)
+* ``dsys ratelimit serve`` x 1 (the per-user post and log-in limits of every chat server)
 * ``python -m examples.chat.server`` x 2 (the chat servers)
 * ``dsys lb serve`` (the only address clients know; proxies the WebSockets)
 
@@ -36,7 +37,7 @@ class Proc:
     """One process of the cluster."""
 
     name: str
-    kind: str  # kv, streams, broker, chat or lb
+    kind: str  # kv, streams, broker, ratelimit, chat or lb
     addr: str
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
@@ -79,7 +80,7 @@ class ChatCluster:
     # -- addresses ------------------------------------------------------------------
 
     def addrs(self, kind: str) -> list[str]:
-        """Addresses of the processes of one kind (kv, streams, broker, chat, lb)."""
+        """Addresses of the processes of one kind (kv, streams, broker, ratelimit, chat, lb)."""
         return [p.addr for p in self.procs.values() if p.kind == kind]
 
     def names(self, kind: str) -> list[str]:
@@ -130,12 +131,16 @@ class ChatCluster:
                 routes = [a for o, pa in br.items() if o != name for a in ("--route", pa)]
                 self._spawn(Proc(name, "broker", addr, [py, "-m", "dsys", "pubsub", "serve",
                     "--listen", addr, *routes]))  # fmt: skip
+            rl = f"{LOOPBACK}:{free_port()}"
+            self._spawn(Proc("ratelimit1", "ratelimit", rl,
+                             [py, "-m", "dsys", "ratelimit", "serve", "--listen", rl]))  # fmt: skip
             for p in list(self.procs.values()):
                 wait_healthy(p.addr, timeout=20)
             self._say(
                 f"  KV store (Raft, {self.kv_nodes} nodes): {', '.join(kv.values())}\n"
                 f"  stream cluster ({self.stream_nodes} node(s)): {', '.join(st.values())}\n"
-                f"  pub/sub broker(s): {', '.join(br.values())}"
+                f"  pub/sub broker(s): {', '.join(br.values())}\n"
+                f"  rate-limit node: {rl}"
             )
             for i in range(self.chat_servers):
                 self.start_chat_server(f"s{i + 1}")
@@ -164,6 +169,7 @@ class ChatCluster:
             "--listen", addr, "--kv", ",".join(self.addrs("kv")),
             "--streams", ",".join(self.addrs("streams")),
             "--brokers", ",".join(self.addrs("broker")),
+            "--ratelimit", ",".join(self.addrs("ratelimit")),
             "--password-cost", self.password_cost, "--post-rate", str(self.post_rate),
             "--post-burst", str(self.post_burst)])  # fmt: skip
         self._spawn(p, {"DSYS_CHAT_SECRET": self.secret})

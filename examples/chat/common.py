@@ -36,6 +36,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dsys.sharding import HashRing
+
 STREAM = "CHAT"
 """The one durable stream holding every room's history (subjects ``chat.room.<room>``)."""
 
@@ -95,6 +97,16 @@ def field(frame: dict[str, Any], name: str, kind: type, default: Any = ...) -> A
     if (kind is int and type(value) is not int) or not isinstance(value, kind):
         raise FrameError("bad_frame", f"{name!r} must be {kind.__name__}")
     return value
+
+
+def room_ring(servers: Any) -> HashRing:
+    """The consistent-hash ring of the live chat servers that owns the rooms."""
+    return HashRing(sorted(set(servers)))
+
+
+def room_owner(ring: HashRing, room: str) -> str:
+    """The chat server owning ``room`` (it gives the room's messages their offsets)."""
+    return ring.get(room)
 
 
 def dm_room(a: str, b: str) -> str:

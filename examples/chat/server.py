@@ -18,7 +18,12 @@ Several of these run behind ``dsys lb`` and share state only through dsys blocks
   room. Pub/sub is at most once, so each connection keeps the last offset it sent per
   room and fills any hole from the stream before going on: nobody misses a message,
   nobody gets one twice.
-* **Rate limiting** (:class:`~dsys.ratelimit.Limiter`): posts per user, log-ins per name.
+* **Rate limiting** (:class:`~dsys.ratelimit.Limiter` over a
+  :class:`~dsys.ratelimit.ClusterStore` of ``dsys ratelimit serve`` nodes): posts per
+  user and log-ins per name are counted in the limiter nodes, so a user's limit holds
+  across every chat server (with token leases of :data:`POST_LEASE` posts, see
+  ``ClusterStore``: at most that many extra posts per server). Without ``--ratelimit``
+  each server limits in its own memory (one-server setups only).
 * **Circuit breakers** (:class:`~dsys.resilience.CircuitBreaker`) around the KV store,
   the stream cluster and the calls to other owners: when one is down, clients get an
   ``unavailable`` error frame at once instead of piling up waiting requests.
@@ -62,9 +67,8 @@ from dsys.kv import KVClient
 from dsys.observability import configure_logging, get_logger
 from dsys.pubsub import Client as BusClient
 from dsys.pubsub import Msg
-from dsys.ratelimit import Limiter
+from dsys.ratelimit import ClusterStore, Limiter
 from dsys.resilience import CircuitBreaker
-from dsys.sharding import HashRing
 from dsys.streams import StreamConfig
 from dsys.streams.client import StreamClient, StreamMsg
 
@@ -87,6 +91,8 @@ from .common import (
     dm_room,
     dm_users,
     global_id,
+    room_owner,
+    room_ring,
     sign_token,
     verify_token,
 )
@@ -97,6 +103,8 @@ from .common import (
 STATIC = Path(__file__).resolve().parent / "static"
 SERVER_TTL = 4.0  # seconds a server's registration lives without a heartbeat
 OUTBOX_LIMIT = 20_000  # frames queued for one slow client before it is disconnected
+POST_LEASE = 4
+"""Post tokens a chat server takes from the limiter node at once for one user."""
 
 
 def make_hasher(cost: str) -> PasswordHasher:
@@ -189,6 +197,7 @@ class ChatServer:
         password_cost: str = "default",
         post_rate: float = 20.0,
         post_burst: int = 40,
+        ratelimit: list[str] | None = None,
     ) -> None:
         self.id = server_id
         self.secret = secret
@@ -197,8 +206,21 @@ class ChatServer:
         self.streams = StreamClient(streams, timeout=8.0)
         self.bus = BusClient(brokers, name=f"chat-{server_id}", max_reconnect_wait=0.5)
         self.hasher = make_hasher(password_cost)
-        self.post_limit = Limiter(rate=post_rate, burst=post_burst, name="chat_posts")
-        self.login_limit = Limiter(rate=10, per=60.0, burst=10, name="chat_logins")
+        # Shared limits: a user's posts are counted by the limiter node owning their key
+        # whichever chat server they come through. If the node is down, posts are let
+        # through (a chat that stops for a limiter is worse) but log-ins are refused.
+        post_store = login_store = None
+        if ratelimit:
+            post_store = ClusterStore(ratelimit, lease_size=POST_LEASE, lease_ttl=5.0,
+                                      timeout=1.0)  # fmt: skip
+            login_store = ClusterStore(ratelimit, timeout=1.0)
+        self.post_limit = Limiter(
+            rate=post_rate, burst=post_burst, name="chat_posts", store=post_store
+        )
+        self.login_limit = Limiter(
+            rate=10, per=60.0, burst=10, name="chat_logins", store=login_store,
+            on_store_error="closed", failure_retry_after=5.0,
+        )  # fmt: skip
         ignore = (FrameError, ConflictError, NotFoundError)
         common: dict[str, Any] = {
             "window": 20, "minimum_calls": 10, "failure_rate_threshold": 60,
@@ -207,7 +229,7 @@ class ChatServer:
         self.kv_breaker = CircuitBreaker(f"chat-{server_id}-kv", **common)
         self.streams_breaker = CircuitBreaker(f"chat-{server_id}-streams", **common)
         self.owner_breakers: dict[str, CircuitBreaker] = {}
-        self.ring = HashRing([server_id])
+        self.ring = room_ring([server_id])
         self.ring_gen = 0
         self.conns: set[Conn] = set()
         self.by_room: dict[str, set[Conn]] = {}
@@ -254,7 +276,7 @@ class ChatServer:
         await self.bus.close()
         await self.streams.close()
         await self.kv.close()
-        await self.post_limit.close()
+        await self.post_limit.close()  # closes its store too
         await self.login_limit.close()
 
     # -- guarded calls to the blocks ------------------------------------------------
@@ -286,7 +308,7 @@ class ChatServer:
         items = await self._kv(self.kv.scan, "chat/servers/")
         alive = sorted({item.key.rsplit("/", 1)[1] for item in items} | {self.id})
         if tuple(alive) != tuple(sorted(self.ring.nodes)):
-            self.ring = HashRing(alive)
+            self.ring = room_ring(alive)
             self.ring_gen += 1
             self.log.info("ring_changed", servers=alive, generation=self.ring_gen)
 
@@ -376,7 +398,7 @@ class ChatServer:
     # -- posting: the owner side ----------------------------------------------------
 
     def owner_of(self, room: str) -> str:
-        return self.ring.get(room)
+        return room_owner(self.ring, room)
 
     async def post(self, req: dict[str, Any]) -> Stored:
         """Store a post through the room's owner (or here, when the owner is unreachable)."""
@@ -688,7 +710,14 @@ class ChatServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"ok": True, "server": self.id, "connections": len(self.conns), **self.stats}
+            {
+                "ok": True,
+                "server": self.id,
+                "connections": len(self.conns),
+                **self.stats,
+                "ring": list(self.ring.nodes),
+                "owned": sorted(self.owned),
+            }
         )
 
     async def _credentials(self, request: web.Request) -> tuple[str, str]:
@@ -850,7 +879,7 @@ class ChatServer:
             raise FrameError("bad_text", f"text must be 1-{MAX_TEXT} characters, not blank")
         # The limit is applied as the frame arrives (not after the posts queued before
         # it are stored), so a flood is refused at once, whatever the store's latency.
-        decision = self.post_limit.hit_sync(conn.user)
+        decision = await self.post_limit.hit(conn.user)
         if not decision.allowed:
             raise FrameError("rate_limited", "slow down", retry_after=decision.retry_after)
         conn.posts.put_nowait({"room": room, "user": conn.user, "cid": cid, "text": text,
@@ -1055,6 +1084,7 @@ async def serve(args: argparse.Namespace) -> None:
         password_cost=args.password_cost,
         post_rate=args.post_rate,
         post_burst=args.post_burst,
+        ratelimit=args.ratelimit.split(",") if args.ratelimit else None,
     )
     await server.start()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
@@ -1086,6 +1116,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="argon2 cost: default, or fast (tests and load tests only)")  # fmt: skip
     p.add_argument("--post-rate", type=float, default=20.0, help="posts per second per user")
     p.add_argument("--post-burst", type=int, default=40, help="burst of posts per user")
+    p.add_argument(
+        "--ratelimit",
+        default="",
+        help="dsys ratelimit serve nodes, HOST:PORT,... (default: memory)",
+    )
     args = p.parse_args(argv)
     configure_logging(level=os.environ.get("DSYS_LOG_LEVEL", "warning"))
     with contextlib.suppress(KeyboardInterrupt):
