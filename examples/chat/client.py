@@ -6,6 +6,10 @@ message; after a lost connection it dials the load balancer again, says ``hello`
 ``sub``s each room from where it was, and sends again every post not yet acknowledged
 (flagged ``retry`` so the owner finds it instead of storing it twice). ``dups`` and
 ``holes`` count what a correct server never sends: a message twice, or past a gap.
+
+Every message received from someone else is acknowledged (one ``delivered`` frame per
+room for all the messages of one WebSocket message); the client's own messages that
+another member received are in ``delivered[room]`` (offsets).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class RoomState:
     seq: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     refetches: int = 0
+    delivered: set[int] = field(default_factory=set)  # own messages another member got
 
 
 async def signup_or_login(http: aiohttp.ClientSession, base: str, user: str, password: str) -> str:
@@ -90,6 +95,9 @@ class ChatClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._receipts: dict[tuple[str, str], list[int]] = {}  # to acknowledge
+        self.ack_deliveries = True
+        """Acknowledge received messages (a test can turn it off to be a silent reader)."""
 
     async def __aenter__(self) -> ChatClient:
         await self.start()
@@ -144,6 +152,11 @@ class ChatClient:
                                 await self._on_welcome(frame)
                             else:
                                 self._on_frame(frame)
+                        if self._receipts:
+                            for (room, epoch), offs in self._receipts.items():
+                                self._send({"type": "delivered", "room": room,
+                                            "epoch": epoch, "offsets": offs})  # fmt: skip
+                            self._receipts.clear()
             except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             finally:
@@ -185,6 +198,8 @@ class ChatClient:
                 self.holes += 1
             st.epoch, st.offset, st.seq = f["epoch"], f["offset"], f["seq"]
             st.log.append(f)
+            if f["from"] != self.user and self.ack_deliveries:
+                self._receipts.setdefault((f["room"], f["epoch"]), []).append(f["offset"])
             if self.on_msg is not None:
                 self.on_msg(self, f)
         elif kind == "ack":
@@ -193,10 +208,16 @@ class ChatClient:
             if fut is not None and not fut.done():
                 fut.set_result(f)
             del post
+        elif kind == "delivered":
+            st = self.rooms.setdefault(f["room"], RoomState())
+            if f["epoch"] == st.epoch:
+                st.delivered.update(f["offsets"])
+            self._resolve(f"delivered:{f['room']}", f)
         elif kind == "refetch":
             st = self.rooms.setdefault(f["room"], RoomState())
             st.refetches += 1
             st.epoch, st.offset, st.seq, st.log = "", 0, 0, []  # start over from the latest page
+            st.delivered = set()
             self._send({"type": "sub", "room": f["room"]})
             self._resolve("refetch", f)
         elif kind == "subscribed":

@@ -18,6 +18,9 @@ sub room offset epoch seq  msg ... (every message after ``offset``), or refetch
 send room cid text         ack cid room offset id; the msg comes like any other
 history room before_seq    history room messages more
 read room offset fully     (stored; the next ``rooms`` shows unread counts)
+delivered room epoch       delivered room epoch offsets (to the authors of those
+  offsets                    messages, the first time another member's client
+                             acknowledges receiving them)
 typing room                typing room user until
 presence state             presence user state
 members room               members room members [{user, state}]
@@ -47,6 +50,7 @@ TYPING_SUBJECT = "chat.typing.{room}"
 PRESENCE_SUBJECT = "chat.presence"
 MEMBER_SUBJECT = "chat.member"
 OWNER_SUBJECT = "chat.owner.{server}"  # request/reply: post to the room's owner
+DELIVERED_SUBJECT = "chat.delivered"  # delivery receipts: [room, epoch, offset, author]...
 
 MAX_FRAME = 16 * 1024
 """Largest client frame accepted (bytes); a larger one is refused with ``too_large``."""
@@ -58,6 +62,10 @@ PRESENCE_TTL = 30.0
 """Seconds a presence lease lives in the KV store without a heartbeat."""
 RESUME_LIMIT = 2000
 """Most messages replayed on a resume; a longer gap is answered with ``refetch``."""
+RECEIPTS_KEPT = 2000
+"""Messages per room a server remembers the author of, to route delivery receipts."""
+MAX_RECEIPT_OFFSETS = 500
+"""Most offsets in one ``delivered`` frame from a client."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 

@@ -24,6 +24,12 @@ Several of these run behind ``dsys lb`` and share state only through dsys blocks
   across every chat server (with token leases of :data:`POST_LEASE` posts, see
   ``ClusterStore``: at most that many extra posts per server). Without ``--ratelimit``
   each server limits in its own memory (one-server setups only).
+* **Delivery receipts**: a client acknowledges each message it receives (``delivered``
+  frame); the first acknowledgement from a member other than the author is published on
+  ``chat.delivered`` and every server holding a connection of the author shows it
+  ``delivered``. So "delivered" means *received by at least one other member's client*
+  (like a single grey tick becoming two); it is live only (an author offline at that
+  moment is not told later) and independent of read markers and unread counts.
 * **Circuit breakers** (:class:`~dsys.resilience.CircuitBreaker`) around the KV store,
   the stream cluster and the calls to other owners: when one is down, clients get an
   ``unavailable`` error frame at once instead of piling up waiting requests.
@@ -73,13 +79,16 @@ from dsys.streams import StreamConfig
 from dsys.streams.client import StreamClient, StreamMsg
 
 from .common import (
+    DELIVERED_SUBJECT,
     LIVE_SUBJECT,
     MAX_FRAME,
+    MAX_RECEIPT_OFFSETS,
     MAX_TEXT,
     MEMBER_SUBJECT,
     OWNER_SUBJECT,
     PRESENCE_SUBJECT,
     PRESENCE_TTL,
+    RECEIPTS_KEPT,
     RESUME_LIMIT,
     ROOM_SUBJECT,
     STREAM,
@@ -240,6 +249,10 @@ class ChatServer:
         self.typing_sent: dict[tuple[str, str], float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.presence: dict[str, str] = {}  # state of the users connected here
+        # (room, epoch) -> offset -> author of the messages sent to clients here, None
+        # once its delivery was reported (each server reports a message once at most)
+        self.authors: dict[tuple[str, str], OrderedDict[int, str | None]] = {}
+        self.receipts: list[list[Any]] = []  # [room, epoch, offset, author] to publish
         self.stats = {"posts": 0, "delivered": 0, "forwarded": 0, "fallbacks": 0, "gaps": 0}
 
     # -- life cycle -----------------------------------------------------------------
@@ -254,6 +267,7 @@ class ChatServer:
         await self.bus.subscribe(TYPING_SUBJECT.format(room="*"), cb=self._on_typing)
         await self.bus.subscribe(PRESENCE_SUBJECT, cb=self._on_presence)
         await self.bus.subscribe(MEMBER_SUBJECT, cb=self._on_member)
+        await self.bus.subscribe(DELIVERED_SUBJECT, cb=self._on_delivered)
         await self.bus.subscribe(OWNER_SUBJECT.format(server=self.id), cb=self._on_owner_request)
         await self._register()
         await self._refresh_ring()
@@ -565,6 +579,7 @@ class ChatServer:
         if not conns:
             return
         stored = Stored.from_frame(frame)
+        self._remember(stored)
         text = msg.data.decode()
         for conn in list(conns):
             view = conn.views.get(stored.room)
@@ -628,6 +643,7 @@ class ChatServer:
                         self._refetch(conn, view.room, view.epoch, "gap older than the history")
                         return
                     conn.send(m.frame())
+                    self._remember(m)
                     view.last_off, view.last_seq = m.offset, m.seq
                     sent += 1
                     if sent > RESUME_LIMIT:
@@ -645,6 +661,56 @@ class ChatServer:
             conn.send({"type": "error", "code": "unavailable", "room": view.room,
                        "message": "history is unavailable; subscribe again"})  # fmt: skip
             self._drop_view(conn, view.room)
+
+    # -- delivery receipts ------------------------------------------------------------
+
+    def _remember(self, m: Stored) -> None:
+        authors = self.authors.get((m.room, m.epoch))
+        if authors is None:
+            authors = self.authors[(m.room, m.epoch)] = OrderedDict()
+        if m.offset not in authors:
+            authors[m.offset] = m.user
+            if len(authors) > RECEIPTS_KEPT:
+                authors.popitem(last=False)
+
+    async def _op_delivered(self, conn: Conn, f: dict[str, Any]) -> None:
+        room = check_name(get_field(f, "room", str), "room")
+        epoch = get_field(f, "epoch", str)
+        offsets = get_field(f, "offsets", list)
+        if len(offsets) > MAX_RECEIPT_OFFSETS or not all(type(o) is int for o in offsets):
+            raise FrameError("bad_frame", f"offsets: at most {MAX_RECEIPT_OFFSETS} integers")
+        view = conn.views.get(room)
+        authors = self.authors.get((room, epoch))
+        if view is None or view.epoch != epoch or authors is None:
+            return  # not (or no longer) subscribed here: nothing this server sent it
+        for off in offsets:
+            author = authors.get(off)
+            # only what this connection was sent, and only for the author's first reader
+            if author is not None and author != conn.user and off <= view.last_off:
+                authors[off] = None
+                if not self.receipts:
+                    asyncio.get_running_loop().call_soon(self._flush_receipts)
+                self.receipts.append([room, epoch, off, author])
+
+    def _flush_receipts(self) -> None:
+        # the receipts of one loop turn (every frame read meanwhile) in one bus message
+        batch, self.receipts = self.receipts, []
+        task = asyncio.create_task(self.bus.publish(DELIVERED_SUBJECT, json.dumps(batch).encode()))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _on_delivered(self, msg: Msg) -> None:
+        out: dict[tuple[str, str, str], list[int]] = {}
+        for room, epoch, off, author in json.loads(msg.data):
+            authors = self.authors.get((room, epoch))
+            if authors is not None and off in authors:
+                authors[off] = None  # reported by some server: do not report it again
+            if author in self.by_user:
+                out.setdefault((author, room, epoch), []).append(off)
+        for (author, room, epoch), offs in out.items():
+            text = json.dumps({"type": "delivered", "room": room, "epoch": epoch, "offsets": offs})
+            for conn in list(self.by_user.get(author, ())):
+                conn.send(text)
 
     # -- typing and presence --------------------------------------------------------
 

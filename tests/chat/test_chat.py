@@ -338,3 +338,57 @@ async def test_a_users_post_limit_holds_across_two_chat_servers(cluster: ChatClu
     finally:
         for c in clients:
             await c.close()
+
+
+async def test_delivery_receipts_reach_the_author_once_another_member_has_it(
+    cluster: ChatCluster,
+) -> None:
+    alice = await _connect_elsewhere(cluster, "rita", None)
+    bob = await _connect_elsewhere(cluster, "sam", alice.server)
+
+    async def bobs_room() -> dict[str, Any]:
+        rooms = (await bob.request({"type": "rooms"}, "rooms"))["rooms"]
+        return next(r for r in rooms if r["room"] == "receipts")
+
+    try:
+        await alice.create("receipts")
+        await alice.send("receipts", "anyone here?")  # only the author has it
+        await _until(lambda: alice.offsets("receipts") == [1])
+        await alice.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == set()  # its own copy is no receipt
+        bob.ack_deliveries = False  # a client that receives but does not acknowledge
+        await bob.join("receipts")
+        await _until(lambda: bob.offsets("receipts") == [1])
+        await bob.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == set()
+        # a receipt for messages the server did not send to that client counts for nothing
+        epoch = bob.rooms["receipts"].epoch
+        bob.raw(json.dumps({"type": "delivered", "room": "receipts", "epoch": epoch,
+                            "offsets": [1, 2, 3]}))  # fmt: skip
+        await _until(lambda: alice.rooms["receipts"].delivered == {1})  # 1: bob has it
+        bob.ack_deliveries = True
+        await alice.send("receipts", "two")
+        await alice.send("receipts", "three")
+        await bob.send("receipts", "four")
+        await _until(lambda: alice.offsets("receipts") == bob.offsets("receipts") == [1, 2, 3, 4])
+        await _until(lambda: alice.rooms["receipts"].delivered == {1, 2, 3})
+        await _until(lambda: bob.rooms["receipts"].delivered == {4})
+        await bob.request({"type": "ping"}, "pong")
+        await alice.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == {1, 2, 3}  # bob's 4 is not alice's
+        # receipts leave read markers alone: unread counts only move with read
+        mine = await bobs_room()
+        assert mine["last_offset"] == 4 and mine["read"] == 0 and mine["unread"] == 4
+        bob.raw(json.dumps({"type": "read", "room": "receipts", "offset": 4}))
+        for _ in range(50):
+            if (mine := await bobs_room())["unread"] == 0:
+                break
+        assert mine["read"] == 4 and mine["unread"] == 0
+        with pytest.raises(ChatError) as bad:
+            await bob.request(
+                {"type": "delivered", "room": "receipts", "epoch": "x", "offsets": "1"}, "never"
+            )
+        assert bad.value.code == "bad_frame"
+    finally:
+        await alice.close()
+        await bob.close()
