@@ -15,6 +15,7 @@ Used by ``python -m examples.chat``, the tests and the load test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -174,6 +176,28 @@ class ChatCluster:
             "--post-burst", str(self.post_burst)])  # fmt: skip
         self._spawn(p, {"DSYS_CHAT_SECRET": self.secret})
         return p
+
+    def leader(self, kind: str) -> str:
+        """The name of the Raft leader among the ``kv`` or ``streams`` processes.
+
+        Raises:
+            RuntimeError: no leader within 10 s.
+        """
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for name in self.names(kind):
+                p = self.procs[name]
+                if not p.alive:
+                    continue
+                url = f"http://{p.addr}/healthz"
+                with (
+                    contextlib.suppress(OSError, ValueError),
+                    urllib.request.urlopen(url, timeout=1.0) as r,
+                ):
+                    if json.loads(r.read()).get("role") == "leader":
+                        return name
+            time.sleep(0.1)
+        raise RuntimeError(f"no {kind} leader")
 
     def kill(self, name: str) -> None:
         """SIGKILL process ``name`` (a crash: no goodbye to anyone)."""

@@ -7,8 +7,9 @@ four figures: messages delivered per second, publish-to-deliver latency (p50/p99
 connections held, memory per connection on the chat servers, plus how many reconnects the
 clients went through.
 
-``--chaos`` kills (SIGKILL) in turn a chat server, a pub/sub broker (two are started) and
-the KV leader during the load, restarting each a little later. Either way the run ends by
+``--chaos`` kills (SIGKILL) in turn a chat server, a pub/sub broker (two are started),
+the KV leader and the stream cluster's leader (three stream nodes are started) during the
+load, restarting each a little later. Either way the run ends by
 checking every client's log: per room, offsets 1, 2, 3... with no gap and no duplicate,
 every acknowledged message present in every member's log, each author's messages in the
 order they were acknowledged.
@@ -35,7 +36,6 @@ from typing import Any
 
 import aiohttp
 
-from dsys.kv import KVClient
 from dsys.observability import configure_logging
 
 from .client import ChatClient
@@ -88,8 +88,9 @@ class Results:
 
 
 async def _chaos(cluster: ChatCluster, seconds: float, res: Results) -> None:
-    """Kill a chat server, a broker and the KV leader in turn, each at a fixed point of
-    the load (15 %, 40 %, 65 % of it), and restart each 15 % of the load later."""
+    """Kill a chat server, a broker, the KV leader and the stream leader in turn, each at a
+    fixed point of the load (10 %, 30 %, 50 %, 70 % of it), and restart each 12 % of the
+    load later."""
     t0 = time.monotonic()
 
     async def at(fraction: float) -> None:
@@ -97,19 +98,19 @@ async def _chaos(cluster: ChatCluster, seconds: float, res: Results) -> None:
 
     async def kill_restart(when: float, name: str | None, what: str) -> None:
         await at(when)
-        if name is None:  # the KV leader: whoever it is now
-            async with KVClient(cluster.addrs("kv")) as kv:
-                name = str((await kv.status())["leader"])
+        if name is None:  # a Raft leader: whoever it is now
+            name = await asyncio.to_thread(cluster.leader, what.split()[1])
         await asyncio.to_thread(cluster.kill, name)
         res.chaos.append(f"kill -9 {what} ({name}) at {time.monotonic() - t0:.0f} s")
         print(f"  chaos: {time.monotonic() - t0:5.1f} s kill -9 {what} {name}", flush=True)
-        await at(when + 0.15)
+        await at(when + 0.12)
         await asyncio.to_thread(cluster.restart, name)
         print(f"  chaos: {time.monotonic() - t0:5.1f} s {name} is back", flush=True)
 
-    await kill_restart(0.15, cluster.names("chat")[0], "a chat server")
-    await kill_restart(0.40, cluster.names("broker")[0], "a pub/sub broker")
-    await kill_restart(0.65, None, "the KV leader")
+    await kill_restart(0.10, cluster.names("chat")[0], "a chat server")
+    await kill_restart(0.30, cluster.names("broker")[0], "a pub/sub broker")
+    await kill_restart(0.50, None, "the kv leader")
+    await kill_restart(0.70, None, "the streams leader")
 
 
 async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
@@ -280,7 +281,7 @@ async def amain(args: argparse.Namespace) -> int:
     cluster = ChatCluster(
         chat_servers=args.chat_servers,
         brokers=2 if args.chaos else 1,
-        stream_nodes=args.stream_nodes,
+        stream_nodes=3 if args.chaos else args.stream_nodes,
         fsync=args.fsync,
         password_cost="fast",
         verbose=True,
@@ -311,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-messages", type=int, default=200_000, help="posts at most")
     p.add_argument("--fsync", choices=("always", "none"), default="always")
     p.add_argument(
-        "--chaos", action="store_true", help="kill -9 a chat server, a broker and the KV leader"
+        "--chaos",
+        action="store_true",
+        help="kill -9 a chat server, a broker, the KV leader and the stream leader",
     )
     p.add_argument("--quick", action="store_true", help="200 connections, 20 rooms, 10 s")
     args = p.parse_args(argv)
