@@ -7,9 +7,10 @@ message; after a lost connection it dials the load balancer again, says ``hello`
 (flagged ``retry`` so the owner finds it instead of storing it twice). ``dups`` and
 ``holes`` count what a correct server never sends: a message twice, or past a gap.
 
-Every message received from someone else is acknowledged (one ``delivered`` frame per
-room for all the messages of one WebSocket message); the client's own messages that
-another member received are in ``delivered[room]`` (offsets).
+Every message received from someone else is acknowledged: one ``delivered`` frame per
+room for all the messages received in :data:`RECEIPT_DELAY` seconds (a receipt frame
+per message would double the frames a server handles under load). The client's own
+messages that another member received are in ``delivered[room]`` (offsets).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+RECEIPT_DELAY = 0.5
+"""Seconds a client gathers received messages before acknowledging them in one frame."""
 
 
 class ChatError(Exception):
@@ -96,6 +100,7 @@ class ChatClient:
         self._closed = False
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._receipts: dict[tuple[str, str], list[int]] = {}  # to acknowledge
+        self._receipt_timer: asyncio.TimerHandle | None = None
         self.ack_deliveries = True
         """Acknowledge received messages (a test can turn it off to be a silent reader)."""
 
@@ -116,6 +121,8 @@ class ChatClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._receipt_timer is not None:
+            self._receipt_timer.cancel()
         if self._ws is not None:
             await self._ws.close()
         if self._task is not None:
@@ -152,14 +159,14 @@ class ChatClient:
                                 await self._on_welcome(frame)
                             else:
                                 self._on_frame(frame)
-                        if self._receipts:
-                            for (room, epoch), offs in self._receipts.items():
-                                self._send({"type": "delivered", "room": room,
-                                            "epoch": epoch, "offsets": offs})  # fmt: skip
-                            self._receipts.clear()
+                        if self._receipts and self._receipt_timer is None:
+                            self._receipt_timer = asyncio.get_running_loop().call_later(
+                                RECEIPT_DELAY, self._send_receipts
+                            )
             except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             finally:
+                self._send_receipts()  # the last ones, if the socket can still take them
                 self._ws = None
                 self._ready.clear()
                 for fut in self._replies.values():
@@ -168,6 +175,16 @@ class ChatClient:
             if not self._closed:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
+
+    def _send_receipts(self) -> None:
+        if self._receipt_timer is not None:
+            self._receipt_timer.cancel()
+            self._receipt_timer = None
+        for (room, epoch), offs in self._receipts.items():
+            for i in range(0, len(offs), 500):  # the server takes 500 offsets a frame
+                chunk = offs[i : i + 500]
+                self._send({"type": "delivered", "room": room, "epoch": epoch, "offsets": chunk})
+        self._receipts.clear()
 
     async def _on_welcome(self, frame: dict[str, Any]) -> None:
         self.server = frame["server"]

@@ -112,8 +112,10 @@ from .common import (
 STATIC = Path(__file__).resolve().parent / "static"
 SERVER_TTL = 4.0  # seconds a server's registration lives without a heartbeat
 OUTBOX_LIMIT = 20_000  # frames queued for one slow client before it is disconnected
-POST_LEASE = 4
-"""Post tokens a chat server takes from the limiter node at once for one user."""
+POST_LEASE = 8
+"""Post tokens a chat server takes from the limiter node at once for one user (spent
+here for up to :data:`POST_LEASE_TTL` seconds): one round trip per 8 posts, not per post."""
+POST_LEASE_TTL = 20.0
 
 
 def make_hasher(cost: str) -> PasswordHasher:
@@ -158,7 +160,10 @@ class Conn:
 
     user: str
     ws: web.WebSocketResponse
-    out: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    out: list[str] = field(default_factory=list)  # encoded frames not written yet
+    ending: bool = False  # write what is queued (unless overflowed), then close
+    overflowed: bool = False
+    wake: asyncio.Future[None] | None = None  # the writer waiting for frames
     views: dict[str, View] = field(default_factory=dict)
     bad_frames: int = 0
     closed: bool = False
@@ -167,13 +172,24 @@ class Conn:
     poster: asyncio.Task[None] | None = None  # stores this connection's posts in order
 
     def send(self, frame: dict[str, Any] | str) -> None:
+        """Queue one frame (a str is sent as it is: a room's message is encoded once)."""
         if self.closed:
             return
-        if self.out.qsize() > OUTBOX_LIMIT:
-            self.closed = True  # too slow: drop it; it will reconnect and resume
-            self.out.put_nowait(None)
+        if len(self.out) > OUTBOX_LIMIT:
+            self.closed = self.overflowed = True  # too slow: it will reconnect and resume
+            self.end()
             return
-        self.out.put_nowait(frame if isinstance(frame, str) else json.dumps(frame))
+        self.out.append(frame if isinstance(frame, str) else json.dumps(frame))
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def end(self) -> None:
+        """Have the writer close the WebSocket once the queued frames are written."""
+        self.ending = True
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
 
 @dataclass(eq=False)
@@ -185,6 +201,7 @@ class OwnedRoom:
     epoch: str = ""
     last_ts: int = 0
     gen: int = -1  # ring generation the offset was read under
+    posted: bool = False  # the room record says a message was stored under its epoch
     queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Stored]]] = field(
         default_factory=asyncio.Queue
     )
@@ -220,9 +237,9 @@ class ChatServer:
         # through (a chat that stops for a limiter is worse) but log-ins are refused.
         post_store = login_store = None
         if ratelimit:
-            post_store = ClusterStore(ratelimit, lease_size=POST_LEASE, lease_ttl=5.0,
-                                      timeout=1.0)  # fmt: skip
-            login_store = ClusterStore(ratelimit, timeout=1.0)
+            post_store = ClusterStore(ratelimit, lease_size=POST_LEASE,
+                                      lease_ttl=POST_LEASE_TTL, timeout=2.0)  # fmt: skip
+            login_store = ClusterStore(ratelimit, timeout=2.0)
         self.post_limit = Limiter(
             rate=post_rate, burst=post_burst, name="chat_posts", store=post_store
         )
@@ -282,7 +299,7 @@ class ChatServer:
                 room.worker.cancel()
         for conn in list(self.conns):
             conn.closed = True
-            conn.out.put_nowait(None)
+            conn.end()
             with contextlib.suppress(Exception):
                 await conn.ws.close()
         with contextlib.suppress(Exception):
@@ -500,15 +517,19 @@ class ChatServer:
         last = _stored(room.name, tail[0]) if tail else None
         if last is not None and last.epoch == rec["epoch"]:
             room.next_off, room.epoch, room.last_ts = last.offset + 1, last.epoch, last.ts
+        elif not rec.get("posted"):
+            room.next_off, room.epoch = 1, rec["epoch"]  # nothing stored in this epoch yet
         else:
-            # No history under this epoch: a new room, or its history is gone (then a
-            # new epoch tells every client holding old offsets to refetch).
-            new = dict(rec, posted=True)
-            if rec.get("posted") or last is not None:
-                new["epoch"] = uuid.uuid4().hex[:12]
+            # No history under this epoch although the room was posted to (``posted`` is
+            # set only after a first message is stored, so a second owner racing the
+            # first one's first post never lands here): the history is gone, and a new
+            # epoch tells every client holding old offsets to refetch.
             got = await self._kv(self.kv.get, f"chat/rooms/{room.name}")
             assert got is not None
             if json.loads(got.value) == rec:
+                new = dict(rec, epoch=uuid.uuid4().hex[:12], posted=False)
+                self.log.warning("room_new_epoch", room=room.name, old=rec["epoch"],
+                                 epoch=new["epoch"])  # fmt: skip
                 with contextlib.suppress(ConflictError):  # another owner did it: reread
                     await self._kv(
                         self.kv.cas, f"chat/rooms/{room.name}", json.dumps(new).encode(),
@@ -518,7 +539,20 @@ class ChatServer:
             room.next_off, room.epoch = 1, rec["epoch"]
             if last is not None and last.epoch == rec["epoch"]:
                 room.next_off = last.offset + 1
+        room.posted = bool(rec.get("posted"))
         room.gen = self.ring_gen
+
+    async def _mark_posted(self, room: OwnedRoom) -> None:
+        """Record in the room's record that its epoch has a stored message."""
+        got = await self._kv(self.kv.get, f"chat/rooms/{room.name}")
+        if got is not None:
+            rec = json.loads(got.value)
+            if rec["epoch"] == room.epoch and not rec.get("posted"):
+                with contextlib.suppress(ConflictError):
+                    new = json.dumps(dict(rec, posted=True)).encode()
+                    await self._kv(self.kv.cas, f"chat/rooms/{room.name}", new,
+                                   revision=got.revision)  # fmt: skip
+        room.posted = True
 
     async def _find_resent(self, room: OwnedRoom, user: str, cid: str) -> Stored | None:
         if (user, cid) in room.recent:
@@ -558,6 +592,8 @@ class ChatServer:
             stored = Stored(room.name, off, room.epoch, ack.seq, global_id(ts, ack.seq),
                             user, cid, text, ts)  # fmt: skip
             room.next_off, room.last_ts = off + 1, ts
+            if not room.posted:
+                await self._mark_posted(room)
             room.recent[(user, cid)] = stored
             if len(room.recent) > 1000:
                 room.recent.popitem(last=False)
@@ -867,7 +903,7 @@ class ChatServer:
                     break
         finally:
             conn.closed = True
-            conn.out.put_nowait(None)
+            conn.end()
             self.conns.discard(conn)
             for room in list(conn.views):
                 self._drop_view(conn, room)
@@ -888,19 +924,27 @@ class ChatServer:
         # Frames queued while the last one was being sent go out together as one JSON
         # array (at most 64): under load a client, the load balancer and this server
         # handle one WebSocket frame for many messages.
+        # The writer sleeps on a bare future that send() resolves: one wake-up per loop
+        # turn however many frames arrived in it (no queue, no per-frame future).
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(ConnectionError, RuntimeError):
             while True:
-                batch = [await conn.out.get()]
-                while not conn.out.empty() and len(batch) < 64 and batch[-1] is not None:
-                    batch.append(conn.out.get_nowait())
-                end = batch[-1] is None
-                frames = [t for t in batch if t is not None]
-                if len(frames) == 1:
-                    await conn.ws.send_str(frames[0])
-                elif frames:
-                    await conn.ws.send_str("[" + ",".join(frames) + "]")
-                if end:
-                    await conn.ws.close(code=1011 if conn.out.qsize() else 1000)
+                if not conn.out and not conn.ending:
+                    conn.wake = loop.create_future()
+                    await conn.wake
+                    conn.wake = None
+                    continue
+                if conn.overflowed:
+                    await conn.ws.close(code=1011)
+                    return
+                frames, conn.out = conn.out, []
+                for i in range(0, len(frames), 64):
+                    chunk = frames[i : i + 64]
+                    await conn.ws.send_str(
+                        chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]"
+                    )
+                if conn.ending and not conn.out:
+                    await conn.ws.close(code=1000)
                     return
 
     async def _on_frame(self, conn: Conn, data: str) -> None:
@@ -1152,6 +1196,12 @@ async def serve(args: argparse.Namespace) -> None:
         post_burst=args.post_burst,
         ratelimit=args.ratelimit.split(",") if args.ratelimit else None,
     )
+    profile = None
+    if os.environ.get("DSYS_CHAT_PROFILE"):  # cProfile this server; stats written on exit
+        import cProfile
+
+        profile = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
+        profile.enable()
     await server.start()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -1165,6 +1215,9 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(f"{os.environ['DSYS_CHAT_PROFILE']}.{args.id}")
     await server.close()
     await runner.cleanup()
 

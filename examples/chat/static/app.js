@@ -23,6 +23,7 @@ const state = {
   backoff: 250,
   lastTyping: 0,
   receipts: new Map(),  // "room epoch" -> offsets received, to acknowledge
+  receiptTimer: null,
 };
 window.chatState = state;  // for the browser test and for curious readers
 
@@ -78,11 +79,8 @@ function connect() {
   ws.onmessage = (ev) => {
     const data = JSON.parse(ev.data);  // one frame, or an array of them under load
     for (const f of Array.isArray(data) ? data : [data]) onFrame(f);
-    for (const [key, offsets] of state.receipts) {  // one acknowledgement per room
-      const [name, epoch] = key.split(" ");
-      send({ type: "delivered", room: name, epoch, offsets });
-    }
-    state.receipts.clear();
+    // acknowledge what arrived in the next half second in one frame per room
+    if (state.receipts.size && !state.receiptTimer) state.receiptTimer = setTimeout(sendReceipts, 500);
   };
   ws.onclose = (ev) => {
     state.ready = false;
@@ -95,6 +93,17 @@ function connect() {
     setTimeout(connect, state.backoff);
     state.backoff = Math.min(4000, state.backoff * 2);
   };
+}
+
+function sendReceipts() {
+  state.receiptTimer = null;
+  for (const [key, offsets] of state.receipts) {
+    const [name, epoch] = key.split(" ");
+    for (let i = 0; i < offsets.length; i += 500) {
+      send({ type: "delivered", room: name, epoch, offsets: offsets.slice(i, i + 500) });
+    }
+  }
+  state.receipts.clear();
 }
 
 function onFrame(f) {
