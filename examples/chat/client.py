@@ -318,22 +318,32 @@ class ChatClient:
         self._unacked[cid] = post
         deadline = time.monotonic() + timeout
         retry = False
+        fut: asyncio.Future[dict[str, Any]] | None = None
+        sent_on = -1  # the connection (count) the post was last sent on
         while True:
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiters[cid] = fut
-            if self._ready.is_set():
+            if fut is None or fut.done():
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters[cid] = fut
+            # Sent once per connection (a reconnect resends it from _on_welcome), again
+            # after an error frame, and again after 10 s without an answer: resending
+            # a slow post on the same connection only adds load to a loaded server.
+            if self._ready.is_set() and sent_on != self.connects:
                 self._send({**post, "retry": True} if retry else post)
-            retry = True
+                sent_on, retry = self.connects, True
             left = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), min(left, 3.0))
+                return await asyncio.wait_for(asyncio.shield(fut), min(left, 10.0))
             except ChatError as exc:
                 if exc.code not in ("unavailable", "rate_limited"):
                     raise
+                sent_on = -1
                 await asyncio.sleep(float(exc.frame.get("retry_after", 0.3)))
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     return fut.result()
+                # no answer in 10 s on the connection it went out on: send it again;
+                # after a reconnect, _on_welcome has resent it already
+                sent_on = -1 if sent_on == self.connects else self.connects
             if time.monotonic() > deadline:
                 self._unacked.pop(cid, None)
                 raise TimeoutError(f"post {cid} not acknowledged in {timeout} s")

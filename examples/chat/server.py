@@ -870,7 +870,9 @@ class ChatServer:
     # -- the WebSocket ----------------------------------------------------------------
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1024 * 1024)
+        # no permessage-deflate: every socket of a room gets the same bytes, not a zlib
+        # pass per recipient (browsers offer it; our clients do not)
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1024 * 1024, compress=False)
         await ws.prepare(request)
         try:
             first = await ws.receive(timeout=10.0)
