@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-RECEIPT_DELAY = 0.5
+RECEIPT_DELAY = 1.0
 """Seconds a client gathers received messages before acknowledging them in one frame."""
 
 

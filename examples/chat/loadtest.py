@@ -144,6 +144,8 @@ async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
                 ChatClient(cluster.url, u, token=sign_token(secret, u), http=http, on_msg=on_msg)
                 for u in users[start : start + 100]
             ]
+            for c in batch:
+                c.ack_deliveries = not args.no_receipts
             await asyncio.gather(*(c.start(timeout=60) for c in batch))
             clients += batch
         res.connections = len(clients)
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         help="kill -9 a chat server, a broker, the KV leader and the stream leader",
     )
     p.add_argument("--quick", action="store_true", help="200 connections, 20 rooms, 10 s")
+    p.add_argument("--no-receipts", action="store_true", help="clients send no delivery receipts")
     args = p.parse_args(argv)
     if args.quick:
         args.connections, args.rooms, args.seconds = 200, 20, min(args.seconds, 10.0)

@@ -79,8 +79,8 @@ function connect() {
   ws.onmessage = (ev) => {
     const data = JSON.parse(ev.data);  // one frame, or an array of them under load
     for (const f of Array.isArray(data) ? data : [data]) onFrame(f);
-    // acknowledge what arrived in the next half second in one frame per room
-    if (state.receipts.size && !state.receiptTimer) state.receiptTimer = setTimeout(sendReceipts, 500);
+    // acknowledge what arrived within a second in one frame per room
+    if (state.receipts.size && !state.receiptTimer) state.receiptTimer = setTimeout(sendReceipts, 1000);
   };
   ws.onclose = (ev) => {
     state.ready = false;
