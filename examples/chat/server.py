@@ -266,9 +266,10 @@ class ChatServer:
         self.typing_sent: dict[tuple[str, str], float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.presence: dict[str, str] = {}  # state of the users connected here
-        # (room, epoch) -> offset -> author of the messages sent to clients here, None
-        # once its delivery was reported (each server reports a message once at most)
-        self.authors: dict[tuple[str, str], OrderedDict[int, str | None]] = {}
+        # room -> (epoch, offset -> author) of the messages sent to clients here (None
+        # once its delivery was reported: each server reports a message once at most);
+        # forgotten when no client here follows the room
+        self.authors: dict[str, tuple[str, OrderedDict[int, str | None]]] = {}
         self.receipts: list[list[Any]] = []  # [room, epoch, offset, author] to publish
         self.stats = {"posts": 0, "delivered": 0, "forwarded": 0, "fallbacks": 0, "gaps": 0}
 
@@ -593,7 +594,8 @@ class ChatServer:
                             user, cid, text, ts)  # fmt: skip
             room.next_off, room.last_ts = off + 1, ts
             if not room.posted:
-                await self._mark_posted(room)
+                with contextlib.suppress(DsysError, TimeoutError):  # tried again next post
+                    await self._mark_posted(room)
             room.recent[(user, cid)] = stored
             if len(room.recent) > 1000:
                 room.recent.popitem(last=False)
@@ -651,6 +653,7 @@ class ChatServer:
             conns.discard(conn)
             if not conns:
                 del self.by_room[room]
+                self.authors.pop(room, None)
 
     def _start_sync(self, conn: Conn, view: View) -> None:
         if view.syncing:
@@ -701,9 +704,10 @@ class ChatServer:
     # -- delivery receipts ------------------------------------------------------------
 
     def _remember(self, m: Stored) -> None:
-        authors = self.authors.get((m.room, m.epoch))
-        if authors is None:
-            authors = self.authors[(m.room, m.epoch)] = OrderedDict()
+        got = self.authors.get(m.room)
+        if got is None or got[0] != m.epoch:
+            got = self.authors[m.room] = (m.epoch, OrderedDict())
+        authors = got[1]
         if m.offset not in authors:
             authors[m.offset] = m.user
             if len(authors) > RECEIPTS_KEPT:
@@ -716,9 +720,10 @@ class ChatServer:
         if len(offsets) > MAX_RECEIPT_OFFSETS or not all(type(o) is int for o in offsets):
             raise FrameError("bad_frame", f"offsets: at most {MAX_RECEIPT_OFFSETS} integers")
         view = conn.views.get(room)
-        authors = self.authors.get((room, epoch))
-        if view is None or view.epoch != epoch or authors is None:
+        got = self.authors.get(room)
+        if view is None or view.epoch != epoch or got is None or got[0] != epoch:
             return  # not (or no longer) subscribed here: nothing this server sent it
+        authors = got[1]
         for off in offsets:
             author = authors.get(off)
             # only what this connection was sent, and only for the author's first reader
@@ -738,9 +743,9 @@ class ChatServer:
     async def _on_delivered(self, msg: Msg) -> None:
         out: dict[tuple[str, str, str], list[int]] = {}
         for room, epoch, off, author in json.loads(msg.data):
-            authors = self.authors.get((room, epoch))
-            if authors is not None and off in authors:
-                authors[off] = None  # reported by some server: do not report it again
+            got = self.authors.get(room)
+            if got is not None and got[0] == epoch and off in got[1]:
+                got[1][off] = None  # reported by some server: do not report it again
             if author in self.by_user:
                 out.setdefault((author, room, epoch), []).append(off)
         for (author, room, epoch), offs in out.items():
