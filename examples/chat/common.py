@@ -18,9 +18,9 @@ sub room offset epoch seq  msg ... (every message after ``offset``), or refetch
 send room cid text         ack cid room offset id; the msg comes like any other
 history room before_seq    history room messages more
 read room offset fully     (stored; the next ``rooms`` shows unread counts)
-delivered room epoch       delivered room epoch offsets (to the authors of those
-  offsets                    messages, the first time another member's client
-                             acknowledges receiving them)
+delivered room epoch       (with ``offsets``: messages received) to their authors:
+                           delivered room epoch offsets, the first time another
+                           member's client acknowledges them
 typing room                typing room user until
 presence state             presence user state
 members room               members room members [{user, state}]
