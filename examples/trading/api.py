@@ -547,6 +547,7 @@ class Broker:
                 log.warning("results: stream unavailable", error=str(exc))
                 await asyncio.sleep(0.5)
                 continue
+            done: list[tuple[int, int]] = []
             for msg in msgs:
                 try:
                     await self.apply(msg.seq, json.loads(msg.data))
@@ -556,7 +557,10 @@ class Broker:
                     break  # unacked: this and the rest of the batch come again, in order
                 except Exception:  # a result this code cannot apply: log it, do not stall
                     log.exception("results: cannot apply", seq=msg.seq)
-                await msg.ack()
+                done.append((msg.seq, msg.deliveries))
+            if done:  # one ack (one log entry) for what was applied, not one per result
+                with contextlib.suppress(UnavailableError, OSError, TimeoutError):
+                    await self.sc.ack(RESULTS_STREAM, "broker", done)
 
     async def apply(self, seq: int, res: dict[str, Any]) -> None:
         ids = {str((res.get("cmd") or {}).get("id", ""))}
