@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import urllib.request
 
 import pytest
 
-from dsys.testing.procs import free_port, start_dsys, wait_port
+from dsys.testing.procs import _first_line, free_port, start_dsys, wait_port
 
 
 def test_start_dsys_serves_until_stopped() -> None:
@@ -29,3 +32,16 @@ def test_a_server_that_cannot_start_is_reported_and_reaped() -> None:
 def test_wait_port_gives_up_when_nothing_listens() -> None:
     with pytest.raises(RuntimeError, match="nothing listens"):
         wait_port(free_port(), timeout=0.3)
+
+
+def test_only_the_first_line_names_the_address() -> None:
+    """A second line read in the same chunk (a forwarder naming another server's
+    HOST:PORT, say) must not be taken for the server's address."""
+    script = "print('listening on 127.0.0.1:1111\\nforwarding to 127.0.0.1:2222', flush=True)"
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE)
+    try:
+        proc.wait(10)  # both lines are in the pipe before the first read
+        assert _first_line(proc, time.monotonic() + 10) == b"listening on 127.0.0.1:1111\n"
+    finally:
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -141,15 +141,18 @@ def wait_healthy(addr: str, *, timeout: float = 10.0) -> None:
 
 
 def _first_line(proc: subprocess.Popen[bytes], deadline: float) -> bytes:
+    """The first line the process prints (only it: a second line may come in the same read,
+    and its ``HOST:PORT`` would be taken for the server's)."""
     assert proc.stdout is not None, "stdout must be a pipe"
     line = b""
-    while not line.endswith(b"\n") and time.monotonic() < deadline:
+    while b"\n" not in line and time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.2)[0]:
             chunk = os.read(proc.stdout.fileno(), 256)
             if not chunk:
                 break  # the process closed stdout (it exited)
             line += chunk
-    return line
+    first, newline, _ = line.partition(b"\n")
+    return first + newline
 
 
 def start_dsys(
