@@ -619,12 +619,16 @@ class Parser:
             return None
         if end > self.max_head:
             raise _fail(f"head larger than {self.max_head} bytes", 431)
-        head = bytes(data[:end])
+        whole = end == len(data)  # (often: a request without a body)
+        head = bytes(data) if whole else bytes(data[:end])
         buf.steps += 2 * end  # the copy and the validation pass
         if end <= MAX_LINE:  # the common case: a few C passes and a dict lookup per field
             fast = self._fast_response(head) if self.client else self._fast_request(head)
             if fast is not None:
-                del data[:end]
+                if whole:
+                    data.clear()
+                else:
+                    del data[:end]
                 buf._search = 0
                 return fast
         # The general path: something is wrong with the head (find what, for the error's
