@@ -551,3 +551,205 @@ def test_take_body_waits_for_the_whole_body_then_ends_the_message() -> None:
     p.next_event()
     with pytest.raises(LocalProtocolError):
         p.take_body()
+
+
+# ---- the fast paths against the general path ---------------------------------------------
+# Parser._fast_request/_fast_response take the common heads in a few C passes; whatever
+# they accept, the general path (field-by-field validation) must accept with the same
+# event, and whatever it rejects they must leave to it (so the error is the same).
+
+_PIECES = st.sampled_from(
+    [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding"] * 2
+    + [b"Connection", b"X-A", b"Keep-Alive", b"X A", b"Host ", b" Host", b"", b"\xc3\xa9"]
+)
+_FIELD_VALUES = st.one_of(
+    st.sampled_from(
+        [
+            b"h",
+            b"h:80",
+            b"[::1]",
+            b"a b",
+            b"",
+            b"0",
+            b"3",
+            b" 3 ",
+            b"+3",
+            b"3, 3",
+            b"0x3",
+            b"chunked",
+            b"close",
+            b"keep-alive",
+            b"\xff",
+            b"a\x0bb",
+            b"a\rb",
+            b"a\nb",
+            b"1" * 19,
+        ]
+    ),
+    st.sampled_from([b"2", b"chunked", b"h"]),
+    st.binary(max_size=4),
+)
+
+
+@st.composite
+def odd_heads(draw: Any, response: bool) -> bytes:
+    """Heads from a grammar where most pieces are right and some are subtly wrong."""
+    if response:
+        line = draw(
+            st.sampled_from(
+                [
+                    b"HTTP/1.1 200 OK",
+                    b"HTTP/1.0 200 OK",
+                    b"HTTP/1.1 204",
+                    b"HTTP/1.1 304 ",
+                    b"HTTP/1.1 103 Early",
+                    b"HTTP/1.1 099 x",
+                    b"HTTP/2.0 200 OK",
+                    b"HTTP/1.1 20 x",
+                    b"HTTP/1.1 200 \tOK\xff",
+                    b"HTTP/1.1  200 OK",
+                    b"http/1.1 200 OK",
+                ]
+            )
+        )
+    else:
+        line = draw(
+            st.sampled_from(
+                [
+                    b"GET / HTTP/1.1",
+                    b"PUT /v1/kv/a?b=c HTTP/1.1",
+                    b"GET / HTTP/1.0",
+                    b"GET /",
+                    b"GET  / HTTP/1.1",
+                    b"GET /\t HTTP/1.1",
+                    b"GET /\xff HTTP/1.1",
+                    b"G(T / HTTP/1.1",
+                    b"GET / HTTP/1.2",
+                    b"GET / HTTP/1.1 ",
+                    b" GET / HTTP/1.1",
+                    b"GET / HTTP/11",
+                ]
+            )
+        )
+    fields = draw(
+        st.lists(
+            st.tuples(
+                _PIECES, st.sampled_from([b": "] * 4 + [b":", b":\t", b" : ", b""]), _FIELD_VALUES
+            ),
+            max_size=5,
+        )
+    )
+    if not response and draw(st.booleans()):
+        fields.insert(0, (b"Host", b": ", b"example.com"))
+    if response and draw(st.booleans()):
+        fields.insert(0, (b"Content-Length", b": ", b"2"))
+    sep = draw(st.sampled_from([b"\r\n"] * 6 + [b"\n", b"\r\n "]))
+    return line + b"\r\n" + b"".join(n + c + v + sep for n, c, v in fields) + b"\r\n"
+
+
+def _outcome(data: bytes, client: bool, method: bytes = b"GET") -> object:
+    p = Parser(client=client)
+    if client:
+        p.expect_response(method)
+    try:
+        evs = events(p, data)
+    except RemoteProtocolError as exc:
+        return ("error", exc.status_hint, str(exc))
+    head = evs[0] if evs else None
+    if isinstance(head, Response):
+        return (evs, head.headers, p.buffered)
+    return (evs, p.buffered)
+
+
+def _general_path() -> Any:
+    """The parser with its fast paths turned off (they decline every head)."""
+    return mock.patch.multiple(
+        Parser, _fast_request=lambda self, head: None, _fast_response=lambda self, head: None
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(head=odd_heads(response=False), body=st.sampled_from([b"", b"ab", b"0\r\n\r\n"]))
+def test_the_request_fast_path_agrees_with_the_general_path(head: bytes, body: bytes) -> None:
+    fast = _outcome(head + body, False)
+    with _general_path():
+        general = _outcome(head + body, False)
+    assert fast == general, head
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    head=odd_heads(response=True),
+    body=st.sampled_from([b"", b"ab", b"2\r\nab\r\n0\r\n\r\n"]),
+    method=st.sampled_from([b"GET", b"HEAD"]),
+)
+def test_the_response_fast_path_agrees_with_the_general_path(
+    head: bytes, body: bytes, method: bytes
+) -> None:
+    fast = _outcome(head + body, True, method)
+    with _general_path():
+        general = _outcome(head + body, True, method)
+    assert fast == general, head
+
+
+_OK = b"HTTP/1.1 200 OK\r\n"
+_RESPONSE_VARIANTS = [
+    _OK + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+    _OK + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+    _OK + b"Content-Length: 2\r\ncontent-length: 2\r\n\r\nab",
+    _OK + b"Content-Length: 2\r\nConnection: close\r\n\r\nab",
+    _OK + b"CONNECTION: keep-alive\r\nContent-Length: 2\r\n\r\nab",
+    _OK + b"Keep-Alive: 5\r\nContent-Length: 2\r\n\r\nab",
+    _OK + b"Content-Length: 2, 2\r\n\r\nab",
+    _OK + b"Content-Length : 2\r\n\r\nab",
+    _OK + b"Content-Length:\t 002 \t\r\n\r\nab",
+    _OK + b"Content-Length: 1000000000000000000\r\n\r\n",
+    _OK + b"X: \xff\x80\r\nContent-Length: 0\r\n\r\n",
+    _OK + b"X: a\x7f\r\nContent-Length: 0\r\n\r\n",
+    _OK + b"Content-Length: 0\r\nX: a\r\n b\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nab",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nab",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 2\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 999 Odd\r\nContent-Length: 0\r\n\r\n",
+]
+_REQUEST_VARIANTS = [
+    *SMUGGLING.values(),
+    *(data for data, _ in ACCEPTED.values()),
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 19999999999999999999\r\n\r\n",
+    b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-" + b"n" * 300 + b": 1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n" + b"X: y\r\n" * (MAX_HEADERS - 1) + b"\r\n",
+]
+
+
+@pytest.mark.parametrize("data", _REQUEST_VARIANTS)
+def test_the_request_fast_path_agrees_on_the_corpus(data: bytes) -> None:
+    fast = _outcome(data, False)
+    with _general_path():
+        assert fast == _outcome(data, False)
+
+
+@pytest.mark.parametrize("data", [*BAD_RESPONSES.values(), *_RESPONSE_VARIANTS])
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_the_response_fast_path_agrees_on_the_corpus(data: bytes, method: bytes) -> None:
+    fast = _outcome(data, True, method)
+    with _general_path():
+        assert fast == _outcome(data, True, method)
+
+
+def test_the_fast_paths_take_the_common_heads() -> None:
+    # (so the differential tests above compare two paths, not one with itself)
+    get = b"GET /a HTTP/1.1\r\nHost: h\r\nUser-Agent: x\r\nContent-Length: 3\r\n\r\n"
+    assert Parser()._fast_request(get) is not None
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\ncontent-length: 2\r\nDate: x\r\n\r\n"
+    assert Parser(client=True)._fast_response(ok) is not None
+    # and leave the rest to the general path, which says what is wrong
+    assert Parser()._fast_request(get.replace(b"Host", b"Host ")) is None
+    assert Parser()._fast_request(get.replace(b"x\r\n", b"x\n")) is None
+    assert Parser(client=True)._fast_response(ok.replace(b"Date", b"Connection")) is None
+    assert Parser(client=True)._fast_response(ok.replace(b"200", b"103")) is None

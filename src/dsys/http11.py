@@ -160,7 +160,7 @@ class Response(_ResponseHead):
         Split on demand: a proxy that forwards the head as it came never needs them.
         """
         raw = self.raw
-        return tuple(_fields(raw[raw.find(b"\r\n") + 2 : -2]))
+        return tuple(_fields(raw[raw.find(b"\r\n") + 2 : -2], True))
 
 
 class Data(NamedTuple):
@@ -191,14 +191,6 @@ _TCHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
 _TOKEN = re.compile(rb"[%s]+\Z" % _TCHAR)
-_REQUEST_HEAD = re.compile(
-    rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\r\n"
-    rb"((?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*)\r\n" % (_TCHAR, _TCHAR, MAX_LINE)
-)
-_RESPONSE_HEAD = re.compile(
-    rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n"
-    rb"((?:[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n)*)\r\n" % (_TCHAR, MAX_LINE)
-)
 _REQUEST_LINE = re.compile(rb"([%s]+) ([\x21-\x7e]+) HTTP/([0-9]\.[0-9])\Z" % _TCHAR)
 _STATUS_LINE = re.compile(rb"HTTP/([0-9]\.[0-9]) ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\Z")
 # Field lines, each with its CRLF: name, colon, then visible bytes, SP, HTAB or obs-text.
@@ -211,6 +203,29 @@ _FIELD_LINES = re.compile(
 _FIELD_VALUE = re.compile(rb"[^:]+:[ \t]*([^\r]*)\r\n")
 _TRAILING_OWS = re.compile(rb"[ \t]\r\n")
 _NAME = re.compile(rb"([^:]+):[^\r]*\r\n")
+# The fast paths (Parser._fast_request/_fast_response): a whole response head, and the
+# bytes a request head may hold besides CR and LF
+# (HTAB, SP, visible ASCII, obs-text), deleted by one ``bytes.translate``.
+# The common final response: HTTP/1.x, one Content-Length, no Transfer-Encoding or
+# Connection field (the lookahead, case-insensitive, keeps them out of the other fields).
+_OTHER_FIELD = (
+    rb"(?!(?i:content-length|transfer-encoding|connection):)"
+    rb"[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n" % (_TCHAR, MAX_LINE)
+)
+_COMMON_RESPONSE = re.compile(
+    rb"HTTP/1\.([01]) ([2-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n(?:%s)*"
+    rb"(?i:content-length):[ \t]*([0-9]{1,18})[ \t]*\r\n(?:%s)*\r\n" % (_OTHER_FIELD, _OTHER_FIELD)
+)
+_MINOR_VERSIONS = {b"1": b"1.1", b"0": b"1.0"}
+_STATUS_CODES = {b"%d" % code: code for code in range(200, 600)}
+_HEAD_BYTES = b"\t" + bytes(range(0x20, 0x7F)) + bytes(range(0x80, 0x100))
+_FIELD_NAME = re.compile(rb"[%s]{1,256}\Z" % _TCHAR)
+# Field names and methods validated before (name -> lower-cased), so that a known one
+# costs a dict lookup; bounded, so that a peer sending new names only costs the regex.
+_KNOWN_NAMES: dict[bytes, bytes] = {}
+_KNOWN_METHODS: set[bytes] = set()
+_KNOWN_MAX = 1024
+_FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 # The fields a response's framing depends on, over the lower-cased field lines.
 # (Over a whole head: each field line follows a "\n", and a literal first byte lets the
 # regex engine skip ahead instead of trying every position.)
@@ -341,15 +356,14 @@ def _fields(block: bytes, valid: bool = False, trailers: bool = False) -> list[H
     return list(zip(raws, _NAME.findall(block.lower()), values, strict=True))
 
 
-def _framing_fields(block: bytes, head: bytes, valid: bool) -> list[Header]:
+def _framing_fields(block: bytes, head: bytes) -> list[Header]:
     """Validate field lines like :func:`_fields`; return only the framing fields.
 
-    ``block`` is the field lines of ``head``, the whole head (``valid``: checked already).
+    ``block`` is the field lines of ``head``, the whole head.
     """
     if not block:
         return []
-    if not valid:
-        _check_fields(block, False)
+    _check_fields(block, False)
     if block.count(b"\r\n") > MAX_HEADERS:
         raise _fail(f"more than {MAX_HEADERS} fields", 431)
     return [(n, n, v.strip(b" \t")) for n, v in _FRAMING_FIELDS.findall(head.lower())]
@@ -557,12 +571,22 @@ class Parser:
         if state != _LENGTH:
             raise LocalProtocolError("take_body() needs a Content-Length body")
         buf = self._buf
+        data = buf._data
         left = self._left
-        if len(buf._data) < left:
+        n = len(data)
+        if n < left:
             return None
         self._state = _IDLE if self.client else _HEAD
         self._left = 0
-        return buf.extract(left)
+        buf._search = 0
+        buf.steps += left
+        if n == left:  # ReceiveBuffer.extract, inlined: the body is often all there is
+            out = bytes(data)
+            data.clear()
+            return out
+        out = bytes(data[:left])
+        del data[:left]
+        return out
 
     def _end(self, event: EndOfMessage) -> EndOfMessage:
         self._state = _IDLE if self.client else _HEAD
@@ -595,54 +619,167 @@ class Parser:
             return None
         if end > self.max_head:
             raise _fail(f"head larger than {self.max_head} bytes", 431)
-        head = bytes(data[:end])
+        whole = end == len(data)  # (often: a request without a body)
+        head = bytes(data) if whole else bytes(data[:end])
         buf.steps += 2 * end  # the copy and the validation pass
-        if self.client:
-            r = _RESPONSE_HEAD.fullmatch(head)  # the common case, as for requests
-            if r is not None:
-                version, code, reason, block = r.groups()
-                resp = self._response(version, code, reason, block, head, True)
-                del data[:end]
+        if end <= MAX_LINE:  # the common case: a few C passes and a dict lookup per field
+            fast = self._fast_response(head) if self.client else self._fast_request(head)
+            if fast is not None:
+                if whole:
+                    data.clear()
+                else:
+                    del data[:end]
                 buf._search = 0
-                return resp
-        else:
-            m = _REQUEST_HEAD.fullmatch(head)  # the common case: one C pass validates it all
-            if m is not None and m.end(2) <= MAX_LINE:
-                method, target, version, block = m.groups()
-                req = self._request(method, target, version, _fields(block, True), head)
-                del data[:end]
-                buf._search = 0
-                return req
+                return fast
+        # The general path: something is wrong with the head (find what, for the error's
+        # message), or it is long, or it is a 1xx answer.
         first = head.find(b"\r\n")
         if first > MAX_LINE:
             raise _fail(f"start line longer than {MAX_LINE} bytes", 414)
         block = head[first + 2 : -2]
-        if self.client:  # something is wrong with it (or a long line): find what
+        if self.client:
             line = head[:first]
             sl = _STATUS_LINE.match(line)
             if sl is None:
                 raise _fail(f"malformed status line {line[:60]!r}")
             version, code, reason = sl.groups()
             event: Request | Response | InformationalResponse = self._response(
-                version, code, reason, block, head, False
+                version, code, reason, block, head, None
             )
-        else:  # something is wrong with it: find what, for the error's message
+        else:
             line = head[:first]
             rl = _REQUEST_LINE.match(line)
             if rl is None:
                 raise _fail(f"malformed request line {line[:60]!r}")
             method, target, version = rl.groups()
-            event = self._request(method, target, version, _fields(block), head)
+            headers = _fields(block)
+            event = self._request(method, target, version, headers, head, headers)
         del data[:end]  # only now: a head that fails stays buffered, for a hand-off
         buf._search = 0
         return event
 
+    def _fast_request(self, head: bytes) -> Request | None:
+        """:meth:`_request` of a head of at most :data:`MAX_LINE` bytes in the common
+        shape, or ``None``: the general path decides (and says why).
+
+        Whatever this accepts, the general path accepts with the same result (a
+        differential test checks it). The bytes are checked by C passes: one
+        ``translate`` leaves only the CRs and LFs (and forbidden bytes), which must be
+        those of the lines' CRLFs; a field name known from an earlier head costs a dict
+        lookup, a new one the token regex.
+        """
+        lines = head.split(b"\r\n")  # ends with b"", b"": the head ends with CRLF CRLF
+        n = len(lines)
+        if n > MAX_HEADERS + 3 or len(head.translate(None, _HEAD_BYTES)) != 2 * n - 2:
+            return None  # a bare CR or LF, a control byte, or too many fields
+        parts = lines[0].split(b" ")
+        if len(parts) != 3:
+            return None
+        method, target, version = parts
+        if version == b"HTTP/1.1":
+            version = b"1.1"
+        elif version == b"HTTP/1.0":
+            version = b"1.0"
+        else:
+            return None
+        if method not in _KNOWN_METHODS:
+            if _TOKEN.match(method) is None:
+                return None
+            if len(_KNOWN_METHODS) < _KNOWN_MAX:
+                _KNOWN_METHODS.add(method)
+        if not target or b"\t" in target or not target.isascii():
+            return None  # (the translate pass let HTAB and obs-text through)
+        headers: list[Header] = []
+        framing: list[Header] = []
+        known = _KNOWN_NAMES
+        for line in lines[1 : n - 2]:
+            name, colon, value = line.partition(b":")
+            lname = known.get(name)
+            if lname is None:
+                if _FIELD_NAME.match(name) is None:
+                    return None  # empty, not a token (space before the colon), obs-fold
+                lname = name.lower()
+                if len(known) < _KNOWN_MAX:
+                    known[name] = lname
+            if not colon:
+                return None
+            field = (name, lname, value.strip(b" \t"))
+            headers.append(field)
+            if lname in _FRAMING_NAMES:
+                framing.append(field)
+        if version != b"1.1":
+            return self._request(method, target, version, headers, head, framing)
+        # The common framing inline: one valid Host, at most one Content-Length.
+        host = length = None
+        for _, lname, value in framing:
+            if lname == b"host" and host is None:
+                host = value
+            elif lname == b"content-length" and length is None and value.isdigit():
+                if len(value) > 18:
+                    return None
+                length = int(value)
+            else:  # Transfer-Encoding, Connection, duplicates: the general rules
+                return self._request(method, target, version, headers, head, framing)
+        if host is None or _HOST.match(host) is None:
+            return None
+        if length:
+            self._state, self._left = _LENGTH, length
+        else:
+            self._state = _EOM
+        return _new(
+            Request,
+            (method, target, version, tuple(headers), length, False, True, _NO_TOKENS, host, head),
+        )
+
+    def _fast_response(self, head: bytes) -> Response | None:
+        """:meth:`_response` of a final response head of at most :data:`MAX_LINE`
+        bytes in the common shape, or ``None`` (as for :meth:`_fast_request`).
+
+        One regex validates the head and finds its one ``Content-Length`` (and that
+        there is no ``Transfer-Encoding`` or ``Connection`` field).
+        """
+        r = _COMMON_RESPONSE.fullmatch(head)
+        if r is None or (len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2):
+            return None  # (a field line takes at least 4 bytes)
+        minor, code, reason, value = r.groups()
+        length = int(value)
+        status = _STATUS_CODES.get(code) or int(code)
+        body = BODY_LENGTH
+        if self._head_method or status == 204 or status == 304:
+            body = BODY_NONE
+            self._state = _EOM
+        elif length:
+            self._state, self._left = _LENGTH, length
+        else:
+            self._state = _EOM
+        return _new(
+            Response,
+            (
+                status,
+                reason or b"",
+                _MINOR_VERSIONS[minor],
+                length,
+                body,
+                minor == b"1",
+                _NO_TOKENS,
+                head,
+            ),
+        )
+
     def _request(
-        self, method: bytes, target: bytes, version: bytes, headers: list[Header], raw: bytes
+        self,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        headers: list[Header],
+        raw: bytes,
+        framing: list[Header],
     ) -> Request:
+        """The :class:`Request` of a validated head; ``framing``: its fields that
+        :func:`_framing` reads (or all of them)."""
         if version not in _VERSIONS:
             raise _fail(f"HTTP version {version.decode()} is not supported")
-        length, chunked, connection, host, hosts = _framing(headers, version, True)
+        length, chunked, connection, host, hosts = _framing(framing, version, True)
         if hosts > 1:
             raise _fail("more than one Host")
         if host is not None and _HOST.match(host) is None:
@@ -682,8 +819,10 @@ class Parser:
         reason: bytes | None,
         block: bytes,
         raw: bytes,
-        valid: bool,
+        framing: list[Header] | None,
     ) -> Response | InformationalResponse:
+        """The event of a response head; ``framing``: its framing fields, if known
+        (``None``: validate ``block``, the field lines, and find them)."""
         if version not in _VERSIONS:
             raise _fail(f"HTTP version {version.decode()} is not supported", 505)
         status = int(code)
@@ -692,10 +831,10 @@ class Parser:
         if status < 200:
             if status == 101:
                 raise _fail("101 Switching Protocols was not asked for")
-            return InformationalResponse(status, reason or b"", tuple(_fields(block, valid)), raw)
-        length, chunked, connection, _, _ = _framing(
-            _framing_fields(block, raw, valid), version, False
-        )
+            return InformationalResponse(status, reason or b"", tuple(_fields(block)), raw)
+        if framing is None:
+            framing = _framing_fields(block, raw)
+        length, chunked, connection, _, _ = _framing(framing, version, False)
         if version == b"1.1":
             keep_alive = b"close" not in connection
         else:

@@ -260,9 +260,11 @@ class _ClientConn(asyncio.Protocol):
     """A client connection: parses request heads, forwards simple ones, hands off the rest."""
 
     __slots__ = (
+        "buf",
         "fast",
         "fwd",
         "idle_since",
+        "last_host",
         "parser",
         "paused",
         "peer",
@@ -274,6 +276,9 @@ class _ClientConn(asyncio.Protocol):
     def __init__(self, fast: FastPath) -> None:
         self.fast = fast
         self.parser = Parser(max_head=MAX_HEAD)
+        self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
+        # the X-Forwarded-*/Forwarded lines for the last Host (when the request had none)
+        self.last_host: tuple[bytes | None, bytes] = (None, b"")
         self.request: _Request | None = None
         self.transport: asyncio.Transport | None = None
         self.paused = False
@@ -297,7 +302,7 @@ class _ClientConn(asyncio.Protocol):
         self.parser.feed(data)
         if self.request is None:
             self._next()
-        elif len(self.parser.buffer) > HIGH_WATER and self.transport is not None:
+        elif len(self.buf) > HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()  # pipelined bytes pile up: wait
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -388,6 +393,20 @@ class _ClientConn(asyncio.Protocol):
                 has_xfh = True
             out.append(raw_name + b": " + value)
         host = r.host or b""  # the parser checked it is one valid uri-host[:port]
+        if xff is None and fwd is None and not has_xfh:  # the common case: ours alone
+            last, tail = self.last_host
+            if last != host:  # (a connection usually sends one Host)
+                tail = (
+                    b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: http\r\n%sForwarded: %s\r\n\r\n"
+                    % (
+                        self.xff,
+                        b"X-Forwarded-Host: %s\r\n" % host if host else b"",
+                        forwarded.element_of(self.fwd, host),
+                    )
+                )
+                self.last_host = (host, tail)
+            out.append(tail)
+            return b"\r\n".join(out)
         out.append(
             b"X-Forwarded-For: "
             + (forwarded.x_forwarded_for(xff, self.peer) if xff is not None else self.xff)
@@ -508,7 +527,7 @@ class _ClientConn(asyncio.Protocol):
         if close or self.fast.draining:
             self.close()
             return
-        if self.parser.buffer:
+        if self.buf:
             self.transport.resume_reading()
             self._next()
 
@@ -552,6 +571,7 @@ class _UpstreamConn(asyncio.Protocol):
     """
 
     __slots__ = (
+        "buf",
         "chunked",
         "client",
         "closed",
@@ -576,6 +596,7 @@ class _UpstreamConn(asyncio.Protocol):
         self.req: _Request | None = None
         self.closed = False
         self.parser = Parser(client=True, max_head=MAX_HEAD)
+        self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
         self.chunked = False  # the body being forwarded is re-chunked
         self.until_close = False  # the body being forwarded ends with the connection
         self.keep_alive = True
@@ -644,8 +665,7 @@ class _UpstreamConn(asyncio.Protocol):
                         continue  # 100 Continue, 103 Early Hints: not the answer, not a failure
                     assert type(event) is Response
                     out.append(self._head(req, event))
-                    continue
-                if parser.body_left and not self.chunked:
+                if not self.chunked and not self.until_close:
                     body = parser.take_body()  # the whole Content-Length body at once
                     if body is not None:
                         out.append(body)
@@ -680,7 +700,7 @@ class _UpstreamConn(asyncio.Protocol):
 
     def _finish(self, client: _ClientConn, req: _Request, out: list[bytes]) -> None:
         """The whole response is parsed: send what is left of it, then go on."""
-        if self.parser.buffer:
+        if self.buf:
             self.keep_alive = False  # bytes past the answer: do not trust the connection
         if client.transport is not None:
             client.transport.write(b"".join(out))
