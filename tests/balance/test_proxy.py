@@ -437,7 +437,7 @@ async def test_shutdown_closes_websockets_with_going_away(
     backend: Callable[..., Proc], proxy: Callable[..., Proc]
 ) -> None:
     b = backend("wsg")
-    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20")
+    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20", "--ws-mode", "frames")
     async with aiohttp.ClientSession() as s, s.ws_connect(lb.url + "/ws") as ws:
         assert (await ws.receive_str(timeout=10)) == "welcome from wsg"
         code = asyncio.create_task(asyncio.to_thread(terminate, lb))
