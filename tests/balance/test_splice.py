@@ -23,7 +23,8 @@ from dsys.balance.fastpath import FastPath
 from dsys.balance.pool import PoolConfig
 from dsys.balance.proxy import LoadBalancer, ProxyConfig
 from dsys.balance.splice import HIGH_WATER, accept_value, handshake_error
-from dsys.http11 import Parser, Request
+from dsys.errors import RemoteProtocolError
+from dsys.http11 import InformationalResponse, Parser, Request
 
 FLOOD = 16 * 1024 * 1024  # what /flood sends (more than socket buffers can hold)
 
@@ -38,6 +39,7 @@ class Echo:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     headers: list[dict[str, str]] = field(default_factory=list)
     flood_sent: int = 0
+    unavailable: bool = False  # answer every handshake with 503
     runner: web.AppRunner | None = None
     port: int = 0
 
@@ -50,6 +52,8 @@ def _echo_app(echo: Echo) -> web.Application:
     async def ws(request: web.Request) -> web.StreamResponse:
         echo.handshakes += 1
         echo.headers.append(dict(request.headers))
+        if echo.unavailable:
+            return web.Response(status=503, text="busy")
         if request.query.get("refuse"):
             return web.Response(status=403, text="no websockets for you")
         sock = web.WebSocketResponse(protocols=("chat", "superchat"), max_msg_size=0)
@@ -323,6 +327,36 @@ async def test_a_dead_first_endpoint_sends_the_handshake_to_the_next(splice_lb: 
                 assert await ws.receive_str(timeout=5) == f"m{i}"
     assert lb.backends[0].handshakes == 2
     assert lb.metric("dsys_balance_retries_total") >= 1
+
+
+async def test_a_5xx_answer_sends_the_handshake_to_another_endpoint(splice_lb: Factory) -> None:
+    lb = await splice_lb(2)
+    lb.backends[0].unavailable = True
+    async with aiohttp.ClientSession() as s:
+        for i in range(2):
+            async with s.ws_connect(lb.url + "/ws") as ws:
+                await ws.send_str(f"m{i}")
+                assert await ws.receive_str(timeout=5) == f"m{i}"
+    assert lb.backends[0].handshakes >= 1 and lb.backends[1].handshakes == 2
+    lb.backends[1].unavailable = True  # every try answers 503: the last answer is passed on
+    _, writer, head = await raw_open(lb, handshake())
+    assert head.startswith(b"HTTP/1.1 503 ")
+    writer.close()
+
+
+def test_the_parser_lets_a_101_through_only_when_an_upgrade_was_asked() -> None:
+    answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x01a"
+    p = Parser(client=True)
+    p.expect_response(b"GET")
+    p.feed(answer)
+    with pytest.raises(RemoteProtocolError):
+        p.next_event()
+    p = Parser(client=True)
+    p.expect_response(b"GET", upgrade=True)
+    p.feed(answer)
+    event = p.next_event()
+    assert isinstance(event, InformationalResponse) and event.status == 101
+    assert p.unparsed() == b"\x81\x01a"  # the first frame: no longer HTTP
 
 
 async def test_a_backend_dying_mid_tunnel_closes_the_client(splice_lb: Factory) -> None:

@@ -560,7 +560,8 @@ class Tunnel:
                 tries += 1
                 tried.append(lease.endpoint)
                 try:
-                    await self._try(lease, head, last_try=tries >= fast.max_tries)
+                    last_try = tries >= fast.max_tries or not set(pool.eligible()) - set(tried)
+                    await self._try(lease, head, last_try=last_try)
                     return
                 except _Retry as exc:
                     last = str(exc)
