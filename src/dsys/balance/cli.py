@@ -98,9 +98,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument(
         "--ws-mode",
         choices=("splice", "frames"),
-        default="splice",
+        default=os.environ.get("DSYS_LB_WS_MODE", "splice"),
         help="WebSockets: splice (check the handshake, then copy bytes both ways; needs the "
-        "fast path) or frames (aiohttp both sides: message size limit, 1001 on shutdown)",
+        "fast path) or frames (aiohttp both sides: message size limit, 1001 on shutdown); "
+        "env DSYS_LB_WS_MODE",
     )
     s.add_argument(
         "--ws-idle-timeout",
