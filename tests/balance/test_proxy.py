@@ -447,6 +447,20 @@ async def test_shutdown_closes_websockets_with_going_away(
         assert await code == 0
 
 
+@pytest.mark.slow
+async def test_shutdown_closes_spliced_websockets_after_the_timeout(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("wss")
+    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "1")
+    async with aiohttp.ClientSession() as s, s.ws_connect(lb.url + "/ws") as ws:
+        assert (await ws.receive_str(timeout=10)) == "welcome from wss"
+        code = asyncio.create_task(asyncio.to_thread(terminate, lb))
+        msg = await ws.receive(timeout=20)  # no close frame: the TCP connection closes
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert await code == 0
+
+
 async def test_streamed_upload_is_retried_elsewhere_after_a_connect_error(
     backend: Callable[..., Proc], proxy: Callable[..., Proc]
 ) -> None:
