@@ -112,7 +112,8 @@ class InformationalResponse(NamedTuple):
     """A 1xx interim response (e.g. 100 Continue, 103 Early Hints); no body follows.
 
     Attributes:
-        status: 100 to 199, except 101 (protocol switches are not supported).
+        status: 100 to 199 (101 only when :meth:`Parser.expect_response` was told
+            the request asked for an upgrade).
         reason: the reason phrase (may be empty).
         headers: the fields in order.
         raw: the head's bytes as received.
@@ -445,7 +446,16 @@ class Parser:
         p.next_event()  # None: needs more bytes
     """
 
-    __slots__ = ("_buf", "_eof", "_head_method", "_left", "_state", "client", "max_head")
+    __slots__ = (
+        "_buf",
+        "_eof",
+        "_head_method",
+        "_left",
+        "_state",
+        "_upgrade",
+        "client",
+        "max_head",
+    )
 
     def __init__(self, *, client: bool = False, max_head: int = MAX_HEAD) -> None:
         self.client = client
@@ -455,6 +465,7 @@ class Parser:
         self._left = 0
         self._eof = False
         self._head_method = False  # client: the request was a HEAD (no body follows)
+        self._upgrade = False  # client: the request asked for a protocol switch
 
     @property
     def steps(self) -> int:
@@ -500,8 +511,12 @@ class Parser:
         """Remove and return the bytes not turned into events yet (e.g. to hand off)."""
         return self._buf.clear()
 
-    def expect_response(self, method: bytes) -> None:
+    def expect_response(self, method: bytes, *, upgrade: bool = False) -> None:
         """Client role: a request was sent; parse its response (``HEAD``: no body).
+
+        ``upgrade``: the request asked to switch protocols (``Upgrade``), so a ``101``
+        may come; it is returned as an :class:`InformationalResponse`, after which the
+        bytes are no longer HTTP: take them with :meth:`unparsed` and stop parsing.
 
         Raises:
             LocalProtocolError: not a client-role parser, or a response is still being
@@ -510,6 +525,7 @@ class Parser:
         if not self.client or self._state != _IDLE:
             raise LocalProtocolError("expect_response() needs an idle client-role parser")
         self._head_method = method == b"HEAD"
+        self._upgrade = upgrade
         self._state = _HEAD
 
     def next_event(self) -> Event | None:
@@ -829,7 +845,7 @@ class Parser:
         if status < 100:
             raise _fail(f"status {status} out of range")
         if status < 200:
-            if status == 101:
+            if status == 101 and not self._upgrade:
                 raise _fail("101 Switching Protocols was not asked for")
             return InformationalResponse(status, reason or b"", tuple(_fields(block)), raw)
         if framing is None:

@@ -437,13 +437,27 @@ async def test_shutdown_closes_websockets_with_going_away(
     backend: Callable[..., Proc], proxy: Callable[..., Proc]
 ) -> None:
     b = backend("wsg")
-    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20")
+    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "20", "--ws-mode", "frames")
     async with aiohttp.ClientSession() as s, s.ws_connect(lb.url + "/ws") as ws:
         assert (await ws.receive_str(timeout=10)) == "welcome from wsg"
         code = asyncio.create_task(asyncio.to_thread(terminate, lb))
         msg = await ws.receive(timeout=20)
         assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert ws.close_code == aiohttp.WSCloseCode.GOING_AWAY
+        assert await code == 0
+
+
+@pytest.mark.slow
+async def test_shutdown_closes_spliced_websockets_after_the_timeout(
+    backend: Callable[..., Proc], proxy: Callable[..., Proc]
+) -> None:
+    b = backend("wss")
+    lb = proxy([b.url], "--no-health-check", "--shutdown-timeout", "1")
+    async with aiohttp.ClientSession() as s, s.ws_connect(lb.url + "/ws") as ws:
+        assert (await ws.receive_str(timeout=10)) == "welcome from wss"
+        code = asyncio.create_task(asyncio.to_thread(terminate, lb))
+        msg = await ws.receive(timeout=20)  # no close frame: the TCP connection closes
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
         assert await code == 0
 
 

@@ -96,6 +96,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.add_argument("--max-connections", type=int, default=512, help="upstream connections")
     s.add_argument("--no-fast-path", action="store_true", help="send every request through aiohttp")
     s.add_argument(
+        "--ws-mode",
+        choices=("splice", "frames"),
+        default=os.environ.get("DSYS_LB_WS_MODE", "splice"),
+        help="WebSockets: splice (check the handshake, then copy bytes both ways; needs the "
+        "fast path) or frames (aiohttp both sides: message size limit, 1001 on shutdown); "
+        "env DSYS_LB_WS_MODE",
+    )
+    s.add_argument(
+        "--ws-idle-timeout",
+        type=float,
+        default=0.0,
+        help="splice mode: close a WebSocket after this many seconds without a byte "
+        "either way (0: never)",
+    )
+    s.add_argument(
         "--uvloop", action="store_true", help="run on uvloop when it is installed (faster)"
     )
     s.set_defaults(func=_serve)
@@ -132,6 +147,8 @@ def _serve(args: argparse.Namespace) -> int:
         admin_prefix=args.admin_prefix,
         admin_token=args.admin_token or None,
         fast_path=not args.no_fast_path,
+        ws_mode=args.ws_mode,
+        ws_idle_timeout=args.ws_idle_timeout or None,
     )
     log = get_logger("balance")
 

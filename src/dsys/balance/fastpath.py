@@ -13,7 +13,8 @@ module serves them with two small ``asyncio.Protocol`` classes:
   body as it arrives (``Content-Length``, ``chunked`` or until-close framing), with
   back-pressure both ways (the upstream is paused while the client cannot take more).
 
-Anything else — a request body, ``Upgrade``, ``Expect``, HTTP/1.0, the admin
+WebSocket handshakes go to :mod:`dsys.balance.splice` (unless ``ws_mode="frames"``).
+Anything else — a request body, other ``Upgrade`` s, ``Expect``, HTTP/1.0, the admin
 prefix, or anything unusual or malformed — is handed, connection and buffered
 bytes included, to aiohttp's request handler, which runs the full proxy path in
 :mod:`dsys.balance.proxy` (or answers a clean 4xx). A connection stays with aiohttp
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, cast
 
 from dsys.aiotools import hand_over
 from dsys.balance import forwarded
+from dsys.balance.splice import Splicer
 from dsys.errors import NoHealthyBackendError, RemoteProtocolError
 from dsys.http11 import (
     BODY_CHUNKED,
@@ -146,6 +148,8 @@ class FastPath:
         self._sweeper: asyncio.Task[None] | None = None
         self._emptied = asyncio.Event()
         lb.fast_in_flight = self.in_flight
+        # WebSocket handshakes are spliced (dsys.balance.splice) unless ws_mode is "frames"
+        self.splicer = Splicer(self) if lb.config.ws_mode == "splice" else None
 
     def in_flight(self) -> int:
         """Requests on the fast path right now (O(connections); for metrics scrapes)."""
@@ -164,6 +168,8 @@ class FastPath:
     def start(self) -> None:
         """Start the once-a-second sweeper (response timeouts, idle keep-alives)."""
         self._sweeper = self.loop.create_task(self._sweep(), name="dsys-balance-sweeper")
+        if self.splicer is not None:
+            self.splicer.start()
 
     async def _sweep(self) -> None:
         while True:
@@ -185,6 +191,7 @@ class FastPath:
     async def drain(self, deadline: float) -> None:
         """Graceful stop: close idle clients, let in-flight requests finish until ``deadline``."""
         self.draining = True
+        tunnels = self.splicer.drain(deadline) if self.splicer is not None else None
         for c in list(self.clients):
             if c.request is None:
                 c.close()
@@ -199,6 +206,8 @@ class FastPath:
             for u in conns:
                 u.close()
         self.idle.clear()
+        if tunnels is not None:
+            await tunnels
 
     def checkout(self, ep: str) -> _UpstreamConn | None:
         """An idle keep-alive connection to ``ep`` (most recently used first), if any."""
@@ -348,6 +357,9 @@ class _ClientConn(asyncio.Protocol):
         if event is None:
             return
         assert isinstance(event, Request)  # a server-role parser starts with one
+        splicer = self.fast.splicer
+        if b"upgrade" in event.connection and splicer is not None and splicer.take(self, event):
+            return  # a WebSocket handshake: spliced (dsys.balance.splice)
         head = self._upstream_head(event)
         if head is None:
             self._handoff(event)

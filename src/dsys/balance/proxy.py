@@ -13,7 +13,9 @@ What one request goes through::
 * Hop-by-hop headers (``Connection``, ``Keep-Alive``, ``Transfer-Encoding``, those
   named in ``Connection``...) are stripped; ``X-Forwarded-For``,
   ``X-Forwarded-Proto``, ``X-Forwarded-Host`` and ``Forwarded`` are set.
-* ``Upgrade: websocket`` requests are proxied as WebSockets, messages both ways.
+* ``Upgrade: websocket`` requests are proxied as WebSockets: spliced by default (the
+  handshake checked and forwarded, then bytes copied both ways, :mod:`dsys.balance.splice`),
+  or message by message through aiohttp with ``ws_mode="frames"``.
 * When nobody can serve: 503 (no eligible endpoint), 502 (every try failed), 504
   (the endpoint did not answer in time), each with a JSON body saying why.
 * Admin API on ``/_dsys/`` of the same port (and on ``--admin-listen`` if given):
@@ -21,7 +23,9 @@ What one request goes through::
   ``POST /_dsys/endpoints/drain`` ``{"url": ...}``, ``.../undrain``, ``.../remove``,
   ``GET /_dsys/healthz``, ``GET /_dsys/metrics``.
 * Graceful shutdown: stop accepting, let in-flight requests finish up to
-  ``shutdown_timeout`` seconds, close WebSockets with 1001 (going away).
+  ``shutdown_timeout`` seconds, close WebSockets with 1001 (going away) in frames
+  mode; spliced WebSockets get up to ``shutdown_timeout`` too, then their TCP
+  connections are closed (no close frame: the proxy does not know where frames end).
 """
 
 from __future__ import annotations
@@ -113,6 +117,12 @@ class ProxyConfig:
             loopback clients. Reading (list, ``/healthz``, ``/metrics``) is always open.
         fast_path: serve plain bodiless HTTP/1.1 requests with the callback-based
             fast path (:mod:`dsys.balance.fastpath`); everything else uses aiohttp.
+        ws_mode: how WebSockets are proxied: ``"splice"`` (the handshake is checked and
+            forwarded, then bytes are copied both ways without looking at frames; needs
+            the fast path, :mod:`dsys.balance.splice`) or ``"frames"`` (aiohttp on both
+            sides: every message parsed and re-framed; per-message size limit).
+        ws_idle_timeout: splice mode: close a tunnel after this many seconds without
+            a byte either way (``None``: never, the default).
     """
 
     backends: tuple[str, ...] = ()
@@ -129,8 +139,14 @@ class ProxyConfig:
     admin_prefix: str = "/_dsys"
     admin_token: str | None = None
     fast_path: bool = True
+    ws_mode: str = "splice"
+    ws_idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.ws_mode not in ("splice", "frames"):
+            raise ConfigError("ws_mode must be 'splice' or 'frames'")
+        if self.ws_idle_timeout is not None and self.ws_idle_timeout <= 0:
+            raise ConfigError("ws_idle_timeout must be > 0 (None: no idle timeout)")
         if self.max_tries < 1:
             raise ConfigError("max_tries must be >= 1")
         if self.connect_timeout <= 0 or self.timeout <= 0 or self.shutdown_timeout < 0:
