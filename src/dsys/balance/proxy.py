@@ -191,13 +191,13 @@ class LoadBalancer:
     def __init__(self, config: ProxyConfig) -> None:
         self.config = config
         self.metrics = Metrics("balance")
-        self._requests = self.metrics.counter(
+        # one lock-free collector for both series (prometheus-client locks on every update)
+        self._requests = self.metrics.request_stats(
             "requests_total",
             "Proxied requests by endpoint and status (code 0: no answer, e.g. connect error)",
-            ["endpoint", "code"],
-        )
-        self._latency = self.metrics.histogram(
-            "request_duration_seconds", "Upstream latency to response headers", ["endpoint"]
+            "request_duration_seconds",
+            "Upstream latency to response headers",
+            labels=("endpoint", "code"),
         )
         self._ejections = self.metrics.counter(
             "ejections_total", "Outlier ejections by endpoint", ["endpoint"]
@@ -217,8 +217,6 @@ class LoadBalancer:
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=config.connect_timeout, sock_read=config.timeout
         )
-        self._children: dict[tuple[str, int], Callable[[], None]] = {}
-        self._observers: dict[str, Callable[[float], None]] = {}
         self._websockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self._log = get_logger("balance")
 
@@ -306,15 +304,7 @@ class LoadBalancer:
     # ---- metrics fast path ----------------------------------------------------
 
     def _count(self, endpoint: str, status: int, latency: float) -> None:
-        key = (endpoint, status)
-        inc = self._children.get(key)
-        if inc is None:
-            inc = self._children[key] = self._requests.labels(endpoint, str(status)).inc
-        inc()
-        observe = self._observers.get(endpoint)
-        if observe is None:
-            observe = self._observers[endpoint] = self._latency.labels(endpoint).observe
-        observe(latency)
+        self._requests.observe(endpoint, status, latency)
 
     # ---- the proxy path ---------------------------------------------------------
 

@@ -71,10 +71,16 @@ class Metrics:
         latency_name: str,
         latency_doc: str,
         buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS,
+        labels: tuple[str, str] = ("op", "status"),
     ) -> RequestStats:
         """Create a :class:`RequestStats` registered in this registry."""
         stats = RequestStats(
-            self._name(count_name), count_doc, self._name(latency_name), latency_doc, buckets
+            self._name(count_name),
+            count_doc,
+            self._name(latency_name),
+            latency_doc,
+            buckets,
+            labels,
         )
         self.registry.register(stats)
         return stats
@@ -95,6 +101,8 @@ class Metrics:
 class RequestStats(Collector):
     """Requests by ``op`` and ``status`` and their latency, cheap enough for every request.
 
+    (``labels`` renames the two labels, e.g. ``("endpoint", "code")`` for a proxy.)
+
     Exports the same series as a ``Counter`` labelled ``(op, status)`` plus a
     ``Histogram`` labelled ``(op,)``, but :meth:`observe` is a few dict and list updates
     without locks or label lookups (prometheus-client's objects lock on every update).
@@ -108,7 +116,9 @@ class RequestStats(Collector):
         latency_name: str,
         latency_doc: str,
         buckets: Sequence[float] = DEFAULT_LATENCY_BUCKETS,
+        labels: tuple[str, str] = ("op", "status"),
     ) -> None:
+        self._labels = labels
         self._count_name = count_name.removesuffix("_total")
         self._count_doc = count_doc
         self._latency_name = latency_name
@@ -130,11 +140,12 @@ class RequestStats(Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The counter and histogram families (called by the registry at scrape time)."""
-        count = CounterMetricFamily(self._count_name, self._count_doc, labels=["op", "status"])
+        key, status_label = self._labels
+        count = CounterMetricFamily(self._count_name, self._count_doc, labels=[key, status_label])
         for (op, status), n in sorted(self._counts.items()):
             count.add_metric([op, status], n)
         yield count
-        latency = HistogramMetricFamily(self._latency_name, self._latency_doc, labels=["op"])
+        latency = HistogramMetricFamily(self._latency_name, self._latency_doc, labels=[key])
         for op, h in sorted(self._hist.items()):
             latency.add_metric([op], _cumulative(self._bounds, h), sum_value=h[-1])
         yield latency
