@@ -70,6 +70,7 @@ PURE = [
     "pubsub/core.py",
     "kv/api.py",
     "kv/fsm.py",
+    "kv/ranges.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",
