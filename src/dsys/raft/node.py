@@ -556,6 +556,9 @@ class RaftNode:
         snapshots: the snapshot store.
         fsm: the state machine committed commands are applied to.
         metrics: where to register ``dsys_raft_*`` metrics (a new registry by default).
+        transport: what sends our messages (default: a :class:`PeerTransport` of our
+            own); a multi-Raft host passes one that shares a connection per peer process
+            among its groups, and hands inbound messages to :meth:`deliver`.
     """
 
     def __init__(
@@ -567,6 +570,7 @@ class RaftNode:
         snapshots: SnapshotStore,
         fsm: StateMachine,
         metrics: Metrics | None = None,
+        transport: PeerTransport | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
@@ -577,7 +581,7 @@ class RaftNode:
         self._apply_decoded: Callable[[Any], object] | None = getattr(fsm, "apply_command", None)
         self.metrics = metrics or Metrics("raft")
         self.log = get_logger("raft.node", node_id=config.id)
-        self.transport = PeerTransport(
+        self.transport = transport or PeerTransport(
             config.id,
             config.peers,
             token=config.token,
@@ -988,6 +992,18 @@ class RaftNode:
     def _inbox_limit(self) -> int:
         """Most peer messages queued for the Raft loop; more are dropped (Raft resends)."""
         return 4 * self.config.peer_queue
+
+    def deliver(self, msgs: list[Message]) -> bool:
+        """Queue checked inbound messages for the loop (a shared transport's receive side).
+
+        Returns False (and drops them; Raft resends) when closed or the inbox is full.
+        """
+        if self._closed or len(self._inbox) >= self._inbox_limit:
+            self.transport.dropped += len(msgs)
+            return False
+        self._inbox.extend(msgs)
+        self._wake.set()
+        return True
 
     async def _close_streams(self, app: web.Application | None = None) -> None:
         """Close the inbound peer WebSockets (on shutdown, so handlers need not time out)."""
