@@ -71,6 +71,7 @@ PURE = [
     "kv/api.py",
     "kv/fsm.py",
     "kv/ranges.py",
+    "kv/rangefsm.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

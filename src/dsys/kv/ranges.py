@@ -164,6 +164,10 @@ def check_epoch(
         raise EpochNotMatchError(desc.range_id, (epoch[0], epoch[1]), ranges=[desc, *others])
 
 
+def _overlaps(a: RangeDescriptor, b: RangeDescriptor) -> bool:
+    return (a.end is None or b.start < a.end) and (b.end is None or a.start < b.end)
+
+
 def _start_of(desc: RangeDescriptor) -> str:
     return desc.start
 
@@ -324,10 +328,11 @@ class RangeMap:
         """Take descriptors a range reported after changing itself (e.g. both halves of
         a split); returns whether the map changed.
 
-        The reported ranges replace the ones they overlap when together they cover
-        exactly the same span and each is newer (a higher ``version``; or the same range
-        with a higher ``conf_ver``). Anything else (an old report, or half a change) is
-        ignored, so the map always partitions the key space.
+        The reported ranges (contiguous) replace the ones they overlap when together they
+        cover exactly the same span and each changed one is newer than every old range it
+        overlaps (a higher ``version``; or the same range with a higher ``conf_ver``);
+        reported ranges identical to the map's are kept. Anything else (an old report,
+        or half a change) is ignored, so the map always partitions the key space.
         """
         if not reported:
             return False
@@ -342,22 +347,23 @@ class RangeMap:
         for r in new:
             if r.range_id in self._by_id and r.range_id not in old_ids:
                 return False  # the id lives elsewhere in the map
-        if [tuple(r.to_plain()) for r in new] == [tuple(o.to_plain()) for o in old]:
+        kept = [r for r in new if r in old]
+        changed = [r for r in new if r not in kept]
+        if not changed:
             return False  # nothing new
-        newest_old = max(o.epoch.version for o in old)
-        for r in new:
-            same = self._by_id.get(r.range_id)
-            if r.epoch.version > newest_old:
-                continue
-            if (
-                same is not None
-                and len(old) == len(new) == 1
-                and same == old[0]
-                and r.epoch.version == same.epoch.version
-                and r.epoch.conf_ver > same.epoch.conf_ver
-            ):
-                continue
-            return False
+        gone = [o for o in old if o not in kept]
+        for r in changed:
+            for o in gone:
+                if not _overlaps(r, o) or r.epoch.version > o.epoch.version:
+                    continue
+                if (
+                    r.range_id == o.range_id
+                    and (r.start, r.end) == (o.start, o.end)
+                    and r.epoch.version == o.epoch.version
+                    and r.epoch.conf_ver > o.epoch.conf_ver
+                ):
+                    continue  # a replica change of the same range
+                return False  # stale: an overlapped range is as new or newer
         self._replace(old, new)
         return True
 

@@ -280,6 +280,8 @@ class NodeConfig:
         proposal_batch_bytes: most command bytes in one BATCH entry.
         proposal_timeout: seconds a proposal waits for its entry to commit before its
             caller gets ``TimeoutError`` (the entry may still commit afterwards).
+        rng_seed: seed of the core's election-timeout randomness (None: from the id);
+            a process running many groups gives each its own, so their timeouts differ.
     """
 
     id: NodeId
@@ -297,6 +299,7 @@ class NodeConfig:
     proposal_batch: int = 256
     proposal_batch_bytes: int = 1024 * 1024
     proposal_timeout: float = 5.0
+    rng_seed: int | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -677,6 +680,7 @@ class RaftNode:
             snapshot=snap,
             entries=entries,
             applied=applied,
+            rng_seed=self.config.rng_seed,
         )
 
     # -- lifecycle --------------------------------------------------------------------
