@@ -1,0 +1,214 @@
+"""Multi-Raft KV on three in-process nodes over real sockets: routing by range, splits
+during writes, a node stopped and restarted, and the history linearizable per key."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from dsys.errors import BadInputError, ConflictError, DsysError
+from dsys.kv.multi import MultiConfig, MultiRaftServer
+from dsys.kv.sharded import ShardedKVClient
+from dsys.testing.linearizability import History, KVModel, check
+
+from .helpers import free_ports
+
+
+def _configs(tmp: Path, ports: list[int]) -> list[MultiConfig]:
+    ids = [f"n{i + 1}" for i in range(len(ports))]
+    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
+    return [
+        MultiConfig(
+            id=i,
+            port=p,
+            peers={j: a for j, a in addrs.items() if j != i},
+            data_dir=str(tmp / i),
+            fsync=False,
+            snapshot_every=300,
+            request_timeout=2.0,
+        )
+        for i, p in zip(ids, ports, strict=True)
+    ]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[list[MultiRaftServer]]:
+    servers = [MultiRaftServer(c) for c in _configs(tmp_path, free_ports(3))]
+    try:
+        for s in servers:
+            await s.start()
+        yield servers
+    finally:
+        for s in servers:
+            await s.close()
+
+
+async def _leaders(servers: list[MultiRaftServer], range_ids: list[int]) -> None:
+    for _ in range(500):
+        if all(
+            sum(1 for s in servers if rid in s.groups and s.groups[rid].node.is_leader) == 1
+            for rid in range_ids
+        ):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"no leader for every range of {range_ids}")
+
+
+def _addrs(servers: list[MultiRaftServer]) -> list[str]:
+    return [f"127.0.0.1:{s.config.port}" for s in servers]
+
+
+async def test_routing_errors_and_split(cluster: list[MultiRaftServer]) -> None:
+    await _leaders(cluster, [0, 1])
+    async with ShardedKVClient(_addrs(cluster)) as kv, aiohttp.ClientSession() as http:
+        for k in ["a", "m", "z"]:
+            await kv.put(k, k.encode())
+        left, right = await kv.split(1, "m")
+        assert (left.end, right.start, right.epoch.version) == ("m", "m", 2)
+        with pytest.raises(BadInputError, match="not strictly inside"):
+            await kv.split(left.range_id, "q")
+        # the keys moved with the split: every replica holds each key in one range only
+        await _leaders(cluster, [1, right.range_id])
+        for s in cluster:
+            for _ in range(200):
+                if right.range_id in s.groups and len(s.groups[right.range_id].fsm) == 2:
+                    break
+                await asyncio.sleep(0.02)
+            assert len(s.groups[1].fsm) == 1 and len(s.groups[right.range_id].fsm) == 2
+        assert (await kv.get("z")) is not None and (await kv.get("a")) is not None
+        # a request routed with the pre-split epoch is refused with the new descriptors
+        leader = next(s for s in cluster if s.groups[right.range_id].node.is_leader)
+        url = f"http://127.0.0.1:{leader.config.port}/v1/kv/zz"
+        async with http.put(url, data=b"x", headers={"X-Dsys-Range": "1:1:1"}) as r:
+            body = await r.json()
+            assert r.status == 421 and body["error"] == "key_not_in_range"
+            assert [d[0] for d in body["ranges"]] == [1, right.range_id]
+        hdr = {"X-Dsys-Range": f"{right.range_id}:1:1"}
+        async with http.put(url, data=b"x", headers=hdr) as r:
+            body = await r.json()
+            assert r.status == 421 and body["error"] == "epoch_not_match", body
+        async with http.put(url, data=b"x", headers={"X-Dsys-Range": "nope"}) as r:
+            assert r.status == 400
+        # the client with a stale map follows the 421 and lands in the new range
+        async with ShardedKVClient(_addrs(cluster)) as stale:
+            stale.map = None
+            await stale.refresh()
+            assert stale.map is not None
+            await kv.split(right.range_id, "t")
+            assert await stale.put("zz", b"1") > 0
+            assert (await stale.get("zz")) is not None
+            assert len(stale.map) == 3
+        # the metadata range follows: every node's map shows three ranges
+        for s in cluster:
+            for _ in range(200):
+                if len(s.meta.map) == 3:
+                    break
+                await asyncio.sleep(0.02)
+            assert [r.start for r in s.meta.map] == ["", "m", "t"]
+
+
+async def _linearizable_run(servers: list[MultiRaftServer], tmp: Path, seconds: float) -> None:
+    await _leaders(servers, [0, 1])
+    keys = [f"k{i}" for i in range(10)]
+    history = History()
+    values = itertools.count(1)
+    stop = asyncio.Event()
+    addrs = _addrs(servers)
+    async with ShardedKVClient(addrs) as admin:
+        await admin.split(1, "k3")
+        await admin.split((await admin.locate("k6")).range_id, "k6")
+
+    async def client(cid: int) -> None:
+        rng = random.Random(cid)
+        async with ShardedKVClient(addrs, timeout=3.0, request_timeout=1.0) as kv:
+            while not stop.is_set():
+                key = rng.choice(keys)
+                if rng.random() < 0.5:
+                    v = next(values)
+                    op = history.invoke(cid, ("put", key, v))
+                    try:
+                        await kv.put(key, str(v).encode())
+                    except DsysError:
+                        history.info(op)
+                    else:
+                        history.ok(op, None)
+                    continue
+                op = history.invoke(cid, ("get", key))
+                try:
+                    got = await kv.get(key)
+                except DsysError:
+                    history.fail(op)
+                    continue
+                seen = None if got is None else int(got.value)
+                history.ok(op, seen)
+                if rng.random() < 0.3:
+                    v = next(values)
+                    op = history.invoke(cid, ("cas", key, seen, v))
+                    try:
+                        await kv.cas(key, str(v).encode(), revision=got.revision if got else 0)
+                    except ConflictError:
+                        history.ok(op, False)
+                    except DsysError:
+                        history.info(op)
+                    else:
+                        history.ok(op, True)
+
+    async def nemesis() -> None:
+        async with ShardedKVClient(addrs) as admin:
+            await asyncio.sleep(seconds * 0.2)
+            await admin.split((await admin.locate("k1")).range_id, "k1")  # during writes
+            await asyncio.sleep(seconds * 0.1)
+            victim = servers[2]  # stop a node, keep writing, bring it back from its WALs
+            await victim.close()
+            await asyncio.sleep(seconds * 0.25)
+            await admin.split((await admin.locate("k8")).range_id, "k8")  # with a node down
+            await asyncio.sleep(seconds * 0.1)
+            servers[2] = MultiRaftServer(victim.config)
+            await servers[2].start()
+
+    clients = [asyncio.create_task(client(i)) for i in range(4)]
+    await nemesis()
+    await asyncio.sleep(seconds * 0.35)
+    stop.set()
+    await asyncio.gather(*clients)
+    ops = history.operations()
+    done = [o for o in ops if o.ret is not None]
+    assert len(done) > 100, f"too few completed operations: {len(done)}"
+    assert {o.input[1] for o in done} == set(keys)
+    result = check(ops, KVModel())
+    assert result.linearizable, result.explain()
+    i = next(i for i, o in enumerate(ops) if o.input[0] == "get" and o.ret is not None)
+    forged = [*ops[:i], dataclasses.replace(ops[i], output=-1), *ops[i + 1 :]]
+    assert not check(forged, KVModel()).linearizable
+    print(f"{len(ops)} ops, {len(ops) - len(done)} unknown, {len(servers[0].data_groups())} ranges")
+    # five ranges now; the restarted node runs all of them (the last split it applied
+    # from its parent's log after the restart) and holds the same keys
+    await _leaders(servers, [0, *[g.range_id for g in servers[0].data_groups()]])
+    assert len(servers[0].data_groups()) == 5
+    for _ in range(300):
+        counts = [[len(g.fsm) for g in s.data_groups()] for s in servers]
+        if counts[0] == counts[1] == counts[2]:
+            break
+        await asyncio.sleep(0.02)
+    assert counts[0] == counts[1] == counts[2], counts
+
+
+async def test_writes_splits_and_a_restart_are_linearizable_per_key(
+    cluster: list[MultiRaftServer], tmp_path: Path
+) -> None:
+    await _linearizable_run(cluster, tmp_path, seconds=5.0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_long_multiraft_run_is_linearizable(
+    cluster: list[MultiRaftServer], tmp_path: Path
+) -> None:
+    await _linearizable_run(cluster, tmp_path, seconds=60.0)
