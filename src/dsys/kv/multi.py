@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -88,6 +90,7 @@ from dsys.observability import Metrics, add_observability_routes, get_logger, st
 from dsys.raft.messages import ConfState, HardState, Message, Snapshot, SnapshotMeta
 from dsys.raft.node import (
     FROM_HEADER,
+    GC_THRESHOLDS,
     MAX_PEER_BODY,
     TOKEN_HEADER,
     NodeConfig,
@@ -966,6 +969,41 @@ class MultiRaftServer:
                 await ws.close(code=WSCloseCode.GOING_AWAY, message=b"node shutting down")
 
 
+async def serve_multi(
+    config: MultiConfig, *, on_started: Callable[[MultiRaftServer], None] | None = None
+) -> int:
+    """Run a :class:`MultiRaftServer` until SIGINT/SIGTERM; returns the exit code.
+
+    Returns 1 when a group's Raft loop dies (a storage failure or a bug), so a supervisor
+    restarts the process from its WALs.
+    """
+    gc.set_threshold(*GC_THRESHOLDS)
+    server = MultiRaftServer(config)
+    await server.start()
+    if on_started is not None:
+        on_started(server)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    failed: BaseException | None = None
+    try:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+            failed = next(
+                (g.node.failed for g in server.groups.values() if g.node.failed is not None),
+                None,
+            )
+            if failed is not None:
+                server.log.error("multi_kv_stopped_on_failure", error=repr(failed))
+                break
+    finally:
+        await server.close()
+    return 1 if failed is not None else 0
+
+
 __all__ = [
     "MULTI_PATH",
     "RANGE_HEADER",
@@ -974,4 +1012,5 @@ __all__ = [
     "MultiRaftServer",
     "SharedTransport",
     "parse_range_header",
+    "serve_multi",
 ]

@@ -155,6 +155,23 @@ class ShardedKVClient:
         assert self.map is not None
         return self.map.lookup(key)
 
+    async def range_leaders(self) -> dict[int, str]:
+        """Range id -> id of the node that reports itself the range's leader (asks every
+        node of the map; a node that does not answer is skipped)."""
+        if self.map is None:
+            await self.refresh()
+        out: dict[int, str] = {}
+        for node_id, addr in sorted(self.nodes.items()):
+            try:
+                async with self._http().get(f"http://{addr}/v1/status") as r:
+                    data = await r.json()
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                continue
+            for row in data.get("ranges", []):
+                if row.get("role") == "leader":
+                    out[int(row["range_id"])] = node_id
+        return out
+
     # -- operations -------------------------------------------------------------------
 
     async def get(self, key: str) -> GetResult | None:
