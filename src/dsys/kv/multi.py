@@ -784,7 +784,11 @@ class MultiRaftServer:
         """
         g = self.groups.get(range_id)
         if g is None or range_id == META_RANGE_ID:
-            raise BadInputError(f"no data range {range_id} on node {self.config.id}")
+            if META_RANGE_ID < range_id < self.meta.next_id:  # allocated: not applied here yet
+                raise UnavailableError(
+                    f"range {range_id} is not on node {self.config.id} yet", retry_after=0.1
+                )
+            raise BadInputError(f"no data range {range_id}")
         if not g.node.is_leader:
             raise g.node.not_leader_error()
         desc = g.desc
