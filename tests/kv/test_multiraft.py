@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import msgpack
 import pytest
 
 from dsys.errors import BadInputError, ConflictError, DsysError
@@ -114,6 +115,54 @@ async def test_routing_errors_and_split(cluster: list[MultiRaftServer]) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert [r.start for r in s.meta.map] == ["", "m", "t"]
+
+
+async def test_websocket_channel_routes_by_range(cluster: list[MultiRaftServer]) -> None:
+    await _leaders(cluster, [0, 1])
+    async with ShardedKVClient(_addrs(cluster)) as kv:
+        _, right = await kv.split(1, "m")
+    await _leaders(cluster, [1, right.range_id])
+    leader = next(s for s in cluster if s.groups[1].node.is_leader)
+    other = next(s for s in cluster if not s.groups[right.range_id].node.is_leader)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"http://127.0.0.1:{leader.config.port}/v1/ws") as ws,
+    ):
+
+        async def ask(reqs: list[object]) -> dict[int | None, dict[str, object]]:
+            await ws.send_bytes(msgpack.packb(reqs))
+            got: dict[int | None, dict[str, object]] = {}
+            while len(got) < len(reqs):
+                for a in msgpack.unpackb(await ws.receive_bytes(), raw=False):
+                    got[a["id"]] = a
+            return got
+
+        a = await ask(
+            [
+                {"id": 1, "op": "put", "key": "a", "value": b"1", "range": [1, 1, 2]},
+                {"id": 2, "op": "put", "key": "a2", "value": b"2", "range": [1, 1, 1]},
+                {"id": 3, "op": "put", "key": "x", "value": b"3", "range": [1, 1, 2]},
+                {"id": 4, "op": "frob", "key": "a"},
+                {"id": 5, "op": "put", "key": "a", "value": "not bytes"},
+            ]
+        )
+        assert a[1]["status"] == "ok"
+        assert a[2]["status"] == "wrong_range" and a[2]["error"] == "epoch_not_match"
+        assert a[3]["status"] == "wrong_range" and a[3]["error"] == "key_not_in_range"
+        assert [d[0] for d in a[3]["ranges"]] == [1, right.range_id]  # type: ignore[union-attr]
+        assert a[4]["status"] == "bad_request" and a[5]["status"] == "bad_request"
+        b = await ask([{"id": 6, "op": "get", "key": "a"}, {"id": 7, "op": "get", "key": "b"}])
+        assert (b[6]["status"], b[6]["value"], b[7]["status"]) == ("ok", b"1", "not_found")
+        await ws.send_bytes(b"\xc1")  # not msgpack: an error answer, the channel stays
+        bad = msgpack.unpackb(await ws.receive_bytes(), raw=False)
+        assert bad[0]["status"] == "bad_request"
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(f"http://127.0.0.1:{other.config.port}/v1/ws") as ws,
+    ):
+        await ws.send_bytes(msgpack.packb([{"id": 1, "op": "put", "key": "z", "value": b"z"}]))
+        (ans,) = msgpack.unpackb(await ws.receive_bytes(), raw=False)
+        assert ans["status"] == "not_leader" and ans["leader_addr"], ans
 
 
 async def _linearizable_run(servers: list[MultiRaftServer], tmp: Path, seconds: float) -> None:

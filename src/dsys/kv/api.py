@@ -300,6 +300,54 @@ def range_error_answer(exc: RangeError) -> Answer:
     )
 
 
+def ws_write_command(op: object, req: dict[str, Any], now_ms: int) -> Put | Delete:
+    """The command of a WebSocket ``put``/``del`` request, stamped with ``now_ms``.
+
+    Raises:
+        BadInputError: a field is missing or of the wrong type.
+    """
+    key = validate_key(req.get("key"))
+    if_revision = req.get("if_revision")
+    # exact types (a bool is not an integer here): the leader applies this very
+    # command, followers what decoding its bytes gives, and the two must agree
+    if if_revision is not None and (type(if_revision) is not int or if_revision < 0):
+        raise BadInputError("if_revision must be a non-negative integer")
+    cid, seq = req.get("cid", ""), req.get("seq", 0)
+    if type(cid) is not str or type(seq) is not int or len(cid) > MAX_CLIENT_ID:
+        raise BadInputError("cid must be a short string and seq an integer")
+    if op == "put":
+        value, ttl = req.get("value"), req.get("ttl_ms", 0)
+        if type(value) is not bytes or len(value) > MAX_VALUE_BYTES:
+            raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
+        if type(ttl) is not int or ttl < 0:
+            raise BadInputError("ttl_ms must be a non-negative integer")
+        return Put(
+            key=key,
+            value=value,
+            if_revision=if_revision,
+            ttl_ms=ttl,
+            now_ms=now_ms,
+            client_id=cid,
+            seq=seq,
+        )
+    if op != "del":
+        raise BadInputError(f"unknown write op {op!r}")
+    return Delete(key=key, if_revision=if_revision, now_ms=now_ms, client_id=cid, seq=seq)
+
+
+def ws_range_answer(rid: int, exc: RangeError) -> dict[str, Any]:
+    """The WebSocket answer to a request that reached the wrong range (multi-Raft)."""
+    kind = "epoch_not_match" if isinstance(exc, EpochNotMatchError) else "key_not_in_range"
+    return {
+        "id": rid,
+        "status": "wrong_range",
+        "error": kind,
+        "message": str(exc),
+        "ranges": [r.to_plain() for r in exc.ranges],
+        "map_version": exc.map_version,
+    }
+
+
 def ws_write_answer(rid: int, result: Result) -> dict[str, Any]:
     """The WebSocket answer to put/del request ``rid`` whose command was applied."""
     return {
@@ -346,6 +394,8 @@ __all__ = [
     "session_fields",
     "write_answer",
     "ws_error_status",
+    "ws_range_answer",
     "ws_scan_answer",
     "ws_write_answer",
+    "ws_write_command",
 ]

@@ -54,6 +54,7 @@ from dsys.errors import (
     KeyNotInRangeError,
     NotLeaderError,
     ProposalDroppedError,
+    RangeError,
     RemoteProtocolError,
     RequestTimeout,
     UnavailableError,
@@ -66,8 +67,12 @@ from dsys.kv.api import (
     read_answer,
     session_fields,
     write_answer,
+    ws_error_status,
+    ws_range_answer,
+    ws_write_answer,
+    ws_write_command,
 )
-from dsys.kv.fsm import Delete, Put, Result, encode_command, validate_key
+from dsys.kv.fsm import Delete, KeyValue, Put, Result, encode_command, validate_key
 from dsys.kv.rangefsm import (
     SPLIT_INIT_INDEX,
     AllocId,
@@ -288,6 +293,38 @@ class SharedTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+MAX_WS_FRAME = 8 * 1024 * 1024
+"""Largest client WebSocket frame accepted."""
+
+MAX_WS_INFLIGHT = 1024
+"""Requests of one client WebSocket in flight before the server stops reading it."""
+
+
+def _ws_error(rid: int | None, status: str, message: str) -> dict[str, Any]:
+    return {"id": rid, "status": status, "message": message}
+
+
+def _ws_range(v: object) -> str | None:
+    """The ``X-Dsys-Range`` form of a WebSocket request's ``range`` field."""
+    if v is None:
+        return None
+    if not isinstance(v, list) or len(v) != 3 or not all(type(x) is int for x in v):
+        raise BadInputError("range must be [range_id, conf_ver, version]")
+    return f"{v[0]}:{v[1]}:{v[2]}"
+
+
+async def _ws_writer(ws: web.WebSocketResponse, out: asyncio.Queue[dict[str, Any]]) -> None:
+    """Send the answers ready at each wake-up as one frame."""
+    while True:
+        batch = [await out.get()]
+        while not out.empty() and len(batch) < 4096:
+            batch.append(out.get_nowait())
+        try:
+            await ws.send_bytes(encode(batch, max_size=4 * MAX_WS_FRAME))
+        except (ConnectionError, RuntimeError):
+            return
 
 
 async def _drain(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -526,6 +563,7 @@ class MultiRaftServer:
         r.add_post("/v1/ranges/meta", self.handle_meta)
         r.add_post("/v1/ranges/{id}/split", self.handle_split)
         r.add_get("/v1/status", self.handle_status)
+        r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)
         app.on_shutdown.append(self._close_streams)
         add_observability_routes(app, self.metrics, self.health)
@@ -675,14 +713,19 @@ class MultiRaftServer:
             raise self._not_here(cmd.key)
         return result
 
-    async def read(self, key: str, header: str | None = None) -> Answer:
-        """A linearizable read of ``key`` from the leader of its range."""
+    async def read(self, key: str, header: str | None = None) -> KeyValue | None:
+        """A linearizable read of ``key`` from the leader of its range (None: absent).
+
+        Raises:
+            KeyNotInRangeError, EpochNotMatchError: routed to the wrong range.
+            NotLeaderError: this node is not the range's leader.
+        """
         g = self.route(key, header)
         await g.node.read_barrier(self.config.request_timeout)
         if not g.desc.contains(key):  # a split applied while we waited
             raise self._not_here(key)
         assert isinstance(g.fsm, RangeStateMachine)
-        return read_answer(key, g.fsm.get(key))
+        return g.fsm.get(key)
 
     async def handle_put(self, request: web.Request) -> web.Response:
         """``PUT /v1/kv/{key}``: body = value (``?if_revision=R``, ``?ttl=S``)."""
@@ -727,7 +770,94 @@ class MultiRaftServer:
     async def handle_get(self, request: web.Request) -> web.Response:
         """``GET /v1/kv/{key}``: raw value with ``X-Dsys-Revision``, or 404."""
         key = validate_key(request.match_info["key"])
-        return _respond(await self.read(key, request.headers.get(RANGE_HEADER)))
+        return _respond(read_answer(key, await self.read(key, request.headers.get(RANGE_HEADER))))
+
+    # -- the WebSocket channel --------------------------------------------------------
+
+    async def handle_ws(self, request: web.Request) -> web.WebSocketResponse:
+        """``GET /v1/ws``: msgpack frames of requests, answered in frames of answers.
+
+        A request is ``{"id": N, "op": "put"|"get"|"del", "key": K, ...}`` as on the
+        single-group server (``value``, ``if_revision``, ``cid``/``seq``), plus an
+        optional ``"range": [range_id, conf_ver, version]`` the client routed by. Each is
+        routed to the local replica of its key's range; answers are those of
+        :mod:`dsys.kv.api` (``ws_write_answer``, ``not_leader`` with the leader's
+        address, ``wrong_range`` with the node's descriptors, ``bad_request``).
+        At most ``MAX_WS_INFLIGHT`` requests of one connection are in flight.
+        """
+        ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME, heartbeat=30.0)
+        await ws.prepare(request)
+        out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_WS_INFLIGHT)
+        tasks: set[asyncio.Task[None]] = set()
+        writer = asyncio.create_task(_ws_writer(ws, out))
+
+        async def run(req: object) -> None:
+            try:
+                out.put_nowait(await self.ws_call(req))
+            finally:
+                room.release()
+
+        try:
+            async for msg in ws:
+                if msg.type != WSMsgType.BINARY:
+                    if msg.type == WSMsgType.TEXT:
+                        out.put_nowait(_ws_error(None, "bad_request", "frames must be binary"))
+                    continue
+                try:
+                    reqs = decode(msg.data, max_size=MAX_WS_FRAME)
+                    if not isinstance(reqs, list):
+                        raise RemoteProtocolError("a frame must be a msgpack list of requests")
+                except RemoteProtocolError as exc:
+                    out.put_nowait(_ws_error(None, "bad_request", str(exc)))
+                    continue
+                for req in reqs:
+                    await room.acquire()
+                    t = asyncio.create_task(run(req))
+                    tasks.add(t)
+                    t.add_done_callback(tasks.discard)
+        finally:
+            for t in list(tasks):
+                t.cancel()
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+        return ws
+
+    async def ws_call(self, req: object) -> dict[str, Any]:
+        """The answer to one WebSocket request (never raises for a client's mistake)."""
+        rid = req.get("id") if isinstance(req, dict) else None
+        if type(rid) is not int or not isinstance(req, dict):
+            return _ws_error(None, "bad_request", "request needs an integer 'id'")
+        try:
+            header = _ws_range(req.get("range"))
+            op = req.get("op")
+            if op == "get":
+                key = validate_key(req.get("key"))
+                kv = await self.read(key, header)
+                if kv is None:
+                    return {"id": rid, "status": "not_found"}
+                return {"id": rid, "status": "ok", "value": kv.value, "revision": kv.mod_revision}
+            if op not in ("put", "del"):
+                raise BadInputError(f"unknown op {op!r}")
+            cmd = ws_write_command(op, req, _now_ms())
+            return ws_write_answer(rid, await self.write(cmd, header))
+        except NotLeaderError as exc:
+            url = self._leader_url(exc)
+            return {
+                "id": rid,
+                "status": "not_leader",
+                "leader": exc.leader_hint,
+                "leader_addr": url.removeprefix("http://") if url else None,
+                "message": str(exc),
+            }
+        except RangeError as exc:
+            return ws_range_answer(rid, exc)
+        except DsysError as exc:
+            return _ws_error(rid, ws_error_status(exc), str(exc))
+        except Exception as exc:  # a bug: answer, log, keep serving
+            self.log.exception("ws_request_failed")
+            return _ws_error(rid, "unavailable", f"request failed: {type(exc).__name__}")
 
     # -- ranges -----------------------------------------------------------------------
 
@@ -1009,6 +1139,8 @@ async def serve_multi(
 
 
 __all__ = [
+    "MAX_WS_FRAME",
+    "MAX_WS_INFLIGHT",
     "MULTI_PATH",
     "RANGE_HEADER",
     "Group",
