@@ -92,7 +92,16 @@ from dsys.kv.ranges import (
     check_epoch,
 )
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
-from dsys.raft.messages import ConfState, HardState, Message, Snapshot, SnapshotMeta
+from dsys.raft.messages import (
+    AppendRequest,
+    ConfState,
+    HardState,
+    Heartbeat,
+    Message,
+    Snapshot,
+    SnapshotMeta,
+    SnapshotRequest,
+)
 from dsys.raft.node import (
     FROM_HEADER,
     GC_THRESHOLDS,
@@ -107,6 +116,8 @@ from dsys.raft.node import (
 )
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
+
+_FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
 MULTI_PATH = "/raft/v1/multi"
 """Path of the peer WebSocket that carries the messages of every group."""
@@ -374,6 +385,12 @@ class Group:
     fsm: RangeStateMachine | MetaStateMachine
 
     @property
+    def initialized(self) -> bool:
+        """A data range whose replica holds its state (not the metadata range, not an
+        empty replica waiting for its first snapshot)."""
+        return isinstance(self.fsm, RangeStateMachine) and self.fsm.initialized
+
+    @property
     def desc(self) -> RangeDescriptor:
         """The range's descriptor as this replica applied it (data ranges only)."""
         assert isinstance(self.fsm, RangeStateMachine), "the metadata range has no bounds"
@@ -451,8 +468,8 @@ class MultiRaftServer:
         return fsm
 
     def data_groups(self) -> list[Group]:
-        """The local data ranges, in key order."""
-        gs = [g for rid, g in self.groups.items() if rid != META_RANGE_ID]
+        """The local data ranges that hold their state, in key order."""
+        gs = [g for g in self.groups.values() if g.initialized]
         return sorted(gs, key=lambda g: g.desc.start)
 
     def _open_groups(self) -> None:
@@ -480,7 +497,9 @@ class MultiRaftServer:
         whole = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.replicas)
         return RangeStateMachine(whole)
 
-    def _add_group(self, rid: int, fsm: RangeStateMachine | MetaStateMachine) -> Group:
+    def _add_group(
+        self, rid: int, fsm: RangeStateMachine | MetaStateMachine, *, join: bool = False
+    ) -> Group:
         d = self.data / f"r{rid}"
         d.mkdir(parents=True, exist_ok=True)
         wal = WriteAheadLog(d / "wal", fsync=self.config.fsync)
@@ -498,6 +517,7 @@ class MultiRaftServer:
                 snapshot_every=cfg.snapshot_every,
                 proposal_timeout=cfg.request_timeout,
                 token=cfg.token,
+                join=join,
                 rng_seed=zlib.crc32(f"{cfg.id}/{rid}".encode()),
             ),
             log=wal,
@@ -548,6 +568,19 @@ class MultiRaftServer:
             at=right.start,
             version=right.epoch.version,
         )
+
+    def _add_empty_replica(self, rid: int) -> Group:
+        """A replica of range ``rid`` that a leader contacted before this node applied
+        the split that made the range (it caught its parent up from a snapshot, past the
+        split entry). It starts empty, votes for nobody until it knows the membership
+        (``join``), serves nothing, and becomes a real replica with the first snapshot
+        the leader sends (as TiKV creates an uninitialized peer)."""
+        d = self.data / f"r{rid}"
+        if d.exists():
+            shutil.rmtree(d)
+        placeholder = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.replicas)
+        self.log.info("empty_replica_created", range_id=rid)
+        return self._add_group(rid, RangeStateMachine(placeholder, initialized=False), join=True)
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -625,7 +658,7 @@ class MultiRaftServer:
 
     def _owner(self, key: str) -> Group | None:
         for g in self.groups.values():
-            if g.range_id != META_RANGE_ID and g.desc.contains(key):
+            if g.initialized and g.desc.contains(key):
                 return g
         return None
 
@@ -876,6 +909,7 @@ class MultiRaftServer:
                 "applied_index": st["applied_index"],
             }
             if isinstance(g.fsm, RangeStateMachine):
+                row["initialized"] = g.fsm.initialized
                 row["keys"] = len(g.fsm)
                 row["descriptor"] = g.fsm.desc.to_plain()
             local.append(row)
@@ -913,7 +947,7 @@ class MultiRaftServer:
             EpochNotMatchError: the range changed while the split was proposed.
         """
         g = self.groups.get(range_id)
-        if g is None or range_id == META_RANGE_ID:
+        if g is None or not g.initialized:
             if META_RANGE_ID < range_id < self.meta.next_id:  # allocated: not applied here yet
                 raise UnavailableError(
                     f"range {range_id} is not on node {self.config.id} yet", retry_after=0.1
@@ -1088,7 +1122,15 @@ class MultiRaftServer:
             for m in msgs:
                 if m.src != src or m.dst != me:
                     raise RemoteProtocolError("message src/dst do not match the connection")
-            checked.append((self.groups.get(item[0]), msgs))
+            g = self.groups.get(item[0])
+            if (
+                g is None
+                and item[0] != META_RANGE_ID
+                and not self._closed
+                and any(isinstance(m, _FROM_LEADER) for m in msgs)
+            ):
+                g = self._add_empty_replica(item[0])
+            checked.append((g, msgs))
         for g, msgs in checked:  # only once the whole frame checked out
             if g is None:
                 self.unknown_group_msgs += len(msgs)

@@ -108,12 +108,16 @@ class RangeStateMachine(KVStateMachine):
 
     Args:
         desc: the range's descriptor (a restored snapshot replaces it).
+        initialized: False for a replica created empty, waiting for its first snapshot
+            from the range's leader (its ``desc`` is a placeholder until then).
         **kw: passed to :class:`~dsys.kv.fsm.KVStateMachine`.
     """
 
-    def __init__(self, desc: RangeDescriptor, **kw: Any) -> None:
+    def __init__(self, desc: RangeDescriptor, *, initialized: bool = True, **kw: Any) -> None:
         super().__init__(**kw)
         self.desc = desc
+        self.initialized = initialized
+        """Whether ``desc`` is real (the state came from a split or a snapshot)."""
         self.on_split: SplitHook | None = None
         """Set by the host: start the new range's group from the right half's snapshot."""
         self._kw = kw
@@ -201,6 +205,7 @@ class RangeStateMachine(KVStateMachine):
         desc = RangeDescriptor.from_plain(v[0])
         super().restore(v[1])
         self.desc = desc
+        self.initialized = True
 
 
 @dataclass(frozen=True, slots=True)
