@@ -6,6 +6,11 @@ message; after a lost connection it dials the load balancer again, says ``hello`
 ``sub``s each room from where it was, and sends again every post not yet acknowledged
 (flagged ``retry`` so the owner finds it instead of storing it twice). ``dups`` and
 ``holes`` count what a correct server never sends: a message twice, or past a gap.
+
+Every message received from someone else is acknowledged: one ``delivered`` frame per
+room for all the messages received in :data:`RECEIPT_DELAY` seconds (a receipt frame
+per message would double the frames a server handles under load). The client's own
+messages that another member received are in ``delivered[room]`` (offsets).
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+
+RECEIPT_DELAY = 1.0
+"""Seconds a client gathers received messages before acknowledging them in one frame."""
 
 
 class ChatError(Exception):
@@ -38,6 +46,7 @@ class RoomState:
     seq: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     refetches: int = 0
+    delivered: set[int] = field(default_factory=set)  # own messages another member got
 
 
 async def signup_or_login(http: aiohttp.ClientSession, base: str, user: str, password: str) -> str:
@@ -90,6 +99,10 @@ class ChatClient:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._receipts: dict[tuple[str, str], list[int]] = {}  # to acknowledge
+        self._receipt_timer: asyncio.TimerHandle | None = None
+        self.ack_deliveries = True
+        """Acknowledge received messages (a test can turn it off to be a silent reader)."""
 
     async def __aenter__(self) -> ChatClient:
         await self.start()
@@ -108,6 +121,8 @@ class ChatClient:
 
     async def close(self) -> None:
         self._closed = True
+        if self._receipt_timer is not None:
+            self._receipt_timer.cancel()
         if self._ws is not None:
             await self._ws.close()
         if self._task is not None:
@@ -144,9 +159,14 @@ class ChatClient:
                                 await self._on_welcome(frame)
                             else:
                                 self._on_frame(frame)
+                        if self._receipts and self._receipt_timer is None:
+                            self._receipt_timer = asyncio.get_running_loop().call_later(
+                                RECEIPT_DELAY, self._send_receipts
+                            )
             except (TimeoutError, aiohttp.ClientError, OSError):
                 pass
             finally:
+                self._send_receipts()  # the last ones, if the socket can still take them
                 self._ws = None
                 self._ready.clear()
                 for fut in self._replies.values():
@@ -155,6 +175,16 @@ class ChatClient:
             if not self._closed:
                 await asyncio.sleep(backoff)
                 backoff = min(2.0, backoff * 2)
+
+    def _send_receipts(self) -> None:
+        if self._receipt_timer is not None:
+            self._receipt_timer.cancel()
+            self._receipt_timer = None
+        for (room, epoch), offs in self._receipts.items():
+            for i in range(0, len(offs), 500):  # the server takes 500 offsets a frame
+                chunk = offs[i : i + 500]
+                self._send({"type": "delivered", "room": room, "epoch": epoch, "offsets": chunk})
+        self._receipts.clear()
 
     async def _on_welcome(self, frame: dict[str, Any]) -> None:
         self.server = frame["server"]
@@ -185,6 +215,8 @@ class ChatClient:
                 self.holes += 1
             st.epoch, st.offset, st.seq = f["epoch"], f["offset"], f["seq"]
             st.log.append(f)
+            if f["from"] != self.user and self.ack_deliveries:
+                self._receipts.setdefault((f["room"], f["epoch"]), []).append(f["offset"])
             if self.on_msg is not None:
                 self.on_msg(self, f)
         elif kind == "ack":
@@ -193,10 +225,16 @@ class ChatClient:
             if fut is not None and not fut.done():
                 fut.set_result(f)
             del post
+        elif kind == "delivered":
+            st = self.rooms.setdefault(f["room"], RoomState())
+            if f["epoch"] == st.epoch:
+                st.delivered.update(f["offsets"])
+            self._resolve(f"delivered:{f['room']}", f)
         elif kind == "refetch":
             st = self.rooms.setdefault(f["room"], RoomState())
             st.refetches += 1
             st.epoch, st.offset, st.seq, st.log = "", 0, 0, []  # start over from the latest page
+            st.delivered = set()
             self._send({"type": "sub", "room": f["room"]})
             self._resolve("refetch", f)
         elif kind == "subscribed":
@@ -280,22 +318,32 @@ class ChatClient:
         self._unacked[cid] = post
         deadline = time.monotonic() + timeout
         retry = False
+        fut: asyncio.Future[dict[str, Any]] | None = None
+        sent_on = -1  # the connection (count) the post was last sent on
         while True:
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._waiters[cid] = fut
-            if self._ready.is_set():
+            if fut is None or fut.done():
+                fut = asyncio.get_running_loop().create_future()
+                self._waiters[cid] = fut
+            # Sent once per connection (a reconnect resends it from _on_welcome), again
+            # after an error frame, and again after 10 s without an answer: resending
+            # a slow post on the same connection only adds load to a loaded server.
+            if self._ready.is_set() and sent_on != self.connects:
                 self._send({**post, "retry": True} if retry else post)
-            retry = True
+                sent_on, retry = self.connects, True
             left = deadline - time.monotonic()
             try:
-                return await asyncio.wait_for(asyncio.shield(fut), min(left, 3.0))
+                return await asyncio.wait_for(asyncio.shield(fut), min(left, 10.0))
             except ChatError as exc:
                 if exc.code not in ("unavailable", "rate_limited"):
                     raise
+                sent_on = -1
                 await asyncio.sleep(float(exc.frame.get("retry_after", 0.3)))
             except TimeoutError:
                 if fut.done() and not fut.cancelled() and fut.exception() is None:
                     return fut.result()
+                # no answer in 10 s on the connection it went out on: send it again;
+                # after a reconnect, _on_welcome has resent it already
+                sent_on = -1 if sent_on == self.connects else self.connects
             if time.monotonic() > deadline:
                 self._unacked.pop(cid, None)
                 raise TimeoutError(f"post {cid} not acknowledged in {timeout} s")

@@ -5,6 +5,7 @@
 * ``dsys kv serve`` x 3 (Raft KV: accounts, rooms, members, markers, presence, servers)
 * ``dsys streams serve`` x 1 or 3 (the ``CHAT`` stream: per-room history)
 * ``dsys pubsub serve`` x 1 or more (routes between them: fan-out between servers)
+* ``dsys ratelimit serve`` x 1 (the per-user post and log-in limits of every chat server)
 * ``python -m examples.chat.server`` x 2 (the chat servers)
 * ``dsys lb serve`` (the only address clients know; proxies the WebSockets)
 
@@ -14,6 +15,7 @@ Used by ``python -m examples.chat``, the tests and the load test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -36,7 +39,7 @@ class Proc:
     """One process of the cluster."""
 
     name: str
-    kind: str  # kv, streams, broker, chat or lb
+    kind: str  # kv, streams, broker, ratelimit, chat or lb
     addr: str
     argv: list[str]
     proc: subprocess.Popen[bytes] | None = None
@@ -79,7 +82,7 @@ class ChatCluster:
     # -- addresses ------------------------------------------------------------------
 
     def addrs(self, kind: str) -> list[str]:
-        """Addresses of the processes of one kind (kv, streams, broker, chat, lb)."""
+        """Addresses of the processes of one kind (kv, streams, broker, ratelimit, chat, lb)."""
         return [p.addr for p in self.procs.values() if p.kind == kind]
 
     def names(self, kind: str) -> list[str]:
@@ -130,12 +133,16 @@ class ChatCluster:
                 routes = [a for o, pa in br.items() if o != name for a in ("--route", pa)]
                 self._spawn(Proc(name, "broker", addr, [py, "-m", "dsys", "pubsub", "serve",
                     "--listen", addr, *routes]))  # fmt: skip
+            rl = f"{LOOPBACK}:{free_port()}"
+            self._spawn(Proc("ratelimit1", "ratelimit", rl,
+                             [py, "-m", "dsys", "ratelimit", "serve", "--listen", rl]))  # fmt: skip
             for p in list(self.procs.values()):
                 wait_healthy(p.addr, timeout=20)
             self._say(
                 f"  KV store (Raft, {self.kv_nodes} nodes): {', '.join(kv.values())}\n"
                 f"  stream cluster ({self.stream_nodes} node(s)): {', '.join(st.values())}\n"
-                f"  pub/sub broker(s): {', '.join(br.values())}"
+                f"  pub/sub broker(s): {', '.join(br.values())}\n"
+                f"  rate-limit node: {rl}"
             )
             for i in range(self.chat_servers):
                 self.start_chat_server(f"s{i + 1}")
@@ -164,10 +171,33 @@ class ChatCluster:
             "--listen", addr, "--kv", ",".join(self.addrs("kv")),
             "--streams", ",".join(self.addrs("streams")),
             "--brokers", ",".join(self.addrs("broker")),
+            "--ratelimit", ",".join(self.addrs("ratelimit")),
             "--password-cost", self.password_cost, "--post-rate", str(self.post_rate),
             "--post-burst", str(self.post_burst)])  # fmt: skip
         self._spawn(p, {"DSYS_CHAT_SECRET": self.secret})
         return p
+
+    def leader(self, kind: str) -> str:
+        """The name of the Raft leader among the ``kv`` or ``streams`` processes.
+
+        Raises:
+            RuntimeError: no leader within 10 s.
+        """
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for name in self.names(kind):
+                p = self.procs[name]
+                if not p.alive:
+                    continue
+                url = f"http://{p.addr}/healthz"
+                with (
+                    contextlib.suppress(OSError, ValueError),
+                    urllib.request.urlopen(url, timeout=1.0) as r,
+                ):
+                    if json.loads(r.read()).get("role") == "leader":
+                        return name
+            time.sleep(0.1)
+        raise RuntimeError(f"no {kind} leader")
 
     def kill(self, name: str) -> None:
         """SIGKILL process ``name`` (a crash: no goodbye to anyone)."""

@@ -18,6 +18,9 @@ sub room offset epoch seq  msg ... (every message after ``offset``), or refetch
 send room cid text         ack cid room offset id; the msg comes like any other
 history room before_seq    history room messages more
 read room offset fully     (stored; the next ``rooms`` shows unread counts)
+delivered room epoch       (with ``offsets``: messages received) to their authors:
+                           delivered room epoch offsets, the first time another
+                           member's client acknowledges them
 typing room                typing room user until
 presence state             presence user state
 members room               members room members [{user, state}]
@@ -36,6 +39,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from dsys.sharding import HashRing
+
 STREAM = "CHAT"
 """The one durable stream holding every room's history (subjects ``chat.room.<room>``)."""
 
@@ -45,6 +50,7 @@ TYPING_SUBJECT = "chat.typing.{room}"
 PRESENCE_SUBJECT = "chat.presence"
 MEMBER_SUBJECT = "chat.member"
 OWNER_SUBJECT = "chat.owner.{server}"  # request/reply: post to the room's owner
+DELIVERED_SUBJECT = "chat.delivered"  # delivery receipts: [room, epoch, offset, author]...
 
 MAX_FRAME = 16 * 1024
 """Largest client frame accepted (bytes); a larger one is refused with ``too_large``."""
@@ -56,6 +62,10 @@ PRESENCE_TTL = 30.0
 """Seconds a presence lease lives in the KV store without a heartbeat."""
 RESUME_LIMIT = 2000
 """Most messages replayed on a resume; a longer gap is answered with ``refetch``."""
+RECEIPTS_KEPT = 2000
+"""Messages per room a server remembers the author of, to route delivery receipts."""
+MAX_RECEIPT_OFFSETS = 500
+"""Most offsets in one ``delivered`` frame from a client."""
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 
@@ -95,6 +105,16 @@ def field(frame: dict[str, Any], name: str, kind: type, default: Any = ...) -> A
     if (kind is int and type(value) is not int) or not isinstance(value, kind):
         raise FrameError("bad_frame", f"{name!r} must be {kind.__name__}")
     return value
+
+
+def room_ring(servers: Any) -> HashRing:
+    """The consistent-hash ring of the live chat servers that owns the rooms."""
+    return HashRing(sorted(set(servers)))
+
+
+def room_owner(ring: HashRing, room: str) -> str:
+    """The chat server owning ``room`` (it gives the room's messages their offsets)."""
+    return ring.get(room)
 
 
 def dm_room(a: str, b: str) -> str:

@@ -7,8 +7,9 @@ four figures: messages delivered per second, publish-to-deliver latency (p50/p99
 connections held, memory per connection on the chat servers, plus how many reconnects the
 clients went through.
 
-``--chaos`` kills (SIGKILL) in turn a chat server, a pub/sub broker (two are started) and
-the KV leader during the load, restarting each a little later. Either way the run ends by
+``--chaos`` kills (SIGKILL) in turn a chat server, a pub/sub broker (two are started),
+the KV leader and the stream cluster's leader (three stream nodes are started) during the
+load, restarting each a little later. Either way the run ends by
 checking every client's log: per room, offsets 1, 2, 3... with no gap and no duplicate,
 every acknowledged message present in every member's log, each author's messages in the
 order they were acknowledged.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import platform
 import random
 import statistics
@@ -34,7 +36,6 @@ from typing import Any
 
 import aiohttp
 
-from dsys.kv import KVClient
 from dsys.observability import configure_logging
 
 from .client import ChatClient
@@ -49,6 +50,13 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, in seconds (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -69,6 +77,8 @@ class Results:
     holes: int = 0
     misordered: int = 0
     refetches: int = 0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU s per process kind, in the window
+    load: str = ""  # the load average when the window ended
 
     def pct(self, q: float) -> float:
         if not self.latencies:
@@ -78,8 +88,9 @@ class Results:
 
 
 async def _chaos(cluster: ChatCluster, seconds: float, res: Results) -> None:
-    """Kill a chat server, a broker and the KV leader in turn, each at a fixed point of
-    the load (15 %, 40 %, 65 % of it), and restart each 15 % of the load later."""
+    """Kill a chat server, a broker, the KV leader and the stream leader in turn, each at a
+    fixed point of the load (10 %, 30 %, 50 %, 70 % of it), and restart each 12 % of the
+    load later."""
     t0 = time.monotonic()
 
     async def at(fraction: float) -> None:
@@ -87,19 +98,19 @@ async def _chaos(cluster: ChatCluster, seconds: float, res: Results) -> None:
 
     async def kill_restart(when: float, name: str | None, what: str) -> None:
         await at(when)
-        if name is None:  # the KV leader: whoever it is now
-            async with KVClient(cluster.addrs("kv")) as kv:
-                name = str((await kv.status())["leader"])
+        if name is None:  # a Raft leader: whoever it is now
+            name = await asyncio.to_thread(cluster.leader, what.split()[1])
         await asyncio.to_thread(cluster.kill, name)
         res.chaos.append(f"kill -9 {what} ({name}) at {time.monotonic() - t0:.0f} s")
         print(f"  chaos: {time.monotonic() - t0:5.1f} s kill -9 {what} {name}", flush=True)
-        await at(when + 0.15)
+        await at(when + 0.12)
         await asyncio.to_thread(cluster.restart, name)
         print(f"  chaos: {time.monotonic() - t0:5.1f} s {name} is back", flush=True)
 
-    await kill_restart(0.15, cluster.names("chat")[0], "a chat server")
-    await kill_restart(0.40, cluster.names("broker")[0], "a pub/sub broker")
-    await kill_restart(0.65, None, "the KV leader")
+    await kill_restart(0.10, cluster.names("chat")[0], "a chat server")
+    await kill_restart(0.30, cluster.names("broker")[0], "a pub/sub broker")
+    await kill_restart(0.50, None, "the kv leader")
+    await kill_restart(0.70, None, "the streams leader")
 
 
 async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
@@ -133,6 +144,8 @@ async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
                 ChatClient(cluster.url, u, token=sign_token(secret, u), http=http, on_msg=on_msg)
                 for u in users[start : start + 100]
             ]
+            for c in batch:
+                c.ack_deliveries = not args.no_receipts
             await asyncio.gather(*(c.start(timeout=60) for c in batch))
             clients += batch
         res.connections = len(clients)
@@ -180,12 +193,25 @@ async def run_load(cluster: ChatCluster, args: argparse.Namespace) -> Results:
                     by_author[c.user].append(ack["offset"])
                 await asyncio.sleep(min(rnd.expovariate(args.rate), stop_at - time.monotonic()))
 
+        def cpu_by_kind() -> dict[str, float]:
+            out: dict[str, float] = defaultdict(float)
+            for p in cluster.procs.values():
+                if p.alive and p.proc is not None:
+                    with contextlib.suppress(OSError):
+                        out[p.kind] += cpu_seconds(p.proc.pid)
+            return out
+
         async def window() -> None:
-            # deliveries are counted over exactly --seconds of load
+            # deliveries (and the processes' CPU time) are counted over exactly --seconds
+            cpu0, own0 = cpu_by_kind(), time.process_time()
             measuring["on"] = True
             await asyncio.sleep(args.seconds)
             measuring["on"] = False
+            cpu1 = cpu_by_kind()
+            res.cpu = {k: cpu1[k] - cpu0.get(k, 0.0) for k in cpu1}
+            res.cpu["load generator"] = time.process_time() - own0
             res.window = args.seconds
+            res.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
 
         chaos = asyncio.create_task(_chaos(cluster, args.seconds, res)) if args.chaos else None
         await asyncio.gather(window(), *(user_loop(i, c) for i, c in enumerate(clients)))
@@ -240,6 +266,11 @@ def table(args: argparse.Namespace, res: Results) -> str:
         ("acked messages lost / duplicated / out of order",
          f"{res.lost} / {res.dups} / {res.misordered}"),
         ("refetches", str(res.refetches)),
+        ("CPU per 1,000 deliveries, chat servers (ms)",
+         f"{res.cpu.get('chat', 0) * 1e6 / res.delivered:.1f}" if res.delivered else "-"),
+        ("CPU in the window by process kind (s)",
+         ", ".join(f"{k} {v:.1f}" for k, v in sorted(res.cpu.items()))),
+        ("load average at the end of the window", res.load),
     ]  # fmt: skip
     if res.chaos:
         rows.append(("chaos", "; ".join(res.chaos)))
@@ -253,7 +284,7 @@ async def amain(args: argparse.Namespace) -> int:
     cluster = ChatCluster(
         chat_servers=args.chat_servers,
         brokers=2 if args.chaos else 1,
-        stream_nodes=args.stream_nodes,
+        stream_nodes=3 if args.chaos else args.stream_nodes,
         fsync=args.fsync,
         password_cost="fast",
         verbose=True,
@@ -284,9 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-messages", type=int, default=200_000, help="posts at most")
     p.add_argument("--fsync", choices=("always", "none"), default="always")
     p.add_argument(
-        "--chaos", action="store_true", help="kill -9 a chat server, a broker and the KV leader"
+        "--chaos",
+        action="store_true",
+        help="kill -9 a chat server, a broker, the KV leader and the stream leader",
     )
     p.add_argument("--quick", action="store_true", help="200 connections, 20 rooms, 10 s")
+    p.add_argument("--no-receipts", action="store_true", help="clients send no delivery receipts")
     args = p.parse_args(argv)
     if args.quick:
         args.connections, args.rooms, args.seconds = 200, 20, min(args.seconds, 10.0)

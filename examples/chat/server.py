@@ -18,7 +18,18 @@ Several of these run behind ``dsys lb`` and share state only through dsys blocks
   room. Pub/sub is at most once, so each connection keeps the last offset it sent per
   room and fills any hole from the stream before going on: nobody misses a message,
   nobody gets one twice.
-* **Rate limiting** (:class:`~dsys.ratelimit.Limiter`): posts per user, log-ins per name.
+* **Rate limiting** (:class:`~dsys.ratelimit.Limiter` over a
+  :class:`~dsys.ratelimit.ClusterStore` of ``dsys ratelimit serve`` nodes): posts per
+  user and log-ins per name are counted in the limiter nodes, so a user's limit holds
+  across every chat server (with token leases of :data:`POST_LEASE` posts, see
+  ``ClusterStore``: at most that many extra posts per server). Without ``--ratelimit``
+  each server limits in its own memory (one-server setups only).
+* **Delivery receipts**: a client acknowledges each message it receives (``delivered``
+  frame); the first acknowledgement from a member other than the author is published on
+  ``chat.delivered`` and every server holding a connection of the author shows it
+  ``delivered``. So "delivered" means *received by at least one other member's client*
+  (like a single grey tick becoming two); it is live only (an author offline at that
+  moment is not told later) and independent of read markers and unread counts.
 * **Circuit breakers** (:class:`~dsys.resilience.CircuitBreaker`) around the KV store,
   the stream cluster and the calls to other owners: when one is down, clients get an
   ``unavailable`` error frame at once instead of piling up waiting requests.
@@ -62,20 +73,22 @@ from dsys.kv import KVClient
 from dsys.observability import configure_logging, get_logger
 from dsys.pubsub import Client as BusClient
 from dsys.pubsub import Msg
-from dsys.ratelimit import Limiter
+from dsys.ratelimit import ClusterStore, Limiter
 from dsys.resilience import CircuitBreaker
-from dsys.sharding import HashRing
 from dsys.streams import StreamConfig
 from dsys.streams.client import StreamClient, StreamMsg
 
 from .common import (
+    DELIVERED_SUBJECT,
     LIVE_SUBJECT,
     MAX_FRAME,
+    MAX_RECEIPT_OFFSETS,
     MAX_TEXT,
     MEMBER_SUBJECT,
     OWNER_SUBJECT,
     PRESENCE_SUBJECT,
     PRESENCE_TTL,
+    RECEIPTS_KEPT,
     RESUME_LIMIT,
     ROOM_SUBJECT,
     STREAM,
@@ -87,6 +100,8 @@ from .common import (
     dm_room,
     dm_users,
     global_id,
+    room_owner,
+    room_ring,
     sign_token,
     verify_token,
 )
@@ -97,6 +112,10 @@ from .common import (
 STATIC = Path(__file__).resolve().parent / "static"
 SERVER_TTL = 4.0  # seconds a server's registration lives without a heartbeat
 OUTBOX_LIMIT = 20_000  # frames queued for one slow client before it is disconnected
+POST_LEASE = 8
+"""Post tokens a chat server takes from the limiter node at once for one user (spent
+here for up to :data:`POST_LEASE_TTL` seconds): one round trip per 8 posts, not per post."""
+POST_LEASE_TTL = 20.0
 
 
 def make_hasher(cost: str) -> PasswordHasher:
@@ -141,7 +160,10 @@ class Conn:
 
     user: str
     ws: web.WebSocketResponse
-    out: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    out: list[str] = field(default_factory=list)  # encoded frames not written yet
+    ending: bool = False  # write what is queued (unless overflowed), then close
+    overflowed: bool = False
+    wake: asyncio.Future[None] | None = None  # the writer waiting for frames
     views: dict[str, View] = field(default_factory=dict)
     bad_frames: int = 0
     closed: bool = False
@@ -150,13 +172,24 @@ class Conn:
     poster: asyncio.Task[None] | None = None  # stores this connection's posts in order
 
     def send(self, frame: dict[str, Any] | str) -> None:
+        """Queue one frame (a str is sent as it is: a room's message is encoded once)."""
         if self.closed:
             return
-        if self.out.qsize() > OUTBOX_LIMIT:
-            self.closed = True  # too slow: drop it; it will reconnect and resume
-            self.out.put_nowait(None)
+        if len(self.out) > OUTBOX_LIMIT:
+            self.closed = self.overflowed = True  # too slow: it will reconnect and resume
+            self.end()
             return
-        self.out.put_nowait(frame if isinstance(frame, str) else json.dumps(frame))
+        self.out.append(frame if isinstance(frame, str) else json.dumps(frame))
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def end(self) -> None:
+        """Have the writer close the WebSocket once the queued frames are written."""
+        self.ending = True
+        wake = self.wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
 
 @dataclass(eq=False)
@@ -168,6 +201,7 @@ class OwnedRoom:
     epoch: str = ""
     last_ts: int = 0
     gen: int = -1  # ring generation the offset was read under
+    posted: bool = False  # the room record says a message was stored under its epoch
     queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future[Stored]]] = field(
         default_factory=asyncio.Queue
     )
@@ -189,6 +223,7 @@ class ChatServer:
         password_cost: str = "default",
         post_rate: float = 20.0,
         post_burst: int = 40,
+        ratelimit: list[str] | None = None,
     ) -> None:
         self.id = server_id
         self.secret = secret
@@ -197,8 +232,21 @@ class ChatServer:
         self.streams = StreamClient(streams, timeout=8.0)
         self.bus = BusClient(brokers, name=f"chat-{server_id}", max_reconnect_wait=0.5)
         self.hasher = make_hasher(password_cost)
-        self.post_limit = Limiter(rate=post_rate, burst=post_burst, name="chat_posts")
-        self.login_limit = Limiter(rate=10, per=60.0, burst=10, name="chat_logins")
+        # Shared limits: a user's posts are counted by the limiter node owning their key
+        # whichever chat server they come through. If the node is down, posts are let
+        # through (a chat that stops for a limiter is worse) but log-ins are refused.
+        post_store = login_store = None
+        if ratelimit:
+            post_store = ClusterStore(ratelimit, lease_size=POST_LEASE,
+                                      lease_ttl=POST_LEASE_TTL, timeout=2.0)  # fmt: skip
+            login_store = ClusterStore(ratelimit, timeout=2.0)
+        self.post_limit = Limiter(
+            rate=post_rate, burst=post_burst, name="chat_posts", store=post_store
+        )
+        self.login_limit = Limiter(
+            rate=10, per=60.0, burst=10, name="chat_logins", store=login_store,
+            on_store_error="closed", failure_retry_after=5.0,
+        )  # fmt: skip
         ignore = (FrameError, ConflictError, NotFoundError)
         common: dict[str, Any] = {
             "window": 20, "minimum_calls": 10, "failure_rate_threshold": 60,
@@ -207,7 +255,7 @@ class ChatServer:
         self.kv_breaker = CircuitBreaker(f"chat-{server_id}-kv", **common)
         self.streams_breaker = CircuitBreaker(f"chat-{server_id}-streams", **common)
         self.owner_breakers: dict[str, CircuitBreaker] = {}
-        self.ring = HashRing([server_id])
+        self.ring = room_ring([server_id])
         self.ring_gen = 0
         self.conns: set[Conn] = set()
         self.by_room: dict[str, set[Conn]] = {}
@@ -218,6 +266,11 @@ class ChatServer:
         self.typing_sent: dict[tuple[str, str], float] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.presence: dict[str, str] = {}  # state of the users connected here
+        # room -> (epoch, offset -> author) of the messages sent to clients here (None
+        # once its delivery was reported: each server reports a message once at most);
+        # forgotten when no client here follows the room
+        self.authors: dict[str, tuple[str, OrderedDict[int, str | None]]] = {}
+        self.receipts: list[list[Any]] = []  # [room, epoch, offset, author] to publish
         self.stats = {"posts": 0, "delivered": 0, "forwarded": 0, "fallbacks": 0, "gaps": 0}
 
     # -- life cycle -----------------------------------------------------------------
@@ -232,6 +285,7 @@ class ChatServer:
         await self.bus.subscribe(TYPING_SUBJECT.format(room="*"), cb=self._on_typing)
         await self.bus.subscribe(PRESENCE_SUBJECT, cb=self._on_presence)
         await self.bus.subscribe(MEMBER_SUBJECT, cb=self._on_member)
+        await self.bus.subscribe(DELIVERED_SUBJECT, cb=self._on_delivered)
         await self.bus.subscribe(OWNER_SUBJECT.format(server=self.id), cb=self._on_owner_request)
         await self._register()
         await self._refresh_ring()
@@ -246,7 +300,7 @@ class ChatServer:
                 room.worker.cancel()
         for conn in list(self.conns):
             conn.closed = True
-            conn.out.put_nowait(None)
+            conn.end()
             with contextlib.suppress(Exception):
                 await conn.ws.close()
         with contextlib.suppress(Exception):
@@ -254,7 +308,7 @@ class ChatServer:
         await self.bus.close()
         await self.streams.close()
         await self.kv.close()
-        await self.post_limit.close()
+        await self.post_limit.close()  # closes its store too
         await self.login_limit.close()
 
     # -- guarded calls to the blocks ------------------------------------------------
@@ -286,7 +340,7 @@ class ChatServer:
         items = await self._kv(self.kv.scan, "chat/servers/")
         alive = sorted({item.key.rsplit("/", 1)[1] for item in items} | {self.id})
         if tuple(alive) != tuple(sorted(self.ring.nodes)):
-            self.ring = HashRing(alive)
+            self.ring = room_ring(alive)
             self.ring_gen += 1
             self.log.info("ring_changed", servers=alive, generation=self.ring_gen)
 
@@ -376,7 +430,7 @@ class ChatServer:
     # -- posting: the owner side ----------------------------------------------------
 
     def owner_of(self, room: str) -> str:
-        return self.ring.get(room)
+        return room_owner(self.ring, room)
 
     async def post(self, req: dict[str, Any]) -> Stored:
         """Store a post through the room's owner (or here, when the owner is unreachable)."""
@@ -464,15 +518,19 @@ class ChatServer:
         last = _stored(room.name, tail[0]) if tail else None
         if last is not None and last.epoch == rec["epoch"]:
             room.next_off, room.epoch, room.last_ts = last.offset + 1, last.epoch, last.ts
+        elif not rec.get("posted"):
+            room.next_off, room.epoch = 1, rec["epoch"]  # nothing stored in this epoch yet
         else:
-            # No history under this epoch: a new room, or its history is gone (then a
-            # new epoch tells every client holding old offsets to refetch).
-            new = dict(rec, posted=True)
-            if rec.get("posted") or last is not None:
-                new["epoch"] = uuid.uuid4().hex[:12]
+            # No history under this epoch although the room was posted to (``posted`` is
+            # set only after a first message is stored, so a second owner racing the
+            # first one's first post never lands here): the history is gone, and a new
+            # epoch tells every client holding old offsets to refetch.
             got = await self._kv(self.kv.get, f"chat/rooms/{room.name}")
             assert got is not None
             if json.loads(got.value) == rec:
+                new = dict(rec, epoch=uuid.uuid4().hex[:12], posted=False)
+                self.log.warning("room_new_epoch", room=room.name, old=rec["epoch"],
+                                 epoch=new["epoch"])  # fmt: skip
                 with contextlib.suppress(ConflictError):  # another owner did it: reread
                     await self._kv(
                         self.kv.cas, f"chat/rooms/{room.name}", json.dumps(new).encode(),
@@ -482,7 +540,20 @@ class ChatServer:
             room.next_off, room.epoch = 1, rec["epoch"]
             if last is not None and last.epoch == rec["epoch"]:
                 room.next_off = last.offset + 1
+        room.posted = bool(rec.get("posted"))
         room.gen = self.ring_gen
+
+    async def _mark_posted(self, room: OwnedRoom) -> None:
+        """Record in the room's record that its epoch has a stored message."""
+        got = await self._kv(self.kv.get, f"chat/rooms/{room.name}")
+        if got is not None:
+            rec = json.loads(got.value)
+            if rec["epoch"] == room.epoch and not rec.get("posted"):
+                with contextlib.suppress(ConflictError):
+                    new = json.dumps(dict(rec, posted=True)).encode()
+                    await self._kv(self.kv.cas, f"chat/rooms/{room.name}", new,
+                                   revision=got.revision)  # fmt: skip
+        room.posted = True
 
     async def _find_resent(self, room: OwnedRoom, user: str, cid: str) -> Stored | None:
         if (user, cid) in room.recent:
@@ -522,6 +593,9 @@ class ChatServer:
             stored = Stored(room.name, off, room.epoch, ack.seq, global_id(ts, ack.seq),
                             user, cid, text, ts)  # fmt: skip
             room.next_off, room.last_ts = off + 1, ts
+            if not room.posted:
+                with contextlib.suppress(DsysError, TimeoutError):  # tried again next post
+                    await self._mark_posted(room)
             room.recent[(user, cid)] = stored
             if len(room.recent) > 1000:
                 room.recent.popitem(last=False)
@@ -543,6 +617,7 @@ class ChatServer:
         if not conns:
             return
         stored = Stored.from_frame(frame)
+        self._remember(stored)
         text = msg.data.decode()
         for conn in list(conns):
             view = conn.views.get(stored.room)
@@ -578,6 +653,7 @@ class ChatServer:
             conns.discard(conn)
             if not conns:
                 del self.by_room[room]
+                self.authors.pop(room, None)
 
     def _start_sync(self, conn: Conn, view: View) -> None:
         if view.syncing:
@@ -606,6 +682,7 @@ class ChatServer:
                         self._refetch(conn, view.room, view.epoch, "gap older than the history")
                         return
                     conn.send(m.frame())
+                    self._remember(m)
                     view.last_off, view.last_seq = m.offset, m.seq
                     sent += 1
                     if sent > RESUME_LIMIT:
@@ -623,6 +700,58 @@ class ChatServer:
             conn.send({"type": "error", "code": "unavailable", "room": view.room,
                        "message": "history is unavailable; subscribe again"})  # fmt: skip
             self._drop_view(conn, view.room)
+
+    # -- delivery receipts ------------------------------------------------------------
+
+    def _remember(self, m: Stored) -> None:
+        got = self.authors.get(m.room)
+        if got is None or got[0] != m.epoch:
+            got = self.authors[m.room] = (m.epoch, OrderedDict())
+        authors = got[1]
+        if m.offset not in authors:
+            authors[m.offset] = m.user
+            if len(authors) > RECEIPTS_KEPT:
+                authors.popitem(last=False)
+
+    async def _op_delivered(self, conn: Conn, f: dict[str, Any]) -> None:
+        room = check_name(get_field(f, "room", str), "room")
+        epoch = get_field(f, "epoch", str)
+        offsets = get_field(f, "offsets", list)
+        if len(offsets) > MAX_RECEIPT_OFFSETS or not all(type(o) is int for o in offsets):
+            raise FrameError("bad_frame", f"offsets: at most {MAX_RECEIPT_OFFSETS} integers")
+        view = conn.views.get(room)
+        got = self.authors.get(room)
+        if view is None or view.epoch != epoch or got is None or got[0] != epoch:
+            return  # not (or no longer) subscribed here: nothing this server sent it
+        authors = got[1]
+        for off in offsets:
+            author = authors.get(off)
+            # only what this connection was sent, and only for the author's first reader
+            if author is not None and author != conn.user and off <= view.last_off:
+                authors[off] = None
+                if not self.receipts:
+                    asyncio.get_running_loop().call_soon(self._flush_receipts)
+                self.receipts.append([room, epoch, off, author])
+
+    def _flush_receipts(self) -> None:
+        # the receipts of one loop turn (every frame read meanwhile) in one bus message
+        batch, self.receipts = self.receipts, []
+        task = asyncio.create_task(self.bus.publish(DELIVERED_SUBJECT, json.dumps(batch).encode()))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _on_delivered(self, msg: Msg) -> None:
+        out: dict[tuple[str, str, str], list[int]] = {}
+        for room, epoch, off, author in json.loads(msg.data):
+            got = self.authors.get(room)
+            if got is not None and got[0] == epoch and off in got[1]:
+                got[1][off] = None  # reported by some server: do not report it again
+            if author in self.by_user:
+                out.setdefault((author, room, epoch), []).append(off)
+        for (author, room, epoch), offs in out.items():
+            text = json.dumps({"type": "delivered", "room": room, "epoch": epoch, "offsets": offs})
+            for conn in list(self.by_user.get(author, ())):
+                conn.send(text)
 
     # -- typing and presence --------------------------------------------------------
 
@@ -688,7 +817,14 @@ class ChatServer:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"ok": True, "server": self.id, "connections": len(self.conns), **self.stats}
+            {
+                "ok": True,
+                "server": self.id,
+                "connections": len(self.conns),
+                **self.stats,
+                "ring": list(self.ring.nodes),
+                "owned": sorted(self.owned),
+            }
         )
 
     async def _credentials(self, request: web.Request) -> tuple[str, str]:
@@ -739,7 +875,9 @@ class ChatServer:
     # -- the WebSocket ----------------------------------------------------------------
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1024 * 1024)
+        # no permessage-deflate: every socket of a room gets the same bytes, not a zlib
+        # pass per recipient (browsers offer it; our clients do not)
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=1024 * 1024, compress=False)
         await ws.prepare(request)
         try:
             first = await ws.receive(timeout=10.0)
@@ -772,7 +910,7 @@ class ChatServer:
                     break
         finally:
             conn.closed = True
-            conn.out.put_nowait(None)
+            conn.end()
             self.conns.discard(conn)
             for room in list(conn.views):
                 self._drop_view(conn, room)
@@ -793,19 +931,27 @@ class ChatServer:
         # Frames queued while the last one was being sent go out together as one JSON
         # array (at most 64): under load a client, the load balancer and this server
         # handle one WebSocket frame for many messages.
+        # The writer sleeps on a bare future that send() resolves: one wake-up per loop
+        # turn however many frames arrived in it (no queue, no per-frame future).
+        loop = asyncio.get_running_loop()
         with contextlib.suppress(ConnectionError, RuntimeError):
             while True:
-                batch = [await conn.out.get()]
-                while not conn.out.empty() and len(batch) < 64 and batch[-1] is not None:
-                    batch.append(conn.out.get_nowait())
-                end = batch[-1] is None
-                frames = [t for t in batch if t is not None]
-                if len(frames) == 1:
-                    await conn.ws.send_str(frames[0])
-                elif frames:
-                    await conn.ws.send_str("[" + ",".join(frames) + "]")
-                if end:
-                    await conn.ws.close(code=1011 if conn.out.qsize() else 1000)
+                if not conn.out and not conn.ending:
+                    conn.wake = loop.create_future()
+                    await conn.wake
+                    conn.wake = None
+                    continue
+                if conn.overflowed:
+                    await conn.ws.close(code=1011)
+                    return
+                frames, conn.out = conn.out, []
+                for i in range(0, len(frames), 64):
+                    chunk = frames[i : i + 64]
+                    await conn.ws.send_str(
+                        chunk[0] if len(chunk) == 1 else "[" + ",".join(chunk) + "]"
+                    )
+                if conn.ending and not conn.out:
+                    await conn.ws.close(code=1000)
                     return
 
     async def _on_frame(self, conn: Conn, data: str) -> None:
@@ -850,7 +996,7 @@ class ChatServer:
             raise FrameError("bad_text", f"text must be 1-{MAX_TEXT} characters, not blank")
         # The limit is applied as the frame arrives (not after the posts queued before
         # it are stored), so a flood is refused at once, whatever the store's latency.
-        decision = self.post_limit.hit_sync(conn.user)
+        decision = await self.post_limit.hit(conn.user)
         if not decision.allowed:
             raise FrameError("rate_limited", "slow down", retry_after=decision.retry_after)
         conn.posts.put_nowait({"room": room, "user": conn.user, "cid": cid, "text": text,
@@ -1055,7 +1201,14 @@ async def serve(args: argparse.Namespace) -> None:
         password_cost=args.password_cost,
         post_rate=args.post_rate,
         post_burst=args.post_burst,
+        ratelimit=args.ratelimit.split(",") if args.ratelimit else None,
     )
+    profile = None
+    if os.environ.get("DSYS_CHAT_PROFILE"):  # cProfile this server; stats written on exit
+        import cProfile
+
+        profile = cProfile.Profile(time.process_time)  # CPU time: the machine is shared
+        profile.enable()
     await server.start()
     runner = web.AppRunner(server.app(), access_log=None, handle_signals=False)
     await runner.setup()
@@ -1069,6 +1222,9 @@ async def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if profile is not None:
+        profile.disable()
+        profile.dump_stats(f"{os.environ['DSYS_CHAT_PROFILE']}.{args.id}")
     await server.close()
     await runner.cleanup()
 
@@ -1086,6 +1242,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="argon2 cost: default, or fast (tests and load tests only)")  # fmt: skip
     p.add_argument("--post-rate", type=float, default=20.0, help="posts per second per user")
     p.add_argument("--post-burst", type=int, default=40, help="burst of posts per user")
+    p.add_argument(
+        "--ratelimit",
+        default="",
+        help="dsys ratelimit serve nodes, HOST:PORT,... (default: memory)",
+    )
     args = p.parse_args(argv)
     configure_logging(level=os.environ.get("DSYS_LOG_LEVEL", "warning"))
     with contextlib.suppress(KeyboardInterrupt):

@@ -125,6 +125,16 @@ def _log(driver: Any) -> list[tuple[int, str]]:
     return [(int(o), str(t)) for o, t in rows]
 
 
+def _ticks(driver: Any) -> list[str]:
+    """The delivery marks of the page's own stored messages (✓ stored, ✓✓ delivered)."""
+    return list(
+        driver.execute_script(
+            "return [...document.querySelectorAll('#messages li:not(.pending) .tick')]"
+            ".map(t => t.textContent)"
+        )
+    )
+
+
 def _unacked(driver: Any) -> int:
     return int(driver.execute_script("return window.chatState.unacked.size"))
 
@@ -144,6 +154,9 @@ def test_two_browsers_chat_through_a_killed_server(
             _say(driver, text)
             sent.append(text)
             _wait(lambda d=driver: _unacked(d) == 0, what="ack")  # type: ignore[misc]
+    # delivery receipts: each page's own messages turn ✓✓ once the other page got them
+    for driver in (ann, ben):
+        _wait(lambda d=driver: _ticks(d) == ["✓✓"] * 3, what="delivered")  # type: ignore[misc]
     victim = ann.execute_script("return window.chatState.server")
     cluster.kill(victim)
     for i in range(3):

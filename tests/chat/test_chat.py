@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from examples.chat.client import ChatClient, ChatError
 from examples.chat.cluster import ChatCluster
-from examples.chat.common import MAX_FRAME, STREAM, sign_token
+from examples.chat.common import MAX_FRAME, STREAM, room_owner, room_ring, sign_token
+from examples.chat.server import POST_LEASE
 
 from dsys.streams.client import StreamClient
 
@@ -271,3 +272,123 @@ async def test_a_gap_older_than_the_history_is_told_to_refetch(cluster: ChatClus
         assert ans["reason"] == "gap older than the history"
         await _until(lambda: lena.offsets("retained") == [4, 5])  # the latest page, again
         assert st.refetches == 1 and lena.dups == lena.holes == 0
+
+
+async def _health(http: aiohttp.ClientSession, addr: str) -> dict[str, Any]:
+    async with http.get(f"http://{addr}/healthz") as r:
+        return dict(await r.json())
+
+
+async def test_each_room_is_stored_by_its_owner_on_the_ring(cluster: ChatCluster) -> None:
+    servers = cluster.names("chat")
+    ring = room_ring(servers)
+    rooms = [f"ring-{i}" for i in range(12)]
+    async with aiohttp.ClientSession() as http, ChatClient(cluster.url, "ringo") as ringo:
+        # a server restarted by an earlier test is back on every ring first
+        for name in servers:
+            addr = cluster.procs[name].addr
+            for _ in range(100):
+                if sorted((await _health(http, addr))["ring"]) == sorted(servers):
+                    break
+                await asyncio.sleep(0.1)
+        for room in rooms:
+            await ringo.create(room)
+            await ringo.send(room, "where am I stored?")
+        owners = {room_owner(ring, room) for room in rooms}
+        assert owners == set(servers)  # both servers own some of these rooms
+        for name in servers:
+            owned = set((await _health(http, cluster.procs[name].addr))["owned"])
+            assert {r for r in rooms if room_owner(ring, r) == name} <= owned
+            assert not owned & {r for r in rooms if room_owner(ring, r) != name}
+
+
+async def test_a_users_post_limit_holds_across_two_chat_servers(cluster: ChatCluster) -> None:
+    # the fixture allows 20 posts/s, bursts of 30; each server could take POST_LEASE
+    # tokens ahead (a lease), so over the test at most 30 + 20 * t + 2 * POST_LEASE posts
+    # get through, where each server limiting alone would let 2 * (30 + 20 * t) through.
+    token = None
+    clients = []
+    try:
+        for name in cluster.names("chat"):
+            c = ChatClient(f"http://{cluster.procs[name].addr}", "flooder", token=token)
+            await c.start()
+            token = c.token
+            clients.append(c)
+        assert {c.server for c in clients} == set(cluster.names("chat"))
+        await clients[0].create("flood-room")
+        await clients[1].subscribe("flood-room")
+        per_server = 120
+        started = time.monotonic()
+        for i in range(per_server):
+            for k, c in enumerate(clients):
+                c.raw(json.dumps({"type": "send", "room": "flood-room", "cid": f"{k}-{i}",
+                                  "text": f"flood {k} {i}"}))  # fmt: skip
+
+        def answered() -> int:
+            acks = sum(len(c.offsets("flood-room")) for c in clients[:1])
+            return acks + sum(len([e for e in c.errors if e.get("code") == "rate_limited"])
+                              for c in clients)  # fmt: skip
+
+        await _until(lambda: answered() >= 2 * per_server, 60)
+        elapsed = time.monotonic() - started
+        limited = [sum(e.get("code") == "rate_limited" for e in c.errors) for c in clients]
+        admitted = 2 * per_server - sum(limited)
+        assert all(n > 0 for n in limited)  # both servers refused some
+        assert admitted <= 30 + 20 * elapsed + 2 * POST_LEASE, (admitted, elapsed)
+    finally:
+        for c in clients:
+            await c.close()
+
+
+async def test_delivery_receipts_reach_the_author_once_another_member_has_it(
+    cluster: ChatCluster,
+) -> None:
+    alice = await _connect_elsewhere(cluster, "rita", None)
+    bob = await _connect_elsewhere(cluster, "sam", alice.server)
+
+    async def bobs_room() -> dict[str, Any]:
+        rooms = (await bob.request({"type": "rooms"}, "rooms"))["rooms"]
+        return next(r for r in rooms if r["room"] == "receipts")
+
+    try:
+        await alice.create("receipts")
+        await alice.send("receipts", "anyone here?")  # only the author has it
+        await _until(lambda: alice.offsets("receipts") == [1])
+        await alice.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == set()  # its own copy is no receipt
+        bob.ack_deliveries = False  # a client that receives but does not acknowledge
+        await bob.join("receipts")
+        await _until(lambda: bob.offsets("receipts") == [1])
+        await bob.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == set()
+        # a receipt for messages the server did not send to that client counts for nothing
+        epoch = bob.rooms["receipts"].epoch
+        bob.raw(json.dumps({"type": "delivered", "room": "receipts", "epoch": epoch,
+                            "offsets": [1, 2, 3]}))  # fmt: skip
+        await _until(lambda: alice.rooms["receipts"].delivered == {1})  # 1: bob has it
+        bob.ack_deliveries = True
+        await alice.send("receipts", "two")
+        await alice.send("receipts", "three")
+        await bob.send("receipts", "four")
+        await _until(lambda: alice.offsets("receipts") == bob.offsets("receipts") == [1, 2, 3, 4])
+        await _until(lambda: alice.rooms["receipts"].delivered == {1, 2, 3})
+        await _until(lambda: bob.rooms["receipts"].delivered == {4})
+        await bob.request({"type": "ping"}, "pong")
+        await alice.request({"type": "ping"}, "pong")
+        assert alice.rooms["receipts"].delivered == {1, 2, 3}  # bob's 4 is not alice's
+        # receipts leave read markers alone: unread counts only move with read
+        mine = await bobs_room()
+        assert mine["last_offset"] == 4 and mine["read"] == 0 and mine["unread"] == 4
+        bob.raw(json.dumps({"type": "read", "room": "receipts", "offset": 4}))
+        for _ in range(50):
+            if (mine := await bobs_room())["unread"] == 0:
+                break
+        assert mine["read"] == 4 and mine["unread"] == 0
+        with pytest.raises(ChatError) as bad:
+            await bob.request(
+                {"type": "delivered", "room": "receipts", "epoch": "x", "offsets": "1"}, "never"
+            )
+        assert bad.value.code == "bad_frame"
+    finally:
+        await alice.close()
+        await bob.close()

@@ -8,8 +8,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from dsys.errors import ConflictError
+from dsys.errors import BadInputError, ConflictError, NotLeaderError
 from dsys.kv.client import KVClient
+from dsys.kv.fsm import Put
 from dsys.kv.server import KVServer
 
 from .helpers import running_cluster, wait_leader
@@ -206,3 +207,20 @@ async def test_propose_many_and_single_proposals_share_entries_and_answer_in_ord
     for p, rev in zip(puts, revs, strict=True):
         kv = leader.fsm.get(p.key)
         assert kv is not None and kv.value == p.value and kv.mod_revision == rev
+
+
+async def test_raft_node_transfers_leadership_to_a_follower(cluster: list[KVServer]) -> None:
+    leader = await wait_leader(cluster)
+    await leader.write(Put(key="before", value=b"1"))
+    target = next(s for s in cluster if s is not leader)
+    with pytest.raises(NotLeaderError):
+        await target.node.transfer_leadership(leader.node.id)
+    with pytest.raises(BadInputError):
+        await leader.node.transfer_leadership("nobody")
+    await leader.node.transfer_leadership(target.node.id)
+    assert target.node.is_leader and not leader.node.is_leader
+    assert leader.node.leader_id == target.node.id
+    with pytest.raises(NotLeaderError):
+        await leader.write(Put(key="after", value=b"2"))
+    result = await target.write(Put(key="after", value=b"2"))
+    assert result.ok

@@ -138,9 +138,14 @@ def test_single_node_cluster_elects_itself_and_commits_alone() -> None:
     core.advance(rd)
     idx = core.propose(b"x")
     rd = core.ready()
-    assert rd.hard_state is not None and rd.hard_state.commit == idx
+    # Its only copy is not durable yet: persisted first (this Ready), committed after.
     assert [e.data for e in rd.entries] == [b"x"]
-    assert [e.data for e in rd.committed] == [b"x"]
+    assert idx not in [e.index for e in rd.committed] and core.commit_index < idx
+    core.advance(rd)
+    assert core.commit_index == idx
+    rd = core.ready()
+    assert rd.hard_state is not None and rd.hard_state.commit == idx
+    assert not rd.entries and [e.data for e in rd.committed] == [b"x"]
     core.advance(rd)
     assert core.applied_index == idx and not core.has_ready()
 
@@ -160,7 +165,8 @@ def test_inputs_between_ready_and_advance_are_kept() -> None:
     core.advance(rd1)
     rd2 = core.ready()
     assert [e.index for e in rd2.entries] == [idx]
-    assert [e.index for e in rd2.committed] == [idx]
+    core.advance(rd2)
+    assert [e.index for e in core.ready().committed] == [idx]
 
 
 def test_messages_for_other_nodes_are_ignored() -> None:

@@ -296,6 +296,7 @@ def test_follower_commit_is_min_of_leader_commit_and_last_new_entry() -> None:
 def test_leader_commits_with_majority_of_current_term() -> None:
     a = leader(voters=("a", "b", "c", "d", "e"))
     idx = a.propose(b"x")
+    drain(a)  # the leader's own copy counts once it is persisted
     ack(a, "b", idx)
     assert a.commit_index == 0
     ack(a, "c", idx)
@@ -341,6 +342,54 @@ def test_leader_sends_heartbeats_with_commit_capped_by_follower_match() -> None:
     a.tick()
     hbs = {m.dst: m for m in of(drain(a), Heartbeat)}
     assert hbs["b"].commit == a.commit_index and hbs["c"].commit == 0
+
+
+def test_leader_replicates_before_its_own_persist_but_counts_itself_only_once_durable() -> None:
+    # Dissertation 10.2.1: the leader's AppendEntries may leave before its own fsync, but
+    # "leader + one follower" must not commit while only the follower's copy is durable.
+    a = leader()
+    ack(a, "b", a.last_index)
+    ack(a, "c", a.last_index)
+    drain(a)
+    idx = a.propose(b"x")
+    rd = a.ready()
+    assert rd.messages_before_persist
+    assert [e.index for e in rd.entries] == [idx]
+    sent = {
+        m.dst for m in of(list(rd.messages), AppendRequest) if idx in [e.index for e in m.entries]
+    }
+    assert sent == {"b", "c"}
+    ack(a, "b", idx)  # one follower durable, the leader's own write still running
+    assert a.commit_index < idx
+    assert not a.has_ready()  # the Ready is out; nothing new to commit until it is done
+    a.advance(rd)  # the leader's persist finished: now leader + b is a durable majority
+    assert a.commit_index == idx
+    rd = a.ready()
+    assert [e.index for e in rd.committed] == [idx]
+    assert {m.dst for m in of(list(rd.messages), Heartbeat)} == {"b"}  # commit notice
+    a.advance(rd)
+
+
+def test_messages_wait_for_the_persist_of_a_new_term_or_vote() -> None:
+    a = node("a", pre_vote=False)
+    for _ in range(100):
+        a.tick()
+        if a.role is Role.CANDIDATE:
+            break
+    rd = a.ready()
+    assert of(list(rd.messages), VoteRequest) and not rd.messages_before_persist
+    a.advance(rd)
+    b = node("b", pre_vote=False)
+    b.step(of(list(rd.messages), VoteRequest)[0])
+    rd = b.ready()  # a granted vote goes out only once the vote is durable
+    assert of(list(rd.messages), VoteResponse) and not rd.messages_before_persist
+    b.advance(rd)
+    # A single-voter cluster elects itself without any message: its first leader Ready
+    # carries the new term, so it is not marked either.
+    s = RaftCore(RaftConfig(id="s"), voters=["s"], rng_seed=3)
+    while s.role is not Role.LEADER:
+        s.tick()
+    assert not s.ready().messages_before_persist
 
 
 # -- linearizable reads (dissertation 6.4) ---------------------------------------------
@@ -421,6 +470,7 @@ def test_follower_behind_compacted_log_gets_snapshot() -> None:
     a = leader()
     for i in range(5):
         a.propose(b"x%d" % i)
+    drain(a)
     ack(a, "b", a.last_index)
     rd = a.ready()
     a.advance(rd)
@@ -445,6 +495,7 @@ def test_restart_from_snapshot_and_later_entries() -> None:
     a = leader()
     for i in range(3):
         a.propose(b"x%d" % i)
+    drain(a)
     ack(a, "b", a.last_index)
     rd = a.ready()
     a.advance(rd)
@@ -527,6 +578,7 @@ def test_learner_neither_campaigns_nor_counts_for_commit() -> None:
     ack(a, "b", a.last_index)
     idx = a.propose_conf_change(ConfChange(type=ConfChangeType.ADD_LEARNER, node_id="d"))
     assert a.conf.learners == ("d",)
+    drain(a)
     ack(a, "d", idx)
     assert a.commit_index < idx  # a learner's ack is not a vote
     ack(a, "b", idx)
@@ -564,6 +616,19 @@ def test_leadership_transfer_sends_timeout_now_and_target_campaigns_through_leas
     c.step(req)
     (resp,) = of(drain(c), VoteResponse)
     assert resp.granted
+
+
+def test_leadership_transfer_resends_a_lost_timeout_now() -> None:
+    a = leader()
+    ack(a, "b", a.last_index)
+    drain(a)
+    a.transfer_leadership("b")
+    assert of(drain(a), TimeoutNow)  # ... and lost on the way
+    a.step(HeartbeatResponse(src="c", dst="a", term=a.term, ctx=1))
+    assert not of(drain(a), TimeoutNow)  # only the target's answers trigger it
+    a.step(HeartbeatResponse(src="b", dst="a", term=a.term, ctx=1))
+    (tn,) = of(drain(a), TimeoutNow)
+    assert tn.dst == "b" and tn.term == a.term
 
 
 class _Router:

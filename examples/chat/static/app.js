@@ -3,6 +3,8 @@
 // the last offset and stream sequence received; after a lost connection we say hello
 // again through the load balancer and resume every room from there (Centrifugo's
 // offset + epoch), and send again every post not acknowledged yet (flagged retry).
+// Every message received from someone else is acknowledged ("delivered" frame); our own
+// messages show ✓ once stored and ✓✓ once another member's client has received them.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -20,12 +22,14 @@ const state = {
   members: [],
   backoff: 250,
   lastTyping: 0,
+  receipts: new Map(),  // "room epoch" -> offsets received, to acknowledge
+  receiptTimer: null,
 };
 window.chatState = state;  // for the browser test and for curious readers
 
 function room(name) {
   if (!state.rooms.has(name)) {
-    state.rooms.set(name, { member: false, epoch: "", offset: 0, seq: 0, log: [], unread: 0, dm: name.startsWith("dm--") });
+    state.rooms.set(name, { member: false, epoch: "", offset: 0, seq: 0, log: [], unread: 0, dm: name.startsWith("dm--"), delivered: new Set() });
   }
   return state.rooms.get(name);
 }
@@ -75,6 +79,8 @@ function connect() {
   ws.onmessage = (ev) => {
     const data = JSON.parse(ev.data);  // one frame, or an array of them under load
     for (const f of Array.isArray(data) ? data : [data]) onFrame(f);
+    // acknowledge what arrived within a second in one frame per room
+    if (state.receipts.size && !state.receiptTimer) state.receiptTimer = setTimeout(sendReceipts, 1000);
   };
   ws.onclose = (ev) => {
     state.ready = false;
@@ -87,6 +93,17 @@ function connect() {
     setTimeout(connect, state.backoff);
     state.backoff = Math.min(4000, state.backoff * 2);
   };
+}
+
+function sendReceipts() {
+  state.receiptTimer = null;
+  for (const [key, offsets] of state.receipts) {
+    const [name, epoch] = key.split(" ");
+    for (let i = 0; i < offsets.length; i += 500) {
+      send({ type: "delivered", room: name, epoch, offsets: offsets.slice(i, i + 500) });
+    }
+  }
+  state.receipts.clear();
 }
 
 function onFrame(f) {
@@ -138,9 +155,21 @@ function onFrame(f) {
       if (li) li.classList.remove("pending");
       break;
     }
+    case "delivered": {
+      const r = room(f.room);
+      if (f.epoch !== r.epoch) break;
+      for (const off of f.offsets) {
+        r.delivered.add(off);
+        if (f.room === state.current) {
+          const li = document.querySelector(`#messages li[data-offset="${off}"]`);
+          if (li) { li.classList.add("delivered"); li.querySelector(".tick").textContent = "✓✓"; }
+        }
+      }
+      break;
+    }
     case "refetch": {
       const r = room(f.room);
-      r.epoch = ""; r.offset = 0; r.seq = 0; r.log = [];
+      r.epoch = ""; r.offset = 0; r.seq = 0; r.log = []; r.delivered = new Set();
       if (f.room === state.current) renderMessages();
       send({ type: "sub", room: f.room });
       break;
@@ -187,6 +216,11 @@ function onMsg(m) {
   if (r.epoch && m.offset <= r.offset) return;  // already have it
   r.epoch = m.epoch; r.offset = m.offset; r.seq = m.seq;
   r.log.push(m);
+  if (m.from !== state.user) {
+    const key = `${m.room} ${m.epoch}`;
+    if (!state.receipts.has(key)) state.receipts.set(key, []);
+    state.receipts.get(key).push(m.offset);
+  }
   if (r.log.length > 500) r.log.splice(0, r.log.length - 500);
   state.typing.delete(`${m.room} ${m.from}`);
   if (m.room === state.current) {
@@ -234,6 +268,14 @@ function messageItem(m) {
   meta.className = "meta";
   meta.textContent = `#${m.offset} ${new Date(m.ts).toLocaleTimeString()}`;
   li.append(from, text, meta);
+  if (m.from === state.user) {  // ours: ✓ stored, ✓✓ received by another member
+    const tick = document.createElement("span");
+    tick.className = "tick";
+    const done = m.offset !== "" && room(m.room || state.current).delivered.has(m.offset);
+    tick.textContent = m.offset === "" ? "" : done ? "✓✓" : "✓";
+    if (done) li.classList.add("delivered");
+    li.append(tick);
+  }
   return li;
 }
 

@@ -32,6 +32,12 @@ Safety rules implemented (Raft paper, figure 2 and section 5.4; dissertation ch.
   the first conflicting suffix (never a committed entry);
 * the leader commits an index only when a majority of voters store it **and** it belongs
   to the leader's current term (section 5.4.2); a new leader appends a no-op to get there;
+* the leader writes its own log in parallel with replicating it (dissertation 10.2.1):
+  its Ready says ``messages_before_persist`` so its AppendEntries may leave before its
+  own fsync, but it counts itself toward a commit quorum only for entries that
+  :meth:`RaftCore.advance` reported persisted (its *stable* index, not its last index);
+  counting an unsynced entry would let "leader + one follower" commit with one durable
+  copy, lost if the leader crashes. Followers still persist before they answer;
 * pre-vote: a node campaigns for real only after a majority says it could win, so a node
   returning from a partition does not bump terms; check-quorum: a leader that has not
   heard from a majority within an election timeout steps down, and followers that heard
@@ -627,14 +633,23 @@ class RaftCore:
             hi = min(self._commit, lo + self._cfg.max_committed_per_ready - 1)
             committed = tuple(self.entries(lo, hi + 1))
             self._applying = hi
+        prev = self._prev_hs
         rd = Ready(
-            hard_state=hs if hs != self._prev_hs else None,
+            hard_state=hs if hs != prev else None,
             entries=unstable,
             snapshot=snap,
             messages=tuple(self._msgs),
             committed=committed,
             read_states=tuple(self._read_states),
             events=tuple(self._events),
+            # A leader's messages depend on nothing it has not persisted yet, as long as
+            # its term and vote are durable: its unsynced entries are not counted.
+            messages_before_persist=(
+                self._role is Role.LEADER
+                and snap is None
+                and hs.term == prev.term
+                and hs.vote == prev.vote
+            ),
         )
         self._msgs = []
         self._events = []
@@ -643,7 +658,10 @@ class RaftCore:
         return rd
 
     def advance(self, ready: Ready) -> None:
-        """Report that ``ready`` was persisted, sent and applied."""
+        """Report that ``ready`` was persisted, sent and applied.
+
+        A leader counts its own copy of ``ready.entries`` toward a commit only from here.
+        """
         self._ready_out = False
         if ready.hard_state is not None:
             self._prev_hs = ready.hard_state
@@ -658,6 +676,12 @@ class RaftCore:
                 self._stable = max(self._stable, last.index)
         if ready.committed:
             self._applied = max(self._applied, ready.committed[-1].index)
+        if self._role is Role.LEADER:
+            me = self._prs.get(self._id)
+            if me is not None and self._stable > me.match:
+                me.match = self._stable
+                if self._maybe_commit() and self._role is Role.LEADER:
+                    self._commit_pending = True
 
     # -- role changes ---------------------------------------------------------------------
 
@@ -703,7 +727,7 @@ class RaftCore:
         for nid in self._members():
             self._prs[nid] = _Progress(self.last_index + 1)
         self._prs.setdefault(self._id, _Progress(self.last_index + 1))
-        self._prs[self._id].match = self.last_index
+        self._prs[self._id].match = self._stable  # only what is durable here counts
         self._read_seq = 0
         self._read_acks = {}
         self._quorum_seq = 0
@@ -1047,10 +1071,9 @@ class RaftCore:
     def _append_leader(self, kind: EntryKind, data: bytes) -> int:
         idx = self.last_index + 1
         self._append_entries([Entry(term=self._term, index=idx, kind=int(kind), data=data)])
-        self._prs[self._id].match = idx
+        # Our own match index moves only when advance() reports the entry persisted.
         self._prs[self._id].next = idx + 1
         self._bcast_pending = True
-        self._maybe_commit()
         return idx
 
     def _flush(self) -> None:
@@ -1197,6 +1220,10 @@ class RaftCore:
                 pr.become_probe()  # the snapshot was probably lost: try again
         if pr.match < self.last_index:
             self._send_append(msg.src)
+        elif msg.src == self._transferee:
+            # The target is up to date but has not campaigned: the TimeoutNow was lost
+            # (an extra one is harmless: it only starts an election, in this term + 1).
+            self._send_timeout_now(msg.src)
         if msg.src in self._conf.voters and msg.ctx > self._read_acks.get(msg.src, 0):
             self._read_acks[msg.src] = msg.ctx
             self._advance_reads()

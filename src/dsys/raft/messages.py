@@ -325,10 +325,13 @@ class Ready:
        and ``hard_state`` (if not ``None``). Durably (fsync) - all of it before step 2.
        Writing entries before the hard state is the safest order; a restart clamps a
        persisted commit index that is ahead of the log.
-    2. Send ``messages``.
+    2. Send ``messages``. When ``messages_before_persist`` is true (a leader whose term
+       and vote are already durable) they may be sent before or while step 1 runs: the
+       leader replicates in parallel with its own fsync (Raft dissertation 10.2.1).
     3. Install ``snapshot`` into the state machine (if any), then apply ``committed``
        in order; serve ``read_states`` whose index is applied.
-    4. Call ``RaftCore.advance(ready)``.
+    4. Call ``RaftCore.advance(ready)``: only then does a leader count its own copy of
+       ``entries`` toward a commit quorum.
     """
 
     hard_state: HardState | None = None
@@ -338,6 +341,7 @@ class Ready:
     committed: tuple[Entry, ...] = ()
     read_states: tuple[ReadState, ...] = ()
     events: tuple[Event, ...] = field(default=())
+    messages_before_persist: bool = False
 
     def is_empty(self) -> bool:
         """True when there is nothing to do."""

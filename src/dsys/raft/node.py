@@ -54,6 +54,7 @@ from dsys.errors import (
     RequestTimeout,
 )
 from dsys.observability import Metrics, get_logger
+from dsys.raft import trace as _trace
 from dsys.raft.core import RaftConfig, RaftCore
 from dsys.raft.messages import (
     CODEC,
@@ -66,6 +67,7 @@ from dsys.raft.messages import (
     ConfChange,
     Entry,
     EntryKind,
+    HardState,
     Heartbeat,
     HeartbeatResponse,
     Message,
@@ -94,6 +96,8 @@ REPLY_WAIT = 1.0
 
 MAX_PEER_BODY = 64 * 1024 * 1024
 """Largest peer request accepted (a snapshot travels in one message)."""
+
+_TRACE = _trace.ENABLED  # per-stage timestamps of the write path (DSYS_RAFT_TRACE)
 
 
 def _i(v: Any) -> int:
@@ -424,6 +428,8 @@ class PeerTransport:
                 while len(batch) < self._max_batch and not q.empty():
                     batch.append(q.get_nowait())
                 body = encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY)
+                if _TRACE:
+                    _trace_sent(batch)
                 try:
                     await ws.send_bytes(body)
                     backoff = 0.0
@@ -474,6 +480,22 @@ class PeerTransport:
 
 
 _WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_close=1.0)
+
+
+def _trace_sent(batch: list[Message]) -> None:
+    for m in batch:
+        if isinstance(m, AppendRequest) and m.entries:
+            _trace.mark("send_append", m.entries[-1].index, m.dst)
+        elif isinstance(m, AppendResponse) and m.success:
+            _trace.mark("send_ack", m.match_index, m.dst)
+
+
+def _trace_received(msgs: list[Message]) -> None:
+    for m in msgs:
+        if isinstance(m, AppendRequest) and m.entries:
+            _trace.mark("recv_append", m.entries[-1].index, m.src)
+        elif isinstance(m, AppendResponse) and m.success:
+            _trace.mark("recv_ack", m.match_index, m.src)
 
 
 async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
@@ -603,10 +625,14 @@ class RaftNode:
         self._proposals_in: deque[tuple[Any, Any, Any]] = deque()
         self._reads_in: deque[asyncio.Future[int]] = deque()
         self._conf_in: deque[tuple[ConfChange, asyncio.Future[object]]] = deque()
+        self._transfers_in: deque[tuple[NodeId, asyncio.Future[None]]] = deque()
+        self._transfer_waiters: list[tuple[NodeId, asyncio.Future[None]]] = []
         self._pending: dict[int, _Proposal] = {}
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._read_seq = 0
+        self._traced_commit = 0
+        self._synced_hs: HardState | None = None  # the hard state last persisted
         self._ticks = 0
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
@@ -655,6 +681,7 @@ class RaftNode:
         snap = self._snapshots.load()
         loaded = self._log_store.load()
         hard = self._stable.load_hard_state()
+        self._synced_hs = hard
         applied = 0
         if snap is not None:
             self.fsm.restore(snap.data)
@@ -735,11 +762,16 @@ class RaftNode:
         for rfut in [*self._read_waiters.values(), *self._reads_in]:
             if not rfut.done():
                 rfut.set_exception(err)
+        for _, tfut in [*self._transfers_in, *self._transfer_waiters]:
+            if not tfut.done():
+                tfut.set_exception(err)
         for _, afut in self._applied_waiters:
             if not afut.done():
                 afut.set_exception(err)
         async with self._store_lock:
             await asyncio.to_thread(self._log_store.close)
+        if _TRACE:
+            _trace.dump(self.id)
 
     # -- public API -------------------------------------------------------------------
 
@@ -849,6 +881,8 @@ class RaftNode:
         if not self.is_leader:
             raise self._not_leader()
         self._proposals_in.append(item)
+        if _TRACE:
+            _trace.mark("enqueue", -1)
         if not self._wake.is_set():
             self._wake.set()
 
@@ -860,6 +894,34 @@ class RaftNode:
         self._conf_in.append((change, fut))
         self._wake.set()
         return await fut
+
+    async def transfer_leadership(self, target: NodeId, timeout: float = 3.0) -> None:  # noqa: ASYNC109
+        """Hand leadership to voter ``target`` and return once this node follows it.
+
+        The leader stops taking proposals, brings ``target``'s log up to date and sends
+        it TimeoutNow; ``target`` campaigns at once (Raft dissertation 3.10).
+
+        Raises:
+            NotLeaderError: this node is not the leader.
+            BadInputError: ``target`` is not a voter.
+            RequestTimeout: ``target`` did not take over in time (the leader gives the
+                transfer up after an election timeout and takes proposals again).
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        if not self.is_leader:
+            raise self._not_leader()
+        if target == self.id:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._transfers_in.append((target, fut))
+        self._wake.set()
+        try:
+            await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"{target!r} did not take leadership over in time") from None
+        finally:
+            self._transfer_waiters = [w for w in self._transfer_waiters if w[1] is not fut]
 
     async def read_barrier(self, timeout: float = 3.0) -> int:  # noqa: ASYNC109
         """Wait until a linearizable read may be served locally (ReadIndex).
@@ -984,6 +1046,8 @@ class RaftNode:
             except RemoteProtocolError as exc:
                 await self._refuse_frame(ws, src, str(exc))
                 break
+            if _TRACE:
+                _trace_received(msgs)
             if self._closed:
                 break
             if len(self._inbox) >= inbox_limit:
@@ -1085,6 +1149,8 @@ class RaftNode:
                     rounds += 1
                     await self._handle_ready(self.core.ready())
                     self._feed_core()
+                    if _TRACE:
+                        self._trace_commit()
                 if rounds >= 64:
                     self._wake.set()
                 armed, self._armed = self._armed, {}
@@ -1097,6 +1163,11 @@ class RaftNode:
             self.failed = exc
             self.log.exception("raft_loop_crashed")
             raise
+
+    def _trace_commit(self) -> None:
+        if self.core.commit_index > self._traced_commit:
+            self._traced_commit = self.core.commit_index
+            _trace.mark("commit", self._traced_commit)
 
     def _feed_core(self) -> None:
         core = self.core
@@ -1117,6 +1188,8 @@ class RaftNode:
                 core.step(msg)
             except RemoteProtocolError as exc:  # e.g. an undecodable config entry
                 self.log.warning("peer_message_refused", src=msg.src, error=str(exc))
+        if _TRACE:
+            self._trace_commit()
         if self._proposals_in:
             self._propose_queued()
         while self._conf_in:
@@ -1129,6 +1202,18 @@ class RaftNode:
             self._pending[index] = _Proposal(
                 core.term, [_future_callback(cfut)], time.perf_counter(), None, 1, None
             )
+        while self._transfers_in:
+            target, tfut = self._transfers_in.popleft()
+            if tfut.done():
+                continue
+            try:
+                core.transfer_leadership(target)
+            except NotLeaderError:
+                tfut.set_exception(self._not_leader())
+            except Exception as exc:
+                tfut.set_exception(exc)
+            else:
+                self._transfer_waiters.append((target, tfut))
         while self._reads_in:
             rfut = self._reads_in.popleft()
             if rfut.done():
@@ -1190,6 +1275,8 @@ class RaftNode:
                 self._pending[index] = _Proposal(
                     core.term, cbs, now, decoded, len(datas), spans if many else None
                 )
+                if _TRACE:
+                    _trace.mark("propose", index)
                 continue
             for cb in cbs:
                 _call(cb, None, exc)
@@ -1209,25 +1296,37 @@ class RaftNode:
             )
 
     async def _handle_ready(self, rd: Ready) -> None:
-        # 1. persist (off the event loop; one fsync for the whole batch)
+        # 0. a leader replicates while it writes its own log (its own copy counts toward
+        #    a commit only after advance(); see RaftCore)
+        early = rd.messages_before_persist
+        if early and rd.messages:
+            self._send(rd.messages)
+            if rd.entries:
+                # One loop turn: the peer senders write the appends to their sockets now,
+                # before the persist thread takes the GIL to encode and write the WAL.
+                await asyncio.sleep(0)
+        # 1. persist (off the event loop when it fsyncs; one fsync for the whole batch)
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             started = time.perf_counter()
-            if self._inline_persist:
-                self._persist(rd)  # no fsync: a plain write() is cheaper than a thread hop
+            if _TRACE and rd.entries:
+                _trace.mark("persist_start", rd.entries[-1].index)
+            if self._inline_persist or (
+                not self._store_lock.locked() and not self._needs_fsync(rd)
+            ):
+                # No fsync (fsync off, or only the commit index moved, which the WAL
+                # writes without one): a plain write() is cheaper than a thread hop.
+                self._persist(rd)
             else:
                 async with self._store_lock:
                     await asyncio.to_thread(self._persist, rd)
             self._m_fsync.observe(time.perf_counter() - started)
             if rd.entries:
                 self._m_batch.observe(len(rd.entries))
-        # 2. send (answers to a waiting peer request ride on its HTTP response)
-        armed = self._armed
-        for msg in rd.messages:
-            slot = armed.get(msg.dst) if armed else None
-            if slot is not None and not slot[0].done():
-                slot[1].append(msg)
-            else:
-                self.transport.send(msg)
+                if _TRACE:
+                    _trace.mark("persist_end", rd.entries[-1].index)
+        # 2. send
+        if not early and rd.messages:
+            self._send(rd.messages)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
             self.fsm.restore(rd.snapshot.data)
@@ -1239,6 +1338,8 @@ class RaftNode:
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue
+            if _TRACE:
+                _trace.mark("apply_start", entry.index)
             kind = entry.kind
             p = pending.pop(entry.index, None)
             # (index, term) names one entry: a proposal of that term is exactly this entry
@@ -1260,6 +1361,8 @@ class RaftNode:
                 if mine and p.count == len(results):
                     p.answer(results)
                     self._m_commit.observe(time.perf_counter() - p.started)
+                    if _TRACE:
+                        _trace.mark("answered", entry.index)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
         for rs in rd.read_states:
@@ -1271,6 +1374,26 @@ class RaftNode:
         for ev in rd.events:
             self._on_event(ev)
         self.core.advance(rd)
+
+    def _send(self, msgs: tuple[Message, ...]) -> None:
+        """Queue ``msgs`` (answers to a waiting peer request ride on its HTTP response)."""
+        armed = self._armed
+        for msg in msgs:
+            slot = armed.get(msg.dst) if armed else None
+            if slot is not None and not slot[0].done():
+                slot[1].append(msg)
+            else:
+                self.transport.send(msg)
+
+    def _needs_fsync(self, rd: Ready) -> bool:
+        """Whether persisting ``rd`` syncs: entries, a snapshot, or a new term or vote."""
+        if rd.entries or rd.snapshot is not None:
+            return True
+        hs = rd.hard_state
+        if hs is None:
+            return False
+        old = self._synced_hs
+        return old is None or old.term != hs.term or old.vote != hs.vote
 
     def _persist(self, rd: Ready) -> None:
         """Runs in a worker thread: durable before any message of ``rd`` is sent."""
@@ -1285,6 +1408,7 @@ class RaftNode:
             self._log_store.append(rd.entries)
         if rd.hard_state is not None:
             self._stable.save_hard_state(rd.hard_state)
+            self._synced_hs = rd.hard_state
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
@@ -1328,6 +1452,10 @@ class RaftNode:
         elif isinstance(ev, BecameFollower):
             self._m_leader.set(0)
             self.log.info("became_follower", term=ev.term, leader=ev.leader)
+            if self._transfer_waiters and ev.leader is not None:
+                for target, tfut in self._transfer_waiters:
+                    if target == ev.leader and not tfut.done():
+                        tfut.set_result(None)
             self._fail_reads()
             self._fail_proposals()
         elif isinstance(ev, BecameCandidate):

@@ -5,7 +5,10 @@ no sleeps, no wall clock. One seeded ``random.Random`` decides everything (messa
 delays, drops, duplicates, delivery order, the nodes' election-timeout seeds), so a seed
 replays exactly. Each node's *durable store* holds only what ``Ready`` told it to persist
 (snapshot, hard state, log entries), applied exactly as a real store would; a crashed
-node restarts from that store alone.
+node restarts from that store alone. A leader's Ready marked ``messages_before_persist``
+is, with probability ``unsynced_p``, persisted only on a later tick: its messages are
+delivered and answered first, and a crash in between loses those entries, as a crash
+during a real leader's fsync would.
 
 Safety invariants are checked as the simulation runs and raise :class:`InvariantViolation`
 (an ``AssertionError``) naming the seed:
@@ -212,6 +215,8 @@ class SimNode:
         self.fsm = SimKV()
         self.applied = 0
         self.core = self._make_core()
+        # A leader's Ready whose messages went out before its persist (lost on crash).
+        self.unsynced: Ready | None = None
         # client bookkeeping (volatile: lost on crash)
         self.pending_writes: dict[int, tuple[int, str, int]] = {}
         self.pending_reads: dict[bytes, str] = {}
@@ -232,6 +237,7 @@ class SimNode:
     def restart(self) -> None:
         """Rebuild everything volatile from the durable store."""
         self.alive = True
+        self.unsynced = None
         self.fsm = SimKV()
         if self.store.snapshot is not None:
             self.fsm.restore(self.store.snapshot.data)
@@ -308,6 +314,9 @@ class SimNetwork:
         self.clients: list[_Client] = []
         self.client_timeout = 4 * election_tick
         self.snapshot_threshold = 0  # compact when this many entries are applied (0: never)
+        # How often a leader's Ready marked messages_before_persist is persisted on a later
+        # tick instead of at once (its messages leave first; a crash loses the entries).
+        self.unsynced_p = 0.5
         self.messages_delivered = 0
         self.codec_roundtrip = False  # encode/decode every message with the wire codec
         self.issue_ops = True  # clients start new operations (False: only finish pending)
@@ -393,7 +402,11 @@ class SimNetwork:
         if not n.alive:
             return
         n.alive = False
-        self.trace(f"crash {node_id}")
+        if n.unsynced is not None:
+            self.trace(f"crash {node_id} loses {len(n.unsynced.entries)} unsynced entries")
+            n.unsynced = None
+        else:
+            self.trace(f"crash {node_id}")
         self._check_durability()
 
     def restart(self, node_id: NodeId) -> None:
@@ -414,6 +427,9 @@ class SimNetwork:
     def tick(self) -> None:
         """Advance time by one tick on every alive node, run clients, then stabilize."""
         self.now += 1
+        for n in self.nodes.values():
+            if n.unsynced is not None and n.alive and self.rng.random() < 0.5:
+                self._finish_ready(n, n.unsynced, sent=True)
         for n in self.nodes.values():
             if n.alive:
                 n.core.tick()
@@ -630,8 +646,24 @@ class SimNetwork:
         n.core.step(msg)
 
     def _handle_ready(self, n: SimNode) -> None:
+        rd = n.core.ready()
+        if (
+            rd.messages_before_persist
+            and self.unsynced_p
+            and (rd.entries or rd.hard_state is not None)
+            and self.rng.random() < self.unsynced_p
+        ):
+            # A leader replicating while its own fsync runs: the messages leave now, the
+            # persist (and advance) happen on a later tick, or never if it crashes first.
+            for m in rd.messages:
+                self._send(m)
+            n.unsynced = rd
+            return
+        self._finish_ready(n, rd, sent=False)
+
+    def _finish_ready(self, n: SimNode, rd: Ready, *, sent: bool) -> None:
         core = n.core
-        rd = core.ready()
+        n.unsynced = None
         # 1. persist
         n.store.persist(rd)
         if rd.entries:
@@ -645,8 +677,9 @@ class SimNetwork:
                 if client is not None:
                     self._retry_soon(client)
         # 2. send
-        for m in rd.messages:
-            self._send(m)
+        if not sent:
+            for m in rd.messages:
+                self._send(m)
         # 3. apply
         if rd.snapshot is not None:
             n.fsm.restore(rd.snapshot.data)
@@ -915,6 +948,7 @@ def run_campaign(
     net.dup_p = rng.choice([0.0, 0.05])
     net.reorder = rng.random() < 0.8
     net.snapshot_threshold = rng.choice([0, 5, 20])
+    net.unsynced_p = rng.choice([0.0, 0.3, 0.7])
     net.codec_roundtrip = codec_roundtrip
     net.add_clients(clients)
     crash_p = rng.choice([0.0, 0.01, 0.03])
