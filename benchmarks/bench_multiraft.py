@@ -14,9 +14,10 @@ same 2 cores). ops/s counts 2xx answers; any other answer or socket error is rep
 CPU per write: user + system CPU of the three server processes (``/proc/<pid>/stat``)
 over the round, divided by the writes acknowledged; it includes the followers' work.
 
-Leaders are wherever the elections put them (no leader balancing yet); the table names
-the node leading each loaded range, because on 2 cores a process (one Python thread) is
-the unit that saturates.
+Leaders are balanced first (``--balance-interval 1``: no node leads two data ranges more
+than another; ``--no-balance`` leaves them where elections put them); the table names
+the node leading each loaded range, because a process (one Python thread) is the unit
+that saturates, and the machine has 2 cores for 3 servers and the load generators.
 
     .venv/bin/python benchmarks/bench_multiraft.py             # 3 rounds of 3 s per N
     .venv/bin/python benchmarks/bench_multiraft.py --quick     # 1 round of 2 s
@@ -98,7 +99,9 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_cluster(base: Path, fsync: str) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def start_cluster(
+    base: Path, fsync: str, balance: bool
+) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     ids = ["n1", "n2", "n3"]
     ports = dict(zip(ids, free_ports(3), strict=True))
     procs = []
@@ -117,6 +120,8 @@ def start_cluster(base: Path, fsync: str) -> tuple[list[subprocess.Popen[bytes]]
             str(base / i),
             "--fsync",
             fsync,
+            "--balance-interval",
+            "1" if balance else "0",
             *[f"--peer={j}=127.0.0.1:{ports[j]}" for j in ids if j != i],
         ]
         log = open(base / f"{i}.log", "ab")  # noqa: SIM115
@@ -141,9 +146,10 @@ async def prepare(addrs: list[str]) -> ShardedKVClient:
     return kv
 
 
-async def leaders(kv: ShardedKVClient) -> dict[str, tuple[int, str]]:
-    """Prefix -> (range id, leader node id) once every range reports a leader."""
-    for _ in range(200):
+async def leaders(kv: ShardedKVClient, balanced: bool) -> dict[str, tuple[int, str]]:
+    """Prefix -> (range id, leader node id) once every range reports a leader (and, if
+    ``balanced``, once no node leads two ranges more than another)."""
+    for _ in range(300):
         await kv.refresh()
         lead = await kv.range_leaders()
         out = {}
@@ -151,10 +157,11 @@ async def leaders(kv: ShardedKVClient) -> dict[str, tuple[int, str]]:
             rid = (await kv.locate(p)).range_id
             if rid in lead:
                 out[p] = (rid, lead[rid])
-        if len(out) == len(PREFIXES):
+        counts = [sum(1 for _, n in out.values() if n == node) for node in kv.nodes]
+        if len(out) == len(PREFIXES) and (not balanced or max(counts) - min(counts) <= 1):
             return out
         await asyncio.sleep(0.1)
-    raise RuntimeError("not every range has a leader")
+    raise RuntimeError("not every range has a leader (or leaders did not balance)")
 
 
 async def wrk(script: Path, url: str, prefix: str, conns: int, seconds: int) -> dict[str, int]:
@@ -215,10 +222,10 @@ async def main_async(args: argparse.Namespace) -> None:
         base = Path(tmp)
         script = base / "put.lua"
         script.write_text(WRK_SCRIPT)
-        procs, addrs = start_cluster(base, args.fsync)
+        procs, addrs = start_cluster(base, args.fsync, args.balance)
         try:
             kv = await prepare(addrs)  # closed below
-            lead = await leaders(kv)
+            lead = await leaders(kv, args.balance)
             nodes = dict(kv.nodes)
             pids = [p.pid for p in procs]
             results: dict[int, list[dict[str, float]]] = {n: [] for n in (1, 2, 4, 8)}
@@ -226,7 +233,7 @@ async def main_async(args: argparse.Namespace) -> None:
                 for n in (1, 2, 4, 8):
                     print(f"round {r + 1}/{rounds}: {n} range(s)", file=sys.stderr)
                     results[n].append(await round_(n, lead, nodes, pids, script, seconds))
-            lead_after = await leaders(kv)
+            lead_after = await leaders(kv, False)
             await kv.close()
         finally:
             for p in procs:
@@ -240,7 +247,8 @@ async def main_async(args: argparse.Namespace) -> None:
     print(
         f"\nbench_multiraft: 3 processes on loopback, fsync={args.fsync}, 16-byte values, "
         f"{CONNS} connections (wrk -t1 per loaded range), Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores, {rounds} round(s) of {seconds} s per N, alternating; "
+        f"{os.cpu_count()} cores, {rounds} round(s) of {seconds} s per N, alternating, "
+        f"leaders {'balanced' if args.balance else 'as elected'}; "
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
     )
     print(
@@ -267,6 +275,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 round of 2 s per N")
     parser.add_argument("--fsync", choices=("always", "none"), default="always")
+    parser.add_argument(
+        "--no-balance",
+        dest="balance",
+        action="store_false",
+        help="leave leaders where elections put them (default: balance, then measure)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("bench_multiraft needs wrk on the PATH")

@@ -36,6 +36,7 @@ def _configs(tmp: Path, ports: list[int]) -> list[MultiConfig]:
             fsync=False,
             snapshot_every=300,
             request_timeout=2.0,
+            balance_interval=0.2,
         )
         for i, p in zip(ids, ports, strict=True)
     ]
@@ -163,6 +164,26 @@ async def test_websocket_channel_routes_by_range(cluster: list[MultiRaftServer])
         await ws.send_bytes(msgpack.packb([{"id": 1, "op": "put", "key": "z", "value": b"z"}]))
         (ans,) = msgpack.unpackb(await ws.receive_bytes(), raw=False)
         assert ans["status"] == "not_leader" and ans["leader_addr"], ans
+
+
+async def test_leaders_spread_over_the_nodes(cluster: list[MultiRaftServer]) -> None:
+    await _leaders(cluster, [0, 1])
+    async with ShardedKVClient(_addrs(cluster)) as kv:
+        for key in ["b", "d", "f", "h", "j"]:
+            await kv.split((await kv.locate(key)).range_id, key)
+    ids = [g.range_id for g in cluster[0].data_groups()]
+    assert len(ids) == 6
+    counts: list[int] = []
+    for _ in range(600):  # balancing moves one leader per node every 0.2 s
+        await asyncio.sleep(0.02)
+        lead = [s.config.id for rid in ids for s in cluster if s.groups[rid].node.is_leader]
+        counts = [lead.count(s.config.id) for s in cluster]
+        if len(lead) == 6 and max(counts) - min(counts) <= 1:
+            break
+    assert len(lead) == 6 and max(counts) - min(counts) <= 1, counts
+    moves = sum(s.leader_moves for s in cluster)
+    await asyncio.sleep(1.0)  # steady: nothing moves back and forth
+    assert sum(s.leader_moves for s in cluster) == moves
 
 
 async def _linearizable_run(servers: list[MultiRaftServer], tmp: Path, seconds: float) -> None:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dsys.errors import BadInputError, EpochNotMatchError, KeyNotInRangeError, RemoteProtocolError
-from dsys.kv.ranges import Epoch, RangeDescriptor, RangeMap
+from dsys.kv.ranges import Epoch, RangeDescriptor, RangeMap, plan_leader_move
 
 keys = st.text(alphabet="abcdef", min_size=0, max_size=4)
 
@@ -144,3 +144,33 @@ def test_any_splits_and_merges_keep_a_partition(
         owners = _owners(m, key)
         assert owners == [m.lookup(key).range_id]
         assert meta.lookup(key) == m.lookup(key)
+
+
+def test_leader_plan_moves_only_from_the_busiest_node_past_a_gap_of_two() -> None:
+    nodes = ["n1", "n2", "n3"]
+    assert plan_leader_move({1: "n1", 2: "n1", 3: "n2"}, nodes, "n1") == (2, "n3")
+    assert plan_leader_move({1: "n1", 2: "n1", 3: "n2"}, nodes, "n2") is None
+    assert plan_leader_move({1: "n1", 2: "n2"}, nodes, "n1") is None  # gap 1: stay
+    assert plan_leader_move({1: "n1", 2: "n1", 3: None}, nodes, "n1") is None  # unknown
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["n1", "n2", "n3"]), min_size=1, max_size=12))
+def test_leader_plans_converge_without_moving_back(start: list[str]) -> None:
+    nodes = ["n1", "n2", "n3"]
+    leaders: dict[int, str | None] = {i + 1: n for i, n in enumerate(start)}
+    seen: set[tuple[int, str, str]] = set()
+    for _ in range(50):
+        moved = False
+        for me in nodes:
+            move = plan_leader_move(leaders, nodes, me)
+            if move is not None:
+                rid, to = move
+                assert (rid, to, me) not in seen, "a range moved back"
+                seen.add((rid, me, to))
+                leaders[rid] = to
+                moved = True
+        if not moved:
+            break
+    counts = [sum(1 for v in leaders.values() if v == n) for n in nodes]
+    assert max(counts) - min(counts) <= 1

@@ -116,6 +116,13 @@ def register(subparsers: Any) -> None:
     multi.add_argument(
         "--snapshot-every", type=int, default=10_000, help="applied entries between snapshots"
     )
+    multi.add_argument(
+        "--balance-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between leader-balancing checks (0 = no balancing)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
@@ -272,6 +279,7 @@ def _multi_serve(args: argparse.Namespace) -> int:
         tick_interval=args.tick,
         election_tick=args.election_tick,
         snapshot_every=args.snapshot_every,
+        balance_interval=args.balance_interval or None,
     )
     return asyncio.run(serve_multi(config))
 

@@ -90,6 +90,7 @@ from dsys.kv.ranges import (
     Epoch,
     RangeDescriptor,
     check_epoch,
+    plan_leader_move,
 )
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
 from dsys.raft.messages import (
@@ -144,6 +145,9 @@ class MultiConfig:
         request_timeout: seconds a write or linearizable read may wait.
         report_interval: seconds between checks that the metadata range knows the local
             ranges' descriptors.
+        balance_interval: seconds between leader-balancing checks (None: off). A node
+            leading two or more data ranges more than the node with the fewest hands one
+            to that node (``RaftNode.transfer_leadership``), one move per interval.
     """
 
     id: str
@@ -158,6 +162,7 @@ class MultiConfig:
     snapshot_every: int = 10_000
     request_timeout: float = 5.0
     report_interval: float = 0.2
+    balance_interval: float | None = 2.0
 
     def __post_init__(self) -> None:
         if not self.id or not self.data_dir:
@@ -166,6 +171,8 @@ class MultiConfig:
             raise ConfigError(f"node {self.id!r} must not list itself as a peer")
         if self.request_timeout <= 0 or self.report_interval <= 0:
             raise ConfigError("request_timeout and report_interval must be positive")
+        if self.balance_interval is not None and self.balance_interval <= 0:
+            raise ConfigError("balance_interval must be positive (or None: off)")
 
 
 # -- the shared transport ------------------------------------------------------------
@@ -447,6 +454,8 @@ class MultiRaftServer:
         self.replicas = tuple(sorted(self.nodes))
         self.transport = SharedTransport(config.id, config.peers, token=config.token)
         self.groups: dict[int, Group] = {}
+        self.leader_moves = 0
+        """Leader transfers this node started to balance leaders."""
         self.unknown_group_msgs = 0
         """Inbound messages for a group this node does not run (yet): dropped."""
         self._streams: set[web.WebSocketResponse] = set()
@@ -612,6 +621,8 @@ class MultiRaftServer:
             self.app, self.config.host, self.config.port, shutdown_timeout=1.0
         )
         self._tasks.append(asyncio.create_task(self._reporter()))
+        if self.config.balance_interval is not None:
+            self._tasks.append(asyncio.create_task(self._balancer(self.config.balance_interval)))
         self.log.info(
             "multi_kv_started",
             listen=f"{self.config.host}:{self.port}",
@@ -935,6 +946,7 @@ class MultiRaftServer:
                 "messages_sent": t.messages_sent,
                 "dropped": t.dropped,
                 "unknown_group_msgs": self.unknown_group_msgs,
+                "leader_moves": self.leader_moves,
             }
         )
 
@@ -1067,6 +1079,20 @@ class MultiRaftServer:
                 await self.meta_call(
                     {"op": "report", "ranges": [d.to_plain() for d in self.local_descriptors()]}
                 )
+
+    async def _balancer(self, interval: float) -> None:
+        """Even out data-range leaders across the nodes (see :func:`plan_leader_move`)."""
+        while True:
+            await asyncio.sleep(interval)
+            leaders = {g.range_id: g.node.leader_id for g in self.data_groups()}
+            move = plan_leader_move(leaders, self.replicas, self.config.id)
+            if move is None:
+                continue
+            rid, target = move
+            self.log.info("leader_transfer", range_id=rid, to=target)
+            self.leader_moves += 1
+            with contextlib.suppress(DsysError):
+                await self.groups[rid].node.transfer_leadership(target)
 
     # -- the peer endpoint --------------------------------------------------------------
 

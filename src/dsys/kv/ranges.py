@@ -27,7 +27,7 @@ authority; the map in the metadata range follows it), and ignores stale reports.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
@@ -162,6 +162,35 @@ def check_epoch(
     """
     if epoch is not None and tuple(epoch) != tuple(desc.epoch):
         raise EpochNotMatchError(desc.range_id, (epoch[0], epoch[1]), ranges=[desc, *others])
+
+
+def plan_leader_move(
+    leaders: Mapping[int, str | None], nodes: Sequence[str], me: str
+) -> tuple[int, str] | None:
+    """One leader transfer that ``me`` should start to even out leaders, or None.
+
+    ``leaders`` maps each range to its leader (None: unknown). Only the node with the
+    most leaders moves, and only when it leads at least two more ranges than the node
+    with the fewest: a move then never makes the gap flip, so leaders do not oscillate
+    (the same hysteresis as PD's balance-leader). Ties break by node id, and the range
+    moved is ``me``'s highest-numbered one, so the plan is deterministic.
+
+    Returns:
+        ``(range_id, target_node)``, or None when nothing should move (or some range
+        has no known leader, so the counts are not trustworthy).
+    """
+    if not nodes or any(v is None for v in leaders.values()):
+        return None
+    count = {n: 0 for n in nodes}
+    for leader in leaders.values():
+        if leader in count:
+            count[leader] += 1
+    most = max(sorted(count), key=lambda n: count[n])
+    fewest = min(sorted(count), key=lambda n: count[n])
+    if most != me or count[most] - count[fewest] < 2:
+        return None
+    mine = sorted(rid for rid, leader in leaders.items() if leader == me)
+    return mine[-1], fewest
 
 
 def _overlaps(a: RangeDescriptor, b: RangeDescriptor) -> bool:
@@ -424,5 +453,6 @@ __all__ = [
     "RangeDescriptor",
     "RangeMap",
     "check_epoch",
+    "plan_leader_move",
     "split_descriptor",
 ]
