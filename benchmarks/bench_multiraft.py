@@ -1,8 +1,9 @@
 """Benchmark: multi-Raft KV writes/s over 1, 2, 4 and 8 loaded ranges on 3 processes.
 
 Three ``dsys kv multi-serve`` processes on loopback; the key space is split into 8 ranges
-(``["", "k1")``, ``["k1", "k2")`` ... ``["k7", +inf)``), and each round loads the first
-*N* of them (N = 1, 2, 4, 8; the rounds alternate, so every N sees the same machine
+(``["", "k1")``, ``["k1", "k2")`` ... ``["k7", +inf)``), and each round loads
+*N* of them in an order that spreads their leaders over the nodes (round-robin over
+the nodes; N = 1, 2, 4, 8; the rounds alternate, so every N sees the same machine
 state). The idle ranges of a round still tick and heartbeat, as they would in a cluster.
 
 Load: one `wrk <https://github.com/wg/wrk>`_ process per loaded range (``-t1``), aimed
@@ -188,15 +189,31 @@ async def wrk(script: Path, url: str, prefix: str, conns: int, seconds: int) -> 
     return {"ok": req - bad, "errors": bad + sock, "p50us": p50}
 
 
+def spread(lead: dict[str, tuple[int, str]]) -> list[str]:
+    """The prefixes ordered so that the first N of them have leaders on as many nodes
+    as possible (round-robin over the nodes, each node's ranges in key order)."""
+    by_node: dict[str, list[str]] = {}
+    for p in PREFIXES:
+        by_node.setdefault(lead[p][1], []).append(p)
+    queues = [by_node[n] for n in sorted(by_node)]
+    out: list[str] = []
+    while any(queues):
+        for q in queues:
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 async def round_(
     n: int,
+    order: list[str],
     lead: dict[str, tuple[int, str]],
     nodes: dict[str, str],
     pids: list[int],
     script: Path,
     seconds: int,
 ) -> dict[str, float]:
-    loaded = PREFIXES[:n]
+    loaded = order[:n]
     conns = CONNS // n
     cpu0 = sum(cpu_seconds(p) for p in pids)
     t0 = time.perf_counter()
@@ -227,12 +244,13 @@ async def main_async(args: argparse.Namespace) -> None:
             kv = await prepare(addrs)  # closed below
             lead = await leaders(kv, args.balance)
             nodes = dict(kv.nodes)
+            order = spread(lead)
             pids = [p.pid for p in procs]
             results: dict[int, list[dict[str, float]]] = {n: [] for n in (1, 2, 4, 8)}
             for r in range(rounds):
                 for n in (1, 2, 4, 8):
                     print(f"round {r + 1}/{rounds}: {n} range(s)", file=sys.stderr)
-                    results[n].append(await round_(n, lead, nodes, pids, script, seconds))
+                    results[n].append(await round_(n, order, lead, nodes, pids, script, seconds))
             lead_after = await leaders(kv, False)
             await kv.close()
         finally:
@@ -259,7 +277,7 @@ async def main_async(args: argparse.Namespace) -> None:
     base_ops = statistics.median(x["ops"] for x in results[1])
     for n, runs in results.items():
         ops = statistics.median(x["ops"] for x in runs)
-        who = " ".join(f"{lead[p][0]}:{lead[p][1]}" for p in PREFIXES[:n])
+        who = " ".join(f"{lead[p][0]}:{lead[p][1]}" for p in order[:n])
         print(
             f"| {n} | {who} | {ops:,.0f} | {ops / base_ops:.2f}x | "
             f"{statistics.median(x['p50ms'] for x in runs):.2f} | "
