@@ -186,6 +186,35 @@ async def test_leaders_spread_over_the_nodes(cluster: list[MultiRaftServer]) -> 
     assert sum(s.leader_moves for s in cluster) == moves
 
 
+async def test_ranges_split_by_size(tmp_path: Path) -> None:
+    configs = [
+        dataclasses.replace(c, split_keys=40, report_interval=0.05)
+        for c in _configs(tmp_path, free_ports(3))
+    ]
+    servers = [MultiRaftServer(c) for c in configs]
+    try:
+        for s in servers:
+            await s.start()
+        await _leaders(servers, [0, 1])
+        keys = [f"k{i:03d}" for i in range(150)]
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            for k in keys:
+                await kv.put(k, k.encode())
+            sizes: list[int] = []
+            for _ in range(500):
+                sizes = [len(g.fsm) for g in servers[0].data_groups()]
+                if sum(sizes) == 150 and max(sizes) < 40:
+                    break
+                await asyncio.sleep(0.02)
+            assert sum(sizes) == 150 and max(sizes) < 40, sizes
+            for k in keys[::7]:  # every key is still there, through the new map
+                got = await kv.get(k)
+                assert got is not None and got.value == k.encode()
+    finally:
+        for s in servers:
+            await s.close()
+
+
 async def _linearizable_run(servers: list[MultiRaftServer], tmp: Path, seconds: float) -> None:
     await _leaders(servers, [0, 1])
     keys = [f"k{i}" for i in range(10)]

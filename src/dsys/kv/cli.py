@@ -123,6 +123,13 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="seconds between leader-balancing checks (0 = no balancing)",
     )
+    multi.add_argument(
+        "--split-keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="split a range at its middle key once it holds N keys (0 = manual splits only)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
@@ -280,6 +287,7 @@ def _multi_serve(args: argparse.Namespace) -> int:
         election_tick=args.election_tick,
         snapshot_every=args.snapshot_every,
         balance_interval=args.balance_interval or None,
+        split_keys=args.split_keys or None,
     )
     return asyncio.run(serve_multi(config))
 

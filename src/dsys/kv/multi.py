@@ -145,6 +145,9 @@ class MultiConfig:
         request_timeout: seconds a write or linearizable read may wait.
         report_interval: seconds between checks that the metadata range knows the local
             ranges' descriptors.
+        split_keys: split a range (on its leader, at its middle key) once it holds this
+            many keys (None: splits are manual). TiKV splits by bytes (96 MiB by
+            default); a key count is the simpler first measure.
         balance_interval: seconds between leader-balancing checks (None: off). A node
             leading two or more data ranges more than the node with the fewest hands one
             to that node (``RaftNode.transfer_leadership``), one move per interval.
@@ -163,6 +166,7 @@ class MultiConfig:
     request_timeout: float = 5.0
     report_interval: float = 0.2
     balance_interval: float | None = 2.0
+    split_keys: int | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.data_dir:
@@ -171,6 +175,8 @@ class MultiConfig:
             raise ConfigError(f"node {self.id!r} must not list itself as a peer")
         if self.request_timeout <= 0 or self.report_interval <= 0:
             raise ConfigError("request_timeout and report_interval must be positive")
+        if self.split_keys is not None and self.split_keys < 2:
+            raise ConfigError("split_keys must be >= 2 (or None: manual splits only)")
         if self.balance_interval is not None and self.balance_interval <= 0:
             raise ConfigError("balance_interval must be positive (or None: off)")
 
@@ -1064,21 +1070,40 @@ class MultiRaftServer:
         return web.json_response({"result": await self._meta_local(body)})
 
     async def _reporter(self) -> None:
-        """Re-report local descriptors the metadata range does not know yet."""
+        """Background upkeep: split ranges grown past ``split_keys``, and re-report local
+        descriptors the metadata range does not know yet."""
         while True:
             await asyncio.sleep(self.config.report_interval)
-            known = self.meta.map
-            stale = [
-                g
-                for g in self.data_groups()
-                if g.node.is_leader and known.get(g.range_id) != g.desc
-            ]
-            if not stale:
+            try:
+                await self._maybe_split_by_size()
+                await self._report_stale()
+            except DsysError as exc:
+                self.log.debug("upkeep_deferred", error=str(exc))
+            except Exception:  # a bug: log it, keep the loop
+                self.log.exception("upkeep_failed")
+
+    async def _report_stale(self) -> None:
+        known = self.meta.map
+        if any(g.node.is_leader and known.get(g.range_id) != g.desc for g in self.data_groups()):
+            await self.meta_call(
+                {"op": "report", "ranges": [d.to_plain() for d in self.local_descriptors()]}
+            )
+
+    async def _maybe_split_by_size(self) -> None:
+        """Split one range this node leads that holds ``split_keys`` keys or more."""
+        limit = self.config.split_keys
+        if limit is None:
+            return
+        for g in self.data_groups():
+            assert isinstance(g.fsm, RangeStateMachine)
+            if not g.node.is_leader or len(g.fsm) < limit:
                 continue
-            with contextlib.suppress(DsysError):
-                await self.meta_call(
-                    {"op": "report", "ranges": [d.to_plain() for d in self.local_descriptors()]}
-                )
+            at = g.fsm.split_key()
+            if at is None:
+                continue
+            self.log.info("split_by_size", range_id=g.range_id, keys=len(g.fsm), at=at)
+            await self.split(g.range_id, at)
+            return
 
     async def _balancer(self, interval: float) -> None:
         """Even out data-range leaders across the nodes (see :func:`plan_leader_move`)."""
@@ -1091,8 +1116,12 @@ class MultiRaftServer:
             rid, target = move
             self.log.info("leader_transfer", range_id=rid, to=target)
             self.leader_moves += 1
-            with contextlib.suppress(DsysError):
+            try:
                 await self.groups[rid].node.transfer_leadership(target)
+            except DsysError as exc:
+                self.log.info("leader_transfer_failed", range_id=rid, error=str(exc))
+            except Exception:  # a bug: log it, keep balancing
+                self.log.exception("leader_transfer_crashed")
 
     # -- the peer endpoint --------------------------------------------------------------
 

@@ -122,6 +122,15 @@ class RangeStateMachine(KVStateMachine):
         """Set by the host: start the new range's group from the right half's snapshot."""
         self._kw = kw
 
+    def split_key(self) -> str | None:
+        """A key to split this range at so both halves hold about half of its keys
+        (None when it holds fewer than two keys)."""
+        keys = self._data.keys()
+        if len(keys) < 2:
+            return None
+        at: str = keys[len(keys) // 2]
+        return at if at > self.desc.start else None
+
     # -- commands ---------------------------------------------------------------------
 
     def apply(self, data: bytes) -> Any:
