@@ -100,6 +100,14 @@ async def test_routing_errors_and_split(cluster: list[MultiRaftServer]) -> None:
             assert r.status == 421 and body["error"] == "epoch_not_match", body
         async with http.put(url, data=b"x", headers={"X-Dsys-Range": "nope"}) as r:
             assert r.status == 400
+        # a TTL key in the new range expires by the range's replicated clock
+        async with http.put(url + "?ttl=1", data=b"brief") as r:
+            assert r.status == 200
+        for _ in range(200):
+            if await kv.get("zz") is None:
+                break
+            await asyncio.sleep(0.05)
+        assert await kv.get("zz") is None
         # the client with a stale map follows the 421 and lands in the new range
         async with ShardedKVClient(_addrs(cluster)) as stale:
             stale.map = None

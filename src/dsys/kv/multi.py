@@ -72,7 +72,7 @@ from dsys.kv.api import (
     ws_write_answer,
     ws_write_command,
 )
-from dsys.kv.fsm import Delete, KeyValue, Put, Result, encode_command, validate_key
+from dsys.kv.fsm import Delete, KeyValue, Put, Result, Tick, encode_command, validate_key
 from dsys.kv.rangefsm import (
     SPLIT_INIT_INDEX,
     AllocId,
@@ -410,6 +410,10 @@ class Group:
         return self.fsm.desc
 
 
+def _ignore(result: object, exc: BaseException | None) -> None:
+    """A proposal callback for a Tick: its outcome does not matter."""
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -460,6 +464,7 @@ class MultiRaftServer:
         self.replicas = tuple(sorted(self.nodes))
         self.transport = SharedTransport(config.id, config.peers, token=config.token)
         self.groups: dict[int, Group] = {}
+        self._ticked: dict[int, float] = {}
         self.leader_moves = 0
         """Leader transfers this node started to balance leaders."""
         self.unknown_group_msgs = 0
@@ -1075,12 +1080,26 @@ class MultiRaftServer:
         while True:
             await asyncio.sleep(self.config.report_interval)
             try:
+                await self._tick_ttl()
                 await self._maybe_split_by_size()
                 await self._report_stale()
             except DsysError as exc:
                 self.log.debug("upkeep_deferred", error=str(exc))
             except Exception:  # a bug: log it, keep the loop
                 self.log.exception("upkeep_failed")
+
+    async def _tick_ttl(self) -> None:
+        """On the leader of a range holding TTL keys, propose a Tick every second (the
+        replicated clock expires keys, as on the single-group server)."""
+        now = time.monotonic()
+        for g in self.data_groups():
+            assert isinstance(g.fsm, RangeStateMachine)
+            if not g.node.is_leader or not g.fsm.has_ttl_keys:
+                continue
+            if now - self._ticked.get(g.range_id, 0.0) < 1.0:
+                continue
+            self._ticked[g.range_id] = now
+            g.node.propose_callback(encode_command(Tick(now_ms=_now_ms())), _ignore)
 
     async def _report_stale(self) -> None:
         known = self.meta.map
