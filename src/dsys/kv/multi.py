@@ -10,8 +10,8 @@ A :class:`MultiRaftServer` runs, on one event loop and one aiohttp app:
   across groups is the next step);
 * a :class:`SharedTransport`: ONE WebSocket per pair of processes
   (``GET /raft/v1/multi``) carrying the messages of every group, as frames of
-  ``[[range_id, [message, ...]], ...]``; everything queued for a peer while the previous
-  frame was sent goes into the next one, so the heartbeats of idle groups ride together.
+  ``[[range_id, [message, ...]], ...]``; one timer ticks every group at the same moment,
+  so the heartbeats of idle groups are queued together and leave in one frame per peer.
 
 Client requests (``/v1/kv/{key}``) go to the local replica of the range that owns the
 key (answers from :mod:`dsys.kv.api`): a key in no local range is answered 421
@@ -539,6 +539,7 @@ class MultiRaftServer:
                 token=cfg.token,
                 join=join,
                 rng_seed=zlib.crc32(f"{cfg.id}/{rid}".encode()),
+                external_ticks=True,
             ),
             log=wal,
             stable=wal,
@@ -631,6 +632,7 @@ class MultiRaftServer:
         self._runner, self.port = await start_site(
             self.app, self.config.host, self.config.port, shutdown_timeout=1.0
         )
+        self._tasks.append(asyncio.create_task(self._ticker()))
         self._tasks.append(asyncio.create_task(self._reporter()))
         if self.config.balance_interval is not None:
             self._tasks.append(asyncio.create_task(self._balancer(self.config.balance_interval)))
@@ -1087,6 +1089,20 @@ class MultiRaftServer:
                 self.log.debug("upkeep_deferred", error=str(exc))
             except Exception:  # a bug: log it, keep the loop
                 self.log.exception("upkeep_failed")
+
+    async def _ticker(self) -> None:
+        """Tick every group at the same moment: one timer for the process, and the
+        heartbeats of all groups queued together, so they leave in one frame per peer."""
+        interval = self.config.tick_interval
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            next_at += interval
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            if loop.time() - next_at > 5 * interval:
+                next_at = loop.time()  # we were starved; do not burst ticks
+            for g in list(self.groups.values()):
+                g.node.tick()
 
     async def _tick_ttl(self) -> None:
         """On the leader of a range holding TTL keys, propose a Tick every second (the

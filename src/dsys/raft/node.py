@@ -286,6 +286,9 @@ class NodeConfig:
             caller gets ``TimeoutError`` (the entry may still commit afterwards).
         rng_seed: seed of the core's election-timeout randomness (None: from the id);
             a process running many groups gives each its own, so their timeouts differ.
+        external_ticks: no tick timer of its own; the owner calls :meth:`RaftNode.tick`
+            (a multi-Raft host ticks all its groups at once, so their heartbeats leave
+            together in one frame per peer).
     """
 
     id: NodeId
@@ -304,6 +307,7 @@ class NodeConfig:
     proposal_batch_bytes: int = 1024 * 1024
     proposal_timeout: float = 5.0
     rng_seed: int | None = None
+    external_ticks: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -715,7 +719,8 @@ class RaftNode:
     async def start(self) -> RaftNode:
         """Start the transport, the tick timer and the main loop."""
         await self.transport.start()
-        self._tasks.append(asyncio.create_task(self._ticker()))
+        if not self.config.external_ticks:
+            self._tasks.append(asyncio.create_task(self._ticker()))
         self._run_task = asyncio.create_task(self._run())
         self._tasks.append(self._run_task)
         return self
@@ -1125,6 +1130,11 @@ class RaftNode:
         app.on_shutdown.append(self._close_streams)
 
     # -- loop -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One Raft tick, from the owner's timer (with ``NodeConfig.external_ticks``)."""
+        self._ticks += 1
+        self._wake.set()
 
     async def _ticker(self) -> None:
         interval = self.config.tick_interval
