@@ -124,6 +124,13 @@ async def test_routing_errors_and_split(cluster: list[MultiRaftServer]) -> None:
                     break
                 await asyncio.sleep(0.02)
             assert [r.start for r in s.meta.map] == ["", "m", "t"]
+        # a scan walks the ranges in key order, page by page
+        assert [i.key for i in await kv.scan("")] == ["a", "m", "z", "zz"]
+        assert [i.key for i in await kv.scan("", limit=3)] == ["a", "m", "z"]
+        assert [i.key for i in await kv.scan("z")] == ["z", "zz"]
+        assert await kv.scan("q") == []
+        async with http.get(url.replace("/v1/kv/zz", "/v1/ranges/1/kv?limit=0")) as r:
+            assert r.status == 400
 
 
 async def test_websocket_channel_routes_by_range(cluster: list[MultiRaftServer]) -> None:

@@ -62,9 +62,13 @@ from dsys.errors import (
 from dsys.kv.api import (
     MAX_VALUE_BYTES,
     Answer,
+    ScanPage,
+    ScanRequest,
     error_answer,
     opt_int,
     read_answer,
+    scan_page,
+    scan_request,
     session_fields,
     write_answer,
     ws_error_status,
@@ -410,6 +414,13 @@ class Group:
         return self.fsm.desc
 
 
+def _range_id(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise BadInputError(f"range id must be an integer, got {text!r}") from None
+
+
 def _ignore(result: object, exc: BaseException | None) -> None:
     """A proposal callback for a Tick: its outcome does not matter."""
 
@@ -616,6 +627,7 @@ class MultiRaftServer:
         r.add_get("/v1/ranges", self.handle_ranges)
         r.add_post("/v1/ranges/meta", self.handle_meta)
         r.add_post("/v1/ranges/{id}/split", self.handle_split)
+        r.add_get("/v1/ranges/{id}/kv", self.handle_range_scan)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)
@@ -1005,14 +1017,57 @@ class MultiRaftServer:
             )
         return res
 
+    async def scan_range(
+        self, range_id: int, req: ScanRequest, header: str | None = None
+    ) -> tuple[ScanPage, RangeDescriptor]:
+        """One page of the keys of local range ``range_id`` (linearizable, on its leader).
+
+        ``more``/``next`` of the page speak of this range only; the range's descriptor
+        says where the next range starts.
+
+        Raises:
+            KeyNotInRangeError: no such local range (it may be elsewhere, or gone).
+            EpochNotMatchError: ``header`` names a stale epoch.
+            NotLeaderError: this node does not lead the range.
+        """
+        g = self.groups.get(range_id)
+        if g is None or not g.initialized:
+            raise KeyNotInRangeError(
+                req.after or req.prefix,
+                ranges=self.local_descriptors(),
+                map_version=self.meta.map.version,
+                message=f"range {range_id} is not on node {self.config.id}",
+            )
+        routed = parse_range_header(header)
+        if routed is not None:
+            if routed[0] != range_id:
+                raise BadInputError(f"{RANGE_HEADER} names range {routed[0]}, not {range_id}")
+            check_epoch(g.desc, routed[1], others=self.local_descriptors())
+        await g.node.read_barrier(self.config.request_timeout)
+        assert isinstance(g.fsm, RangeStateMachine)
+        check_epoch(g.desc, routed[1] if routed else None, others=self.local_descriptors())
+        return scan_page(req, g.fsm.scan(req.prefix, req.limit + 1, req.after)), g.desc
+
+    async def handle_range_scan(self, request: web.Request) -> web.Response:
+        """``GET /v1/ranges/{id}/kv?prefix=P&limit=L&after=K``: a page of range ``id``'s
+        keys ``{"items": [[key, revision], ...], "more", "next", "range": descriptor}``."""
+        rid = _range_id(request.match_info["id"])
+        q = request.query
+        limit = opt_int(q.get("limit"), "limit", minimum=1) or 1000
+        req = scan_request(q.get("prefix", ""), limit, q.get("after") or None)
+        page, desc = await self.scan_range(rid, req, request.headers.get(RANGE_HEADER))
+        return web.json_response(
+            {
+                "items": [[kv.key, kv.mod_revision] for kv in page.items],
+                "more": page.more,
+                "next": page.next,
+                "range": desc.to_plain(),
+            }
+        )
+
     async def handle_split(self, request: web.Request) -> web.Response:
         """``POST /v1/ranges/{id}/split?at=KEY`` on the range's leader: both halves."""
-        try:
-            rid = int(request.match_info["id"])
-        except ValueError:
-            raise BadInputError(
-                f"range id must be an integer, got {request.match_info['id']!r}"
-            ) from None
+        rid = _range_id(request.match_info["id"])
         at = validate_key(request.query.get("at", ""))
         res = await self.split(rid, at)
         assert res.left is not None and res.right is not None

@@ -35,7 +35,8 @@ from dsys.errors import (
     RequestTimeout,
     UnavailableError,
 )
-from dsys.kv.client import GetResult
+from dsys.kv.api import MAX_SCAN_LIMIT, scan_request
+from dsys.kv.client import GetResult, ScanItem
 from dsys.kv.fsm import validate_key
 from dsys.kv.multi import RANGE_HEADER
 from dsys.kv.rangefsm import contiguous_runs
@@ -203,6 +204,72 @@ class ShardedKVClient:
         if status == 404:
             return None
         return int(json.loads(body)["revision"])
+
+    async def scan(self, prefix: str = "", limit: int = 1000) -> list[ScanItem]:
+        """Keys under ``prefix`` in key order (at most ``limit``), range after range.
+
+        Each range's page is a linearizable read of that range; the scan as a whole is
+        not one snapshot (a write may land in a range already read).
+
+        Raises:
+            BadInputError: bad prefix or limit.
+        """
+        scan_request(prefix, min(limit, MAX_SCAN_LIMIT))  # checks the arguments
+        deadline = time.monotonic() + self.timeout
+        out: list[ScanItem] = []
+        after: str | None = None
+        desc = await self.locate(prefix)
+        attempt = 0
+        while len(out) < limit:
+            attempt += 1
+            if attempt > self.max_attempts * 4 or time.monotonic() >= deadline:
+                raise UnavailableError(f"scan of {prefix!r} did not complete in time")
+            rid = desc.range_id
+            addr = self._target(rid, attempt)
+            params = {"prefix": prefix, "limit": str(min(limit - len(out), MAX_SCAN_LIMIT))}
+            if after is not None:
+                params["after"] = after
+            epoch = f"{rid}:{desc.epoch.conf_ver}:{desc.epoch.version}"
+            try:
+                async with self._http().get(
+                    f"http://{addr}/v1/ranges/{rid}/kv",
+                    params=params,
+                    headers={RANGE_HEADER: epoch},
+                    allow_redirects=False,
+                ) as r:
+                    status, payload = r.status, await r.read()
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                self.leaders.pop(rid, None)
+                await self._pause(attempt, deadline)
+                continue
+            info = _json(payload)
+            if status == 200:
+                self.leaders[rid] = addr
+                out.extend(ScanItem(str(k), int(v)) for k, v in info["items"])
+                if info["more"]:
+                    after = info["next"]
+                    continue
+                end = RangeDescriptor.from_plain(info["range"]).end
+                if end is None or not end.startswith(prefix):
+                    break  # no key under the prefix lies beyond this range
+                assert self.map is not None
+                desc = self.map.lookup(end)
+                continue
+            if status == 307 and info.get("leader"):
+                self.leaders[rid] = str(info["leader"]).removeprefix("http://")
+                continue
+            if status == 421:
+                self.leaders.pop(rid, None)
+                if not self._learn(info.get("ranges")):
+                    await self.refresh()
+                    await self._pause(attempt, deadline)
+                desc = await self.locate(after if after is not None else prefix)
+                continue
+            if status == 400:
+                raise BadInputError(str(info.get("message", "bad request")))
+            self.leaders.pop(rid, None)
+            await self._pause(attempt, deadline)
+        return out[:limit]
 
     async def split(self, range_id: int, at_key: str) -> tuple[RangeDescriptor, RangeDescriptor]:
         """Split range ``range_id`` at ``at_key`` (sent to its leader); both halves.
