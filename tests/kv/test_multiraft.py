@@ -133,6 +133,34 @@ async def test_routing_errors_and_split(cluster: list[MultiRaftServer]) -> None:
             assert r.status == 400
 
 
+async def test_bad_input_gets_4xx_and_the_node_stays_up(cluster: list[MultiRaftServer]) -> None:
+    await _leaders(cluster, [0, 1])
+    base = f"http://127.0.0.1:{cluster[0].config.port}"
+    async with aiohttp.ClientSession() as http:
+        for method, path, body, want in [
+            ("POST", "/v1/ranges/x/split?at=m", None, 400),
+            ("POST", "/v1/ranges/1/split", None, 400),  # no key
+            ("POST", "/v1/ranges/99/split?at=m", None, 400),
+            ("POST", "/v1/ranges/meta", b"not json", 400),
+            ("POST", "/v1/ranges/meta", b"[1]", 400),
+            ("GET", "/v1/ranges/1/kv?limit=-1", None, 400),
+            ("GET", "/raft/v1/multi", None, 403),  # no peer id
+        ]:
+            async with http.request(method, base + path, data=body) as r:
+                assert r.status == want, (method, path, r.status, await r.text())
+        # a peer that sends garbage is cut off with 1003; the node keeps serving
+        hdr = {"X-Dsys-From": "n2"}
+        for frame in [b"\xc1", msgpack.packb([[1, [["A", "n3", "n1", 1]]]]), msgpack.packb(7)]:
+            async with http.ws_connect(base + "/raft/v1/multi", headers=hdr) as ws:
+                await ws.send_bytes(frame)
+                msg = await ws.receive()
+                assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1003, msg
+        async with http.get(base + "/v1/ranges") as r:
+            assert r.status == 200
+    async with ShardedKVClient(_addrs(cluster)) as kv:
+        assert await kv.put("still", b"up") > 0
+
+
 async def test_websocket_channel_routes_by_range(cluster: list[MultiRaftServer]) -> None:
     await _leaders(cluster, [0, 1])
     async with ShardedKVClient(_addrs(cluster)) as kv:
