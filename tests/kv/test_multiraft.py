@@ -161,6 +161,30 @@ async def test_bad_input_gets_4xx_and_the_node_stays_up(cluster: list[MultiRaftS
         assert await kv.put("still", b"up") > 0
 
 
+async def test_cluster_token_guards_peers_and_admin(tmp_path: Path) -> None:
+    configs = [dataclasses.replace(c, token="s3cret") for c in _configs(tmp_path, free_ports(3))]
+    servers = [MultiRaftServer(c) for c in configs]
+    try:
+        for s in servers:
+            await s.start()
+        await _leaders(servers, [0, 1])  # the peers talk with the token
+        leader = next(s for s in servers if s.groups[1].node.is_leader)
+        base = f"http://127.0.0.1:{leader.config.port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.post(base + "/v1/ranges/1/split?at=m") as r:
+                assert r.status == 403
+            async with http.get(base + "/raft/v1/multi", headers={"X-Dsys-From": "n2"}) as r:
+                assert r.status == 403
+            async with http.post(base + "/v1/ranges/meta", json={"op": "alloc"}) as r:
+                assert r.status == 403
+        async with ShardedKVClient(_addrs(servers), token="s3cret") as kv:
+            _, right = await kv.split(1, "m")
+            assert right.start == "m"
+    finally:
+        for s in servers:
+            await s.close()
+
+
 async def test_websocket_channel_routes_by_range(cluster: list[MultiRaftServer]) -> None:
     await _leaders(cluster, [0, 1])
     async with ShardedKVClient(_addrs(cluster)) as kv:

@@ -1067,6 +1067,9 @@ class MultiRaftServer:
 
     async def handle_split(self, request: web.Request) -> web.Response:
         """``POST /v1/ranges/{id}/split?at=KEY`` on the range's leader: both halves."""
+        token = self.config.token
+        if token and request.headers.get(TOKEN_HEADER) != token:
+            raise web.HTTPForbidden(text="admin endpoints need the cluster token")
         rid = _range_id(request.match_info["id"])
         at = validate_key(request.query.get("at", ""))
         res = await self.split(rid, at)
