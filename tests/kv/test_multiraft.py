@@ -250,13 +250,21 @@ async def test_leaders_spread_over_the_nodes(cluster: list[MultiRaftServer]) -> 
     assert len(lead) == 6 and max(counts) - min(counts) <= 1, counts
     moves = sum(s.leader_moves for s in cluster)
     frames = [(s.transport.frames_sent, s.transport.messages_sent) for s in cluster]
-    await asyncio.sleep(1.0)  # steady: nothing moves back and forth
+    await asyncio.sleep(0.6)  # steady: nothing moves back and forth
     assert sum(s.leader_moves for s in cluster) == moves
     # idle groups: the heartbeats (and answers) of a process's groups made in one tick
     # leave together, so frames carry more messages than there are frames
     for s, (f0, m0) in zip(cluster, frames, strict=True):
         f, m = s.transport.frames_sent - f0, s.transport.messages_sent - m0
         assert 0 < f < m, (s.config.id, f, m)
+    # a node that is down gets no leaders handed to it (its ranges elect new leaders on
+    # the other two, which may even out between themselves)
+    down = cluster[2]
+    await down.close()
+    await asyncio.sleep(0.6)  # two election timeouts: the others stop counting it
+    before = sum(s.leader_moves_to.get(down.config.id, 0) for s in cluster[:2])
+    await asyncio.sleep(1.0)
+    assert sum(s.leader_moves_to.get(down.config.id, 0) for s in cluster[:2]) == before
 
 
 async def test_ranges_split_by_size(tmp_path: Path) -> None:

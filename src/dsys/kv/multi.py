@@ -476,6 +476,9 @@ class MultiRaftServer:
         self.transport = SharedTransport(config.id, config.peers, token=config.token)
         self.groups: dict[int, Group] = {}
         self._ticked: dict[int, float] = {}
+        self._heard: dict[str, float] = {}  # peer -> monotonic time of its last frame
+        self.leader_moves_to: dict[str, int] = {}
+        """Leader transfers started, per target node."""
         self.leader_moves = 0
         """Leader transfers this node started to balance leaders."""
         self.unknown_group_msgs = 0
@@ -1203,12 +1206,22 @@ class MultiRaftServer:
         while True:
             await asyncio.sleep(interval)
             leaders = {g.range_id: g.node.leader_id for g in self.data_groups()}
-            move = plan_leader_move(leaders, self.replicas, self.config.id)
+            # only nodes heard from within two election timeouts (a live peer answers our
+            # heartbeats every heartbeat interval): never hand a range to a node that is down
+            now = time.monotonic()
+            window = 2 * self.config.tick_interval * self.config.election_tick
+            alive = [
+                n
+                for n in self.replicas
+                if n == self.config.id or now - self._heard.get(n, -window) < window
+            ]
+            move = plan_leader_move(leaders, alive, self.config.id)
             if move is None:
                 continue
             rid, target = move
             self.log.info("leader_transfer", range_id=rid, to=target)
             self.leader_moves += 1
+            self.leader_moves_to[target] = self.leader_moves_to.get(target, 0) + 1
             try:
                 await self.groups[rid].node.transfer_leadership(target)
             except DsysError as exc:
@@ -1253,6 +1266,7 @@ class MultiRaftServer:
         return ws
 
     def _deliver_frame(self, body: bytes, src: str) -> None:
+        self._heard[src] = time.monotonic()
         raw = decode(body, max_size=MAX_PEER_BODY)
         if not isinstance(raw, list):
             raise RemoteProtocolError("a frame must be a list of [range_id, [messages]]")
