@@ -70,6 +70,8 @@ PURE = [
     "pubsub/core.py",
     "kv/api.py",
     "kv/fsm.py",
+    "kv/ranges.py",
+    "kv/rangefsm.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

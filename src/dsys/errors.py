@@ -17,6 +17,9 @@ one base class. Subclasses name the failure kind, not the module that raised it:
     ├── NotFoundError (also LookupError)     the named stream, consumer or key is absent (404)
     ├── ClosedError                          the resource was closed
     ├── CompactedError(revision)             a watch start revision is gone (HTTP 410)
+    ├── RangeError(ranges)                   a request reached the wrong range (HTTP 421)
+    │   ├── KeyNotInRangeError(key)          no range here owns the key
+    │   └── EpochNotMatchError(range_id)     the request's range epoch is stale
     ├── UnavailableError                     no one can serve the request right now
     │   ├── NotLeaderError(leader_hint)      ask the leader instead (a redirect)
     │   ├── NoHealthyBackendError            every backend is down or ejected
@@ -36,6 +39,12 @@ is a bug and raises ``AssertionError``, never a ``DsysError``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dsys.kv.ranges import RangeDescriptor
 
 
 class DsysError(Exception):
@@ -174,6 +183,72 @@ class CompactedError(DsysError):
         self.revision = revision
 
 
+class RangeError(DsysError):
+    """A request reached a range that cannot serve it (HTTP 421 Misdirected Request).
+
+    Attributes:
+        ranges: the current descriptors the answering node knows (refresh with them).
+        map_version: the version of the range map the node knows (0 when unknown).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        ranges: Sequence[RangeDescriptor] = (),
+        map_version: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.ranges = tuple(ranges)
+        self.map_version = map_version
+
+
+class KeyNotInRangeError(RangeError):
+    """No range on the answering node owns ``key`` (it moved, or was never here)."""
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        ranges: Sequence[RangeDescriptor] = (),
+        map_version: int = 0,
+        message: str = "",
+    ) -> None:
+        super().__init__(
+            message or f"key {key!r} is in no range of this node",
+            ranges=ranges,
+            map_version=map_version,
+        )
+        self.key = key
+
+
+class EpochNotMatchError(RangeError):
+    """A request named range ``range_id`` with an epoch that is no longer current.
+
+    Attributes:
+        range_id: the range the request named.
+        epoch: the ``(conf_ver, version)`` the request carried.
+    """
+
+    def __init__(
+        self,
+        range_id: int,
+        epoch: tuple[int, int],
+        *,
+        ranges: Sequence[RangeDescriptor] = (),
+        map_version: int = 0,
+    ) -> None:
+        cur = next((r for r in ranges if r.range_id == range_id), None)
+        now = f"{tuple(cur.epoch)}" if cur is not None else "gone"
+        super().__init__(
+            f"range {range_id} epoch {tuple(epoch)} is stale (now {now}); refresh the range map",
+            ranges=ranges,
+            map_version=map_version,
+        )
+        self.range_id = range_id
+        self.epoch = epoch
+
+
 __all__ = [
     "BadInputError",
     "BulkheadFullError",
@@ -184,6 +259,8 @@ __all__ = [
     "ConflictError",
     "ConnectError",
     "DsysError",
+    "EpochNotMatchError",
+    "KeyNotInRangeError",
     "LocalProtocolError",
     "NoHealthyBackendError",
     "NotFoundError",
@@ -192,6 +269,7 @@ __all__ = [
     "ProposalDroppedError",
     "ProtocolError",
     "RaftError",
+    "RangeError",
     "RateLimitedError",
     "RemoteProtocolError",
     "RequestTimeout",

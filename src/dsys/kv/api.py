@@ -21,6 +21,8 @@ read of a missing key  404 ``{"error": "not_found"}``               ``"not_found
 a page of a scan       200 ``[{"key", "revision"}, ...]`` + ``Link:    ``"ok"`` + ``items``,
                        <...&after=K>; rel="next"`` if there is more  ``more``, ``next``
 not the leader         307 + ``Location`` (503 if none is known)    ``"not_leader"``
+wrong range (multi)    421 ``{"error": "key_not_in_range" or         ``"wrong_range"``
+                       "epoch_not_match", "ranges", "map_version"}``
 bad input              400 (or the error's ``status_hint``)         ``"bad_request"``
 conflict error         409                                          ``"bad_request"``
 unavailable            503 + ``Retry-After`` when known             ``"unavailable"``
@@ -42,7 +44,9 @@ from dsys.errors import (
     BadInputError,
     ConflictError,
     DsysError,
+    EpochNotMatchError,
     NotLeaderError,
+    RangeError,
     RemoteProtocolError,
     RequestTimeout,
     UnavailableError,
@@ -250,6 +254,8 @@ def error_answer(exc: BaseException, target: bytes, leader_url: str | None) -> A
         leader_url: the leader's base URL (``http://host:port``) when ``exc`` is a
             :class:`~dsys.errors.NotLeaderError` and the leader is known.
     """
+    if isinstance(exc, RangeError):
+        return range_error_answer(exc)
     if isinstance(exc, NotLeaderError):
         if leader_url:
             location = leader_url.rstrip("/").encode() + target
@@ -280,6 +286,68 @@ def error_answer(exc: BaseException, target: bytes, leader_url: str | None) -> A
     return Answer(500, TEXT, body, close=True)
 
 
+def range_error_answer(exc: RangeError) -> Answer:
+    """421 Misdirected Request naming the ranges the node knows, so the client refreshes
+    its range map and retries (``error`` says which: a key in no local range, or a stale
+    epoch)."""
+    kind = "epoch_not_match" if isinstance(exc, EpochNotMatchError) else "key_not_in_range"
+    return _error(
+        421,
+        kind,
+        str(exc),
+        ranges=[r.to_plain() for r in exc.ranges],
+        map_version=exc.map_version,
+    )
+
+
+def ws_write_command(op: object, req: dict[str, Any], now_ms: int) -> Put | Delete:
+    """The command of a WebSocket ``put``/``del`` request, stamped with ``now_ms``.
+
+    Raises:
+        BadInputError: a field is missing or of the wrong type.
+    """
+    key = validate_key(req.get("key"))
+    if_revision = req.get("if_revision")
+    # exact types (a bool is not an integer here): the leader applies this very
+    # command, followers what decoding its bytes gives, and the two must agree
+    if if_revision is not None and (type(if_revision) is not int or if_revision < 0):
+        raise BadInputError("if_revision must be a non-negative integer")
+    cid, seq = req.get("cid", ""), req.get("seq", 0)
+    if type(cid) is not str or type(seq) is not int or len(cid) > MAX_CLIENT_ID:
+        raise BadInputError("cid must be a short string and seq an integer")
+    if op == "put":
+        value, ttl = req.get("value"), req.get("ttl_ms", 0)
+        if type(value) is not bytes or len(value) > MAX_VALUE_BYTES:
+            raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
+        if type(ttl) is not int or ttl < 0:
+            raise BadInputError("ttl_ms must be a non-negative integer")
+        return Put(
+            key=key,
+            value=value,
+            if_revision=if_revision,
+            ttl_ms=ttl,
+            now_ms=now_ms,
+            client_id=cid,
+            seq=seq,
+        )
+    if op != "del":
+        raise BadInputError(f"unknown write op {op!r}")
+    return Delete(key=key, if_revision=if_revision, now_ms=now_ms, client_id=cid, seq=seq)
+
+
+def ws_range_answer(rid: int, exc: RangeError) -> dict[str, Any]:
+    """The WebSocket answer to a request that reached the wrong range (multi-Raft)."""
+    kind = "epoch_not_match" if isinstance(exc, EpochNotMatchError) else "key_not_in_range"
+    return {
+        "id": rid,
+        "status": "wrong_range",
+        "error": kind,
+        "message": str(exc),
+        "ranges": [r.to_plain() for r in exc.ranges],
+        "map_version": exc.map_version,
+    }
+
+
 def ws_write_answer(rid: int, result: Result) -> dict[str, Any]:
     """The WebSocket answer to put/del request ``rid`` whose command was applied."""
     return {
@@ -298,6 +366,8 @@ def ws_error_status(exc: BaseException) -> str:
     """
     if isinstance(exc, NotLeaderError):
         return "not_leader"
+    if isinstance(exc, RangeError):
+        return "wrong_range"
     if isinstance(exc, (BadInputError, ConflictError)):
         return "bad_request"
     return "unavailable"
@@ -315,6 +385,7 @@ __all__ = [
     "error_answer",
     "json_body",
     "opt_int",
+    "range_error_answer",
     "read_answer",
     "retry_after",
     "scan_answer",
@@ -323,6 +394,8 @@ __all__ = [
     "session_fields",
     "write_answer",
     "ws_error_status",
+    "ws_range_answer",
     "ws_scan_answer",
     "ws_write_answer",
+    "ws_write_command",
 ]

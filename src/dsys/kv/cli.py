@@ -10,6 +10,9 @@
     dsys kv del KEY --cluster ...
     dsys kv status --cluster ...
     dsys kv watch PREFIX [--start-revision R] --cluster ...   # one JSON line per change
+    dsys kv multi-serve --id n1 --listen ... --peer ... --data-dir ./n1   # multi-Raft node
+    dsys kv ranges --cluster ...              # the range map of a multi-Raft cluster
+    dsys kv split RANGE_ID KEY --cluster ...  # split a range (multi-Raft)
 """
 
 from __future__ import annotations
@@ -90,6 +93,63 @@ def register(subparsers: Any) -> None:
         help="serve the HTTP API through aiohttp only (no protocol-level fast path)",
     )
     serve.set_defaults(func=_serve)
+
+    multi = verbs.add_parser(
+        "multi-serve",
+        help="run one node of the multi-Raft KV (many ranges, one Raft group each)",
+        description="Run one node of the multi-Raft KV: a replica of the metadata range and "
+        "of every data range, one WAL directory per range under --data-dir, one peer "
+        "connection per other node for all ranges, the /v1/kv and /v1/ranges HTTP API.",
+    )
+    multi.add_argument("--id", required=True, help="this node's id, e.g. n1")
+    multi.add_argument("--listen", default="127.0.0.1:7101", help="HOST:PORT to serve on")
+    multi.add_argument(
+        "--peer", action="append", default=[], metavar="ID=HOST:PORT", help="another node"
+    )
+    multi.add_argument("--data-dir", required=True, help="directory of the ranges' WALs")
+    multi.add_argument(
+        "--fsync", choices=("always", "none"), default="always", help="none is UNSAFE"
+    )
+    multi.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
+    multi.add_argument("--tick", type=float, default=0.03, help="seconds per Raft tick")
+    multi.add_argument("--election-tick", type=int, default=10, help="ticks before an election")
+    multi.add_argument(
+        "--snapshot-every", type=int, default=10_000, help="applied entries between snapshots"
+    )
+    multi.add_argument(
+        "--balance-interval",
+        type=float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between leader-balancing checks (0 = no balancing)",
+    )
+    multi.add_argument(
+        "--split-keys",
+        type=int,
+        default=0,
+        metavar="N",
+        help="split a range at its middle key once it holds N keys (0 = manual splits only)",
+    )
+    multi.set_defaults(func=_multi_serve)
+
+    for name, help_text in (
+        ("ranges", "print the range map of a multi-Raft cluster, with each range's leader"),
+        ("split", "split a range of a multi-Raft cluster at a key"),
+    ):
+        p = verbs.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
+        p.add_argument(
+            "--cluster",
+            default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
+            help="comma-separated HOST:PORT list of nodes",
+        )
+        p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
+        if name == "ranges":
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        else:
+            p.add_argument("range_id", type=int, help="the range to split")
+            p.add_argument("key", help="first key of the new (right) range")
+            p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
+        p.set_defaults(func=_ranges_command, command=name)
 
     member = verbs.add_parser(
         "member",
@@ -209,6 +269,82 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return asyncio.run(serve(config))
+
+
+def _multi_serve(args: argparse.Namespace) -> int:
+    from dsys.kv.multi import MultiConfig, serve_multi
+
+    host, port = parse_listen(args.listen, default_port=7101)
+    config = MultiConfig(
+        id=args.id,
+        host=host,
+        port=port,
+        peers=parse_peers(args.peer),
+        data_dir=args.data_dir,
+        fsync=args.fsync == "always",
+        token=args.token,
+        tick_interval=args.tick,
+        election_tick=args.election_tick,
+        snapshot_every=args.snapshot_every,
+        balance_interval=args.balance_interval or None,
+        split_keys=args.split_keys or None,
+    )
+    return asyncio.run(serve_multi(config))
+
+
+def _ranges_command(args: argparse.Namespace) -> int:
+    return asyncio.run(_ranges_async(args))
+
+
+async def _ranges_async(args: argparse.Namespace) -> int:
+    from dsys.kv.sharded import ShardedKVClient
+
+    endpoints = [e for e in args.cluster.split(",") if e.strip()]
+    async with ShardedKVClient(
+        endpoints, timeout=args.timeout, token=getattr(args, "token", None)
+    ) as kv:
+        if args.command == "split":
+            left, right = await kv.split(args.range_id, args.key)
+            print(json.dumps({"left": left.to_plain(), "right": right.to_plain()}))
+            return 0
+        m = await kv.refresh()
+        leaders = await kv.range_leaders()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "version": m.version,
+                        "ranges": [
+                            {**_range_row(r.to_plain()), "leader": leaders.get(r.range_id)}
+                            for r in m
+                        ],
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        print(f"range map version {m.version}, {len(m)} ranges")
+        print(f"{'RANGE':>5}  {'START':<16} {'END':<16} {'EPOCH':<9} {'REPLICAS':<16} LEADER")
+        for r in m:
+            end = "+inf" if r.end is None else repr(r.end)
+            epoch = f"{r.epoch.conf_ver},{r.epoch.version}"
+            print(
+                f"{r.range_id:>5}  {r.start!r:<16} {end:<16} {epoch:<9} "
+                f"{','.join(r.replicas):<16} {leaders.get(r.range_id) or '-'}"
+            )
+        return 0
+
+
+def _range_row(plain: list[Any]) -> dict[str, Any]:
+    rid, start, end, conf_ver, version, replicas = plain
+    return {
+        "range_id": rid,
+        "start": start,
+        "end": end,
+        "conf_ver": conf_ver,
+        "version": version,
+        "replicas": replicas,
+    }
 
 
 def _cluster(args: argparse.Namespace) -> int:

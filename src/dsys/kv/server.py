@@ -63,7 +63,6 @@ from dsys.errors import (
     UnavailableError,
 )
 from dsys.kv.api import (
-    MAX_CLIENT_ID,
     MAX_SCAN_LIMIT,  # noqa: F401 - re-exported (it was defined here)
     MAX_VALUE_BYTES,
     Answer,
@@ -79,6 +78,7 @@ from dsys.kv.api import (
     ws_error_status,
     ws_scan_answer,
     ws_write_answer,
+    ws_write_command,
 )
 from dsys.kv.fastpath import KVFastPath, start_fast_site
 from dsys.kv.fsm import (
@@ -790,31 +790,7 @@ class KVServer:
     @staticmethod
     def _ws_write_cmd(op: object, req: dict[str, Any]) -> Put | Delete:
         """The command of a WebSocket put/del request (BadInputError if malformed)."""
-        key = validate_key(req.get("key"))
-        if_revision = req.get("if_revision")
-        # exact types (a bool is not an integer here): the leader applies this very
-        # command, followers what decoding its bytes gives, and the two must agree
-        if if_revision is not None and (type(if_revision) is not int or if_revision < 0):
-            raise BadInputError("if_revision must be a non-negative integer")
-        cid, seq = req.get("cid", ""), req.get("seq", 0)
-        if type(cid) is not str or type(seq) is not int or len(cid) > MAX_CLIENT_ID:
-            raise BadInputError("cid must be a short string and seq an integer")
-        if op == "put":
-            value, ttl = req.get("value"), req.get("ttl_ms", 0)
-            if type(value) is not bytes or len(value) > MAX_VALUE_BYTES:
-                raise BadInputError(f"value must be bytes of at most {MAX_VALUE_BYTES}")
-            if type(ttl) is not int or ttl < 0:
-                raise BadInputError("ttl_ms must be a non-negative integer")
-            return Put(
-                key=key,
-                value=value,
-                if_revision=if_revision,
-                ttl_ms=ttl,
-                now_ms=_now_ms(),
-                client_id=cid,
-                seq=seq,
-            )
-        return Delete(key=key, if_revision=if_revision, now_ms=_now_ms(), client_id=cid, seq=seq)
+        return ws_write_command(op, req, _now_ms())
 
 
 @dataclass(slots=True)

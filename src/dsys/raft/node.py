@@ -284,6 +284,11 @@ class NodeConfig:
         proposal_batch_bytes: most command bytes in one BATCH entry.
         proposal_timeout: seconds a proposal waits for its entry to commit before its
             caller gets ``TimeoutError`` (the entry may still commit afterwards).
+        rng_seed: seed of the core's election-timeout randomness (None: from the id);
+            a process running many groups gives each its own, so their timeouts differ.
+        external_ticks: no tick timer of its own; the owner calls :meth:`RaftNode.tick`
+            (a multi-Raft host ticks all its groups at once, so their heartbeats leave
+            together in one frame per peer).
     """
 
     id: NodeId
@@ -301,6 +306,8 @@ class NodeConfig:
     proposal_batch: int = 256
     proposal_batch_bytes: int = 1024 * 1024
     proposal_timeout: float = 5.0
+    rng_seed: int | None = None
+    external_ticks: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -578,6 +585,9 @@ class RaftNode:
         snapshots: the snapshot store.
         fsm: the state machine committed commands are applied to.
         metrics: where to register ``dsys_raft_*`` metrics (a new registry by default).
+        transport: what sends our messages (default: a :class:`PeerTransport` of our
+            own); a multi-Raft host passes one that shares a connection per peer process
+            among its groups, and hands inbound messages to :meth:`deliver`.
     """
 
     def __init__(
@@ -589,6 +599,7 @@ class RaftNode:
         snapshots: SnapshotStore,
         fsm: StateMachine,
         metrics: Metrics | None = None,
+        transport: PeerTransport | None = None,
     ) -> None:
         self.config = config
         self.id = config.id
@@ -599,7 +610,7 @@ class RaftNode:
         self._apply_decoded: Callable[[Any], object] | None = getattr(fsm, "apply_command", None)
         self.metrics = metrics or Metrics("raft")
         self.log = get_logger("raft.node", node_id=config.id)
-        self.transport = PeerTransport(
+        self.transport = transport or PeerTransport(
             config.id,
             config.peers,
             token=config.token,
@@ -700,6 +711,7 @@ class RaftNode:
             snapshot=snap,
             entries=entries,
             applied=applied,
+            rng_seed=self.config.rng_seed,
         )
 
     # -- lifecycle --------------------------------------------------------------------
@@ -707,7 +719,8 @@ class RaftNode:
     async def start(self) -> RaftNode:
         """Start the transport, the tick timer and the main loop."""
         await self.transport.start()
-        self._tasks.append(asyncio.create_task(self._ticker()))
+        if not self.config.external_ticks:
+            self._tasks.append(asyncio.create_task(self._ticker()))
         self._run_task = asyncio.create_task(self._run())
         self._tasks.append(self._run_task)
         return self
@@ -1053,6 +1066,18 @@ class RaftNode:
         """Most peer messages queued for the Raft loop; more are dropped (Raft resends)."""
         return 4 * self.config.peer_queue
 
+    def deliver(self, msgs: list[Message]) -> bool:
+        """Queue checked inbound messages for the loop (a shared transport's receive side).
+
+        Returns False (and drops them; Raft resends) when closed or the inbox is full.
+        """
+        if self._closed or len(self._inbox) >= self._inbox_limit:
+            self.transport.dropped += len(msgs)
+            return False
+        self._inbox.extend(msgs)
+        self._wake.set()
+        return True
+
     async def _close_streams(self, app: web.Application | None = None) -> None:
         """Close the inbound peer WebSockets (on shutdown, so handlers need not time out)."""
         streams = list(self._streams)
@@ -1105,6 +1130,11 @@ class RaftNode:
         app.on_shutdown.append(self._close_streams)
 
     # -- loop -------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """One Raft tick, from the owner's timer (with ``NodeConfig.external_ticks``)."""
+        self._ticks += 1
+        self._wake.set()
 
     async def _ticker(self) -> None:
         interval = self.config.tick_interval

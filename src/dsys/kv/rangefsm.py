@@ -1,0 +1,315 @@
+"""State machines of multi-Raft ranges (pure: no I/O, no clock, no asyncio).
+
+Theory of operation
+-------------------
+A data range's replicas apply the KV commands of :mod:`dsys.kv.fsm` through a
+:class:`RangeStateMachine`, a :class:`~dsys.kv.fsm.KVStateMachine` that also knows its
+:class:`~dsys.kv.ranges.RangeDescriptor`:
+
+* A put or delete of a key outside the descriptor is refused *at apply time* with status
+  ``"key_not_in_range"`` (the server turns it into
+  :class:`~dsys.errors.KeyNotInRangeError`). The server checks the owner before it
+  proposes too, but a split may commit between the proposal and its entry; refusing in
+  the log makes the outcome the same on every replica.
+* A :class:`Split` is a command in the range's own log. Applying it at index *i* (the
+  same on every replica) cuts the state in two: keys ``>= at`` leave this range, which
+  keeps ``[start, at)``; the descriptor's ``version`` bumps. The right half becomes the
+  initial state (a snapshot) of the new range, handed to ``on_split`` so the host starts
+  the new Raft group from it on the same replicas. The new range starts with the parent's
+  revision counter, replicated clock and exactly-once sessions, so a key's revisions keep
+  growing and a retried write that committed before the split answers its first result.
+  A split with a stale ``version`` or a key not strictly inside is a replicated no-op.
+
+The metadata range (range 0) applies :class:`MetaStateMachine` commands: the
+:class:`~dsys.kv.ranges.RangeMap` of every range (updated from the ranges' own reports,
+which :meth:`~dsys.kv.ranges.RangeMap.apply_report` guards by epoch) and the allocator
+of range ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sortedcontainers import SortedDict
+
+from dsys.codec import decode, encode
+from dsys.errors import RemoteProtocolError
+from dsys.kv.fsm import SNAPSHOT_MAX_BYTES, KVStateMachine, Result, Sessions
+from dsys.kv.ranges import FIRST_RANGE_ID, RangeDescriptor, RangeMap, split_descriptor
+
+_SPLIT = 10
+_REPORT = 20
+_ALLOC = 21
+
+SPLIT_INIT_INDEX = 5
+"""Log index (and term) at which a range made by a split starts on every replica.
+
+As TiKV's ``RAFT_INIT_LOG_INDEX``: every replica of the new range starts from the same
+snapshot at this index, so their logs agree from the first entry on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Split the range at ``at_key`` into a new range ``new_range_id`` (the right half),
+    if its epoch ``version`` is still ``expect_version``."""
+
+    at_key: str
+    new_range_id: int
+    expect_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class SplitResult:
+    """The outcome of a :class:`Split` (``left``/``right`` set when ``ok``).
+
+    Attributes:
+        ok: the range was split.
+        status: ``"ok"``, ``"epoch_not_match"`` or ``"bad_split"`` (key not inside, id
+            in use).
+        left: this range after the split.
+        right: the new range.
+    """
+
+    ok: bool
+    status: str
+    left: RangeDescriptor | None = None
+    right: RangeDescriptor | None = None
+
+
+def encode_split(cmd: Split) -> bytes:
+    """The log entry data of a split."""
+    return encode([_SPLIT, cmd.at_key, cmd.new_range_id, cmd.expect_version])
+
+
+def _decode_split(data: bytes) -> Split | None:
+    try:
+        v = decode(data)
+    except RemoteProtocolError:
+        return None
+    if (
+        isinstance(v, list)
+        and len(v) == 4
+        and type(v[1]) is str
+        and type(v[2]) is int
+        and type(v[3]) is int
+    ):
+        return Split(v[1], v[2], v[3])
+    return None
+
+
+SplitHook = Callable[[RangeDescriptor, RangeDescriptor, bytes], None]
+"""``on_split(left, right, right_snapshot)``: called when a split was applied."""
+
+
+class RangeStateMachine(KVStateMachine):
+    """A :class:`~dsys.kv.fsm.KVStateMachine` holding only the keys of one range.
+
+    Args:
+        desc: the range's descriptor (a restored snapshot replaces it).
+        initialized: False for a replica created empty, waiting for its first snapshot
+            from the range's leader (its ``desc`` is a placeholder until then).
+        **kw: passed to :class:`~dsys.kv.fsm.KVStateMachine`.
+    """
+
+    def __init__(self, desc: RangeDescriptor, *, initialized: bool = True, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.desc = desc
+        self.initialized = initialized
+        """Whether ``desc`` is real (the state came from a split or a snapshot)."""
+        self.on_split: SplitHook | None = None
+        """Set by the host: start the new range's group from the right half's snapshot."""
+        self._kw = kw
+
+    def split_key(self) -> str | None:
+        """A key to split this range at so both halves hold about half of its keys
+        (None when it holds fewer than two keys)."""
+        keys = self._data.keys()
+        if len(keys) < 2:
+            return None
+        at: str = keys[len(keys) // 2]
+        return at if at > self.desc.start else None
+
+    # -- commands ---------------------------------------------------------------------
+
+    def apply(self, data: bytes) -> Any:
+        """Apply one committed command: a KV command or a :class:`Split`."""
+        # a split is a 4-element msgpack list starting with 10; a KV command never is
+        if len(data) > 2 and data[0] == 0x94 and data[1] == _SPLIT:
+            cmd = _decode_split(data)
+            if cmd is None:
+                return Result(ok=False, revision=self.revision, status="invalid")
+            return self.apply_split(cmd)
+        return super().apply(data)
+
+    def _apply_put(
+        self,
+        key: str,
+        value: bytes,
+        if_revision: int | None,
+        ttl_ms: int,
+        now_ms: int,
+        client_id: str,
+        seq: int,
+    ) -> Result:
+        if not self.desc.contains(key):
+            return Result(ok=False, revision=self.revision, status="key_not_in_range")
+        return super()._apply_put(key, value, if_revision, ttl_ms, now_ms, client_id, seq)
+
+    def _delete(self, cmd: Any) -> Result:
+        if not self.desc.contains(cmd.key):
+            return Result(ok=False, revision=self.revision, status="key_not_in_range")
+        return super()._delete(cmd)
+
+    def apply_split(self, cmd: Split) -> SplitResult:
+        """Apply a split (see the module docstring); deterministic on every replica."""
+        desc = self.desc
+        if cmd.expect_version != desc.epoch.version:
+            return SplitResult(False, "epoch_not_match", desc)
+        at = cmd.at_key
+        if (
+            not (desc.start < at and (desc.end is None or at < desc.end))
+            or cmd.new_range_id == desc.range_id
+        ):
+            return SplitResult(False, "bad_split", desc)
+        left, right = split_descriptor(desc, at, cmd.new_range_id)
+        child = RangeStateMachine(right, **self._kw)
+        moved = list(self._data.irange(minimum=at))
+        child_data: SortedDict = SortedDict()
+        for key in moved:
+            kv = self._data.pop(key)
+            child_data[key] = kv
+            if kv.expires_ms:
+                self._ttl.pop((kv.expires_ms, key), None)
+                child._ttl[(kv.expires_ms, key)] = None
+        child._data = child_data
+        child.revision = self.revision
+        child.clock_ms = self.clock_ms
+        child.compacted_revision = self.revision
+        child.sessions = Sessions(
+            max_clients=self.sessions.max_clients, per_client=self.sessions.per_client
+        )
+        child.sessions.load_plain(self.sessions.to_plain())
+        self.desc = left
+        if self.on_split is not None:
+            self.on_split(left, right, child.snapshot())
+        return SplitResult(True, "ok", left, right)
+
+    # -- snapshots --------------------------------------------------------------------
+
+    def snapshot(self) -> bytes:
+        """The KV snapshot with the descriptor in front."""
+        return encode([self.desc.to_plain(), super().snapshot()], max_size=SNAPSHOT_MAX_BYTES)
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state (and the descriptor) by a :meth:`snapshot`.
+
+        Raises:
+            RemoteProtocolError: the snapshot is malformed.
+        """
+        v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
+        if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes:
+            raise RemoteProtocolError("malformed range snapshot")
+        desc = RangeDescriptor.from_plain(v[0])
+        super().restore(v[1])
+        self.desc = desc
+        self.initialized = True
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Descriptors a range reports after it changed itself (e.g. both halves of a split)."""
+
+    ranges: tuple[RangeDescriptor, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AllocId:
+    """Allocate a new, never used range id (the command's result)."""
+
+
+def encode_meta(cmd: Report | AllocId) -> bytes:
+    """The log entry data of a metadata command."""
+    if isinstance(cmd, AllocId):
+        return encode([_ALLOC])
+    return encode([_REPORT, [r.to_plain() for r in cmd.ranges]])
+
+
+class MetaStateMachine:
+    """The metadata range's state: the range map and the range-id allocator.
+
+    Args:
+        replicas: replicas of the first range of a new cluster.
+    """
+
+    def __init__(self, replicas: tuple[str, ...]) -> None:
+        self.map = RangeMap(replicas=replicas)
+        self.next_id = FIRST_RANGE_ID + 1
+
+    def apply(self, data: bytes) -> object:
+        """Apply a :class:`Report` (returns whether the map changed) or an
+        :class:`AllocId` (returns the id); anything else is a no-op returning None."""
+        try:
+            v = decode(data)
+        except RemoteProtocolError:
+            return None
+        if isinstance(v, list) and v == [_ALLOC]:
+            rid = self.next_id
+            self.next_id += 1
+            return rid
+        if isinstance(v, list) and len(v) == 2 and v[0] == _REPORT and isinstance(v[1], list):
+            try:
+                descs = [RangeDescriptor.from_plain(r) for r in v[1]]
+            except RemoteProtocolError:
+                return False
+            changed = False
+            # each contiguous run is applied on its own (a node reports all its ranges)
+            for run in contiguous_runs(descs):
+                changed = self.map.apply_report(run) or changed
+            for d in descs:  # ids in use are never allocated again
+                self.next_id = max(self.next_id, d.range_id + 1)
+            return changed
+        return None
+
+    def snapshot(self) -> bytes:
+        """The map and the allocator as msgpack."""
+        return encode({"map": self.map.to_plain(), "next_id": self.next_id})
+
+    def restore(self, data: bytes) -> None:
+        """Replace the state by a :meth:`snapshot`.
+
+        Raises:
+            RemoteProtocolError: malformed.
+        """
+        v = decode(data)
+        if not isinstance(v, dict) or type(v.get("next_id")) is not int:
+            raise RemoteProtocolError("malformed metadata snapshot")
+        self.map = RangeMap.from_plain(v.get("map"))
+        self.next_id = v["next_id"]
+
+
+def contiguous_runs(descs: list[RangeDescriptor]) -> list[list[RangeDescriptor]]:
+    """``descs`` sorted by start and cut where one does not end where the next starts."""
+    out: list[list[RangeDescriptor]] = []
+    for d in sorted(descs, key=lambda d: d.start):
+        if out and out[-1][-1].end == d.start:
+            out[-1].append(d)
+        else:
+            out.append([d])
+    return out
+
+
+__all__ = [
+    "SPLIT_INIT_INDEX",
+    "AllocId",
+    "MetaStateMachine",
+    "RangeStateMachine",
+    "Report",
+    "Split",
+    "SplitHook",
+    "SplitResult",
+    "contiguous_runs",
+    "encode_meta",
+    "encode_split",
+]
