@@ -118,6 +118,7 @@ from dsys.raft.node import (
     check_message,
     from_wire,
     to_wire,
+    token_ok,
 )
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
@@ -1071,7 +1072,7 @@ class MultiRaftServer:
     async def handle_split(self, request: web.Request) -> web.Response:
         """``POST /v1/ranges/{id}/split?at=KEY`` on the range's leader: both halves."""
         token = self.config.token
-        if token and request.headers.get(TOKEN_HEADER) != token:
+        if not token_ok(request.headers.get(TOKEN_HEADER), token):
             raise web.HTTPForbidden(text="admin endpoints need the cluster token")
         rid = _range_id(request.match_info["id"])
         at = validate_key(request.query.get("at", ""))
@@ -1124,7 +1125,7 @@ class MultiRaftServer:
     async def handle_meta(self, request: web.Request) -> web.Response:
         """``POST /v1/ranges/meta`` (between nodes): run a metadata op on its leader."""
         token = self.config.token
-        if token and request.headers.get(TOKEN_HEADER) != token:
+        if not token_ok(request.headers.get(TOKEN_HEADER), token):
             raise web.HTTPForbidden(text="missing or wrong cluster token")
         try:
             body = await request.json()
@@ -1239,7 +1240,7 @@ class MultiRaftServer:
         this node does not run (yet) are dropped (Raft resends).
         """
         token = self.config.token
-        if token and request.headers.get(TOKEN_HEADER) != token:
+        if not token_ok(request.headers.get(TOKEN_HEADER), token):
             raise web.HTTPForbidden(text="missing or wrong cluster token")
         src = request.headers.get(FROM_HEADER, "")
         if src not in self.config.peers:

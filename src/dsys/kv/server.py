@@ -109,6 +109,7 @@ from dsys.raft.node import (
     NodeConfig,
     RaftNode,
     serve_replica,
+    token_ok,
 )
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
@@ -515,7 +516,7 @@ class KVServer:
 
     def _check_admin(self, request: web.Request) -> None:
         token = self.config.token
-        if token and request.headers.get(TOKEN_HEADER) != token:
+        if not token_ok(request.headers.get(TOKEN_HEADER), token):
             raise web.HTTPForbidden(text="admin endpoints need the cluster token")
 
     def _members_view(self) -> dict[str, Any]:

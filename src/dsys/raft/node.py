@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import signal
 import time
 from collections import deque
@@ -91,6 +92,16 @@ STREAM_PATH = "/raft/v1/stream"
 
 TOKEN_HEADER = "X-Dsys-Cluster-Token"
 FROM_HEADER = "X-Dsys-From"
+
+
+def token_ok(given: str | None, token: str | None) -> bool:
+    """Whether a request's cluster token is acceptable: no token configured, or an equal
+    one (compared in constant time, so timing does not leak how much of it matched)."""
+    if not token:
+        return True
+    return given is not None and hmac.compare_digest(given.encode(), token.encode())
+
+
 REPLY_WAIT = 1.0
 """Seconds a peer request waits for our answers to ride back on its response."""
 
@@ -991,7 +1002,7 @@ class RaftNode:
     def _check_peer(self, request: web.Request) -> NodeId:
         """The sending peer's id, once its token and id check out (403 otherwise)."""
         token = self.config.token
-        if token and request.headers.get(TOKEN_HEADER) != token:
+        if not token_ok(request.headers.get(TOKEN_HEADER), token):
             raise web.HTTPForbidden(text="missing or wrong cluster token")
         src = request.headers.get(FROM_HEADER, "")
         if src not in self.transport.peers:
