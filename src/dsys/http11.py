@@ -125,18 +125,7 @@ class InformationalResponse(NamedTuple):
     raw: bytes
 
 
-class _ResponseHead(NamedTuple):
-    status: int
-    reason: bytes
-    version: bytes
-    content_length: int | None
-    body: str
-    keep_alive: bool
-    connection: frozenset[bytes]
-    raw: bytes
-
-
-class Response(_ResponseHead):
+class Response(NamedTuple):
     """A final response head (status 200 to 599).
 
     Attributes:
@@ -152,7 +141,14 @@ class Response(_ResponseHead):
         raw: the head's bytes as received (validated field by field).
     """
 
-    __slots__ = ()
+    status: int
+    reason: bytes
+    version: bytes
+    content_length: int | None
+    body: str
+    keep_alive: bool
+    connection: frozenset[bytes]
+    raw: bytes
 
     @property
     def headers(self) -> tuple[Header, ...]:
