@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 
+from dsys.testing import procs
 from dsys.testing.procs import _first_line, free_port, start_dsys, wait_port
 
 
@@ -45,3 +46,10 @@ def test_only_the_first_line_names_the_address() -> None:
     finally:
         assert proc.stdout is not None
         proc.stdout.close()
+
+
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    """An outgoing connection's source port cannot take a port handed out but not yet bound."""
+    ports = [free_port() for _ in range(200)]
+    assert len(set(ports)) == 200
+    assert all(1024 <= p < procs._ephemeral_low() for p in ports)

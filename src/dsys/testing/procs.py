@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import select
 import socket
@@ -36,11 +37,44 @@ LOOPBACK = "127.0.0.1"
 _PORT_AT_END = re.compile(rb":(\d+)\s*$")
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux), or 32768."""
+    with (
+        contextlib.suppress(OSError, ValueError),
+        open("/proc/sys/net/ipv4/ip_local_port_range") as f,
+    ):
+        return int(f.read().split()[0])
+    return 32768
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that was free on ``host`` a moment ago (for servers that need one given)."""
-    with socket.socket() as s:
+    """A TCP port that was free on ``host`` a moment ago (for servers that need one given).
+
+    Chosen below the kernel's ephemeral range, so the source port of some outgoing
+    connection cannot take it between now and the server's bind (with many ports handed
+    out before their servers start, that happened: "address already in use"), and never
+    the same port twice in one process.
+    """
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 20_000), low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    with socket.socket() as s:  # a crowded range: let the kernel choose
         s.bind((host, 0))
-        return int(s.getsockname()[1])
+        port = int(s.getsockname()[1])
+    _HANDED_OUT.add(port)
+    return port
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
