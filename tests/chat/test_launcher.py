@@ -9,6 +9,7 @@ import pytest
 from examples.chat.cluster import REPO
 
 
+@pytest.mark.slow  # make demo's test runs the chat transcript too; this adds -m (14 s)
 @pytest.mark.timeout(120)
 def test_launcher_runs_the_transcript_and_stops_everything() -> None:
     out = subprocess.run(

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # make demo's test runs the shop too; this adds the -m entry (18 s)
 def test_python_m_examples_shop_runs_a_visit_and_stops() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "examples.shop", "--seconds", "1", "--kv-nodes", "1",
