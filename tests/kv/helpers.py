@@ -5,18 +5,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
+from dsys.errors import ConflictError, DsysError
 from dsys.kv.server import KVServer, ServerConfig
+from dsys.kv.sharded import ShardedKVClient
+from dsys.testing.linearizability import History
 
 
 def free_ports(n: int) -> list[int]:
@@ -150,3 +154,48 @@ async def wait_proc_leader(procs: Sequence[Proc], limit_s: float = 20.0) -> Proc
                 return p
         await asyncio.sleep(0.05)
     raise AssertionError("no leader among the processes in time")
+
+
+async def sharded_register_client(
+    addrs: list[str],
+    cid: int,
+    keys: list[str],
+    history: History,
+    values: Iterator[int],
+    stop: asyncio.Event,
+) -> None:
+    """One Jepsen-style client of a multi-Raft cluster: random puts, gets and CAS on
+    ``keys`` through a ``ShardedKVClient``, each recorded in ``history``, until ``stop``."""
+    rng = random.Random(cid)
+    async with ShardedKVClient(addrs, timeout=3.0, request_timeout=1.0) as kv:
+        while not stop.is_set():
+            key = rng.choice(keys)
+            if rng.random() < 0.5:
+                v = next(values)
+                op = history.invoke(cid, ("put", key, v))
+                try:
+                    await kv.put(key, str(v).encode())
+                except DsysError:
+                    history.info(op)
+                else:
+                    history.ok(op, None)
+                continue
+            op = history.invoke(cid, ("get", key))
+            try:
+                got = await kv.get(key)
+            except DsysError:
+                history.fail(op)
+                continue
+            seen = None if got is None else int(got.value)
+            history.ok(op, seen)
+            if rng.random() < 0.3:
+                v = next(values)
+                op = history.invoke(cid, ("cas", key, seen, v))
+                try:
+                    await kv.cas(key, str(v).encode(), revision=got.revision if got else 0)
+                except ConflictError:
+                    history.ok(op, False)
+                except DsysError:
+                    history.info(op)
+                else:
+                    history.ok(op, True)

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import random
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -16,12 +15,12 @@ import aiohttp
 import msgpack
 import pytest
 
-from dsys.errors import BadInputError, ConflictError, DsysError
+from dsys.errors import BadInputError
 from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports
+from .helpers import free_ports, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int]) -> list[MultiConfig]:
@@ -308,39 +307,7 @@ async def _linearizable_run(servers: list[MultiRaftServer], tmp: Path, seconds: 
         await admin.split((await admin.locate("k6")).range_id, "k6")
 
     async def client(cid: int) -> None:
-        rng = random.Random(cid)
-        async with ShardedKVClient(addrs, timeout=3.0, request_timeout=1.0) as kv:
-            while not stop.is_set():
-                key = rng.choice(keys)
-                if rng.random() < 0.5:
-                    v = next(values)
-                    op = history.invoke(cid, ("put", key, v))
-                    try:
-                        await kv.put(key, str(v).encode())
-                    except DsysError:
-                        history.info(op)
-                    else:
-                        history.ok(op, None)
-                    continue
-                op = history.invoke(cid, ("get", key))
-                try:
-                    got = await kv.get(key)
-                except DsysError:
-                    history.fail(op)
-                    continue
-                seen = None if got is None else int(got.value)
-                history.ok(op, seen)
-                if rng.random() < 0.3:
-                    v = next(values)
-                    op = history.invoke(cid, ("cas", key, seen, v))
-                    try:
-                        await kv.cas(key, str(v).encode(), revision=got.revision if got else 0)
-                    except ConflictError:
-                        history.ok(op, False)
-                    except DsysError:
-                        history.info(op)
-                    else:
-                        history.ok(op, True)
+        await sharded_register_client(addrs, cid, keys, history, values, stop)
 
     async def nemesis() -> None:
         async with ShardedKVClient(addrs) as admin:

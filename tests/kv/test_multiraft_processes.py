@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from dsys.errors import ConflictError, DsysError
+from dsys.errors import DsysError
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports
+from .helpers import free_ports, sharded_register_client
 
 pytestmark = pytest.mark.slow
 
@@ -92,39 +92,7 @@ async def test_kill9_and_splits_on_processes_are_linearizable(nodes: list[Node])
     stop = asyncio.Event()
 
     async def client(cid: int) -> None:
-        rng = random.Random(cid)
-        async with ShardedKVClient(addrs, timeout=3.0, request_timeout=1.0) as kv:
-            while not stop.is_set():
-                key = rng.choice(keys)
-                if rng.random() < 0.5:
-                    v = next(values)
-                    op = history.invoke(cid, ("put", key, v))
-                    try:
-                        await kv.put(key, str(v).encode())
-                    except DsysError:
-                        history.info(op)
-                    else:
-                        history.ok(op, None)
-                    continue
-                op = history.invoke(cid, ("get", key))
-                try:
-                    got = await kv.get(key)
-                except DsysError:
-                    history.fail(op)
-                    continue
-                seen = None if got is None else int(got.value)
-                history.ok(op, seen)
-                if rng.random() < 0.3:
-                    v = next(values)
-                    op = history.invoke(cid, ("cas", key, seen, v))
-                    try:
-                        await kv.cas(key, str(v).encode(), revision=got.revision if got else 0)
-                    except ConflictError:
-                        history.ok(op, False)
-                    except DsysError:
-                        history.info(op)
-                    else:
-                        history.ok(op, True)
+        await sharded_register_client(addrs, cid, keys, history, values, stop)
 
     tasks = [asyncio.create_task(client(i)) for i in range(4)]
     rng = random.Random(7)
