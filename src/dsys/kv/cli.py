@@ -13,6 +13,7 @@
     dsys kv multi-serve --id n1 --listen ... --peer ... --data-dir ./n1   # multi-Raft node
     dsys kv ranges --cluster ...              # the range map of a multi-Raft cluster
     dsys kv split RANGE_ID KEY --cluster ...  # split a range (multi-Raft)
+    dsys kv merge LEFT RIGHT --cluster ...    # merge range RIGHT into LEFT (multi-Raft)
 """
 
 from __future__ import annotations
@@ -130,11 +131,41 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="split a range at its middle key once it holds N keys (0 = manual splits only)",
     )
+    multi.add_argument(
+        "--split-qps",
+        type=float,
+        default=3000.0,
+        metavar="QPS",
+        help="split a range served above QPS requests/s over --split-qps-window (0 = off)",
+    )
+    multi.add_argument(
+        "--split-qps-window", type=float, default=10.0, metavar="SECONDS", help="load window"
+    )
+    multi.add_argument(
+        "--merge-keys",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="merge cold neighbours holding fewer than N keys together (0 = manual merges only)",
+    )
+    multi.add_argument(
+        "--merge-qps", type=float, default=10.0, help="requests/s below which a range is cold"
+    )
+    multi.add_argument(
+        "--merge-cold-for", type=float, default=30.0, help="seconds cold before a merge"
+    )
+    multi.add_argument(
+        "--merge-after-split",
+        type=float,
+        default=60.0,
+        help="seconds after a split or merge of a range before it may merge",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
         ("ranges", "print the range map of a multi-Raft cluster, with each range's leader"),
         ("split", "split a range of a multi-Raft cluster at a key"),
+        ("merge", "merge a range of a multi-Raft cluster into its left neighbour"),
     ):
         p = verbs.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
         p.add_argument(
@@ -145,6 +176,10 @@ def register(subparsers: Any) -> None:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
         if name == "ranges":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        elif name == "merge":
+            p.add_argument("left", type=int, help="the range that stays (the left one)")
+            p.add_argument("right", type=int, help="its right neighbour, merged into it")
+            p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
         else:
             p.add_argument("range_id", type=int, help="the range to split")
             p.add_argument("key", help="first key of the new (right) range")
@@ -288,6 +323,12 @@ def _multi_serve(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         balance_interval=args.balance_interval or None,
         split_keys=args.split_keys or None,
+        split_qps=args.split_qps or None,
+        split_qps_window=args.split_qps_window,
+        merge_keys=args.merge_keys or None,
+        merge_qps=args.merge_qps,
+        merge_cold_for=args.merge_cold_for,
+        merge_after_split=args.merge_after_split,
     )
     return asyncio.run(serve_multi(config))
 
@@ -306,6 +347,10 @@ async def _ranges_async(args: argparse.Namespace) -> int:
         if args.command == "split":
             left, right = await kv.split(args.range_id, args.key)
             print(json.dumps({"left": left.to_plain(), "right": right.to_plain()}))
+            return 0
+        if args.command == "merge":
+            merged = await kv.merge(args.left, args.right)
+            print(json.dumps({"merged": merged.to_plain()}))
             return 0
         m = await kv.refresh()
         leaders = await kv.range_leaders()

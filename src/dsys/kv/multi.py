@@ -77,6 +77,7 @@ from dsys.kv.api import (
     ws_write_command,
 )
 from dsys.kv.fsm import Delete, KeyValue, Put, Result, Tick, encode_command, validate_key
+from dsys.kv.multimerge import RangeUpkeep
 from dsys.kv.rangefsm import (
     SPLIT_INIT_INDEX,
     AllocId,
@@ -88,6 +89,7 @@ from dsys.kv.rangefsm import (
     encode_meta,
     encode_split,
 )
+from dsys.kv.rangemetrics import RangeCollector
 from dsys.kv.ranges import (
     FIRST_RANGE_ID,
     META_RANGE_ID,
@@ -156,6 +158,17 @@ class MultiConfig:
         balance_interval: seconds between leader-balancing checks (None: off). A node
             leading two or more data ranges more than the node with the fewest hands one
             to that node (``RaftNode.transfer_leadership``), one move per interval.
+        split_qps: split a range (on its leader, at the median of its sampled request
+            keys) once it serves more requests per second than this over
+            ``split_qps_window`` seconds (None: off). TiKV's default: 3000 over 10 s.
+        split_qps_window: seconds of the load window.
+        merge_keys: merge two neighbours (same replicas) holding fewer than this many keys
+            together, once both stayed below ``merge_qps`` for ``merge_cold_for`` seconds
+            (None: merges are manual only).
+        merge_qps: requests (or applied writes) per second below which a range is cold.
+        merge_cold_for: seconds a range must stay small and cold before it merges.
+        merge_after_split: seconds after a split or merge of a range during which it
+            does not merge (manual merges included).
     """
 
     id: str
@@ -172,6 +185,12 @@ class MultiConfig:
     report_interval: float = 0.2
     balance_interval: float | None = 2.0
     split_keys: int | None = None
+    split_qps: float | None = 3000.0
+    split_qps_window: float = 10.0
+    merge_keys: int | None = 10_000
+    merge_qps: float = 10.0
+    merge_cold_for: float = 30.0
+    merge_after_split: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.id or not self.data_dir:
@@ -184,6 +203,14 @@ class MultiConfig:
             raise ConfigError("split_keys must be >= 2 (or None: manual splits only)")
         if self.balance_interval is not None and self.balance_interval <= 0:
             raise ConfigError("balance_interval must be positive (or None: off)")
+        if self.split_qps is not None and self.split_qps <= 0:
+            raise ConfigError("split_qps must be positive (or None: off)")
+        if self.split_qps_window <= 0 or self.merge_qps < 0:
+            raise ConfigError("split_qps_window must be positive and merge_qps >= 0")
+        if self.merge_keys is not None and self.merge_keys < 1:
+            raise ConfigError("merge_keys must be >= 1 (or None: manual merges only)")
+        if self.merge_cold_for < 0 or self.merge_after_split < 0:
+            raise ConfigError("merge_cold_for and merge_after_split must be >= 0")
 
 
 # -- the shared transport ------------------------------------------------------------
@@ -488,6 +515,9 @@ class MultiRaftServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
+        self.upkeep = RangeUpkeep(self)
+        """Merges, splits by load and the removal of merged-away replicas."""
+        self.metrics.registry.register(RangeCollector(self))
         self._open_groups()
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
@@ -564,6 +594,7 @@ class MultiRaftServer:
         )
         if isinstance(fsm, RangeStateMachine):
             fsm.on_split = self._on_split
+            fsm.on_merge = self.upkeep.on_merge
         g = Group(rid, node, fsm)
         self.groups[rid] = g
         if self._started:
@@ -597,6 +628,7 @@ class MultiRaftServer:
         FileSnapshotStore(d / "snap", fsync=self.config.fsync).save(snap)  # last: complete
         fsm = RangeStateMachine(right)
         self._add_group(rid, fsm)
+        self.upkeep.on_split(left, right)
         self.log.info(
             "range_split",
             left=left.range_id,
@@ -635,6 +667,7 @@ class MultiRaftServer:
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)
+        self.upkeep.add_routes(app)
         app.on_shutdown.append(self._close_streams)
         add_observability_routes(app, self.metrics, self.health)
         return app
@@ -780,6 +813,7 @@ class MultiRaftServer:
             RequestTimeout, UnavailableError: the outcome is unknown.
         """
         g = self.route(cmd.key, header)
+        self.upkeep.record(g, cmd.key)
         result = await self._propose(g, encode_command(cmd))
         assert isinstance(result, Result)
         if result.status == "key_not_in_range":
@@ -794,8 +828,9 @@ class MultiRaftServer:
             NotLeaderError: this node is not the range's leader.
         """
         g = self.route(key, header)
+        self.upkeep.record(g, key)
         await g.node.read_barrier(self.config.request_timeout)
-        if not g.desc.contains(key):  # a split applied while we waited
+        if not g.desc.contains(key) or self.upkeep.frozen(g):  # a split or merge applied
             raise self._not_here(key)
         assert isinstance(g.fsm, RangeStateMachine)
         return g.fsm.get(key)
@@ -1050,6 +1085,8 @@ class MultiRaftServer:
         await g.node.read_barrier(self.config.request_timeout)
         assert isinstance(g.fsm, RangeStateMachine)
         check_epoch(g.desc, routed[1] if routed else None, others=self.local_descriptors())
+        if self.upkeep.frozen(g):  # being merged: the merged range will answer
+            raise self._not_here(req.after or req.prefix)
         return scan_page(req, g.fsm.scan(req.prefix, req.limit + 1, req.after)), g.desc
 
     async def handle_range_scan(self, request: web.Request) -> web.Response:
@@ -1145,6 +1182,7 @@ class MultiRaftServer:
             await asyncio.sleep(self.config.report_interval)
             try:
                 await self._tick_ttl()
+                await self.upkeep.upkeep()
                 await self._maybe_split_by_size()
                 await self._report_stale()
             except DsysError as exc:
@@ -1289,6 +1327,7 @@ class MultiRaftServer:
             if (
                 g is None
                 and item[0] != META_RANGE_ID
+                and item[0] not in self.upkeep.tombstones
                 and not self._closed
                 and any(isinstance(m, _FROM_LEADER) for m in msgs)
             ):

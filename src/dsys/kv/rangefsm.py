@@ -176,7 +176,8 @@ def encode_merge(cmd: PrepareMerge | CommitMerge | RollbackMerge) -> bytes:
     return encode([_ROLLBACK_MERGE, cmd.expect_version, 0, 0])
 
 
-def _decode_merge(data: bytes) -> PrepareMerge | CommitMerge | RollbackMerge | None:
+def decode_merge(data: bytes) -> PrepareMerge | CommitMerge | RollbackMerge | None:
+    """The merge command in ``data`` (None if it is not a well-formed one)."""
     try:
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
     except RemoteProtocolError:
@@ -257,6 +258,10 @@ class RangeStateMachine(KVStateMachine):
         self.on_merge: MergeHook | None = None
         """Set by the host: stop the source's group once a merge was committed here."""
 
+    def size_bytes(self) -> int:
+        """Bytes of the keys and values this replica holds (O(keys): for metrics)."""
+        return sum(len(k) + len(kv.value) for k, kv in self._data.items())
+
     def split_key(self) -> str | None:
         """A key to split this range at so both halves hold about half of its keys
         (None when it holds fewer than two keys)."""
@@ -277,7 +282,7 @@ class RangeStateMachine(KVStateMachine):
                 return Result(ok=False, revision=self.revision, status="invalid")
             return self.apply_split(cmd)
         if len(data) > 2 and data[0] == 0x94 and _PREPARE_MERGE <= data[1] <= _ROLLBACK_MERGE:
-            return self.apply_merge(_decode_merge(data))
+            return self.apply_merge(decode_merge(data))
         if self.merging is not None:  # frozen: the state is final until a rollback
             return Result(ok=False, revision=self.revision, status="key_not_in_range")
         return super().apply(data)
@@ -546,6 +551,7 @@ __all__ = [
     "SplitHook",
     "SplitResult",
     "contiguous_runs",
+    "decode_merge",
     "encode_merge",
     "encode_meta",
     "encode_split",
