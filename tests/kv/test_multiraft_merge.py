@@ -221,3 +221,35 @@ async def test_skewed_load_splits_the_hot_range_and_spreads_its_leaders(tmp_path
     finally:
         for s in servers:
             await s.close()
+
+
+@pytest.mark.slow
+async def test_a_node_down_during_a_merge_drops_its_stale_replica(tmp_path: Path) -> None:
+    servers = await _start(_merge_configs(tmp_path, snapshot_every=20, report_interval=0.1))
+    try:
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            _, right = await kv.split(1, "m")
+            await _leaders(servers, [right.range_id])
+            for i in range(10):
+                await kv.put(f"z{i}", b"before")
+            victim = servers[2]
+            await victim.close()  # misses the merge, and (snapshot_every=20) its log entry
+            await _merge_when_allowed(kv, 1, right.range_id)
+            for i in range(60):  # enough writes that range 1 snapshots past the merge
+                await kv.put(f"a{i % 7}", str(i).encode())
+            servers[2] = MultiRaftServer(victim.config)
+            await servers[2].start()
+            back = servers[2]
+            for _ in range(400):
+                if [g.range_id for g in back.data_groups()] == [1] and len(back.groups[1].fsm):
+                    break
+                await asyncio.sleep(0.05)
+            assert [g.range_id for g in back.data_groups()] == [1]
+            assert right.range_id in back.upkeep.tombstones
+            assert back.groups[1].desc.end is None
+            for i in range(10):
+                got = await kv.get(f"z{i}")
+                assert got is not None and got.value == b"before"
+    finally:
+        for s in servers:
+            await s.close()
