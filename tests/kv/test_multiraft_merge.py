@@ -253,3 +253,38 @@ async def test_a_node_down_during_a_merge_drops_its_stale_replica(tmp_path: Path
     finally:
         for s in servers:
             await s.close()
+
+
+async def test_quiet_ticks_silence_idle_groups_and_a_lost_leader_is_replaced(
+    tmp_path: Path,
+) -> None:
+    servers = await _start(_merge_configs(tmp_path, quiet_ticks=10, balance_interval=None))
+    try:
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            _, right = await kv.split(1, "m")
+            await kv.put("a", b"1")
+            await kv.put("z", b"1")
+            ids = [0, 1, right.range_id]
+            await _leaders(servers, ids)
+            for _ in range(300):  # idle: every group goes quiet on every node
+                if all(s.groups[r].node.quiet for s in servers for r in ids):
+                    break
+                await asyncio.sleep(0.02)
+            assert all(s.groups[r].node.quiet for s in servers for r in ids)
+            sent = [s.transport.messages_sent for s in servers]
+            await asyncio.sleep(1.0)  # 33 ticks: no heartbeats at all
+            assert [s.transport.messages_sent for s in servers] == sent
+            m = await _metrics(servers[0])
+            assert m[f'dsys_kv_range_quiet{{range="{right.range_id}"}}'] == 1.0
+            assert await kv.put("z", b"2") > 0  # a write wakes its group and commits
+            # the node leading range 1 goes away: the followers lose its connection,
+            # wake, and elect a new leader
+            victim = next(s for s in servers if s.groups[1].node.is_leader)
+            await victim.close()
+            rest = [s for s in servers if s is not victim]
+            await _leaders(rest, [1])
+            assert (await kv.get("a")).value == b"1"  # type: ignore[union-attr]
+            assert await kv.put("a", b"2") > 0
+    finally:
+        for s in servers:
+            await s.close()

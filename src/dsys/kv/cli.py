@@ -160,6 +160,13 @@ def register(subparsers: Any) -> None:
         default=60.0,
         help="seconds after a split or merge of a range before it may merge",
     )
+    multi.add_argument(
+        "--quiet-ticks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="idle groups stop heartbeating after N ticks without writes (0 = off)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
@@ -329,6 +336,7 @@ def _multi_serve(args: argparse.Namespace) -> int:
         merge_qps=args.merge_qps,
         merge_cold_for=args.merge_cold_for,
         merge_after_split=args.merge_after_split,
+        quiet_ticks=args.quiet_ticks or None,
     )
     return asyncio.run(serve_multi(config))
 

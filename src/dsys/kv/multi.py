@@ -169,6 +169,10 @@ class MultiConfig:
         merge_cold_for: seconds a range must stay small and cold before it merges.
         merge_after_split: seconds after a split or merge of a range during which it
             does not merge (manual merges included).
+        quiet_ticks: quiet ticks (None: off): a group whose leader appended nothing for
+            this many ticks, all replicas caught up, stops heartbeating; its followers
+            stop their election timers until a message comes, or the connection to the
+            leader's process is lost (then they wake and elect as usual).
     """
 
     id: str
@@ -191,6 +195,7 @@ class MultiConfig:
     merge_qps: float = 10.0
     merge_cold_for: float = 30.0
     merge_after_split: float = 60.0
+    quiet_ticks: int | None = None
 
     def __post_init__(self) -> None:
         if not self.id or not self.data_dir:
@@ -211,6 +216,8 @@ class MultiConfig:
             raise ConfigError("merge_keys must be >= 1 (or None: manual merges only)")
         if self.merge_cold_for < 0 or self.merge_after_split < 0:
             raise ConfigError("merge_cold_for and merge_after_split must be >= 0")
+        if self.quiet_ticks is not None and self.quiet_ticks < 1:
+            raise ConfigError("quiet_ticks must be >= 1 (or None: off)")
 
 
 # -- the shared transport ------------------------------------------------------------
@@ -585,6 +592,7 @@ class MultiRaftServer:
                 join=join,
                 rng_seed=zlib.crc32(f"{cfg.id}/{rid}".encode()),
                 external_ticks=True,
+                quiet_ticks=cfg.quiet_ticks or 0,
             ),
             log=wal,
             stable=wal,
@@ -1302,7 +1310,15 @@ class MultiRaftServer:
                     break
         finally:
             self._streams.discard(ws)
+            self._lost_peer(src)
         return ws
+
+    def _lost_peer(self, peer: str) -> None:
+        """The connection from ``peer``'s process ended: wake the quiet groups it leads
+        here, so they elect a new leader if it is gone (quiet ticks)."""
+        for g in list(self.groups.values()):
+            if g.node.leader_id == peer and g.node.quiet:
+                g.node.wake()
 
     def _deliver_frame(self, body: bytes, src: str) -> None:
         self._heard[src] = time.monotonic()

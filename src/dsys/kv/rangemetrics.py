@@ -63,6 +63,9 @@ class RangeCollector(Collector):
             "frozen": GaugeMetricFamily(
                 _PREFIX + "merging", "1 while the range is frozen by a merge", labels=["range"]
             ),
+            "quiet": GaugeMetricFamily(
+                _PREFIX + "quiet", "1 while the group is quiet here (quiet ticks)", labels=["range"]
+            ),
         }
         requests = CounterMetricFamily(
             _PREFIX + "requests", "Requests served here (as the range's leader)", labels=["range"]
@@ -82,6 +85,7 @@ class RangeCollector(Collector):
             fams["applied"].add_metric(label, g.node.applied_index)
             fams["qps"].add_metric(label, load.qps(now) if load is not None else 0.0)
             fams["frozen"].add_metric(label, 1.0 if s.upkeep.frozen(g) else 0.0)
+            fams["quiet"].add_metric(label, 1.0 if g.node.quiet else 0.0)
             requests.add_metric(label, load.total if load is not None else 0)
         yield from fams.values()
         yield requests

@@ -151,6 +151,8 @@ def to_wire(msg: Message) -> Any:
             msg.conflict_term,
         ]
     if isinstance(msg, Heartbeat):
+        if msg.quiet:
+            return ["H", msg.src, msg.dst, msg.term, msg.commit, msg.ctx, True]
         return ["H", msg.src, msg.dst, msg.term, msg.commit, msg.ctx]
     if isinstance(msg, HeartbeatResponse):
         return ["h", msg.src, msg.dst, msg.term, msg.ctx]
@@ -240,9 +242,14 @@ def from_wire(v: Any) -> Message:
                 conflict_index=_i(v[7]),
                 conflict_term=_i(v[8]),
             )
-        if tag == "H" and n == 6:
+        if tag == "H" and n in (6, 7):
             return Heartbeat(
-                src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), commit=_i(v[4]), ctx=_i(v[5])
+                src=_s(v[1]),
+                dst=_s(v[2]),
+                term=_i(v[3]),
+                commit=_i(v[4]),
+                ctx=_i(v[5]),
+                quiet=n == 7 and _b(v[6]),
             )
         if tag == "h" and n == 5:
             return HeartbeatResponse(src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), ctx=_i(v[4]))
@@ -300,6 +307,10 @@ class NodeConfig:
         external_ticks: no tick timer of its own; the owner calls :meth:`RaftNode.tick`
             (a multi-Raft host ticks all its groups at once, so their heartbeats leave
             together in one frame per peer).
+        quiet_ticks: ticks of idleness after which the leader quiets the group (no
+            heartbeats until something happens; ``RaftConfig.quiet_ticks``); 0 = off.
+            Only for a host that calls :meth:`RaftNode.wake` when it loses the
+            connection to a peer's process.
     """
 
     id: NodeId
@@ -319,6 +330,7 @@ class NodeConfig:
     proposal_timeout: float = 5.0
     rng_seed: int | None = None
     external_ticks: bool = False
+    quiet_ticks: int = 0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -649,6 +661,7 @@ class RaftNode:
         self._traced_commit = 0
         self._synced_hs: HardState | None = None  # the hard state last persisted
         self._ticks = 0
+        self._wake_core = False  # wake() asked for a quiet core to wake
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
         self._closed = False
@@ -714,6 +727,7 @@ class RaftNode:
             id=self.id,
             election_tick=self.config.election_tick,
             heartbeat_tick=self.config.heartbeat_tick,
+            quiet_ticks=self.config.quiet_ticks,
         )
         return RaftCore(
             cfg,
@@ -1147,6 +1161,16 @@ class RaftNode:
         self._ticks += 1
         self._wake.set()
 
+    @property
+    def quiet(self) -> bool:
+        """Whether the group is quiet here (``NodeConfig.quiet_ticks``)."""
+        return self.core.quiet
+
+    def wake(self) -> None:
+        """Wake a quiet group (the host lost the connection to its leader's process)."""
+        self._wake_core = True
+        self._wake.set()
+
     async def _ticker(self) -> None:
         interval = self.config.tick_interval
         loop = asyncio.get_running_loop()
@@ -1192,6 +1216,9 @@ class RaftNode:
 
     def _feed_core(self) -> None:
         core = self.core
+        if self._wake_core:
+            self._wake_core = False
+            core.wake()
         ticks, self._ticks = self._ticks, 0
         for _ in range(min(ticks, 10)):
             core.tick()
