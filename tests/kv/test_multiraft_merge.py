@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import json
 import random
 import re
 from pathlib import Path
@@ -21,7 +22,7 @@ from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
 from .helpers import free_ports, sharded_register_client
-from .test_multiraft import _addrs, _configs, _leaders
+from .test_multiraft import _addrs, _configs, _dsys, _leaders
 
 
 def _merge_configs(tmp: Path, **kw: object) -> list[MultiConfig]:
@@ -285,6 +286,24 @@ async def test_quiet_ticks_silence_idle_groups_and_a_lost_leader_is_replaced(
             await _leaders(rest, [1])
             assert (await kv.get("a")).value == b"1"  # type: ignore[union-attr]
             assert await kv.put("a", b"2") > 0
+    finally:
+        for s in servers:
+            await s.close()
+
+
+@pytest.mark.slow
+async def test_cli_merge(tmp_path: Path) -> None:
+    servers = await _start(_merge_configs(tmp_path, merge_after_split=0.0))
+    try:
+        eps = ",".join(_addrs(servers))
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            _, right = await kv.split(1, "m")
+        await _leaders(servers, [right.range_id])
+        rc, out, err = await _dsys("merge", "1", str(right.range_id), "--cluster", eps)
+        assert rc == 0, err
+        assert json.loads(out)["merged"][:3] == [1, "", None]
+        rc, out, err = await _dsys("merge", "1", "99", "--cluster", eps)
+        assert rc != 0 and "no data ranges" in err, err
     finally:
         for s in servers:
             await s.close()
