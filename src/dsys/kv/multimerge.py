@@ -99,7 +99,10 @@ class RangeUpkeep:
     # -- hooks (called by the server) ----------------------------------------------------
 
     def record(self, g: Group, key: str) -> None:
-        """Count a request for ``key`` served by this node's replica of ``g``."""
+        """Count a request for ``key`` served by this node's replica of ``g`` (only as
+        the range's leader: a follower redirects it)."""
+        if not g.node.is_leader:
+            return
         load = self.loads.get(g.range_id)
         if load is None:
             load = self.loads[g.range_id] = RangeLoad(window=self._window, seed=g.range_id)
