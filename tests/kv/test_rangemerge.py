@@ -15,8 +15,8 @@ from dsys.kv.rangefsm import (
     encode_merge,
     encode_split,
 )
-from dsys.kv.rangeload import RangeLoad, RangeStats, median_split_key, plan_merge
-from dsys.kv.ranges import Epoch, RangeDescriptor
+from dsys.kv.rangeload import RangeLoad, RangeStats, median_split_key, merged_away, plan_merge
+from dsys.kv.ranges import Epoch, RangeDescriptor, RangeMap
 
 REPLICAS = ("n1", "n2", "n3")
 
@@ -139,3 +139,19 @@ def test_plan_merge_waits_for_cold_ranges_and_the_split_interval() -> None:
     assert plan_merge([a, b, c], hot, [2], 100.0, **kw) is None  # type: ignore[arg-type]
     big = {**stats, 2: RangeStats(keys=95, qps=0.0, cold_since=0.0, changed_at=0.0)}
     assert plan_merge([a, b, c], big, [2], 100.0, **kw) is None  # type: ignore[arg-type]
+
+
+def test_merged_away_finds_only_replicas_of_merged_ranges() -> None:
+    m = RangeMap(replicas=REPLICAS)
+    m.split(1, "m", 2)
+    m.split(2, "t", 3)
+    stale_2 = m.get(2)
+    m.merge(1, 2)  # range 2 is gone: range 1 covers it at a higher version
+    assert stale_2 is not None
+    assert merged_away([m.get(1), stale_2, m.get(3)], m) == [2]  # type: ignore[list-item]
+    # a range a split just made, not reported yet: the map still has its parent
+    fresh = RangeDescriptor(range_id=9, start="w", end=None, epoch=Epoch(1, 4))
+    assert merged_away([fresh], m) == []
+    # a lagging replica of a range the map still lists is kept whatever its version
+    old_1 = RangeDescriptor(range_id=1, start="", end="m", epoch=Epoch(1, 2))
+    assert merged_away([old_1], m) == []

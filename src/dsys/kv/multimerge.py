@@ -57,18 +57,12 @@ from dsys.kv.rangefsm import (
     decode_merge,
     encode_merge,
 )
-from dsys.kv.rangeload import RangeLoad, RangeStats, plan_merge
+from dsys.kv.rangeload import RangeLoad, RangeStats, merged_away, plan_merge
 from dsys.kv.ranges import RangeDescriptor
 from dsys.raft.node import TOKEN_HEADER, token_ok
 
 if TYPE_CHECKING:
     from dsys.kv.multi import Group, MultiRaftServer
-
-
-def _contains(outer: RangeDescriptor, inner: RangeDescriptor) -> bool:
-    return outer.start <= inner.start and (
-        outer.end is None or (inner.end is not None and inner.end <= outer.end)
-    )
 
 
 class RangeUpkeep:
@@ -355,17 +349,10 @@ class RangeUpkeep:
     def _remove_merged_away(self) -> None:
         """Remove local replicas the metadata range shows were merged away (a node that
         was down during a merge, or caught the target up from a snapshot)."""
-        m = self.server.meta.map
-        for g in self.server.data_groups():
-            d = g.desc
-            if m.get(g.range_id) is not None:
-                continue
-            if any(
-                r.range_id != d.range_id and r.epoch.version > d.epoch.version and _contains(r, d)
-                for r in m
-            ):
-                self.server.log.info("stale_replica_removed", range_id=g.range_id)
-                self.remove(g.range_id)
+        local = [g.desc for g in self.server.data_groups()]
+        for rid in merged_away(local, self.server.meta.map):
+            self.server.log.info("stale_replica_removed", range_id=rid)
+            self.remove(rid)
 
     async def _split_by_load(self, now: float) -> bool:
         limit = self.server.config.split_qps

@@ -22,7 +22,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from dsys.errors import ConfigError
@@ -177,4 +177,29 @@ def plan_merge(
     return None
 
 
-__all__ = ["RangeLoad", "RangeStats", "median_split_key", "plan_merge"]
+def merged_away(local: Sequence[RangeDescriptor], known: Iterable[RangeDescriptor]) -> list[int]:
+    """Ids of ``local`` ranges that the map ``known`` (the metadata range's) shows were
+    merged away: the map no longer lists the id, and lists another range with a higher
+    ``version`` that covers the local range's whole span.
+
+    A range that a split just made (not reported yet) is kept: the map then still shows
+    its parent, whose version is lower. Ids are never reused, so a range that left the
+    map this way never comes back.
+    """
+    known = list(known)
+    ids = {r.range_id for r in known}
+    out = []
+    for d in local:
+        if d.range_id in ids:
+            continue
+        if any(
+            r.epoch.version > d.epoch.version
+            and r.start <= d.start
+            and (r.end is None or (d.end is not None and d.end <= r.end))
+            for r in known
+        ):
+            out.append(d.range_id)
+    return out
+
+
+__all__ = ["RangeLoad", "RangeStats", "median_split_key", "merged_away", "plan_merge"]
