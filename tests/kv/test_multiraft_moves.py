@@ -146,6 +146,18 @@ async def test_move_during_writes_is_linearizable_and_the_source_drops_its_data(
             got = await kv.get("k1")
             assert got is not None and got.value == b"after"
         print(f"{len(ops)} ops, {len(ops) - len(done)} unknown")
+        # restarts from the data dirs: n4 (not an initial replica) keeps the metadata range
+        # and its moved-in ranges; the old source of range 1 does not bootstrap it again
+        i_src = servers.index(src1)
+        for i in (3, i_src):
+            await servers[i].close()
+            servers[i] = MultiRaftServer(servers[i].config)
+            await servers[i].start()
+        assert sorted(servers[3].groups) == sorted({0, 1, rid2})
+        assert servers[3].meta.map.get(1) is not None
+        assert 1 not in servers[i_src].groups
+        async with ShardedKVClient(addrs) as kv:
+            await kv.put("k1", b"again")
 
 
 async def test_move_api_refuses_bad_input(tmp_path: Path) -> None:

@@ -573,7 +573,9 @@ class MultiRaftServer:
             d = self.data / f"r{rid}"
             # a range made by a split, or moved here, starts from a snapshot; only the
             # initial replicas of range 1 start without one
-            from_snapshot = rid > FIRST_RANGE_ID or self.config.id not in self.initial_replicas
+            from_snapshot = rid > FIRST_RANGE_ID or (
+                rid == FIRST_RANGE_ID and self.config.id not in self.initial_replicas
+            )
             if from_snapshot and not any((d / "snap").glob("*")):
                 # a split range whose initialization was cut short: the parent's log still
                 # holds the split and creates it again when the entry is applied
