@@ -25,6 +25,12 @@ metadata range, proposes a :class:`~dsys.kv.rangefsm.Split` in the range's own l
 reports both halves to the metadata range; every replica starts the new range's group
 from the split state when it applies the split. A background loop re-reports the local
 descriptors a leader sees the metadata range lag behind (a lost report is repaired).
+
+``POST /v1/ranges/{id}/move {"from": A, "to": B}`` moves a replica (learner, snapshot,
+promote, leader transfer, remove: :meth:`MultiRaftServer.move_replica`, steps decided by
+:mod:`dsys.kv.placement`); a node that learns it was removed from a range drops the group
+and deletes its directory. With ``placement_interval`` the metadata leader runs a
+placement loop that moves replicas and leaders between nodes.
 """
 
 from __future__ import annotations
