@@ -34,7 +34,8 @@ def step(voters: str, learners: str = "", leader: str = "n1", match: int | None 
         src="n1",
         dst="n4",
         dst_match=match,
-        last_index=100,
+        last_index=100 if match != 0 else 5,
+        min_match=1,
         max_lag=10,
     )
 
@@ -46,11 +47,21 @@ def step(voters: str, learners: str = "", leader: str = "n1", match: int | None 
         ("n1 n2 n3", "n4", "n1", None, MoveStep.CATCH_UP),
         ("n1 n2 n3", "n4", "n1", 89, MoveStep.CATCH_UP),
         ("n1 n2 n3", "n4", "n1", 90, MoveStep.PROMOTE),
+        ("n1 n2 n3", "n4", "n1", 0, MoveStep.CATCH_UP),  # never answered (a short log)
         ("n1 n2 n3 n4", "", "n1", 100, MoveStep.TRANSFER_LEADER),
         ("n1 n2 n3 n4", "", "n2", 100, MoveStep.REMOVE),
         ("n2 n3 n4", "", "n2", 100, MoveStep.DONE),
     ],
-    ids=["add", "wait-unknown", "wait-behind", "promote", "transfer", "remove", "done"],
+    ids=[
+        "add",
+        "wait-unknown",
+        "wait-behind",
+        "promote",
+        "wait-silent",
+        "transfer",
+        "remove",
+        "done",
+    ],
 )
 def test_move_steps(
     voters: str, learners: str, leader: str, match: int | None, want: MoveStep

@@ -1371,6 +1371,7 @@ class MultiRaftServer:
                     dst=dst,
                     dst_match=match,
                     last_index=core.last_index,
+                    min_match=max(core.conf_index, 1),
                 )
                 if step is not MoveStep.DONE:
                     progress["step"] = step.value
@@ -1386,8 +1387,15 @@ class MultiRaftServer:
                     await self._report_range(g)
                     return g.desc
                 if time.monotonic() > deadline:
+                    undone = ""
+                    if dst in conf.learners:
+                        # give up cleanly: a learner left behind would block splits
+                        with contextlib.suppress(DsysError):
+                            await self._conf_change(g, ConfChangeType.REMOVE_NODE, dst)
+                            undone = f"; learner {dst} removed again"
+                            await self._report_range(g)
                     raise RequestTimeout(
-                        f"move of range {range_id} {src} -> {dst} stuck at {step.value}"
+                        f"move of range {range_id} {src} -> {dst} stuck at {step.value}{undone}"
                     )
                 try:
                     if step is MoveStep.ADD_LEARNER:

@@ -9,7 +9,8 @@ log (each bumps the range's ``conf_ver``):
 1. ``ADD_LEARNER dst``: ``dst``'s host creates an empty replica when the leader first
    contacts it; the leader snapshots just before, so the learner catches up from an
    InstallSnapshot that carries the range's bounds and epoch;
-2. wait until the learner's match index is within ``max_lag`` of the leader's last index;
+2. wait until the learner acknowledged the entry that added it and its match index is
+   within ``max_lag`` of the leader's last index;
 3. ``ADD_VOTER dst`` (promote);
 4. if ``src`` leads the range, transfer leadership to ``dst`` (TimeoutNow);
 5. ``REMOVE_NODE src``; ``src``'s host drops the group and its data once it learns it.
@@ -60,6 +61,7 @@ def next_move_step(
     dst: str,
     dst_match: int | None,
     last_index: int,
+    min_match: int = 1,
     max_lag: int = 32,
 ) -> MoveStep:
     """The step that moves the range's replica from ``src`` to ``dst`` forward.
@@ -69,6 +71,9 @@ def next_move_step(
         leader: the range's leader.
         dst_match: the leader's match index of ``dst`` (None: unknown).
         last_index: the leader's last log index.
+        min_match: the match ``dst`` needs at least before it is promoted (the index
+            of the entry that made it a learner: it acknowledged the snapshot and that
+            entry, so it is alive and knows it is a learner).
         max_lag: how far behind ``last_index`` a learner may be to be promoted.
 
     Raises:
@@ -82,7 +87,7 @@ def next_move_step(
             raise BadInputError(f"{src!r} holds no replica of the range")
         return MoveStep.ADD_LEARNER
     if dst in learners:
-        if dst_match is None or dst_match + max_lag < last_index:
+        if dst_match is None or dst_match < min_match or dst_match + max_lag < last_index:
             return MoveStep.CATCH_UP
         return MoveStep.PROMOTE
     if src in members:
