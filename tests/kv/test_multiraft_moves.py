@@ -26,6 +26,7 @@ from .helpers import free_ports, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int], **kw: object) -> list[MultiConfig]:
+    kw.setdefault("move_timeout", 15.0)
     ids = [f"n{i + 1}" for i in range(len(ports))]
     addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
     return [
@@ -39,7 +40,6 @@ def _configs(tmp: Path, ports: list[int], **kw: object) -> list[MultiConfig]:
             request_timeout=2.0,
             balance_interval=None,
             initial_replicas=("n1", "n2", "n3"),
-            move_timeout=15.0,
             **kw,  # type: ignore[arg-type]
         )
         for i, p in zip(ids, ports, strict=True)
@@ -292,3 +292,21 @@ async def test_cli_move_and_ranges(tmp_path: Path) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+@pytest.mark.slow
+async def test_a_learner_no_move_drives_is_removed(tmp_path: Path) -> None:
+    async with _cluster(tmp_path, move_timeout=1.0) as servers:
+        await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
+        await servers[3].close()  # the target is down: the learner never catches up
+        leader = _leader(servers, 1)
+        assert leader is not None
+        src = next(s.config.id for s in servers[:3] if s is not leader)
+        task = asyncio.create_task(leader.move_replica(1, src, "n4"))
+        conf = leader.groups[1].node.core.conf
+        await _wait(lambda: leader.groups[1].node.core.conf.learners == ("n4",), "learner")
+        task.cancel()  # the driver goes away (as when its node crashes)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await _wait(lambda: leader.groups[1].node.core.conf.learners == (), "cleanup", 300)
+        assert leader.groups[1].desc.replicas == tuple(conf.voters)

@@ -545,6 +545,7 @@ class MultiRaftServer:
         self.placement = PlacementState()
         """The placement loop's memory (used on the metadata leader)."""
         self._tombstones: dict[int, float] = {}  # range -> monotonic time it was dropped
+        self._orphans: dict[int, float] = {}  # range -> when we first led it with a learner
         self._streams: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -1235,6 +1236,7 @@ class MultiRaftServer:
             try:
                 await self._tick_ttl()
                 self._drop_removed()
+                await self._drop_orphan_learners()
                 await self._maybe_split_by_size()
                 await self._report_stale()
             except DsysError as exc:
@@ -1590,6 +1592,25 @@ class MultiRaftServer:
                 and not g.node.is_leader
             ):
                 self._tasks.append(asyncio.create_task(self._drop_group(g.range_id)))
+
+    async def _drop_orphan_learners(self) -> None:
+        """On a leader: remove a learner no move drives any more (its leader changed
+        and nobody asked again) once ``move_timeout`` passed, as PD times out an
+        operator; a learner left behind would block the range's splits forever."""
+        now = time.monotonic()
+        for g in self.data_groups():
+            learners = g.node.core.conf.learners if g.node.is_leader else ()
+            if not learners or g.range_id in self.moves:
+                self._orphans.pop(g.range_id, None)
+                continue
+            since = self._orphans.setdefault(g.range_id, now)
+            if now - since < self.config.move_timeout:
+                continue
+            self._orphans.pop(g.range_id, None)
+            self.log.warning("orphan_learner_removed", range_id=g.range_id, node=learners[0])
+            await self._conf_change(g, ConfChangeType.REMOVE_NODE, learners[0])
+            await self._report_range(g)
+            return
 
     async def _drop_group(self, range_id: int) -> None:
         """Stop the local replica of ``range_id`` and delete its data directory."""
