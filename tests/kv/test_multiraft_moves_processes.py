@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -61,26 +62,36 @@ async def test_moves_splits_and_kill9_on_processes_are_linearizable(
         await sharded_register_client(addrs, cid, keys, history, values, stop)
 
     tasks = [asyncio.create_task(client(i)) for i in range(4)]
-    rng = random.Random(11)
+    seed = int(os.environ.get("DSYS_MOVES_SEED", "11"))
+    rng = random.Random(seed)
     splits = iter(["k3", "k6", "k1", "k8"])
     moved = 0
+
+    async def move() -> None:
+        nonlocal moved
+        with contextlib.suppress(DsysError, TimeoutError):
+            desc = await admin.locate(rng.choice(keys))
+            src = rng.choice(desc.replicas)
+            dst = rng.choice([n for n in IDS if n not in desc.replicas])
+            await asyncio.wait_for(admin.move(desc.range_id, src, dst), 40)
+            moved += 1
+
+    movers = []
     for round_ in range(8):
         await asyncio.sleep(1.0)
-        with contextlib.suppress(DsysError):  # e.g. no leader just after a kill: go on
-            if round_ % 2 == 0:
+        if round_ % 2 == 0:
+            with contextlib.suppress(DsysError):  # e.g. no leader just after a kill
                 at = next(splits)
                 await admin.split((await admin.locate(at)).range_id, at)
-            else:
-                desc = await admin.locate(rng.choice(keys))
-                src = rng.choice(desc.replicas)
-                dst = rng.choice([n for n in IDS if n not in desc.replicas])
-                await asyncio.wait_for(admin.move(desc.range_id, src, dst), 40)
-                moved += 1
-        if round_ in (2, 5):
+        else:
+            movers.append(asyncio.create_task(move()))
+        if round_ in (3, 5):  # while a move may be under way
+            await asyncio.sleep(rng.uniform(0.0, 0.3))
             victim = rng.choice(nodes)
             victim.kill9()
             await asyncio.sleep(rng.uniform(0.5, 2.0))
             victim.start()
+    await asyncio.gather(*movers)
     await asyncio.sleep(2.0)
     stop.set()
     await asyncio.gather(*tasks)
@@ -88,8 +99,8 @@ async def test_moves_splits_and_kill9_on_processes_are_linearizable(
     await admin.close()
     ops = history.operations()
     done = [o for o in ops if o.ret is not None]
-    assert moved >= 2, moved
+    assert moved >= 1, moved
     assert len(done) > 200, len(done)
     result = check(ops, KVModel())
     assert result.linearizable, result.explain()
-    print(f"{len(ops)} ops, {len(ops) - len(done)} unknown, {moved} moves")
+    print(f"seed {seed}: {len(ops)} ops, {len(ops) - len(done)} unknown, {moved} moves")
