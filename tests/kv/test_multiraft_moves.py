@@ -310,3 +310,40 @@ async def test_a_learner_no_move_drives_is_removed(tmp_path: Path) -> None:
             await task
         await _wait(lambda: leader.groups[1].node.core.conf.learners == (), "cleanup", 300)
         assert leader.groups[1].desc.replicas == tuple(conf.voters)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_skewed_writes_split_the_hot_range_and_placement_spreads_it(tmp_path: Path) -> None:
+    rules = PlacementRules(max_moves=1, interval=0.3, cooldown=30.0)
+    async with _cluster(
+        tmp_path, placement_interval=0.2, placement_rules=rules, split_keys=40, report_interval=0.1
+    ) as servers:
+        await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            for i in range(200):  # 9 in 10 writes go to one hot prefix
+                await kv.put(f"hot/{i:04d}" if i % 10 else f"cold/{i:04d}", b"x" * 32)
+
+        def settled_moves() -> tuple[int, int]:
+            return sum(s.replica_moves for s in servers), sum(s.leader_moves for s in servers)
+
+        last, quiet = (-1, -1), 0
+        for _ in range(600):  # bounded: until nothing moves for 2 s
+            await asyncio.sleep(0.1)
+            now = settled_moves()
+            busy = any(s.moves for s in servers)
+            quiet = quiet + 1 if now == last and not busy else 0
+            last = now
+            if quiet >= 20:
+                break
+        assert quiet >= 20, f"placement did not settle: {settled_moves()}"
+        ranges = servers[0].meta.map
+        hot = [r for r in ranges if r.end is None or r.end > "hot/"]
+        assert len(hot) >= 4, [r.describe() for r in ranges]  # the hot range split
+        lead = [s.config.id for s in servers for g in s.data_groups() if g.node.is_leader]
+        counts = [lead.count(i) for i in ("n1", "n2", "n3", "n4")]
+        assert max(counts) - min(counts) <= 1, counts  # leaders spread, n4 too
+        before = settled_moves()
+        await asyncio.sleep(3.0)  # steady: nothing moves back
+        assert settled_moves() == before
+        print(f"{len(ranges)} ranges, leaders per node {counts}, moves {before}")
