@@ -235,9 +235,10 @@ class RangeStateMachine(KVStateMachine):
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The KV snapshot with the descriptor in front."""
+        """The KV snapshot with the descriptor in front and the learners last:
+        ``[descriptor, kv, None, learners]`` (the third slot is kept for merge state)."""
         return encode(
-            [self.desc.to_plain(), super().snapshot(), list(self.learners)],
+            [self.desc.to_plain(), super().snapshot(), None, list(self.learners)],
             max_size=SNAPSHOT_MAX_BYTES,
         )
 
@@ -248,9 +249,9 @@ class RangeStateMachine(KVStateMachine):
             RemoteProtocolError: the snapshot is malformed.
         """
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
-        if not isinstance(v, list) or len(v) not in (2, 3) or type(v[1]) is not bytes:
+        if not isinstance(v, list) or len(v) not in (2, 3, 4) or type(v[1]) is not bytes:
             raise RemoteProtocolError("malformed range snapshot")
-        learners = v[2] if len(v) == 3 else []
+        learners = v[3] if len(v) == 4 else []
         if not isinstance(learners, list) or not all(type(x) is str for x in learners):
             raise RemoteProtocolError("malformed range snapshot: learners")
         desc = RangeDescriptor.from_plain(v[0])
