@@ -72,6 +72,7 @@ PURE = [
     "kv/fsm.py",
     "kv/ranges.py",
     "kv/rangefsm.py",
+    "kv/placement.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

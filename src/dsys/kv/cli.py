@@ -13,6 +13,7 @@
     dsys kv multi-serve --id n1 --listen ... --peer ... --data-dir ./n1   # multi-Raft node
     dsys kv ranges --cluster ...              # the range map of a multi-Raft cluster
     dsys kv split RANGE_ID KEY --cluster ...  # split a range (multi-Raft)
+    dsys kv move RANGE_ID FROM TO --cluster ...  # move a range's replica between nodes
 """
 
 from __future__ import annotations
@@ -130,11 +131,26 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="split a range at its middle key once it holds N keys (0 = manual splits only)",
     )
+    multi.add_argument(
+        "--initial-replicas",
+        default="",
+        metavar="ID,ID,...",
+        help="nodes holding the first range of a new cluster (default: every node)",
+    )
+    multi.add_argument(
+        "--placement-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds between rounds of the placement loop that moves replicas and "
+        "leaders between nodes (0 = off; replaces the leader balancer when on)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
         ("ranges", "print the range map of a multi-Raft cluster, with each range's leader"),
         ("split", "split a range of a multi-Raft cluster at a key"),
+        ("move", "move a range's replica from one node to another (multi-Raft)"),
     ):
         p = verbs.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
         p.add_argument(
@@ -145,9 +161,14 @@ def register(subparsers: Any) -> None:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
         if name == "ranges":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        else:
+        elif name == "split":
             p.add_argument("range_id", type=int, help="the range to split")
             p.add_argument("key", help="first key of the new (right) range")
+            p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
+        else:
+            p.add_argument("range_id", type=int, help="the range whose replica moves")
+            p.add_argument("src", metavar="FROM", help="node id that gives its replica up")
+            p.add_argument("dst", metavar="TO", help="node id that gets the replica")
             p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
         p.set_defaults(func=_ranges_command, command=name)
 
@@ -288,6 +309,8 @@ def _multi_serve(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         balance_interval=args.balance_interval or None,
         split_keys=args.split_keys or None,
+        initial_replicas=tuple(n for n in args.initial_replicas.split(",") if n) or None,
+        placement_interval=args.placement_interval or None,
     )
     return asyncio.run(serve_multi(config))
 
@@ -307,8 +330,13 @@ async def _ranges_async(args: argparse.Namespace) -> int:
             left, right = await kv.split(args.range_id, args.key)
             print(json.dumps({"left": left.to_plain(), "right": right.to_plain()}))
             return 0
+        if args.command == "move":
+            desc = await kv.move(args.range_id, args.src, args.dst)
+            print(json.dumps({"range": _range_row(desc.to_plain())}))
+            return 0
         m = await kv.refresh()
         leaders = await kv.range_leaders()
+        moves = await _moves(kv.nodes)
         if args.json:
             print(
                 json.dumps(
@@ -318,6 +346,7 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                             {**_range_row(r.to_plain()), "leader": leaders.get(r.range_id)}
                             for r in m
                         ],
+                        "moves": moves,
                     },
                     indent=2,
                 )
@@ -332,7 +361,32 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                 f"{r.range_id:>5}  {r.start!r:<16} {end:<16} {epoch:<9} "
                 f"{','.join(r.replicas):<16} {leaders.get(r.range_id) or '-'}"
             )
+        for mv in moves:
+            match, last = mv.get("learner_match"), mv.get("last_index")
+            caught = f", learner at {match}/{last}" if match is not None else ""
+            print(
+                f"move of range {mv['range_id']}: {mv['from']} -> {mv['to']}, "
+                f"step {mv['step']}{caught} (driven by {mv['node']})"
+            )
         return 0
+
+
+async def _moves(nodes: dict[str, str]) -> list[dict[str, Any]]:
+    """The replica moves in progress, as the nodes driving them report them."""
+    import aiohttp
+
+    out: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s:
+        for node_id, addr in sorted(nodes.items()):
+            try:
+                async with s.get(f"http://{addr}/v1/status") as r:
+                    data = await r.json()
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                continue
+            for mv in data.get("moves", []) if isinstance(data, dict) else []:
+                if isinstance(mv, dict):
+                    out.append({**mv, "node": node_id})
+    return out
 
 
 def _range_row(plain: list[Any]) -> dict[str, Any]:

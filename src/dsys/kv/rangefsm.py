@@ -19,6 +19,11 @@ A data range's replicas apply the KV commands of :mod:`dsys.kv.fsm` through a
   revision counter, replicated clock and exactly-once sessions, so a key's revisions keep
   growing and a retried write that committed before the split answers its first result.
   A split with a stale ``version`` or a key not strictly inside is a replicated no-op.
+* A committed Raft configuration entry (a replica added as learner, promoted, or
+  removed) reaches :meth:`RangeStateMachine.apply_conf`: the descriptor's replicas
+  become the configuration's voters and learners, and ``conf_ver`` bumps (every step of
+  a replica move, as TiKV's ``ConfChange``). The descriptor travels in every snapshot, so
+  a replica caught up from a snapshot learns its bounds and epoch from it.
 
 The metadata range (range 0) applies :class:`MetaStateMachine` commands: the
 :class:`~dsys.kv.ranges.RangeMap` of every range (updated from the ranges' own reports,
@@ -29,7 +34,7 @@ of range ids.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -37,7 +42,8 @@ from sortedcontainers import SortedDict
 from dsys.codec import decode, encode
 from dsys.errors import RemoteProtocolError
 from dsys.kv.fsm import SNAPSHOT_MAX_BYTES, KVStateMachine, Result, Sessions
-from dsys.kv.ranges import FIRST_RANGE_ID, RangeDescriptor, RangeMap, split_descriptor
+from dsys.kv.ranges import FIRST_RANGE_ID, Epoch, RangeDescriptor, RangeMap, split_descriptor
+from dsys.raft.messages import ConfState
 
 _SPLIT = 10
 _REPORT = 20
@@ -66,8 +72,8 @@ class SplitResult:
 
     Attributes:
         ok: the range was split.
-        status: ``"ok"``, ``"epoch_not_match"`` or ``"bad_split"`` (key not inside, id
-            in use).
+        status: ``"ok"``, ``"epoch_not_match"``, ``"bad_split"`` (key not inside, id
+            in use) or ``"conf_change_in_progress"`` (the range has learners).
         left: this range after the split.
         right: the new range.
     """
@@ -102,6 +108,16 @@ def _decode_split(data: bytes) -> Split | None:
 SplitHook = Callable[[RangeDescriptor, RangeDescriptor, bytes], None]
 """``on_split(left, right, right_snapshot)``: called when a split was applied."""
 
+ConfHook = Callable[[RangeDescriptor, ConfState], None]
+"""``on_conf(desc, conf)``: called when a configuration entry was applied."""
+
+
+def replicas_after(old: tuple[str, ...], conf: ConfState) -> tuple[str, ...]:
+    """The replica list for ``conf``: ``old``'s members in their order, then new ones."""
+    members = [*conf.voters, *conf.learners]
+    kept = [r for r in old if r in members]
+    return (*kept, *[m for m in members if m not in kept])
+
 
 class RangeStateMachine(KVStateMachine):
     """A :class:`~dsys.kv.fsm.KVStateMachine` holding only the keys of one range.
@@ -120,6 +136,10 @@ class RangeStateMachine(KVStateMachine):
         """Whether ``desc`` is real (the state came from a split or a snapshot)."""
         self.on_split: SplitHook | None = None
         """Set by the host: start the new range's group from the right half's snapshot."""
+        self.learners: tuple[str, ...] = ()
+        """The replicas of ``desc`` that are Raft learners (catching up, not voting)."""
+        self.on_conf: ConfHook | None = None
+        """Set by the host: learn of replica changes (e.g. that this replica was removed)."""
         self._kw = kw
 
     def split_key(self) -> str | None:
@@ -167,6 +187,10 @@ class RangeStateMachine(KVStateMachine):
         desc = self.desc
         if cmd.expect_version != desc.epoch.version:
             return SplitResult(False, "epoch_not_match", desc)
+        if self.learners:
+            # the new range would start with the learners as voters: split once the
+            # replica change is over (a replicated decision, the same on every replica)
+            return SplitResult(False, "conf_change_in_progress", desc)
         at = cmd.at_key
         if (
             not (desc.start < at and (desc.end is None or at < desc.end))
@@ -196,11 +220,27 @@ class RangeStateMachine(KVStateMachine):
             self.on_split(left, right, child.snapshot())
         return SplitResult(True, "ok", left, right)
 
+    def apply_conf(self, conf: ConfState, index: int) -> None:
+        """A committed configuration entry: the replicas follow it, ``conf_ver`` bumps."""
+        desc = self.desc
+        self.desc = replace(
+            desc,
+            replicas=replicas_after(desc.replicas, conf),
+            epoch=Epoch(desc.epoch.conf_ver + 1, desc.epoch.version),
+        )
+        self.learners = tuple(conf.learners)
+        if self.on_conf is not None:
+            self.on_conf(self.desc, conf)
+
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The KV snapshot with the descriptor in front."""
-        return encode([self.desc.to_plain(), super().snapshot()], max_size=SNAPSHOT_MAX_BYTES)
+        """The KV snapshot with the descriptor in front and the learners last:
+        ``[descriptor, kv, None, learners]`` (the third slot is kept for merge state)."""
+        return encode(
+            [self.desc.to_plain(), super().snapshot(), None, list(self.learners)],
+            max_size=SNAPSHOT_MAX_BYTES,
+        )
 
     def restore(self, data: bytes) -> None:
         """Replace the state (and the descriptor) by a :meth:`snapshot`.
@@ -209,11 +249,15 @@ class RangeStateMachine(KVStateMachine):
             RemoteProtocolError: the snapshot is malformed.
         """
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
-        if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes:
+        if not isinstance(v, list) or len(v) not in (2, 3, 4) or type(v[1]) is not bytes:
             raise RemoteProtocolError("malformed range snapshot")
+        learners = v[3] if len(v) == 4 else []
+        if not isinstance(learners, list) or not all(type(x) is str for x in learners):
+            raise RemoteProtocolError("malformed range snapshot: learners")
         desc = RangeDescriptor.from_plain(v[0])
         super().restore(v[1])
         self.desc = desc
+        self.learners = tuple(learners)
         self.initialized = True
 
 
@@ -303,6 +347,7 @@ def contiguous_runs(descs: list[RangeDescriptor]) -> list[list[RangeDescriptor]]
 __all__ = [
     "SPLIT_INIT_INDEX",
     "AllocId",
+    "ConfHook",
     "MetaStateMachine",
     "RangeStateMachine",
     "Report",
@@ -312,4 +357,5 @@ __all__ = [
     "contiguous_runs",
     "encode_meta",
     "encode_split",
+    "replicas_after",
 ]
