@@ -73,6 +73,7 @@ PURE = [
     "kv/ranges.py",
     "kv/rangefsm.py",
     "kv/rangeload.py",
+    "kv/placement.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from dsys.kv.fsm import Delete, Put, Tick, encode_command
@@ -155,3 +156,20 @@ def test_merged_away_finds_only_replicas_of_merged_ranges() -> None:
     # a lagging replica of a range the map still lists is kept whatever its version
     old_1 = RangeDescriptor(range_id=1, start="", end="m", epoch=Epoch(1, 2))
     assert merged_away([old_1], m) == []
+
+
+def test_no_merge_across_replica_sets_or_during_a_replica_move() -> None:
+    left, right = _two_ranges()
+    left.learners = ("n4",)  # a move under way on the target
+    prep = right.apply(encode_merge(PrepareMerge(1, left.desc.epoch.version, 2)))
+    assert isinstance(prep, MergeResult) and prep.ok
+    res = left.apply(encode_merge(CommitMerge(right.desc, right.snapshot(), 2)))
+    assert isinstance(res, MergeResult) and res.status == "bad_merge"
+    left.learners = ()
+    other = dataclasses.replace(right.desc, replicas=("n1", "n2", "n4"))
+    res = left.apply(encode_merge(CommitMerge(other, right.snapshot(), 2)))
+    assert isinstance(res, MergeResult) and res.status == "bad_merge"
+    _, src = _two_ranges()
+    src.learners = ("n4",)
+    prep = src.apply(encode_merge(PrepareMerge(1, 2, 2)))
+    assert isinstance(prep, MergeResult) and prep.status == "conf_change_in_progress"

@@ -28,6 +28,11 @@ A data range's replicas apply the KV commands of :mod:`dsys.kv.fsm` through a
   sessions, and sets ``version = max + 1``. ``on_merge`` then tells the host to stop the
   source's group. A commit the target refuses (its ``version`` moved on) can never
   succeed later, so the source may then :class:`RollbackMerge` and take writes again.
+* A committed Raft configuration entry (a replica added as learner, promoted, or
+  removed) reaches :meth:`RangeStateMachine.apply_conf`: the descriptor's replicas
+  become the configuration's voters and learners, and ``conf_ver`` bumps (every step of
+  a replica move, as TiKV's ``ConfChange``). The descriptor travels in every snapshot, so
+  a replica caught up from a snapshot learns its bounds and epoch from it.
 
 The metadata range (range 0) applies :class:`MetaStateMachine` commands: the
 :class:`~dsys.kv.ranges.RangeMap` of every range (updated from the ranges' own reports,
@@ -48,6 +53,7 @@ from dsys.codec import decode, encode
 from dsys.errors import RemoteProtocolError
 from dsys.kv.fsm import SNAPSHOT_MAX_BYTES, KVStateMachine, Result, Sessions
 from dsys.kv.ranges import FIRST_RANGE_ID, Epoch, RangeDescriptor, RangeMap, split_descriptor
+from dsys.raft.messages import ConfState
 
 _SPLIT = 10
 _PREPARE_MERGE = 11
@@ -79,8 +85,8 @@ class SplitResult:
 
     Attributes:
         ok: the range was split.
-        status: ``"ok"``, ``"epoch_not_match"`` or ``"bad_split"`` (key not inside, id
-            in use).
+        status: ``"ok"``, ``"epoch_not_match"``, ``"bad_split"`` (key not inside, id
+            in use) or ``"conf_change_in_progress"`` (the range has learners).
         left: this range after the split.
         right: the new range.
     """
@@ -114,6 +120,16 @@ def _decode_split(data: bytes) -> Split | None:
 
 SplitHook = Callable[[RangeDescriptor, RangeDescriptor, bytes], None]
 """``on_split(left, right, right_snapshot)``: called when a split was applied."""
+
+ConfHook = Callable[[RangeDescriptor, ConfState], None]
+"""``on_conf(desc, conf)``: called when a configuration entry was applied."""
+
+
+def replicas_after(old: tuple[str, ...], conf: ConfState) -> tuple[str, ...]:
+    """The replica list for ``conf``: ``old``'s members in their order, then new ones."""
+    members = [*conf.voters, *conf.learners]
+    kept = [r for r in old if r in members]
+    return (*kept, *[m for m in members if m not in kept])
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +169,8 @@ class MergeResult:
         ok: the command took effect (or had already: a repeated commit).
         status: ``"ok"``, ``"epoch_not_match"`` (the range's version moved on, or it is
             frozen by another merge), ``"bad_merge"`` (not neighbours, other replicas,
-            not frozen) or ``"invalid"`` (undecodable).
+            not frozen, learners), ``"conf_change_in_progress"`` (a prepare on a range
+            with learners) or ``"invalid"`` (undecodable).
         desc: this range after the command.
         source: the absorbed range (a commit).
     """
@@ -250,6 +267,10 @@ class RangeStateMachine(KVStateMachine):
         """Whether ``desc`` is real (the state came from a split or a snapshot)."""
         self.on_split: SplitHook | None = None
         """Set by the host: start the new range's group from the right half's snapshot."""
+        self.learners: tuple[str, ...] = ()
+        """The replicas of ``desc`` that are Raft learners (catching up, not voting)."""
+        self.on_conf: ConfHook | None = None
+        """Set by the host: learn of replica changes (e.g. that this replica was removed)."""
         self._kw = kw
         self.merging: tuple[int, int] | None = None
         """``(target_id, target_version)`` while this range is frozen by a PrepareMerge."""
@@ -299,6 +320,8 @@ class RangeStateMachine(KVStateMachine):
         if isinstance(cmd, PrepareMerge):
             if self.merging is not None or cmd.expect_version != desc.epoch.version:
                 return MergeResult(False, "epoch_not_match", desc)
+            if self.learners:  # merge once the replica change is over
+                return MergeResult(False, "conf_change_in_progress", desc)
             self.desc = replace(desc, epoch=Epoch(desc.epoch.conf_ver, desc.epoch.version + 1))
             self.merging = (cmd.target_id, cmd.target_version)
             return MergeResult(True, "ok", self.desc)
@@ -330,7 +353,7 @@ class RangeStateMachine(KVStateMachine):
             other.restore(cmd.state)
         except RemoteProtocolError:
             return MergeResult(False, "invalid", desc)
-        if other.desc != src or other.merging is None:
+        if other.desc != src or other.merging is None or other.learners or self.learners:
             return MergeResult(False, "bad_merge", desc)
         for key, kv in other._data.items():
             self._data[key] = kv
@@ -381,6 +404,10 @@ class RangeStateMachine(KVStateMachine):
         desc = self.desc
         if cmd.expect_version != desc.epoch.version or self.merging is not None:
             return SplitResult(False, "epoch_not_match", desc)
+        if self.learners:
+            # the new range would start with the learners as voters: split once the
+            # replica change is over (a replicated decision, the same on every replica)
+            return SplitResult(False, "conf_change_in_progress", desc)
         at = cmd.at_key
         if (
             not (desc.start < at and (desc.end is None or at < desc.end))
@@ -410,13 +437,27 @@ class RangeStateMachine(KVStateMachine):
             self.on_split(left, right, child.snapshot())
         return SplitResult(True, "ok", left, right)
 
+    def apply_conf(self, conf: ConfState, index: int) -> None:
+        """A committed configuration entry: the replicas follow it, ``conf_ver`` bumps."""
+        desc = self.desc
+        self.desc = replace(
+            desc,
+            replicas=replicas_after(desc.replicas, conf),
+            epoch=Epoch(desc.epoch.conf_ver + 1, desc.epoch.version),
+        )
+        self.learners = tuple(conf.learners)
+        if self.on_conf is not None:
+            self.on_conf(self.desc, conf)
+
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The KV snapshot with the descriptor in front (and the merge state after)."""
+        """The KV snapshot with the descriptor in front, then the merge state and the
+        learners: ``[descriptor, kv, [merging, absorbed], learners]``."""
         merge = [list(self.merging) if self.merging else None, sorted(self.absorbed)]
         return encode(
-            [self.desc.to_plain(), super().snapshot(), merge], max_size=SNAPSHOT_MAX_BYTES
+            [self.desc.to_plain(), super().snapshot(), merge, list(self.learners)],
+            max_size=SNAPSHOT_MAX_BYTES,
         )
 
     def restore(self, data: bytes) -> None:
@@ -426,18 +467,24 @@ class RangeStateMachine(KVStateMachine):
             RemoteProtocolError: the snapshot is malformed.
         """
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
-        if not isinstance(v, list) or len(v) not in (2, 3) or type(v[1]) is not bytes:
+        if not isinstance(v, list) or len(v) not in (2, 3, 4) or type(v[1]) is not bytes:
             raise RemoteProtocolError("malformed range snapshot")
+        learners = v[3] if len(v) == 4 else []
+        if not isinstance(learners, list) or not all(type(x) is str for x in learners):
+            raise RemoteProtocolError("malformed range snapshot: learners")
         desc = RangeDescriptor.from_plain(v[0])
-        merging, absorbed = _merge_state(v[2] if len(v) == 3 else [None, []])
+        merging, absorbed = _merge_state(v[2] if len(v) >= 3 and v[2] is not None else None)
         super().restore(v[1])
         self.desc = desc
         self.merging, self.absorbed = merging, absorbed
+        self.learners = tuple(learners)
         self.initialized = True
 
 
 def _merge_state(v: Any) -> tuple[tuple[int, int] | None, set[int]]:
-    """``(merging, absorbed)`` of a range snapshot's third element."""
+    """``(merging, absorbed)`` of a range snapshot's third element (None: no merge state)."""
+    if v is None:
+        return None, set()
     if (
         not isinstance(v, list)
         or len(v) != 2
@@ -540,6 +587,7 @@ __all__ = [
     "SPLIT_INIT_INDEX",
     "AllocId",
     "CommitMerge",
+    "ConfHook",
     "MergeHook",
     "MergeResult",
     "MetaStateMachine",
@@ -556,4 +604,5 @@ __all__ = [
     "encode_meta",
     "encode_split",
     "merge_sessions",
+    "replicas_after",
 ]

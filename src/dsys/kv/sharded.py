@@ -310,6 +310,45 @@ class ShardedKVClient:
             await self._pause(attempt, deadline)
         raise UnavailableError(f"split of range {range_id} did not succeed in time")
 
+    async def move(self, range_id: int, src: str, dst: str) -> RangeDescriptor:
+        """Move range ``range_id``'s replica from node ``src`` to node ``dst`` (any node
+        forwards the request to the range's leader); the descriptor once done.
+
+        Raises:
+            BadInputError: unknown nodes or range, or ``src`` holds no replica.
+            ConflictError: another move of the range is in flight.
+            UnavailableError: the move did not finish (asking again resumes it).
+        """
+        if self.map is None:
+            await self.refresh()
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
+        last = "no attempt"
+        for attempt in range(3):
+            addr = self.endpoints[(attempt + self._rr) % len(self.endpoints)]
+            try:
+                async with self._http().post(
+                    f"http://{addr}/v1/ranges/{range_id}/move",
+                    json={"from": src, "to": dst},
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=max(self.timeout, 70.0)),
+                ) as r:
+                    data = _json(await r.read())
+                    status = r.status
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{addr}: {type(exc).__name__}: {exc}"
+                continue
+            if status == 200:
+                desc = RangeDescriptor.from_plain(data.get("range"))
+                self._learn([desc.to_plain()])
+                return desc
+            last = f"{addr}: {status} {data.get('message')}"
+            if status == 400:
+                raise BadInputError(str(data.get("message")))
+            if status == 409:
+                raise ConflictError(str(data.get("message")))
+            await asyncio.sleep(0.2)
+        raise UnavailableError(f"move of range {range_id} did not finish; last: {last}")
+
     async def merge(self, left_id: int, right_id: int) -> RangeDescriptor:
         """Merge range ``right_id`` into its left neighbour ``left_id`` (sent to the
         leader of ``right_id``); the merged range.

@@ -66,6 +66,7 @@ from dsys.raft.messages import (
     BecameFollower,
     BecameLeader,
     ConfChange,
+    ConfState,
     Entry,
     EntryKind,
     HardState,
@@ -266,7 +267,8 @@ class StateMachine(Protocol):
 
         A state machine may also offer ``apply_command(decoded)``: the leader then
         applies the entries it proposed with ``decoded`` (see
-        :meth:`RaftNode.propose_callback`) without decoding them again.
+        :meth:`RaftNode.propose_callback`) without decoding them again. It may also offer
+        ``apply_conf(conf, index)``, called with each committed configuration entry.
         """
         ...
 
@@ -631,6 +633,7 @@ class RaftNode:
         self._snapshots = snapshots
         self.fsm = fsm
         self._apply_decoded: Callable[[Any], object] | None = getattr(fsm, "apply_command", None)
+        self._apply_conf: Callable[[ConfState, int], None] | None = getattr(fsm, "apply_conf", None)
         self.metrics = metrics or Metrics("raft")
         self.log = get_logger("raft.node", node_id=config.id)
         self.transport = transport or PeerTransport(
@@ -657,6 +660,7 @@ class RaftNode:
         self._pending: dict[int, _Proposal] = {}
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._snapshot_waiters: list[asyncio.Future[int]] = []
         self._read_seq = 0
         self._traced_commit = 0
         self._synced_hs: HardState | None = None  # the hard state last persisted
@@ -1403,6 +1407,10 @@ class RaftNode:
                     results = [apply(cmd) for cmd in self._batch_commands(entry)]
             else:
                 results = [None]
+                if kind == EntryKind.CONFIG and self._apply_conf is not None:
+                    # a state machine that tracks its membership (a multi-Raft range's
+                    # descriptor) sees each committed configuration, in log order
+                    self._apply_conf(decode_conf(entry.data), entry.index)
             self.applied_index = entry.index
             self.applied_term = entry.term
             if p is not None:
@@ -1545,7 +1553,31 @@ class RaftNode:
             if not rfut.done():
                 rfut.set_exception(self._not_leader())
 
+    async def request_snapshot(self, timeout: float = 3.0) -> int:  # noqa: ASYNC109
+        """Have the Raft loop snapshot at its applied index and compact the log (unlike
+        :meth:`snapshot_now`, safe to call from outside the loop); returns the index.
+
+        Raises:
+            RequestTimeout: the loop did not get to it in time.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(fut)
+        self._wake.set()
+        try:
+            return await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout("snapshot not taken in time") from None
+
     async def _maybe_snapshot(self) -> None:
+        if self._snapshot_waiters:
+            waiters, self._snapshot_waiters = self._snapshot_waiters, []
+            index = await self.snapshot_now()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(index)
+            return
         behind = self.applied_index - self.snapshot_index
         if behind >= self.config.snapshot_every:
             await self.snapshot_now()
