@@ -58,7 +58,7 @@ from dsys.kv.rangefsm import (
     encode_merge,
 )
 from dsys.kv.rangeload import RangeLoad, RangeStats, merged_away, plan_merge
-from dsys.kv.ranges import RangeDescriptor
+from dsys.kv.ranges import META_RANGE_ID, RangeDescriptor
 from dsys.raft.node import TOKEN_HEADER, token_ok
 
 if TYPE_CHECKING:
@@ -175,6 +175,19 @@ class RangeUpkeep:
         s = self.server
         src, tgt = s.groups.get(right_id), s.groups.get(left_id)
         if src is None or not src.initialized or tgt is None or not tgt.initialized:
+            gone = [r for r in (left_id, right_id) if r in self.tombstones]
+            if gone:
+                raise BadInputError(f"range {gone[0]} was merged away")
+            meta_leads = s.groups[META_RANGE_ID].node.is_leader
+            if not meta_leads or all(
+                META_RANGE_ID < r < s.meta.next_id for r in (left_id, right_id)
+            ):
+                # allocated but not applied here yet (a split in flight, a node catching
+                # up), or this node's metadata replica may lag: another node may know
+                raise UnavailableError(
+                    f"ranges {left_id} and {right_id} are not both on node {s.config.id} yet",
+                    retry_after=0.1,
+                )
             raise BadInputError(f"no data ranges {left_id} and {right_id} here")
         sd, td = src.desc, tgt.desc
         if td.end is None or td.end != sd.start:
