@@ -391,10 +391,10 @@ async def test_cli_ranges_and_split(cluster: list[MultiRaftServer]) -> None:
     rc, out, err = await _dsys("split", "1", "m", "--cluster", eps)
     assert rc == 0, err
     right = json.loads(out)["right"]
-    assert right[1] == "m"
+    assert (right["start"], right["end"], right["version"]) == ("m", None, 2)
     rc, out, err = await _dsys("split", "1", "zz", "--cluster", eps)
     assert rc != 0 and "not strictly inside" in err
-    await _leaders(cluster, [0, 1, right[0]])
+    await _leaders(cluster, [0, 1, right["range_id"]])
     for _ in range(100):
         rc, out, err = await _dsys("ranges", "--cluster", eps, "--json")
         rows = json.loads(out)["ranges"]

@@ -302,7 +302,8 @@ async def test_cli_merge(tmp_path: Path) -> None:
         await _leaders(servers, [right.range_id])
         rc, out, err = await _dsys("merge", "1", str(right.range_id), "--cluster", eps)
         assert rc == 0, err
-        assert json.loads(out)["merged"][:3] == [1, "", None]
+        merged = json.loads(out)["merged"]
+        assert (merged["range_id"], merged["start"], merged["end"]) == (1, "", None)
         rc, out, err = await _dsys("merge", "1", "99", "--cluster", eps)
         assert rc != 0 and "no data ranges" in err, err
     finally:

@@ -377,11 +377,15 @@ async def _ranges_async(args: argparse.Namespace) -> int:
     ) as kv:
         if args.command == "split":
             left, right = await kv.split(args.range_id, args.key)
-            print(json.dumps({"left": left.to_plain(), "right": right.to_plain()}))
+            print(
+                json.dumps(
+                    {"left": _range_row(left.to_plain()), "right": _range_row(right.to_plain())}
+                )
+            )
             return 0
         if args.command == "merge":
             merged = await kv.merge(args.left, args.right)
-            print(json.dumps({"merged": merged.to_plain()}))
+            print(json.dumps({"merged": _range_row(merged.to_plain())}))
             return 0
         if args.command == "move":
             desc = await kv.move(args.range_id, args.src, args.dst)
