@@ -82,6 +82,8 @@ async def test_move_during_writes_is_linearizable_and_the_source_drops_its_data(
         n4 = servers[3]
         await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
         assert 1 not in n4.groups  # range 1 starts on n1..n3 only
+        # and the metadata range's first map says so (before any range reported)
+        assert all(s.meta.map.lookup("").replicas == ("n1", "n2", "n3") for s in servers)
         addrs = _addrs(servers)
         keys = [f"k{i}" for i in range(8)]
         history = History()

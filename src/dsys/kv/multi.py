@@ -639,7 +639,7 @@ class MultiRaftServer:
 
     def _new_fsm(self, rid: int) -> RangeStateMachine | MetaStateMachine:
         if rid == META_RANGE_ID:
-            return MetaStateMachine(self.replicas)
+            return MetaStateMachine(self.initial_replicas)
         # range 1 starts as the whole key space; a split range's snapshot says its bounds
         whole = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.initial_replicas)
         return RangeStateMachine(whole)
