@@ -1341,7 +1341,14 @@ class RaftNode:
                     self._persist(rd)
                 else:
                     async with self._store_lock:
-                        done = asyncio.get_running_loop().run_in_executor(None, self._persist, rd)
+                        loop = asyncio.get_running_loop()
+                        if rd.snapshot is None:
+                            # Encode the records here: the thread then needs the GIL only
+                            # to call write() and fdatasync(), not while the senders run.
+                            self._stage(rd)
+                            done = loop.run_in_executor(None, self._sync)
+                        else:
+                            done = loop.run_in_executor(None, self._persist, rd)
                         if early:
                             self._send(rd.messages)
                             sent = True
@@ -1436,6 +1443,11 @@ class RaftNode:
             self._snapshots.save(rd.snapshot)
             meta = rd.snapshot.meta
             self._log_store.compact(meta.index, meta.term, keep_tail=False)
+        self._stage(rd)
+        self._sync()
+
+    def _stage(self, rd: Ready) -> None:
+        """Queue ``rd``'s entries and hard state in the stores (durable after a sync)."""
         # Entries before the hard state: both go out in one write and one fsync, and if
         # a crash tears that write, a commit index beyond the surviving log is impossible.
         if rd.entries:
@@ -1443,6 +1455,9 @@ class RaftNode:
         if rd.hard_state is not None:
             self._stable.save_hard_state(rd.hard_state)
             self._synced_hs = rd.hard_state
+
+    def _sync(self) -> None:
+        """Make what was staged durable (may run in a worker thread)."""
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
