@@ -1319,14 +1319,19 @@ class RaftNode:
     async def _handle_ready(self, rd: Ready) -> None:
         # 1. persist (one fsync for the whole batch, in a worker thread). A leader
         #    replicates while it writes its own log (Raft thesis 10.2.1; its own copy
-        #    counts toward a commit only after advance(), see RaftCore): the thread starts
-        #    on the write first, then the appends are queued, and the peer senders write
-        #    them to their sockets while the thread writes and syncs.
+        #    counts toward a commit only after advance(), see RaftCore): its appends are
+        #    written to the peer sockets first (one loop turn), then the records are
+        #    encoded here and the thread only writes and syncs them. (Starting the thread
+        #    before the sends measured no better: it delays the appends; benchmarks.md.)
         #    A hard state that only moves the commit index needs no fsync and nothing
         #    waits for it (the commit index is volatile in Raft): it is written after the
         #    committed entries are applied and answered.
         early = rd.messages_before_persist and bool(rd.messages)
-        sent = deferred = False
+        deferred = False
+        if early:
+            self._send(rd.messages)
+            if rd.entries and not self._inline_persist:
+                await asyncio.sleep(0)  # the peer senders write the appends now
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             if not self._needs_fsync(rd):
                 deferred = True
@@ -1335,31 +1340,24 @@ class RaftNode:
                 if _TRACE and rd.entries:
                     _trace.mark("persist_start", rd.entries[-1].index)
                 if self._inline_persist:  # fsync off: a plain write() beats a thread hop
-                    if early:
-                        self._send(rd.messages)
-                        sent = True
                     self._persist(rd)
                 else:
                     async with self._store_lock:
                         loop = asyncio.get_running_loop()
                         if rd.snapshot is None:
                             # Encode the records here: the thread then needs the GIL only
-                            # to call write() and fdatasync(), not while the senders run.
+                            # around write() and fdatasync().
                             self._stage(rd)
-                            done = loop.run_in_executor(None, self._sync)
+                            await loop.run_in_executor(None, self._sync)
                         else:
-                            done = loop.run_in_executor(None, self._persist, rd)
-                        if early:
-                            self._send(rd.messages)
-                            sent = True
-                        await done
+                            await loop.run_in_executor(None, self._persist, rd)
                 self._m_fsync.observe(time.perf_counter() - started)
                 if rd.entries:
                     self._m_batch.observe(len(rd.entries))
                     if _TRACE:
                         _trace.mark("persist_end", rd.entries[-1].index)
         # 2. send (after persisting, unless sent above)
-        if rd.messages and not sent:
+        if rd.messages and not early:
             self._send(rd.messages)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
