@@ -61,7 +61,7 @@ def fsync_dir(path: Path) -> None:
 
 
 # fdatasync, as etcd's WAL: the data and the file size, without the mtime (Linux; fsync
-# where there is none). Cheaper than fsync on this machine's ext4 (benchmarks.md).
+# where there is none). Never dearer than fsync in this VM's runs (docs/benchmarks.md).
 _datasync = getattr(os, "fdatasync", os.fsync)
 
 
