@@ -1348,36 +1348,47 @@ class RaftNode:
             )
 
     async def _handle_ready(self, rd: Ready) -> None:
-        # 0. a leader replicates while it writes its own log (its own copy counts toward
-        #    a commit only after advance(); see RaftCore)
-        early = rd.messages_before_persist
-        if early and rd.messages:
+        # 1. persist (one fsync for the whole batch, in a worker thread). A leader
+        #    replicates while it writes its own log (Raft thesis 10.2.1; its own copy
+        #    counts toward a commit only after advance(), see RaftCore): its appends are
+        #    written to the peer sockets first (one loop turn), then the records are
+        #    encoded here and the thread only writes and syncs them. (Starting the thread
+        #    before the sends measured no better: it delays the appends; benchmarks.md.)
+        #    A hard state that only moves the commit index needs no fsync and nothing
+        #    waits for it (the commit index is volatile in Raft): it is written after the
+        #    committed entries are applied and answered.
+        early = rd.messages_before_persist and bool(rd.messages)
+        deferred = False
+        if early:
             self._send(rd.messages)
-            if rd.entries:
-                # One loop turn: the peer senders write the appends to their sockets now,
-                # before the persist thread takes the GIL to encode and write the WAL.
-                await asyncio.sleep(0)
-        # 1. persist (off the event loop when it fsyncs; one fsync for the whole batch)
+            if rd.entries and not self._inline_persist:
+                await asyncio.sleep(0)  # the peer senders write the appends now
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
-            started = time.perf_counter()
-            if _TRACE and rd.entries:
-                _trace.mark("persist_start", rd.entries[-1].index)
-            if self._inline_persist or (
-                not self._store_lock.locked() and not self._needs_fsync(rd)
-            ):
-                # No fsync (fsync off, or only the commit index moved, which the WAL
-                # writes without one): a plain write() is cheaper than a thread hop.
-                self._persist(rd)
+            if not self._needs_fsync(rd):
+                deferred = True
             else:
-                async with self._store_lock:
-                    await asyncio.to_thread(self._persist, rd)
-            self._m_fsync.observe(time.perf_counter() - started)
-            if rd.entries:
-                self._m_batch.observe(len(rd.entries))
-                if _TRACE:
-                    _trace.mark("persist_end", rd.entries[-1].index)
-        # 2. send
-        if not early and rd.messages:
+                started = time.perf_counter()
+                if _TRACE and rd.entries:
+                    _trace.mark("persist_start", rd.entries[-1].index)
+                if self._inline_persist:  # fsync off: a plain write() beats a thread hop
+                    self._persist(rd)
+                else:
+                    async with self._store_lock:
+                        loop = asyncio.get_running_loop()
+                        if rd.snapshot is None:
+                            # Encode the records here: the thread then needs the GIL only
+                            # around write() and fdatasync().
+                            self._stage(rd)
+                            await loop.run_in_executor(None, self._sync)
+                        else:
+                            await loop.run_in_executor(None, self._persist, rd)
+                self._m_fsync.observe(time.perf_counter() - started)
+                if rd.entries:
+                    self._m_batch.observe(len(rd.entries))
+                    if _TRACE:
+                        _trace.mark("persist_end", rd.entries[-1].index)
+        # 2. send (after persisting, unless sent above)
+        if rd.messages and not early:
             self._send(rd.messages)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
@@ -1426,6 +1437,13 @@ class RaftNode:
             if rfut is not None and not rfut.done():
                 rfut.set_result(rs.index)
         self._wake_applied()
+        if deferred:
+            # A plain write() of the commit index, cheaper than a thread hop.
+            if self._store_lock.locked():
+                async with self._store_lock:
+                    await asyncio.to_thread(self._persist, rd)
+            else:
+                self._persist(rd)
         # 4. events
         for ev in rd.events:
             self._on_event(ev)
@@ -1458,6 +1476,11 @@ class RaftNode:
             self._snapshots.save(rd.snapshot)
             meta = rd.snapshot.meta
             self._log_store.compact(meta.index, meta.term, keep_tail=False)
+        self._stage(rd)
+        self._sync()
+
+    def _stage(self, rd: Ready) -> None:
+        """Queue ``rd``'s entries and hard state in the stores (durable after a sync)."""
         # Entries before the hard state: both go out in one write and one fsync, and if
         # a crash tears that write, a commit index beyond the surviving log is impossible.
         if rd.entries:
@@ -1465,6 +1488,9 @@ class RaftNode:
         if rd.hard_state is not None:
             self._stable.save_hard_state(rd.hard_state)
             self._synced_hs = rd.hard_state
+
+    def _sync(self) -> None:
+        """Make what was staged durable (may run in a worker thread)."""
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
