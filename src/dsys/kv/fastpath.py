@@ -307,6 +307,7 @@ class _Conn(asyncio.Protocol):
         "pending",
         "read_paused",
         "session",
+        "taken",
         "target",
         "transport",
         "write_paused",
@@ -317,7 +318,9 @@ class _Conn(asyncio.Protocol):
         self.parser = Parser(max_head=MAX_HEAD)
         self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
         self.head: Request | None = None  # parsed, not started yet (body or turn awaited)
-        self.target: tuple[bytes, bytes | None] = (b"", None)  # head's (key, query)
+        # head's (key, query), None: not served here (hand off)
+        self.target: tuple[bytes, bytes | None] | None = None
+        self.taken: bytes | None = None  # head's body, when try_request took it whole
         self.session: tuple[bytes | None, bytes | None] = (None, None)  # client id, seq
         self.need = 0  # buffered bytes the head needs (its body) before going on
         self.parsing = False  # inside _next
@@ -340,6 +343,15 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.head is None and not self.buf:
+            # The common case, whole requests in one read: the first in one parser call.
+            got = self.parser.try_request(data)
+            if got is not None:
+                req, self.taken = got
+                self.head = req
+                self.target = self._servable(req)
+                self._next()
+                return
         self.parser.feed(data)
         if len(self.buf) >= self.need:
             self._next()
@@ -429,25 +441,32 @@ class _Conn(asyncio.Protocol):
                 return _WAIT
             assert isinstance(event, Request)  # a server-role parser starts with one
             req = self.head = event
-            target = self._servable(req)
-            if target is None:
-                return _HANDOFF
-            self.target = target
+            self.target = self._servable(req)
+            self.taken = None
+        target = self.target
+        if target is None:
+            return _HANDOFF
         method = _METHODS[req.method]
         if method == _GET and self.pending:
             # A read sees every write before it on the connection and none after it,
             # as when aiohttp serves pipelined requests one at a time: wait.
             return _BLOCKED
-        length = req.content_length or 0
-        buffered = len(self.buf)
-        if buffered < length:
-            self.need = length
-            return _WAIT
         close = not req.keep_alive
-        if close and buffered > length:
-            return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
-        body = parser.take_body()
-        assert body is not None  # all of it is buffered
+        body = self.taken
+        if body is None:
+            length = req.content_length or 0
+            buffered = len(self.buf)
+            if buffered < length:
+                self.need = length
+                return _WAIT
+            if close and buffered > length:
+                return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
+            body = parser.take_body()
+            assert body is not None  # all of it is buffered
+        elif close and self.buf:
+            return _HANDOFF  # (as above)
+        else:
+            self.taken = None
         self.need = 0
         self.head = None
         if close:
@@ -455,7 +474,7 @@ class _Conn(asyncio.Protocol):
         slot = _Slot(self, req.target, close or self.fast.draining)
         slot.read = method == _GET
         self.pending.append(slot)
-        key, qs = self.target
+        key, qs = target
         try:
             if method == _PUT:
                 self._put(slot, key, qs, req, body)
@@ -621,7 +640,7 @@ class _Conn(asyncio.Protocol):
         head, self.head = self.head, None
         buf = self.parser.unparsed()
         if head is not None:  # parsed, not served: aiohttp reads it again
-            buf = head.raw + buf
+            buf = head.raw + (self.taken or b"") + buf
         hand_over(transport, self.fast.fallback(), buf)
 
     def close(self) -> None:
