@@ -562,6 +562,7 @@ def test_take_body_waits_for_the_whole_body_then_ends_the_message() -> None:
 _PIECES = st.sampled_from(
     [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding"] * 2
     + [b"Connection", b"X-A", b"Keep-Alive", b"X A", b"Host ", b" Host", b"", b"\xc3\xa9"]
+    + [b"TE", b"te", b"Tea", b"Trailer", b"Upgrade", b"Proxy-Connection", b"Content-Type"]
 )
 _FIELD_VALUES = st.one_of(
     st.sampled_from(
