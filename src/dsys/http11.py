@@ -816,8 +816,10 @@ class Parser:
         if not target or target.find(b"\t") >= 0 or not target.isascii():
             return None  # (the translate pass let HTAB and obs-text through)
         headers: list[Header] = []
-        framing: list[Header] = []
         known = _KNOWN_NAMES
+        # The common framing inline: one Host, at most one Content-Length (digits).
+        host = length = None
+        common = True
         for line in lines[1 : n - 2]:
             name, colon, value = line.partition(b":")
             lname = known.get(name)
@@ -829,23 +831,19 @@ class Parser:
                     known[name] = lname
             if not colon:
                 return None
-            field = (name, lname, value.strip(b" \t"))
-            headers.append(field)
+            value = value.strip(b" \t")
+            headers.append((name, lname, value))
             if lname in _FRAMING_NAMES:
-                framing.append(field)
-        if version != b"1.1":
-            return self._request(method, target, version, headers, head, framing)
-        # The common framing inline: one valid Host, at most one Content-Length.
-        host = length = None
-        for _, lname, value in framing:
-            if lname == b"host" and host is None:
-                host = value
-            elif lname == b"content-length" and length is None and value.isdigit():
-                if len(value) > 18:
-                    return None
-                length = int(value)
-            else:  # Transfer-Encoding, Connection, duplicates: the general rules
-                return self._request(method, target, version, headers, head, framing)
+                if lname == b"host" and host is None:
+                    host = value
+                elif lname == b"content-length" and length is None and value.isdigit():
+                    if len(value) > 18:
+                        return None
+                    length = int(value)
+                else:  # Transfer-Encoding, Connection, duplicates: the general rules
+                    common = False
+        if not common or version != b"1.1":
+            return self._request(method, target, version, headers, head, headers)
         if host is None:
             return None
         if host not in _KNOWN_HOSTS:
@@ -867,7 +865,8 @@ class Parser:
         bytes in the common shape, or ``None`` (as for :meth:`_fast_request`).
 
         One regex validates the head and finds its one ``Content-Length`` (and that
-        there is no ``Transfer-Encoding`` or ``Connection`` field).
+        there is no ``Transfer-Encoding``, ``Connection`` or other :data:`HOP_BY_HOP`
+        field).
         """
         r = _COMMON_RESPONSE.fullmatch(head)
         if r is None or (len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2):

@@ -142,23 +142,21 @@ def render(answer: Answer, close: bool) -> bytes:
     ``Connection: close`` when the connection closes after it.
     """
     status, ctype, body, before, after, bug = answer
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\n%sContent-Length: %d\r\nDate: %s\r\n"
-            b"Server: %s\r\n%s\r\n"
-            % (
-                status,
-                _REASONS.get(status, b"Unknown"),
-                b"".join(b"%s: %s\r\n" % f for f in before) if before else b"",
-                ctype,
-                b"".join(b"%s: %s\r\n" % f for f in after) if after else b"",
-                len(body),
-                _DATE.get(),
-                _SERVER,
-                b"Connection: close\r\n" if close or bug else b"",
-            ),
-            body,
+    return (
+        b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\n%sContent-Length: %d\r\nDate: %s\r\n"
+        b"Server: %s\r\n%s\r\n"
+        % (
+            status,
+            _REASONS.get(status, b"Unknown"),
+            b"".join(b"%s: %s\r\n" % f for f in before) if before else b"",
+            ctype,
+            b"".join(b"%s: %s\r\n" % f for f in after) if after else b"",
+            len(body),
+            _DATE.get(),
+            _SERVER,
+            b"Connection: close\r\n" if close or bug else b"",
         )
+        + body
     )
 
 
@@ -494,7 +492,7 @@ class _Conn(asyncio.Protocol):
         if m is None:
             return None
         key = m.group(1)
-        if b"/." in key or key.startswith(b"."):
+        if key.find(b"/.") >= 0 or key.startswith(b"."):
             return None  # dot segments: let yarl normalise them
         if req.connection and not req.connection <= _PLAIN_CONNECTION:
             return None  # names more hop-by-hop headers
