@@ -841,6 +841,8 @@ def test_try_takes_whole_common_messages_and_nothing_else() -> None:
     assert _check_try(put, False)
     assert _check_try(put[:-1], False)  # the head, and the body still to come
     assert _check_try(put + put, False)  # the second stays buffered
+    assert _check_try(put, False)  # (its field lines are known now: the same again)
+    assert _check_try(put.replace(b"h\r\n", b"h\x00\r\n"), False) is False
     assert _check_try(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", False)
     ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\ncontent-length: 2\r\n\r\nab"
     assert _check_try(ok, True)

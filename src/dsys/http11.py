@@ -242,6 +242,10 @@ _FIELD_NAME = re.compile(rb"[%s]{1,256}\Z" % _TCHAR)
 _KNOWN_NAMES: dict[bytes, bytes] = {}
 _KNOWN_METHODS: set[bytes] = set()
 _KNOWN_HOSTS: set[bytes] = set()  # Host values that matched _HOST
+# Whole field lines (short ones) split and validated before: a keep-alive client sends
+# the same lines again and again (Host, User-Agent, Content-Type...).
+_KNOWN_FIELDS: dict[bytes, Header] = {}
+_KNOWN_FIELD_MAX = 100  # longest line kept, in bytes
 _KNOWN_MAX = 1024
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 # The fields a response's framing depends on, over the lower-cased field lines.
@@ -791,8 +795,8 @@ class Parser:
         Whatever this accepts, the general path accepts with the same result (a
         differential test checks it). The bytes are checked by C passes: one
         ``translate`` leaves only the CRs and LFs (and forbidden bytes), which must be
-        those of the lines' CRLFs; a field name known from an earlier head costs a dict
-        lookup, a new one the token regex.
+        those of the lines' CRLFs; a field line or name known from an earlier head costs
+        a dict lookup, a new name the token regex.
         """
         lines = head.split(b"\r\n")  # ends with b"", b"": the head ends with CRLF CRLF
         n = len(lines)
@@ -820,19 +824,25 @@ class Parser:
         # The common framing inline: one Host, at most one Content-Length (digits).
         host = length = None
         common = True
+        known_fields = _KNOWN_FIELDS
         for line in lines[1 : n - 2]:
-            name, colon, value = line.partition(b":")
-            lname = known.get(name)
-            if lname is None:
-                if _FIELD_NAME.match(name) is None:
-                    return None  # empty, not a token (space before the colon), obs-fold
-                lname = name.lower()
-                if len(known) < _KNOWN_MAX:
-                    known[name] = lname
-            if not colon:
-                return None
-            value = value.strip(b" \t")
-            headers.append((name, lname, value))
+            field = known_fields.get(line)
+            if field is None:
+                name, colon, value = line.partition(b":")
+                lname = known.get(name)
+                if lname is None:
+                    if _FIELD_NAME.match(name) is None:
+                        return None  # empty, not a token (space before the colon), obs-fold
+                    lname = name.lower()
+                    if len(known) < _KNOWN_MAX:
+                        known[name] = lname
+                if not colon:
+                    return None
+                field = (name, lname, value.strip(b" \t"))
+                if len(line) <= _KNOWN_FIELD_MAX and len(known_fields) < _KNOWN_MAX:
+                    known_fields[line] = field
+            headers.append(field)
+            _, lname, value = field
             if lname in _FRAMING_NAMES:
                 if lname == b"host" and host is None:
                     host = value
