@@ -348,7 +348,26 @@ class _Conn(asyncio.Protocol):
                 req, self.taken = got
                 self.head = req
                 self.target = self._servable(req)
-                self._next()
+                if (
+                    self.pending
+                    or self.parsing
+                    or self.write_paused
+                    or self.read_paused
+                    or self.handoff_wanted
+                    or self.fast.draining
+                    or self.transport is None
+                ):
+                    self._next()
+                    return
+                # Nothing in flight: start it here; _next's loop takes anything else
+                # (the rest of a pipeline, a hand-off, a body still to come).
+                self.parsing = True
+                try:
+                    state = self._parse_one()
+                finally:
+                    self.parsing = False
+                if state != _DONE or self.buf or self.head is not None:
+                    self._next()
                 return
         self.parser.feed(data)
         if len(self.buf) >= self.need:
