@@ -545,14 +545,15 @@ class _Conn(asyncio.Protocol):
             q = _query(qs)
             if_revision = opt_int(q.get("if_revision"), "if_revision")
             ttl = opt_int(q.get("ttl"), "ttl")
-        client_id, n = _session(self.session)
+        session = self.session
+        client_id, n = _session(session) if session[0] else ("", 0)
         slot.op = "put"
         slot.cmd = Put(
             key=key,
             value=body,
             if_revision=if_revision,
             ttl_ms=(ttl or 0) * 1000,
-            now_ms=_now_ms(),
+            now_ms=int(time.time() * 1000),  # (_now_ms inlined: the hot path)
             client_id=client_id,
             seq=n,
         )
