@@ -1,10 +1,15 @@
-"""Instructions per proxied request of the proxy fast path, counted by callgrind.
+"""Instructions per request of the proxy and KV fast paths, counted by callgrind.
 
 CPU time on a shared machine mostly measures the neighbours; instructions do not. This
-drives the fast path's protocol callbacks in-process (no sockets: a client request in,
-the upstream request out, a backend answer in, the client answer out) for two source
-trees, under ``valgrind --tool=callgrind``, twice with different request counts, and
-prints the difference per request (start-up cancels out).
+drives the fast paths' protocol callbacks in-process for two source trees, under
+``valgrind --tool=callgrind``, twice with different request counts, and prints the
+difference per request (start-up cancels out):
+
+* proxy: no sockets; a client request in, the upstream request out, a backend answer
+  in, the client answer out;
+* kv: a ``wrk``-shaped PUT in, its answer out, over a stand-in for the KV server whose
+  ``submit_write`` answers at once with one fixed result (so the row counts the HTTP
+  work of a put: parsing, the command, the answer; not Raft, not the state machine).
 
 Run::
 
@@ -24,6 +29,10 @@ from pathlib import Path
 from typing import Any
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+PUT = (
+    b"PUT /v1/kv/h%d HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 16\r\n\r\n0123456789abcdef"
+)
 BODY = b'{"backend": "b0", "path": "/"}'
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nContent-Type: application/json; charset=utf-8\r\n"
@@ -77,10 +86,39 @@ async def _loop(n: int) -> None:
         raise SystemExit("the fast path did not forward the request and its answer")
 
 
-def _instructions(src: str, n: int) -> int:
+class _KVServer:
+    """What the KV fast path calls on its server, answering every write at once."""
+
+    def __init__(self) -> None:
+        from dsys.kv.fsm import KVStateMachine, Put
+
+        self.result = KVStateMachine().apply_command(Put(key="h0", value=b"x"))
+
+    def submit_write(self, cmd: Any, done: Any) -> None:
+        done(self.result, None)
+
+    def _count(self, op: str, status: Any, started: float) -> None:
+        pass
+
+
+async def _kv_loop(n: int) -> None:
+    from dsys.kv import fastpath
+
+    fast = fastpath.KVFastPath(_KVServer(), lambda: None)  # type: ignore[arg-type]
+    conn = fast.protocol()
+    t = _Transport()
+    conn.connection_made(t)  # type: ignore[arg-type]
+    puts = [PUT % (i % 1000) for i in range(1000)]
+    for i in range(n):
+        conn.data_received(puts[i % 1000])
+    if n and not (len(t.out) == n and t.out[-1].startswith(b"HTTP/1.1 200 OK\r\n")):
+        raise SystemExit("the KV fast path did not answer every put")
+
+
+def _instructions(src: str, n: int, what: str) -> int:
     env = dict(os.environ, PYTHONPATH=src, PYTHONHASHSEED="0")
     cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"]
-    cmd += [sys.executable, __file__, "--child", str(n)]
+    cmd += [sys.executable, __file__, "--child", str(n), "--only", what]
     err = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stderr
     m = re.search(r"Collected : (\d+)", err)
     if m is None:
@@ -92,18 +130,21 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--before", help="src/ directory of the older tree")
     parser.add_argument("--requests", type=int, default=1000)
+    parser.add_argument("--only", choices=["proxy", "kv"], default=None)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        asyncio.run(_loop(args.child))
+        asyncio.run(_kv_loop(args.child) if args.only == "kv" else _loop(args.child))
         return 0
     trees = {"after (this checkout)": str(Path(__file__).resolve().parent.parent / "src")}
     if args.before:
         trees = {"before": str(Path(args.before).resolve()), **trees}
     n = args.requests
-    for name, src in trees.items():
-        per = (_instructions(src, 2 * n) - _instructions(src, n)) / n
-        print(f"{name}: {per:,.0f} instructions per proxied request")
+    for what in ("proxy", "kv") if args.only is None else (args.only,):
+        for name, src in trees.items():
+            per = (_instructions(src, 2 * n, what) - _instructions(src, n, what)) / n
+            unit = "proxied request" if what == "proxy" else "KV put"
+            print(f"{name}: {per:,.0f} instructions per {unit}", flush=True)
     return 0
 
 

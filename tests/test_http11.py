@@ -20,6 +20,7 @@ from dsys.http11 import (
     BODY_LENGTH,
     BODY_NONE,
     BODY_UNTIL_CLOSE,
+    END,
     MAX_HEADERS,
     ConnectionClosed,
     Data,
@@ -561,6 +562,7 @@ def test_take_body_waits_for_the_whole_body_then_ends_the_message() -> None:
 _PIECES = st.sampled_from(
     [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Transfer-Encoding"] * 2
     + [b"Connection", b"X-A", b"Keep-Alive", b"X A", b"Host ", b" Host", b"", b"\xc3\xa9"]
+    + [b"TE", b"te", b"Tea", b"Trailer", b"Upgrade", b"Proxy-Connection", b"Content-Type"]
 )
 _FIELD_VALUES = st.one_of(
     st.sampled_from(
@@ -753,3 +755,105 @@ def test_the_fast_paths_take_the_common_heads() -> None:
     assert Parser()._fast_request(get.replace(b"x\r\n", b"x\n")) is None
     assert Parser(client=True)._fast_response(ok.replace(b"Date", b"Connection")) is None
     assert Parser(client=True)._fast_response(ok.replace(b"200", b"103")) is None
+
+
+# ---- Parser.try_request/try_response against the general path ------------------------------
+# The one-call entries take a whole common message from a read; whatever they return must
+# be what feed() and next_event() give with the fast paths off, and when they decline
+# they must leave the parser untouched.
+
+
+def _try_outcome(data: bytes, client: bool, method: bytes = b"GET") -> object:
+    p = Parser(client=client)
+    if client:
+        p.expect_response(method)
+    got = p.try_response(data) if client else p.try_request(data)
+    if got is None:
+        assert p.buffered == 0 and p.idle and p.steps == 0
+        return None
+    head, body = got
+    evs: list[Event] = [head]
+    if body is not None:
+        if body:
+            evs.append(Data(body))
+        evs.append(END)
+    try:
+        evs += events(p)
+    except RemoteProtocolError as exc:
+        return ("error", exc.status_hint, str(exc))
+    if isinstance(head, Response):
+        return (evs, head.headers, p.buffered)
+    return (evs, p.buffered)
+
+
+def _check_try(data: bytes, client: bool, method: bytes = b"GET") -> bool:
+    """Whether the one-call entry took ``data`` (and then agreed with the general path)."""
+    got = _try_outcome(data, client, method)
+    if got is None:
+        return False
+    with _general_path():
+        assert got == _outcome(data, client, method), data
+    return True
+
+
+_NEXT_MESSAGE = st.sampled_from(
+    [b"", b"GET /2 HTTP/1.1\r\nHost: b\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n", b"\x00junk"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    head=odd_heads(response=False),
+    body=st.sampled_from([b"", b"a", b"ab", b"abc", b"0\r\n\r\n"]),
+    rest=_NEXT_MESSAGE,
+)
+def test_try_request_agrees_with_the_general_path(head: bytes, body: bytes, rest: bytes) -> None:
+    _check_try(head + body + rest, False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    head=odd_heads(response=True),
+    body=st.sampled_from([b"", b"a", b"ab", b"abc", b"2\r\nab\r\n0\r\n\r\n"]),
+    method=st.sampled_from([b"GET", b"HEAD"]),
+    rest=_NEXT_MESSAGE,
+)
+def test_try_response_agrees_with_the_general_path(
+    head: bytes, body: bytes, method: bytes, rest: bytes
+) -> None:
+    _check_try(head + body + rest, True, method)
+
+
+@pytest.mark.parametrize("data", _REQUEST_VARIANTS)
+def test_try_request_agrees_on_the_corpus(data: bytes) -> None:
+    _check_try(data, False)
+    _check_try(data + b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", False)
+
+
+@pytest.mark.parametrize("data", [*BAD_RESPONSES.values(), *_RESPONSE_VARIANTS])
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+def test_try_response_agrees_on_the_corpus(data: bytes, method: bytes) -> None:
+    _check_try(data, True, method)
+
+
+def test_try_takes_whole_common_messages_and_nothing_else() -> None:
+    put = b"PUT /a HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+    assert _check_try(put, False)
+    assert _check_try(put[:-1], False)  # the head, and the body still to come
+    assert _check_try(put + put, False)  # the second stays buffered
+    assert _check_try(put, False)  # (its field lines are known now: the same again)
+    assert _check_try(put.replace(b"h\r\n", b"h\x00\r\n"), False) is False
+    assert _check_try(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", False)
+    ok = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\ncontent-length: 2\r\n\r\nab"
+    assert _check_try(ok, True)
+    assert _check_try(ok[:-1], True)
+    assert not _check_try(put[:20], False)  # no whole head
+    assert not _check_try(put.replace(b"Host", b"Host "), False)
+    assert not _check_try(ok.replace(b"200", b"103"), True)
+    for hop in (b"Keep-Alive", b"Upgrade", b"TE", b"Trailer", b"Proxy-Connection"):
+        assert not _check_try(ok.replace(b"Content-Type", hop), True)  # forwarded as is
+    p = Parser()
+    p.feed(b"G")
+    assert p.try_request(put) is None  # bytes already buffered: the general path
+    assert Parser(client=True).try_response(ok) is None  # no request sent yet
+    assert Parser(client=True).try_request(put) is None

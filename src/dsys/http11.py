@@ -71,6 +71,20 @@ MAX_HEADERS: Final = 100
 MAX_CHUNK_LINE: Final = 1024
 """Longest chunk-size line (size and extensions) accepted, in bytes."""
 
+HOP_BY_HOP: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+"""Lower-cased names of the hop-by-hop fields (RFC 9110 7.6.1), which a proxy drops."""
+
 Header = tuple[bytes, bytes, bytes]
 """One field: ``(raw_name, lower-cased name, value stripped of OWS)``."""
 
@@ -203,15 +217,21 @@ _NAME = re.compile(rb"([^:]+):[^\r]*\r\n")
 # The fast paths (Parser._fast_request/_fast_response): a whole response head, and the
 # bytes a request head may hold besides CR and LF
 # (HTAB, SP, visible ASCII, obs-text), deleted by one ``bytes.translate``.
-# The common final response: HTTP/1.x, one Content-Length, no Transfer-Encoding or
-# Connection field (the lookahead, case-insensitive, keeps them out of the other fields).
+# The common final response: HTTP/1.x, one Content-Length, no Transfer-Encoding,
+# Connection or other hop-by-hop field (the lookahead, case-insensitive, keeps them out
+# of the other fields), so that a proxy may forward the head as it came. A name whose
+# first letter starts none of those passes the lookahead at once; no field matches both
+# kinds of line, so the repeats are possessive (no backtracking). Values are not bounded
+# to MAX_LINE here: the fast paths only see heads shorter than that.
 _OTHER_FIELD = (
-    rb"(?!(?i:content-length|transfer-encoding|connection):)"
-    rb"[%s]{1,256}:[\t\x20-\x7e\x80-\xff]{0,%d}\r\n" % (_TCHAR, MAX_LINE)
+    rb"(?=[^CcKkPpTtUu]|(?!(?i:content-length|transfer-encoding|connection|keep-alive"
+    rb"|proxy-authenticate|proxy-connection|te|trailer|upgrade):))"
+    rb"[%s]{1,256}:[\t\x20-\x7e\x80-\xff]*\r\n" % _TCHAR
 )
 _COMMON_RESPONSE = re.compile(
-    rb"HTTP/1\.([01]) ([2-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n(?:%s)*"
-    rb"(?i:content-length):[ \t]*([0-9]{1,18})[ \t]*\r\n(?:%s)*\r\n" % (_OTHER_FIELD, _OTHER_FIELD)
+    rb"HTTP/1\.([01]) ([2-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?\r\n(?:%s)*+"
+    rb"(?i:content-length):[ \t]*+([0-9]{1,18})[ \t]*\r\n(?:%s)*+\r\n"
+    % (_OTHER_FIELD, _OTHER_FIELD)
 )
 _MINOR_VERSIONS = {b"1": b"1.1", b"0": b"1.0"}
 _STATUS_CODES = {b"%d" % code: code for code in range(200, 600)}
@@ -221,6 +241,11 @@ _FIELD_NAME = re.compile(rb"[%s]{1,256}\Z" % _TCHAR)
 # costs a dict lookup; bounded, so that a peer sending new names only costs the regex.
 _KNOWN_NAMES: dict[bytes, bytes] = {}
 _KNOWN_METHODS: set[bytes] = set()
+_KNOWN_HOSTS: set[bytes] = set()  # Host values that matched _HOST
+# Whole field lines (short ones) split and validated before: a keep-alive client sends
+# the same lines again and again (Host, User-Agent, Content-Type...).
+_KNOWN_FIELDS: dict[bytes, Header] = {}
+_KNOWN_FIELD_MAX = 100  # longest line kept, in bytes
 _KNOWN_MAX = 1024
 _FRAMING_NAMES = frozenset({b"content-length", b"transfer-encoding", b"connection", b"host"})
 # The fields a response's framing depends on, over the lower-cased field lines.
@@ -600,6 +625,99 @@ class Parser:
         del data[:left]
         return out
 
+    def try_request(self, data: bytes) -> tuple[Request, bytes | None] | None:
+        """Server role: the common request at the start of ``data``, parsed in one call.
+
+        The entry for a server's ``data_received`` when the parser is between messages
+        and holds no bytes: if ``data`` starts with a head in the shape that the parser's
+        fast path takes (see :meth:`_fast_request`), returns the :class:`Request` and its
+        whole ``Content-Length`` body (``b""`` without one), and buffers what follows
+        it, as :meth:`feed` and :meth:`next_event` up to the :class:`EndOfMessage`
+        would. The body is ``None`` when it is chunked or not all there: the parser is
+        then inside it (go on with :meth:`next_event` or :meth:`take_body`).
+
+        Returns:
+            ``None``, having changed nothing, for anything else (a partial, long, odd
+            or malformed head, bytes already buffered): :meth:`feed` ``data`` and take
+            the general path, which decides (and says what is wrong).
+        """
+        if self._state != _HEAD or self._buf._data or self.client:
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_LINE - 4 or end + 4 > self.max_head:
+            return None
+        end += 4
+        n = len(data)
+        head = data if end == n else data[:end]
+        try:
+            req = self._fast_request(head)
+        except RemoteProtocolError:  # (the general rules of an HTTP/1.0 head)
+            req = None
+        if req is None:
+            self._state = _HEAD
+            return None
+        buf = self._buf
+        buf.steps += 3 * end
+        if self._state == _EOM:
+            self._state = _HEAD
+            if end < n:
+                buf._data += data[end:]
+            return req, b""
+        left = self._left
+        if self._state == _LENGTH and n - end >= left:
+            self._state = _HEAD
+            self._left = 0
+            buf.steps += left
+            stop = end + left
+            if stop < n:
+                buf._data += data[stop:]
+            return req, data[end:stop]
+        if end < n:
+            buf._data += data[end:]
+        return req, None
+
+    def try_response(self, data: bytes) -> tuple[Response, bytes | None] | None:
+        """Client role: the common final response at the start of ``data``, in one call.
+
+        As :meth:`try_request`, for a parser told of its request by
+        :meth:`expect_response`: a final response head in the fast path's shape (see
+        :meth:`_fast_response`) and, when all there, its ``Content-Length`` body. That
+        shape has none of the hop-by-hop fields (:data:`HOP_BY_HOP`), so a proxy may
+        forward the head as it came.
+
+        Returns:
+            ``None``, having changed nothing, for anything else (go the general way).
+        """
+        if self._state != _HEAD or self._buf._data or not self.client:
+            return None
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end > MAX_LINE - 4 or end + 4 > self.max_head:
+            return None
+        end += 4
+        n = len(data)
+        resp = self._fast_response(data if end == n else data[:end])
+        if resp is None:
+            return None
+        buf = self._buf
+        buf.steps += 3 * end
+        if self._state == _EOM:
+            self._state = _IDLE
+            if end < n:
+                buf._data += data[end:]
+            return resp, b""
+        left = self._left
+        if n - end >= left:
+            self._state = _IDLE
+            self._left = 0
+            buf.steps += left
+            stop = end + left
+            if stop < n:
+                buf._data += data[stop:]
+            return resp, data[end:stop]
+        if end < n:
+            buf._data += data[end:]
+        return resp, None
+
     def _end(self, event: EndOfMessage) -> EndOfMessage:
         self._state = _IDLE if self.client else _HEAD
         return event
@@ -677,8 +795,8 @@ class Parser:
         Whatever this accepts, the general path accepts with the same result (a
         differential test checks it). The bytes are checked by C passes: one
         ``translate`` leaves only the CRs and LFs (and forbidden bytes), which must be
-        those of the lines' CRLFs; a field name known from an earlier head costs a dict
-        lookup, a new one the token regex.
+        those of the lines' CRLFs; a field line or name known from an earlier head costs
+        a dict lookup, a new name the token regex.
         """
         lines = head.split(b"\r\n")  # ends with b"", b"": the head ends with CRLF CRLF
         n = len(lines)
@@ -699,41 +817,50 @@ class Parser:
                 return None
             if len(_KNOWN_METHODS) < _KNOWN_MAX:
                 _KNOWN_METHODS.add(method)
-        if not target or b"\t" in target or not target.isascii():
+        if not target or target.find(b"\t") >= 0 or not target.isascii():
             return None  # (the translate pass let HTAB and obs-text through)
         headers: list[Header] = []
-        framing: list[Header] = []
         known = _KNOWN_NAMES
-        for line in lines[1 : n - 2]:
-            name, colon, value = line.partition(b":")
-            lname = known.get(name)
-            if lname is None:
-                if _FIELD_NAME.match(name) is None:
-                    return None  # empty, not a token (space before the colon), obs-fold
-                lname = name.lower()
-                if len(known) < _KNOWN_MAX:
-                    known[name] = lname
-            if not colon:
-                return None
-            field = (name, lname, value.strip(b" \t"))
-            headers.append(field)
-            if lname in _FRAMING_NAMES:
-                framing.append(field)
-        if version != b"1.1":
-            return self._request(method, target, version, headers, head, framing)
-        # The common framing inline: one valid Host, at most one Content-Length.
+        # The common framing inline: one Host, at most one Content-Length (digits).
         host = length = None
-        for _, lname, value in framing:
-            if lname == b"host" and host is None:
-                host = value
-            elif lname == b"content-length" and length is None and value.isdigit():
-                if len(value) > 18:
+        common = True
+        known_fields = _KNOWN_FIELDS
+        for line in lines[1 : n - 2]:
+            field = known_fields.get(line)
+            if field is None:
+                name, colon, value = line.partition(b":")
+                lname = known.get(name)
+                if lname is None:
+                    if _FIELD_NAME.match(name) is None:
+                        return None  # empty, not a token (space before the colon), obs-fold
+                    lname = name.lower()
+                    if len(known) < _KNOWN_MAX:
+                        known[name] = lname
+                if not colon:
                     return None
-                length = int(value)
-            else:  # Transfer-Encoding, Connection, duplicates: the general rules
-                return self._request(method, target, version, headers, head, framing)
-        if host is None or _HOST.match(host) is None:
+                field = (name, lname, value.strip(b" \t"))
+                if len(line) <= _KNOWN_FIELD_MAX and len(known_fields) < _KNOWN_MAX:
+                    known_fields[line] = field
+            headers.append(field)
+            _, lname, value = field
+            if lname in _FRAMING_NAMES:
+                if lname == b"host" and host is None:
+                    host = value
+                elif lname == b"content-length" and length is None and value.isdigit():
+                    if len(value) > 18:
+                        return None
+                    length = int(value)
+                else:  # Transfer-Encoding, Connection, duplicates: the general rules
+                    common = False
+        if not common or version != b"1.1":
+            return self._request(method, target, version, headers, head, headers)
+        if host is None:
             return None
+        if host not in _KNOWN_HOSTS:
+            if _HOST.match(host) is None:
+                return None
+            if len(_KNOWN_HOSTS) < _KNOWN_MAX:
+                _KNOWN_HOSTS.add(host)
         if length:
             self._state, self._left = _LENGTH, length
         else:
@@ -748,7 +875,8 @@ class Parser:
         bytes in the common shape, or ``None`` (as for :meth:`_fast_request`).
 
         One regex validates the head and finds its one ``Content-Length`` (and that
-        there is no ``Transfer-Encoding`` or ``Connection`` field).
+        there is no ``Transfer-Encoding``, ``Connection`` or other :data:`HOP_BY_HOP`
+        field).
         """
         r = _COMMON_RESPONSE.fullmatch(head)
         if r is None or (len(head) > 4 * MAX_HEADERS and head.count(b"\r\n") > MAX_HEADERS + 2):
@@ -964,6 +1092,7 @@ __all__ = [
     "BODY_NONE",
     "BODY_UNTIL_CLOSE",
     "END",
+    "HOP_BY_HOP",
     "MAX_CHUNK_LINE",
     "MAX_HEAD",
     "MAX_HEADERS",

@@ -308,6 +308,12 @@ class _ClientConn(asyncio.Protocol):
         self.fast.clients.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self.request is None and not self.buf:
+            # The common case, a whole request in one read, in one parser call.
+            got = self.parser.try_request(data)
+            if got is not None:
+                self._start(*got)
+                return
         self.parser.feed(data)
         if self.request is None:
             self._next()
@@ -357,15 +363,24 @@ class _ClientConn(asyncio.Protocol):
         if event is None:
             return
         assert isinstance(event, Request)  # a server-role parser starts with one
+        self._start(event, None)
+
+    def _start(self, event: Request, body: bytes | None) -> None:
+        """Forward, splice or hand off a parsed request; ``body``: what
+        :meth:`~dsys.http11.Parser.try_request` took of its body (``None``: not taken)."""
         splicer = self.fast.splicer
         if b"upgrade" in event.connection and splicer is not None and splicer.take(self, event):
             return  # a WebSocket handshake: spliced (dsys.balance.splice)
         head = self._upstream_head(event)
         if head is None:
-            self._handoff(event)
+            if body:  # taken from the parser already: aiohttp reads it again
+                self._handoff(event, body)
+            else:
+                self._handoff(event)
             return
-        end = parser.next_event()  # a bodiless request: its end is already known
-        assert isinstance(end, EndOfMessage)
+        if body is None:
+            end = self.parser.next_event()  # a bodiless request: its end is already known
+            assert isinstance(end, EndOfMessage)
         req = _Request(event.method, head, not event.keep_alive)
         self.request = req
         self._dispatch(req)
@@ -440,8 +455,9 @@ class _ClientConn(asyncio.Protocol):
             self.transport.write(_error_response(status, reason, "bad_request", str(exc), True))
         self.close()
 
-    def _handoff(self, head: Request | None = None) -> None:
-        """Give the connection (the parsed ``head`` and the rest) to aiohttp's full path."""
+    def _handoff(self, head: Request | None = None, body: bytes = b"") -> None:
+        """Give the connection (the parsed ``head``, its ``body`` when taken from the
+        parser, and the rest) to aiohttp's full path."""
         transport = self.transport
         if transport is None:
             return
@@ -449,7 +465,7 @@ class _ClientConn(asyncio.Protocol):
         self.transport = None
         buf = self.parser.unparsed()
         if head is not None:
-            buf = head.raw + buf
+            buf = head.raw + body + buf
         hand_over(transport, self.fast.fallback(), buf)
 
     def _dispatch(self, req: _Request) -> None:
@@ -660,6 +676,19 @@ class _UpstreamConn(asyncio.Protocol):
             self.close()  # bytes nobody asked for
             return
         self.got_bytes = True
+        if not req.sent_head and not self.buf:
+            # The common answer, head and body in one read, in one parser call.
+            got = self.parser.try_response(data)
+            if got is not None:
+                resp, body = got
+                head = self._head(req, resp, True)
+                if body is not None:
+                    self._finish(client, req, [head, body])
+                    return
+                if client.transport is not None:
+                    client.transport.write(head)
+                self._events(client, req)
+                return
         self.parser.feed(data)
         self._events(client, req)
 
@@ -732,8 +761,11 @@ class _UpstreamConn(asyncio.Protocol):
         self.close()
         client.upstream_failed(req, f"{self.endpoint}: {why}")
 
-    def _head(self, req: _Request, resp: Response) -> bytes:
-        """Set up the body's forwarding; return the head to send, blank line included."""
+    def _head(self, req: _Request, resp: Response, plain: bool = False) -> bytes:
+        """Set up the body's forwarding; return the head to send, blank line included.
+
+        ``plain``: ``resp`` is known to have no hop-by-hop field (from ``try_response``).
+        """
         status = resp.status
         self.status = status
         self.chunked = resp.body == BODY_CHUNKED
@@ -748,10 +780,8 @@ class _UpstreamConn(asyncio.Protocol):
         if lease is not None:
             fast.lb._count(lease.endpoint, status, fast.loop.time() - req.started)
         close = req.close_after or fast.draining
-        if (
-            resp.version == b"1.1"
-            and not resp.connection
-            and _HOP_BY_HOP_RESPONSE.search(resp.raw) is None
+        if resp.version == b"1.1" and (
+            plain or (not resp.connection and _HOP_BY_HOP_RESPONSE.search(resp.raw) is None)
         ):
             # The common answer (HTTP/1.1, nothing hop-by-hop): its head as it came,
             # which the parser validated field by field.

@@ -68,6 +68,7 @@ OCTETS = b"application/octet-stream"
 TEXT = b"text/plain; charset=utf-8"
 
 Fields = tuple[tuple[bytes, bytes], ...]
+_new = tuple.__new__  # builds an Answer without NamedTuple's keyword-handling __new__
 
 
 class Answer(NamedTuple):
@@ -220,7 +221,8 @@ def _error(status: int, kind: str, message: str, *, after: Fields = (), **extra:
 def write_answer(cmd: Put | Delete, result: Result) -> Answer:
     """The answer to a put or delete that was applied (or refused by the state machine)."""
     if result.ok:  # the bytes json_response({"revision": n}) makes, without json.dumps
-        return Answer(200, JSON, b'{"revision": %d}' % result.revision)
+        # (tuple.__new__: NamedTuple's own __new__, with defaults, is a Python call)
+        return _new(Answer, (200, JSON, b'{"revision": %d}' % result.revision, (), (), False))
     if result.status == "conflict":
         return _error(
             409,

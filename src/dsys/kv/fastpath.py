@@ -142,23 +142,21 @@ def render(answer: Answer, close: bool) -> bytes:
     ``Connection: close`` when the connection closes after it.
     """
     status, ctype, body, before, after, bug = answer
-    return b"".join(
-        (
-            b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\n%sContent-Length: %d\r\nDate: %s\r\n"
-            b"Server: %s\r\n%s\r\n"
-            % (
-                status,
-                _REASONS.get(status, b"Unknown"),
-                b"".join(b"%s: %s\r\n" % f for f in before) if before else b"",
-                ctype,
-                b"".join(b"%s: %s\r\n" % f for f in after) if after else b"",
-                len(body),
-                _DATE.get(),
-                _SERVER,
-                b"Connection: close\r\n" if close or bug else b"",
-            ),
-            body,
+    return (
+        b"HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\n%sContent-Length: %d\r\nDate: %s\r\n"
+        b"Server: %s\r\n%s\r\n"
+        % (
+            status,
+            _REASONS.get(status, b"Unknown"),
+            b"".join(b"%s: %s\r\n" % f for f in before) if before else b"",
+            ctype,
+            b"".join(b"%s: %s\r\n" % f for f in after) if after else b"",
+            len(body),
+            _DATE.get(),
+            _SERVER,
+            b"Connection: close\r\n" if close or bug else b"",
         )
+        + body
     )
 
 
@@ -307,6 +305,7 @@ class _Conn(asyncio.Protocol):
         "pending",
         "read_paused",
         "session",
+        "taken",
         "target",
         "transport",
         "write_paused",
@@ -317,7 +316,9 @@ class _Conn(asyncio.Protocol):
         self.parser = Parser(max_head=MAX_HEAD)
         self.buf = self.parser.buffer  # for len(): what is buffered and not parsed
         self.head: Request | None = None  # parsed, not started yet (body or turn awaited)
-        self.target: tuple[bytes, bytes | None] = (b"", None)  # head's (key, query)
+        # head's (key, query), None: not served here (hand off)
+        self.target: tuple[bytes, bytes | None] | None = None
+        self.taken: bytes | None = None  # head's body, when try_request took it whole
         self.session: tuple[bytes | None, bytes | None] = (None, None)  # client id, seq
         self.need = 0  # buffered bytes the head needs (its body) before going on
         self.parsing = False  # inside _next
@@ -340,6 +341,34 @@ class _Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.head is None and not self.buf:
+            # The common case, whole requests in one read: the first in one parser call.
+            got = self.parser.try_request(data)
+            if got is not None:
+                req, self.taken = got
+                self.head = req
+                self.target = self._servable(req)
+                if (
+                    self.pending
+                    or self.parsing
+                    or self.write_paused
+                    or self.read_paused
+                    or self.handoff_wanted
+                    or self.fast.draining
+                    or self.transport is None
+                ):
+                    self._next()
+                    return
+                # Nothing in flight: start it here; _next's loop takes anything else
+                # (the rest of a pipeline, a hand-off, a body still to come).
+                self.parsing = True
+                try:
+                    state = self._parse_one()
+                finally:
+                    self.parsing = False
+                if state != _DONE or self.buf or self.head is not None:
+                    self._next()
+                return
         self.parser.feed(data)
         if len(self.buf) >= self.need:
             self._next()
@@ -429,25 +458,32 @@ class _Conn(asyncio.Protocol):
                 return _WAIT
             assert isinstance(event, Request)  # a server-role parser starts with one
             req = self.head = event
-            target = self._servable(req)
-            if target is None:
-                return _HANDOFF
-            self.target = target
+            self.target = self._servable(req)
+            self.taken = None
+        target = self.target
+        if target is None:
+            return _HANDOFF
         method = _METHODS[req.method]
         if method == _GET and self.pending:
             # A read sees every write before it on the connection and none after it,
             # as when aiohttp serves pipelined requests one at a time: wait.
             return _BLOCKED
-        length = req.content_length or 0
-        buffered = len(self.buf)
-        if buffered < length:
-            self.need = length
-            return _WAIT
         close = not req.keep_alive
-        if close and buffered > length:
-            return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
-        body = parser.take_body()
-        assert body is not None  # all of it is buffered
+        body = self.taken
+        if body is None:
+            length = req.content_length or 0
+            buffered = len(self.buf)
+            if buffered < length:
+                self.need = length
+                return _WAIT
+            if close and buffered > length:
+                return _HANDOFF  # aiohttp: 400 "Data after `Connection: close`"
+            body = parser.take_body()
+            assert body is not None  # all of it is buffered
+        elif close and self.buf:
+            return _HANDOFF  # (as above)
+        else:
+            self.taken = None
         self.need = 0
         self.head = None
         if close:
@@ -455,7 +491,7 @@ class _Conn(asyncio.Protocol):
         slot = _Slot(self, req.target, close or self.fast.draining)
         slot.read = method == _GET
         self.pending.append(slot)
-        key, qs = self.target
+        key, qs = target
         try:
             if method == _PUT:
                 self._put(slot, key, qs, req, body)
@@ -475,7 +511,7 @@ class _Conn(asyncio.Protocol):
         if m is None:
             return None
         key = m.group(1)
-        if b"/." in key or key.startswith(b"."):
+        if key.find(b"/.") >= 0 or key.startswith(b"."):
             return None  # dot segments: let yarl normalise them
         if req.connection and not req.connection <= _PLAIN_CONNECTION:
             return None  # names more hop-by-hop headers
@@ -509,14 +545,15 @@ class _Conn(asyncio.Protocol):
             q = _query(qs)
             if_revision = opt_int(q.get("if_revision"), "if_revision")
             ttl = opt_int(q.get("ttl"), "ttl")
-        client_id, n = _session(self.session)
+        session = self.session
+        client_id, n = _session(session) if session[0] else ("", 0)
         slot.op = "put"
         slot.cmd = Put(
             key=key,
             value=body,
             if_revision=if_revision,
             ttl_ms=(ttl or 0) * 1000,
-            now_ms=_now_ms(),
+            now_ms=int(time.time() * 1000),  # (_now_ms inlined: the hot path)
             client_id=client_id,
             seq=n,
         )
@@ -621,7 +658,7 @@ class _Conn(asyncio.Protocol):
         head, self.head = self.head, None
         buf = self.parser.unparsed()
         if head is not None:  # parsed, not served: aiohttp reads it again
-            buf = head.raw + buf
+            buf = head.raw + (self.taken or b"") + buf
         hand_over(transport, self.fast.fallback(), buf)
 
     def close(self) -> None:
