@@ -38,7 +38,7 @@ import hmac
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar
 
@@ -656,6 +656,11 @@ class RaftNode:
         """Set when the loop died (a bug or a storage failure); the node is then unhealthy."""
         self._store_lock = asyncio.Lock()  # the stores are used from one thread at a time
         self._inline_persist = getattr(log, "fsync", True) is False
+        # A log shared by many groups (dsys.raft.sharedwal.GroupLog) commits the batches
+        # of all of them with one fsync: queue the records, then await its writer.
+        self._group_sync: Callable[[], Awaitable[None]] | None = (
+            getattr(log, "sync_async", None) if stable is log else None  # type: ignore[comparison-overlap]
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._run_task: asyncio.Task[None] | None = None
         self.applied_index = 0
@@ -1337,6 +1342,9 @@ class RaftNode:
                 # No fsync (fsync off, or only the commit index moved, which the WAL
                 # writes without one): a plain write() is cheaper than a thread hop.
                 self._persist(rd)
+            elif self._group_sync is not None and rd.snapshot is None:
+                self._queue_persist(rd)
+                await self._group_sync()
             else:
                 async with self._store_lock:
                     await asyncio.to_thread(self._persist, rd)
@@ -1433,6 +1441,14 @@ class RaftNode:
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
+
+    def _queue_persist(self, rd: Ready) -> None:
+        """Queue ``rd``'s entries and hard state in a group-commit store (no I/O here)."""
+        if rd.entries:
+            self._log_store.append(rd.entries)
+        if rd.hard_state is not None:
+            self._stable.save_hard_state(rd.hard_state)
+            self._synced_hs = rd.hard_state
 
     def _batch_commands(self, entry: Entry) -> list[bytes]:
         """The commands of a committed BATCH entry (none if it cannot be decoded).
