@@ -159,7 +159,7 @@ class GroupLog:
             self._hard_state = hard_state
             self._queue([self.range_id, _HARD, hard_state.term, hard_state.vote, hard_state.commit])
             if force:
-                self.wal._pending_fsync = True
+                self.wal._must_fsync(self.range_id)
 
     def append(self, entries: Sequence[Entry]) -> None:
         """Queue entries, with a truncation record first when they overwrite a suffix."""
@@ -183,7 +183,7 @@ class GroupLog:
             self._queue(
                 [self.range_id, _ENTRIES, first, [[e.term, int(e.kind), e.data] for e in live]]
             )
-            wal._pending_fsync = True
+            wal._must_fsync(self.range_id)
 
     def compact(self, index: int, term: int, *, keep_tail: bool = True) -> None:
         """Forget entries up to ``index`` (all of them unless ``keep_tail``).
@@ -204,7 +204,7 @@ class GroupLog:
                 kind = _RESET
             self._queue([self.range_id, kind, log.compacted_index, log.compacted_term])
             self.size_bytes = 0
-            self.wal._pending_fsync = True  # a reset must be durable with its snapshot
+            self.wal._must_fsync(self.range_id)  # a reset must be durable with its snapshot
 
     def _queue(self, record: list[Any]) -> None:
         data = frame(msgpack.packb(record, use_bin_type=True))
@@ -213,13 +213,13 @@ class GroupLog:
         self.wal._batch_rids.add(self.range_id)
 
     def sync(self) -> None:
-        """Make everything queued so far durable (blocking; any thread).
+        """Make everything this group queued durable (blocking; any thread).
 
-        On the event loop it blocks only when something needs an fsync (the node then
-        normally uses :meth:`sync_async`); a commit-only hard state is left for the
-        writer's next batch.
+        On the event loop it blocks only when this group queued something that needs an
+        fsync (the node uses :meth:`sync_async` for those); a commit-only hard state is
+        left for the writer's next batch, as the single-group WAL leaves it unsynced.
         """
-        self.wal._sync_blocking()
+        self.wal._sync_blocking(self.range_id)
 
     async def sync_async(self) -> None:
         """Wait until everything queued so far is durable: the shared writer's next
@@ -254,6 +254,7 @@ class SharedWAL:
         self._io_lock = threading.Lock()  # one flush (cut, write, fsync) at a time
         self._pending = bytearray()
         self._pending_fsync = False
+        self._fsync_rids: set[int] = set()  # groups whose queued records need an fsync
         self._batch_rids: set[int] = set()
         self._open_no = 1  # the batch records are queued into now
         self._durable_no = 0  # every batch up to this one is written (and synced)
@@ -379,7 +380,7 @@ class SharedWAL:
             if g is None:
                 return
             g._queue([range_id, _REMOVED])
-            self._pending_fsync = True
+            self._must_fsync(range_id)
 
     def range_ids(self) -> list[int]:
         """The groups the WAL holds state for."""
@@ -442,6 +443,7 @@ class SharedWAL:
                 data = bytes(self._pending)
                 self._pending.clear()
                 must_fsync, self._pending_fsync = self._pending_fsync, False
+                self._fsync_rids.clear()
                 groups = len(self._batch_rids)
                 self._batch_rids.clear()
                 old_seg = self._seg_no
@@ -481,10 +483,20 @@ class SharedWAL:
         except RuntimeError:
             return False
 
-    def _sync_blocking(self) -> None:
+    def _must_fsync(self, range_id: int) -> None:
+        """Mark the open batch as needing an fsync for ``range_id`` (lock held)."""
+        self._pending_fsync = True
+        self._fsync_rids.add(range_id)
+
+    def _sync_blocking(self, range_id: int | None = None) -> None:
         if self._failed is not None:
             raise self._failed
-        if self._on_loop_thread() and self.fsync and not self._pending_fsync:
+        if (
+            range_id is not None
+            and self.fsync
+            and range_id not in self._fsync_rids
+            and self._on_loop_thread()
+        ):
             self._wake_writer()  # commit-only records: the next batch writes them
             return
         self._flush()
