@@ -47,6 +47,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsys.errors import BadInputError
 from dsys.kv.sharded import ShardedKVClient
 
 ETCD = shutil.which("etcd")
@@ -173,8 +174,20 @@ async def prepare(addrs: list[str]) -> ShardedKVClient:
             break
         except Exception:
             await asyncio.sleep(0.1)
-    for key in SPLITS:
-        await kv.split((await kv.locate(key)).range_id, key)
+    try:
+        for key in SPLITS:
+            for attempt in range(50):
+                try:  # a node that has not applied the last split yet answers 400
+                    await kv.split((await kv.locate(key)).range_id, key)
+                    break
+                except BadInputError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.1)
+                    await kv.refresh()
+    except BaseException:
+        await kv.close()
+        raise
     for p in PREFIXES:  # every range has a leader and has served a write
         await kv.put(f"{p}-warm", b"x")
     return kv
