@@ -83,7 +83,7 @@ def test_torn_tail_is_cut_at_the_last_good_record(tmp_path: Path) -> None:
 
 
 def test_damage_before_the_tail_is_corruption(tmp_path: Path) -> None:
-    wal = SharedWAL(tmp_path, segment_bytes=200)
+    wal = SharedWAL(tmp_path, segment_bytes=200, rewrite_bytes=0)
     g = wal.group(1)
     for i in range(1, 30):
         g.append(_entries(i, i))
@@ -98,7 +98,7 @@ def test_damage_before_the_tail_is_corruption(tmp_path: Path) -> None:
 
 
 def test_compaction_deletes_segments_no_group_needs(tmp_path: Path) -> None:
-    wal = SharedWAL(tmp_path, segment_bytes=512)
+    wal = SharedWAL(tmp_path, segment_bytes=512, rewrite_bytes=0)
     a, b = wal.group(1), wal.group(2)
     for i in range(1, 41):
         a.append(_entries(i, i, tag="a" * 20))
@@ -117,33 +117,41 @@ def test_compaction_deletes_segments_no_group_needs(tmp_path: Path) -> None:
     wal.sync()
     assert len(_segments(tmp_path)) == 1
     wal.close()
-    again = SharedWAL(tmp_path, segment_bytes=512)
+    again = SharedWAL(tmp_path, segment_bytes=512, rewrite_bytes=0)
     assert again.range_ids() == [1]
     loaded = again.group(1).load()
     assert (loaded.compacted_index, loaded.compacted_term, loaded.entries) == (40, 1, [])
     again.close()
 
 
-def test_a_group_pinned_in_an_old_segment_survives_the_deletion_of_the_others(
-    tmp_path: Path,
-) -> None:
-    wal = SharedWAL(tmp_path, segment_bytes=400)
-    slow, busy = wal.group(1), wal.group(2)
-    slow.append(_entries(1, 2, tag="slow"))
-    slow.save_hard_state(HardState(term=2, vote="n1", commit=1))
+@pytest.mark.parametrize("rewrite", [False, True], ids=["pinned", "rewritten"])
+def test_an_idle_group_with_live_entries(tmp_path: Path, rewrite: bool) -> None:
+    # Without rewriting, an idle group's first live entry pins its segment and every one
+    # after it; with it, its few entries move into each new segment's header.
+    rewrite_bytes = 1024 if rewrite else 0
+    wal = SharedWAL(tmp_path, segment_bytes=400, rewrite_bytes=rewrite_bytes)
+    idle, busy = wal.group(1), wal.group(2)
+    idle.append(_entries(1, 2, tag="idle"))
+    idle.save_hard_state(HardState(term=2, vote="n1", commit=1))
     for i in range(1, 60):
         busy.append(_entries(i, i, tag="x" * 30))
         busy.compact(i, 1)
         wal.sync()
-    assert len(_segments(tmp_path)) > 3  # group 1's two entries pin the first segment
-    slow.compact(2, 1)
-    slow.append(_entries(3, 3, tag="slow"))
-    wal.sync()
-    assert len(_segments(tmp_path)) <= 2
+    if rewrite:
+        assert len(_segments(tmp_path)) <= 2
+    else:
+        assert len(_segments(tmp_path)) > 10
+        idle.compact(2, 1)
+        idle.append(_entries(3, 3, tag="idle"))
+        wal.sync()
+        assert len(_segments(tmp_path)) <= 2
     _crash(wal)
-    again = SharedWAL(tmp_path, segment_bytes=400)
+    again = SharedWAL(tmp_path, segment_bytes=400, rewrite_bytes=rewrite_bytes)
     s = again.group(1).load()
-    assert (s.compacted_index, s.entries) == (2, _entries(3, 3, tag="slow"))
+    if rewrite:
+        assert (s.compacted_index, s.entries) == (0, _entries(1, 2, tag="idle"))
+    else:
+        assert (s.compacted_index, s.entries) == (2, _entries(3, 3, tag="idle"))
     assert again.group(1).load_hard_state() == HardState(term=2, vote="n1", commit=1)
     assert again.group(2).load().compacted_index == 59
     again.close()
@@ -232,12 +240,14 @@ _ops = st.lists(
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(ops=_ops, crash_at=st.integers(0, 60))
-def test_model(tmp_path_factory: pytest.TempPathFactory, ops: list[Any], crash_at: int) -> None:
+@given(ops=_ops, crash_at=st.integers(0, 60), rewrite=st.sampled_from([0, 100, 10_000]))
+def test_model(
+    tmp_path_factory: pytest.TempPathFactory, ops: list[Any], crash_at: int, rewrite: int
+) -> None:
     d = tmp_path_factory.mktemp("swal")
     model = _Model()
     synced: dict[int, dict[str, Any]] = {}
-    wal = SharedWAL(d, fsync=False, segment_bytes=300)
+    wal = SharedWAL(d, fsync=False, segment_bytes=300, rewrite_bytes=rewrite)
     for n, (op, rid, k, term, sync) in enumerate(ops):
         g = model.g(rid)
         gl = wal.group(rid)
@@ -275,7 +285,7 @@ def test_model(tmp_path_factory: pytest.TempPathFactory, ops: list[Any], crash_a
         if n == crash_at:
             break
     _crash(wal)
-    again = SharedWAL(d, fsync=False, segment_bytes=300)
+    again = SharedWAL(d, fsync=False, segment_bytes=300, rewrite_bytes=rewrite)
     got = {}
     for rid in again.range_ids():
         loaded = again.group(rid).load()

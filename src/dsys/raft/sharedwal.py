@@ -22,10 +22,12 @@ inverted length, CRC32, msgpack payload). Payloads start with the range id::
     [rid, 5]                                     the group was removed
 
 A segment is closed once it passes ``segment_bytes``; the next one starts with a header
-holding every live group's compaction point and hard state, so replay can start at any
-segment. A segment is deleted once no group has a live entry in it (entries after its
-compaction point), so a removed group, or one that snapshotted, stops pinning old
-segments. Opening always starts a fresh segment with such a header.
+holding every live group's compaction point and hard state (and the live entries of the
+groups that have few, so an idle group that never snapshots does not pin old segments),
+so replay can start at any segment. A segment is deleted once no group has a live entry
+in it (entries after its compaction point), so a removed group, or one that
+snapshotted, stops pinning old segments. Opening always starts a fresh segment with
+such a header.
 
 **Recovery.** Replay reads the segments in order from the oldest. A damaged *last*
 record of the last segment is a torn write: cut off and synced, as in the single-group
@@ -237,6 +239,9 @@ class SharedWAL:
         directory: where the segments live (created if missing).
         fsync: False only writes to the OS (unsafe, for benchmarks).
         segment_bytes: size after which a segment is closed and a new one started.
+        rewrite_bytes: a group whose live entries take at most this many bytes has them
+            copied into each new segment's header instead of pinning old segments
+            (while the header is under a quarter of ``segment_bytes``).
     """
 
     def __init__(
@@ -245,11 +250,13 @@ class SharedWAL:
         *,
         fsync: bool = True,
         segment_bytes: int = _SEGMENT_BYTES,
+        rewrite_bytes: int = 1024 * 1024,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
+        self.rewrite_bytes = rewrite_bytes
         self._lock = threading.Lock()  # group state, _pending, batch numbers
         self._io_lock = threading.Lock()  # one flush (cut, write, fsync) at a time
         self._pending = bytearray()
@@ -390,8 +397,14 @@ class SharedWAL:
     # -- writing ----------------------------------------------------------------------
 
     def _header(self) -> bytes:
-        """Every group's compaction point and hard state (caller holds the lock or is
-        the only user)."""
+        """The head of segment ``_seg_no``: every group's compaction point and hard
+        state, and the live entries of each group that has few of them (caller holds
+        the lock or is the only user).
+
+        Rewriting a small group's entries moves its pin to the new segment, so an idle
+        group that never snapshots does not keep every segment after its first entry
+        (raft-engine's rewrite of cold groups does the same).
+        """
         out = bytearray()
         for rid, g in sorted(self.groups.items()):
             log = g._log
@@ -399,6 +412,15 @@ class SharedWAL:
             hs = g._hard_state
             if hs is not None:
                 out += frame(msgpack.packb([rid, _HARD, hs.term, hs.vote, hs.commit]))
+            if (
+                log.entries
+                and len(out) < self.segment_bytes // 4  # never a header that fills a segment
+                and sum(len(e.data) + 16 for e in log.entries) <= self.rewrite_bytes
+            ):
+                first = log.entries[0].index
+                items = [[e.term, int(e.kind), e.data] for e in log.entries]
+                out += frame(msgpack.packb([rid, _ENTRIES, first, items], use_bin_type=True))
+                g._segs = deque([[first, self._seg_no]])
         return bytes(out)
 
     def _min_pin(self) -> int:
