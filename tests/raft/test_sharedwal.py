@@ -299,3 +299,24 @@ def test_model(
     want = {r: v for r, v in synced.items() if v["entries"] or v["hard"] or v["base"] != (0, 0)}
     got = {r: v for r, v in got.items() if v["entries"] or v["hard"] or v["base"] != (0, 0)}
     assert got == want
+
+
+async def test_a_failed_write_fails_every_waiter_and_every_later_sync(tmp_path: Path) -> None:
+    wal = SharedWAL(tmp_path)
+    g = wal.group(1)
+    g.append(_entries(1, 1))
+    await g.sync_async()
+    assert wal._fd is not None
+    os.close(wal._fd)
+    wal._fd = os.open(os.devnull, os.O_RDONLY)  # the disk is gone: writes fail (EBADF)
+    g.append(_entries(2, 2))
+    with pytest.raises(OSError):
+        await g.sync_async()
+    with pytest.raises(OSError):  # no write is ever acknowledged after a failed one
+        await g.sync_async()
+    with pytest.raises(OSError):
+        g.sync()
+    await wal.aclose()
+    again = SharedWAL(tmp_path)
+    assert again.group(1).load().entries == _entries(1, 1)
+    again.close()

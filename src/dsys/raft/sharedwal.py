@@ -563,7 +563,9 @@ class SharedWAL:
             if self._pending or self._futures:
                 try:
                     await asyncio.to_thread(self._flush)
-                except Exception as exc:  # every waiter gets the failure
+                except Exception as exc:  # every waiter, now and later, gets the failure
+                    if self._failed is None:
+                        self._failed = exc
                     self._resolve(exc)
                     return
             self._resolve()
