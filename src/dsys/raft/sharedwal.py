@@ -265,11 +265,11 @@ class SharedWAL:
         self._batch_rids: set[int] = set()
         self._open_no = 1  # the batch records are queued into now
         self._durable_no = 0  # every batch up to this one is written (and synced)
-        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}  # batch -> waiters
         self._failed: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake: asyncio.Event | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._kick_scheduled = False  # a flush is due at the next loop turn
+        self._in_flight: asyncio.Future[None] | None = None  # the flush in the thread
         self._closed = False
         self.groups: dict[int, GroupLog] = {}
         self.repaired_bytes = 0
@@ -533,68 +533,77 @@ class SharedWAL:
     async def _sync_async(self) -> None:
         if self._failed is not None:
             raise self._failed
-        if self._writer is None:
-            self._start_writer()
-        with self._lock:
-            no = self._open_no
-        fut = self._futures.get(no)
-        if fut is None:
-            fut = self._futures[no] = asyncio.get_running_loop().create_future()
-        self._wake_writer()
-        await asyncio.shield(fut)
-
-    def _start_writer(self) -> None:
         if self._closed:
             raise AssertionError("shared WAL used after close")
-        self._loop = asyncio.get_running_loop()
-        self._wake = asyncio.Event()
-        self._writer = asyncio.create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        fut = loop.create_future()
+        with self._lock:
+            no = self._open_no
+        self._waiters.setdefault(no, []).append(fut)
+        self._wake_writer()
+        await fut
 
     def _wake_writer(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
+        """Flush at the next loop turn (after every group woken in this one has queued),
+        unless a flush is running: its end starts the next one."""
+        loop = self._loop
+        if self._kick_scheduled or self._in_flight is not None or loop is None:
+            return
+        self._kick_scheduled = True
+        loop.call_soon(self._kick)
 
-    async def _write_loop(self) -> None:
-        wake = self._wake
-        assert wake is not None
-        while True:
-            await wake.wait()
-            wake.clear()
-            if self._pending or self._futures:
-                try:
-                    await asyncio.to_thread(self._flush)
-                except Exception as exc:  # every waiter, now and later, gets the failure
-                    if self._failed is None:
-                        self._failed = exc
-                    self._resolve(exc)
-                    return
-            self._resolve()
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        loop = self._loop
+        if self._in_flight is not None or self._closed or loop is None:
+            return
+        if self._pending or self._waiters:
+            self._in_flight = loop.run_in_executor(None, self._flush_in_thread, loop)
+
+    def _flush_in_thread(self, loop: asyncio.AbstractEventLoop) -> None:
+        exc: BaseException | None = None
+        try:
+            self._flush()
+        except BaseException as e:  # every waiter, now and later, gets the failure
+            exc = e
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(self._after_flush, exc)
+
+    def _after_flush(self, exc: BaseException | None) -> None:
+        self._in_flight = None
+        if exc is not None:
+            if self._failed is None:
+                self._failed = exc
+            self._resolve(exc)
+            return
+        self._resolve()
+        if self._pending or self._waiters:
+            self._wake_writer()
 
     def _resolve(self, exc: BaseException | None = None) -> None:
-        """Complete the futures of every durable batch (on the event loop)."""
+        """Complete the waiters of every durable batch (on the event loop)."""
         durable = self._durable_no
-        for no in sorted(self._futures):
+        for no in sorted(self._waiters):
             if exc is None and no > durable:
                 break
-            fut = self._futures.pop(no)
-            if fut.done():
-                continue
-            if exc is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(exc)
+            for fut in self._waiters.pop(no):
+                if fut.done():
+                    continue  # its node was closed while it waited
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
 
     def sync(self) -> None:
         """Write and sync everything queued (blocking)."""
         self._flush()
 
     async def aclose(self) -> None:
-        """Stop the writer, write what is queued, close the files."""
-        if self._writer is not None:
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._writer
-            self._writer = None
+        """Wait for the running flush, write what is queued, close the files."""
+        if self._in_flight is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._in_flight)
         await asyncio.to_thread(self.close)
         self._resolve(self._failed)
 
