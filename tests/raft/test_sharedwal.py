@@ -172,7 +172,7 @@ def test_reset_drops_every_entry_of_one_group(tmp_path: Path) -> None:
     again.close()
 
 
-async def test_groups_syncing_in_one_loop_turn_share_one_fsync(tmp_path: Path) -> None:
+async def test_groups_syncing_while_a_flush_runs_share_the_next_fsync(tmp_path: Path) -> None:
     wal = SharedWAL(tmp_path)
     groups = [wal.group(rid) for rid in range(1, 9)]
 
@@ -180,17 +180,30 @@ async def test_groups_syncing_in_one_loop_turn_share_one_fsync(tmp_path: Path) -
         g.append(_entries(lo, lo, tag=str(g.range_id)))
         await g.sync_async()
 
+    # the first group starts a flush at once; the seven others queue while it runs
     await asyncio.gather(*(write(g, 1) for g in groups))
-    assert wal.fsync_count == 1
-    assert wal.batch_groups_max == 8
-    # while one batch is being fsynced, the next one fills up: at most two more fsyncs
+    assert wal.fsync_count == 2
+    assert wal.batch_groups_max == 7
     await asyncio.gather(*(write(g, i) for i in (2, 3) for g in groups))
-    assert wal.fsync_count <= 3
+    assert wal.fsync_count <= 2 + 3
     await wal.aclose()
     again = SharedWAL(tmp_path)
     for g in groups:
         assert again.group(g.range_id).load().entries[-1].index == 3
     again.close()
+
+
+async def test_flush_at_turn_end_gathers_every_group_of_the_turn(tmp_path: Path) -> None:
+    wal = SharedWAL(tmp_path, flush_at_turn_end=True)
+    groups = [wal.group(rid) for rid in range(1, 9)]
+
+    async def write(g: GroupLog) -> None:
+        g.append(_entries(1, 1))
+        await g.sync_async()
+
+    await asyncio.gather(*(write(g) for g in groups))
+    assert (wal.fsync_count, wal.batch_groups_max) == (1, 8)
+    await wal.aclose()
 
 
 async def test_blocking_sync_from_a_thread_completes_waiters_on_the_loop(tmp_path: Path) -> None:

@@ -3,9 +3,12 @@
 A multi-Raft process runs many groups; with one :class:`~dsys.raft.wal.WriteAheadLog`
 each, every busy group pays its own fsync. :class:`SharedWAL` is the idea of TiKV's
 raft-engine and CockroachDB's shared engine: one append-only file set for all groups,
-records tagged by range id, and ONE writer that turns the records every group queued in
-the same event-loop turn into one ``write`` and one ``fsync``, then tells each group
-its entries are stable.
+records tagged by range id, and ONE writer (one flush in a thread at a time) that turns
+the records every group queued into one ``write`` and one ``fsync``, then tells each
+group its entries are stable. The first group to sync while the writer is idle starts a
+flush at once; every group that queues while it runs (the rest of that loop turn and the
+next ones) shares the next write and fsync, which starts as soon as the first ends: the
+group commit of databases, across Raft groups.
 
 Each group sees its own :class:`GroupLog` (a ``LogStore`` and ``StableStore``, what
 :class:`~dsys.raft.node.RaftNode` already uses); :meth:`GroupLog.sync_async` is the
@@ -225,7 +228,7 @@ class GroupLog:
 
     async def sync_async(self) -> None:
         """Wait until everything queued so far is durable: the shared writer's next
-        batch, one write and one fsync for every group that queued in this loop turn."""
+        batch, one write and one fsync for every group that queued meanwhile."""
         await self.wal._sync_async()
 
     def close(self) -> None:
@@ -242,6 +245,10 @@ class SharedWAL:
         rewrite_bytes: a group whose live entries take at most this many bytes has them
             copied into each new segment's header instead of pinning old segments
             (while the header is under a quarter of ``segment_bytes``).
+        flush_at_turn_end: when no flush is running, wait for the end of the loop turn
+            before starting one (every group woken in the turn joins it) instead of
+            starting at once (the default: the fsync then overlaps the rest of the turn,
+            and whatever arrives meanwhile forms the next batch).
     """
 
     def __init__(
@@ -251,12 +258,14 @@ class SharedWAL:
         fsync: bool = True,
         segment_bytes: int = _SEGMENT_BYTES,
         rewrite_bytes: int = 1024 * 1024,
+        flush_at_turn_end: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.fsync = fsync
         self.segment_bytes = segment_bytes
         self.rewrite_bytes = rewrite_bytes
+        self.flush_at_turn_end = flush_at_turn_end
         self._lock = threading.Lock()  # group state, _pending, batch numbers
         self._io_lock = threading.Lock()  # one flush (cut, write, fsync) at a time
         self._pending = bytearray()
@@ -545,13 +554,16 @@ class SharedWAL:
         await fut
 
     def _wake_writer(self) -> None:
-        """Flush at the next loop turn (after every group woken in this one has queued),
-        unless a flush is running: its end starts the next one."""
+        """Start a flush (at once, or at the end of this loop turn), unless one is
+        running: its end starts the next one with everything queued meanwhile."""
         loop = self._loop
         if self._kick_scheduled or self._in_flight is not None or loop is None:
             return
-        self._kick_scheduled = True
-        loop.call_soon(self._kick)
+        if self.flush_at_turn_end:
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
+        else:
+            self._kick()
 
     def _kick(self) -> None:
         self._kick_scheduled = False
