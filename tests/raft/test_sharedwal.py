@@ -251,7 +251,7 @@ _ops = st.lists(
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(ops=_ops, crash_at=st.integers(0, 60), rewrite=st.sampled_from([0, 100, 10_000]))
 def test_model(

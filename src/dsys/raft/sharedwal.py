@@ -65,41 +65,59 @@ def _segment_name(no: int) -> str:
 
 @dataclass(slots=True)
 class _Replayed:
-    """One group's state while replaying (``unknown_term``: a gap not yet explained)."""
+    """One group's state while replaying: entries by index, each with its segment.
 
-    log: LoadedLog = field(default_factory=LoadedLog)
+    Entries may have holes while replaying (their predecessors lived in a deleted
+    segment); every hole must be dead by the end, compacted or truncated away.
+    """
+
+    entries: dict[int, tuple[Entry, int]] = field(default_factory=dict)
+    last: int = 0  # an upper bound of the highest index in ``entries``
+    compacted_index: int = 0
+    compacted_term: int = 0
     hard: HardState | None = None
-    unknown_term: bool = False
+    log: LoadedLog = field(default_factory=LoadedLog)
     segs: deque[list[int]] = field(default_factory=deque)  # [first index, segment no]
 
+    def add(self, first: int, items: Sequence[Any], seg: int) -> None:
+        if first <= self.last:
+            self.truncate(first)
+        for off, (term, kind, data) in enumerate(items):
+            index = first + off
+            if index > self.compacted_index:
+                self.entries[index] = (Entry(term, index, EntryKind(kind), data), seg)
+        self.last = max(self.last, first + len(items) - 1)
 
-def _replay_entries(g: _Replayed, first: int, items: Sequence[Any], seg: int) -> None:
-    log = g.log
-    for off, item in enumerate(items):
-        term, kind, data = item
-        index = first + off
-        if index <= log.compacted_index:
-            continue
-        last = log.entries[-1].index if log.entries else log.compacted_index
-        if index > last + 1:
-            # The entries before this one lived in a deleted segment: they are compacted
-            # by a record later on (checked at the end of replay).
-            log.entries, log.compacted_index, log.compacted_term = [], index - 1, 0
-            g.unknown_term = True
-            g.segs.clear()
-        elif index <= last:
-            _truncate(g, index)
-        log.entries.append(Entry(term=term, index=index, kind=EntryKind(kind), data=data))
-        if not g.segs or g.segs[-1][1] != seg:
-            g.segs.append([index, seg])
+    def truncate(self, index: int) -> None:
+        for k in [k for k in self.entries if k >= index]:
+            del self.entries[k]
+        self.last = min(self.last, index - 1)
 
+    def compact(self, index: int, term: int, *, reset: bool) -> None:
+        if reset:
+            self.entries.clear()
+        if index > self.compacted_index:
+            for k in [k for k in self.entries if k <= index]:
+                del self.entries[k]
+            self.compacted_index, self.compacted_term = index, term
+        self.last = max(self.last, self.compacted_index)
 
-def _truncate(g: _Replayed, index: int) -> None:
-    log = g.log
-    start = log.entries[0].index if log.entries else log.compacted_index + 1
-    del log.entries[max(0, index - start) :]
-    while g.segs and g.segs[-1][0] >= index:
-        g.segs.pop()
+    def finish(self, range_id: int) -> None:
+        """Build the loaded log and its segment pins; a hole left is corruption."""
+        keys = sorted(self.entries)
+        expected = self.compacted_index + 1
+        for k in keys:
+            if k != expected:
+                raise CorruptLogError(f"range {range_id}: entries before {k} are missing")
+            expected += 1
+        log = LoadedLog(self.compacted_index, self.compacted_term, [])
+        for k in keys:
+            entry, seg = self.entries[k]
+            log.entries.append(entry)
+            if not self.segs or self.segs[-1][1] != seg:
+                self.segs.append([k, seg])
+        self.log = log
+        self.entries = {}
 
 
 def _compact_segs(segs: deque[list[int]], index: int, last: int) -> None:
@@ -338,10 +356,7 @@ class SharedWAL:
                 self._replay_record(groups, payload, no)
             self._seg_sizes[no] = good
         for rid, g in groups.items():
-            if g.unknown_term:
-                raise CorruptLogError(
-                    f"range {rid}: entries before {g.log.compacted_index + 1} are missing"
-                )
+            g.finish(rid)
         self.size_bytes = sum(self._seg_sizes.values())
         return groups
 
@@ -356,23 +371,14 @@ class SharedWAL:
             g = groups.get(rid)
             if g is None:
                 g = groups[rid] = _Replayed()
-            log = g.log
             if kind == _ENTRIES:
-                _replay_entries(g, rec[2], rec[3], seg)
+                g.add(rec[2], rec[3], seg)
             elif kind == _HARD:
                 g.hard = HardState(term=rec[2], vote=rec[3], commit=rec[4])
             elif kind == _TRUNC:
-                _truncate(g, rec[2])
+                g.truncate(rec[2])
             elif kind in (_COMPACTED, _RESET):
-                index, term = rec[2], rec[3]
-                if kind == _RESET:
-                    log.entries = []
-                    g.segs.clear()
-                if index > log.compacted_index or (index == log.compacted_index and g.unknown_term):
-                    last = log.entries[-1].index if log.entries else index
-                    _compact_segs(g.segs, index, last)
-                    _compact(log, index, term)
-                    g.unknown_term = False
+                g.compact(rec[2], rec[3], reset=kind == _RESET)
             else:
                 raise CorruptLogError(f"unknown shared WAL record kind {kind!r}")
         except (ValueError, TypeError, IndexError, KeyError, msgpack.UnpackException) as exc:
