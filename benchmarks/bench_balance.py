@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dsys.testing.procs import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "tests" / "balance" / "backend.py"
 
@@ -46,20 +48,29 @@ def start(cmd: list[str], env: dict[str, str] | None = None) -> tuple[subprocess
     return proc, int(json.loads(proc.stdout.readline())["port"])
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+_HTTP_LOCATION = """\
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;"""
 
 
-def start_nginx(tmp: Path, name: str, ports: list[int]) -> tuple[subprocess.Popen[bytes], int]:
-    """Run nginx (one worker, round robin, upstream keep-alive) in the foreground."""
+def start_nginx(
+    tmp: Path,
+    name: str,
+    ports: list[int],
+    *,
+    location: str = _HTTP_LOCATION,
+    keepalive: int | None = 128,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Run nginx (one worker, round robin over ``ports``) in the foreground.
+
+    ``location`` holds the directives after ``proxy_pass``/``proxy_http_version``
+    (default: upstream keep-alive with ``keepalive`` idle connections).
+    """
     port = free_port()
     d = tmp / name
     (d / "logs").mkdir(parents=True)
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in ports)
+    pool = f"\n    keepalive {keepalive};" if keepalive else ""
     (d / "nginx.conf").write_text(
         f"""
 worker_processes 1;
@@ -74,23 +85,21 @@ http {{
   uwsgi_temp_path {d}/uwsgi;
   scgi_temp_path {d}/scgi;
   upstream backends {{
-{servers}
-    keepalive 128;
+{servers}{pool}
   }}
   server {{
     listen 127.0.0.1:{port};
     location / {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+{location}
     }}
   }}
 }}
 """
     )
     proc = subprocess.Popen(
-        ["nginx", "-c", str(d / "nginx.conf"), "-p", str(d), "-g", "daemon off;"],
+        ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

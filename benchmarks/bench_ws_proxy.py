@@ -32,7 +32,7 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_balance import BACKEND, free_port, start, wait_port
+from bench_balance import BACKEND, start, start_nginx
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -54,47 +54,10 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def start_nginx(tmp: Path, ports: list[int]) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
-    d = tmp / "nginx"
-    (d / "logs").mkdir(parents=True)
-    servers = "\n".join(f"    server 127.0.0.1:{p};" for p in ports)
-    (d / "nginx.conf").write_text(
-        f"""
-worker_processes 1;
-error_log {d}/logs/error.log warn;
-pid {d}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {d}/body;
-  proxy_temp_path {d}/proxy;
-  fastcgi_temp_path {d}/fastcgi;
-  uwsgi_temp_path {d}/uwsgi;
-  scgi_temp_path {d}/scgi;
-  upstream backends {{
-{servers}
-  }}
-  server {{
-    listen 127.0.0.1:{port};
-    location / {{
-      proxy_pass http://backends;
-      proxy_http_version 1.1;
+_WS_LOCATION = """\
       proxy_set_header Upgrade $http_upgrade;
       proxy_set_header Connection "upgrade";
-      proxy_read_timeout 3600s;
-    }}
-  }}
-}}
-"""
-    )
-    proc = subprocess.Popen(
-        ["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    wait_port(port)
-    return proc, port
+      proxy_read_timeout 3600s;"""
 
 
 async def load(port: int, connections: int, seconds: float) -> int:
@@ -158,7 +121,9 @@ def main() -> int:
             procs.append(p)
             proxies[f"dsys {mode}"] = (p.pid, port)
         with tempfile.TemporaryDirectory() as tmp:
-            ng, ng_port = start_nginx(Path(tmp), ports)
+            ng, ng_port = start_nginx(
+                Path(tmp), "nginx", ports, location=_WS_LOCATION, keepalive=None
+            )
             procs.append(ng)
             proxies["nginx"] = (ng.pid, ng_port)
             results: dict[str, list[tuple[float, float]]] = {n: [] for n in proxies}

@@ -33,6 +33,8 @@ def test_public_names_equal_all(package: str) -> None:
     declared = getattr(module, "__all__", None)
     assert declared is not None, f"{package} has no __all__"
     assert len(declared) == len(set(declared)), f"{package}.__all__ has duplicates"
+    for name in declared:  # lazy re-exports (PEP 562) become attributes on first access
+        getattr(module, name)
     assert set(declared) == _public_names(module), package
 
 
@@ -60,3 +62,27 @@ def test_a_server_bug_is_not_bad_input() -> None:
     assert issubclass(errors.RemoteProtocolError, errors.BadInputError)
     assert issubclass(errors.LocalProtocolError, errors.ProtocolError)
     assert issubclass(errors.RemoteProtocolError, errors.ProtocolError)
+
+
+def test_importing_a_light_block_does_not_load_the_servers() -> None:
+    """``import dsys.sharding`` (and the CLI of one block) must not pull in every block."""
+    import subprocess
+    import sys
+
+    heavy = "('aiohttp', 'dsys.kv', 'dsys.balance')"
+    code = (
+        f"import sys, dsys.sharding; print(sorted(m for m in sys.modules if m.startswith({heavy})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_lazy_reexports_resolve_to_the_block_objects() -> None:
+    from dsys.kv.client import KVClient
+    from dsys.sharding import HashRing
+
+    assert dsys.KVClient is KVClient
+    assert dsys.HashRing is HashRing
+    assert "KVClient" in dir(dsys)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        dsys.nope  # noqa: B018

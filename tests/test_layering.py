@@ -72,6 +72,8 @@ PURE = [
     "kv/fsm.py",
     "kv/ranges.py",
     "kv/rangefsm.py",
+    "kv/rangeload.py",
+    "kv/placement.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

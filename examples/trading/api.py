@@ -422,7 +422,8 @@ class Broker:
             )  # fmt: skip
             await self.send(order["order_id"], "place", order["symbol"], cmd)
             order = await self.wait(user, order["order_id"])
-        return order
+        result: dict[str, Any] = order
+        return result
 
     async def modify(self, user: str, oid: str, body: dict[str, Any]) -> dict[str, Any]:
         self.rate_limit(user)

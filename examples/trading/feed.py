@@ -69,7 +69,7 @@ class Feed:
 
     def quote_commands(self, symbol: str) -> list[tuple[str, bytes, str]]:
         """Cancel the market maker's old quotes on ``symbol`` and place new ones."""
-        out = []
+        out: list[tuple[str, Cancel | Place, str]] = []
         for oid in self.mm_orders.pop(symbol, []):
             out.append((symbol, Cancel(oid), f"{oid}:cancel"))
         ltp = self.quotes[symbol].ltp

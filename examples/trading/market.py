@@ -82,10 +82,11 @@ class Quote:
 
 def encode_tick(q: Quote) -> bytes:
     """A quote as the feed publishes it."""
-    return msgpack.packb(
+    data: bytes = msgpack.packb(
         [q.token, q.ltp, q.last_qty, q.avg_price, q.volume, q.buy_qty, q.sell_qty,
          q.open, q.high, q.low, q.close, q.ts]
     )  # fmt: skip
+    return data
 
 
 def decode_tick(data: bytes) -> Quote:

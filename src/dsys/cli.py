@@ -30,8 +30,12 @@ BLOCKS: tuple[str, ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Build the full argument parser with every block's subcommands."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser with every block's subcommands (or just block ``only``).
+
+    Parsing ``dsys kv put ...`` needs only the kv block's commands, and importing every
+    block's servers would cost each CLI call a few hundred milliseconds.
+    """
     parser = argparse.ArgumentParser(
         prog="dsys",
         description="dsys: distributed-systems building blocks (sharding, Raft KV, "
@@ -45,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=None, help="debug, info, warning, error (default: info)"
     )
     sub = parser.add_subparsers(dest="block", metavar="<block>")
-    for block in BLOCKS:
+    for block in BLOCKS if only is None else (only,):
         try:
             module = importlib.import_module(f"dsys.{block}.cli")
         except ModuleNotFoundError as exc:
@@ -58,8 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dsys`` console script; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    block = next((a for a in args_list if not a.startswith("-")), None)
+    parser = build_parser(block if block in BLOCKS else None)
+    args = parser.parse_args(args_list)
     configure_logging(json=True if args.log_json else None, level=args.log_level)
     func = getattr(args, "func", None)
     if func is None:

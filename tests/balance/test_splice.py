@@ -23,6 +23,8 @@ from dsys.balance.fastpath import FastPath
 from dsys.balance.pool import PoolConfig
 from dsys.balance.proxy import LoadBalancer, ProxyConfig
 from dsys.balance.splice import HIGH_WATER, accept_value, handshake_error
+from dsys.balance.strategies import PeakEwma
+from dsys.clock import ManualClock
 from dsys.errors import RemoteProtocolError
 from dsys.http11 import InformationalResponse, Parser, Request
 
@@ -449,3 +451,43 @@ async def test_frames_mode_leaves_websockets_to_aiohttp() -> None:
     finally:
         listener.close()
         await fast.drain(asyncio.get_running_loop().time() + 0.2)
+
+
+async def test_frames_mode_reports_the_handshake_latency_not_the_tunnel_lifetime() -> None:
+    """A WebSocket held open for a minute must not make its backend look a minute slow."""
+    echo = Echo("e0")
+    echo.runner = web.AppRunner(_echo_app(echo), access_log=None)
+    await echo.runner.setup()
+    site = web.TCPSite(echo.runner, "127.0.0.1", 0)
+    await site.start()
+    echo.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    config = ProxyConfig(
+        backends=(echo.url,),
+        pool=PoolConfig(strategy="p2c-ewma", health_check=None),
+        ws_mode="frames",
+    )
+    lb = LoadBalancer(config)
+    clock = ManualClock()
+    lb.pool.clock = clock
+    runner = web.AppRunner(lb.app(), access_log=None)
+    await runner.setup()
+    lb_site = web.TCPSite(runner, "127.0.0.1", 0)
+    await lb_site.start()
+    port = lb_site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.ws_connect(f"http://127.0.0.1:{port}/ws") as ws:
+                await ws.send_str("hi")
+                assert (await ws.receive_str(timeout=5)) == "hi"
+                clock.advance(60.0)  # the tunnel lives a minute
+            for _ in range(100):
+                if lb.pool.outstanding(echo.url) == 0:
+                    break
+                await asyncio.sleep(0.01)
+        picker = lb.pool._picker
+        assert isinstance(picker, PeakEwma)
+        estimate = picker.latency_estimate(echo.url, clock.now())
+        assert estimate is not None and estimate < 1.0, estimate
+    finally:
+        await runner.cleanup()
+        await echo.runner.cleanup()

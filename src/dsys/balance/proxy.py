@@ -571,6 +571,9 @@ class LoadBalancer:
                 lease = None
         if upstream is None or lease is None:
             return self._error(502, "bad_gateway", f"WebSocket: {last_error}", tried=tried)
+        # The pool learns the handshake's latency, not the tunnel's lifetime (which would
+        # make a backend holding long WebSockets look slow to p2c-ewma), as splice does.
+        shake = self.pool.clock.now() - lease.started
         client = web.WebSocketResponse(
             protocols=(upstream.protocol,) if upstream.protocol else (),
             autoping=True,
@@ -591,6 +594,7 @@ class LoadBalancer:
         finally:
             await upstream.close()
             await client.close()
+            lease.started = self.pool.clock.now() - shake
             self.pool.release(lease, ok=ok)
         return client
 

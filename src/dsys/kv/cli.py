@@ -13,6 +13,8 @@
     dsys kv multi-serve --id n1 --listen ... --peer ... --data-dir ./n1   # multi-Raft node
     dsys kv ranges --cluster ...              # the range map of a multi-Raft cluster
     dsys kv split RANGE_ID KEY --cluster ...  # split a range (multi-Raft)
+    dsys kv merge LEFT RIGHT --cluster ...    # merge range RIGHT into LEFT (multi-Raft)
+    dsys kv move RANGE_ID FROM TO --cluster ...  # move a range's replica between nodes
 """
 
 from __future__ import annotations
@@ -136,11 +138,63 @@ def register(subparsers: Any) -> None:
         metavar="N",
         help="split a range at its middle key once it holds N keys (0 = manual splits only)",
     )
+    multi.add_argument(
+        "--split-qps",
+        type=float,
+        default=3000.0,
+        metavar="QPS",
+        help="split a range served above QPS requests/s over --split-qps-window (0 = off)",
+    )
+    multi.add_argument(
+        "--split-qps-window", type=float, default=10.0, metavar="SECONDS", help="load window"
+    )
+    multi.add_argument(
+        "--merge-keys",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="merge cold neighbours holding fewer than N keys together (0 = manual merges only)",
+    )
+    multi.add_argument(
+        "--merge-qps", type=float, default=10.0, help="requests/s below which a range is cold"
+    )
+    multi.add_argument(
+        "--merge-cold-for", type=float, default=30.0, help="seconds cold before a merge"
+    )
+    multi.add_argument(
+        "--merge-after-split",
+        type=float,
+        default=60.0,
+        help="seconds after a split or merge of a range before it may merge",
+    )
+    multi.add_argument(
+        "--quiet-ticks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="idle groups stop heartbeating after N ticks without writes (0 = off)",
+    )
+    multi.add_argument(
+        "--initial-replicas",
+        default="",
+        metavar="ID,ID,...",
+        help="nodes holding the first range of a new cluster (default: every node)",
+    )
+    multi.add_argument(
+        "--placement-interval",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="seconds between rounds of the placement loop that moves replicas and "
+        "leaders between nodes (0 = off; replaces the leader balancer when on)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
         ("ranges", "print the range map of a multi-Raft cluster, with each range's leader"),
         ("split", "split a range of a multi-Raft cluster at a key"),
+        ("merge", "merge a range of a multi-Raft cluster into its left neighbour"),
+        ("move", "move a range's replica from one node to another (multi-Raft)"),
     ):
         p = verbs.add_parser(name, help=help_text, description=help_text.capitalize() + ".")
         p.add_argument(
@@ -151,9 +205,18 @@ def register(subparsers: Any) -> None:
         p.add_argument("--timeout", type=float, default=10.0, help="seconds, retries included")
         if name == "ranges":
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        else:
+        elif name == "merge":
+            p.add_argument("left", type=int, help="the range that stays (the left one)")
+            p.add_argument("right", type=int, help="its right neighbour, merged into it")
+            p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
+        elif name == "split":
             p.add_argument("range_id", type=int, help="the range to split")
             p.add_argument("key", help="first key of the new (right) range")
+            p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
+        else:
+            p.add_argument("range_id", type=int, help="the range whose replica moves")
+            p.add_argument("src", metavar="FROM", help="node id that gives its replica up")
+            p.add_argument("dst", metavar="TO", help="node id that gets the replica")
             p.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="token")
         p.set_defaults(func=_ranges_command, command=name)
 
@@ -295,6 +358,15 @@ def _multi_serve(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         balance_interval=args.balance_interval or None,
         split_keys=args.split_keys or None,
+        split_qps=args.split_qps or None,
+        split_qps_window=args.split_qps_window,
+        merge_keys=args.merge_keys or None,
+        merge_qps=args.merge_qps,
+        merge_cold_for=args.merge_cold_for,
+        merge_after_split=args.merge_after_split,
+        quiet_ticks=args.quiet_ticks or None,
+        initial_replicas=tuple(n for n in args.initial_replicas.split(",") if n) or None,
+        placement_interval=args.placement_interval or None,
     )
     return asyncio.run(serve_multi(config))
 
@@ -312,10 +384,23 @@ async def _ranges_async(args: argparse.Namespace) -> int:
     ) as kv:
         if args.command == "split":
             left, right = await kv.split(args.range_id, args.key)
-            print(json.dumps({"left": left.to_plain(), "right": right.to_plain()}))
+            print(
+                json.dumps(
+                    {"left": _range_row(left.to_plain()), "right": _range_row(right.to_plain())}
+                )
+            )
+            return 0
+        if args.command == "merge":
+            merged = await kv.merge(args.left, args.right)
+            print(json.dumps({"merged": _range_row(merged.to_plain())}))
+            return 0
+        if args.command == "move":
+            desc = await kv.move(args.range_id, args.src, args.dst)
+            print(json.dumps({"range": _range_row(desc.to_plain())}))
             return 0
         m = await kv.refresh()
         leaders = await kv.range_leaders()
+        moves = await _moves(kv.nodes)
         if args.json:
             print(
                 json.dumps(
@@ -325,6 +410,7 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                             {**_range_row(r.to_plain()), "leader": leaders.get(r.range_id)}
                             for r in m
                         ],
+                        "moves": moves,
                     },
                     indent=2,
                 )
@@ -339,7 +425,32 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                 f"{r.range_id:>5}  {r.start!r:<16} {end:<16} {epoch:<9} "
                 f"{','.join(r.replicas):<16} {leaders.get(r.range_id) or '-'}"
             )
+        for mv in moves:
+            match, last = mv.get("learner_match"), mv.get("last_index")
+            caught = f", learner at {match}/{last}" if match is not None else ""
+            print(
+                f"move of range {mv['range_id']}: {mv['from']} -> {mv['to']}, "
+                f"step {mv['step']}{caught} (driven by {mv['node']})"
+            )
         return 0
+
+
+async def _moves(nodes: dict[str, str]) -> list[dict[str, Any]]:
+    """The replica moves in progress, as the nodes driving them report them."""
+    import aiohttp
+
+    out: list[dict[str, Any]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s:
+        for node_id, addr in sorted(nodes.items()):
+            try:
+                async with s.get(f"http://{addr}/v1/status") as r:
+                    data = await r.json()
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                continue
+            for mv in data.get("moves", []) if isinstance(data, dict) else []:
+                if isinstance(mv, dict):
+                    out.append({**mv, "node": node_id})
+    return out
 
 
 def _range_row(plain: list[Any]) -> dict[str, Any]:

@@ -27,6 +27,12 @@ metadata range, proposes a :class:`~dsys.kv.rangefsm.Split` in the range's own l
 reports both halves to the metadata range; every replica starts the new range's group
 from the split state when it applies the split. A background loop re-reports the local
 descriptors a leader sees the metadata range lag behind (a lost report is repaired).
+
+``POST /v1/ranges/{id}/move {"from": A, "to": B}`` moves a replica (learner, snapshot,
+promote, leader transfer, remove: :meth:`MultiRaftServer.move_replica`, steps decided by
+:mod:`dsys.kv.placement`); a node that learns it was removed from a range drops the group
+and deletes its directory. With ``placement_interval`` the metadata leader runs a
+placement loop that moves replicas and leaders between nodes.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from dsys.codec import decode, encode
 from dsys.errors import (
     BadInputError,
     ConfigError,
+    ConflictError,
     DsysError,
     EpochNotMatchError,
     KeyNotInRangeError,
@@ -79,6 +86,17 @@ from dsys.kv.api import (
     ws_write_command,
 )
 from dsys.kv.fsm import Delete, KeyValue, Put, Result, Tick, encode_command, validate_key
+from dsys.kv.multimerge import RangeUpkeep
+from dsys.kv.placement import (
+    MoveStep,
+    PlacementRules,
+    PlacementState,
+    RangeInfo,
+    ReplicaMove,
+    next_move_step,
+    plan_leader_transfer,
+    plan_replica_move,
+)
 from dsys.kv.rangefsm import (
     SPLIT_INIT_INDEX,
     AllocId,
@@ -90,6 +108,7 @@ from dsys.kv.rangefsm import (
     encode_meta,
     encode_split,
 )
+from dsys.kv.rangemetrics import RangeCollector
 from dsys.kv.ranges import (
     FIRST_RANGE_ID,
     META_RANGE_ID,
@@ -101,6 +120,8 @@ from dsys.kv.ranges import (
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
 from dsys.raft.messages import (
     AppendRequest,
+    ConfChange,
+    ConfChangeType,
     ConfState,
     HardState,
     Heartbeat,
@@ -137,6 +158,9 @@ WAL_KINDS = ("shared", "per-range")
 RANGE_HEADER = "X-Dsys-Range"
 """Request header ``RANGE_ID:CONF_VER:VERSION``: the range and epoch the client routed by."""
 
+HOPS_HEADER = "X-Dsys-Hops"
+"""How many times an admin request (a move, a leader transfer) was forwarded already."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class MultiConfig:
@@ -165,6 +189,29 @@ class MultiConfig:
         balance_interval: seconds between leader-balancing checks (None: off). A node
             leading two or more data ranges more than the node with the fewest hands one
             to that node (``RaftNode.transfer_leadership``), one move per interval.
+        split_qps: split a range (on its leader, at the median of its sampled request
+            keys) once it serves more requests per second than this over
+            ``split_qps_window`` seconds (None: off). TiKV's default: 3000 over 10 s.
+        split_qps_window: seconds of the load window.
+        merge_keys: merge two neighbours (same replicas) holding fewer than this many keys
+            together, once both stayed below ``merge_qps`` for ``merge_cold_for`` seconds
+            (None: merges are manual only).
+        merge_qps: requests (or applied writes) per second below which a range is cold.
+        merge_cold_for: seconds a range must stay small and cold before it merges.
+        merge_after_split: seconds after a split or merge of a range during which it
+            does not merge (manual merges included).
+        quiet_ticks: quiet ticks (None: off): a group whose leader appended nothing for
+            this many ticks, all replicas caught up, stops heartbeating; its followers
+            stop their election timers until a message comes, or the connection to the
+            leader's process is lost (then they wake and elect as usual).
+        initial_replicas: the nodes holding range 1 in a new cluster (None: every node).
+            The metadata range is on every node.
+        placement_interval: seconds between rounds of the placement loop, which only
+            the metadata leader runs (None: off). It moves replicas and leaders between
+            nodes (:mod:`dsys.kv.placement`); with it on, the per-node leader balancer
+            is not started.
+        placement_rules: rate limit and cool-down of the placement loop's moves.
+        move_timeout: seconds a replica move may take before it is given up.
     """
 
     id: str
@@ -182,6 +229,17 @@ class MultiConfig:
     report_interval: float = 0.2
     balance_interval: float | None = 2.0
     split_keys: int | None = None
+    split_qps: float | None = 3000.0
+    split_qps_window: float = 10.0
+    merge_keys: int | None = 10_000
+    merge_qps: float = 10.0
+    merge_cold_for: float = 30.0
+    merge_after_split: float = 60.0
+    quiet_ticks: int | None = None
+    initial_replicas: tuple[str, ...] | None = None
+    placement_interval: float | None = None
+    placement_rules: PlacementRules = field(default_factory=PlacementRules)
+    move_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if not self.id or not self.data_dir:
@@ -196,6 +254,24 @@ class MultiConfig:
             raise ConfigError("balance_interval must be positive (or None: off)")
         if self.wal not in WAL_KINDS:
             raise ConfigError(f"wal must be one of {', '.join(WAL_KINDS)}, not {self.wal!r}")
+        if self.split_qps is not None and self.split_qps <= 0:
+            raise ConfigError("split_qps must be positive (or None: off)")
+        if self.split_qps_window <= 0 or self.merge_qps < 0:
+            raise ConfigError("split_qps_window must be positive and merge_qps >= 0")
+        if self.merge_keys is not None and self.merge_keys < 1:
+            raise ConfigError("merge_keys must be >= 1 (or None: manual merges only)")
+        if self.merge_cold_for < 0 or self.merge_after_split < 0:
+            raise ConfigError("merge_cold_for and merge_after_split must be >= 0")
+        if self.quiet_ticks is not None and self.quiet_ticks < 1:
+            raise ConfigError("quiet_ticks must be >= 1 (or None: off)")
+        if self.initial_replicas is not None:
+            unknown = set(self.initial_replicas) - {self.id, *self.peers}
+            if not self.initial_replicas or unknown:
+                raise ConfigError(f"initial_replicas must be known nodes, got {unknown or '()'}")
+        if self.placement_interval is not None and self.placement_interval <= 0:
+            raise ConfigError("placement_interval must be positive (or None: off)")
+        if self.move_timeout <= 0:
+            raise ConfigError("move_timeout must be positive")
 
 
 # -- the shared transport ------------------------------------------------------------
@@ -451,6 +527,14 @@ def _respond(answer: Answer) -> web.Response:
     )
 
 
+def _moves_of(view: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The moves a node's status lists (``{"range_id": ..., ...}`` each)."""
+    moves = view.get("moves", [])
+    if isinstance(moves, dict):  # our own, not yet rendered as a list
+        return [{"range_id": rid, **mv} for rid, mv in moves.items()]
+    return [m for m in moves if isinstance(m, dict) and "range_id" in m]
+
+
 def parse_range_header(value: str | None) -> tuple[int, Epoch] | None:
     """``(range_id, epoch)`` of an ``X-Dsys-Range: ID:CONF_VER:VERSION`` value (None if absent).
 
@@ -486,6 +570,8 @@ class MultiRaftServer:
         self.data.mkdir(parents=True, exist_ok=True)
         self.nodes = {config.id: f"{config.host}:{config.port}", **dict(config.peers)}
         self.replicas = tuple(sorted(self.nodes))
+        self.initial_replicas = tuple(sorted(config.initial_replicas or self.replicas))
+        """The replicas of range 1 when the cluster was bootstrapped."""
         self.transport = SharedTransport(config.id, config.peers, token=config.token)
         self.groups: dict[int, Group] = {}
         self.wal: SharedWAL | None = self._open_wal()
@@ -497,10 +583,23 @@ class MultiRaftServer:
         """Leader transfers this node started to balance leaders."""
         self.unknown_group_msgs = 0
         """Inbound messages for a group this node does not run (yet): dropped."""
+        self.moves: dict[int, dict[str, Any]] = {}
+        """Replica moves this node drives now, per range: step and learner progress."""
+        self.replica_moves = 0
+        """Replica moves this node completed (as the leader that removed the source)."""
+        self.removed_ranges = 0
+        """Local replicas dropped after this node learned it was removed from them."""
+        self.placement = PlacementState()
+        """The placement loop's memory (used on the metadata leader)."""
+        self._tombstones: dict[int, float] = {}  # range -> monotonic time it was dropped
+        self._orphans: dict[int, float] = {}  # range -> when we first led it with a learner
         self._streams: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
+        self.upkeep = RangeUpkeep(self)
+        """Merges, splits by load and the removal of merged-away replicas."""
+        self.metrics.registry.register(RangeCollector(self))
         self._open_groups()
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
@@ -551,12 +650,19 @@ class MultiRaftServer:
 
     def _open_groups(self) -> None:
         """Open every range found in the data dir; bootstrap ranges 0 and 1 if new."""
+        # a node that ran before never bootstraps range 1 again (it may have moved away)
+        bootstrap = not (self.data / f"r{META_RANGE_ID}").exists()
         found = sorted(
             int(p.name[1:]) for p in self.data.glob("r*") if p.is_dir() and p.name[1:].isdigit()
         )
         for rid in found:
             d = self.data / f"r{rid}"
-            if rid > FIRST_RANGE_ID and not any((d / "snap").glob("*")):
+            # a range made by a split, or moved here, starts from a snapshot; only the
+            # initial replicas of range 1 start without one
+            from_snapshot = rid > FIRST_RANGE_ID or (
+                rid == FIRST_RANGE_ID and self.config.id not in self.initial_replicas
+            )
+            if from_snapshot and not any((d / "snap").glob("*")):
                 # a split range whose initialization was cut short: the parent's log still
                 # holds the split and creates it again when the entry is applied
                 self.log.warning("incomplete_range_removed", range_id=rid)
@@ -564,6 +670,12 @@ class MultiRaftServer:
                 continue
         for rid in sorted({META_RANGE_ID, FIRST_RANGE_ID, *found}):
             if rid > FIRST_RANGE_ID and not (self.data / f"r{rid}").exists():
+                continue
+            if (
+                rid == FIRST_RANGE_ID
+                and not (self.data / f"r{rid}").exists()
+                and (not bootstrap or self.config.id not in self.initial_replicas)
+            ):
                 continue
             self._add_group(rid, self._new_fsm(rid))
         if self.wal is not None:
@@ -573,9 +685,9 @@ class MultiRaftServer:
 
     def _new_fsm(self, rid: int) -> RangeStateMachine | MetaStateMachine:
         if rid == META_RANGE_ID:
-            return MetaStateMachine(self.replicas)
+            return MetaStateMachine(self.initial_replicas)
         # range 1 starts as the whole key space; a split range's snapshot says its bounds
-        whole = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.replicas)
+        whole = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.initial_replicas)
         return RangeStateMachine(whole)
 
     def _add_group(
@@ -599,6 +711,7 @@ class MultiRaftServer:
                 join=join,
                 rng_seed=zlib.crc32(f"{cfg.id}/{rid}".encode()),
                 external_ticks=True,
+                quiet_ticks=cfg.quiet_ticks or 0,
             ),
             log=wal,
             stable=wal,
@@ -608,6 +721,8 @@ class MultiRaftServer:
         )
         if isinstance(fsm, RangeStateMachine):
             fsm.on_split = self._on_split
+            fsm.on_merge = self.upkeep.on_merge
+            fsm.on_conf = self._on_conf
         g = Group(rid, node, fsm)
         self.groups[rid] = g
         if self._started:
@@ -642,6 +757,7 @@ class MultiRaftServer:
         FileSnapshotStore(d / "snap", fsync=self.config.fsync).save(snap)  # last: complete
         fsm = RangeStateMachine(right)
         self._add_group(rid, fsm)
+        self.upkeep.on_split(left, right)
         self.log.info(
             "range_split",
             left=left.range_id,
@@ -677,10 +793,13 @@ class MultiRaftServer:
         r.add_get("/v1/ranges", self.handle_ranges)
         r.add_post("/v1/ranges/meta", self.handle_meta)
         r.add_post("/v1/ranges/{id}/split", self.handle_split)
+        r.add_post("/v1/ranges/{id}/move", self.handle_move)
+        r.add_post("/v1/ranges/{id}/leader", self.handle_transfer)
         r.add_get("/v1/ranges/{id}/kv", self.handle_range_scan)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)
+        self.upkeep.add_routes(app)
         app.on_shutdown.append(self._close_streams)
         add_observability_routes(app, self.metrics, self.health)
         return app
@@ -696,7 +815,9 @@ class MultiRaftServer:
         )
         self._tasks.append(asyncio.create_task(self._ticker()))
         self._tasks.append(asyncio.create_task(self._reporter()))
-        if self.config.balance_interval is not None:
+        if self.config.placement_interval is not None:
+            self._tasks.append(asyncio.create_task(self._placer(self.config.placement_interval)))
+        elif self.config.balance_interval is not None:
             self._tasks.append(asyncio.create_task(self._balancer(self.config.balance_interval)))
         self.log.info(
             "multi_kv_started",
@@ -829,6 +950,7 @@ class MultiRaftServer:
             RequestTimeout, UnavailableError: the outcome is unknown.
         """
         g = self.route(cmd.key, header)
+        self.upkeep.record(g, cmd.key)
         result = await self._propose(g, encode_command(cmd))
         assert isinstance(result, Result)
         if result.status == "key_not_in_range":
@@ -843,8 +965,9 @@ class MultiRaftServer:
             NotLeaderError: this node is not the range's leader.
         """
         g = self.route(key, header)
+        self.upkeep.record(g, key)
         await g.node.read_barrier(self.config.request_timeout)
-        if not g.desc.contains(key):  # a split applied while we waited
+        if not g.desc.contains(key) or self.upkeep.frozen(g):  # a split or merge applied
             raise self._not_here(key)
         assert isinstance(g.fsm, RangeStateMachine)
         return g.fsm.get(key)
@@ -1001,12 +1124,14 @@ class MultiRaftServer:
                 row["initialized"] = g.fsm.initialized
                 row["keys"] = len(g.fsm)
                 row["descriptor"] = g.fsm.desc.to_plain()
+                row["learners"] = list(g.fsm.learners)
             local.append(row)
         return {
             "version": m.version,
             "ranges": [r.to_plain() for r in m],
             "nodes": self.nodes | {self.config.id: f"{self.config.host}:{self.port}"},
             "local": local,
+            "moves": [{"range_id": rid, **mv} for rid, mv in sorted(self.moves.items())],
         }
 
     async def handle_ranges(self, request: web.Request) -> web.Response:
@@ -1026,6 +1151,9 @@ class MultiRaftServer:
                 "unknown_group_msgs": self.unknown_group_msgs,
                 "leader_moves": self.leader_moves,
                 "wal": self.wal_stats(),
+                "replica_moves": self.replica_moves,
+                "removed_ranges": self.removed_ranges,
+                "moves": self.ranges_view()["moves"],
             }
         )
 
@@ -1077,6 +1205,11 @@ class MultiRaftServer:
                     (desc.epoch.conf_ver, desc.epoch.version),
                     ranges=self.local_descriptors(),
                 )
+            if res.status == "conf_change_in_progress":
+                raise UnavailableError(
+                    f"range {range_id} is changing its replicas; split it afterwards",
+                    retry_after=0.5,
+                )
             raise BadInputError(f"split of range {range_id} at {at_key!r} refused: {res.status}")
         assert res.left is not None and res.right is not None
         with contextlib.suppress(DsysError):  # the reporter repairs a lost report
@@ -1114,6 +1247,8 @@ class MultiRaftServer:
         await g.node.read_barrier(self.config.request_timeout)
         assert isinstance(g.fsm, RangeStateMachine)
         check_epoch(g.desc, routed[1] if routed else None, others=self.local_descriptors())
+        if self.upkeep.frozen(g):  # being merged: the merged range will answer
+            raise self._not_here(req.after or req.prefix)
         return scan_page(req, g.fsm.scan(req.prefix, req.limit + 1, req.after)), g.desc
 
     async def handle_range_scan(self, request: web.Request) -> web.Response:
@@ -1209,6 +1344,9 @@ class MultiRaftServer:
             await asyncio.sleep(self.config.report_interval)
             try:
                 await self._tick_ttl()
+                await self.upkeep.upkeep()
+                self._drop_removed()
+                await self._drop_orphan_learners()
                 await self._maybe_split_by_size()
                 await self._report_stale()
             except DsysError as exc:
@@ -1284,6 +1422,8 @@ class MultiRaftServer:
             if move is None:
                 continue
             rid, target = move
+            if target not in self.groups[rid].node.core.conf.voters:
+                continue  # ranges are not on every node (after replica moves)
             self.log.info("leader_transfer", range_id=rid, to=target)
             self.leader_moves += 1
             self.leader_moves_to[target] = self.leader_moves_to.get(target, 0) + 1
@@ -1293,6 +1433,402 @@ class MultiRaftServer:
                 self.log.info("leader_transfer_failed", range_id=rid, error=str(exc))
             except Exception:  # a bug: log it, keep balancing
                 self.log.exception("leader_transfer_crashed")
+
+    # -- replica moves and placement (see dsys.kv.placement) ---------------------------
+
+    async def move_replica(
+        self, range_id: int, src: str, dst: str, *, hops: int = 0
+    ) -> RangeDescriptor:
+        """Move range ``range_id``'s replica from node ``src`` to node ``dst``; returns
+        the range's descriptor once ``src`` was removed.
+
+        Runs on the range's leader (add ``dst`` as learner after a snapshot, wait for it
+        to catch up, promote it, hand leadership over if ``src`` leads, remove ``src``);
+        elsewhere, or after this node handed the leadership to ``dst``, it is forwarded
+        to the leader, which continues from the range's current configuration.
+
+        Raises:
+            BadInputError: unknown nodes, ``src == dst``, or ``src`` holds no replica.
+            ConflictError: another move of the range is in flight on its leader.
+            UnavailableError, RequestTimeout: no leader, or not done in time (asking
+                again resumes the move).
+        """
+        for n in (src, dst):
+            if n not in self.nodes:
+                raise BadInputError(f"unknown node {n!r}")
+        if src == dst:
+            raise BadInputError(f"cannot move a replica from {src!r} to itself")
+        g = self.groups.get(range_id)
+        if g is None or not g.initialized or not g.node.is_leader:
+            return await self._forward_move(range_id, src, dst, hops)
+        current = self.moves.get(range_id)
+        if current is not None:
+            raise ConflictError(
+                f"range {range_id}: a move {current['from']} -> {current['to']} is in flight"
+            )
+        progress: dict[str, Any] = {"from": src, "to": dst, "step": "start"}
+        self.moves[range_id] = progress
+        deadline = time.monotonic() + self.config.move_timeout
+        pause = self.config.tick_interval
+        try:
+            while g.node.is_leader and self.groups.get(range_id) is g and not self._closed:
+                core = g.node.core
+                conf = core.conf
+                match = core.progress().get(dst)
+                step = next_move_step(
+                    voters=conf.voters,
+                    learners=conf.learners,
+                    leader=self.config.id,
+                    src=src,
+                    dst=dst,
+                    dst_match=match,
+                    last_index=core.last_index,
+                    min_match=max(core.conf_index, 1),
+                )
+                if step is not MoveStep.DONE:
+                    progress["step"] = step.value
+                progress.update(
+                    learner_match=match,
+                    last_index=core.last_index,
+                    conf_ver=g.desc.epoch.conf_ver,
+                )
+                if step is MoveStep.DONE:  # also when asked again after it was done
+                    if progress["step"] != "start":
+                        self.replica_moves += 1
+                        self.log.info("replica_moved", range_id=range_id, src=src, dst=dst)
+                    await self._report_range(g)
+                    return g.desc
+                if time.monotonic() > deadline:
+                    undone = ""
+                    if dst in conf.learners:
+                        # give up cleanly: a learner left behind would block splits
+                        with contextlib.suppress(DsysError):
+                            await self._conf_change(g, ConfChangeType.REMOVE_NODE, dst)
+                            undone = f"; learner {dst} removed again"
+                            await self._report_range(g)
+                    raise RequestTimeout(
+                        f"move of range {range_id} {src} -> {dst} stuck at {step.value}{undone}"
+                    )
+                try:
+                    if step is MoveStep.ADD_LEARNER:
+                        # compact first: the learner's empty log then needs the snapshot,
+                        # which carries the range's bounds and epoch
+                        await g.node.request_snapshot(self.config.request_timeout)
+                        await self._conf_change(g, ConfChangeType.ADD_LEARNER, dst)
+                    elif step is MoveStep.CATCH_UP:
+                        await asyncio.sleep(pause)
+                    elif step is MoveStep.PROMOTE:
+                        await self._conf_change(g, ConfChangeType.ADD_VOTER, dst)
+                    elif step is MoveStep.TRANSFER_LEADER:
+                        await g.node.transfer_leadership(dst, self.config.request_timeout)
+                    elif step is MoveStep.REMOVE:
+                        await self._conf_change(g, ConfChangeType.REMOVE_NODE, src)
+                except (ProposalDroppedError, UnavailableError, RequestTimeout) as exc:
+                    # a pending change, a leader change: look at the configuration again
+                    self.log.info(
+                        "move_step_retry", range_id=range_id, step=step.value, error=str(exc)
+                    )
+                    await asyncio.sleep(5 * pause)
+                    continue
+                if step in (MoveStep.ADD_LEARNER, MoveStep.PROMOTE, MoveStep.REMOVE):
+                    self.log.info(
+                        "move_step_done",
+                        range_id=range_id,
+                        step=step.value,
+                        conf_ver=g.desc.epoch.conf_ver,
+                    )
+                    await self._report_range(g)
+        finally:
+            if self.moves.get(range_id) is progress:
+                del self.moves[range_id]
+        if self._closed:
+            raise UnavailableError("node shutting down", retry_after=0.5)
+        return await self._forward_move(range_id, src, dst, hops)
+
+    async def _conf_change(self, g: Group, kind: ConfChangeType, node: str) -> None:
+        fut = g.node.propose_conf_change(ConfChange(type=int(kind), node_id=node))
+        try:
+            await asyncio.wait_for(fut, self.config.request_timeout)
+        except TimeoutError:
+            raise RequestTimeout("configuration change not applied in time") from None
+
+    async def _report_range(self, g: Group) -> None:
+        with contextlib.suppress(DsysError):  # the reporter repairs a lost report
+            await self.meta_call({"op": "report", "ranges": [g.desc.to_plain()]})
+
+    async def _range_leader_addr(self, range_id: int, hops: int) -> str:
+        """The address to forward a range's admin request to (its leader if known)."""
+        if hops >= 4:
+            raise UnavailableError(f"no leader of range {range_id} found", retry_after=0.5)
+        g = self.groups.get(range_id)
+        if g is not None and g.initialized:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 2 * self.config.tick_interval * self.config.election_tick
+            while g.node.leader_id in (None, self.config.id) and loop.time() < until:
+                if g.node.is_leader:
+                    raise UnavailableError("this node leads the range now", retry_after=0.0)
+                await asyncio.sleep(self.config.tick_interval)
+            leader = g.node.leader_id
+            if leader is not None and leader != self.config.id:
+                return self.nodes[leader]
+        desc = self.meta.map.get(range_id)
+        others = [r for r in desc.replicas if r != self.config.id] if desc else []
+        if not others:
+            raise BadInputError(f"no data range {range_id}")
+        return self.nodes[others[hops % len(others)]]
+
+    async def _admin_post(
+        self,
+        addr: str,
+        path: str,
+        body: dict[str, Any],
+        hops: int,
+        timeout: float,  # noqa: ASYNC109
+    ) -> dict[str, Any]:
+        headers = {HOPS_HEADER: str(hops + 1)}
+        if self.config.token:
+            headers[TOKEN_HEADER] = self.config.token
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+                s.post(f"http://{addr}{path}", json=body, headers=headers) as r,
+            ):
+                data = await r.json(content_type=None)
+                status = r.status
+        except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+            raise UnavailableError(f"{addr} unreachable: {exc}", retry_after=0.2) from None
+        if status == 200 and isinstance(data, dict):
+            return data
+        message = f"{addr}: {data.get('message') if isinstance(data, dict) else data}"
+        if status == 400:
+            raise BadInputError(message)
+        if status == 409:
+            raise ConflictError(message)
+        if status == 504:
+            raise RequestTimeout(message)
+        raise UnavailableError(message, retry_after=0.2)
+
+    async def _forward_move(self, range_id: int, src: str, dst: str, hops: int) -> RangeDescriptor:
+        for attempt in range(3):
+            try:
+                addr = await self._range_leader_addr(range_id, hops + attempt)
+            except UnavailableError as exc:
+                if exc.retry_after == 0.0:  # we lead it now: drive the move here
+                    return await self.move_replica(range_id, src, dst, hops=hops + 1)
+                raise
+            try:
+                data = await self._admin_post(
+                    addr,
+                    f"/v1/ranges/{range_id}/move",
+                    {"from": src, "to": dst},
+                    hops,
+                    self.config.move_timeout + 5.0,
+                )
+            except UnavailableError:
+                await asyncio.sleep(self.config.tick_interval * self.config.election_tick)
+                continue
+            return RangeDescriptor.from_plain(data.get("range"))
+        raise UnavailableError(f"move of range {range_id}: no leader answered", retry_after=0.5)
+
+    async def transfer_range_leader(self, range_id: int, to: str, *, hops: int = 0) -> None:
+        """Hand range ``range_id``'s leadership to its voter ``to`` (forwarded to the
+        range's leader when this node does not lead it).
+
+        Raises:
+            BadInputError: ``to`` is not a voter of the range, or no such range.
+            UnavailableError, RequestTimeout: no leader, or ``to`` did not take over.
+        """
+        g = self.groups.get(range_id)
+        if g is not None and g.initialized and g.node.is_leader:
+            await g.node.transfer_leadership(to, self.config.request_timeout)
+            self.leader_moves += 1
+            self.leader_moves_to[to] = self.leader_moves_to.get(to, 0) + 1
+            return
+        addr = await self._range_leader_addr(range_id, hops)
+        await self._admin_post(
+            addr, f"/v1/ranges/{range_id}/leader", {"to": to}, hops, self.config.request_timeout + 1
+        )
+
+    async def _admin_body(self, request: web.Request) -> tuple[int, dict[str, Any], int]:
+        if not token_ok(request.headers.get(TOKEN_HEADER), self.config.token):
+            raise web.HTTPForbidden(text="admin endpoints need the cluster token")
+        rid = _range_id(request.match_info["id"])
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadInputError("the body must be a JSON object") from None
+        if not isinstance(body, dict):
+            raise BadInputError("the body must be a JSON object")
+        hops = opt_int(request.headers.get(HOPS_HEADER), HOPS_HEADER) or 0
+        return rid, body, hops
+
+    async def handle_move(self, request: web.Request) -> web.Response:
+        """``POST /v1/ranges/{id}/move`` ``{"from": A, "to": B}``: move a replica; answers
+        ``{"range": descriptor}`` once done (409 if another move of the range runs)."""
+        rid, body, hops = await self._admin_body(request)
+        src, dst = body.get("from"), body.get("to")
+        if type(src) is not str or type(dst) is not str:
+            raise BadInputError('the body must be {"from": NODE, "to": NODE}')
+        desc = await self.move_replica(rid, src, dst, hops=hops)
+        return web.json_response({"range": desc.to_plain()})
+
+    async def handle_transfer(self, request: web.Request) -> web.Response:
+        """``POST /v1/ranges/{id}/leader`` ``{"to": B}``: hand the range's leadership to B."""
+        rid, body, hops = await self._admin_body(request)
+        to = body.get("to")
+        if type(to) is not str or to not in self.nodes:
+            raise BadInputError('the body must be {"to": NODE} naming a known node')
+        await self.transfer_range_leader(rid, to, hops=hops)
+        return web.json_response({"range_id": rid, "leader": to})
+
+    def _on_conf(self, desc: RangeDescriptor, conf: ConfState) -> None:
+        """A local replica applied a configuration entry: drop it if it was removed."""
+        if self.config.id not in (*conf.voters, *conf.learners) and not self._closed:
+            self._tasks.append(asyncio.create_task(self._drop_group(desc.range_id)))
+
+    def _drop_removed(self) -> None:
+        """Drop local replicas the metadata range says were removed: a removed replica
+        may never learn that its removal committed (the leader stops talking to it), as
+        TiKV's stale-peer check asks PD."""
+        for g in self.data_groups():
+            known = self.meta.map.get(g.range_id)
+            # only a replica that knows itself a member: a learner restored from a
+            # snapshot taken before its addition does not see itself yet
+            if (
+                known is not None
+                and self.config.id in g.desc.replicas
+                and self.config.id not in known.replicas
+                and known.epoch.conf_ver > g.desc.epoch.conf_ver
+                and not g.node.is_leader
+            ):
+                self._tasks.append(asyncio.create_task(self._drop_group(g.range_id)))
+
+    async def _drop_orphan_learners(self) -> None:
+        """On a leader: remove a learner no move drives any more (its leader changed
+        and nobody asked again) once ``move_timeout`` passed, as PD times out an
+        operator; a learner left behind would block the range's splits forever."""
+        now = time.monotonic()
+        for g in self.data_groups():
+            learners = g.node.core.conf.learners if g.node.is_leader else ()
+            if not learners or g.range_id in self.moves:
+                self._orphans.pop(g.range_id, None)
+                continue
+            since = self._orphans.setdefault(g.range_id, now)
+            if now - since < self.config.move_timeout:
+                continue
+            self._orphans.pop(g.range_id, None)
+            self.log.warning("orphan_learner_removed", range_id=g.range_id, node=learners[0])
+            await self._conf_change(g, ConfChangeType.REMOVE_NODE, learners[0])
+            await self._report_range(g)
+            return
+
+    async def _drop_group(self, range_id: int) -> None:
+        """Stop the local replica of ``range_id`` and delete its data directory."""
+        g = self.groups.pop(range_id, None)
+        if g is None:
+            return
+        self._tombstones[range_id] = time.monotonic()
+        await g.node.close()
+        self._drop_log(range_id)  # it stops pinning the shared WAL's segments
+        await asyncio.to_thread(shutil.rmtree, self.data / f"r{range_id}", True)
+        self.removed_ranges += 1
+        self.log.info("replica_removed", range_id=range_id)
+
+    def _tombstoned(self, range_id: int) -> bool:
+        """Whether ``range_id`` was dropped here moments ago (late messages of its old
+        leader must not create an empty replica again)."""
+        at = self._tombstones.get(range_id)
+        window = max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
+        return at is not None and time.monotonic() - at < window
+
+    async def _placer(self, interval: float) -> None:
+        """The placement loop: on the metadata leader only, one replica move (or else one
+        leader transfer) per round, decided by :mod:`dsys.kv.placement`."""
+        while True:
+            await asyncio.sleep(interval)
+            if not self.groups[META_RANGE_ID].node.is_leader:
+                continue
+            try:
+                await self._place_once()
+            except DsysError as exc:
+                self.log.info("placement_deferred", error=str(exc))
+            except Exception:  # a bug: log it, keep placing
+                self.log.exception("placement_failed")
+
+    async def _gather_status(self) -> dict[str, dict[str, Any]]:
+        """``/v1/status`` of every node that answers (ours without a request)."""
+        out: dict[str, dict[str, Any]] = {
+            self.config.id: {"ranges": self.ranges_view()["local"], "moves": self.moves}
+        }
+        timeout = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=timeout) as s:
+
+            async def one(node: str, addr: str) -> None:
+                try:
+                    async with s.get(f"http://{addr}/v1/status") as r:
+                        data = await r.json()
+                except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                    return
+                if isinstance(data, dict):
+                    out[node] = data
+
+            await asyncio.gather(*(one(n, a) for n, a in self.nodes.items() if n != self.config.id))
+        return out
+
+    def range_infos(self, views: Mapping[str, Mapping[str, Any]]) -> list[RangeInfo]:
+        """What placement knows of each data range, from the map and the nodes' status."""
+        rows: dict[int, list[tuple[str, Mapping[str, Any]]]] = {}
+        for node, view in views.items():
+            for row in view.get("ranges", []):
+                if isinstance(row, dict) and row.get("initialized"):
+                    rows.setdefault(int(row["range_id"]), []).append((node, row))
+        busy = {int(m["range_id"]) for v in views.values() for m in _moves_of(v)}
+        out = []
+        for desc in self.meta.map:
+            mine = rows.get(desc.range_id, [])
+            lead = next(((n, r) for n, r in mine if r.get("role") == "leader"), None)
+            replicas: tuple[str, ...] = desc.replicas
+            learners: tuple[str, ...] = ()
+            if lead is not None:
+                d = RangeDescriptor.from_plain(lead[1]["descriptor"])
+                replicas, learners = d.replicas, tuple(lead[1].get("learners", ()))
+            if desc.range_id in busy and not learners:
+                learners = replicas  # a move is under way: not a candidate
+            size = max((int(r.get("keys", 0)) for _, r in mine), default=0)
+            out.append(
+                RangeInfo(desc.range_id, replicas, size, lead[0] if lead else None, learners)
+            )
+        return out
+
+    async def _place_once(self) -> None:
+        views = await self._gather_status()
+        infos = self.range_infos(views)
+        alive = sorted(views)
+        now = time.monotonic()
+        rules = self.config.placement_rules
+        st = self.placement
+        st.forget_before(now - max(rules.interval, rules.cooldown))
+        move = plan_replica_move(infos, alive, now=now, state=st, rules=rules)
+        if move is not None:
+            st.record(now, move)
+            self.log.info("placement_move", range_id=move.range_id, src=move.src, dst=move.dst)
+            self._tasks.append(asyncio.create_task(self._run_placement_move(move)))
+            return
+        transfer = plan_leader_transfer([i for i in infos if not i.learners], alive)
+        if transfer is not None:
+            rid, to = transfer
+            self.log.info("placement_leader_transfer", range_id=rid, to=to)
+            await self.transfer_range_leader(rid, to)
+
+    async def _run_placement_move(self, move: ReplicaMove) -> None:
+        try:
+            await self.move_replica(move.range_id, move.src, move.dst)
+        except DsysError as exc:
+            self.log.info("placement_move_failed", range_id=move.range_id, error=str(exc))
+        except Exception:  # a bug: log it
+            self.log.exception("placement_move_crashed")
+        finally:
+            self.placement.finished(move.range_id)
 
     # -- the peer endpoint --------------------------------------------------------------
 
@@ -1328,7 +1864,15 @@ class MultiRaftServer:
                     break
         finally:
             self._streams.discard(ws)
+            self._lost_peer(src)
         return ws
+
+    def _lost_peer(self, peer: str) -> None:
+        """The connection from ``peer``'s process ended: wake the quiet groups it leads
+        here, so they elect a new leader if it is gone (quiet ticks)."""
+        for g in list(self.groups.values()):
+            if g.node.leader_id == peer and g.node.quiet:
+                g.node.wake()
 
     def _deliver_frame(self, body: bytes, src: str) -> None:
         self._heard[src] = time.monotonic()
@@ -1353,7 +1897,9 @@ class MultiRaftServer:
             if (
                 g is None
                 and item[0] != META_RANGE_ID
+                and item[0] not in self.upkeep.tombstones
                 and not self._closed
+                and not self._tombstoned(item[0])
                 and any(isinstance(m, _FROM_LEADER) for m in msgs)
             ):
                 g = self._add_empty_replica(item[0])

@@ -19,6 +19,20 @@ A data range's replicas apply the KV commands of :mod:`dsys.kv.fsm` through a
   revision counter, replicated clock and exactly-once sessions, so a key's revisions keep
   growing and a retried write that committed before the split answers its first result.
   A split with a stale ``version`` or a key not strictly inside is a replicated no-op.
+* A merge of a *source* range into its left neighbour, the *target* (TiKV's
+  PrepareMerge/CommitMerge, simplified): :class:`PrepareMerge` in the source's log bumps
+  its ``version`` and freezes it (every later command is refused, so its state is final
+  at that index on every replica); :class:`CommitMerge` in the target's log carries that
+  final state (a snapshot) and the target's expected ``version``; applying it at index
+  *j* (the same on every replica) absorbs the source's keys, revision, clock and
+  sessions, and sets ``version = max + 1``. ``on_merge`` then tells the host to stop the
+  source's group. A commit the target refuses (its ``version`` moved on) can never
+  succeed later, so the source may then :class:`RollbackMerge` and take writes again.
+* A committed Raft configuration entry (a replica added as learner, promoted, or
+  removed) reaches :meth:`RangeStateMachine.apply_conf`: the descriptor's replicas
+  become the configuration's voters and learners, and ``conf_ver`` bumps (every step of
+  a replica move, as TiKV's ``ConfChange``). The descriptor travels in every snapshot, so
+  a replica caught up from a snapshot learns its bounds and epoch from it.
 
 The metadata range (range 0) applies :class:`MetaStateMachine` commands: the
 :class:`~dsys.kv.ranges.RangeMap` of every range (updated from the ranges' own reports,
@@ -28,8 +42,9 @@ of range ids.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from sortedcontainers import SortedDict
@@ -37,9 +52,13 @@ from sortedcontainers import SortedDict
 from dsys.codec import decode, encode
 from dsys.errors import RemoteProtocolError
 from dsys.kv.fsm import SNAPSHOT_MAX_BYTES, KVStateMachine, Result, Sessions
-from dsys.kv.ranges import FIRST_RANGE_ID, RangeDescriptor, RangeMap, split_descriptor
+from dsys.kv.ranges import FIRST_RANGE_ID, Epoch, RangeDescriptor, RangeMap, split_descriptor
+from dsys.raft.messages import ConfState
 
 _SPLIT = 10
+_PREPARE_MERGE = 11
+_COMMIT_MERGE = 12
+_ROLLBACK_MERGE = 13
 _REPORT = 20
 _ALLOC = 21
 
@@ -66,8 +85,8 @@ class SplitResult:
 
     Attributes:
         ok: the range was split.
-        status: ``"ok"``, ``"epoch_not_match"`` or ``"bad_split"`` (key not inside, id
-            in use).
+        status: ``"ok"``, ``"epoch_not_match"``, ``"bad_split"`` (key not inside, id
+            in use) or ``"conf_change_in_progress"`` (the range has learners).
         left: this range after the split.
         right: the new range.
     """
@@ -102,6 +121,134 @@ def _decode_split(data: bytes) -> Split | None:
 SplitHook = Callable[[RangeDescriptor, RangeDescriptor, bytes], None]
 """``on_split(left, right, right_snapshot)``: called when a split was applied."""
 
+ConfHook = Callable[[RangeDescriptor, ConfState], None]
+"""``on_conf(desc, conf)``: called when a configuration entry was applied."""
+
+
+def replicas_after(old: tuple[str, ...], conf: ConfState) -> tuple[str, ...]:
+    """The replica list for ``conf``: ``old``'s members in their order, then new ones."""
+    members = [*conf.voters, *conf.learners]
+    kept = [r for r in old if r in members]
+    return (*kept, *[m for m in members if m not in kept])
+
+
+@dataclass(frozen=True, slots=True)
+class PrepareMerge:
+    """Freeze this range (the source) for a merge into its left neighbour
+    ``target_id``, whose ``version`` is ``target_version``; only if this range's
+    ``version`` is still ``expect_version``."""
+
+    target_id: int
+    target_version: int
+    expect_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMerge:
+    """Absorb the frozen ``source`` range (its final ``state``, a snapshot) into this
+    range (the target), if this range's ``version`` is still ``expect_version``."""
+
+    source: RangeDescriptor
+    state: bytes
+    expect_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackMerge:
+    """Unfreeze this range (a source whose merge the target refused), if its
+    ``version`` is still ``expect_version``."""
+
+    expect_version: int
+
+
+@dataclass(frozen=True, slots=True)
+class MergeResult:
+    """The outcome of a merge command.
+
+    Attributes:
+        ok: the command took effect (or had already: a repeated commit).
+        status: ``"ok"``, ``"epoch_not_match"`` (the range's version moved on, or it is
+            frozen by another merge), ``"bad_merge"`` (not neighbours, other replicas,
+            not frozen, learners), ``"conf_change_in_progress"`` (a prepare on a range
+            with learners) or ``"invalid"`` (undecodable).
+        desc: this range after the command.
+        source: the absorbed range (a commit).
+    """
+
+    ok: bool
+    status: str
+    desc: RangeDescriptor | None = None
+    source: RangeDescriptor | None = None
+
+
+def encode_merge(cmd: PrepareMerge | CommitMerge | RollbackMerge) -> bytes:
+    """The log entry data of a merge command."""
+    if isinstance(cmd, PrepareMerge):
+        return encode([_PREPARE_MERGE, cmd.target_id, cmd.target_version, cmd.expect_version])
+    if isinstance(cmd, CommitMerge):
+        return encode(
+            [_COMMIT_MERGE, cmd.source.to_plain(), cmd.state, cmd.expect_version],
+            max_size=SNAPSHOT_MAX_BYTES,
+        )
+    return encode([_ROLLBACK_MERGE, cmd.expect_version, 0, 0])
+
+
+def decode_merge(data: bytes) -> PrepareMerge | CommitMerge | RollbackMerge | None:
+    """The merge command in ``data`` (None if it is not a well-formed one)."""
+    try:
+        v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
+    except RemoteProtocolError:
+        return None
+    if not isinstance(v, list) or len(v) != 4:
+        return None
+    tag, a, b, c = v
+    if tag == _PREPARE_MERGE and type(a) is int and type(b) is int and type(c) is int:
+        return PrepareMerge(a, b, c)
+    if tag == _COMMIT_MERGE and type(b) is bytes and type(c) is int:
+        try:
+            return CommitMerge(RangeDescriptor.from_plain(a), b, c)
+        except RemoteProtocolError:
+            return None
+    if tag == _ROLLBACK_MERGE and type(a) is int:
+        return RollbackMerge(a)
+    return None
+
+
+MergeHook = Callable[[RangeDescriptor, RangeDescriptor], None]
+"""``on_merge(merged, source)``: called on the target when a merge was committed."""
+
+
+def merge_sessions(a: Sessions, b: Sessions) -> Sessions:
+    """The exactly-once table of a merged range: both tables' clients and results
+    (deterministic; trimmed to ``a``'s bounds as :class:`~dsys.kv.fsm.Sessions` trims)."""
+    clients: dict[str, list[Any]] = {}
+    for cid, at, floor, items in [*a.to_plain(), *b.to_plain()]:
+        old = clients.get(cid)
+        if old is None:
+            clients[cid] = [at, floor, dict(_pairs(items))]
+        else:
+            old[0], old[1] = max(old[0], at), max(old[1], floor)
+            old[2].update(_pairs(items))
+    per_client = a.per_client
+    plain = []
+    for cid in sorted(clients):
+        at, floor, results = clients[cid]
+        seqs = sorted(s for s in results if s >= floor)
+        if len(seqs) > per_client:
+            floor = max(floor, seqs[-per_client])
+            seqs = seqs[-per_client:]
+        plain.append([cid, at, floor, [[s, results[s]] for s in seqs]])
+    while len(plain) > a.max_clients:  # forget the least recently active, as Sessions does
+        plain.remove(min(plain, key=lambda c: (c[1], c[0])))
+    out = Sessions(max_clients=a.max_clients, per_client=per_client)
+    out.load_plain(plain)
+    return out
+
+
+def _pairs(items: Any) -> OrderedDict[int, Any]:
+    # [[seq, result_plain], ...] of one session as seq -> result_plain
+    return OrderedDict((int(s), r) for s, r in items)
+
 
 class RangeStateMachine(KVStateMachine):
     """A :class:`~dsys.kv.fsm.KVStateMachine` holding only the keys of one range.
@@ -120,7 +267,21 @@ class RangeStateMachine(KVStateMachine):
         """Whether ``desc`` is real (the state came from a split or a snapshot)."""
         self.on_split: SplitHook | None = None
         """Set by the host: start the new range's group from the right half's snapshot."""
+        self.learners: tuple[str, ...] = ()
+        """The replicas of ``desc`` that are Raft learners (catching up, not voting)."""
+        self.on_conf: ConfHook | None = None
+        """Set by the host: learn of replica changes (e.g. that this replica was removed)."""
         self._kw = kw
+        self.merging: tuple[int, int] | None = None
+        """``(target_id, target_version)`` while this range is frozen by a PrepareMerge."""
+        self.absorbed: set[int] = set()
+        """Ids of the ranges merged into this one (a repeated commit is answered ok)."""
+        self.on_merge: MergeHook | None = None
+        """Set by the host: stop the source's group once a merge was committed here."""
+
+    def size_bytes(self) -> int:
+        """Bytes of the keys and values this replica holds (O(keys): for metrics)."""
+        return sum(len(k) + len(kv.value) for k, kv in self._data.items())
 
     def split_key(self) -> str | None:
         """A key to split this range at so both halves hold about half of its keys
@@ -141,7 +302,83 @@ class RangeStateMachine(KVStateMachine):
             if cmd is None:
                 return Result(ok=False, revision=self.revision, status="invalid")
             return self.apply_split(cmd)
+        if len(data) > 2 and data[0] == 0x94 and _PREPARE_MERGE <= data[1] <= _ROLLBACK_MERGE:
+            return self.apply_merge(decode_merge(data))
+        if self.merging is not None:  # frozen: the state is final until a rollback
+            return Result(ok=False, revision=self.revision, status="key_not_in_range")
         return super().apply(data)
+
+    def apply_command(self, cmd: Any) -> Result:
+        """Apply one decoded KV command (refused while the range is frozen by a merge)."""
+        if self.merging is not None:
+            return Result(ok=False, revision=self.revision, status="key_not_in_range")
+        return super().apply_command(cmd)
+
+    def apply_merge(self, cmd: PrepareMerge | CommitMerge | RollbackMerge | None) -> MergeResult:
+        """Apply a merge command (see the module docstring); deterministic on every replica."""
+        desc = self.desc
+        if isinstance(cmd, PrepareMerge):
+            if self.merging is not None or cmd.expect_version != desc.epoch.version:
+                return MergeResult(False, "epoch_not_match", desc)
+            if self.learners:  # merge once the replica change is over
+                return MergeResult(False, "conf_change_in_progress", desc)
+            self.desc = replace(desc, epoch=Epoch(desc.epoch.conf_ver, desc.epoch.version + 1))
+            self.merging = (cmd.target_id, cmd.target_version)
+            return MergeResult(True, "ok", self.desc)
+        if isinstance(cmd, RollbackMerge):
+            if self.merging is None or cmd.expect_version != desc.epoch.version:
+                return MergeResult(False, "epoch_not_match", desc)
+            self.desc = replace(desc, epoch=Epoch(desc.epoch.conf_ver, desc.epoch.version + 1))
+            self.merging = None
+            return MergeResult(True, "ok", self.desc)
+        if isinstance(cmd, CommitMerge):
+            return self._commit_merge(cmd)
+        return MergeResult(False, "invalid", desc)
+
+    def _commit_merge(self, cmd: CommitMerge) -> MergeResult:
+        desc, src = self.desc, cmd.source
+        if src.range_id in self.absorbed:
+            return MergeResult(True, "ok", desc, src)  # a repeated commit
+        if self.merging is not None or cmd.expect_version != desc.epoch.version:
+            return MergeResult(False, "epoch_not_match", desc)
+        if (
+            desc.end is None
+            or desc.end != src.start
+            or src.range_id == desc.range_id
+            or sorted(src.replicas) != sorted(desc.replicas)
+        ):
+            return MergeResult(False, "bad_merge", desc)
+        other = RangeStateMachine(src, **self._kw)
+        try:
+            other.restore(cmd.state)
+        except RemoteProtocolError:
+            return MergeResult(False, "invalid", desc)
+        if other.desc != src or other.merging is None or other.learners or self.learners:
+            return MergeResult(False, "bad_merge", desc)
+        for key, kv in other._data.items():
+            self._data[key] = kv
+            if kv.expires_ms:
+                self._ttl[(kv.expires_ms, key)] = None
+        self.sessions = merge_sessions(self.sessions, other.sessions)
+        self.revision = max(self.revision, other.revision)
+        self.clock_ms = max(self.clock_ms, other.clock_ms)
+        # the change history of the source is not carried: watchers resume above here
+        self._history.clear()
+        self._hbytes = 0
+        self.compacted_revision = self.revision
+        merged = replace(
+            desc,
+            end=src.end,
+            epoch=Epoch(
+                max(desc.epoch.conf_ver, src.epoch.conf_ver),
+                max(desc.epoch.version, src.epoch.version) + 1,
+            ),
+        )
+        self.desc = merged
+        self.absorbed |= {src.range_id, *other.absorbed}
+        if self.on_merge is not None:
+            self.on_merge(merged, src)
+        return MergeResult(True, "ok", merged, src)
 
     def _apply_put(
         self,
@@ -165,8 +402,12 @@ class RangeStateMachine(KVStateMachine):
     def apply_split(self, cmd: Split) -> SplitResult:
         """Apply a split (see the module docstring); deterministic on every replica."""
         desc = self.desc
-        if cmd.expect_version != desc.epoch.version:
+        if cmd.expect_version != desc.epoch.version or self.merging is not None:
             return SplitResult(False, "epoch_not_match", desc)
+        if self.learners:
+            # the new range would start with the learners as voters: split once the
+            # replica change is over (a replicated decision, the same on every replica)
+            return SplitResult(False, "conf_change_in_progress", desc)
         at = cmd.at_key
         if (
             not (desc.start < at and (desc.end is None or at < desc.end))
@@ -196,11 +437,28 @@ class RangeStateMachine(KVStateMachine):
             self.on_split(left, right, child.snapshot())
         return SplitResult(True, "ok", left, right)
 
+    def apply_conf(self, conf: ConfState, index: int) -> None:
+        """A committed configuration entry: the replicas follow it, ``conf_ver`` bumps."""
+        desc = self.desc
+        self.desc = replace(
+            desc,
+            replicas=replicas_after(desc.replicas, conf),
+            epoch=Epoch(desc.epoch.conf_ver + 1, desc.epoch.version),
+        )
+        self.learners = tuple(conf.learners)
+        if self.on_conf is not None:
+            self.on_conf(self.desc, conf)
+
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The KV snapshot with the descriptor in front."""
-        return encode([self.desc.to_plain(), super().snapshot()], max_size=SNAPSHOT_MAX_BYTES)
+        """The KV snapshot with the descriptor in front, then the merge state and the
+        learners: ``[descriptor, kv, [merging, absorbed], learners]``."""
+        merge = [list(self.merging) if self.merging else None, sorted(self.absorbed)]
+        return encode(
+            [self.desc.to_plain(), super().snapshot(), merge, list(self.learners)],
+            max_size=SNAPSHOT_MAX_BYTES,
+        )
 
     def restore(self, data: bytes) -> None:
         """Replace the state (and the descriptor) by a :meth:`snapshot`.
@@ -209,12 +467,37 @@ class RangeStateMachine(KVStateMachine):
             RemoteProtocolError: the snapshot is malformed.
         """
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
-        if not isinstance(v, list) or len(v) != 2 or type(v[1]) is not bytes:
+        if not isinstance(v, list) or len(v) not in (2, 3, 4) or type(v[1]) is not bytes:
             raise RemoteProtocolError("malformed range snapshot")
+        learners = v[3] if len(v) == 4 else []
+        if not isinstance(learners, list) or not all(type(x) is str for x in learners):
+            raise RemoteProtocolError("malformed range snapshot: learners")
         desc = RangeDescriptor.from_plain(v[0])
+        merging, absorbed = _merge_state(v[2] if len(v) >= 3 and v[2] is not None else None)
         super().restore(v[1])
         self.desc = desc
+        self.merging, self.absorbed = merging, absorbed
+        self.learners = tuple(learners)
         self.initialized = True
+
+
+def _merge_state(v: Any) -> tuple[tuple[int, int] | None, set[int]]:
+    """``(merging, absorbed)`` of a range snapshot's third element (None: no merge state)."""
+    if v is None:
+        return None, set()
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not isinstance(v[1], list)
+        or not all(type(x) is int for x in v[1])
+    ):
+        raise RemoteProtocolError("malformed merge state in a range snapshot")
+    m = v[0]
+    if m is None:
+        return None, set(v[1])
+    if not isinstance(m, list) or len(m) != 2 or not all(type(x) is int for x in m):
+        raise RemoteProtocolError("malformed merge state in a range snapshot")
+    return (m[0], m[1]), set(v[1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,13 +586,23 @@ def contiguous_runs(descs: list[RangeDescriptor]) -> list[list[RangeDescriptor]]
 __all__ = [
     "SPLIT_INIT_INDEX",
     "AllocId",
+    "CommitMerge",
+    "ConfHook",
+    "MergeHook",
+    "MergeResult",
     "MetaStateMachine",
+    "PrepareMerge",
     "RangeStateMachine",
     "Report",
+    "RollbackMerge",
     "Split",
     "SplitHook",
     "SplitResult",
     "contiguous_runs",
+    "decode_merge",
+    "encode_merge",
     "encode_meta",
     "encode_split",
+    "merge_sessions",
+    "replicas_after",
 ]

@@ -310,6 +310,92 @@ class ShardedKVClient:
             await self._pause(attempt, deadline)
         raise UnavailableError(f"split of range {range_id} did not succeed in time")
 
+    async def move(self, range_id: int, src: str, dst: str) -> RangeDescriptor:
+        """Move range ``range_id``'s replica from node ``src`` to node ``dst`` (any node
+        forwards the request to the range's leader); the descriptor once done.
+
+        Raises:
+            BadInputError: unknown nodes or range, or ``src`` holds no replica.
+            ConflictError: another move of the range is in flight.
+            UnavailableError: the move did not finish (asking again resumes it).
+        """
+        if self.map is None:
+            await self.refresh()
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
+        last = "no attempt"
+        for attempt in range(3):
+            addr = self.endpoints[(attempt + self._rr) % len(self.endpoints)]
+            try:
+                async with self._http().post(
+                    f"http://{addr}/v1/ranges/{range_id}/move",
+                    json={"from": src, "to": dst},
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=max(self.timeout, 70.0)),
+                ) as r:
+                    data = _json(await r.read())
+                    status = r.status
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = f"{addr}: {type(exc).__name__}: {exc}"
+                continue
+            if status == 200:
+                desc = RangeDescriptor.from_plain(data.get("range"))
+                self._learn([desc.to_plain()])
+                return desc
+            last = f"{addr}: {status} {data.get('message')}"
+            if status == 400:
+                raise BadInputError(str(data.get("message")))
+            if status == 409:
+                raise ConflictError(str(data.get("message")))
+            await asyncio.sleep(0.2)
+        raise UnavailableError(f"move of range {range_id} did not finish; last: {last}")
+
+    async def merge(self, left_id: int, right_id: int) -> RangeDescriptor:
+        """Merge range ``right_id`` into its left neighbour ``left_id`` (sent to the
+        leader of ``right_id``); the merged range.
+
+        Raises:
+            BadInputError: unknown ranges, not neighbours, or different replicas.
+            ConflictError: one of them split or merged too recently, or the left range
+                changed during the merge (which then rolled back).
+        """
+        deadline = time.monotonic() + self.timeout
+        if self.map is None:
+            await self.refresh()
+        headers = {TOKEN_HEADER: self.token} if self.token else {}
+        for attempt in range(self.max_attempts):
+            addr = self._target(right_id, attempt)
+            try:
+                async with self._http().post(
+                    f"http://{addr}/v1/ranges/merge",
+                    params={"left": str(left_id), "right": str(right_id)},
+                    headers=headers,
+                    allow_redirects=False,
+                ) as r:
+                    data = await r.json(content_type=None)
+                    status = r.status
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+                self.leaders.pop(right_id, None)
+                await self._pause(attempt, deadline)
+                continue
+            if not isinstance(data, dict):
+                data = {}
+            if status == 200:
+                merged = RangeDescriptor.from_plain(data["merged"])
+                self.leaders.pop(right_id, None)
+                if not self._learn([merged.to_plain()]):
+                    await self.refresh()
+                return merged
+            if status == 307 and data.get("leader"):
+                self.leaders[right_id] = str(data["leader"]).removeprefix("http://")
+                continue
+            if status == 400:
+                raise BadInputError(str(data.get("message")))
+            if status == 409:
+                raise ConflictError(str(data.get("message")))
+            self.leaders.pop(right_id, None)
+            await self._pause(attempt, deadline)
+        raise UnavailableError(f"merge of ranges {left_id} and {right_id} did not succeed in time")
+
     # -- the request loop -------------------------------------------------------------
 
     def _target(self, range_id: int, attempt: int) -> str:

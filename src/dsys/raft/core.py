@@ -47,7 +47,16 @@ Safety rules implemented (Raft paper, figure 2 and section 5.4; dissertation ch.
   entry of its term. Optional lease reads (``RaftConfig.lease_read``) skip the round;
 * membership changes one node at a time; a configuration takes effect when appended;
   only one uncommitted change at a time, and not before the leader's no-op committed
-  (the fix to the single-server change bug noted in the dissertation's errata).
+  (the fix to the single-server change bug noted in the dissertation's errata);
+* quiet ticks (``RaftConfig.quiet_ticks``, TiKV's hibernate regions): a leader that
+  appended nothing for that many ticks, whose members all store its whole log and know
+  its commit index, sends a last heartbeat marked ``quiet`` and stops heartbeating;
+  followers that get it stop counting election ticks. Timers are liveness, never
+  safety: a quiet follower votes for nobody (it is in its leader lease), a quiet leader's
+  own lease still runs out by its ticks, and anything that needs the group wakes it: a
+  proposal, a read, a transfer, a vote request or a rejected append on the leader; any
+  message but a quiet heartbeat on a follower; and :meth:`RaftCore.wake` from the host
+  when it lost the connection to the leader's process.
 """
 
 from __future__ import annotations
@@ -121,6 +130,8 @@ class RaftConfig:
             lease holds. **Clock assumption**: every node's tick rate is the same within a
             bounded drift, so that ``election_tick`` ticks on a follower never pass faster
             than ``election_tick - 1`` ticks on the leader. Requires ``check_quorum``.
+        quiet_ticks: a leader idle for this many ticks quiets the group (see the module
+            docstring); 0 turns quiet ticks off.
     """
 
     id: NodeId
@@ -132,6 +143,7 @@ class RaftConfig:
     max_inflight_msgs: int = 256
     lease_read: bool = False
     max_committed_per_ready: int = 4096
+    quiet_ticks: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -153,6 +165,8 @@ class RaftConfig:
             )
         if self.lease_read and not self.check_quorum:
             raise ConfigError("lease_read requires check_quorum")
+        if self.quiet_ticks < 0:
+            raise ConfigError(f"quiet_ticks must be >= 0, got {self.quiet_ticks}")
 
 
 # Progress states of a follower as seen by the leader (etcd's names).
@@ -314,6 +328,9 @@ class RaftCore:
         self._transferee: NodeId | None = None
         self._transfer_elapsed = 0
         self._lease_broken = False
+        # -- quiet ticks: no heartbeats (leader) or election ticks (follower) while quiet
+        self._quiet = False
+        self._idle = 0  # leader ticks since the last append, read or transfer
         self._role = Role.FOLLOWER
         self._step_role: Callable[[Message], None] = self._step_follower
         self._tick_role: Callable[[], None] = self._tick_election
@@ -325,6 +342,11 @@ class RaftCore:
     def id(self) -> NodeId:
         """This node's id."""
         return self._id
+
+    @property
+    def quiet(self) -> bool:
+        """Whether the group is quiet here (see ``RaftConfig.quiet_ticks``)."""
+        return self._quiet
 
     @property
     def role(self) -> Role:
@@ -436,6 +458,8 @@ class RaftCore:
         if msg.dst != self._id or msg.src == self._id:
             return
         _validate(msg)
+        if self._quiet and self._wakes(msg):
+            self.wake()
         if msg.term > self._term:
             if isinstance(msg, VoteRequest):
                 if not msg.transfer and self._in_lease():
@@ -470,6 +494,58 @@ class RaftCore:
             self._handle_vote_request(msg)
             return
         self._step_role(msg)
+
+    def wake(self) -> None:
+        """Leave quiet mode (no-op when not quiet): a leader heartbeats again at once, a
+        follower counts election ticks again. The host calls it when it lost the
+        connection to the leader's process."""
+        if not self._quiet:
+            return
+        self._quiet = False
+        self._idle = 0
+        if self._role is Role.LEADER:
+            # check-quorum starts afresh: activity from before the quiet spell is stale
+            for nid, pr in self._prs.items():
+                pr.active = nid == self._id
+            self._election_elapsed = 0
+            self._heartbeat_elapsed = 0
+            self._bcast_heartbeat()
+
+    def _wakes(self, msg: Message) -> bool:
+        """Whether ``msg`` wakes this quiet node."""
+        if self._role is Role.LEADER:
+            return isinstance(msg, VoteRequest) or (
+                isinstance(msg, AppendResponse) and not msg.success
+            )
+        return not (isinstance(msg, Heartbeat) and msg.quiet)
+
+    def _may_quiet(self) -> bool:
+        """A leader may quiet the group: idle, everything committed, stored and known by
+        every member, and nothing in flight."""
+        if (
+            self._transferee is not None
+            or self._reads
+            or self._reads_before_commit
+            or self._commit != self.last_index
+            or self._stable != self.last_index
+            or self._pending_conf_index > self._commit
+        ):
+            return False
+        return all(pr.match == self.last_index for pr in self._prs.values())
+
+    def _go_quiet(self) -> None:
+        self._quiet = True
+        for nid, pr in self._prs.items():
+            if nid != self._id:
+                self._send(
+                    Heartbeat(
+                        src=self._id,
+                        dst=nid,
+                        term=self._term,
+                        commit=min(pr.match, self._commit),
+                        quiet=True,
+                    )
+                )
 
     def propose(self, data: bytes) -> int:
         """Append a command to the leader's log.
@@ -537,6 +613,8 @@ class RaftCore:
         """
         if self._role is not Role.LEADER:
             raise NotLeaderError(leader_hint=self._lead)
+        self.wake()
+        self._idle = 0
         if self.term_at(self._commit) != self._term:
             # A new leader does not know the commit index of earlier terms until its
             # own no-op commits; queue the read until then.
@@ -560,6 +638,7 @@ class RaftCore:
             return
         if to not in self._conf.voters:
             raise BadInputError(f"{to!r} is not a voter")
+        self.wake()
         self._transferee = to
         self._transfer_elapsed = 0
         pr = self._prs[to]
@@ -756,6 +835,8 @@ class RaftCore:
     def _reset_election(self) -> None:
         self._election_elapsed = 0
         self._heartbeat_elapsed = 0
+        self._quiet = False
+        self._idle = 0
         self._votes = {}
         e = self._cfg.election_tick
         self._randomized_timeout = e + self._rng.randrange(e)
@@ -763,11 +844,21 @@ class RaftCore:
     # -- ticks ----------------------------------------------------------------------------
 
     def _tick_election(self) -> None:
+        if self._quiet:
+            return  # the leader is quiet, its process reachable: expect no heartbeats
         self._election_elapsed += 1
         if self._promotable() and self._election_elapsed >= self._randomized_timeout:
             self._campaign(pre_vote=self._cfg.pre_vote)
 
     def _tick_heartbeat(self) -> None:
+        if self._quiet:
+            return  # no heartbeats; the lease (by self._now) still runs out
+        quiet_ticks = self._cfg.quiet_ticks
+        if quiet_ticks:
+            self._idle += 1
+            if self._idle >= quiet_ticks and self._may_quiet():
+                self._go_quiet()
+                return
         self._election_elapsed += 1
         self._heartbeat_elapsed += 1
         if self._transferee is not None:
@@ -868,6 +959,8 @@ class RaftCore:
             self._election_elapsed = 0
             self._set_lead(msg.src)
             self._commit_to(min(msg.commit, self.last_index))
+            if msg.quiet:
+                self._quiet = True  # until a message other than a quiet heartbeat
             if msg.ctx:
                 # ctx 0 only carries a new commit index (see _flush): no answer, so a
                 # commit notice costs the leader no message in and no step
@@ -1069,6 +1162,8 @@ class RaftCore:
     # -- leader side of replication -------------------------------------------------------
 
     def _append_leader(self, kind: EntryKind, data: bytes) -> int:
+        self.wake()
+        self._idle = 0
         idx = self.last_index + 1
         self._append_entries([Entry(term=self._term, index=idx, kind=int(kind), data=data)])
         # Our own match index moves only when advance() reports the entry persisted.

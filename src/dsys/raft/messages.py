@@ -191,7 +191,8 @@ class AppendResponse:
 class Heartbeat:
     """Leader liveness ping; ``commit`` never exceeds what ``dst`` is known to hold.
 
-    ``ctx`` is the leader's read round (ReadIndex); it is echoed back.
+    ``ctx`` is the leader's read round (ReadIndex); it is echoed back. ``quiet`` (quiet
+    ticks): the group is idle and every member caught up; stop expecting heartbeats.
     """
 
     src: NodeId
@@ -199,6 +200,7 @@ class Heartbeat:
     term: int
     commit: int
     ctx: int = 0
+    quiet: bool = False
 
 
 @CODEC.register("raft.heartbeat_resp")

@@ -66,6 +66,7 @@ from dsys.raft.messages import (
     BecameFollower,
     BecameLeader,
     ConfChange,
+    ConfState,
     Entry,
     EntryKind,
     HardState,
@@ -151,6 +152,8 @@ def to_wire(msg: Message) -> Any:
             msg.conflict_term,
         ]
     if isinstance(msg, Heartbeat):
+        if msg.quiet:
+            return ["H", msg.src, msg.dst, msg.term, msg.commit, msg.ctx, True]
         return ["H", msg.src, msg.dst, msg.term, msg.commit, msg.ctx]
     if isinstance(msg, HeartbeatResponse):
         return ["h", msg.src, msg.dst, msg.term, msg.ctx]
@@ -240,9 +243,14 @@ def from_wire(v: Any) -> Message:
                 conflict_index=_i(v[7]),
                 conflict_term=_i(v[8]),
             )
-        if tag == "H" and n == 6:
+        if tag == "H" and n in (6, 7):
             return Heartbeat(
-                src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), commit=_i(v[4]), ctx=_i(v[5])
+                src=_s(v[1]),
+                dst=_s(v[2]),
+                term=_i(v[3]),
+                commit=_i(v[4]),
+                ctx=_i(v[5]),
+                quiet=n == 7 and _b(v[6]),
             )
         if tag == "h" and n == 5:
             return HeartbeatResponse(src=_s(v[1]), dst=_s(v[2]), term=_i(v[3]), ctx=_i(v[4]))
@@ -259,7 +267,8 @@ class StateMachine(Protocol):
 
         A state machine may also offer ``apply_command(decoded)``: the leader then
         applies the entries it proposed with ``decoded`` (see
-        :meth:`RaftNode.propose_callback`) without decoding them again.
+        :meth:`RaftNode.propose_callback`) without decoding them again. It may also offer
+        ``apply_conf(conf, index)``, called with each committed configuration entry.
         """
         ...
 
@@ -300,6 +309,10 @@ class NodeConfig:
         external_ticks: no tick timer of its own; the owner calls :meth:`RaftNode.tick`
             (a multi-Raft host ticks all its groups at once, so their heartbeats leave
             together in one frame per peer).
+        quiet_ticks: ticks of idleness after which the leader quiets the group (no
+            heartbeats until something happens; ``RaftConfig.quiet_ticks``); 0 = off.
+            Only for a host that calls :meth:`RaftNode.wake` when it loses the
+            connection to a peer's process.
     """
 
     id: NodeId
@@ -319,6 +332,7 @@ class NodeConfig:
     proposal_timeout: float = 5.0
     rng_seed: int | None = None
     external_ticks: bool = False
+    quiet_ticks: int = 0
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -619,6 +633,7 @@ class RaftNode:
         self._snapshots = snapshots
         self.fsm = fsm
         self._apply_decoded: Callable[[Any], object] | None = getattr(fsm, "apply_command", None)
+        self._apply_conf: Callable[[ConfState, int], None] | None = getattr(fsm, "apply_conf", None)
         self.metrics = metrics or Metrics("raft")
         self.log = get_logger("raft.node", node_id=config.id)
         self.transport = transport or PeerTransport(
@@ -645,10 +660,12 @@ class RaftNode:
         self._pending: dict[int, _Proposal] = {}
         self._read_waiters: dict[bytes, asyncio.Future[int]] = {}
         self._applied_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._snapshot_waiters: list[asyncio.Future[int]] = []
         self._read_seq = 0
         self._traced_commit = 0
         self._synced_hs: HardState | None = None  # the hard state last persisted
         self._ticks = 0
+        self._wake_core = False  # wake() asked for a quiet core to wake
         self._wake = asyncio.Event()
         self._applied_event = asyncio.Event()
         self._closed = False
@@ -719,6 +736,7 @@ class RaftNode:
             id=self.id,
             election_tick=self.config.election_tick,
             heartbeat_tick=self.config.heartbeat_tick,
+            quiet_ticks=self.config.quiet_ticks,
         )
         return RaftCore(
             cfg,
@@ -1152,6 +1170,16 @@ class RaftNode:
         self._ticks += 1
         self._wake.set()
 
+    @property
+    def quiet(self) -> bool:
+        """Whether the group is quiet here (``NodeConfig.quiet_ticks``)."""
+        return self.core.quiet
+
+    def wake(self) -> None:
+        """Wake a quiet group (the host lost the connection to its leader's process)."""
+        self._wake_core = True
+        self._wake.set()
+
     async def _ticker(self) -> None:
         interval = self.config.tick_interval
         loop = asyncio.get_running_loop()
@@ -1197,6 +1225,9 @@ class RaftNode:
 
     def _feed_core(self) -> None:
         core = self.core
+        if self._wake_core:
+            self._wake_core = False
+            core.wake()
         ticks, self._ticks = self._ticks, 0
         for _ in range(min(ticks, 10)):
             core.tick()
@@ -1322,39 +1353,51 @@ class RaftNode:
             )
 
     async def _handle_ready(self, rd: Ready) -> None:
-        # 0. a leader replicates while it writes its own log (its own copy counts toward
-        #    a commit only after advance(); see RaftCore)
-        early = rd.messages_before_persist
-        if early and rd.messages:
+        # 1. persist (one fsync for the whole batch, in a worker thread). A leader
+        #    replicates while it writes its own log (Raft thesis 10.2.1; its own copy
+        #    counts toward a commit only after advance(), see RaftCore): its appends are
+        #    written to the peer sockets first (one loop turn), then the records are
+        #    encoded here and the thread only writes and syncs them. (Starting the thread
+        #    before the sends measured no better: it delays the appends; benchmarks.md.)
+        #    A hard state that only moves the commit index needs no fsync and nothing
+        #    waits for it (the commit index is volatile in Raft): it is written after the
+        #    committed entries are applied and answered.
+        early = rd.messages_before_persist and bool(rd.messages)
+        deferred = False
+        if early:
             self._send(rd.messages)
-            if rd.entries:
-                # One loop turn: the peer senders write the appends to their sockets now,
-                # before the persist thread takes the GIL to encode and write the WAL.
-                await asyncio.sleep(0)
-        # 1. persist (off the event loop when it fsyncs; one fsync for the whole batch)
+            if rd.entries and not self._inline_persist:
+                await asyncio.sleep(0)  # the peer senders write the appends now
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
-            started = time.perf_counter()
-            if _TRACE and rd.entries:
-                _trace.mark("persist_start", rd.entries[-1].index)
-            if self._inline_persist or (
-                not self._store_lock.locked() and not self._needs_fsync(rd)
-            ):
-                # No fsync (fsync off, or only the commit index moved, which the WAL
-                # writes without one): a plain write() is cheaper than a thread hop.
-                self._persist(rd)
-            elif self._group_sync is not None and rd.snapshot is None:
-                self._queue_persist(rd)
-                await self._group_sync()
+            if not self._needs_fsync(rd):
+                deferred = True
             else:
-                async with self._store_lock:
-                    await asyncio.to_thread(self._persist, rd)
-            self._m_fsync.observe(time.perf_counter() - started)
-            if rd.entries:
-                self._m_batch.observe(len(rd.entries))
-                if _TRACE:
-                    _trace.mark("persist_end", rd.entries[-1].index)
-        # 2. send
-        if not early and rd.messages:
+                started = time.perf_counter()
+                if _TRACE and rd.entries:
+                    _trace.mark("persist_start", rd.entries[-1].index)
+                if self._inline_persist:  # fsync off: a plain write() beats a thread hop
+                    self._persist(rd)
+                elif self._group_sync is not None and rd.snapshot is None:
+                    # a log shared by many groups: one write and fsync for all of them
+                    self._stage(rd)
+                    await self._group_sync()
+                else:
+                    async with self._store_lock:
+                        loop = asyncio.get_running_loop()
+                        if rd.snapshot is None:
+                            # Encode the records here: the thread then needs the GIL only
+                            # around write() and fdatasync().
+                            self._stage(rd)
+                            await loop.run_in_executor(None, self._sync)
+                        else:
+                            await loop.run_in_executor(None, self._persist, rd)
+                self._m_fsync.observe(time.perf_counter() - started)
+                if rd.entries:
+                    self._m_batch.observe(len(rd.entries))
+                    if _TRACE:
+                        _trace.mark("persist_end", rd.entries[-1].index)
+        # 2. send (after persisting, unless sent above)
+        if rd.messages and not early:
             self._send(rd.messages)
         # 3. install snapshot, apply committed, serve reads
         if rd.snapshot is not None and rd.snapshot.meta.index > self.applied_index:
@@ -1384,6 +1427,10 @@ class RaftNode:
                     results = [apply(cmd) for cmd in self._batch_commands(entry)]
             else:
                 results = [None]
+                if kind == EntryKind.CONFIG and self._apply_conf is not None:
+                    # a state machine that tracks its membership (a multi-Raft range's
+                    # descriptor) sees each committed configuration, in log order
+                    self._apply_conf(decode_conf(entry.data), entry.index)
             self.applied_index = entry.index
             self.applied_term = entry.term
             if p is not None:
@@ -1399,6 +1446,13 @@ class RaftNode:
             if rfut is not None and not rfut.done():
                 rfut.set_result(rs.index)
         self._wake_applied()
+        if deferred:
+            # A plain write() of the commit index, cheaper than a thread hop.
+            if self._store_lock.locked():
+                async with self._store_lock:
+                    await asyncio.to_thread(self._persist, rd)
+            else:
+                self._persist(rd)
         # 4. events
         for ev in rd.events:
             self._on_event(ev)
@@ -1431,6 +1485,11 @@ class RaftNode:
             self._snapshots.save(rd.snapshot)
             meta = rd.snapshot.meta
             self._log_store.compact(meta.index, meta.term, keep_tail=False)
+        self._stage(rd)
+        self._sync()
+
+    def _stage(self, rd: Ready) -> None:
+        """Queue ``rd``'s entries and hard state in the stores (durable after a sync)."""
         # Entries before the hard state: both go out in one write and one fsync, and if
         # a crash tears that write, a commit index beyond the surviving log is impossible.
         if rd.entries:
@@ -1438,17 +1497,12 @@ class RaftNode:
         if rd.hard_state is not None:
             self._stable.save_hard_state(rd.hard_state)
             self._synced_hs = rd.hard_state
+
+    def _sync(self) -> None:
+        """Make what was staged durable (may run in a worker thread)."""
         self._stable.sync()
         if self._stable is not self._log_store:  # type: ignore[comparison-overlap]
             self._log_store.sync()
-
-    def _queue_persist(self, rd: Ready) -> None:
-        """Queue ``rd``'s entries and hard state in a group-commit store (no I/O here)."""
-        if rd.entries:
-            self._log_store.append(rd.entries)
-        if rd.hard_state is not None:
-            self._stable.save_hard_state(rd.hard_state)
-            self._synced_hs = rd.hard_state
 
     def _batch_commands(self, entry: Entry) -> list[bytes]:
         """The commands of a committed BATCH entry (none if it cannot be decoded).
@@ -1534,7 +1588,31 @@ class RaftNode:
             if not rfut.done():
                 rfut.set_exception(self._not_leader())
 
+    async def request_snapshot(self, timeout: float = 3.0) -> int:  # noqa: ASYNC109
+        """Have the Raft loop snapshot at its applied index and compact the log (unlike
+        :meth:`snapshot_now`, safe to call from outside the loop); returns the index.
+
+        Raises:
+            RequestTimeout: the loop did not get to it in time.
+        """
+        if self._closed:
+            raise ClosedError("raft node closed")
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(fut)
+        self._wake.set()
+        try:
+            return await wait_future(fut, timeout)
+        except TimeoutError:
+            raise RequestTimeout("snapshot not taken in time") from None
+
     async def _maybe_snapshot(self) -> None:
+        if self._snapshot_waiters:
+            waiters, self._snapshot_waiters = self._snapshot_waiters, []
+            index = await self.snapshot_now()
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(index)
+            return
         behind = self.applied_index - self.snapshot_index
         if behind >= self.config.snapshot_every:
             await self.snapshot_now()

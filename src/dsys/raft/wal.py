@@ -60,6 +60,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# fdatasync, as etcd's WAL: the data and the file size, without the mtime (Linux; fsync
+# where there is none). Never dearer than fsync in this VM's runs (docs/benchmarks.md).
+_datasync = getattr(os, "fdatasync", os.fsync)
+
+
 def frame(payload: bytes) -> bytes:
     """Frame one record payload with its length, inverted length and CRC32."""
     n = len(payload)
@@ -225,7 +230,7 @@ class WriteAheadLog:
                 view = view[written:]
             self.size_bytes += len(data)
             if self.fsync and self._must_fsync:
-                os.fsync(self._fd)
+                _datasync(self._fd)
                 self.fsync_count += 1
             self._must_fsync = False
 

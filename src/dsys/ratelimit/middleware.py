@@ -24,6 +24,7 @@ import math
 from collections.abc import Awaitable, Callable, Collection
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from dsys.errors import BadInputError, ConfigError
 from dsys.ratelimit.core import Decision, check_cost
@@ -86,7 +87,7 @@ def ratelimit_middleware(
     key: str | KeyFunc = "ip",
     cost: int = 1,
     exempt: Collection[str] = ("/healthz", "/metrics"),
-) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+) -> Middleware:
     """An aiohttp middleware applying ``limiter`` to every request.
 
     Args:

@@ -276,6 +276,7 @@ class SimNetwork:
         max_inflight_msgs: int = 16,
         max_delay: int = 0,
         trace_limit: int = 400,
+        quiet_ticks: int = 0,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed)
@@ -288,6 +289,7 @@ class SimNetwork:
             "lease_read": lease_read,
             "max_entries_per_msg": max_entries_per_msg,
             "max_inflight_msgs": max_inflight_msgs,
+            "quiet_ticks": quiet_ticks,
         }
         self.voters = list(node_ids)
         self.max_delay = max_delay
@@ -376,6 +378,8 @@ class SimNetwork:
         if symmetric:
             self._cut.add((b, a))
         self.trace(f"cut {a}->{b}{' (both ways)' if symmetric else ''}")
+        self._lost_connection(a, b)
+        self._lost_connection(b, a)
 
     def isolate(self, node_id: NodeId) -> None:
         """Cut ``node_id`` from every other node, both ways."""
@@ -384,11 +388,23 @@ class SimNetwork:
                 self._cut.add((node_id, other))
                 self._cut.add((other, node_id))
         self.trace(f"isolate {node_id}")
+        for other in self.nodes:
+            if other != node_id:
+                self._lost_connection(node_id, other)
+                self._lost_connection(other, node_id)
 
     def drop(self, a: NodeId, b: NodeId, p: float) -> None:
         """Drop messages from ``a`` to ``b`` with probability ``p``."""
         self._link_drop[(a, b)] = p
         self.trace(f"drop {a}->{b} p={p}")
+
+    def _lost_connection(self, node_id: NodeId, peer: NodeId) -> None:
+        """``node_id``'s host lost its connection to ``peer``'s process: it wakes the
+        group when ``peer`` leads it (quiet ticks), as a multi-Raft host does."""
+        n = self.nodes.get(node_id)
+        if n is not None and n.alive and n.core.quiet and n.core.leader_id == peer:
+            n.core.wake()
+            self.trace(f"wake {node_id} (lost {peer})")
 
     def heal(self) -> None:
         """Remove every cut and per-link drop rate (global drop/dup rates stay)."""
@@ -402,6 +418,9 @@ class SimNetwork:
         if not n.alive:
             return
         n.alive = False
+        for other in self.nodes:
+            if other != node_id:
+                self._lost_connection(other, node_id)
         if n.unsynced is not None:
             self.trace(f"crash {node_id} loses {len(n.unsynced.entries)} unsynced entries")
             n.unsynced = None
@@ -943,6 +962,8 @@ def run_campaign(
         max_entries_per_msg=1 if churn else rng.choice([1, 4, 64]),
         max_inflight_msgs=rng.choice([1, 4, 16]),
         max_delay=rng.choice([0, 1, 2, 3]),
+        # quiet ticks in half the campaigns (own generator: the other choices stay)
+        quiet_ticks=random.Random(seed ^ 0x0917).choice([0, 0, 3, 20]),
     )
     net.drop_p = rng.choice([0.0, 0.02, 0.1])
     net.dup_p = rng.choice([0.0, 0.05])
