@@ -1,28 +1,33 @@
-"""Benchmark: multi-Raft KV writes/s over 1, 2, 4 and 8 loaded ranges on 3 processes.
+"""Benchmark: multi-Raft KV writes/s over 1, 2, 4 and 8 loaded ranges, on 3 and on 5
+processes, with the shared WAL and with per-range WALs, beside etcd, in one run.
 
-Three ``dsys kv multi-serve`` processes on loopback; the key space is split into 8 ranges
-(``["", "k1")``, ``["k1", "k2")`` ... ``["k7", +inf)``), and each round loads
-*N* of them in an order that spreads their leaders over the nodes (round-robin over
-the nodes; N = 1, 2, 4, 8; the rounds alternate, so every N sees the same machine
-state). The idle ranges of a round still tick and heartbeat, as they would in a cluster.
+Each cluster is N ``dsys kv multi-serve`` processes on loopback (N = 3 and 5, fsync
+always, ``--wal shared`` or ``--wal per-range``); the key space is split into 8 ranges
+(``["", "k1")``, ``["k1", "k2")`` ... ``["k7", +inf)``), every range has a replica on
+every process, leaders are balanced, and each measurement loads *n* of the ranges in an
+order that spreads their leaders over the processes (round-robin; n = 1, 2, 4, 8). The
+idle ranges still tick and heartbeat, as they would in a cluster.
+
+Rounds alternate: in every round each configuration (processes x WAL kind) gets a fresh
+cluster (the order rotates per round) and etcd gets its turn, so all see the same machine
+state; the table gives medians over the rounds.
 
 Load: one `wrk <https://github.com/wg/wrk>`_ process per loaded range (``-t1``), aimed
 at that range's leader, PUTting 16-byte values to 1,000 keys inside the range; the 64
 connections are split evenly among them (64, 32, 16, 8 per range). wrk is C and cheap
-next to our servers (an aiohttp client would cost ~85 us of CPU per request on the
-same 2 cores). ops/s counts 2xx answers; any other answer or socket error is reported.
+next to our servers. ops/s counts 2xx answers; any other answer or socket error is
+reported. etcd (Debian's 3.4, ``etcd`` on the PATH; 3 members, default settings, so its
+WAL is fsynced) is one Raft group driven through its v3 JSON gateway by the same wrk with
+64 connections, the same keys and value sizes (``bench_write_path.EtcdCluster``).
 
-CPU per write: user + system CPU of the three server processes (``/proc/<pid>/stat``)
-over the round, divided by the writes acknowledged; it includes the followers' work.
+CPU per write: user + system CPU of the cluster's server processes (``/proc/<pid>/stat``)
+over the measurement, divided by the writes acknowledged; it includes the followers'
+work. "groups/write" is the mean number of ranges whose records shared one write (and
+fsync) of a process's shared WAL during the measurement (from ``/v1/status``).
 
-Leaders are balanced first (``--balance-interval 1``: no node leads two data ranges more
-than another; ``--no-balance`` leaves them where elections put them); the table names
-the node leading each loaded range, because a process (one Python thread) is the unit
-that saturates, and the machine has 2 cores for 3 servers and the load generators.
-
-    .venv/bin/python benchmarks/bench_multiraft.py             # 3 rounds of 3 s per N
+    .venv/bin/python benchmarks/bench_multiraft.py             # 3 rounds of 3 s per n
     .venv/bin/python benchmarks/bench_multiraft.py --quick     # 1 round of 2 s
-    .venv/bin/python benchmarks/bench_multiraft.py --fsync none
+    .venv/bin/python benchmarks/bench_multiraft.py --procs 3 --wal shared --no-etcd
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from dsys.errors import BadInputError
 from dsys.kv.sharded import ShardedKVClient
+
+ETCD = shutil.which("etcd")
 
 SPLITS = [f"k{i}" for i in range(1, 8)]
 PREFIXES = [f"k{i}" for i in range(8)]  # one per range, in key order
@@ -101,11 +109,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_cluster(
-    base: Path, fsync: str, balance: bool
+    base: Path, procs: int, wal: str, fsync: str, balance: bool
 ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    ids = ["n1", "n2", "n3"]
-    ports = dict(zip(ids, free_ports(3), strict=True))
-    procs = []
+    ids = [f"n{k + 1}" for k in range(procs)]
+    ports = dict(zip(ids, free_ports(procs), strict=True))
+    out = []
     for i in ids:
         args = [
             sys.executable,
@@ -121,14 +129,40 @@ def start_cluster(
             str(base / i),
             "--fsync",
             fsync,
+            "--wal",
+            wal,
             "--balance-interval",
             "1" if balance else "0",
             *[f"--peer={j}=127.0.0.1:{ports[j]}" for j in ids if j != i],
         ]
+        base.mkdir(parents=True, exist_ok=True)
         log = open(base / f"{i}.log", "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True))
+        out.append(subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True))
         log.close()
-    return procs, [f"127.0.0.1:{ports[i]}" for i in ids]
+    return out, [f"127.0.0.1:{ports[i]}" for i in ids]
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+async def wal_counters(kv: ShardedKVClient) -> tuple[int, int]:
+    """(writes, groups carried by those writes) of every node's shared WAL so far."""
+    writes = groups = 0
+    for addr in kv.nodes.values():
+        async with kv._http().get(f"http://{addr}/v1/status") as r:
+            w = (await r.json()).get("wal", {})
+        n = int(w.get("writes", 0))
+        writes += n
+        groups += round(float(w.get("groups_per_write_mean", 0.0)) * n)
+    return writes, groups
 
 
 async def prepare(addrs: list[str]) -> ShardedKVClient:
@@ -140,8 +174,20 @@ async def prepare(addrs: list[str]) -> ShardedKVClient:
             break
         except Exception:
             await asyncio.sleep(0.1)
-    for key in SPLITS:
-        await kv.split((await kv.locate(key)).range_id, key)
+    try:
+        for key in SPLITS:
+            for attempt in range(50):
+                try:  # a node that has not applied the last split yet answers 400
+                    await kv.split((await kv.locate(key)).range_id, key)
+                    break
+                except BadInputError:
+                    if attempt == 49:
+                        raise
+                    await asyncio.sleep(0.1)
+                    await kv.refresh()
+    except BaseException:
+        await kv.close()
+        raise
     for p in PREFIXES:  # every range has a leader and has served a write
         await kv.put(f"{p}-warm", b"x")
     return kv
@@ -208,13 +254,16 @@ async def round_(
     n: int,
     order: list[str],
     lead: dict[str, tuple[int, str]],
-    nodes: dict[str, str],
+    kv: ShardedKVClient,
     pids: list[int],
     script: Path,
     seconds: int,
+    shared: bool,
 ) -> dict[str, float]:
     loaded = order[:n]
     conns = CONNS // n
+    nodes = kv.nodes
+    w0 = await wal_counters(kv) if shared else (0, 0)
     cpu0 = sum(cpu_seconds(p) for p in pids)
     t0 = time.perf_counter()
     runs = await asyncio.gather(
@@ -222,77 +271,171 @@ async def round_(
     )
     wall = time.perf_counter() - t0
     cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+    w1 = await wal_counters(kv) if shared else (0, 0)
     ok = sum(r["ok"] for r in runs)
+    writes = w1[0] - w0[0]
     return {
         "ops": ok / seconds,
         "errors": sum(r["errors"] for r in runs),
         "cpu_us": cpu / ok * 1e6 if ok else math.nan,
         "cpu_util": cpu / wall,
         "p50ms": statistics.median(r["p50us"] for r in runs) / 1000,
+        "groups_per_write": (w1[1] - w0[1]) / writes if writes else math.nan,
     }
 
 
+Config = tuple[int, str]  # (processes, WAL kind)
+
+
+async def measure_cluster(
+    cfg: Config, base: Path, args: argparse.Namespace, script: Path, seconds: int
+) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
+    """One fresh cluster: every n in turn; returns the figures and who led what."""
+    procs, addrs = start_cluster(base, cfg[0], cfg[1], args.fsync, args.balance)
+    try:
+        kv = await prepare(addrs)
+        try:
+            lead = await leaders(kv, args.balance)
+            order = spread(lead)
+            pids = [p.pid for p in procs]
+            out: dict[int, dict[str, float]] = {}
+            who: dict[int, str] = {}
+            for n in (1, 2, 4, 8):
+                out[n] = await round_(n, order, lead, kv, pids, script, seconds, cfg[1] == "shared")
+                who[n] = " ".join(f"{lead[p][0]}:{lead[p][1]}" for p in order[:n])
+            return out, who
+        finally:
+            await kv.close()
+    finally:
+        stop(procs)
+
+
+async def measure_etcd(base: Path, script: Path, seconds: int) -> dict[str, float]:
+    """etcd 3.4, three members, one group: 64 connections of wrk (after a warm-up)."""
+    from bench_kv import run_wrk
+    from bench_write_path import EtcdCluster
+
+    cluster = EtcdCluster(base)
+    cluster.start()
+    try:
+        url = f"http://{cluster.leader()}"
+        await run_wrk(script, url, CONNS, 1)  # warm-up
+        pids = [p.pid for p in cluster.procs]
+        cpu0 = sum(cpu_seconds(p) for p in pids)
+        t0 = time.perf_counter()
+        run = await run_wrk(script, url, CONNS, seconds)
+        wall = time.perf_counter() - t0
+        cpu = sum(cpu_seconds(p) for p in pids) - cpu0
+        ok = run.ops * seconds
+        return {
+            "ops": run.ops,
+            "errors": run.errors,
+            "cpu_us": cpu / ok * 1e6 if ok else math.nan,
+            "cpu_util": cpu / wall,
+            "p50ms": run.p50 * 1000,
+        }
+    finally:
+        cluster.stop()
+
+
 async def main_async(args: argparse.Namespace) -> None:
-    seconds = 2 if args.quick else 3
-    rounds = 1 if args.quick else 3
+    seconds = 2 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
+    configs: list[Config] = [(p, w) for p in args.procs for w in args.wal]
+    etcd = ETCD is not None and not args.no_etcd
+    systems: list[Config | str] = [*configs, *(["etcd"] if etcd else [])]
+    results: dict[Config, list[dict[int, dict[str, float]]]] = {c: [] for c in configs}
+    who: dict[Config, dict[int, str]] = {}
+    etcd_runs: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="bench-multiraft-") as tmp:
         base = Path(tmp)
         script = base / "put.lua"
         script.write_text(WRK_SCRIPT)
-        procs, addrs = start_cluster(base, args.fsync, args.balance)
-        try:
-            kv = await prepare(addrs)  # closed below
-            lead = await leaders(kv, args.balance)
-            nodes = dict(kv.nodes)
-            order = spread(lead)
-            pids = [p.pid for p in procs]
-            results: dict[int, list[dict[str, float]]] = {n: [] for n in (1, 2, 4, 8)}
-            for r in range(rounds):
-                for n in (1, 2, 4, 8):
-                    print(f"round {r + 1}/{rounds}: {n} range(s)", file=sys.stderr)
-                    results[n].append(await round_(n, order, lead, nodes, pids, script, seconds))
-            lead_after = await leaders(kv, False)
-            await kv.close()
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        etcd_lua = base / "etcd.lua"
+        if etcd:
+            from bench_write_path import etcd_script
+
+            etcd_lua.write_text(etcd_script())
+        for r in range(rounds):
+            order = systems[r % len(systems) :] + systems[: r % len(systems)]
+            for sys_ in order:
+                d = base / f"r{r}-{sys_ if isinstance(sys_, str) else '-'.join(map(str, sys_))}"
+                print(f"round {r + 1}/{rounds}: {sys_}", file=sys.stderr)
+                if isinstance(sys_, str):
+                    etcd_runs.append(await measure_etcd(d, etcd_lua, seconds))
+                else:
+                    figures, who[sys_] = await measure_cluster(sys_, d, args, script, seconds)
+                    results[sys_].append(figures)
     load = os.getloadavg()
     print(
-        f"\nbench_multiraft: 3 processes on loopback, fsync={args.fsync}, 16-byte values, "
-        f"{CONNS} connections (wrk -t1 per loaded range), Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores, {rounds} round(s) of {seconds} s per N, alternating, "
-        f"leaders {'balanced' if args.balance else 'as elected'}; "
-        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
+        f"\nbench_multiraft: {' and '.join(map(str, args.procs))} processes on loopback, "
+        f"fsync={args.fsync}, 16-byte values, {CONNS} connections (wrk -t1 per loaded "
+        f"range), Python {platform.python_version()}, {os.cpu_count()} cores, {rounds} "
+        f"round(s) of {seconds} s per n, alternating (a fresh cluster per round), leaders "
+        f"{'balanced' if args.balance else 'as elected'}; load average {load[0]:.2f} "
+        f"{load[1]:.2f} {load[2]:.2f} at the end\n"
     )
     print(
-        "| ranges loaded | leaders (range:node) | writes/s | vs 1 range | p50 ms | "
-        "server CPU us/write | server CPU cores busy | errors |"
+        "| processes | WAL | ranges loaded | writes/s | vs 1 range | p50 ms | "
+        "server CPU us/write | server CPU cores busy | groups/write | errors | "
+        "leaders (range:node, last round) |"
     )
-    print("|---:|---|---:|---:|---:|---:|---:|---:|")
-    base_ops = statistics.median(x["ops"] for x in results[1])
-    for n, runs in results.items():
-        ops = statistics.median(x["ops"] for x in runs)
-        who = " ".join(f"{lead[p][0]}:{lead[p][1]}" for p in order[:n])
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+
+    def med(runs: list[dict[str, float]], k: str) -> float:
+        return statistics.median(x[k] for x in runs)
+
+    for cfg in configs:
+        base_ops = med([x[1] for x in results[cfg]], "ops")
+        for n in (1, 2, 4, 8):
+            runs = [x[n] for x in results[cfg]]
+            ops = med(runs, "ops")
+            gpw = med(runs, "groups_per_write")
+            print(
+                f"| {cfg[0]} | {cfg[1]} | {n} | {ops:,.0f} | {ops / base_ops:.2f}x | "
+                f"{med(runs, 'p50ms'):.2f} | {med(runs, 'cpu_us'):.0f} | "
+                f"{med(runs, 'cpu_util'):.2f} | "
+                f"{'-' if math.isnan(gpw) else f'{gpw:.2f}'} | "
+                f"{sum(int(x['errors']) for x in runs)} | {who[cfg][n]} |"
+            )
+    if etcd_runs:
+        ops = med(etcd_runs, "ops")
         print(
-            f"| {n} | {who} | {ops:,.0f} | {ops / base_ops:.2f}x | "
-            f"{statistics.median(x['p50ms'] for x in runs):.2f} | "
-            f"{statistics.median(x['cpu_us'] for x in runs):.0f} | "
-            f"{statistics.median(x['cpu_util'] for x in runs):.2f} | "
-            f"{sum(int(x['errors']) for x in runs)} |"
+            f"\n| one group, {CONNS} connections | writes/s | vs etcd | p50 ms | "
+            "server CPU us/write | errors |"
         )
-    if lead_after != lead:
-        print("\nnote: leadership moved during the run:", lead_after)
+        print("|---|---:|---:|---:|---:|---:|")
+        print(
+            f"| etcd 3.4 (3 members) | {ops:,.0f} | 1.00x | {med(etcd_runs, 'p50ms'):.2f} | "
+            f"{med(etcd_runs, 'cpu_us'):.0f} | {sum(int(x['errors']) for x in etcd_runs)} |"
+        )
+        for cfg in configs:
+            runs = [x[1] for x in results[cfg]]
+            ours = med(runs, "ops")
+            print(
+                f"| dsys, {cfg[0]} processes, {cfg[1]} WAL, 1 range loaded | {ours:,.0f} | "
+                f"{ours / ops:.2f}x | {med(runs, 'p50ms'):.2f} | {med(runs, 'cpu_us'):.0f} | "
+                f"{sum(int(x['errors']) for x in runs)} |"
+            )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per N")
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s per n")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=3, help="seconds per measurement")
     parser.add_argument("--fsync", choices=("always", "none"), default="always")
+    parser.add_argument(
+        "--procs", type=int, nargs="+", default=[3, 5], help="cluster sizes (default 3 5)"
+    )
+    parser.add_argument(
+        "--wal",
+        nargs="+",
+        choices=("shared", "per-range"),
+        default=["shared", "per-range"],
+        help="WAL kinds to compare (default both)",
+    )
+    parser.add_argument("--no-etcd", action="store_true", help="leave etcd out")
     parser.add_argument(
         "--no-balance",
         dest="balance",

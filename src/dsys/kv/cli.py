@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
         "multi-serve",
         help="run one node of the multi-Raft KV (many ranges, one Raft group each)",
         description="Run one node of the multi-Raft KV: a replica of the metadata range and "
-        "of every data range, one WAL directory per range under --data-dir, one peer "
+        "of every data range, one shared WAL for all ranges under --data-dir, one peer "
         "connection per other node for all ranges, the /v1/kv and /v1/ranges HTTP API.",
     )
     multi.add_argument("--id", required=True, help="this node's id, e.g. n1")
@@ -111,6 +111,12 @@ def register(subparsers: Any) -> None:
     multi.add_argument("--data-dir", required=True, help="directory of the ranges' WALs")
     multi.add_argument(
         "--fsync", choices=("always", "none"), default="always", help="none is UNSAFE"
+    )
+    multi.add_argument(
+        "--wal",
+        choices=("shared", "per-range"),
+        default="shared",
+        help="one WAL for all ranges with group commit (default), or one WAL per range",
     )
     multi.add_argument("--token", default=os.environ.get("DSYS_KV_TOKEN"), help="cluster token")
     multi.add_argument("--tick", type=float, default=0.03, help="seconds per Raft tick")
@@ -345,6 +351,7 @@ def _multi_serve(args: argparse.Namespace) -> int:
         peers=parse_peers(args.peer),
         data_dir=args.data_dir,
         fsync=args.fsync == "always",
+        wal=args.wal,
         token=args.token,
         tick_interval=args.tick,
         election_tick=args.election_tick,

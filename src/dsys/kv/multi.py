@@ -6,8 +6,10 @@ A :class:`MultiRaftServer` runs, on one event loop and one aiohttp app:
   range map and the range-id allocator, replicated like any range;
 * one :class:`~dsys.raft.node.RaftNode` per local replica of a **data range** (a
   :class:`~dsys.kv.rangefsm.RangeStateMachine` holding only the range's keys), each
-  with its own WAL directory ``<data_dir>/r<range_id>/`` (a shared WAL with group commit
-  across groups is the next step);
+  with its snapshots in ``<data_dir>/r<range_id>/``; the log entries and hard states of
+  all of them go to ONE :class:`~dsys.raft.sharedwal.SharedWAL` in ``<data_dir>/wal/``,
+  which writes the batches every group queued in one loop turn with one fsync (group
+  commit across groups); ``wal="per-range"`` keeps one WAL per range instead;
 * a :class:`SharedTransport`: ONE WebSocket per pair of processes
   (``GET /raft/v1/multi``) carrying the messages of every group, as frames of
   ``[[range_id, [message, ...]], ...]``; one timer ticks every group at the same moment,
@@ -141,6 +143,7 @@ from dsys.raft.node import (
     to_wire,
     token_ok,
 )
+from dsys.raft.sharedwal import GroupLog, SharedWAL
 from dsys.raft.timers import wait_future
 from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
 
@@ -148,6 +151,9 @@ _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
 MULTI_PATH = "/raft/v1/multi"
 """Path of the peer WebSocket that carries the messages of every group."""
+
+WAL_KINDS = ("shared", "per-range")
+"""The WAL layouts of a multi-Raft node (``MultiConfig.wal``, ``--wal``)."""
 
 RANGE_HEADER = "X-Dsys-Range"
 """Request header ``RANGE_ID:CONF_VER:VERSION``: the range and epoch the client routed by."""
@@ -167,6 +173,9 @@ class MultiConfig:
         peers: every other node's id -> ``host:port`` (each serves every range here).
         data_dir: one directory per local range (``r<id>/``) with its WAL and snapshots.
         fsync: fsync every Ready batch (False: UNSAFE, for benchmarks).
+        wal: ``"shared"`` (one WAL for every range, group commit across ranges) or
+            ``"per-range"`` (one WAL per range, one fsync per busy range). A data
+            directory keeps the kind it was created with.
         token: shared cluster token on peer connections and metadata calls.
         tick_interval: seconds per Raft tick.
         election_tick: ticks before an election.
@@ -211,6 +220,7 @@ class MultiConfig:
     peers: Mapping[str, str] = field(default_factory=dict)
     data_dir: str
     fsync: bool = True
+    wal: str = "shared"
     token: str | None = None
     tick_interval: float = 0.03
     election_tick: int = 10
@@ -242,6 +252,8 @@ class MultiConfig:
             raise ConfigError("split_keys must be >= 2 (or None: manual splits only)")
         if self.balance_interval is not None and self.balance_interval <= 0:
             raise ConfigError("balance_interval must be positive (or None: off)")
+        if self.wal not in WAL_KINDS:
+            raise ConfigError(f"wal must be one of {', '.join(WAL_KINDS)}, not {self.wal!r}")
         if self.split_qps is not None and self.split_qps <= 0:
             raise ConfigError("split_qps must be positive (or None: off)")
         if self.split_qps_window <= 0 or self.merge_qps < 0:
@@ -562,6 +574,7 @@ class MultiRaftServer:
         """The replicas of range 1 when the cluster was bootstrapped."""
         self.transport = SharedTransport(config.id, config.peers, token=config.token)
         self.groups: dict[int, Group] = {}
+        self.wal: SharedWAL | None = self._open_wal()
         self._ticked: dict[int, float] = {}
         self._heard: dict[str, float] = {}  # peer -> monotonic time of its last frame
         self.leader_moves_to: dict[str, int] = {}
@@ -606,6 +619,35 @@ class MultiRaftServer:
         gs = [g for g in self.groups.values() if g.initialized]
         return sorted(gs, key=lambda g: g.desc.start)
 
+    def _open_wal(self) -> SharedWAL | None:
+        """The shared WAL (None with per-range WALs); refuses a data dir of the other kind."""
+        shared_dir = self.data / "wal"
+        per_range = any(self.data.glob("r*/wal/raft.wal"))
+        if self.config.wal == "per-range":
+            if any(shared_dir.glob("wal-*.log")):
+                raise ConfigError(f"{self.data} holds a shared WAL: start it with wal=shared")
+            return None
+        if per_range:
+            raise ConfigError(f"{self.data} holds per-range WALs: start it with wal=per-range")
+        wal = SharedWAL(shared_dir, fsync=self.config.fsync)
+        if wal.repaired_bytes:
+            self.log.warning("wal_torn_tail_repaired", bytes=wal.repaired_bytes)
+        return wal
+
+    def _open_log(self, rid: int, d: Path) -> WriteAheadLog | GroupLog:
+        """Range ``rid``'s log and hard-state store (its share of the shared WAL)."""
+        if self.wal is not None:
+            return self.wal.group(rid)
+        wal = WriteAheadLog(d / "wal", fsync=self.config.fsync)
+        if wal.repaired_bytes:
+            self.log.warning("wal_torn_tail_repaired", range_id=rid, bytes=wal.repaired_bytes)
+        return wal
+
+    def _drop_log(self, rid: int) -> None:
+        """Forget range ``rid``'s records in the shared WAL (its directory is gone)."""
+        if self.wal is not None:
+            self.wal.remove(rid)
+
     def _open_groups(self) -> None:
         """Open every range found in the data dir; bootstrap ranges 0 and 1 if new."""
         # a node that ran before never bootstraps range 1 again (it may have moved away)
@@ -636,6 +678,10 @@ class MultiRaftServer:
             ):
                 continue
             self._add_group(rid, self._new_fsm(rid))
+        if self.wal is not None:
+            for rid in self.wal.range_ids():
+                if rid not in self.groups:  # its directory was removed: stop pinning
+                    self.wal.remove(rid)
 
     def _new_fsm(self, rid: int) -> RangeStateMachine | MetaStateMachine:
         if rid == META_RANGE_ID:
@@ -649,9 +695,7 @@ class MultiRaftServer:
     ) -> Group:
         d = self.data / f"r{rid}"
         d.mkdir(parents=True, exist_ok=True)
-        wal = WriteAheadLog(d / "wal", fsync=self.config.fsync)
-        if wal.repaired_bytes:
-            self.log.warning("wal_torn_tail_repaired", range_id=rid, bytes=wal.repaired_bytes)
+        wal = self._open_log(rid, d)
         replicas = fsm.desc.replicas if isinstance(fsm, RangeStateMachine) else self.replicas
         peers = {p: self.nodes[p] for p in replicas if p != self.config.id and p in self.nodes}
         cfg = self.config
@@ -701,8 +745,9 @@ class MultiRaftServer:
         d = self.data / f"r{rid}"
         if d.exists():
             shutil.rmtree(d)
+        self._drop_log(rid)
         d.mkdir(parents=True)
-        wal = WriteAheadLog(d / "wal", fsync=self.config.fsync)
+        wal = self._open_log(rid, d)
         init = SPLIT_INIT_INDEX
         wal.compact(init, init, keep_tail=False)
         wal.save_hard_state(HardState(term=init, vote=None, commit=init))
@@ -730,6 +775,7 @@ class MultiRaftServer:
         d = self.data / f"r{rid}"
         if d.exists():
             shutil.rmtree(d)
+        self._drop_log(rid)
         placeholder = RangeDescriptor(range_id=rid, start="", end=None, replicas=self.replicas)
         self.log.info("empty_replica_created", range_id=rid)
         return self._add_group(rid, RangeStateMachine(placeholder, initialized=False), join=True)
@@ -778,6 +824,7 @@ class MultiRaftServer:
             listen=f"{self.config.host}:{self.port}",
             ranges=sorted(self.groups),
             fsync="always" if self.config.fsync else "none (UNSAFE)",
+            wal=self.config.wal,
         )
         return self
 
@@ -796,6 +843,8 @@ class MultiRaftServer:
             self._runner = None
         for g in list(self.groups.values()):
             await g.node.close()
+        if self.wal is not None:
+            await self.wal.aclose()
         await self.transport.close()
 
     async def __aenter__(self) -> MultiRaftServer:
@@ -1101,11 +1150,26 @@ class MultiRaftServer:
                 "dropped": t.dropped,
                 "unknown_group_msgs": self.unknown_group_msgs,
                 "leader_moves": self.leader_moves,
+                "wal": self.wal_stats(),
                 "replica_moves": self.replica_moves,
                 "removed_ranges": self.removed_ranges,
                 "moves": self.ranges_view()["moves"],
             }
         )
+
+    def wal_stats(self) -> dict[str, Any]:
+        """The WAL kind with its writes and fsyncs so far (shared WAL only)."""
+        w = self.wal
+        if w is None:
+            return {"kind": "per-range"}
+        return {
+            "kind": "shared",
+            "writes": w.write_count,
+            "fsyncs": w.fsync_count,
+            "groups_per_write_max": w.batch_groups_max,
+            "groups_per_write_mean": round(w.batch_groups_total / max(1, w.write_count), 2),
+            "size_bytes": w.size_bytes,
+        }
 
     async def split(self, range_id: int, at_key: str) -> SplitResult:
         """Split local range ``range_id`` at ``at_key`` (this node must lead it).
@@ -1665,6 +1729,7 @@ class MultiRaftServer:
             return
         self._tombstones[range_id] = time.monotonic()
         await g.node.close()
+        self._drop_log(range_id)  # it stops pinning the shared WAL's segments
         await asyncio.to_thread(shutil.rmtree, self.data / f"r{range_id}", True)
         self.removed_ranges += 1
         self.log.info("replica_removed", range_id=range_id)

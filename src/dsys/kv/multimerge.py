@@ -139,12 +139,14 @@ class RangeUpkeep:
 
         async def stop() -> None:
             await g.node.close()
+            s._drop_log(rid)  # it stops pinning the shared WAL's segments
             await asyncio.to_thread(shutil.rmtree, d, True)
 
         if s._started:
             s._tasks.append(asyncio.create_task(stop()))
         else:
             g.node._log_store.close()
+            s._drop_log(rid)
             shutil.rmtree(d, ignore_errors=True)
 
     def frozen(self, g: Group) -> bool:

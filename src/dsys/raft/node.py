@@ -38,7 +38,7 @@ import hmac
 import signal
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar
 
@@ -673,6 +673,11 @@ class RaftNode:
         """Set when the loop died (a bug or a storage failure); the node is then unhealthy."""
         self._store_lock = asyncio.Lock()  # the stores are used from one thread at a time
         self._inline_persist = getattr(log, "fsync", True) is False
+        # A log shared by many groups (dsys.raft.sharedwal.GroupLog) commits the batches
+        # of all of them with one fsync: queue the records, then await its writer.
+        self._group_sync: Callable[[], Awaitable[None]] | None = (
+            getattr(log, "sync_async", None) if stable is log else None  # type: ignore[comparison-overlap]
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._run_task: asyncio.Task[None] | None = None
         self.applied_index = 0
@@ -1372,6 +1377,10 @@ class RaftNode:
                     _trace.mark("persist_start", rd.entries[-1].index)
                 if self._inline_persist:  # fsync off: a plain write() beats a thread hop
                     self._persist(rd)
+                elif self._group_sync is not None and rd.snapshot is None:
+                    # a log shared by many groups: one write and fsync for all of them
+                    self._stage(rd)
+                    await self._group_sync()
                 else:
                     async with self._store_lock:
                         loop = asyncio.get_running_loop()
