@@ -199,3 +199,18 @@ async def sharded_register_client(
                     history.info(op)
                 else:
                     history.ok(op, True)
+
+
+async def dsys_kv(*args: str) -> tuple[int, str, str]:
+    """Run ``python -m dsys kv ARGS`` as a real process: (exit code, stdout, stderr)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dsys",
+        "kv",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 90)
+    return proc.returncode or 0, out.decode(), err.decode()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -13,21 +12,7 @@ import pytest
 
 from dsys.kv.server import KVServer
 
-from .helpers import running_cluster, wait_leader
-
-
-async def _dsys(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dsys",
-        "kv",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
+from .helpers import dsys_kv, running_cluster, wait_leader
 
 
 @pytest.fixture
@@ -39,28 +24,28 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[KVServer]]:
 async def test_cli_put_get_del_status(cluster: list[KVServer]) -> None:
     await wait_leader(cluster)
     eps = ",".join(f"127.0.0.1:{s.port}" for s in cluster)
-    rc, out, err = await _dsys("put", "color", "blue", "--cluster", eps)
+    rc, out, err = await dsys_kv("put", "color", "blue", "--cluster", eps)
     assert rc == 0, err
     rev = json.loads(out)["revision"]
-    rc, out, err = await _dsys("get", "color", "--cluster", eps)
+    rc, out, err = await dsys_kv("get", "color", "--cluster", eps)
     assert rc == 0 and out.strip() == "blue" and f"revision {rev}" in err
-    rc, out, err = await _dsys("put", "color", "red", "--if-revision", "0", "--cluster", eps)
+    rc, out, err = await dsys_kv("put", "color", "red", "--if-revision", "0", "--cluster", eps)
     assert rc == 1 and "revision" in err
-    rc, out, err = await _dsys("status", "--cluster", eps)
+    rc, out, err = await dsys_kv("status", "--cluster", eps)
     roles = sorted(v["role"] for v in json.loads(out).values())
     assert rc == 0 and roles == ["follower", "follower", "leader"]
-    rc, out, err = await _dsys("member", "list", "--cluster", eps)
+    rc, out, err = await dsys_kv("member", "list", "--cluster", eps)
     assert rc == 0 and sorted(json.loads(out)["voters"]) == ["n1", "n2", "n3"]
-    rc, out, err = await _dsys("member", "promote", "n9", "--cluster", eps)
+    rc, out, err = await dsys_kv("member", "promote", "n9", "--cluster", eps)
     assert rc == 1 and "not a learner" in err
-    rc, out, err = await _dsys("del", "color", "--cluster", eps)
+    rc, out, err = await dsys_kv("del", "color", "--cluster", eps)
     assert rc == 0
-    rc, out, err = await _dsys("get", "color", "--cluster", eps)
+    rc, out, err = await dsys_kv("get", "color", "--cluster", eps)
     assert rc == 1 and "not found" in err
 
 
 async def test_cli_rejects_bad_peer_flag(tmp_path: Path) -> None:
-    rc, _, err = await _dsys(
+    rc, _, err = await dsys_kv(
         "serve", "--id", "n1", "--data-dir", str(tmp_path), "--peer", "n2:127.0.0.1"
     )
     assert rc == 1 and "ID=HOST:PORT" in err

@@ -7,7 +7,6 @@ import asyncio
 import dataclasses
 import itertools
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports, sharded_register_client
+from .helpers import dsys_kv, free_ports, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int]) -> list[MultiConfig]:
@@ -370,38 +369,24 @@ async def test_long_multiraft_run_is_linearizable(
     await _linearizable_run(cluster, tmp_path, seconds=60.0)
 
 
-async def _dsys(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dsys",
-        "kv",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
 @pytest.mark.slow
 async def test_cli_ranges_and_split(cluster: list[MultiRaftServer]) -> None:
     await _leaders(cluster, [0, 1])
     eps = ",".join(_addrs(cluster))
-    rc, out, err = await _dsys("split", "1", "m", "--cluster", eps)
+    rc, out, err = await dsys_kv("split", "1", "m", "--cluster", eps)
     assert rc == 0, err
     right = json.loads(out)["right"]
     assert (right["start"], right["end"], right["version"]) == ("m", None, 2)
-    rc, out, err = await _dsys("split", "1", "zz", "--cluster", eps)
+    rc, out, err = await dsys_kv("split", "1", "zz", "--cluster", eps)
     assert rc != 0 and "not strictly inside" in err
     await _leaders(cluster, [0, 1, right["range_id"]])
     for _ in range(100):
-        rc, out, err = await _dsys("ranges", "--cluster", eps, "--json")
+        rc, out, err = await dsys_kv("ranges", "--cluster", eps, "--json")
         rows = json.loads(out)["ranges"]
         if len(rows) == 2 and all(r["leader"] for r in rows):
             break
     assert [(r["start"], r["end"], r["version"]) for r in rows] == [("", "m", 2), ("m", None, 2)]
-    rc, out, err = await _dsys("ranges", "--cluster", eps)
+    rc, out, err = await dsys_kv("ranges", "--cluster", eps)
     assert rc == 0 and "range map version" in out and "'m'" in out and "+inf" in out, out
-    rc, out, err = await _dsys("ranges", "--help")
+    rc, out, err = await dsys_kv("ranges", "--help")
     assert rc == 0 and "--cluster" in out

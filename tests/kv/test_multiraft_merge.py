@@ -22,8 +22,8 @@ from dsys.kv.ranges import Epoch
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports, sharded_register_client
-from .test_multiraft import _addrs, _configs, _dsys, _leaders
+from .helpers import dsys_kv, free_ports, sharded_register_client
+from .test_multiraft import _addrs, _configs, _leaders
 
 
 def _merge_configs(tmp: Path, **kw: object) -> list[MultiConfig]:
@@ -300,11 +300,11 @@ async def test_cli_merge(tmp_path: Path) -> None:
         async with ShardedKVClient(_addrs(servers)) as kv:
             _, right = await kv.split(1, "m")
         await _leaders(servers, [right.range_id])
-        rc, out, err = await _dsys("merge", "1", str(right.range_id), "--cluster", eps)
+        rc, out, err = await dsys_kv("merge", "1", str(right.range_id), "--cluster", eps)
         assert rc == 0, err
         merged = json.loads(out)["merged"]
         assert (merged["range_id"], merged["start"], merged["end"]) == (1, "", None)
-        rc, out, err = await _dsys("merge", "1", "99", "--cluster", eps)
+        rc, out, err = await dsys_kv("merge", "1", "99", "--cluster", eps)
         assert rc != 0 and "no data ranges" in err, err
     finally:
         for s in servers:

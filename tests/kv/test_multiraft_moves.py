@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from dsys.kv.placement import PlacementRules, node_loads
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports, sharded_register_client
+from .helpers import dsys_kv, free_ports, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int], **kw: object) -> list[MultiConfig]:
@@ -239,30 +238,16 @@ def test_config_checks_initial_replicas(tmp_path: Path) -> None:
         dataclasses.replace(_configs(tmp_path, [1, 2])[0], initial_replicas=("n7",))
 
 
-async def _dsys(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dsys",
-        "kv",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 90)
-    return proc.returncode or 0, out.decode(), err.decode()
-
-
 @pytest.mark.slow
 async def test_cli_move_and_ranges(tmp_path: Path) -> None:
     async with _cluster(tmp_path) as servers:
         await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
         eps = ",".join(_addrs(servers))
-        rc, out, err = await _dsys("move", "1", "n2", "n4", "--cluster", eps)
+        rc, out, err = await dsys_kv("move", "1", "n2", "n4", "--cluster", eps)
         assert rc == 0, err
         row = json.loads(out)["range"]
         assert sorted(row["replicas"]) == ["n1", "n3", "n4"] and row["conf_ver"] == 4
-        rc, out, err = await _dsys("move", "1", "n2", "n2", "--cluster", eps)
+        rc, out, err = await dsys_kv("move", "1", "n2", "n2", "--cluster", eps)
         assert rc != 0 and "itself" in err
         # a move in progress shows in `dsys kv ranges` with its step: hold one at the
         # catch-up step by moving to a node that is down
@@ -271,7 +256,7 @@ async def test_cli_move_and_ranges(tmp_path: Path) -> None:
         task = asyncio.create_task(n1.move_replica(1, "n3", "n2"))
         try:
             for _ in range(10):
-                rc, out, err = await _dsys("ranges", "--cluster", eps, "--json")
+                rc, out, err = await dsys_kv("ranges", "--cluster", eps, "--json")
                 moves = json.loads(out)["moves"] if rc == 0 else []
                 if moves:
                     break
@@ -284,7 +269,7 @@ async def test_cli_move_and_ranges(tmp_path: Path) -> None:
                     "catch_up",
                 )
             ), moves
-            rc, out, err = await _dsys("ranges", "--cluster", eps)
+            rc, out, err = await dsys_kv("ranges", "--cluster", eps)
             assert rc == 0 and "move of range 1: n3 -> n2, step" in out, out
             # the target stays down: the move gives up and removes the learner again
             with pytest.raises(RequestTimeout, match="learner n2 removed again"):

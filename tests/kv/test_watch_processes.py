@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from dsys.kv.client import KVClient
 from dsys.kv.fsm import WatchEvent
 
-from .helpers import Proc, cluster_configs, wait_proc_leader
+from .helpers import Proc, cluster_configs, dsys_kv, wait_proc_leader
 
 
 @pytest.fixture
@@ -26,20 +25,6 @@ def procs(tmp_path: Path) -> Iterator[list[Proc]]:
     finally:
         for p in ps:
             p.kill9()
-
-
-async def _dsys_kv(*args: str) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dsys",
-        "kv",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode or 0, out.decode(), err.decode()
 
 
 async def test_watch_resumes_without_gaps_or_duplicates_across_kill9_of_the_leader(
@@ -88,7 +73,7 @@ async def test_watch_resumes_without_gaps_or_duplicates_across_kill9_of_the_lead
         await watcher.close()
         consumer.cancel()
         # the same events through the CLI, from another node
-        rc, out, err = await _dsys_kv(
+        rc, out, err = await dsys_kv(
             "watch", "w/", "--start-revision", str(start), "--count", "5",
             "--cluster", new_leader.addr,
         )  # fmt: skip
