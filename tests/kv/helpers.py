@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from dsys.errors import ConflictError, DsysError
+from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.server import KVServer, ServerConfig
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History
@@ -214,3 +215,33 @@ async def dsys_kv(*args: str) -> tuple[int, str, str]:
     )
     out, err = await asyncio.wait_for(proc.communicate(), 90)
     return proc.returncode or 0, out.decode(), err.decode()
+
+
+def multi_configs(tmp: Path, ports: Sequence[int], **kw: Any) -> list[MultiConfig]:
+    """Multi-Raft nodes n1..nN on loopback ``ports``, each with the others as peers and
+    its data under ``tmp/<id>``; ``kw`` sets the remaining :class:`MultiConfig` fields."""
+    ids = [f"n{i + 1}" for i in range(len(ports))]
+    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
+    return [
+        MultiConfig(
+            id=i,
+            port=p,
+            peers={j: a for j, a in addrs.items() if j != i},
+            data_dir=str(tmp / i),
+            **kw,
+        )
+        for i, p in zip(ids, ports, strict=True)
+    ]
+
+
+@contextlib.asynccontextmanager
+async def multi_cluster(configs: Sequence[MultiConfig]) -> AsyncIterator[list[MultiRaftServer]]:
+    """Start a :class:`MultiRaftServer` per config in this process; close them all after."""
+    servers = [MultiRaftServer(c) for c in configs]
+    try:
+        for s in servers:
+            await s.start()
+        yield servers
+    finally:
+        for s in servers:
+            await s.close()

@@ -19,37 +19,19 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import dsys_kv, free_ports, sharded_register_client
+from .helpers import dsys_kv, free_ports, multi_cluster, multi_configs, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int]) -> list[MultiConfig]:
-    ids = [f"n{i + 1}" for i in range(len(ports))]
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
-    return [
-        MultiConfig(
-            id=i,
-            port=p,
-            peers={j: a for j, a in addrs.items() if j != i},
-            data_dir=str(tmp / i),
-            fsync=False,
-            snapshot_every=300,
-            request_timeout=2.0,
-            balance_interval=0.2,
-        )
-        for i, p in zip(ids, ports, strict=True)
-    ]
+    return multi_configs(
+        tmp, ports, fsync=False, snapshot_every=300, request_timeout=2.0, balance_interval=0.2
+    )
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[MultiRaftServer]]:
-    servers = [MultiRaftServer(c) for c in _configs(tmp_path, free_ports(3))]
-    try:
-        for s in servers:
-            await s.start()
+    async with multi_cluster(_configs(tmp_path, free_ports(3))) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def _leaders(servers: list[MultiRaftServer], range_ids: list[int]) -> None:

@@ -9,7 +9,6 @@ import contextlib
 import dataclasses
 import itertools
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -21,40 +20,25 @@ from dsys.kv.placement import PlacementRules, node_loads
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import dsys_kv, free_ports, sharded_register_client
+from .helpers import dsys_kv, free_ports, multi_cluster, multi_configs, sharded_register_client
 
 
 def _configs(tmp: Path, ports: list[int], **kw: object) -> list[MultiConfig]:
-    kw.setdefault("move_timeout", 15.0)
-    ids = [f"n{i + 1}" for i in range(len(ports))]
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
-    return [
-        MultiConfig(
-            id=i,
-            port=p,
-            peers={j: a for j, a in addrs.items() if j != i},
-            data_dir=str(tmp / i),
-            fsync=False,
-            snapshot_every=100,
-            request_timeout=2.0,
-            balance_interval=None,
-            initial_replicas=("n1", "n2", "n3"),
-            **kw,  # type: ignore[arg-type]
-        )
-        for i, p in zip(ids, ports, strict=True)
-    ]
+    settings: dict[str, object] = {
+        "fsync": False,
+        "snapshot_every": 100,
+        "request_timeout": 2.0,
+        "balance_interval": None,
+        "initial_replicas": ("n1", "n2", "n3"),
+        "move_timeout": 15.0,
+    }
+    return multi_configs(tmp, ports, **{**settings, **kw})
 
 
-@contextlib.asynccontextmanager
-async def _cluster(tmp: Path, **kw: object) -> AsyncIterator[list[MultiRaftServer]]:
-    servers = [MultiRaftServer(c) for c in _configs(tmp, free_ports(4), **kw)]
-    try:
-        for s in servers:
-            await s.start()
-        yield servers
-    finally:
-        for s in servers:
-            await s.close()
+def _cluster(
+    tmp: Path, **kw: object
+) -> contextlib.AbstractAsyncContextManager[list[MultiRaftServer]]:
+    return multi_cluster(_configs(tmp, free_ports(4), **kw))
 
 
 def _addrs(servers: list[MultiRaftServer]) -> list[str]:

@@ -14,38 +14,20 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.rangefsm import RangeStateMachine
 from dsys.kv.sharded import ShardedKVClient
 
-from .helpers import free_ports
+from .helpers import free_ports, multi_cluster, multi_configs
 from .test_multiraft_processes import Node
 
 
 def _configs(tmp: Path, ports: list[int], wal: str = "shared") -> list[MultiConfig]:
-    ids = [f"n{i + 1}" for i in range(len(ports))]
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
-    return [
-        MultiConfig(
-            id=i,
-            port=p,
-            peers={j: a for j, a in addrs.items() if j != i},
-            data_dir=str(tmp / i),
-            fsync=True,
-            wal=wal,
-            request_timeout=3.0,
-            balance_interval=None,
-        )
-        for i, p in zip(ids, ports, strict=True)
-    ]
+    return multi_configs(
+        tmp, ports, fsync=True, wal=wal, request_timeout=3.0, balance_interval=None
+    )
 
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[list[MultiRaftServer]]:
-    servers = [MultiRaftServer(c) for c in _configs(tmp_path, free_ports(3))]
-    try:
-        for s in servers:
-            await s.start()
+    async with multi_cluster(_configs(tmp_path, free_ports(3))) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def test_ranges_share_fsyncs_and_a_node_restarts_from_the_shared_wal(
