@@ -100,7 +100,7 @@ def register(subparsers: Any) -> None:
         "multi-serve",
         help="run one node of the multi-Raft KV (many ranges, one Raft group each)",
         description="Run one node of the multi-Raft KV: a replica of the metadata range and "
-        "of every data range, one shared WAL for all ranges under --data-dir, one peer "
+        "of the data ranges placed on it, one shared WAL for all ranges under --data-dir, one peer "
         "connection per other node for all ranges, the /v1/kv and /v1/ranges HTTP API.",
     )
     multi.add_argument("--id", required=True, help="this node's id, e.g. n1")
