@@ -69,8 +69,16 @@ async def test_two_clients_chat_through_a_sigkill_and_miss_nothing(cluster: Chat
         assert victim is not None
         cluster.kill(victim)  # SIGKILL: no close frames, no goodbye to the KV store
         await asyncio.wait_for(asyncio.gather(*talkers), 60)
-        await _until(lambda: len(alice.offsets("kill-test")) == 80, 30)
-        await _until(lambda: len(bob.offsets("kill-test")) == 80, 30)
+        for c in (alice, bob):
+            try:
+                await _until(lambda c=c: len(c.offsets("kill-test")) == 80, 30)
+            except AssertionError:  # say what is missing (seen once in CI, not reproduced)
+                got = c.offsets("kill-test")
+                missing = sorted(set(range(1, 81)) - set(got))
+                raise AssertionError(
+                    f"{c.user} on {c.server} has {len(got)} of 80 messages after 30 s: "
+                    f"missing {missing}; connects {c.connects}, holes {c.holes}, dups {c.dups}"
+                ) from None
         assert alice.server != victim and alice.connects >= 2
         for c in (alice, bob):
             assert c.offsets("kill-test") == list(range(1, 81))  # in order, none missing
@@ -186,7 +194,7 @@ async def test_bad_frames_get_clear_errors_and_reach_nobody(cluster: ChatCluster
         for raw, code in cases:
             before = len(henry.errors)
             henry.raw(raw)
-            await _until(lambda b=before: len(henry.errors) > b)  # type: ignore[misc]
+            await _until(lambda b=before: len(henry.errors) > b)
             assert henry.errors[-1]["code"] == code, raw
             assert henry.errors[-1]["message"]
         # a flood is refused per user with a retry hint; the rest still go through
