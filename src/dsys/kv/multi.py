@@ -1727,7 +1727,11 @@ class MultiRaftServer:
         g = self.groups.pop(range_id, None)
         if g is None:
             return
-        self._tombstones[range_id] = time.monotonic()
+        now = time.monotonic()
+        window = self._tombstone_window()
+        # only recent drops matter (see _tombstoned): forget the older ones
+        self._tombstones = {r: t for r, t in self._tombstones.items() if now - t < window}
+        self._tombstones[range_id] = now
         await g.node.close()
         self._drop_log(range_id)  # it stops pinning the shared WAL's segments
         await asyncio.to_thread(shutil.rmtree, self.data / f"r{range_id}", True)
@@ -1738,8 +1742,11 @@ class MultiRaftServer:
         """Whether ``range_id`` was dropped here moments ago (late messages of its old
         leader must not create an empty replica again)."""
         at = self._tombstones.get(range_id)
-        window = max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
-        return at is not None and time.monotonic() - at < window
+        return at is not None and time.monotonic() - at < self._tombstone_window()
+
+    def _tombstone_window(self) -> float:
+        """Seconds a dropped range's late messages are ignored."""
+        return max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
 
     async def _placer(self, interval: float) -> None:
         """The placement loop: on the metadata leader only, one replica move (or else one
