@@ -89,12 +89,14 @@ from dsys.kv.fsm import Delete, KeyValue, Put, Result, Tick, encode_command, val
 from dsys.kv.multimerge import RangeUpkeep
 from dsys.kv.placement import (
     MoveStep,
+    NodeLiveness,
     PlacementRules,
     PlacementState,
     RangeInfo,
     ReplicaMove,
     next_move_step,
     plan_leader_transfer,
+    plan_repairs,
     plan_replica_move,
 )
 from dsys.kv.rangefsm import (
@@ -108,7 +110,7 @@ from dsys.kv.rangefsm import (
     encode_meta,
     encode_split,
 )
-from dsys.kv.rangemetrics import RangeCollector
+from dsys.kv.rangemetrics import RangeCollector, RangeSizes
 from dsys.kv.ranges import (
     FIRST_RANGE_ID,
     META_RANGE_ID,
@@ -591,6 +593,14 @@ class MultiRaftServer:
         """Local replicas dropped after this node learned it was removed from them."""
         self.placement = PlacementState()
         """The placement loop's memory (used on the metadata leader)."""
+        self.liveness = NodeLiveness()
+        """When each node last answered the placement loop (on the metadata leader)."""
+        self.down_nodes: list[str] = []
+        """Nodes the placement loop found down (silent for ``down_after`` seconds)."""
+        self.repairs = 0
+        """Replicas on down nodes this node (as the metadata leader) had replaced."""
+        self.sizes = RangeSizes()
+        """Bytes per local range (cached: the sum is O(keys))."""
         self._tombstones: dict[int, float] = {}  # range -> monotonic time it was dropped
         self._orphans: dict[int, float] = {}  # range -> when we first led it with a learner
         self._streams: set[web.WebSocketResponse] = set()
@@ -1109,6 +1119,7 @@ class MultiRaftServer:
     def ranges_view(self) -> dict[str, Any]:
         """The range map of this node's metadata replica, the nodes, and local groups."""
         m = self.meta.map
+        now = time.monotonic()
         local = []
         for rid in sorted(self.groups):
             g = self.groups[rid]
@@ -1123,6 +1134,8 @@ class MultiRaftServer:
             if isinstance(g.fsm, RangeStateMachine):
                 row["initialized"] = g.fsm.initialized
                 row["keys"] = len(g.fsm)
+                row["bytes"] = self.sizes.get(g, now)
+                row["qps"] = round(self.upkeep.qps(rid, now), 3)
                 row["descriptor"] = g.fsm.desc.to_plain()
                 row["learners"] = list(g.fsm.learners)
             local.append(row)
@@ -1141,10 +1154,11 @@ class MultiRaftServer:
     async def handle_status(self, request: web.Request) -> web.Response:
         """``GET /v1/status``: this node's groups and transport counters."""
         t = self.transport
+        view = self.ranges_view()
         return web.json_response(
             {
                 "id": self.config.id,
-                "ranges": self.ranges_view()["local"],
+                "ranges": view["local"],
                 "frames_sent": t.frames_sent,
                 "messages_sent": t.messages_sent,
                 "dropped": t.dropped,
@@ -1153,7 +1167,8 @@ class MultiRaftServer:
                 "wal": self.wal_stats(),
                 "replica_moves": self.replica_moves,
                 "removed_ranges": self.removed_ranges,
-                "moves": self.ranges_view()["moves"],
+                "moves": view["moves"],
+                "placement": self.placement_view(),
             }
         )
 
@@ -1749,11 +1764,14 @@ class MultiRaftServer:
         return max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
 
     async def _placer(self, interval: float) -> None:
-        """The placement loop: on the metadata leader only, one replica move (or else one
-        leader transfer) per round, decided by :mod:`dsys.kv.placement`."""
+        """The placement loop: on the metadata leader only, the repairs of replicas on
+        down nodes, else one replica move (or else one leader transfer) per round,
+        decided by :mod:`dsys.kv.placement`."""
         while True:
             await asyncio.sleep(interval)
             if not self.groups[META_RANGE_ID].node.is_leader:
+                self.liveness.reset()  # a later term of leadership starts over
+                self.down_nodes = []
                 continue
             try:
                 await self._place_once()
@@ -1801,35 +1819,70 @@ class MultiRaftServer:
                 replicas, learners = d.replicas, tuple(lead[1].get("learners", ()))
             if desc.range_id in busy and not learners:
                 learners = replicas  # a move is under way: not a candidate
-            size = max((int(r.get("keys", 0)) for _, r in mine), default=0)
+            size = max((int(r.get("bytes", 0)) for _, r in mine), default=0)
+            qps = float(lead[1].get("qps", 0.0)) if lead else 0.0
             out.append(
-                RangeInfo(desc.range_id, replicas, size, lead[0] if lead else None, learners)
+                RangeInfo(desc.range_id, replicas, size, lead[0] if lead else None, learners, qps)
             )
         return out
 
+    def placement_view(self) -> dict[str, Any]:
+        """What the placement loop knows (meaningful on the metadata leader only): the
+        down nodes, the seconds since each node last answered, the repairs in flight."""
+        now = time.monotonic()
+        live = self.liveness
+        silent = {
+            n: round(now - live.seen.get(n, live.since), 1)
+            for n in sorted(self.nodes)
+            if live.since is not None
+        }
+        return {
+            "metadata_leader": self.groups[META_RANGE_ID].node.is_leader,
+            "down": list(self.down_nodes),
+            "silent_for": silent,
+            "repairing": sorted(self.placement.repairing),
+            "repairs": self.repairs,
+        }
+
     async def _place_once(self) -> None:
         views = await self._gather_status()
-        infos = self.range_infos(views)
-        alive = sorted(views)
         now = time.monotonic()
         rules = self.config.placement_rules
+        self.liveness.observe(views, now)
+        down = self.liveness.down(self.nodes, now, rules.down_after)
+        if down != self.down_nodes:
+            self.log.warning("placement_nodes_down", down=down, was=self.down_nodes)
+            self.down_nodes = down
+        infos = self.range_infos(views)
+        alive = sorted(views)
         st = self.placement
         st.forget_before(now - max(rules.interval, rules.cooldown))
-        move = plan_replica_move(infos, alive, now=now, state=st, rules=rules)
+        for m in plan_repairs(infos, alive, down, state=st, rules=rules):
+            st.record(now, m, repair=True)
+            self.log.info("placement_repair", range_id=m.range_id, dead=m.src, dst=m.dst)
+            self._tasks.append(asyncio.create_task(self._run_placement_move(m, repair=True)))
+        # balancing waits while a node is down (its replicas are being replaced)
+        move = None if down else plan_replica_move(infos, alive, now=now, state=st, rules=rules)
         if move is not None:
             st.record(now, move)
             self.log.info("placement_move", range_id=move.range_id, src=move.src, dst=move.dst)
             self._tasks.append(asyncio.create_task(self._run_placement_move(move)))
             return
-        transfer = plan_leader_transfer([i for i in infos if not i.learners], alive)
+        transfer = plan_leader_transfer(
+            [i for i in infos if not i.learners], alive, rules=rules, now=now, state=st
+        )
         if transfer is not None:
             rid, to = transfer
+            st.transferred(now, rid)
             self.log.info("placement_leader_transfer", range_id=rid, to=to)
             await self.transfer_range_leader(rid, to)
 
-    async def _run_placement_move(self, move: ReplicaMove) -> None:
+    async def _run_placement_move(self, move: ReplicaMove, *, repair: bool = False) -> None:
         try:
             await self.move_replica(move.range_id, move.src, move.dst)
+            if repair:
+                self.repairs += 1
+                self.log.info("placement_repaired", range_id=move.range_id, dead=move.src)
         except DsysError as exc:
             self.log.info("placement_move_failed", range_id=move.range_id, error=str(exc))
         except Exception:  # a bug: log it

@@ -149,6 +149,11 @@ class RangeUpkeep:
             s._drop_log(rid)
             shutil.rmtree(d, ignore_errors=True)
 
+    def qps(self, range_id: int, now: float) -> float:
+        """Requests per second this node served for ``range_id`` over the load window."""
+        load = self.loads.get(range_id)
+        return load.qps(now) if load is not None else 0.0
+
     def frozen(self, g: Group) -> bool:
         """Whether ``g`` is frozen by a merge (it serves no reads nor writes)."""
         return isinstance(g.fsm, RangeStateMachine) and g.fsm.merging is not None
