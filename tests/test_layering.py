@@ -74,6 +74,7 @@ PURE = [
     "kv/rangefsm.py",
     "kv/rangeload.py",
     "kv/placement.py",
+    "kv/tombstones.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

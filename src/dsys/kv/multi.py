@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import shutil
 import signal
 import time
@@ -109,6 +110,7 @@ from dsys.kv.rangefsm import (
     SplitResult,
     encode_meta,
     encode_split,
+    snapshot_descriptor,
 )
 from dsys.kv.rangemetrics import RangeCollector, RangeSizes
 from dsys.kv.ranges import (
@@ -119,6 +121,7 @@ from dsys.kv.ranges import (
     check_epoch,
     plan_leader_move,
 )
+from dsys.kv.tombstones import Tombstone, Tombstones
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
 from dsys.raft.messages import (
     AppendRequest,
@@ -147,7 +150,7 @@ from dsys.raft.node import (
 )
 from dsys.raft.sharedwal import GroupLog, SharedWAL
 from dsys.raft.timers import wait_future
-from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
+from dsys.raft.wal import CorruptLogError, FileSnapshotStore, WriteAheadLog, fsync_dir
 
 _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
@@ -602,6 +605,10 @@ class MultiRaftServer:
         self.sizes = RangeSizes()
         """Bytes per local range (cached: the sum is O(keys))."""
         self._tombstones: dict[int, float] = {}  # range -> monotonic time it was dropped
+        self.tombs = self._load_tombstones()
+        """Ranges dropped here, with their epoch then (persisted; see dsys.kv.tombstones)."""
+        self.stale_replicas_refused = 0
+        """Stale replicas of dropped ranges refused (snapshots, splits, restarts)."""
         self._orphans: dict[int, float] = {}  # range -> when we first led it with a learner
         self._streams: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -688,6 +695,16 @@ class MultiRaftServer:
             ):
                 continue
             self._add_group(rid, self._new_fsm(rid))
+        for g in list(self.groups.values()):
+            if g.initialized and self.tombs.refuses(g.desc):
+                # dropped, then a crash before its directory was gone: the tombstone
+                # was written first, so the replica is stale
+                self.log.warning("stale_replica_removed_at_start", range_id=g.range_id)
+                self.stale_replicas_refused += 1
+                del self.groups[g.range_id]
+                g.node._log_store.close()
+                self._drop_log(g.range_id)
+                shutil.rmtree(self.data / f"r{g.range_id}", ignore_errors=True)
         if self.wal is not None:
             for rid in self.wal.range_ids():
                 if rid not in self.groups:  # its directory was removed: stop pinning
@@ -752,6 +769,12 @@ class MultiRaftServer:
         rid = right.range_id
         if rid in self.groups or self._closed:
             return  # already running (restarted from its own WAL)
+        if self.tombs.refuses(right):
+            # the new range left this node later (moved or merged away): the split is
+            # re-applied from an old log after a restart; do not resurrect it
+            self.stale_replicas_refused += 1
+            self.log.info("stale_split_range_refused", range_id=rid)
+            return
         d = self.data / f"r{rid}"
         if d.exists():
             shutil.rmtree(d)
@@ -1167,6 +1190,7 @@ class MultiRaftServer:
                 "wal": self.wal_stats(),
                 "replica_moves": self.replica_moves,
                 "removed_ranges": self.removed_ranges,
+                "stale_replicas_refused": self.stale_replicas_refused,
                 "moves": view["moves"],
                 "placement": self.placement_view(),
             }
@@ -1716,7 +1740,8 @@ class MultiRaftServer:
                 and known.epoch.conf_ver > g.desc.epoch.conf_ver
                 and not g.node.is_leader
             ):
-                self._tasks.append(asyncio.create_task(self._drop_group(g.range_id)))
+                drop = self._drop_group(g.range_id, known.epoch)
+                self._tasks.append(asyncio.create_task(drop))
 
     async def _drop_orphan_learners(self) -> None:
         """On a leader: remove a learner no move drives any more (its leader changed
@@ -1737,11 +1762,14 @@ class MultiRaftServer:
             await self._report_range(g)
             return
 
-    async def _drop_group(self, range_id: int) -> None:
-        """Stop the local replica of ``range_id`` and delete its data directory."""
+    async def _drop_group(self, range_id: int, known: Epoch | None = None) -> None:
+        """Stop the local replica of ``range_id`` and delete its data directory, after
+        its tombstone is on disk (with ``known``, the map's epoch, if newer)."""
         g = self.groups.pop(range_id, None)
         if g is None:
             return
+        if g.initialized:
+            self.bury(range_id, max(g.desc.epoch, known or g.desc.epoch))
         now = time.monotonic()
         window = self._tombstone_window()
         # only recent drops matter (see _tombstoned): forget the older ones
@@ -1762,6 +1790,65 @@ class MultiRaftServer:
     def _tombstone_window(self) -> float:
         """Seconds a dropped range's late messages are ignored."""
         return max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
+
+    def _tombstone_path(self) -> Path:
+        return self.data / "tombstones"
+
+    def _load_tombstones(self) -> Tombstones:
+        path = self._tombstone_path()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return Tombstones()
+        try:
+            return Tombstones.decode(data)
+        except BadInputError as exc:
+            raise CorruptLogError(f"{path}: {exc}") from None
+
+    def bury(self, range_id: int, epoch: Epoch, *, merged: bool = False) -> None:
+        """Record that the local replica of ``range_id`` (at ``epoch``) is dropped, on
+        disk (write, fsync, rename, fsync the directory) before its data goes."""
+        if not self.tombs.add(Tombstone(range_id, epoch, merged)):
+            return
+        path = self._tombstone_path()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(self.tombs.encode())
+            f.flush()
+            if self.config.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.config.fsync:
+            fsync_dir(self.data)
+
+    def _may_create(self, range_id: int) -> bool:
+        """Whether a leader's message may create an empty replica of ``range_id``: not
+        merged away, not dropped moments ago, and if dropped before, only once our
+        metadata replica shows this node among its replicas at a newer epoch (moved
+        back here)."""
+        if range_id == META_RANGE_ID or self._closed or self._tombstoned(range_id):
+            return False
+        t = self.tombs.get(range_id)
+        if t is None:
+            return True
+        known = self.meta.map.get(range_id)
+        return known is not None and self.config.id in known.replicas and not t.refuses(known)
+
+    def _refuse_stale(self, range_id: int, g: Group | None, msgs: list[Message]) -> list[Message]:
+        """``msgs`` without the snapshots that would make an empty replica of a dropped
+        range stale (their descriptor is not newer than its tombstone)."""
+        if (g is not None and g.initialized) or range_id not in self.tombs:
+            return msgs
+        out = []
+        for m in msgs:
+            if isinstance(m, SnapshotRequest):
+                desc = snapshot_descriptor(m.snapshot.data)
+                if desc is None or self.tombs.refuses(desc):
+                    self.stale_replicas_refused += 1
+                    self.log.info("stale_snapshot_refused", range_id=range_id, src=m.src)
+                    continue
+            out.append(m)
+        return out
 
     async def _placer(self, interval: float) -> None:
         """The placement loop: on the metadata leader only, the repairs of replicas on
@@ -1954,13 +2041,11 @@ class MultiRaftServer:
                 if m.src != src or m.dst != me:
                     raise RemoteProtocolError("message src/dst do not match the connection")
             g = self.groups.get(item[0])
+            msgs = self._refuse_stale(item[0], g, msgs)
             if (
                 g is None
-                and item[0] != META_RANGE_ID
-                and item[0] not in self.upkeep.tombstones
-                and not self._closed
-                and not self._tombstoned(item[0])
                 and any(isinstance(m, _FROM_LEADER) for m in msgs)
+                and self._may_create(item[0])
             ):
                 g = self._add_empty_replica(item[0])
             checked.append((g, msgs))
