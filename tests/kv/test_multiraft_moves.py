@@ -324,3 +324,34 @@ async def test_skewed_writes_split_the_hot_range_and_placement_spreads_it(tmp_pa
         await asyncio.sleep(3.0)  # steady: nothing moves back
         assert settled_moves() == before
         print(f"{len(ranges)} ranges, leaders per node {counts}, moves {before}")
+
+
+async def test_replicas_of_a_node_that_stays_down_move_to_a_live_node(tmp_path: Path) -> None:
+    rules = PlacementRules(down_after=0.5, size_floor=1)
+    async with _cluster(tmp_path, placement_interval=0.1, placement_rules=rules) as servers:
+        await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            for i in range(20):
+                await kv.put(f"k{i}", str(i).encode())
+            victim = next(s for s in servers[:3] if not s.groups[1].node.is_leader)
+            await victim.close()
+            live = [s for s in servers if s is not victim]
+
+            def repaired() -> bool:
+                return all(
+                    s.meta.map.get(1) is not None
+                    and sorted(s.meta.map.get(1).replicas)  # type: ignore[union-attr]
+                    == sorted({"n1", "n2", "n3", "n4"} - {victim.config.id})
+                    for s in live
+                )
+
+            await _wait(repaired, "range 1 back on three live nodes", 600)
+            meta = next(s for s in live if s.groups[0].node.is_leader)
+            assert meta.down_nodes == [victim.config.id]
+            # (the map is reported before the move's driver returns and counts it)
+            await _wait(lambda: meta.repairs == 1, "the repair counted")
+            assert servers[3].groups[1].initialized  # n4 holds the range now
+            for i in range(20):  # no acknowledged write lost
+                got = await kv.get(f"k{i}")
+                assert got is not None and got.value == str(i).encode()
+            await kv.put("after", b"1")
