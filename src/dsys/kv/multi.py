@@ -31,8 +31,11 @@ descriptors a leader sees the metadata range lag behind (a lost report is repair
 ``POST /v1/ranges/{id}/move {"from": A, "to": B}`` moves a replica (learner, snapshot,
 promote, leader transfer, remove: :meth:`MultiRaftServer.move_replica`, steps decided by
 :mod:`dsys.kv.placement`); a node that learns it was removed from a range drops the group
-and deletes its directory. With ``placement_interval`` the metadata leader runs a
-placement loop that moves replicas and leaders between nodes.
+and deletes its directory, after it wrote the range's tombstone to
+``<data_dir>/tombstones`` (:mod:`dsys.kv.tombstones`: stale replicas of a dropped range
+are refused, also after a restart). With ``placement_interval`` the metadata leader runs
+a placement loop that replaces the replicas of nodes down for ``down_after`` seconds,
+and moves replicas (by bytes) and leaders (by request rate) between nodes.
 """
 
 from __future__ import annotations
@@ -215,7 +218,8 @@ class MultiConfig:
             the metadata leader runs (None: off). It moves replicas and leaders between
             nodes (:mod:`dsys.kv.placement`); with it on, the per-node leader balancer
             is not started.
-        placement_rules: rate limit and cool-down of the placement loop's moves.
+        placement_rules: rate limit and cool-down of the placement loop's moves, the
+            size and load floors, and ``down_after`` (when a silent node is down).
         move_timeout: seconds a replica move may take before it is given up.
     """
 
