@@ -399,3 +399,22 @@ def test_leader_hysteresis_a_wobble_in_the_rates_moves_nothing_back() -> None:
     # range 3 grows by 15 %: n2's 11.5 against n1's 20 stays within the tolerance
     wobble = [replace(r, qps=11.5) if r.range_id == 3 else r for r in moved]
     assert plan_leader_transfer(wobble, ["n1", "n2"], rules=rules) is None
+
+
+def test_a_moved_leader_keeps_its_rate_until_the_new_leader_measured_it() -> None:
+    rules = PlacementRules(cooldown=10.0)
+    nodes = ["n1", "n2"]
+    ranges = [
+        RangeInfo(1, ("n1", "n2"), leader="n1", qps=50.0),
+        RangeInfo(2, ("n1", "n2"), leader="n1", qps=50.0),
+        RangeInfo(3, ("n1", "n2"), leader="n2"),
+        RangeInfo(5, ("n1", "n2"), leader="n1", qps=10.0),
+    ]
+    state = PlacementState()
+    assert plan_leader_transfer(ranges, nodes, rules=rules, now=0.0, state=state) == (2, "n2")
+    state.transferred(0.0, 2, 50.0)
+    # n2's load window for range 2 starts empty: it reports 0 requests/s
+    moved = [replace(r, leader="n2", qps=0.0) if r.range_id == 2 else r for r in ranges]
+    # taken at face value n2 looks idle and range 5 would follow (an overshoot: 60 vs 51)
+    assert plan_leader_transfer(moved, nodes, rules=rules) == (5, "n2")
+    assert plan_leader_transfer(moved, nodes, rules=rules, now=1.0, state=state) is None

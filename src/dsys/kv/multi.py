@@ -1964,7 +1964,7 @@ class MultiRaftServer:
         )
         if transfer is not None:
             rid, to = transfer
-            st.transferred(now, rid)
+            st.transferred(now, rid, next(i.qps for i in infos if i.range_id == rid))
             self.log.info("placement_leader_transfer", range_id=rid, to=to)
             await self.transfer_range_leader(rid, to)
 

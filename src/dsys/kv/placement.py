@@ -202,7 +202,7 @@ class PlacementState:
     started: list[tuple[float, ReplicaMove]] = field(default_factory=list)
     in_flight: set[int] = field(default_factory=set)
     repairing: set[int] = field(default_factory=set)
-    transfers: list[tuple[float, int]] = field(default_factory=list)
+    transfers: list[tuple[float, int, float]] = field(default_factory=list)
 
     def record(self, now: float, move: ReplicaMove, *, repair: bool = False) -> None:
         """A move was started at ``now`` (``repair``: it replaces a down replica)."""
@@ -217,14 +217,16 @@ class PlacementState:
         self.in_flight.discard(range_id)
         self.repairing.discard(range_id)
 
-    def transferred(self, now: float, range_id: int) -> None:
-        """A leader transfer of ``range_id`` was started at ``now``."""
-        self.transfers.append((now, range_id))
+    def transferred(self, now: float, range_id: int, qps: float = 0.0) -> None:
+        """A leader transfer of ``range_id`` (serving ``qps`` requests/s) was started at
+        ``now``. Until the cool-down ends the range counts at least ``qps`` in its new
+        leader's score: the new leader's own load window starts empty."""
+        self.transfers.append((now, range_id, qps))
 
     def forget_before(self, t: float) -> None:
         """Drop records older than ``t`` (they limit nothing any more)."""
         self.started = [(at, m) for at, m in self.started if at >= t]
-        self.transfers = [(at, r) for at, r in self.transfers if at >= t]
+        self.transfers = [x for x in self.transfers if x[0] >= t]
 
 
 @dataclass(slots=True)
@@ -381,7 +383,8 @@ def plan_leader_transfer(
     (the heaviest such range, then the lowest-scored voter, ties by node id, then by
     highest range id). With every range weighing the same this is a transfer to a node with at least
     two leaders fewer. Ranges whose leader moved within ``rules.cooldown`` (per
-    ``state``) stay. None when some range has no known leader (the scores are not
+    ``state``) stay, and count at least the rate they had when it moved (the new
+    leader's load window starts empty). None when some range has no known leader (the scores are not
     trustworthy) or nothing is uneven enough.
 
     Returns:
@@ -391,7 +394,14 @@ def plan_leader_transfer(
     if any(r.leader is None for r in ranges):
         return None
     floor, tol = rules.qps_floor, rules.leader_tolerance
-    recent = {rid for at, rid in state.transfers if now - at < rules.cooldown} if state else set()
+    recent: dict[int, float] = {}  # range -> the rate it had when its leader moved
+    for at, rid, qps in state.transfers if state else ():
+        if now - at < rules.cooldown:
+            recent[rid] = max(recent.get(rid, 0.0), qps)
+    ranges = [
+        replace(r, qps=max(r.qps, recent[r.range_id])) if r.range_id in recent else r
+        for r in ranges
+    ]
     score = dict.fromkeys(sorted(alive), 0.0)
     for r in ranges:
         if r.leader in score:
