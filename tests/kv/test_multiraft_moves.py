@@ -355,3 +355,22 @@ async def test_replicas_of_a_node_that_stays_down_move_to_a_live_node(tmp_path: 
                 got = await kv.get(f"k{i}")
                 assert got is not None and got.value == str(i).encode()
             await kv.put("after", b"1")
+
+
+async def test_a_replica_moves_back_to_a_node_that_held_it(tmp_path: Path) -> None:
+    async with _cluster(tmp_path) as servers:
+        await _wait(lambda: _leader(servers, 0) and _leader(servers, 1), "leaders")
+        n3 = servers[2]
+        async with ShardedKVClient(_addrs(servers)) as kv:
+            await kv.put("k", b"1")
+            away = await kv.move(1, "n3", "n4")
+            await _wait(lambda: 1 not in n3.groups, "n3 drops range 1")
+            tomb = n3.tombs.get(1)  # on disk, at the epoch that removed n3
+            assert tomb is not None and tomb.epoch == away.epoch and not tomb.merged
+            await kv.put("k", b"2")
+            back = await kv.move(1, "n4", "n3")  # n3's tombstone is older: it may
+            assert sorted(back.replicas) == ["n1", "n2", "n3"]
+            assert back.epoch.conf_ver == away.epoch.conf_ver + 3
+            await _wait(lambda: 1 in n3.groups and n3.groups[1].initialized, "n3 holds it")
+            got = await kv.get("k")
+            assert got is not None and got.value == b"2"

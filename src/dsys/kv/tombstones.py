@@ -13,12 +13,15 @@ newer than it:
 
 * a **merged-away** range never comes back (range ids are never reused): every replica
   of it is refused;
-* a **moved-away** range may be moved back here later; its new replica starts from a
-  snapshot whose descriptor went through at least one more configuration change
-  (``conf_ver`` grows at every step of a move), so a descriptor with ``conf_ver`` at or
-  below the tombstone's, or an older ``version``, is a stale replica (a late snapshot
-  from a leader that does not know the move, or the right half of a split re-applied
-  from an old log after a restart) and is refused.
+* a **moved-away** range may be moved back here later. The tombstone holds the epoch
+  *after* the change that removed this node, so a descriptor with a lower ``conf_ver``
+  (or an older ``version``) is from before the removal, when this node was still a
+  member: a stale replica (a late snapshot from a leader that missed the move, the right
+  half of a split re-applied from an old log after a restart, a replica a crash left
+  behind) that could vote in a configuration that no longer exists, and is refused. A
+  snapshot at the tombstone's own ``conf_ver`` is the state after the removal (this node
+  is no member of it): that is how a move back starts (the leader snapshots, then adds
+  the learner), so it is accepted.
 
 The set is bounded: past ``max_entries`` the lowest range ids (the oldest, ids only
 grow) are forgotten first.
@@ -54,9 +57,9 @@ class Tombstone:
     merged: bool = False
 
     def refuses(self, desc: RangeDescriptor) -> bool:
-        """Whether ``desc`` (a replica of the same range) is not newer than the tombstone."""
+        """Whether ``desc`` (a replica of the same range) is older than the tombstone."""
         e = desc.epoch
-        return self.merged or e.conf_ver <= self.epoch.conf_ver or e.version < self.epoch.version
+        return self.merged or e.conf_ver < self.epoch.conf_ver or e.version < self.epoch.version
 
 
 class Tombstones:
