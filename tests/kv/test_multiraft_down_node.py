@@ -12,14 +12,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from dsys.errors import DsysError
 from dsys.kv.ranges import RangeDescriptor
 from dsys.kv.sharded import ShardedKVClient
 
-from .helpers import dsys_kv, free_ports
+from .helpers import dsys_kv, free_ports, status, warm_up
 from .test_multiraft_processes import Node
 
 pytestmark = pytest.mark.slow
@@ -53,15 +52,6 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
             n.kill9()
 
 
-async def _status(http: aiohttp.ClientSession, addr: str) -> dict[str, Any] | None:
-    try:
-        async with http.get(f"http://{addr}/v1/status") as r:
-            data = await r.json()
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 async def _until(what: str, limit_s: float, cond: Any) -> Any:
     """Poll the coroutine function ``cond`` until it returns something truthy."""
     deadline = time.monotonic() + limit_s
@@ -81,16 +71,9 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
     addrs = [n.addr for n in nodes]
     by_id = {n.id: n for n in nodes}
     acked: dict[str, bytes] = {}
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
     kv = ShardedKVClient(addrs, timeout=30.0)
     try:
-        for _ in range(200):
-            try:
-                await kv.refresh()
-                await kv.put("warm", b"1")
-                break
-            except DsysError:
-                await asyncio.sleep(0.1)
+        await warm_up(kv)
         for at in ("k2", "k4", "k6"):
             for _ in range(50):  # a node whose metadata replica lags may refuse (retried)
                 with contextlib.suppress(DsysError):
@@ -106,7 +89,7 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
         await _until("the map shows the splits", 30, four_ranges)
 
         async def quiet_moves() -> bool:
-            views = [await _status(http, a) for a in addrs]
+            views = [await status(a) for a in addrs]
             return all(v is not None and not v["moves"] for v in views)
 
         # the victim: n1..n3 hold every range; pick one that drives or takes no move now
@@ -164,7 +147,7 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
         victim.start()
 
         async def victim_clean() -> bool:
-            v = await _status(http, victim.addr)
+            v = await status(victim.addr)
             with contextlib.suppress(DsysError):
                 m = {r.range_id: r for r in await kv.refresh()}
                 if v is None:
@@ -187,7 +170,7 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
         leader = next(
             (
                 v
-                for v in [await _status(http, a) for a in addrs]
+                for v in [await status(a) for a in addrs]
                 if v and v["placement"]["metadata_leader"]
             ),
             None,
@@ -196,4 +179,3 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
         print(f"{len(acked)} acked writes, repaired map {[r.describe() for r in final]}\n{out}")
     finally:
         await kv.close()
-        await http.close()
