@@ -1840,7 +1840,7 @@ class MultiRaftServer:
 
     def _refuse_stale(self, range_id: int, g: Group | None, msgs: list[Message]) -> list[Message]:
         """``msgs`` without the snapshots that would make an empty replica of a dropped
-        range stale (their descriptor is not newer than its tombstone)."""
+        range stale (their descriptor is older than its tombstone)."""
         if (g is not None and g.initialized) or range_id not in self.tombs:
             return msgs
         out = []

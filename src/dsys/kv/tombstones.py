@@ -8,8 +8,8 @@ left, as TiKV keeps a tombstone ``RegionLocalState``. The host persists them (on
 file in the data directory, replaced atomically with fsync) *before* it deletes the
 replica's data, so they survive a restart and a crash between the two steps.
 
-A tombstone refuses (:meth:`Tombstones.refuses`) a replica of the range that is not
-newer than it:
+A tombstone refuses (:meth:`Tombstones.refuses`) a replica of the range that is older
+than it:
 
 * a **merged-away** range never comes back (range ids are never reused): every replica
   of it is refused;
