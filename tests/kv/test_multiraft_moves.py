@@ -350,6 +350,15 @@ async def test_replicas_of_a_node_that_stays_down_move_to_a_live_node(tmp_path: 
             assert meta.down_nodes == [victim.config.id]
             # (the map is reported before the move's driver returns and counts it)
             await _wait(lambda: meta.repairs == 1, "the repair counted")
+            url = f"http://127.0.0.1:{meta.port}/metrics"
+            async with aiohttp.ClientSession() as http, http.get(url) as r:
+                text = await r.text()
+            assert "dsys_kv_placement_down_nodes 1.0" in text, text
+            assert "dsys_kv_placement_repairs_total 1.0" in text
+            rc, out, err = await dsys_kv("ranges", "--cluster", ",".join(_addrs(live)), "--json")
+            assert rc == 0, err
+            states = {n["id"]: n["state"] for n in json.loads(out)["nodes"]}
+            assert states == {s.config.id: "up" for s in live} | {victim.config.id: "down"}
             assert servers[3].groups[1].initialized  # n4 holds the range now
             for i in range(20):  # no acknowledged write lost
                 got = await kv.get(f"k{i}")

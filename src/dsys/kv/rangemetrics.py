@@ -4,13 +4,15 @@
 builds the series at scrape time from the groups the node runs *now*, so a range that
 left the node (merged away, moved) has no series any more, the label cardinality is
 bounded by the local ranges, and a scrape costs one pass over them (no per-range
-registry or collector). It yields two sets of families:
+registry or collector). It yields:
 
 * ``dsys_kv_range_*{range="ID"}`` for every local data range (keys, bytes, epoch, load);
 * ``dsys_raft_*{range="ID"}`` for every local Raft group, the metadata range (``"0"``)
   included: the single-group server's ``dsys_raft_*`` gauges and counters, labelled by
-  range (term, leadership, commit/applied/last/snapshot index, elections). The
-  shared WAL's size is one figure for all groups (``/v1/status``).
+  range (term, leadership, commit/applied/last/snapshot index, elections). The shared
+  WAL's size is one figure for all groups (``/v1/status``);
+* ``dsys_kv_placement_down_nodes`` and ``dsys_kv_placement_repairs_total``: the placement
+  loop's down nodes and the replicas it replaced (non-zero on the metadata leader).
 
 :class:`RangeSizes` caches each range's size in bytes (an O(keys) sum), recomputed at
 most once per ``max_age`` seconds and only after the range applied something.
@@ -143,6 +145,17 @@ class RangeCollector(Collector):
         for g in groups:
             elections.add_metric([str(g.range_id)], g.node.elections)
         yield elections
+        # the placement loop's view (non-zero on the metadata leader only)
+        yield GaugeMetricFamily(
+            "dsys_kv_placement_down_nodes",
+            "Nodes the placement loop found down (silent for down_after seconds)",
+            value=len(s.down_nodes),
+        )
+        yield CounterMetricFamily(
+            "dsys_kv_placement_repairs",
+            "Replicas on down nodes replaced on live ones, as the metadata leader",
+            value=s.repairs,
+        )
 
 
 def _gauges(
