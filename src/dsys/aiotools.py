@@ -17,12 +17,12 @@ def loop_factory(loop: str | None = None) -> Callable[[], asyncio.AbstractEventL
     """The event loop factory ``loop`` names: ``uvloop`` (the optional ``dsys[fast]``
     extra), ``asyncio`` (None: the standard loop) or ``auto`` (uvloop when installed).
 
-    ``None`` reads ``$DSYS_LOOP`` (default ``auto``).
+    ``None`` reads ``$DSYS_LOOP`` (default ``asyncio``).
 
     Raises:
         ValueError: an unknown name, or ``uvloop`` when it is not installed.
     """
-    loop = loop or os.environ.get("DSYS_LOOP") or "auto"
+    loop = loop or os.environ.get("DSYS_LOOP") or "asyncio"
     if loop not in LOOPS:
         raise ValueError(f"unknown event loop {loop!r}: choose one of {', '.join(LOOPS)}")
     if loop == "asyncio":

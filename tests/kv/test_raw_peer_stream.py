@@ -129,9 +129,11 @@ async def test_random_bytes_on_a_raw_stream_close_it_cleanly(
     writer.write(junk + b"\xff\xff\xff\xff")
     assert await _closed_with(reader, rest)
     writer.close()
-    async with aiohttp.ClientSession() as http:
-        async with http.get(f"http://127.0.0.1:{node.port}/healthz") as r:
-            assert r.status == 200
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"http://127.0.0.1:{node.port}/healthz") as r,
+    ):
+        assert r.status == 200
 
 
 async def test_a_cut_stream_reconnects_and_writes_go_on(cluster: list[KVServer]) -> None:

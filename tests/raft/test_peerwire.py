@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -21,7 +23,7 @@ def test_frames_come_out_whole_and_in_order_however_the_bytes_are_cut(
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     dec = FrameDecoder(max_frame=1000)
     got: list[bytes] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         got += dec.feed(stream[a:b])
     assert got == bodies
     assert dec.buffered == 0

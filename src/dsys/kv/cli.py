@@ -98,9 +98,10 @@ def register(subparsers: Any) -> None:
     serve.add_argument(
         "--loop",
         choices=LOOPS,
-        default=os.environ.get("DSYS_LOOP", "auto"),
-        help="event loop: uvloop (the optional dsys[fast] extra), asyncio, or auto "
-        "(default: uvloop when installed; $DSYS_LOOP)",
+        default=os.environ.get("DSYS_LOOP", "asyncio"),
+        help="event loop: asyncio (default; $DSYS_LOOP), uvloop (the optional dsys[fast] "
+        "extra; measured no faster here, see docs/benchmarks.md) or auto (uvloop when "
+        "installed)",
     )
     serve.set_defaults(func=_serve)
 
