@@ -118,16 +118,23 @@ async def test_peers_replicate_over_raw_streams_and_bad_peers_are_refused(
 @settings(
     max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(junk=st.binary(max_size=200))
-async def test_random_bytes_on_a_raw_stream_close_it_cleanly(
-    cluster: list[KVServer], junk: bytes
+@given(bodies=st.lists(st.binary(max_size=200), max_size=3), junk=st.binary(max_size=200))
+async def test_random_frames_and_bytes_on_a_raw_stream_close_it_cleanly(
+    cluster: list[KVServer], bodies: list[bytes], junk: bytes
 ) -> None:
     node = cluster[0]
     status, rest, reader, writer = await _upgrade(node.port, "n2", TOKEN)
     assert status == 101
-    # a frame that is refused for sure, if the junk was not (or is still incomplete)
-    writer.write(junk + b"\xff\xff\xff\xff")
+    # random frame bodies, then one that is refused for sure (if none of them was)
+    writer.write(b"".join(frame(b) for b in bodies) + frame(b"\xc1"))
     assert await _closed_with(reader, rest)
+    writer.close()
+    # random bytes (maybe half a frame), then end of stream: the server closes too
+    status, rest, reader, writer = await _upgrade(node.port, "n2", TOKEN)
+    assert status == 101
+    writer.write(junk)
+    writer.write_eof()
+    await asyncio.wait_for(reader.read(), 10)
     writer.close()
     async with (
         aiohttp.ClientSession() as http,
