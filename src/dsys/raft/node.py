@@ -16,17 +16,20 @@ The node owns one loop task that is the only code touching the core::
 Group commit falls out of this shape: while one batch is being fsynced, new proposals
 and messages queue up, and the next ``Ready`` carries all of them to the next fsync.
 
-Peers talk over WebSockets: :class:`PeerTransport` keeps one bounded queue, one sender
-task and one persistent WebSocket (``GET /raft/v1/stream``) per peer; the sender drains
-everything queued into one binary frame, a msgpack list of messages, so many
-AppendEntries share one frame, and it never waits for an answer (the peer answers over
-its own connection to us), so AppendEntries are pipelined up to the core's
-``max_inflight_msgs``. The receiving side (:meth:`RaftNode.handle_peer_stream`) checks
-the optional shared cluster token and the peer id before the upgrade (403 otherwise);
-a malformed or insane frame is logged, counted and closes that connection (code 1003)
-while the server stays up. ``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`:
-one batch per request, answers in the response body, 403/400 on bad input) is still
-served.
+Peers talk over one persistent connection each: :class:`PeerTransport` sends what one
+batch of sends queued for a peer as one msgpack list of messages, so many AppendEntries
+share one frame, and it never waits for an answer (the peer answers over its own
+connection to us), so AppendEntries are pipelined up to the core's
+``max_inflight_msgs``. Where the peer serves it (a KV server's fast path) the
+connection is the raw peer stream of :mod:`dsys.raft.peerwire` (an HTTP/1.1 upgrade,
+then length-prefixed frames written by the loop itself; received by
+:meth:`RaftNode.accept_raw_stream`); otherwise a WebSocket (``GET /raft/v1/stream``,
+one queue and one sender task per peer; received by
+:meth:`RaftNode.handle_peer_stream`). Both check the optional shared cluster token and
+the peer id before switching (403 otherwise); a malformed or insane frame is logged,
+counted and closes that connection with the reason while the server stays up.
+``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`: one batch per request,
+answers in the response body, 403/400 on bad input) is still served.
 """
 
 from __future__ import annotations
@@ -608,8 +611,12 @@ class PeerTransport:
             st.backoff = 0.0
             sock = link.transport.get_extra_info("socket") if link.transport else None
             if sock is not None:
-                with contextlib.suppress(OSError):
+                # A peer host that vanished without a RST: the kernel gives up on data
+                # unacknowledged for `timeout` s (as the WebSocket heartbeat did).
+                with contextlib.suppress(OSError, AttributeError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    ms = int(self._timeout_s * 1000)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
             if st.out:
                 self._flush_peer(st)
             return
