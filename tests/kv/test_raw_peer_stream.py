@@ -175,3 +175,17 @@ async def test_a_peer_without_the_raw_stream_gets_the_websocket(tmp_path: Path) 
             on_ws = {p for p, st in s.node.transport._state.items() if st.ws_queue is not None}
             assert on_ws == (set(s.config.peers) if s is leader else {leader.config.id})
         assert leader.node._streams  # inbound WebSockets
+
+
+async def test_followers_apply_the_last_write_with_none_after_it(
+    cluster: list[KVServer],
+) -> None:
+    leader = await wait_leader(cluster)
+    async with KVClient([f"http://127.0.0.1:{leader.port}"]) as kv:
+        await kv.put("last", b"1")  # no append follows: the held notice (or a heartbeat)
+    index = leader.node.applied_index
+    for s in cluster:
+        await s.node.wait_applied(index, timeout=5)
+        got = s.fsm.get("last")
+        assert got is not None and got.value == b"1"
+    assert not leader.node._notices  # sent (or made redundant), none left behind

@@ -599,6 +599,10 @@ class PeerTransport:
                 why = said.decode("utf-8", "replace")[:200]
         except (OSError, TimeoutError, ValueError, RemoteProtocolError) as exc:
             why = str(exc) or type(exc).__name__
+        except asyncio.CancelledError:
+            if link is not None:
+                link.close()
+            raise
         finally:
             st.connecting = None
         if self._state.get(peer) is not st:
