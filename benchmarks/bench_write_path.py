@@ -130,8 +130,11 @@ async def measure(url: str, script: Path, seconds: float) -> dict[int, Run]:
     return {c: await run_wrk(script, url, c, seconds) for c in (1, 64)}
 
 
-def run_dsys(tree: Path, base: Path, script: Path, seconds: float) -> dict[int, Run]:
+def run_dsys(
+    tree: Path, base: Path, script: Path, seconds: float, env: dict[str, str] | None = None
+) -> dict[int, Run]:
     cluster = Cluster(base, tree=tree.resolve(), trace_dir=None)
+    cluster.env.update(env or {})
     cluster.start()
     try:
         addr = cluster.addrs[cluster.leader()]
@@ -162,7 +165,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-etcd", action="store_true", help="leave etcd out")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE",
+        help="an environment variable for one tree's servers, e.g. now-asyncio:DSYS_LOOP=asyncio",
+    )
     args = parser.parse_args()
+    extra: dict[str, dict[str, str]] = {}
+    for e in args.env:
+        label, _, kv = e.partition(":")
+        name, _, value = kv.partition("=")
+        extra.setdefault(label, {})[name] = value
     if not shutil.which("wrk"):
         sys.exit("wrk is not on the PATH")
     trees = [tuple(t.split("=", 1)) for t in args.tree] or [
@@ -186,8 +201,9 @@ def main() -> None:
                 if s == "etcd":
                     results[s].append(run_etcd(d, theirs, args.seconds))
                 else:
-                    tree = dict(trees)[s.removeprefix("dsys ")]
-                    results[s].append(run_dsys(Path(tree), d, ours, args.seconds))
+                    label = s.removeprefix("dsys ")
+                    tree = dict(trees)[label]
+                    results[s].append(run_dsys(Path(tree), d, ours, args.seconds, extra.get(label)))
     load = os.getloadavg()
     secs = max(1, math.ceil(args.seconds))
     print(

@@ -89,7 +89,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100, help="sequential puts per turn")
     parser.add_argument("--no-etcd", action="store_true")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE",
+        help="an environment variable for one tree's servers, e.g. now-asyncio:DSYS_LOOP=asyncio",
+    )
     args = parser.parse_args()
+    extra: dict[str, dict[str, str]] = {}
+    for e in args.env:
+        label, _, kv = e.partition(":")
+        name, _, value = kv.partition("=")
+        extra.setdefault(label, {})[name] = value
     trees = [t.split("=", 1) for t in args.tree] or [["this tree", str(Path.cwd())]]
     with tempfile.TemporaryDirectory(prefix="pair-put-") as tmp:
         base = Path(tmp)
@@ -99,6 +111,7 @@ def main() -> None:
         try:
             for label, tree in trees:
                 c = Cluster(base / label, tree=Path(tree).resolve(), trace_dir=None)
+                c.env.update(extra.get(label, {}))
                 c.start()
                 clusters[label] = c
             if ETCD and not args.no_etcd:

@@ -4,8 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+import importlib
+import os
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+LOOPS = ("auto", "asyncio", "uvloop")
+"""Event loop choices of :func:`loop_factory` (the servers' ``--loop``)."""
+
+
+def loop_factory(loop: str | None = None) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop factory ``loop`` names: ``uvloop`` (the optional ``dsys[fast]``
+    extra), ``asyncio`` (None: the standard loop) or ``auto`` (uvloop when installed).
+
+    ``None`` reads ``$DSYS_LOOP`` (default ``asyncio``).
+
+    Raises:
+        ValueError: an unknown name, or ``uvloop`` when it is not installed.
+    """
+    loop = loop or os.environ.get("DSYS_LOOP") or "asyncio"
+    if loop not in LOOPS:
+        raise ValueError(f"unknown event loop {loop!r}: choose one of {', '.join(LOOPS)}")
+    if loop == "asyncio":
+        return None
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if loop == "uvloop":
+            raise ValueError("--loop uvloop needs uvloop: pip install 'dsys[fast]'") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def hand_over(transport: asyncio.Transport, protocol: asyncio.Protocol, buffered: bytes) -> None:
@@ -59,4 +88,4 @@ async def _finish(coro: Coroutine[Any, Any, None], waiting: object) -> None:
         coro.close()
 
 
-__all__ = ["hand_over", "start_inline"]
+__all__ = ["LOOPS", "hand_over", "loop_factory", "start_inline"]

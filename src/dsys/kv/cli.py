@@ -27,6 +27,7 @@ import os
 import sys
 from typing import Any
 
+from dsys.aiotools import LOOPS, loop_factory
 from dsys.clitools import parse_peers, run_local_cluster
 from dsys.errors import CompactedError, ConfigError
 from dsys.kv.fsm import HISTORY_EVENTS, WatchEvent
@@ -93,6 +94,14 @@ def register(subparsers: Any) -> None:
         dest="fast_path",
         action="store_false",
         help="serve the HTTP API through aiohttp only (no protocol-level fast path)",
+    )
+    serve.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default=os.environ.get("DSYS_LOOP", "asyncio"),
+        help="event loop: asyncio (default; $DSYS_LOOP), uvloop (the optional dsys[fast] "
+        "extra; measured no faster here, see docs/benchmarks.md) or auto (uvloop when "
+        "installed)",
     )
     serve.set_defaults(func=_serve)
 
@@ -352,7 +361,13 @@ def _serve(args: argparse.Namespace) -> int:
             "dsys kv: WARNING --fsync none is UNSAFE: acknowledged writes can be lost on a crash",
             file=sys.stderr,
         )
-    return asyncio.run(serve(config))
+    try:
+        factory = loop_factory(args.loop)
+    except ValueError as exc:
+        print(f"dsys kv: {exc}", file=sys.stderr)
+        return 2
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(config))
 
 
 def _multi_serve(args: argparse.Namespace) -> int:

@@ -55,6 +55,7 @@ from dsys.kv.api import (
 )
 from dsys.kv.fsm import Delete, Put, Result, validate_key
 from dsys.raft.node import TOKEN_HEADER
+from dsys.raft.peerwire import RAW_PATH, UPGRADE_TOKEN
 
 if TYPE_CHECKING:
     from dsys.kv.server import KVServer
@@ -108,6 +109,16 @@ _HANDOFF = -1  # _parse_one: hand the connection to aiohttp
 _WAIT = 0  # _parse_one: need more bytes
 _DONE = 1  # _parse_one: one request started
 _BLOCKED = 2  # _parse_one: a read waits for the requests before it
+
+
+_RAW_TARGET = RAW_PATH.encode()
+
+
+def _raw_upgrade(req: Request) -> bool:
+    """Whether ``req`` asks for the raw Raft peer stream (``GET``, ``Upgrade: dsys-raft/1``)."""
+    if req.method != b"GET" or b"upgrade" not in req.connection:
+        return False
+    return any(name == b"upgrade" and value == UPGRADE_TOKEN for _, name, value in req.headers)
 
 
 class _DateCache:
@@ -657,6 +668,10 @@ class _Conn(asyncio.Protocol):
         self.transport = None
         head, self.head = self.head, None
         buf = self.parser.unparsed()
+        if head is not None and head.target == _RAW_TARGET and _raw_upgrade(head):
+            # a Raft peer asking for the raw stream (dsys.raft.peerwire)
+            self.fast.server.node.accept_raw_stream(transport, head.headers, buf)
+            return
         if head is not None:  # parsed, not served: aiohttp reads it again
             buf = head.raw + (self.taken or b"") + buf
         hand_over(transport, self.fast.fallback(), buf)

@@ -24,8 +24,9 @@ One aiohttp application per node serves, on one ``host:port``:
     POST   /v1/admin/members {"id": ID, "addr": A}  -> add ID as a learner
     POST   /v1/admin/members/{id}/promote           -> make the learner a voter
     DELETE /v1/admin/members/{id}                   -> remove a voter or learner
-* the peer endpoints ``GET /raft/v1/stream`` (WebSocket) and ``POST /raft/v1/msgs``
-  (see :mod:`dsys.raft.node`),
+* the peer endpoints ``GET /raft/v1/raw`` (the raw peer stream, an upgrade the fast path
+  serves: :mod:`dsys.raft.peerwire`), ``GET /raft/v1/stream`` (WebSocket) and
+  ``POST /raft/v1/msgs`` (see :mod:`dsys.raft.node`),
 * ``/healthz`` and ``/metrics``.
 
 The WebSocket channel carries binary msgpack frames; each frame is a *list* of

@@ -16,17 +16,20 @@ The node owns one loop task that is the only code touching the core::
 Group commit falls out of this shape: while one batch is being fsynced, new proposals
 and messages queue up, and the next ``Ready`` carries all of them to the next fsync.
 
-Peers talk over WebSockets: :class:`PeerTransport` keeps one bounded queue, one sender
-task and one persistent WebSocket (``GET /raft/v1/stream``) per peer; the sender drains
-everything queued into one binary frame, a msgpack list of messages, so many
-AppendEntries share one frame, and it never waits for an answer (the peer answers over
-its own connection to us), so AppendEntries are pipelined up to the core's
-``max_inflight_msgs``. The receiving side (:meth:`RaftNode.handle_peer_stream`) checks
-the optional shared cluster token and the peer id before the upgrade (403 otherwise);
-a malformed or insane frame is logged, counted and closes that connection (code 1003)
-while the server stays up. ``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`:
-one batch per request, answers in the response body, 403/400 on bad input) is still
-served.
+Peers talk over one persistent connection each: :class:`PeerTransport` sends what one
+batch of sends queued for a peer as one msgpack list of messages, so many AppendEntries
+share one frame, and it never waits for an answer (the peer answers over its own
+connection to us), so AppendEntries are pipelined up to the core's
+``max_inflight_msgs``. Where the peer serves it (a KV server's fast path) the
+connection is the raw peer stream of :mod:`dsys.raft.peerwire` (an HTTP/1.1 upgrade,
+then length-prefixed frames written by the loop itself; received by
+:meth:`RaftNode.accept_raw_stream`); otherwise a WebSocket (``GET /raft/v1/stream``,
+one queue and one sender task per peer; received by
+:meth:`RaftNode.handle_peer_stream`). Both check the optional shared cluster token and
+the peer id before switching (403 otherwise); a malformed or insane frame is logged,
+counted and closes that connection with the reason while the server stays up.
+``POST /raft/v1/msgs`` (:meth:`RaftNode.handle_peer_request`: one batch per request,
+answers in the response body, 403/400 on bad input) is still served.
 """
 
 from __future__ import annotations
@@ -36,15 +39,17 @@ import contextlib
 import dataclasses
 import hmac
 import signal
+import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from dsys.aiotools import hand_over
 from dsys.codec import decode, encode
 from dsys.errors import (
     ClosedError,
@@ -82,6 +87,14 @@ from dsys.raft.messages import (
     decode_batch,
     decode_conf,
 )
+from dsys.raft.peerwire import (
+    SWITCHED,
+    RawPeerLink,
+    RawPeerStream,
+    frame,
+    handshake,
+    refusal,
+)
 from dsys.raft.storage import LogStore, SnapshotStore, StableStore
 from dsys.raft.timers import wait_future
 
@@ -93,6 +106,8 @@ STREAM_PATH = "/raft/v1/stream"
 
 TOKEN_HEADER = "X-Dsys-Cluster-Token"
 FROM_HEADER = "X-Dsys-From"
+_TOKEN_LOWER = TOKEN_HEADER.lower().encode()
+_FROM_LOWER = FROM_HEADER.lower().encode()
 
 
 def token_ok(given: str | None, token: str | None) -> bool:
@@ -313,6 +328,11 @@ class NodeConfig:
             heartbeats until something happens; ``RaftConfig.quiet_ticks``); 0 = off.
             Only for a host that calls :meth:`RaftNode.wake` when it loses the
             connection to a peer's process.
+        raw_peer_stream: send to peers over the raw stream where they serve it
+            (:mod:`dsys.raft.peerwire`); False: always the WebSocket.
+        commit_notice_delay: seconds a leader holds the notice of a new commit index to
+            a follower, which the next append or heartbeat usually makes redundant (one
+            message, one send and one follower wake-up less per write); 0 = at once.
     """
 
     id: NodeId
@@ -333,6 +353,8 @@ class NodeConfig:
     rng_seed: int | None = None
     external_ticks: bool = False
     quiet_ticks: int = 0
+    raw_peer_stream: bool = True
+    commit_notice_delay: float = 0.005
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -351,8 +373,42 @@ class NodeConfig:
             raise ConfigError("proposal_batch and proposal_batch_bytes must be >= 1")
 
 
+class _Peer:
+    """One peer's outbound state: the raw stream (or the WebSocket fallback's queue)."""
+
+    __slots__ = (
+        "addr",
+        "backoff",
+        "connecting",
+        "link",
+        "link_addr",
+        "out",
+        "retry",
+        "ws_queue",
+    )
+
+    def __init__(self, addr: str) -> None:
+        self.addr = addr
+        self.out: list[Message] = []  # queued, not written yet
+        self.link: RawPeerLink | None = None  # the raw stream, once switched
+        self.link_addr = ""
+        self.connecting: asyncio.Task[None] | None = None
+        self.retry: asyncio.TimerHandle | None = None  # a reconnect after a backoff
+        self.backoff = 0.0
+        self.ws_queue: asyncio.Queue[Message] | None = None  # WebSocket fallback
+
+
 class PeerTransport:
-    """Sends Raft messages to peers over one WebSocket each, batched and queued per peer.
+    """Sends Raft messages to peers over one raw stream each, batched per peer.
+
+    Each peer gets one TCP connection, upgraded from HTTP/1.1 to length-prefixed msgpack
+    frames (:mod:`dsys.raft.peerwire`); messages queued in one loop turn leave in one
+    ``write()`` at :meth:`flush` (which the node calls after each batch of sends, and
+    which is scheduled on the loop otherwise). A peer that does not serve the raw stream
+    (an older version, a server without the KV fast path) gets the WebSocket
+    ``GET /raft/v1/stream`` instead (``raw=False``: always). Nothing waits for an
+    answer (the peer answers over its own connection to us), so AppendEntries are
+    pipelined up to the core's ``max_inflight_msgs``.
 
     Args:
         node_id: our id, sent in every request.
@@ -360,7 +416,9 @@ class PeerTransport:
         token: the cluster token to send, if any.
         queue_size: messages queued per peer before new ones are dropped.
         max_batch: messages per frame.
-        timeout: seconds to connect, and the WebSocket heartbeat interval.
+        timeout: seconds to connect; also the WebSocket heartbeat interval, and how
+            long a raw stream may stay unwritable before it is cut.
+        raw: use the raw stream where the peer serves it.
     """
 
     def __init__(
@@ -372,30 +430,50 @@ class PeerTransport:
         queue_size: int = 4096,
         max_batch: int = 512,
         timeout: float = 5.0,
+        raw: bool = True,
     ) -> None:
         self.node_id = node_id
         self.peers = dict(peers)
+        self._token = token
         self._headers = {FROM_HEADER: node_id}
         if token:
             self._headers[TOKEN_HEADER] = token
-        self._queues: dict[NodeId, asyncio.Queue[Message]] = {
-            p: asyncio.Queue(queue_size) for p in self.peers
-        }
+        self._raw = raw
+        self._state: dict[NodeId, _Peer] = {p: _Peer(a) for p, a in self.peers.items()}
+        self._dirty: list[_Peer] = []
+        self._flush_soon = False
         self._max_batch = max_batch
         self._queue_size = queue_size
+        self._timeout_s = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._ws_count = 0  # peers on the WebSocket fallback
+        self._tasks: set[asyncio.Task[None]] = set()
         self._readers: set[asyncio.Task[None]] = set()
         self._heartbeat = timeout
         self.dropped = 0
         self.log = get_logger("raft.transport", node_id=node_id)
 
     async def start(self) -> None:
-        """Open the HTTP session and start one sender per peer."""
+        """Open the HTTP session (for the WebSocket fallback); connections open on use."""
         self._session = aiohttp.ClientSession(timeout=self._timeout)
-        for peer in self.peers:
-            self._tasks.append(asyncio.create_task(self._sender(peer)))
+        self._started = True
+        if not self._raw:
+            for st in self._state.values():
+                self._use_ws(st, self._peer_id(st))
+
+    @property
+    def needs_turn(self) -> bool:
+        """Whether queued messages leave only after a loop turn (a sender task writes
+        them: the WebSocket fallback), rather than at :meth:`flush`."""
+        return not self._started or self._ws_count > 0
+
+    def _peer_id(self, st: _Peer) -> NodeId:
+        for p, s in self._state.items():
+            if s is st:
+                return p
+        return ""
 
     def set_peer(self, node_id: NodeId, addr: str | None) -> None:
         """Add, move or (``addr=None``) remove a peer at run time."""
@@ -403,44 +481,201 @@ class PeerTransport:
             return
         if addr is None:
             self.peers.pop(node_id, None)
-            self._queues.pop(node_id, None)
+            st = self._state.pop(node_id, None)
+            if st is not None:
+                self._drop_peer(st)
             return
-        known = node_id in self.peers
         self.peers[node_id] = addr
-        if not known:
-            self._queues[node_id] = asyncio.Queue(self._queue_size)
-            if self._session is not None:
-                self._tasks.append(asyncio.create_task(self._sender(node_id)))
+        st = self._state.get(node_id)
+        if st is None:
+            st = self._state[node_id] = _Peer(addr)
+            if self._started and not self._raw:
+                self._use_ws(st, node_id)
+        elif st.addr != addr:
+            st.addr = addr
+            if st.link is not None:  # reconnect to the new address on the next flush
+                st.link.close()
+                st.link = None
+
+    def _drop_peer(self, st: _Peer) -> None:
+        if st.link is not None:
+            st.link.close()
+            st.link = None
+        if st.connecting is not None:
+            st.connecting.cancel()
+        if st.retry is not None:
+            st.retry.cancel()
+        if st.ws_queue is not None:
+            st.ws_queue = None  # its sender notices and ends
+            self._ws_count -= 1
+        self.dropped += len(st.out)
+        st.out.clear()
 
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for its destination (dropped if unknown or the queue is full)."""
-        q = self._queues.get(msg.dst)
-        if q is None:
+        st = self._state.get(msg.dst)
+        if st is None:
             self.dropped += 1
             return
-        try:
-            q.put_nowait(msg)
-        except asyncio.QueueFull:
-            self.dropped += 1  # Raft tolerates loss; the leader retries
+        q = st.ws_queue
+        if q is not None:
+            try:
+                q.put_nowait(msg)
+            except asyncio.QueueFull:
+                self.dropped += 1  # Raft tolerates loss; the leader retries
+            return
+        out = st.out
+        if len(out) >= self._queue_size:
+            self.dropped += 1
+            return
+        if not out:
+            self._dirty.append(st)
+            if not self._flush_soon:
+                self._flush_soon = True
+                asyncio.get_running_loop().call_soon(self.flush)
+        out.append(msg)
 
-    async def _sender(self, peer: NodeId) -> None:
+    def flush(self) -> None:
+        """Write what :meth:`send` queued: one ``write()`` per peer."""
+        self._flush_soon = False
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = []
+        for st in dirty:
+            if st.out and st.ws_queue is None:
+                self._flush_peer(st)
+
+    def _flush_peer(self, st: _Peer) -> None:
+        link = st.link
+        if link is None or link.transport is None:
+            st.link = None
+            if st.connecting is None and st.retry is None and self._started:
+                peer = self._peer_id(st)
+                task = asyncio.get_running_loop().create_task(self._connect_raw(st, peer))
+                st.connecting = task
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            return  # kept (bounded) until the connection is up
+        batch, st.out = st.out, []
+        if link.paused:
+            # The peer does not read: drop (Raft resends), and cut a stuck connection.
+            self.dropped += len(batch)
+            if asyncio.get_running_loop().time() - link.paused_at > self._timeout_s:
+                self.log.warning("peer_stream_stuck", peer=self._peer_id(st))
+                link.close()
+                st.link = None
+            return
+        if _TRACE:
+            _trace_sent(batch)
+        step = self._max_batch
+        if len(batch) <= step:
+            data = frame(encode([to_wire(m) for m in batch], max_size=MAX_PEER_BODY))
+        else:
+            data = b"".join(
+                frame(encode([to_wire(m) for m in batch[i : i + step]], max_size=MAX_PEER_BODY))
+                for i in range(0, len(batch), step)
+            )
+        link.transport.write(data)
+
+    async def _connect_raw(self, st: _Peer, peer: NodeId) -> None:
+        """Open ``peer``'s raw stream; on refusal or failure drop the queue and back off."""
+        addr = st.addr
+        host, _, port = addr.rpartition(":")
+        loop = asyncio.get_running_loop()
+        link: RawPeerLink | None = None
+        status = 0
+        why = ""
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                _, link = await loop.create_connection(
+                    lambda: RawPeerLink(lambda lk, w: self._lost(st, peer, lk, w)),
+                    host.strip("[]"),
+                    int(port),
+                )
+                assert link.transport is not None
+                link.transport.write(handshake(addr, self.node_id, self._token))
+                status, said = await link.done
+                why = said.decode("utf-8", "replace")[:200]
+        except (OSError, TimeoutError, ValueError, RemoteProtocolError) as exc:
+            why = str(exc) or type(exc).__name__
+        except asyncio.CancelledError:
+            if link is not None:
+                link.close()
+            raise
+        finally:
+            st.connecting = None
+        if self._state.get(peer) is not st:
+            if link is not None:
+                link.close()
+            return
+        if status == 101 and link is not None:
+            st.link = link
+            st.link_addr = addr
+            st.backoff = 0.0
+            sock = link.transport.get_extra_info("socket") if link.transport else None
+            if sock is not None:
+                # A peer host that vanished without a RST: the kernel gives up on data
+                # unacknowledged for `timeout` s (as the WebSocket heartbeat did).
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                    ms = int(self._timeout_s * 1000)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, ms)
+            if st.out:
+                self._flush_peer(st)
+            return
+        if link is not None:
+            link.close()
+        if status in (403, 400):
+            self.log.warning("peer_refused", peer=peer, status=status, reason=why)
+        elif status:
+            # Not served (e.g. 404 from an older version): use its WebSocket.
+            self.log.info("peer_raw_stream_unsupported", peer=peer, status=status)
+            self._use_ws(st, peer)
+            return
+        else:
+            self.log.debug("peer_unreachable", peer=peer, error=why)
+        self.dropped += len(st.out)
+        st.out.clear()
+        st.backoff = min(0.2, max(0.01, st.backoff * 2))
+        st.retry = loop.call_later(st.backoff, self._retry, st)
+
+    def _retry(self, st: _Peer) -> None:
+        st.retry = None
+        if st.out and st.ws_queue is None:
+            self._flush_peer(st)
+
+    def _lost(self, st: _Peer, peer: NodeId, link: RawPeerLink, why: str) -> None:
+        if st.link is link:
+            st.link = None
+            if why:
+                self.log.warning("peer_stream_closed", peer=peer, reason=why)
+
+    def _use_ws(self, st: _Peer, peer: NodeId) -> None:
+        """Send to ``peer`` over the WebSocket from now on."""
+        q: asyncio.Queue[Message] = asyncio.Queue(self._queue_size)
+        for m in st.out[: self._queue_size]:
+            q.put_nowait(m)
+        st.out.clear()
+        st.ws_queue = q
+        self._ws_count += 1
+        task = asyncio.get_running_loop().create_task(self._sender(peer, st, q))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _sender(self, peer: NodeId, st: _Peer, q: asyncio.Queue[Message]) -> None:
         """Send ``peer``'s queue over one persistent WebSocket, one frame per batch.
 
-        Frames are pipelined: nothing waits for an answer (the peer answers over its
-        own connection to us), so several AppendEntries can be in flight, bounded by the
-        core's ``max_inflight``. A failed connect or send drops the batch (Raft retries)
-        and backs off before reconnecting.
+        A failed connect or send drops the batch (Raft retries) and backs off before
+        reconnecting.
         """
-        q = self._queues[peer]
         backoff = 0.0
         ws: aiohttp.ClientWebSocketResponse | None = None
         ws_addr: str | None = None
         try:
-            while self._queues.get(peer) is q:
+            while st.ws_queue is q and self._state.get(peer) is st:
                 batch = [await q.get()]
-                addr = self.peers.get(peer)
-                if addr is None:
-                    return
+                addr = st.addr
                 if ws is not None and (ws.closed or ws_addr != addr):
                     await ws.close()
                     ws = None
@@ -495,7 +730,10 @@ class PeerTransport:
         return ws
 
     async def close(self) -> None:
-        """Stop the senders and close the session."""
+        """Stop the senders, close the connections and the session."""
+        self._started = False
+        for st in self._state.values():
+            self._drop_peer(st)
         tasks = [*self._tasks, *self._readers]
         for t in tasks:
             t.cancel()
@@ -643,9 +881,14 @@ class RaftNode:
             queue_size=config.peer_queue,
             max_batch=config.max_batch,
             timeout=config.peer_timeout,
+            raw=config.raw_peer_stream,
         )
         self._inbox: deque[Message] = deque()
         self._streams: set[web.WebSocketResponse] = set()
+        self._raw_streams: set[RawPeerStream] = set()
+        self._notices: dict[NodeId, Heartbeat] = {}  # commit notices held (see _send)
+        self._notice_timer: asyncio.TimerHandle | None = None
+        self._notice_delay = config.commit_notice_delay
         # Peer requests waiting for the messages we answer them with (piggybacked on the
         # HTTP response instead of a POST of our own): registered, then armed once their
         # messages were stepped, then resolved after the resulting Ready was persisted.
@@ -784,6 +1027,9 @@ class RaftNode:
             # a crashed loop already logged and recorded its error in self.failed
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self._notice_timer is not None:
+            self._notice_timer.cancel()
+            self._notice_timer = None
         await self._close_streams()
         await self.transport.close()
         for _, wfut in self._reply_wait:
@@ -1072,16 +1318,16 @@ class RaftNode:
 
     async def _read_stream(self, ws: web.WebSocketResponse, src: NodeId) -> None:
         inbox_limit = self._inbox_limit
-        async for frame in ws:
-            if frame.type != WSMsgType.BINARY:
-                if frame.type == WSMsgType.TEXT:
+        async for wsf in ws:
+            if wsf.type != WSMsgType.BINARY:
+                if wsf.type == WSMsgType.TEXT:
                     await self._refuse_frame(ws, src, "frames must be binary msgpack")
                     break
                 continue
             try:
                 if src not in self.transport.peers:
                     raise RemoteProtocolError(f"unknown peer {src!r}")
-                msgs = self._decode_batch(frame.data, src)
+                msgs = self._decode_batch(wsf.data, src)
             except RemoteProtocolError as exc:
                 await self._refuse_frame(ws, src, str(exc))
                 break
@@ -1094,6 +1340,52 @@ class RaftNode:
                 continue
             self._inbox.extend(msgs)
             self._wake.set()
+
+    def _receive_batch(self, msgs: list[Message]) -> None:
+        """Queue a checked batch from a raw peer stream for the loop (dropped when full)."""
+        if _TRACE:
+            _trace_received(msgs)
+        if self._closed or len(self._inbox) >= self._inbox_limit:
+            self.transport.dropped += len(msgs)
+            return
+        self._inbox.extend(msgs)
+        self._wake.set()
+
+    def accept_raw_stream(
+        self,
+        transport: asyncio.Transport,
+        headers: Iterable[tuple[bytes, bytes, bytes]],
+        rest: bytes,
+    ) -> None:
+        """Take a connection whose first request asked for the raw peer stream.
+
+        ``headers`` are the request's ``(raw name, lower-cased name, value)`` fields and
+        ``rest`` the bytes read after its head. The token and the peer id are checked as
+        for the WebSocket (a 403 answer and the connection closed otherwise); then the
+        answer is ``101`` and the connection a :class:`~dsys.raft.peerwire.RawPeerStream`.
+        """
+        token = src = None
+        for _, name, value in headers:
+            if name == _TOKEN_LOWER:
+                token = value.decode("latin-1")
+            elif name == _FROM_LOWER:
+                src = value.decode("latin-1")
+        why = ""
+        if not token_ok(token, self.config.token):
+            why = "missing or wrong cluster token"
+        elif src is None or src not in self.transport.peers:
+            why = f"unknown peer {src!r}"
+        elif self._closed:
+            why = "node closed"
+        if why:
+            self._m_refused.inc()
+            self.log.warning("peer_refused", src=src, error=why)
+            transport.write(refusal(503 if self._closed else 403, why))
+            transport.close()
+            return
+        assert src is not None
+        transport.write(SWITCHED)
+        hand_over(transport, RawPeerStream(self, src), rest)
 
     @property
     def _inbox_limit(self) -> int:
@@ -1114,6 +1406,9 @@ class RaftNode:
 
     async def _close_streams(self, app: web.Application | None = None) -> None:
         """Close the inbound peer WebSockets (on shutdown, so handlers need not time out)."""
+        for raw in list(self._raw_streams):
+            raw.close("node shutting down")
+        self._raw_streams.clear()
         streams = list(self._streams)
         self._streams.clear()
         for ws in streams:
@@ -1366,7 +1661,7 @@ class RaftNode:
         deferred = False
         if early:
             self._send(rd.messages)
-            if rd.entries and not self._inline_persist:
+            if rd.entries and not self._inline_persist and self.transport.needs_turn:
                 await asyncio.sleep(0)  # the peer senders write the appends now
         if rd.snapshot is not None or rd.hard_state is not None or rd.entries:
             if not self._needs_fsync(rd):
@@ -1459,14 +1754,48 @@ class RaftNode:
         self.core.advance(rd)
 
     def _send(self, msgs: tuple[Message, ...]) -> None:
-        """Queue ``msgs`` (answers to a waiting peer request ride on its HTTP response)."""
+        """Queue ``msgs`` (answers to a waiting peer request ride on its HTTP response).
+
+        A commit notice (a heartbeat with ``ctx`` 0, sent when the commit index moves) is
+        held for ``NodeConfig.commit_notice_delay`` s: the next append or heartbeat to
+        that peer carries the commit index anyway, and then the notice is dropped.
+        """
         armed = self._armed
+        notices = self._notices
+        send = self.transport.send
         for msg in msgs:
             slot = armed.get(msg.dst) if armed else None
             if slot is not None and not slot[0].done():
                 slot[1].append(msg)
-            else:
+                continue
+            kind = type(msg)
+            if kind is Heartbeat or kind is AppendRequest:
+                held = notices.get(msg.dst) if notices else None
+                if held is not None and msg.commit >= held.commit:  # type: ignore[union-attr]
+                    del notices[msg.dst]
+                if (
+                    kind is Heartbeat
+                    and not msg.ctx  # type: ignore[union-attr]
+                    and not msg.quiet  # type: ignore[union-attr]
+                    and self._notice_delay > 0
+                ):
+                    notices[msg.dst] = msg  # type: ignore[assignment]
+                    if self._notice_timer is None:
+                        self._notice_timer = asyncio.get_running_loop().call_later(
+                            self._notice_delay, self._send_notices
+                        )
+                    continue
+            send(msg)
+        self.transport.flush()  # raw streams: one write() per peer, now
+
+    def _send_notices(self) -> None:
+        """The held commit notices that no append or heartbeat made redundant."""
+        self._notice_timer = None
+        notices, self._notices = self._notices, {}
+        if notices and not self._closed:
+            for msg in notices.values():
                 self.transport.send(msg)
+            self.transport.flush()
 
     def _needs_fsync(self, rd: Ready) -> bool:
         """Whether persisting ``rd`` syncs: entries, a snapshot, or a new term or vote."""
