@@ -39,7 +39,9 @@ which the stream deduplicates; if two servers briefly both believe they own a ro
 ring changed under them), the second append of an offset is answered as a duplicate
 of someone else's message, and that server re-reads the room's tail and tries the next
 offset. A resent post (the client lost its connection before the ack) is found by its
-client message id in the room's recent history and acknowledged, not stored twice.
+client message id in the room's recent history and acknowledged, not stored twice; so
+is a post a server stores itself after its forward to the owner went unanswered (the
+owner may have stored it just before it died).
 """
 
 from __future__ import annotations
@@ -451,7 +453,10 @@ class ChatServer:
                 )
             except (DsysError, TimeoutError) as exc:
                 # The owner is down or unreachable: store it here. Offsets stay unique
-                # and gap-free (see "fencing" in the module docstring).
+                # and gap-free (see "fencing" in the module docstring). The owner may
+                # have stored the post before it stopped answering (killed, or slower
+                # than the timeout): look for it first, as for a client's resend.
+                req = {**req, "retry": True}
                 self.stats["fallbacks"] += 1
                 self.log.info("owner_unreachable", owner=owner, room=req["room"], error=str(exc))
             else:
