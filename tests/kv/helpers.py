@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -11,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -22,6 +23,8 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.server import KVServer, ServerConfig
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History
+
+C = TypeVar("C")
 
 
 def free_ports(n: int) -> list[int]:
@@ -38,23 +41,28 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def cluster_configs(
-    tmp: Path, n: int = 3, *, ports: Sequence[int] | None = None, **kw: object
-) -> list[ServerConfig]:
-    """Configs of an ``n``-node cluster on free loopback ports."""
-    ports = list(ports or free_ports(n))
-    ids = [f"n{i + 1}" for i in range(n)]
+def _node_configs(make: Callable[..., C], tmp: Path, ports: Sequence[int], kw: Any) -> list[C]:
+    """Nodes n1..nN on loopback ``ports``, each with the others as peers and its data
+    under ``tmp/<id>``; ``kw`` sets the remaining fields of ``make`` (a config class)."""
+    ids = [f"n{i + 1}" for i in range(len(ports))]
     addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
     return [
-        ServerConfig(
+        make(
             id=i,
             port=p,
             peers={j: a for j, a in addrs.items() if j != i},
             data_dir=str(tmp / i),
-            **kw,  # type: ignore[arg-type]
+            **kw,
         )
         for i, p in zip(ids, ports, strict=True)
     ]
+
+
+def cluster_configs(
+    tmp: Path, n: int = 3, *, ports: Sequence[int] | None = None, **kw: object
+) -> list[ServerConfig]:
+    """Configs of an ``n``-node cluster on free loopback ports."""
+    return _node_configs(ServerConfig, tmp, list(ports or free_ports(n)), kw)
 
 
 @contextlib.asynccontextmanager
@@ -82,11 +90,15 @@ async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVS
 
 
 class Proc:
-    """One ``dsys <block> serve`` subprocess (``kv`` by default; ``streams`` too)."""
+    """One ``dsys <block> <verb>`` subprocess (``kv serve`` by default; ``kv multi-serve``
+    and ``streams serve`` too) of the node ``cfg`` describes (id, port, peers, data_dir)."""
 
-    def __init__(self, cfg: Any, *, extra: Sequence[str] = (), block: str = "kv") -> None:
+    def __init__(
+        self, cfg: Any, *, extra: Sequence[str] = (), block: str = "kv", verb: str = "serve"
+    ) -> None:
         self.cfg = cfg
         self.block = block
+        self.verb = verb
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr = f"127.0.0.1:{cfg.port}"
@@ -97,7 +109,7 @@ class Proc:
             "-m",
             "dsys",
             self.block,
-            "serve",
+            self.verb,
             "--id",
             self.cfg.id,
             "--listen",
@@ -220,18 +232,7 @@ async def dsys_kv(*args: str) -> tuple[int, str, str]:
 def multi_configs(tmp: Path, ports: Sequence[int], **kw: Any) -> list[MultiConfig]:
     """Multi-Raft nodes n1..nN on loopback ``ports``, each with the others as peers and
     its data under ``tmp/<id>``; ``kw`` sets the remaining :class:`MultiConfig` fields."""
-    ids = [f"n{i + 1}" for i in range(len(ports))]
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
-    return [
-        MultiConfig(
-            id=i,
-            port=p,
-            peers={j: a for j, a in addrs.items() if j != i},
-            data_dir=str(tmp / i),
-            **kw,
-        )
-        for i, p in zip(ids, ports, strict=True)
-    ]
+    return _node_configs(MultiConfig, tmp, ports, kw)
 
 
 @contextlib.asynccontextmanager
@@ -245,3 +246,64 @@ async def multi_cluster(configs: Sequence[MultiConfig]) -> AsyncIterator[list[Mu
     finally:
         for s in servers:
             await s.close()
+
+
+MULTI_SERVE_FLAGS = ("--snapshot-every", "200", "--balance-interval", "1")
+"""What the multi-Raft process tests run ``dsys kv multi-serve`` with (a later flag wins)."""
+
+
+def multi_procs(tmp: Path, n: int, *extra: str) -> list[Proc]:
+    """``n`` ``dsys kv multi-serve`` nodes n1..nN (not started) on free loopback ports,
+    peers of each other, data and logs under ``tmp``; ``extra`` flags follow
+    :data:`MULTI_SERVE_FLAGS`."""
+    return [
+        Proc(c, extra=[*MULTI_SERVE_FLAGS, *extra], verb="multi-serve")
+        for c in multi_configs(tmp, free_ports(n))
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_multi_procs(tmp: Path, n: int, *extra: str) -> AsyncIterator[list[Proc]]:
+    """:func:`multi_procs`, started; every one still running is killed on the way out."""
+    procs = multi_procs(tmp, n, *extra)
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            p.kill9()
+
+
+async def ready_sharded_client(
+    addrs: list[str], warm_key: str = "warm", *, attempts: int = 200
+) -> ShardedKVClient:
+    """A :class:`ShardedKVClient` (30 s timeout) of a multi-Raft cluster that has just
+    started, once it has served a put of ``warm_key`` (tried every 0.1 s)."""
+    kv = ShardedKVClient(addrs, timeout=30.0)
+    for attempt in range(attempts):
+        try:
+            await kv.refresh()
+            await kv.put(warm_key, b"1")
+            return kv
+        except (DsysError, OSError):
+            if attempt == attempts - 1:
+                await kv.close()
+                raise
+            await asyncio.sleep(0.1)
+    raise AssertionError("attempts must be at least 1")
+
+
+def start_register_clients(
+    addrs: list[str], keys: list[str], n: int = 4
+) -> tuple[History, asyncio.Event, list[asyncio.Task[None]]]:
+    """``n`` :func:`sharded_register_client` tasks on ``keys``, recording into one new
+    history until the returned event is set."""
+    history = History()
+    values = itertools.count(1)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(sharded_register_client(addrs, cid, keys, history, values, stop))
+        for cid in range(n)
+    ]
+    return history, stop, tasks
