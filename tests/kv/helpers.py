@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -65,10 +65,17 @@ def cluster_configs(
     return _node_configs(ServerConfig, tmp, list(ports or free_ports(n)), kw)
 
 
+class _Server(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
 @contextlib.asynccontextmanager
-async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[KVServer]]:
-    """An ``n``-node in-process cluster on free loopback ports, closed on the way out."""
-    servers = [KVServer(c) for c in cluster_configs(tmp, n, **kw)]
+async def started(servers: list[S]) -> AsyncIterator[list[S]]:
+    """In-process ``servers`` started in turn, every one closed on the way out."""
     try:
         for s in servers:
             await s.start()
@@ -76,6 +83,13 @@ async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[
     finally:
         for s in servers:
             await s.close()
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[KVServer]]:
+    """An ``n``-node in-process cluster on free loopback ports, closed on the way out."""
+    async with started([KVServer(c) for c in cluster_configs(tmp, n, **kw)]) as servers:
+        yield servers
 
 
 async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVServer:
@@ -238,14 +252,8 @@ def multi_configs(tmp: Path, ports: Sequence[int], **kw: Any) -> list[MultiConfi
 @contextlib.asynccontextmanager
 async def multi_cluster(configs: Sequence[MultiConfig]) -> AsyncIterator[list[MultiRaftServer]]:
     """Start a :class:`MultiRaftServer` per config in this process; close them all after."""
-    servers = [MultiRaftServer(c) for c in configs]
-    try:
-        for s in servers:
-            await s.start()
+    async with started([MultiRaftServer(c) for c in configs]) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 MULTI_SERVE_FLAGS = ("--snapshot-every", "200", "--balance-interval", "1")
