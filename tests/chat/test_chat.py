@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from typing import Any
 
@@ -315,6 +317,35 @@ async def test_a_post_the_unreachable_owner_stored_is_not_stored_again(
     finally:
         await owner.close()
         await other.close()
+
+
+@pytest.mark.slow  # ~10 s: the chat server's stream timeout is 8 s
+async def test_a_resume_the_stream_could_not_serve_is_tried_again(cluster: ChatCluster) -> None:
+    # The stream node stops answering (SIGSTOP) while a client resumes a room: the
+    # server's read of what the client missed fails after its timeout, the server
+    # says so (unavailable, with the room) and forgets the subscription. The client
+    # must subscribe again until it works, or it never hears of the room again.
+    streams = cluster.procs[cluster.names("streams")[0]].proc
+    assert streams is not None
+    async with (
+        ChatClient(cluster.url, "nora") as nora,
+        ChatClient(cluster.url, "oscar") as oscar,
+    ):
+        await nora.create("paused")
+        await oscar.join("paused")
+        await oscar.send("paused", "before")
+        await _until(lambda: nora.texts("paused") == ["before"])
+        os.killpg(streams.pid, signal.SIGSTOP)
+        try:
+            nora.drop()  # she reconnects and resumes the room from "before"
+            await _until(
+                lambda: any(e.get("room") == "paused" for e in nora.errors), 30
+            )  # fmt: skip
+        finally:
+            os.killpg(streams.pid, signal.SIGCONT)
+        await oscar.send("paused", "after", timeout=30)
+        await _until(lambda: nora.texts("paused") == ["before", "after"], 30)
+        assert nora.connects == 2 and nora.dups == nora.holes == 0
 
 
 async def _health(http: aiohttp.ClientSession, addr: str) -> dict[str, Any]:
