@@ -109,8 +109,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def start_cluster(
-    base: Path, procs: int, wal: str, fsync: str, balance: bool
+    base: Path, procs: int, wal: str, fsync: str, balance: bool, *extra: str
 ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+    """``procs`` ``dsys kv multi-serve`` processes n1..nN on free loopback ports, data and
+    logs under ``base``, ``extra`` flags last; returns them and their addresses."""
     ids = [f"n{k + 1}" for k in range(procs)]
     ports = dict(zip(ids, free_ports(procs), strict=True))
     out = []
@@ -134,6 +136,7 @@ def start_cluster(
             "--balance-interval",
             "1" if balance else "0",
             *[f"--peer={j}=127.0.0.1:{ports[j]}" for j in ids if j != i],
+            *extra,
         ]
         base.mkdir(parents=True, exist_ok=True)
         log = open(base / f"{i}.log", "ab")  # noqa: SIM115
@@ -165,15 +168,22 @@ async def wal_counters(kv: ShardedKVClient) -> tuple[int, int]:
     return writes, groups
 
 
-async def prepare(addrs: list[str]) -> ShardedKVClient:
+async def ready_client(addrs: list[str], warm_key: str) -> ShardedKVClient:
+    """A client (30 s timeout) of a cluster just started, once it has served a put of
+    ``warm_key`` (tried for up to 30 s)."""
     kv = ShardedKVClient(addrs, timeout=30.0)
     for _ in range(300):
         try:
             await kv.refresh()
-            await kv.put("k0-warm", b"x")
+            await kv.put(warm_key, b"x")
             break
         except Exception:
             await asyncio.sleep(0.1)
+    return kv
+
+
+async def prepare(addrs: list[str]) -> ShardedKVClient:
+    kv = await ready_client(addrs, "k0-warm")
     try:
         for key in SPLITS:
             for attempt in range(50):

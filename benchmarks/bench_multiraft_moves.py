@@ -25,9 +25,7 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,49 +37,10 @@ import aiohttp
 from dsys.errors import DsysError
 from dsys.kv.sharded import ShardedKVClient
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_multiraft import ready_client, start_cluster
+
 IDS = ["n1", "n2", "n3", "n4"]
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _start(base: Path, fsync: str) -> tuple[list[subprocess.Popen[bytes]], dict[str, str]]:
-    ports = dict(zip(IDS, _free_ports(4), strict=True))
-    addrs = {i: f"127.0.0.1:{p}" for i, p in ports.items()}
-    procs = []
-    for i in IDS:
-        args = [
-            sys.executable,
-            "-m",
-            "dsys",
-            "kv",
-            "multi-serve",
-            "--id",
-            i,
-            "--listen",
-            addrs[i],
-            "--data-dir",
-            str(base / i),
-            "--fsync",
-            fsync,
-            "--initial-replicas",
-            "n1,n2,n3",
-            "--balance-interval",
-            "0",
-            *[f"--peer={j}={a}" for j, a in addrs.items() if j != i],
-        ]
-        log = open(base / f"{i}.log", "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True))
-        log.close()
-    return procs, addrs
 
 
 async def _fill(kv: ShardedKVClient, n: int) -> float:
@@ -112,10 +71,10 @@ async def _probe(kv: ShardedKVClient, stop: asyncio.Event, out: list[tuple[float
     return failed
 
 
-async def _watch_steps(addrs: dict[str, str], stop: asyncio.Event, seen: dict[str, float]) -> None:
+async def _watch_steps(addrs: list[str], stop: asyncio.Event, seen: dict[str, float]) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1.0)) as s:
         while not stop.is_set():
-            for addr in addrs.values():
+            for addr in addrs:
                 try:
                     async with s.get(f"http://{addr}/v1/status") as r:
                         data: dict[str, Any] = await r.json()
@@ -135,16 +94,12 @@ def _pct(xs: list[float], q: float) -> float:
 
 async def _one(n: int, fsync: str) -> dict[str, Any]:
     base = Path(tempfile.mkdtemp(prefix="bench-moves-"))
-    procs, addrs = _start(base, fsync)
+    # range 1 on n1, n2, n3 only; no leader balancing during the move
+    procs, addrs = start_cluster(
+        base, len(IDS), "shared", fsync, False, "--initial-replicas", "n1,n2,n3"
+    )
     try:
-        kv = ShardedKVClient(list(addrs.values()), timeout=30.0)
-        for _ in range(300):
-            try:
-                await kv.refresh()
-                await kv.put("warm", b"1")
-                break
-            except DsysError:
-                await asyncio.sleep(0.1)
+        kv = await ready_client(addrs, "warm")
         fill_s = await _fill(kv, n)
         lat: list[tuple[float, float]] = []
         stop = asyncio.Event()

@@ -4,7 +4,8 @@ the tests and the load test (the browser page does the same in JavaScript).
 It keeps, per room, the last offset, sequence and epoch it received and a log of every
 message; after a lost connection it dials the load balancer again, says ``hello`` and
 ``sub``s each room from where it was, and sends again every post not yet acknowledged
-(flagged ``retry`` so the owner finds it instead of storing it twice). ``dups`` and
+(flagged ``retry`` so the owner finds it instead of storing it twice). A room the server
+could not subscribe it to (``unavailable`` with the room) is subscribed again shortly. ``dups`` and
 ``holes`` count what a correct server never sends: a message twice, or past a gap.
 
 Every message received from someone else is acknowledged: one ``delivered`` frame per
@@ -101,6 +102,7 @@ class ChatClient:
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._receipts: dict[tuple[str, str], list[int]] = {}  # to acknowledge
         self._receipt_timer: asyncio.TimerHandle | None = None
+        self._resubscribes: dict[str, asyncio.TimerHandle] = {}  # rooms to subscribe again
         self.ack_deliveries = True
         """Acknowledge received messages (a test can turn it off to be a silent reader)."""
 
@@ -123,6 +125,8 @@ class ChatClient:
         self._closed = True
         if self._receipt_timer is not None:
             self._receipt_timer.cancel()
+        for timer in self._resubscribes.values():
+            timer.cancel()
         if self._ws is not None:
             await self._ws.close()
         if self._task is not None:
@@ -252,12 +256,32 @@ class ChatClient:
                     self._unacked.pop(ref, None)
                     self._waiters.pop(ref).set_exception(ChatError(f["code"], f["message"], f))
             else:
+                room = f.get("room")
+                if f["code"] == "unavailable" and isinstance(room, str) and room in self.rooms:
+                    # the server could not subscribe us to the room (or resume it) and
+                    # dropped the subscription: ask again, or hear nothing more of it
+                    self._resubscribe_later(room, float(f.get("retry_after", 0.5)))
                 self._resolve("error", f)
         else:
             self.events.append(f)
             key = kind if "room" not in f or kind in ("typing",) else f"{kind}:{f['room']}"
             self._resolve(key, f)
             self._resolve(kind, f)
+
+    def _resubscribe_later(self, room: str, delay: float) -> None:
+        if room in self._resubscribes:
+            return
+
+        def again() -> None:
+            del self._resubscribes[room]
+            st = self.rooms.get(room)
+            if st is not None and self._ready.is_set():  # (a reconnect subscribes anyway)
+                self._send(
+                    {"type": "sub", "room": room, "offset": st.offset, "epoch": st.epoch,
+                     "seq": st.seq}
+                )  # fmt: skip
+
+        self._resubscribes[room] = asyncio.get_running_loop().call_later(delay, again)
 
     def _resolve(self, key: str, frame: dict[str, Any]) -> None:
         fut = self._replies.pop(key, None)

@@ -217,15 +217,22 @@ class ChatCluster:
         wait_healthy(p.addr, timeout=30)
 
     def stop(self) -> None:
-        """Stop every process (SIGTERM, then SIGKILL) and remove the data directory."""
-        for p in reversed(list(self.procs.values())):
-            if p.proc is not None and p.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.proc.pid, signal.SIGTERM)
+        """Stop every process (SIGTERM, then SIGKILL) and remove the data directory.
+
+        The load balancer and the chat servers go first: a chat server that stops says
+        goodbye to the KV store, which takes a 1 s timeout when the KV store stops too.
+        """
         deadline = time.monotonic() + 5
-        for p in self.procs.values():
-            if p.proc is not None:
-                stop_process(p.proc, timeout=max(0.1, deadline - time.monotonic()))
+        front = [p for p in self.procs.values() if p.kind in ("lb", "chat")]
+        back = [p for p in self.procs.values() if p.kind not in ("lb", "chat")]
+        for tier in (front, back):
+            for p in tier:
+                if p.proc is not None and p.proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(p.proc.pid, signal.SIGTERM)
+            for p in tier:
+                if p.proc is not None:
+                    stop_process(p.proc, timeout=max(0.1, deadline - time.monotonic()))
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def tail(self, name: str, lines: int = 20) -> str:

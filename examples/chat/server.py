@@ -39,7 +39,9 @@ which the stream deduplicates; if two servers briefly both believe they own a ro
 ring changed under them), the second append of an offset is answered as a duplicate
 of someone else's message, and that server re-reads the room's tail and tries the next
 offset. A resent post (the client lost its connection before the ack) is found by its
-client message id in the room's recent history and acknowledged, not stored twice.
+client message id in the room's recent history and acknowledged, not stored twice; so
+is a post a server stores itself after its forward to the owner went unanswered (the
+owner may have stored it just before it died).
 """
 
 from __future__ import annotations
@@ -451,7 +453,10 @@ class ChatServer:
                 )
             except (DsysError, TimeoutError) as exc:
                 # The owner is down or unreachable: store it here. Offsets stay unique
-                # and gap-free (see "fencing" in the module docstring).
+                # and gap-free (see "fencing" in the module docstring). The owner may
+                # have stored the post before it stopped answering (killed, or slower
+                # than the timeout): look for it first, as for a client's resend.
+                req = {**req, "retry": True}
                 self.stats["fallbacks"] += 1
                 self.log.info("owner_unreachable", owner=owner, room=req["room"], error=str(exc))
             else:
@@ -698,7 +703,8 @@ class ChatServer:
             view.syncing = False
             self.log.info("sync_failed", room=view.room, error=str(exc))
             conn.send({"type": "error", "code": "unavailable", "room": view.room,
-                       "message": "history is unavailable; subscribe again"})  # fmt: skip
+                       "message": "history is unavailable; subscribe again",
+                       "retry_after": 0.5})  # fmt: skip
             self._drop_view(conn, view.room)
 
     # -- delivery receipts ------------------------------------------------------------
@@ -956,6 +962,7 @@ class ChatServer:
 
     async def _on_frame(self, conn: Conn, data: str) -> None:
         ref = None
+        where: dict[str, str] = {}  # the room of a failed sub: the client subscribes again
         try:
             if len(data) > MAX_FRAME:
                 raise FrameError("too_large", f"frames are at most {MAX_FRAME} bytes")
@@ -966,6 +973,8 @@ class ChatServer:
             if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
                 raise FrameError("bad_frame", "a frame is a JSON object with a type")
             ref = frame.get("cid") if isinstance(frame.get("cid"), str) else None
+            if frame["type"] == "sub" and isinstance(frame.get("room"), str):
+                where = {"room": frame["room"]}
             handler = getattr(self, f"_op_{frame['type']}", None)
             if handler is None:
                 raise FrameError("unknown_type", f"unknown frame type {frame['type']!r:.30}")
@@ -975,10 +984,10 @@ class ChatServer:
                 conn.bad_frames += 1
             conn.send(exc.frame(ref))
         except CircuitOpenError as exc:
-            conn.send({"type": "error", "code": "unavailable", "ref": ref,
+            conn.send({"type": "error", "code": "unavailable", "ref": ref, **where,
                        "message": str(exc), "retry_after": 1.0})  # fmt: skip
         except (DsysError, TimeoutError) as exc:
-            conn.send({"type": "error", "code": "unavailable", "ref": ref,
+            conn.send({"type": "error", "code": "unavailable", "ref": ref, **where,
                        "message": f"{type(exc).__name__}: {exc}", "retry_after": 0.5})  # fmt: skip
 
     # -- frame handlers -------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import signal
@@ -11,9 +12,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -22,6 +23,8 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.server import KVServer, ServerConfig
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History
+
+C = TypeVar("C")
 
 
 def free_ports(n: int) -> list[int]:
@@ -38,29 +41,41 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def cluster_configs(
-    tmp: Path, n: int = 3, *, ports: Sequence[int] | None = None, **kw: object
-) -> list[ServerConfig]:
-    """Configs of an ``n``-node cluster on free loopback ports."""
-    ports = list(ports or free_ports(n))
-    ids = [f"n{i + 1}" for i in range(n)]
+def _node_configs(make: Callable[..., C], tmp: Path, ports: Sequence[int], kw: Any) -> list[C]:
+    """Nodes n1..nN on loopback ``ports``, each with the others as peers and its data
+    under ``tmp/<id>``; ``kw`` sets the remaining fields of ``make`` (a config class)."""
+    ids = [f"n{i + 1}" for i in range(len(ports))]
     addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
     return [
-        ServerConfig(
+        make(
             id=i,
             port=p,
             peers={j: a for j, a in addrs.items() if j != i},
             data_dir=str(tmp / i),
-            **kw,  # type: ignore[arg-type]
+            **kw,
         )
         for i, p in zip(ids, ports, strict=True)
     ]
 
 
+def cluster_configs(
+    tmp: Path, n: int = 3, *, ports: Sequence[int] | None = None, **kw: object
+) -> list[ServerConfig]:
+    """Configs of an ``n``-node cluster on free loopback ports."""
+    return _node_configs(ServerConfig, tmp, list(ports or free_ports(n)), kw)
+
+
+class _Server(Protocol):
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Server)
+
+
 @contextlib.asynccontextmanager
-async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[KVServer]]:
-    """An ``n``-node in-process cluster on free loopback ports, closed on the way out."""
-    servers = [KVServer(c) for c in cluster_configs(tmp, n, **kw)]
+async def started(servers: list[S]) -> AsyncIterator[list[S]]:
+    """In-process ``servers`` started in turn, every one closed on the way out."""
     try:
         for s in servers:
             await s.start()
@@ -68,6 +83,13 @@ async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[
     finally:
         for s in servers:
             await s.close()
+
+
+@contextlib.asynccontextmanager
+async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[KVServer]]:
+    """An ``n``-node in-process cluster on free loopback ports, closed on the way out."""
+    async with started([KVServer(c) for c in cluster_configs(tmp, n, **kw)]) as servers:
+        yield servers
 
 
 async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVServer:
@@ -82,11 +104,15 @@ async def wait_leader(servers: Sequence[KVServer], limit_s: float = 10.0) -> KVS
 
 
 class Proc:
-    """One ``dsys <block> serve`` subprocess (``kv`` by default; ``streams`` too)."""
+    """One ``dsys <block> <verb>`` subprocess (``kv serve`` by default; ``kv multi-serve``
+    and ``streams serve`` too) of the node ``cfg`` describes (id, port, peers, data_dir)."""
 
-    def __init__(self, cfg: Any, *, extra: Sequence[str] = (), block: str = "kv") -> None:
+    def __init__(
+        self, cfg: Any, *, extra: Sequence[str] = (), block: str = "kv", verb: str = "serve"
+    ) -> None:
         self.cfg = cfg
         self.block = block
+        self.verb = verb
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.addr = f"127.0.0.1:{cfg.port}"
@@ -97,7 +123,7 @@ class Proc:
             "-m",
             "dsys",
             self.block,
-            "serve",
+            self.verb,
             "--id",
             self.cfg.id,
             "--listen",
@@ -202,15 +228,15 @@ async def sharded_register_client(
                     history.ok(op, True)
 
 
-async def warm_up(kv: ShardedKVClient, tries: int = 200) -> None:
+async def warm_up(kv: ShardedKVClient, tries: int = 200, key: str = "warm") -> None:
     """Wait (bounded) until a freshly started multi-Raft cluster takes a write through
     ``kv``: a map is served and range 1 has a leader."""
     for _ in range(tries):
         try:
             await kv.refresh()
-            await kv.put("warm", b"1")
+            await kv.put(key, b"1")
             return
-        except DsysError:
+        except (DsysError, OSError):
             await asyncio.sleep(0.1)
     raise AssertionError("the cluster took no write in time")
 
@@ -233,28 +259,67 @@ async def dsys_kv(*args: str) -> tuple[int, str, str]:
 def multi_configs(tmp: Path, ports: Sequence[int], **kw: Any) -> list[MultiConfig]:
     """Multi-Raft nodes n1..nN on loopback ``ports``, each with the others as peers and
     its data under ``tmp/<id>``; ``kw`` sets the remaining :class:`MultiConfig` fields."""
-    ids = [f"n{i + 1}" for i in range(len(ports))]
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(ids, ports, strict=True)}
-    return [
-        MultiConfig(
-            id=i,
-            port=p,
-            peers={j: a for j, a in addrs.items() if j != i},
-            data_dir=str(tmp / i),
-            **kw,
-        )
-        for i, p in zip(ids, ports, strict=True)
-    ]
+    return _node_configs(MultiConfig, tmp, ports, kw)
 
 
 @contextlib.asynccontextmanager
 async def multi_cluster(configs: Sequence[MultiConfig]) -> AsyncIterator[list[MultiRaftServer]]:
     """Start a :class:`MultiRaftServer` per config in this process; close them all after."""
-    servers = [MultiRaftServer(c) for c in configs]
-    try:
-        for s in servers:
-            await s.start()
+    async with started([MultiRaftServer(c) for c in configs]) as servers:
         yield servers
+
+
+MULTI_SERVE_FLAGS = ("--snapshot-every", "200", "--balance-interval", "1")
+"""What the multi-Raft process tests run ``dsys kv multi-serve`` with (a later flag wins)."""
+
+
+def multi_procs(tmp: Path, n: int, *extra: str) -> list[Proc]:
+    """``n`` ``dsys kv multi-serve`` nodes n1..nN (not started) on free loopback ports,
+    peers of each other, data and logs under ``tmp``; ``extra`` flags follow
+    :data:`MULTI_SERVE_FLAGS`."""
+    return [
+        Proc(c, extra=[*MULTI_SERVE_FLAGS, *extra], verb="multi-serve")
+        for c in multi_configs(tmp, free_ports(n))
+    ]
+
+
+@contextlib.asynccontextmanager
+async def running_multi_procs(tmp: Path, n: int, *extra: str) -> AsyncIterator[list[Proc]]:
+    """:func:`multi_procs`, started; every one still running is killed on the way out."""
+    procs = multi_procs(tmp, n, *extra)
+    try:
+        for p in procs:
+            p.start()
+        yield procs
     finally:
-        for s in servers:
-            await s.close()
+        for p in procs:
+            p.kill9()
+
+
+async def ready_sharded_client(
+    addrs: list[str], warm_key: str = "warm", *, attempts: int = 200
+) -> ShardedKVClient:
+    """A :class:`ShardedKVClient` (30 s timeout) of a multi-Raft cluster that has just
+    started, once it has served a put of ``warm_key`` (see :func:`warm_up`)."""
+    kv = ShardedKVClient(addrs, timeout=30.0)
+    try:
+        await warm_up(kv, attempts, warm_key)
+    except BaseException:
+        await kv.close()
+        raise
+    return kv
+
+
+def start_register_clients(
+    addrs: list[str], keys: list[str], n: int = 4
+) -> tuple[History, asyncio.Event, list[asyncio.Task[None]]]:
+    """``n`` :func:`sharded_register_client` tasks on ``keys``, recording into one new
+    history until the returned event is set."""
+    history = History()
+    values = itertools.count(1)
+    stop = asyncio.Event()
+    tasks = [
+        asyncio.create_task(sharded_register_client(addrs, cid, keys, history, values, stop))
+        for cid in range(n)
+    ]
+    return history, stop, tasks

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
 import random
 from collections.abc import AsyncIterator
@@ -15,11 +14,9 @@ from pathlib import Path
 import pytest
 
 from dsys.errors import DsysError
-from dsys.kv.sharded import ShardedKVClient
-from dsys.testing.linearizability import History, KVModel, check
+from dsys.testing.linearizability import KVModel, check
 
-from .helpers import free_ports, sharded_register_client, warm_up
-from .test_multiraft_processes import Node
+from .helpers import Proc, ready_sharded_client, running_multi_procs, start_register_clients
 
 pytestmark = pytest.mark.slow
 
@@ -27,35 +24,19 @@ IDS = ["n1", "n2", "n3", "n4"]
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ports = dict(zip(IDS, free_ports(4), strict=True))
-    ns = [Node(i, ports, tmp_path) for i in IDS]
-    for n in ns:
-        n.args += ["--initial-replicas", "n1,n2,n3"]
-        n.start()
-    try:
-        yield ns
-    finally:
-        for n in ns:
-            n.kill9()
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Proc]]:
+    async with running_multi_procs(tmp_path, 4, "--initial-replicas", "n1,n2,n3") as procs:
+        yield procs
 
 
 @pytest.mark.timeout(300)
 async def test_moves_splits_and_kill9_on_processes_are_linearizable(
-    nodes: list[Node], tmp_path: Path
+    nodes: list[Proc], tmp_path: Path
 ) -> None:
     addrs = [n.addr for n in nodes]
-    admin = ShardedKVClient(addrs, timeout=30.0)
-    await warm_up(admin)
+    admin = await ready_sharded_client(addrs)
     keys = [f"k{i}" for i in range(10)]
-    history = History()
-    values = itertools.count(1)
-    stop = asyncio.Event()
-
-    async def client(cid: int) -> None:
-        await sharded_register_client(addrs, cid, keys, history, values, stop)
-
-    tasks = [asyncio.create_task(client(i)) for i in range(4)]
+    history, stop, tasks = start_register_clients(addrs, keys)
     seed = int(os.environ.get("DSYS_MOVES_SEED", "11"))
     rng = random.Random(seed)
     splits = iter(["k3", "k6", "k1", "k8"])

@@ -6,89 +6,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-import os
 import random
-import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from dsys.errors import DsysError
-from dsys.kv.sharded import ShardedKVClient
-from dsys.testing.linearizability import History, KVModel, check
+from dsys.testing.linearizability import KVModel, check
 
-from .helpers import free_ports, sharded_register_client, warm_up
+from .helpers import Proc, ready_sharded_client, running_multi_procs, start_register_clients
 
 pytestmark = pytest.mark.slow
 
 
-class Node:
-    def __init__(self, node_id: str, ports: dict[str, int], data: Path) -> None:
-        self.id = node_id
-        self.addr = f"127.0.0.1:{ports[node_id]}"
-        self.args = [
-            sys.executable,
-            "-m",
-            "dsys",
-            "kv",
-            "multi-serve",
-            "--id",
-            node_id,
-            "--listen",
-            self.addr,
-            "--data-dir",
-            str(data / node_id),
-            "--snapshot-every",
-            "200",
-            "--balance-interval",
-            "1",
-            *[f"--peer={j}=127.0.0.1:{p}" for j, p in ports.items() if j != node_id],
-        ]
-        self.log = data / f"{node_id}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(self.args, stdout=log, stderr=log, start_new_session=True)
-
-    def kill9(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-
 @pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ids = ["n1", "n2", "n3"]
-    ports = dict(zip(ids, free_ports(3), strict=True))
-    ns = [Node(i, ports, tmp_path) for i in ids]
-    for n in ns:
-        n.start()
-    try:
-        yield ns
-    finally:
-        for n in ns:
-            n.kill9()
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Proc]]:
+    async with running_multi_procs(tmp_path, 3) as procs:
+        yield procs
 
 
 @pytest.mark.timeout(300)
-async def test_kill9_and_splits_on_processes_are_linearizable(nodes: list[Node]) -> None:
+async def test_kill9_and_splits_on_processes_are_linearizable(nodes: list[Proc]) -> None:
     addrs = [n.addr for n in nodes]
-    admin = ShardedKVClient(addrs, timeout=30.0)
-    await warm_up(admin)
+    admin = await ready_sharded_client(addrs)
     keys = [f"k{i}" for i in range(10)]
-    history = History()
-    values = itertools.count(1)
-    stop = asyncio.Event()
-
-    async def client(cid: int) -> None:
-        await sharded_register_client(addrs, cid, keys, history, values, stop)
-
-    tasks = [asyncio.create_task(client(i)) for i in range(4)]
+    history, stop, tasks = start_register_clients(addrs, keys)
     rng = random.Random(7)
     splits = iter(["k2", "k5", "k8", "k1", "k4", "k7"])
     for _ in range(6):

@@ -14,8 +14,7 @@ from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.rangefsm import RangeStateMachine
 from dsys.kv.sharded import ShardedKVClient
 
-from .helpers import free_ports, multi_cluster, multi_configs
-from .test_multiraft_processes import Node
+from .helpers import free_ports, multi_cluster, multi_configs, multi_procs, ready_sharded_client
 
 
 def _configs(tmp: Path, ports: list[int], wal: str = "shared") -> list[MultiConfig]:
@@ -74,23 +73,14 @@ def test_a_data_dir_keeps_its_wal_kind(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 async def test_acknowledged_writes_survive_kill9_of_every_process(tmp_path: Path) -> None:
-    ids = ["n1", "n2", "n3"]
-    ports = dict(zip(ids, free_ports(3), strict=True))
-    nodes = [Node(i, ports, tmp_path) for i in ids]
-    for n in nodes:  # no snapshots: what survives comes from the WAL
-        n.args[n.args.index("--snapshot-every") + 1] = "1000000"
+    # no snapshots: what survives comes from the WAL
+    nodes = multi_procs(tmp_path, 3, "--snapshot-every", "1000000")
+    for n in nodes:
         n.start()
     acked: dict[str, bytes] = {}
     try:
         addrs = [n.addr for n in nodes]
-        async with ShardedKVClient(addrs, timeout=30.0) as kv:
-            for _ in range(300):
-                try:
-                    await kv.refresh()
-                    await kv.put("a-warm", b"x")
-                    break
-                except Exception:
-                    await asyncio.sleep(0.1)
+        async with await ready_sharded_client(addrs, "a-warm", attempts=300) as kv:
             for key in ["f", "m", "t"]:
                 await kv.split((await kv.locate(key)).range_id, key)
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from dsys.streams.server import StreamServer, StreamServerConfig
-from kv.helpers import free_ports
+from kv.helpers import free_ports, started
 
 
 def cluster_configs(tmp: Path, n: int = 3, **kw: object) -> list[StreamServerConfig]:
@@ -33,14 +33,8 @@ def cluster_configs(tmp: Path, n: int = 3, **kw: object) -> list[StreamServerCon
 @contextlib.asynccontextmanager
 async def running_cluster(tmp: Path, n: int = 3, **kw: object) -> AsyncIterator[list[StreamServer]]:
     """An ``n``-node in-process stream cluster, closed on the way out."""
-    servers = [StreamServer(c) for c in cluster_configs(tmp, n, **kw)]
-    try:
-        for s in servers:
-            await s.start()
+    async with started([StreamServer(c) for c in cluster_configs(tmp, n, **kw)]) as servers:
         yield servers
-    finally:
-        for s in servers:
-            await s.close()
 
 
 async def wait_leader(servers: Sequence[StreamServer], limit_s: float = 10.0) -> StreamServer:

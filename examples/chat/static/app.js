@@ -198,6 +198,14 @@ function onFrame(f) {
       break;
     case "error":
       if (f.code === "room_exists" && f.room) { send({ type: "join", room: f.room }); break; }
+      if (f.code === "unavailable" && f.room && !f.ref && state.rooms.has(f.room)) {
+        // the server could not subscribe us to the room (or resume it): ask again
+        setTimeout(() => {
+          const r = room(f.room);
+          send({ type: "sub", room: f.room, offset: r.offset, epoch: r.epoch, seq: r.seq });
+        }, (f.retry_after || 0.5) * 1000);
+        break;
+      }
       if (f.ref && state.unacked.has(f.ref) && (f.code === "unavailable" || f.code === "rate_limited")) {
         const p = state.unacked.get(f.ref);
         setTimeout(() => send({ type: "send", room: p.room, cid: f.ref, text: p.text, retry: true }), (f.retry_after || 0.5) * 1000);

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
-from dsys.observability.http import (
-    HealthCheck,
-    add_observability_routes,
-    error_middleware,
-    json_error,
-    parse_listen,
-    run_app,
-    start_site,
-)
+from typing import TYPE_CHECKING, Any
+
 from dsys.observability.logging import configure_logging, get_logger
 from dsys.observability.metrics import Metrics, RequestStats
+
+if TYPE_CHECKING:
+    from dsys.observability.http import (
+        HealthCheck,
+        add_observability_routes,
+        error_middleware,
+        json_error,
+        parse_listen,
+        run_app,
+        start_site,
+    )
+
+# The HTTP helpers import aiohttp (a quarter of a second): loaded on first use, so that a
+# CLI that only logs (``dsys jobs --help``, ``dsys jobs ls`` on redis) starts without it.
+_HTTP = frozenset(
+    {
+        "HealthCheck",
+        "add_observability_routes",
+        "error_middleware",
+        "json_error",
+        "parse_listen",
+        "run_app",
+        "start_site",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HTTP:
+        from dsys.observability import http
+
+        return getattr(http, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "HealthCheck",
