@@ -376,11 +376,19 @@ def _classify_point(
         state = Piece(a, b, BEFORE, first.revision, first.range_id)
     elif first.kind == FLOOR:
         state = Piece(a, b, COMPACTED, first.revision + 1)
-    for r in recs:
+    later: list[SpanRecord] = []
+    for i, r in enumerate(recs):
         if r.revision >= n:
+            later = recs[i:]
             break
         moved = r.kind == OUT
         state = Piece(a, b, MOVED, n - 1, r.range_id) if moved else Piece(a, b, SERVE)
+    if state.state == MOVED:
+        back = next((r for r in later if r.kind == FLOOR), None)
+        if back is not None:
+            # the span left, then came back with a merge: its events in between stayed
+            # with the merged-away source
+            return Piece(a, b, COMPACTED, back.revision + 1)
     if state.state == SERVE and not inside:
         pending = any(r.kind == OUT and r.revision >= n for r in recs)
         if not pending:

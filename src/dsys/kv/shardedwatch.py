@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 MAX_FAILURES = 60
 """Subscriptions in a row that no replica accepted before the watch gives up."""
 
+MAX_HOPS = 1000
+"""``moved``/``before``/``not_here`` answers in a row without an event before the watch
+gives up (each after a backoff of up to 0.5 s)."""
+
 
 @dataclass(frozen=True, slots=True)
 class ShardedWatchEvent:
@@ -131,6 +135,7 @@ class ShardedWatcher:
         self._session: aiohttp.ClientSession | None = None
         self._rr: dict[int, int] = {}
         self._failures = 0
+        self._hops = 0  # moved/before/not_here answers since the last event
 
     @property
     def cursor(self) -> str:
@@ -268,6 +273,15 @@ class ShardedWatcher:
                             )
                         )
                     return
+                if self._hops > MAX_HOPS:
+                    self._fail(
+                        UnavailableError(
+                            f"the watch found no range serving a span ({self._hops} hand-offs without an event)"
+                        )
+                    )
+                    return
+                if self._hops > 8:  # hand-offs without events: a map or node catching up
+                    await asyncio.sleep(min(0.5, 0.005 * self._hops) * (0.5 + random.random()))
                 n = self._rr.get(piece.range_id, 0)
                 ep = pool[n % len(pool)]
                 try:
@@ -399,6 +413,7 @@ class ShardedWatcher:
             if not any(intersect(s, e, start, end) for s, e in piece.spans):
                 return None  # not ours (an answer to an older subscription)
             piece.spans = subtract(piece.spans, start, end)
+            self._hops += 1
             addrs = [str(a) for a in resp.get("replicas") or []]
             if status == "moved":
                 rev = int(resp["revision"]) + 1
@@ -457,6 +472,7 @@ class ShardedWatcher:
         piece.events += len(kept)
         self._advance(piece, nxt)
         if kept:
+            self._hops = 0
             self._ready.set()
             self._started.set()
 
@@ -501,4 +517,4 @@ def open_watch(
     return ShardedWatcher(client, frontier, max_buffered)
 
 
-__all__ = ["MAX_FAILURES", "ShardedWatchEvent", "ShardedWatcher", "open_watch"]
+__all__ = ["MAX_FAILURES", "MAX_HOPS", "ShardedWatchEvent", "ShardedWatcher", "open_watch"]
