@@ -20,7 +20,7 @@ from dsys.errors import BadInputError, CompactedError, ConflictError
 from dsys.kv.multi import MultiConfig, MultiRaftServer
 from dsys.kv.rangefsm import RangeStateMachine
 from dsys.kv.sharded import ShardedKVClient
-from dsys.kv.shardedwatch import ShardedWatchEvent, ShardedWatcher
+from dsys.kv.shardedwatch import ShardedWatcher, ShardedWatchEvent
 
 from .helpers import free_ports
 from .test_multiraft import _addrs, _configs, _leaders
@@ -151,29 +151,28 @@ async def test_watch_across_splits_merge_leader_moves_and_a_cursor_resume(tmp_pa
 async def test_merge_keeps_the_targets_history(tmp_path: Path) -> None:
     """A merge does not compact the target: a watch of the target's span from before the
     merge still gets every change (it failed with compacted when a merge cleared it)."""
-    async with _cluster(tmp_path) as servers:
-        async with ShardedKVClient(_addrs(servers)) as kv:
-            r1 = await kv.put("a/1", b"x")
-            _, right = await kv.split(1, "m")
-            await kv.put("z/1", b"y")
-            await _merge_when_allowed(kv, 1, right.range_id)
-            r2 = await kv.put("a/1", b"z")
-            got: list[tuple[int, str, bytes | None]] = []
-            async with kv.watch("a/", start_revision=r1) as w:
-                async for ev in w:
-                    got.append((ev.revision, ev.key, ev.value))
-                    if len(got) == 2:
-                        break
-            assert got == [(r1, "a/1", b"x"), (r2, "a/1", b"z")]
-            # the source's span: its history left with the source, a typed error says so
-            with pytest.raises(CompactedError) as info:
-                async with kv.watch("z/", start_revision=1) as w:
-                    async for _ in w:
-                        pass
-            assert info.value.revision > 1
-            assert info.value.span == ("z/", "z0")  # type: ignore[attr-defined]
-            fsm = servers[0].groups[1].fsm
-            assert isinstance(fsm, RangeStateMachine) and fsm.span_records
+    async with _cluster(tmp_path) as servers, ShardedKVClient(_addrs(servers)) as kv:
+        r1 = await kv.put("a/1", b"x")
+        _, right = await kv.split(1, "m")
+        await kv.put("z/1", b"y")
+        await _merge_when_allowed(kv, 1, right.range_id)
+        r2 = await kv.put("a/1", b"z")
+        got: list[tuple[int, str, bytes | None]] = []
+        async with kv.watch("a/", start_revision=r1) as w:
+            async for ev in w:
+                got.append((ev.revision, ev.key, ev.value))
+                if len(got) == 2:
+                    break
+        assert got == [(r1, "a/1", b"x"), (r2, "a/1", b"z")]
+        # the source's span: its history left with the source, a typed error says so
+        with pytest.raises(CompactedError) as info:
+            async with kv.watch("z/", start_revision=1) as w:
+                async for _ in w:
+                    pass
+        assert info.value.revision > 1
+        assert info.value.span == ("z/", "z0")  # type: ignore[attr-defined]
+        fsm = servers[0].groups[1].fsm
+        assert isinstance(fsm, RangeStateMachine) and fsm.span_records
 
 
 async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
