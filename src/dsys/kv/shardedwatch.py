@@ -276,7 +276,8 @@ class ShardedWatcher:
                 if self._hops > MAX_HOPS:
                     self._fail(
                         UnavailableError(
-                            f"the watch found no range serving a span ({self._hops} hand-offs without an event)"
+                            f"the watch found no range serving a span "
+                            f"({self._hops} hand-offs without an event)"
                         )
                     )
                     return
