@@ -236,3 +236,85 @@ async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
             with pytest.raises(BadInputError):
                 kv.watch("n/", cursor=kv.watch("m/").cursor)
             assert (await kv.get("n/a")) is not None
+
+
+def _serving(servers: list[MultiRaftServer], rid: int) -> MultiRaftServer:
+    """The node whose replica of ``rid`` serves a range watch now."""
+    for s in servers:
+        got = s.watches._hubs.get(rid)
+        if got is not None and got[1].count > 0 and rid in s.groups:
+            return s
+    raise AssertionError(f"no node serves a watch of range {rid}")
+
+
+@pytest.mark.slow
+async def test_watch_across_a_replica_move_and_a_closed_node(tmp_path: Path) -> None:
+    from .test_multiraft_moves import _configs as move_configs
+
+    servers = [MultiRaftServer(c) for c in move_configs(tmp_path, free_ports(4))]
+    try:
+        for s in servers:
+            await s.start()
+        await _leaders(servers, [0, 1])
+        addrs = _addrs(servers)
+        async with ShardedKVClient(addrs) as kv, ShardedKVClient(addrs) as wkv:
+            _, right = await kv.split(1, "w/k4")
+            await _leaders(servers, [right.range_id])
+            acked: Acked = defaultdict(list)
+            maybe: set[tuple[str, bytes]] = set()  # outcome unknown (a node closed)
+            seen: Acked = defaultdict(list)
+            last: list[ShardedWatchEvent] = []
+            keys = [f"w/k{i}" for i in range(8)]
+            stop = asyncio.Event()
+
+            async def writer(n: int) -> None:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    key, val = keys[(i * 3 + n) % len(keys)], f"{n}-{i}".encode()
+                    try:
+                        acked[key].append((await kv.put(key, val), val))
+                    except Exception:
+                        maybe.add((key, val))
+                    await asyncio.sleep(0.005)
+
+            watcher = wkv.watch("w/", start_revision=1)
+            await watcher.start()
+            collect = asyncio.create_task(_collect(watcher, seen, last))
+            writers = [asyncio.create_task(writer(n)) for n in range(2)]
+            await asyncio.sleep(0.5)
+            # move the replica that serves the watch of range 1 away, to n4
+            src = _serving(servers, 1)
+            await kv.move(1, src.config.id, "n4")
+            await asyncio.sleep(0.5)
+            # close the node that serves the watch of the right range
+            gone = _serving(servers, right.range_id)
+            await gone.close()
+            await asyncio.sleep(1.0)
+            stop.set()
+            await asyncio.gather(*writers)
+
+            def complete() -> bool:
+                if collect.done():
+                    collect.result()
+                    raise AssertionError("the watch ended")
+                return all(len(seen[k]) >= len(acked[k]) for k in acked)
+
+            try:
+                await _until(complete, "every acknowledged write delivered", 20.0)
+                await asyncio.sleep(0.3)  # writes of unknown outcome may still come
+            finally:
+                collect.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await collect
+                await watcher.close()
+            for k in keys:
+                revs = [r for r, _ in seen[k]]
+                assert revs == sorted(set(revs)), f"{k}: out of order or duplicated"
+                extra = set(seen[k]) - set(acked[k])
+                assert set(acked[k]) <= set(seen[k]), f"{k}: acknowledged writes missing"
+                assert all((k, v) in maybe for _, v in extra), f"{k}: unknown events {extra}"
+            assert watcher.resumes >= 2, watcher.resumes
+    finally:
+        for s in servers:
+            await s.close()
