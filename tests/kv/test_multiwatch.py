@@ -22,7 +22,7 @@ from dsys.kv.rangefsm import RangeStateMachine
 from dsys.kv.sharded import ShardedKVClient
 from dsys.kv.shardedwatch import ShardedWatcher, ShardedWatchEvent
 
-from .helpers import free_ports
+from .helpers import dsys_kv, free_ports
 from .test_multiraft import _addrs, _configs, _leaders
 
 Acked = dict[str, list[tuple[int, bytes | None]]]
@@ -236,6 +236,25 @@ async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
             with pytest.raises(BadInputError):
                 kv.watch("n/", cursor=kv.watch("m/").cursor)
             assert (await kv.get("n/a")) is not None
+            # a whole prefix over HTTP, fanned in by the node; resumed from a cursor
+            url = f"http://{addrs[2]}/v1/watch"
+            async with http.get(url, params={"prefix": "n/", "start_revision": "1"}) as r:
+                assert r.status == 200
+                first = [json.loads(await r.content.readline()) for _ in range(2)]
+            assert [(x["key"], x["value"]) for x in first] == [("n/a", "1"), ("n/c", "2")]
+            assert first[1]["range"] == right.range_id
+            async with http.get(url, params={"prefix": "n/", "cursor": first[0]["cursor"]}) as r:
+                again = json.loads(await r.content.readline())
+            assert (again["key"], again["revision"]) == ("n/c", first[1]["revision"])
+            async with http.get(url, params={"prefix": "n/", "cursor": "w1.x"}) as r:
+                assert r.status == 400
+            # the CLI, a real process
+            code, out, err = await dsys_kv(
+                "watch", "n/", "--sharded", "--start-revision", "1", "--count", "2",
+                "--cluster", addrs[0],
+            )  # fmt: skip
+            assert code == 0, err
+            assert [json.loads(x)["key"] for x in out.splitlines()] == ["n/a", "n/c"]
 
 
 def _serving(servers: list[MultiRaftServer], rid: int) -> MultiRaftServer:

@@ -800,6 +800,7 @@ class MultiRaftServer:
         r.add_post("/v1/ranges/{id}/leader", self.handle_transfer)
         r.add_get("/v1/ranges/{id}/kv", self.handle_range_scan)
         r.add_get("/v1/ranges/{id}/watch", self.watches.handle_http)
+        r.add_get("/v1/watch", self.watches.handle_prefix_http)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)

@@ -34,6 +34,11 @@ events continue in another range, the watch says precisely where:
   answers as newline-delimited JSON, one line per event ``{"revision", "type", "key",
   "value" | "value_b64", "range"}`` and one per other answer (with ``"status"``).
 
+A whole prefix over HTTP, ``GET /v1/watch?prefix=P&start_revision=R`` (or
+``&cursor=C``), is fanned in by the node itself with the client of
+:mod:`dsys.kv.shardedwatch` (:meth:`RangeWatches.handle_prefix_http`): one NDJSON line
+per event with its ``"range"`` and ``"cursor"``, for ``curl -N``.
+
 Limits: ``max_watches`` per node and ``max_per_ws`` per WebSocket (as the single-group
 hub); bad input is answered ``bad_request`` (HTTP 400) and the node stays up.
 """
@@ -232,6 +237,91 @@ class RangeWatches:
         finally:
             task.cancel()
             self.count -= 1
+        return resp
+
+    async def handle_prefix_http(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/watch?prefix=P&start_revision=R|cursor=C``: a whole prefix as NDJSON.
+
+        The node fans the prefix's range watches in itself, with the client code of
+        :meth:`~dsys.kv.sharded.ShardedKVClient.watch` (over this node and its peers):
+        one line per event with its ``"range"`` and the ``"cursor"`` after it (pass it as
+        ``cursor=`` to resume after that event, on any node), and a last line
+        ``{"error": "compacted", "revision", "start", "end"}`` when a span's events are
+        gone, or ``{"error": "unavailable", ...}``.
+        """
+        from dsys.errors import CompactedError, DsysError
+        from dsys.kv.sharded import ShardedKVClient
+
+        q = request.query
+        start: int | None = None
+        if q.get("start_revision"):
+            try:
+                start = int(q["start_revision"])
+            except ValueError:
+                raise BadInputError("start_revision must be an integer") from None
+        if self.closed:
+            raise ClosedError("node is closing")
+        if self.count >= self.max_watches:
+            raise UnavailableError(
+                f"too many watches on this node (limit {self.max_watches})", retry_after=1.0
+            )
+        s = self.server
+        me = f"{s.config.host}:{s.port}"
+        kv = ShardedKVClient([me, *[a for a in s.nodes.values() if a != me]])
+        try:
+            watcher = kv.watch(q.get("prefix", ""), start_revision=start, cursor=q.get("cursor"))
+        except BadInputError:
+            await kv.close()
+            raise
+        self.count += 1
+        resp = web.StreamResponse(
+            headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"}
+        )
+        try:
+            await resp.prepare(request)
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                try:
+                    while True:
+                        try:
+                            ev = await asyncio.wait_for(watcher.__anext__(), IDLE_CHECK)
+                        except TimeoutError:  # idle: is the client still there?
+                            transport = request.transport
+                            if transport is None or transport.is_closing():
+                                break
+                            continue
+                        except StopAsyncIteration:
+                            break
+                        line: dict[str, Any] = {
+                            "revision": ev.revision,
+                            "type": ev.type,
+                            "key": ev.key,
+                        }
+                        if ev.value is not None:
+                            try:
+                                line["value"] = ev.value.decode("utf-8")
+                            except UnicodeDecodeError:
+                                line["value_b64"] = base64.b64encode(ev.value).decode("ascii")
+                        line["range"] = ev.range_id
+                        line["cursor"] = ev.cursor
+                        await resp.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+                except CompactedError as exc:
+                    span = getattr(exc, "span", (None, None))
+                    err = {
+                        "error": "compacted",
+                        "revision": exc.revision,
+                        "start": span[0],
+                        "end": span[1],
+                        "message": str(exc),
+                    }
+                    await resp.write(json.dumps(err).encode() + b"\n")
+                except DsysError as exc:
+                    err = {"error": "unavailable", "message": str(exc)}
+                    await resp.write(json.dumps(err).encode() + b"\n")
+                await resp.write_eof()
+        finally:
+            self.count -= 1
+            await watcher.close()
+            await kv.close()
         return resp
 
     async def close(self) -> None:
