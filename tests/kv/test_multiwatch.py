@@ -109,6 +109,22 @@ async def test_watch_across_splits_merge_leader_moves_and_a_cursor_resume(tmp_pa
             await asyncio.sleep(0.3)
             _, right2 = await kv.split(right.range_id, "w/k6")  # and three
             await asyncio.sleep(0.3)
+            # a new watch from revision 1 catches up across both splits (events of the
+            # split-off keys up to each split come from the parent, later ones from
+            # the children); it stops once it has everything acknowledged so far
+            upto = {k: sorted(v) for k, v in acked.items()}
+            late: Acked = defaultdict(list)
+            async with wkv.watch("w/", start_revision=1) as w2:
+                catchup = asyncio.create_task(_collect(w2, late, []))
+                try:
+                    await _until(
+                        lambda: catchup.done() or all(len(late[k]) >= len(upto[k]) for k in upto),
+                        "the catch-up watch",
+                    )
+                finally:
+                    catchup.cancel()
+            for k, revs in upto.items():
+                assert late[k][: len(revs)] == revs, f"{k}: catch-up across splits differs"
             # the watcher goes away; a new one resumes from the last event's cursor
             collect.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -148,17 +164,37 @@ async def test_watch_across_splits_merge_leader_moves_and_a_cursor_resume(tmp_pa
             assert watcher.moves >= 2  # the splits were followed
 
 
-async def test_merge_keeps_the_targets_history(tmp_path: Path) -> None:
-    """A merge does not compact the target: a watch of the target's span from before the
-    merge still gets every change (it failed with compacted when a merge cleared it)."""
+async def test_catch_up_across_a_split_and_a_merge_keeps_the_targets_history(
+    tmp_path: Path,
+) -> None:
+    """A watch catches up across a split; a merge does not compact the target: a watch
+    of the target's span from before the merge still gets every change (it failed with
+    compacted when a merge cleared the target's history)."""
     async with _cluster(tmp_path) as servers, ShardedKVClient(_addrs(servers)) as kv:
         r1 = await kv.put("a/1", b"x")
+        rq = await kv.put("q/1", b"q")
         _, right = await kv.split(1, "m")
-        await kv.put("z/1", b"y")
+        rz = await kv.put("z/1", b"y")  # the child's revisions go on from the split's
+        await kv.put("a/2", b"p")  # and so do the parent's
+        await kv.put("a/3", b"p")
+        # a watch from 1 catches up across the split: q/1 from the parent, then the
+        # child from the split on (the parent's later revisions are not the child's)
+        got0: list[tuple[int, str]] = []
+
+        async def five() -> None:
+            async with kv.watch("", start_revision=1) as w:
+                async for ev in w:
+                    got0.append((ev.revision, ev.key))
+                    if len(got0) == 5:
+                        break
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(five(), 10)
+        assert sorted(x for x in got0 if x[1] >= "m") == [(rq, "q/1"), (rz, "z/1")]
         await _merge_when_allowed(kv, 1, right.range_id)
         r2 = await kv.put("a/1", b"z")
         got: list[tuple[int, str, bytes | None]] = []
-        async with kv.watch("a/", start_revision=r1) as w:
+        async with kv.watch("a/1", start_revision=r1) as w:
             async for ev in w:
                 got.append((ev.revision, ev.key, ev.value))
                 if len(got) == 2:
@@ -180,6 +216,7 @@ async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
         addrs = _addrs(servers)
         async with ShardedKVClient(addrs) as kv, aiohttp.ClientSession() as http:
             rev = await kv.put("n/a", b"1")
+            rev_bb = await kv.put("n/bb", b"\xff")  # leaves with the split (not UTF-8)
             _, right = await kv.split(1, "n/b")
             await kv.put("n/c", b"2")
             url = f"http://{addrs[1]}/v1/ranges/1/watch"
@@ -188,22 +225,16 @@ async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
             async with http.get(url, params=params) as r:
                 assert r.status == 200
                 assert r.headers["Content-Type"].startswith("application/x-ndjson")
-                while len(lines) < 3:
+                while len(lines) < 4:
                     lines.append(json.loads(await r.content.readline()))
             assert lines[0]["status"] == "ok"
-            assert lines[1] == {
-                "revision": rev,
-                "type": "put",
-                "key": "n/a",
-                "value": "1",
-                "range": 1,
-            }
-            assert lines[2]["status"] == "moved"
-            assert (lines[2]["start"], lines[2]["end"], lines[2]["range"]) == (
-                "n/b",
-                "n0",
-                right.range_id,
-            )
+            # the event of the part that stays, and the part that moved (either order)
+            event = {"revision": rev, "type": "put", "key": "n/a", "value": "1", "range": 1}
+            assert event in lines
+            bb = {"revision": rev_bb, "type": "put", "key": "n/bb", "value_b64": "/w==", "range": 1}
+            assert lines.index(bb) < next(i for i, x in enumerate(lines) if "status" in x and i)
+            moved = next(x for x in lines if x.get("status") == "moved")
+            assert (moved["start"], moved["end"], moved["range"]) == ("n/b", "n0", right.range_id)
             for bad in ({"start": "b", "end": "a"}, {"start_revision": "x"}):
                 async with http.get(url, params=bad) as r:
                     assert r.status == 400
@@ -240,21 +271,26 @@ async def test_range_watch_ndjson_and_bad_input(tmp_path: Path) -> None:
             url = f"http://{addrs[2]}/v1/watch"
             async with http.get(url, params={"prefix": "n/", "start_revision": "1"}) as r:
                 assert r.status == 200
-                first = [json.loads(await r.content.readline()) for _ in range(2)]
-            assert [(x["key"], x["value"]) for x in first] == [("n/a", "1"), ("n/c", "2")]
-            assert first[1]["range"] == right.range_id
+                first = [json.loads(await r.content.readline()) for _ in range(3)]
+            assert sorted(x["key"] for x in first) == ["n/a", "n/bb", "n/c"]
+            nc = next(x for x in first if x["key"] == "n/c")
+            assert nc["range"] == right.range_id and nc["value"] == "2"
+            # resumed after the first event: the other two, once each
             async with http.get(url, params={"prefix": "n/", "cursor": first[0]["cursor"]}) as r:
-                again = json.loads(await r.content.readline())
-            assert (again["key"], again["revision"]) == ("n/c", first[1]["revision"])
+                again = [json.loads(await r.content.readline()) for _ in range(2)]
+            assert sorted((x["key"], x["revision"]) for x in again) == sorted(
+                (x["key"], x["revision"]) for x in first[1:]
+            )
             async with http.get(url, params={"prefix": "n/", "cursor": "w1.x"}) as r:
                 assert r.status == 400
             # the CLI, a real process
             code, out, err = await dsys_kv(
-                "watch", "n/", "--sharded", "--start-revision", "1", "--count", "2",
+                "watch", "n/", "--sharded", "--start-revision", "1", "--count", "3",
                 "--cluster", addrs[0],
             )  # fmt: skip
             assert code == 0, err
-            assert [json.loads(x)["key"] for x in out.splitlines()] == ["n/a", "n/c"]
+            keys = sorted(json.loads(x)["key"] for x in out.splitlines())
+            assert keys == ["n/a", "n/bb", "n/c"]
 
 
 def _serving(servers: list[MultiRaftServer], rid: int) -> MultiRaftServer:

@@ -15,8 +15,10 @@ events continue in another range, the watch says precisely where:
         "next": 44}                              (everything of the span below 44 seen)
     <- {"id": 7, "status": "progress", "next": 50}
     <- {"id": 7, "status": "moved", "start": "app/m", "end": "app0", "revision": 57,
-        "range": 9, "replicas": ["127.0.0.1:7101", ...]}
-           (events of that sub-span up to 57 were delivered; later ones: range 9)
+        "range": 9, "replicas": ["127.0.0.1:7101", ...], "events": [...]}
+           (the sub-span's last events here, if any, then: every event of it up to 57
+           was delivered; later ones are in range 9. The "next" of later events
+           answers is about the spans still served here only)
     <- {"id": 7, "status": "before", "start": ..., "end": ..., "revision": 40,
         "range": 2}           (read the sub-span from range 2 up to 40 first)
     <- {"id": 7, "status": "compacted", "start": ..., "end": ..., "revision": 60}
@@ -61,6 +63,7 @@ from dsys.kv.multiwatch import (
     MOVED,
     NOT_HERE,
     SERVE,
+    before_end,
     classify,
     common_prefix,
     handoffs_passed,
@@ -348,11 +351,8 @@ class QueueOutbox:
 
 
 def _ndjson(msg: dict[str, Any], range_id: int) -> bytes:
-    if msg.get("status") != "events":
-        line = {k: v for k, v in msg.items() if k not in ("id", "node")}
-        return json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n"
     lines = []
-    for rev, kind, key, value in msg["events"]:
+    for rev, kind, key, value in msg.get("events") or ():
         ev: dict[str, Any] = {"revision": rev, "type": kind, "key": key, "range": range_id}
         if value is not None:
             try:
@@ -360,6 +360,9 @@ def _ndjson(msg: dict[str, Any], range_id: int) -> bytes:
             except UnicodeDecodeError:
                 ev["value_b64"] = base64.b64encode(value).decode("ascii")
         lines.append(json.dumps(ev, ensure_ascii=False).encode("utf-8") + b"\n")
+    if msg.get("status") != "events":  # a moved answer's events come first
+        line = {k: v for k, v in msg.items() if k not in ("id", "node", "events")}
+        lines.append(json.dumps(line, ensure_ascii=False).encode("utf-8") + b"\n")
     return b"".join(lines)
 
 
@@ -403,9 +406,15 @@ class RangeWatch:
             hub._release()
 
     def _moved(
-        self, wid: int, start: str, end: str | None, revision: int, target: int
+        self,
+        wid: int,
+        start: str,
+        end: str | None,
+        revision: int,
+        target: int,
+        events: list[list[Any]] | None = None,
     ) -> dict[str, Any]:
-        return {
+        msg = {
             "id": wid,
             "status": "moved",
             "start": start,
@@ -414,6 +423,9 @@ class RangeWatch:
             "range": target,
             "replicas": self.watches.addrs(target),
         }
+        if events:
+            msg["events"] = events
+        return msg
 
     async def _run(self, wid: int, out: Outbox) -> None:
         g, watches = self.group, self.watches
@@ -462,22 +474,31 @@ class RangeWatch:
             if isinstance(got, Compacted):
                 self._compact_all(wid, out, got.revision)
                 break
-            served = self.served
-            events = [
-                [e.revision, e.type, e.key, e.value] for e in got.events if in_spans(e.key, served)
+            events: list[list[Any]] = [
+                [e.revision, e.type, e.key, e.value]
+                for e in got.events
+                if in_spans(e.key, self.served)
             ]
             self.next_revision = got.next_revision
+            # a sub-span handed on in this step leaves with its last events in the moved
+            # answer: the events answer's "next" (this range's revisions) is only valid
+            # for the spans still served here
+            for r in handoffs_passed(fsm.span_records, self.first, self.next_revision):
+                for s, e in list(self.served):
+                    cut = intersect(s, e, r.start, r.end)
+                    if cut is None:
+                        continue
+                    a, b = cut
+                    mine = [ev for ev in events if a <= ev[2] and before_end(ev[2], b)]
+                    if mine:
+                        events = [ev for ev in events if not (a <= ev[2] and before_end(ev[2], b))]
+                    out.put_nowait(self._moved(wid, a, b, r.revision, r.range_id, mine))
+                    self.served = subtract(self.served, a, b)
             if events:
                 out.put_nowait(
                     {"id": wid, "status": "events", "events": events, "next": got.next_revision}
                 )
                 sent_next, sent_at = got.next_revision, loop.time()
-            for r in handoffs_passed(fsm.span_records, self.first, self.next_revision):
-                for s, e in list(self.served):
-                    cut = intersect(s, e, r.start, r.end)
-                    if cut is not None:
-                        out.put_nowait(self._moved(wid, cut[0], cut[1], r.revision, r.range_id))
-                        self.served = subtract(self.served, cut[0], cut[1])
             if not self.served:
                 break
             if self.next_revision <= fsm.revision:

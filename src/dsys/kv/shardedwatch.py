@@ -413,6 +413,8 @@ class ShardedWatcher:
                 end = str(end)
             if not any(intersect(s, e, start, end) for s, e in piece.spans):
                 return None  # not ours (an answer to an older subscription)
+            if status == "moved" and resp.get("events"):  # the sub-span's last events
+                self._take(piece, resp["events"], 0, [(start, end)])
             piece.spans = subtract(piece.spans, start, end)
             self._hops += 1
             addrs = [str(a) for a in resp.get("replicas") or []]
@@ -451,14 +453,27 @@ class ShardedWatcher:
         except DsysError as exc:
             self._fail(exc)
 
-    def _advance(self, piece: _Piece, nxt: int) -> None:
+    def _advance(
+        self, piece: _Piece, nxt: int, spans: list[tuple[str, str | None]] | None = None
+    ) -> None:
+        if spans is not None:  # a sub-span leaving the piece
+            for s, e in spans:
+                self.frontier = self.frontier.advance(s, e, nxt)
+            return
         if nxt > piece.next_revision:
             piece.next_revision = nxt
             for s, e in piece.spans:
                 self.frontier = self.frontier.advance(s, e, nxt)
 
-    def _take(self, piece: _Piece, events: list[Any], nxt: int) -> None:
-        """Queue pushed events not delivered yet, each with the position after it."""
+    def _take(
+        self,
+        piece: _Piece,
+        events: list[Any],
+        nxt: int,
+        spans: list[tuple[str, str | None]] | None = None,
+    ) -> None:
+        """Queue pushed events not delivered yet, each with the position after it
+        (of the piece's spans, or of ``spans`` only: a sub-span's last events)."""
         low = piece.next_revision
         kept = [ev for ev in events if type(ev[0]) is int and ev[0] >= low]
         for i, (revision, kind, key, value) in enumerate(kept):
@@ -466,12 +481,13 @@ class ShardedWatcher:
                 raise TypeError("malformed event")
             last_of_rev = i + 1 == len(kept) or kept[i + 1][0] != revision
             if last_of_rev:
-                self._advance(piece, revision + 1)
+                self._advance(piece, revision + 1, spans)
             self._queue.append(
                 ShardedWatchEvent(revision, str(kind), key, value, piece.range_id, self.frontier)
             )
         piece.events += len(kept)
-        self._advance(piece, nxt)
+        if spans is None:
+            self._advance(piece, nxt)
         if kept:
             self._hops = 0
             self._ready.set()
