@@ -322,7 +322,8 @@ def classify(
 
     Args:
         records: the range's span records, in the order they were applied.
-        desc_start, desc_end: the range's bounds now.
+        desc_start: the range's first key now.
+        desc_end: the range's end bound now.
         records_floor: records of revisions up to this one were forgotten: a start at
             or below it is compacted wherever records would have mattered.
     """
