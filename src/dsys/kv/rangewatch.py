@@ -404,6 +404,11 @@ class RangeWatch:
             raise
         finally:
             hub._release()
+            w = self.watches
+            got = w._hubs.get(self.range_id)
+            gone = w.server.groups.get(self.range_id) is not self.group
+            if gone and hub.count == 0 and got is not None and got[1] is hub:
+                del w._hubs[self.range_id]  # the replica is gone: forget its hub
 
     def _moved(
         self,
