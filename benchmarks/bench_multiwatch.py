@@ -5,8 +5,7 @@ measured, not the disk; automatic splits and merges off). For each range count R
 fresh cluster: the prefix ``b/`` is split into R ranges, N keys of 100 bytes are written
 (32 puts in flight), then
 
-* **catch-up**: a watch from revision 1 delivers the N events (through the ``before``
-  hand-offs of the split ranges): events/s;
+* **catch-up**: a watch from revision 1 delivers the N events: events/s;
 * **live**: one client puts M keys one at a time while a watch of ``b/`` runs; the time
   from sending a put to its event reaching the watcher (p50, p99; it includes the
   put's commit).

@@ -26,6 +26,7 @@ from dsys.kv.multiwatch import (
     classify,
     common_prefix,
     end_le,
+    handoffs_passed,
     plan,
     prefix_end,
     subtract,
@@ -216,3 +217,14 @@ def test_range_state_machine_records_splits_and_merges_and_keeps_history() -> No
     again = _fsm()
     again.restore(parent.snapshot())
     assert again.span_records == parent.span_records
+
+
+def test_handoffs_passed_includes_splits_applied_after_the_watch_opened() -> None:
+    old = SpanRecord(OUT, "m", None, 4, 2)
+    new = SpanRecord(OUT, "t", None, 7, 3)  # applied by a lagging replica after the open
+    recs = [old, new]
+    # a watch opened at 10 with only `old` known: `new` is below its start, yet passed
+    assert handoffs_passed(recs, 10, 10, frozenset({old})) == [new]
+    # one opened at 5: `new` passes once the watch looked past 7, `old` never (before)
+    assert handoffs_passed(recs, 5, 7, frozenset(recs)) == []
+    assert handoffs_passed(recs, 5, 8, frozenset(recs)) == [new]

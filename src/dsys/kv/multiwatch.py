@@ -398,11 +398,21 @@ def _classify_point(
 
 
 def handoffs_passed(
-    records: Sequence[SpanRecord], low: int, next_revision: int
+    records: Sequence[SpanRecord],
+    low: int,
+    next_revision: int,
+    known: frozenset[SpanRecord] = frozenset(),
 ) -> list[SpanRecord]:
-    """``out`` records a range watch that started at ``low`` has now passed: revision
-    in ``[low, next_revision)`` (every event up to it was looked at)."""
-    return [r for r in records if r.kind == OUT and low <= r.revision < next_revision]
+    """``out`` records a range watch that started at ``low`` has now passed (every event
+    up to their revision was looked at): those with a revision in ``[low,
+    next_revision)``, and those applied since the watch opened (not in ``known``, the
+    records it was classified with: a lagging replica may apply a split the watch's
+    start is already past)."""
+    return [
+        r
+        for r in records
+        if r.kind == OUT and r.revision < next_revision and (r.revision >= low or r not in known)
+    ]
 
 
 def subtract(

@@ -63,6 +63,7 @@ from dsys.kv.multiwatch import (
     MOVED,
     NOT_HERE,
     SERVE,
+    SpanRecord,
     before_end,
     classify,
     common_prefix,
@@ -196,7 +197,9 @@ class RangeWatches:
             fsm.desc.end,
             records_floor=fsm.records_floor,
         )
-        return first, RangeWatch(self, g, start, end, first, pieces)
+        watch = RangeWatch(self, g, start, end, first, pieces)
+        watch.known = frozenset(fsm.span_records)
+        return first, watch
 
     def ws_session(self, out: Outbox) -> RangeWsWatches:
         """The range watches of one WebSocket, answering into ``out``."""
@@ -385,6 +388,8 @@ class RangeWatch:
         self.next_revision = first
         self.pieces = pieces
         self.served: list[tuple[str, str | None]] = []
+        self.known: frozenset[SpanRecord] = frozenset()
+        """The span records the pieces were classified with."""
         self._filter = common_prefix(start, end)
 
     async def run(self, wid: int, out: Outbox) -> None:
@@ -459,6 +464,7 @@ class RangeWatch:
                 assert p.state == NOT_HERE
                 out.put_nowait({"id": wid, "status": "not_here", "start": p.start, "end": p.end})
         hub = watches.hub(g)
+        known = self.known
         loop = asyncio.get_running_loop()
         sent_next, sent_at = self.next_revision, loop.time()
         while self.served:
@@ -488,7 +494,8 @@ class RangeWatch:
             # a sub-span handed on in this step leaves with its last events in the moved
             # answer: the events answer's "next" (this range's revisions) is only valid
             # for the spans still served here
-            for r in handoffs_passed(fsm.span_records, self.first, self.next_revision):
+            passed = handoffs_passed(fsm.span_records, self.first, self.next_revision, known)
+            for r in passed:
                 for s, e in list(self.served):
                     cut = intersect(s, e, r.start, r.end)
                     if cut is None:
