@@ -514,6 +514,7 @@ class RangeWatch:
             if not self.served:
                 break
             if self.next_revision <= fsm.revision:
+                await asyncio.sleep(0)  # more history: let the other watchers run too
                 continue
             if dropped:  # everything this replica had was delivered
                 self._gone(wid, out, fsm)
