@@ -75,6 +75,7 @@ PURE = [
     "kv/multiwatch.py",
     "kv/rangeload.py",
     "kv/placement.py",
+    "kv/tombstones.py",
     "streams/fsm.py",
     "jobs/core.py",
     "jobs/cron.py",

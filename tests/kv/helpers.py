@@ -202,6 +202,19 @@ async def sharded_register_client(
                     history.ok(op, True)
 
 
+async def warm_up(kv: ShardedKVClient, tries: int = 200) -> None:
+    """Wait (bounded) until a freshly started multi-Raft cluster takes a write through
+    ``kv``: a map is served and range 1 has a leader."""
+    for _ in range(tries):
+        try:
+            await kv.refresh()
+            await kv.put("warm", b"1")
+            return
+        except DsysError:
+            await asyncio.sleep(0.1)
+    raise AssertionError("the cluster took no write in time")
+
+
 async def dsys_kv(*args: str) -> tuple[int, str, str]:
     """Run ``python -m dsys kv ARGS`` as a real process: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(

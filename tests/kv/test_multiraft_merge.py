@@ -55,7 +55,7 @@ async def _metrics(server: MultiRaftServer) -> dict[str, float]:
         text = await r.text()
     return {
         m[1]: float(m[2])
-        for m in re.finditer(r"^(dsys_kv_range_\w+\{range=\"\d+\"\}) (\S+)$", text, re.M)
+        for m in re.finditer(r"^(dsys_(?:kv_range|raft)_\w+\{range=\"\d+\"\}) (\S+)$", text, re.M)
     }
 
 
@@ -153,6 +153,17 @@ async def test_cold_neighbours_merge_by_themselves_and_metrics_follow(tmp_path: 
                 for s in servers
             ]
             assert sorted(flags) == [0.0, 0.0, 1.0], flags  # type: ignore[type-var]
+            # the Raft figures of every group, the metadata range too, labelled by range
+            for rid in (0, 1, b.range_id, c.range_id):
+                assert m[f'dsys_raft_term{{range="{rid}"}}'] >= 1, m
+                assert m[f'dsys_raft_commit_index{{range="{rid}"}}'] >= 1, m
+                assert f'dsys_raft_elections_total{{range="{rid}"}}' in m, m
+            assert m['dsys_raft_applied_index{range="0"}'] <= m['dsys_raft_commit_index{range="0"}']
+            raft_leads = [
+                (await _metrics(s)).get(f'dsys_raft_is_leader{{range="{c.range_id}"}}')
+                for s in servers
+            ]
+            assert raft_leads == flags, (raft_leads, flags)
             # idle and small: the three ranges merge back into one, with no admin call
             for _ in range(400):
                 if all(len(s.data_groups()) == 1 for s in servers):
@@ -167,7 +178,10 @@ async def test_cold_neighbours_merge_by_themselves_and_metrics_follow(tmp_path: 
                 assert got is not None and got.value == k.encode()
         # the series of the merged-away ranges are gone (bounded label cardinality)
         m = await _metrics(servers[0])
-        assert {re.sub(r".*range=\"(\d+)\".*", r"\1", k) for k in m} == {"1"}
+        ids = {re.sub(r".*range=\"(\d+)\".*", r"\1", k) for k in m if k.startswith("dsys_kv")}
+        assert ids == {"1"}
+        raft_ids = {re.sub(r".*range=\"(\d+)\".*", r"\1", k) for k in m if "raft" in k}
+        assert raft_ids == {"0", "1"}
         assert m['dsys_kv_range_keys{range="1"}'] == 4.0
         assert m['dsys_kv_range_requests_total{range="1"}'] >= 0
     finally:

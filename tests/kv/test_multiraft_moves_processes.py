@@ -18,7 +18,7 @@ from dsys.errors import DsysError
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports, sharded_register_client
+from .helpers import free_ports, sharded_register_client, warm_up
 from .test_multiraft_processes import Node
 
 pytestmark = pytest.mark.slow
@@ -46,13 +46,7 @@ async def test_moves_splits_and_kill9_on_processes_are_linearizable(
 ) -> None:
     addrs = [n.addr for n in nodes]
     admin = ShardedKVClient(addrs, timeout=30.0)
-    for _ in range(200):
-        try:
-            await admin.refresh()
-            await admin.put("warm", b"1")
-            break
-        except DsysError:
-            await asyncio.sleep(0.1)
+    await warm_up(admin)
     keys = [f"k{i}" for i in range(10)]
     history = History()
     values = itertools.count(1)

@@ -21,7 +21,7 @@ from dsys.errors import DsysError
 from dsys.kv.sharded import ShardedKVClient
 from dsys.testing.linearizability import History, KVModel, check
 
-from .helpers import free_ports, sharded_register_client
+from .helpers import free_ports, sharded_register_client, warm_up
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +79,7 @@ async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
 async def test_kill9_and_splits_on_processes_are_linearizable(nodes: list[Node]) -> None:
     addrs = [n.addr for n in nodes]
     admin = ShardedKVClient(addrs, timeout=30.0)
-    for _ in range(200):
-        try:
-            await admin.refresh()
-            await admin.put("warm", b"1")
-            break
-        except DsysError:
-            await asyncio.sleep(0.1)
+    await warm_up(admin)
     keys = [f"k{i}" for i in range(10)]
     history = History()
     values = itertools.count(1)

@@ -189,6 +189,21 @@ def register(subparsers: Any) -> None:
         help="seconds between rounds of the placement loop that moves replicas and "
         "leaders between nodes (0 = off; replaces the leader balancer when on)",
     )
+    multi.add_argument(
+        "--move-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="seconds a replica move may take before it is given up (its learner removed)",
+    )
+    multi.add_argument(
+        "--down-after",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="with --placement-interval: a node silent this long is down, and its replicas "
+        "are replaced on live nodes (default 300, as CockroachDB's time_until_store_dead)",
+    )
     multi.set_defaults(func=_multi_serve)
 
     for name, help_text in (
@@ -355,6 +370,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _multi_serve(args: argparse.Namespace) -> int:
     from dsys.kv.multi import MultiConfig, serve_multi
+    from dsys.kv.placement import PlacementRules
 
     host, port = parse_listen(args.listen, default_port=7101)
     config = MultiConfig(
@@ -380,6 +396,8 @@ def _multi_serve(args: argparse.Namespace) -> int:
         quiet_ticks=args.quiet_ticks or None,
         initial_replicas=tuple(n for n in args.initial_replicas.split(",") if n) or None,
         placement_interval=args.placement_interval or None,
+        placement_rules=PlacementRules(down_after=args.down_after),
+        move_timeout=args.move_timeout,
     )
     return asyncio.run(serve_multi(config))
 
@@ -413,7 +431,7 @@ async def _ranges_async(args: argparse.Namespace) -> int:
             return 0
         m = await kv.refresh()
         leaders = await kv.range_leaders()
-        moves = await _moves(kv.nodes)
+        moves, nodes = await _cluster_status(kv.nodes)
         if args.json:
             print(
                 json.dumps(
@@ -424,6 +442,7 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                             for r in m
                         ],
                         "moves": moves,
+                        "nodes": nodes,
                     },
                     indent=2,
                 )
@@ -445,14 +464,26 @@ async def _ranges_async(args: argparse.Namespace) -> int:
                 f"move of range {mv['range_id']}: {mv['from']} -> {mv['to']}, "
                 f"step {mv['step']}{caught} (driven by {mv['node']})"
             )
+        for n in nodes:
+            if n["state"] == "down":
+                print(f"node {n['id']} ({n['addr']}): down, its replicas move to live nodes")
+            elif n["state"] != "up":
+                print(f"node {n['id']} ({n['addr']}): {n['state']}")
         return 0
 
 
-async def _moves(nodes: dict[str, str]) -> list[dict[str, Any]]:
-    """The replica moves in progress, as the nodes driving them report them."""
+async def _cluster_status(
+    nodes: dict[str, str],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The replica moves in progress (as the nodes driving them report them) and each
+    node's state: ``up``, ``unreachable`` (it did not answer us) or ``down`` (the
+    metadata leader's placement loop found it silent for ``--down-after`` seconds and
+    replaces its replicas)."""
     import aiohttp
 
     out: list[dict[str, Any]] = []
+    answered: set[str] = set()
+    down: set[str] = set()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as s:
         for node_id, addr in sorted(nodes.items()):
             try:
@@ -460,10 +491,20 @@ async def _moves(nodes: dict[str, str]) -> list[dict[str, Any]]:
                     data = await r.json()
             except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
                 continue
-            for mv in data.get("moves", []) if isinstance(data, dict) else []:
+            if not isinstance(data, dict):
+                continue
+            answered.add(node_id)
+            placement = data.get("placement")
+            if isinstance(placement, dict) and placement.get("metadata_leader"):
+                down.update(n for n in placement.get("down", []) if isinstance(n, str))
+            for mv in data.get("moves", []):
                 if isinstance(mv, dict):
                     out.append({**mv, "node": node_id})
-    return out
+    states = []
+    for node_id, addr in sorted(nodes.items()):
+        state = "down" if node_id in down else "up" if node_id in answered else "unreachable"
+        states.append({"id": node_id, "addr": addr, "state": state})
+    return out, states
 
 
 def _range_row(plain: list[Any]) -> dict[str, Any]:

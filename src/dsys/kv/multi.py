@@ -31,8 +31,11 @@ descriptors a leader sees the metadata range lag behind (a lost report is repair
 ``POST /v1/ranges/{id}/move {"from": A, "to": B}`` moves a replica (learner, snapshot,
 promote, leader transfer, remove: :meth:`MultiRaftServer.move_replica`, steps decided by
 :mod:`dsys.kv.placement`); a node that learns it was removed from a range drops the group
-and deletes its directory. With ``placement_interval`` the metadata leader runs a
-placement loop that moves replicas and leaders between nodes.
+and deletes its directory, after it wrote the range's tombstone to
+``<data_dir>/tombstones`` (:mod:`dsys.kv.tombstones`: stale replicas of a dropped range
+are refused, also after a restart). With ``placement_interval`` the metadata leader runs
+a placement loop that replaces the replicas of nodes down for ``down_after`` seconds,
+and moves replicas (by bytes) and leaders (by request rate) between nodes.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import shutil
 import signal
 import time
@@ -89,12 +93,14 @@ from dsys.kv.fsm import Delete, KeyValue, Put, Result, Tick, encode_command, val
 from dsys.kv.multimerge import RangeUpkeep
 from dsys.kv.placement import (
     MoveStep,
+    NodeLiveness,
     PlacementRules,
     PlacementState,
     RangeInfo,
     ReplicaMove,
     next_move_step,
     plan_leader_transfer,
+    plan_repairs,
     plan_replica_move,
 )
 from dsys.kv.rangefsm import (
@@ -107,8 +113,9 @@ from dsys.kv.rangefsm import (
     SplitResult,
     encode_meta,
     encode_split,
+    snapshot_descriptor,
 )
-from dsys.kv.rangemetrics import RangeCollector
+from dsys.kv.rangemetrics import RangeCollector, RangeSizes
 from dsys.kv.ranges import (
     FIRST_RANGE_ID,
     META_RANGE_ID,
@@ -118,6 +125,7 @@ from dsys.kv.ranges import (
     plan_leader_move,
 )
 from dsys.kv.rangewatch import QueueOutbox, RangeWatches
+from dsys.kv.tombstones import Tombstone, Tombstones
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
 from dsys.raft.messages import (
     AppendRequest,
@@ -146,7 +154,7 @@ from dsys.raft.node import (
 )
 from dsys.raft.sharedwal import GroupLog, SharedWAL
 from dsys.raft.timers import wait_future
-from dsys.raft.wal import FileSnapshotStore, WriteAheadLog
+from dsys.raft.wal import CorruptLogError, FileSnapshotStore, WriteAheadLog, fsync_dir
 
 _FROM_LEADER = (AppendRequest, Heartbeat, SnapshotRequest)
 
@@ -211,7 +219,8 @@ class MultiConfig:
             the metadata leader runs (None: off). It moves replicas and leaders between
             nodes (:mod:`dsys.kv.placement`); with it on, the per-node leader balancer
             is not started.
-        placement_rules: rate limit and cool-down of the placement loop's moves.
+        placement_rules: rate limit and cool-down of the placement loop's moves, the
+            size and load floors, and ``down_after`` (when a silent node is down).
         move_timeout: seconds a replica move may take before it is given up.
     """
 
@@ -592,7 +601,19 @@ class MultiRaftServer:
         """Local replicas dropped after this node learned it was removed from them."""
         self.placement = PlacementState()
         """The placement loop's memory (used on the metadata leader)."""
+        self.liveness = NodeLiveness()
+        """When each node last answered the placement loop (on the metadata leader)."""
+        self.down_nodes: list[str] = []
+        """Nodes the placement loop found down (silent for ``down_after`` seconds)."""
+        self.repairs = 0
+        """Replicas on down nodes this node (as the metadata leader) had replaced."""
+        self.sizes = RangeSizes()
+        """Bytes per local range (cached: the sum is O(keys))."""
         self._tombstones: dict[int, float] = {}  # range -> monotonic time it was dropped
+        self.tombs = self._load_tombstones()
+        """Ranges dropped here, with their epoch then (persisted; see dsys.kv.tombstones)."""
+        self.stale_replicas_refused = 0
+        """Stale replicas of dropped ranges refused (snapshots, splits, restarts)."""
         self._orphans: dict[int, float] = {}  # range -> when we first led it with a learner
         self._streams: set[web.WebSocketResponse] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -681,6 +702,16 @@ class MultiRaftServer:
             ):
                 continue
             self._add_group(rid, self._new_fsm(rid))
+        for g in list(self.groups.values()):
+            if g.initialized and self.tombs.refuses(g.desc):
+                # dropped, then a crash before its directory was gone: the tombstone
+                # was written first, so the replica is stale
+                self.log.warning("stale_replica_removed_at_start", range_id=g.range_id)
+                self.stale_replicas_refused += 1
+                del self.groups[g.range_id]
+                g.node._log_store.close()
+                self._drop_log(g.range_id)
+                shutil.rmtree(self.data / f"r{g.range_id}", ignore_errors=True)
         if self.wal is not None:
             for rid in self.wal.range_ids():
                 if rid not in self.groups:  # its directory was removed: stop pinning
@@ -745,6 +776,12 @@ class MultiRaftServer:
         rid = right.range_id
         if rid in self.groups or self._closed:
             return  # already running (restarted from its own WAL)
+        if self.tombs.refuses(right):
+            # the new range left this node later (moved or merged away): the split is
+            # re-applied from an old log after a restart; do not resurrect it
+            self.stale_replicas_refused += 1
+            self.log.info("stale_split_range_refused", range_id=rid)
+            return
         d = self.data / f"r{rid}"
         if d.exists():
             shutil.rmtree(d)
@@ -1121,6 +1158,7 @@ class MultiRaftServer:
     def ranges_view(self) -> dict[str, Any]:
         """The range map of this node's metadata replica, the nodes, and local groups."""
         m = self.meta.map
+        now = time.monotonic()
         local = []
         for rid in sorted(self.groups):
             g = self.groups[rid]
@@ -1135,6 +1173,8 @@ class MultiRaftServer:
             if isinstance(g.fsm, RangeStateMachine):
                 row["initialized"] = g.fsm.initialized
                 row["keys"] = len(g.fsm)
+                row["bytes"] = self.sizes.get(g, now)
+                row["qps"] = round(self.upkeep.qps(rid, now), 3)
                 row["descriptor"] = g.fsm.desc.to_plain()
                 row["learners"] = list(g.fsm.learners)
             local.append(row)
@@ -1153,10 +1193,11 @@ class MultiRaftServer:
     async def handle_status(self, request: web.Request) -> web.Response:
         """``GET /v1/status``: this node's groups and transport counters."""
         t = self.transport
+        view = self.ranges_view()
         return web.json_response(
             {
                 "id": self.config.id,
-                "ranges": self.ranges_view()["local"],
+                "ranges": view["local"],
                 "frames_sent": t.frames_sent,
                 "messages_sent": t.messages_sent,
                 "dropped": t.dropped,
@@ -1165,7 +1206,9 @@ class MultiRaftServer:
                 "wal": self.wal_stats(),
                 "replica_moves": self.replica_moves,
                 "removed_ranges": self.removed_ranges,
-                "moves": self.ranges_view()["moves"],
+                "stale_replicas_refused": self.stale_replicas_refused,
+                "moves": view["moves"],
+                "placement": self.placement_view(),
             }
         )
 
@@ -1713,7 +1756,8 @@ class MultiRaftServer:
                 and known.epoch.conf_ver > g.desc.epoch.conf_ver
                 and not g.node.is_leader
             ):
-                self._tasks.append(asyncio.create_task(self._drop_group(g.range_id)))
+                drop = self._drop_group(g.range_id, known.epoch)
+                self._tasks.append(asyncio.create_task(drop))
 
     async def _drop_orphan_learners(self) -> None:
         """On a leader: remove a learner no move drives any more (its leader changed
@@ -1734,11 +1778,14 @@ class MultiRaftServer:
             await self._report_range(g)
             return
 
-    async def _drop_group(self, range_id: int) -> None:
-        """Stop the local replica of ``range_id`` and delete its data directory."""
+    async def _drop_group(self, range_id: int, known: Epoch | None = None) -> None:
+        """Stop the local replica of ``range_id`` and delete its data directory, after
+        its tombstone is on disk (with ``known``, the map's epoch, if newer)."""
         g = self.groups.pop(range_id, None)
         if g is None:
             return
+        if g.initialized:
+            self.bury(range_id, max(g.desc.epoch, known or g.desc.epoch))
         now = time.monotonic()
         window = self._tombstone_window()
         # only recent drops matter (see _tombstoned): forget the older ones
@@ -1760,12 +1807,74 @@ class MultiRaftServer:
         """Seconds a dropped range's late messages are ignored."""
         return max(3.0, 10 * self.config.tick_interval * self.config.election_tick)
 
+    def _tombstone_path(self) -> Path:
+        return self.data / "tombstones"
+
+    def _load_tombstones(self) -> Tombstones:
+        path = self._tombstone_path()
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return Tombstones()
+        try:
+            return Tombstones.decode(data)
+        except BadInputError as exc:
+            raise CorruptLogError(f"{path}: {exc}") from None
+
+    def bury(self, range_id: int, epoch: Epoch, *, merged: bool = False) -> None:
+        """Record that the local replica of ``range_id`` (at ``epoch``) is dropped, on
+        disk (write, fsync, rename, fsync the directory) before its data goes."""
+        if not self.tombs.add(Tombstone(range_id, epoch, merged)):
+            return
+        path = self._tombstone_path()
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(self.tombs.encode())
+            f.flush()
+            if self.config.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.config.fsync:
+            fsync_dir(self.data)
+
+    def _may_create(self, range_id: int) -> bool:
+        """Whether a leader's message may create an empty replica of ``range_id``: not
+        merged away, not dropped moments ago, and if dropped before, only once our
+        metadata replica shows this node among its replicas at a newer epoch (moved
+        back here)."""
+        if range_id == META_RANGE_ID or self._closed or self._tombstoned(range_id):
+            return False
+        t = self.tombs.get(range_id)
+        if t is None:
+            return True
+        known = self.meta.map.get(range_id)
+        return known is not None and self.config.id in known.replicas and not t.refuses(known)
+
+    def _refuse_stale(self, range_id: int, g: Group | None, msgs: list[Message]) -> list[Message]:
+        """``msgs`` without the snapshots that would make an empty replica of a dropped
+        range stale (their descriptor is older than its tombstone)."""
+        if (g is not None and g.initialized) or range_id not in self.tombs:
+            return msgs
+        out = []
+        for m in msgs:
+            if isinstance(m, SnapshotRequest):
+                desc = snapshot_descriptor(m.snapshot.data)
+                if desc is None or self.tombs.refuses(desc):
+                    self.stale_replicas_refused += 1
+                    self.log.info("stale_snapshot_refused", range_id=range_id, src=m.src)
+                    continue
+            out.append(m)
+        return out
+
     async def _placer(self, interval: float) -> None:
-        """The placement loop: on the metadata leader only, one replica move (or else one
-        leader transfer) per round, decided by :mod:`dsys.kv.placement`."""
+        """The placement loop: on the metadata leader only, the repairs of replicas on
+        down nodes, else one replica move (or else one leader transfer) per round,
+        decided by :mod:`dsys.kv.placement`."""
         while True:
             await asyncio.sleep(interval)
             if not self.groups[META_RANGE_ID].node.is_leader:
+                self.liveness.reset()  # a later term of leadership starts over
+                self.down_nodes = []
                 continue
             try:
                 await self._place_once()
@@ -1813,35 +1922,70 @@ class MultiRaftServer:
                 replicas, learners = d.replicas, tuple(lead[1].get("learners", ()))
             if desc.range_id in busy and not learners:
                 learners = replicas  # a move is under way: not a candidate
-            size = max((int(r.get("keys", 0)) for _, r in mine), default=0)
+            size = max((int(r.get("bytes", 0)) for _, r in mine), default=0)
+            qps = float(lead[1].get("qps", 0.0)) if lead else 0.0
             out.append(
-                RangeInfo(desc.range_id, replicas, size, lead[0] if lead else None, learners)
+                RangeInfo(desc.range_id, replicas, size, lead[0] if lead else None, learners, qps)
             )
         return out
 
+    def placement_view(self) -> dict[str, Any]:
+        """What the placement loop knows (meaningful on the metadata leader only): the
+        down nodes, the seconds since each node last answered, the repairs in flight."""
+        now = time.monotonic()
+        live = self.liveness
+        silent = {
+            n: round(now - live.seen.get(n, live.since), 1)
+            for n in sorted(self.nodes)
+            if live.since is not None
+        }
+        return {
+            "metadata_leader": self.groups[META_RANGE_ID].node.is_leader,
+            "down": list(self.down_nodes),
+            "silent_for": silent,
+            "repairing": sorted(self.placement.repairing),
+            "repairs": self.repairs,
+        }
+
     async def _place_once(self) -> None:
         views = await self._gather_status()
-        infos = self.range_infos(views)
-        alive = sorted(views)
         now = time.monotonic()
         rules = self.config.placement_rules
+        self.liveness.observe(views, now)
+        down = self.liveness.down(self.nodes, now, rules.down_after)
+        if down != self.down_nodes:
+            self.log.warning("placement_nodes_down", down=down, was=self.down_nodes)
+            self.down_nodes = down
+        infos = self.range_infos(views)
+        alive = sorted(views)
         st = self.placement
         st.forget_before(now - max(rules.interval, rules.cooldown))
-        move = plan_replica_move(infos, alive, now=now, state=st, rules=rules)
+        for m in plan_repairs(infos, alive, down, state=st, rules=rules):
+            st.record(now, m, repair=True)
+            self.log.info("placement_repair", range_id=m.range_id, dead=m.src, dst=m.dst)
+            self._tasks.append(asyncio.create_task(self._run_placement_move(m, repair=True)))
+        # balancing waits while a node is down (its replicas are being replaced)
+        move = None if down else plan_replica_move(infos, alive, now=now, state=st, rules=rules)
         if move is not None:
             st.record(now, move)
             self.log.info("placement_move", range_id=move.range_id, src=move.src, dst=move.dst)
             self._tasks.append(asyncio.create_task(self._run_placement_move(move)))
             return
-        transfer = plan_leader_transfer([i for i in infos if not i.learners], alive)
+        transfer = plan_leader_transfer(
+            [i for i in infos if not i.learners], alive, rules=rules, now=now, state=st
+        )
         if transfer is not None:
             rid, to = transfer
+            st.transferred(now, rid, next(i.qps for i in infos if i.range_id == rid))
             self.log.info("placement_leader_transfer", range_id=rid, to=to)
             await self.transfer_range_leader(rid, to)
 
-    async def _run_placement_move(self, move: ReplicaMove) -> None:
+    async def _run_placement_move(self, move: ReplicaMove, *, repair: bool = False) -> None:
         try:
             await self.move_replica(move.range_id, move.src, move.dst)
+            if repair:
+                self.repairs += 1
+                self.log.info("placement_repaired", range_id=move.range_id, dead=move.src)
         except DsysError as exc:
             self.log.info("placement_move_failed", range_id=move.range_id, error=str(exc))
         except Exception:  # a bug: log it
@@ -1913,13 +2057,11 @@ class MultiRaftServer:
                 if m.src != src or m.dst != me:
                     raise RemoteProtocolError("message src/dst do not match the connection")
             g = self.groups.get(item[0])
+            msgs = self._refuse_stale(item[0], g, msgs)
             if (
                 g is None
-                and item[0] != META_RANGE_ID
-                and item[0] not in self.upkeep.tombstones
-                and not self._closed
-                and not self._tombstoned(item[0])
                 and any(isinstance(m, _FROM_LEADER) for m in msgs)
+                and self._may_create(item[0])
             ):
                 g = self._add_empty_replica(item[0])
             checked.append((g, msgs))

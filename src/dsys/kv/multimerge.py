@@ -58,7 +58,7 @@ from dsys.kv.rangefsm import (
     encode_merge,
 )
 from dsys.kv.rangeload import RangeLoad, RangeStats, merged_away, plan_merge
-from dsys.kv.ranges import META_RANGE_ID, RangeDescriptor
+from dsys.kv.ranges import META_RANGE_ID, Epoch, RangeDescriptor
 from dsys.raft.node import TOKEN_HEADER, token_ok
 
 if TYPE_CHECKING:
@@ -77,8 +77,6 @@ class RangeUpkeep:
         cfg = server.config
         self.loads: dict[int, RangeLoad] = {}
         """Requests this node served per range (as its leader), for splits by load."""
-        self.tombstones: set[int] = set()
-        """Ranges merged away here: never recreated from a stray message."""
         self.merges = 0
         """Merges this node committed as the source's leader."""
         self.load_splits = 0
@@ -125,10 +123,17 @@ class RangeUpkeep:
         )
         self.remove(source.range_id)
 
+    @property
+    def tombstones(self) -> set[int]:
+        """Ranges merged away here: never recreated (persisted, see ``server.tombs``)."""
+        return {t.range_id for t in self.server.tombs if t.merged}
+
     def remove(self, rid: int) -> None:
-        """Stop range ``rid``'s local replica and delete its data; ``rid`` is tombstoned."""
+        """Stop range ``rid``'s local replica and delete its data; ``rid`` is tombstoned
+        (on disk first)."""
         s = self.server
-        self.tombstones.add(rid)
+        g = s.groups.get(rid)
+        s.bury(rid, g.desc.epoch if g is not None and g.initialized else Epoch(0, 0), merged=True)
         self.loads.pop(rid, None)
         self._cold_since.pop(rid, None)
         self._applied.pop(rid, None)
@@ -148,6 +153,11 @@ class RangeUpkeep:
             g.node._log_store.close()
             s._drop_log(rid)
             shutil.rmtree(d, ignore_errors=True)
+
+    def qps(self, range_id: int, now: float) -> float:
+        """Requests per second this node served for ``range_id`` over the load window."""
+        load = self.loads.get(range_id)
+        return load.qps(now) if load is not None else 0.0
 
     def frozen(self, g: Group) -> bool:
         """Whether ``g`` is frozen by a merge (it serves no reads nor writes)."""
@@ -177,7 +187,7 @@ class RangeUpkeep:
         s = self.server
         src, tgt = s.groups.get(right_id), s.groups.get(left_id)
         if src is None or not src.initialized or tgt is None or not tgt.initialized:
-            gone = [r for r in (left_id, right_id) if r in self.tombstones]
+            gone = [r for r in (left_id, right_id) if s.tombs.merged(r)]
             if gone:
                 raise BadInputError(f"range {gone[0]} was merged away")
             meta_leads = s.groups[META_RANGE_ID].node.is_leader

@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import msgpack
 from sortedcontainers import SortedDict
 
 from dsys.codec import decode, encode
@@ -505,6 +506,19 @@ class RangeStateMachine(KVStateMachine):
         self.initialized = True
 
 
+def snapshot_descriptor(data: bytes) -> RangeDescriptor | None:
+    """The descriptor at the front of a :meth:`RangeStateMachine.snapshot`, read without
+    decoding the rest (None if ``data`` is not a range snapshot)."""
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=True, max_buffer_size=len(data) + 1)
+    unpacker.feed(data)
+    try:
+        if unpacker.read_array_header() < 2:
+            return None
+        return RangeDescriptor.from_plain(unpacker.unpack())
+    except (ValueError, msgpack.UnpackException, RemoteProtocolError):
+        return None
+
+
 def _merge_state(v: Any) -> tuple[tuple[int, int] | None, set[int]]:
     """``(merging, absorbed)`` of a range snapshot's third element (None: no merge state)."""
     if v is None:
@@ -646,4 +660,5 @@ __all__ = [
     "encode_split",
     "merge_sessions",
     "replicas_after",
+    "snapshot_descriptor",
 ]
