@@ -72,6 +72,7 @@ PURE = [
     "kv/fsm.py",
     "kv/ranges.py",
     "kv/rangefsm.py",
+    "kv/multiwatch.py",
     "kv/rangeload.py",
     "kv/placement.py",
     "kv/tombstones.py",

@@ -10,6 +10,7 @@
     dsys kv del KEY --cluster ...
     dsys kv status --cluster ...
     dsys kv watch PREFIX [--start-revision R] --cluster ...   # one JSON line per change
+    dsys kv watch PREFIX --sharded [--cursor C] --cluster ...  # on a multi-Raft cluster
     dsys kv multi-serve --id n1 --listen ... --peer ... --data-dir ./n1   # multi-Raft node
     dsys kv ranges --cluster ...              # the range map of a multi-Raft cluster
     dsys kv split RANGE_ID KEY --cluster ...  # split a range (multi-Raft)
@@ -334,6 +335,18 @@ def register(subparsers: Any) -> None:
         default=os.environ.get("DSYS_KV_CLUSTER", "127.0.0.1:7101"),
         help="comma-separated HOST:PORT list of servers",
     )
+    watch.add_argument(
+        "--sharded",
+        action="store_true",
+        help="the cluster is a multi-Raft one (dsys kv multi-serve): each line also has "
+        'the "range" that served it and the "cursor" after it',
+    )
+    watch.add_argument(
+        "--cursor",
+        default=None,
+        metavar="C",
+        help="with --sharded: resume after the event whose cursor this is",
+    )
     watch.set_defaults(func=_watch)
 
 
@@ -639,6 +652,10 @@ async def _watch_async(args: argparse.Namespace) -> int:
     if args.start_revision is not None and args.start_revision < 0:
         raise ConfigError("--start-revision must be >= 0")
     endpoints = [e for e in args.cluster.split(",") if e.strip()]
+    if args.sharded:
+        return await _watch_sharded(args, endpoints)
+    if args.cursor is not None:
+        raise ConfigError("--cursor needs --sharded")
     printed = 0
     async with KVClient(endpoints) as kv:
         try:
@@ -650,6 +667,29 @@ async def _watch_async(args: argparse.Namespace) -> int:
                 )
                 async for ev in changes:
                     print(json.dumps(_event_line(ev), ensure_ascii=False), flush=True)
+                    printed += 1
+                    if args.count is not None and printed >= args.count:
+                        break
+        except CompactedError as exc:
+            print(f"dsys: {exc}", file=sys.stderr)
+            return 2
+    return 0
+
+
+async def _watch_sharded(args: argparse.Namespace, endpoints: list[str]) -> int:
+    from dsys.kv.sharded import ShardedKVClient
+
+    printed = 0
+    async with ShardedKVClient(endpoints) as kv:
+        try:
+            watch = kv.watch(args.prefix, start_revision=args.start_revision, cursor=args.cursor)
+            async with watch as changes:
+                print(f"watching {args.prefix!r} on a multi-Raft cluster", file=sys.stderr)
+                async for ev in changes:
+                    line = _event_line(WatchEvent(ev.revision, ev.type, ev.key, ev.value))
+                    line["range"] = ev.range_id
+                    line["cursor"] = ev.cursor
+                    print(json.dumps(line, ensure_ascii=False), flush=True)
                     printed += 1
                     if args.count is not None and printed >= args.count:
                         break

@@ -124,6 +124,7 @@ from dsys.kv.ranges import (
     check_epoch,
     plan_leader_move,
 )
+from dsys.kv.rangewatch import QueueOutbox, RangeWatches
 from dsys.kv.tombstones import Tombstone, Tombstones
 from dsys.observability import Metrics, add_observability_routes, get_logger, start_site
 from dsys.raft.messages import (
@@ -621,6 +622,8 @@ class MultiRaftServer:
         self.upkeep = RangeUpkeep(self)
         """Merges, splits by load and the removal of merged-away replicas."""
         self.metrics.registry.register(RangeCollector(self))
+        self.watches = RangeWatches(self)
+        """Range watches served here (:mod:`dsys.kv.rangewatch`)."""
         self._open_groups()
         self.app = self._build_app()
         self._runner: web.AppRunner | None = None
@@ -833,6 +836,8 @@ class MultiRaftServer:
         r.add_post("/v1/ranges/{id}/move", self.handle_move)
         r.add_post("/v1/ranges/{id}/leader", self.handle_transfer)
         r.add_get("/v1/ranges/{id}/kv", self.handle_range_scan)
+        r.add_get("/v1/ranges/{id}/watch", self.watches.handle_http)
+        r.add_get("/v1/watch", self.watches.handle_prefix_http)
         r.add_get("/v1/status", self.handle_status)
         r.add_get("/v1/ws", self.handle_ws)
         r.add_get(MULTI_PATH, self.handle_peer_stream)
@@ -875,6 +880,7 @@ class MultiRaftServer:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        await self.watches.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -1066,10 +1072,12 @@ class MultiRaftServer:
         :mod:`dsys.kv.api` (``ws_write_answer``, ``not_leader`` with the leader's
         address, ``wrong_range`` with the node's descriptors, ``bad_request``).
         At most ``MAX_WS_INFLIGHT`` requests of one connection are in flight.
+        ``watch``/``unwatch`` open and close range watches (:mod:`dsys.kv.rangewatch`).
         """
         ws = web.WebSocketResponse(max_msg_size=MAX_WS_FRAME, heartbeat=30.0)
         await ws.prepare(request)
         out: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        watches = self.watches.ws_session(QueueOutbox(out))
         room = asyncio.Semaphore(MAX_WS_INFLIGHT)
         tasks: set[asyncio.Task[None]] = set()
         writer = asyncio.create_task(_ws_writer(ws, out))
@@ -1094,11 +1102,15 @@ class MultiRaftServer:
                     out.put_nowait(_ws_error(None, "bad_request", str(exc)))
                     continue
                 for req in reqs:
+                    if isinstance(req, dict) and req.get("op") in ("watch", "unwatch"):
+                        watches.handle(req)
+                        continue
                     await room.acquire()
                     t = asyncio.create_task(run(req))
                     tasks.add(t)
                     t.add_done_callback(tasks.discard)
         finally:
+            watches.close()
             for t in list(tasks):
                 t.cancel()
             writer.cancel()

@@ -26,8 +26,11 @@ A data range's replicas apply the KV commands of :mod:`dsys.kv.fsm` through a
   final state (a snapshot) and the target's expected ``version``; applying it at index
   *j* (the same on every replica) absorbs the source's keys, revision, clock and
   sessions, and sets ``version = max + 1``. ``on_merge`` then tells the host to stop the
-  source's group. A commit the target refuses (its ``version`` moved on) can never
-  succeed later, so the source may then :class:`RollbackMerge` and take writes again.
+  source's group. The target keeps its own change history (its watchers go on) and
+  records that the source's span has no events up to the source's revision here (a
+  ``floor`` span record, :mod:`dsys.kv.multiwatch`). A commit the target refuses (its
+  ``version`` moved on) can never succeed later, so the source may then
+  :class:`RollbackMerge` and take writes again.
 * A committed Raft configuration entry (a replica added as learner, promoted, or
   removed) reaches :meth:`RangeStateMachine.apply_conf`: the descriptor's replicas
   become the configuration's voters and learners, and ``conf_ver`` bumps (every step of
@@ -53,6 +56,7 @@ from sortedcontainers import SortedDict
 from dsys.codec import decode, encode
 from dsys.errors import RemoteProtocolError
 from dsys.kv.fsm import SNAPSHOT_MAX_BYTES, KVStateMachine, Result, Sessions
+from dsys.kv.multiwatch import FLOOR, ORIGIN, OUT, SpanRecord
 from dsys.kv.ranges import FIRST_RANGE_ID, Epoch, RangeDescriptor, RangeMap, split_descriptor
 from dsys.raft.messages import ConfState
 
@@ -62,6 +66,10 @@ _COMMIT_MERGE = 12
 _ROLLBACK_MERGE = 13
 _REPORT = 20
 _ALLOC = 21
+
+MAX_SPAN_RECORDS = 256
+"""Span records a range keeps for watchers (:mod:`dsys.kv.multiwatch`); older ones are
+forgotten and ``records_floor`` rises to their revision."""
 
 SPLIT_INIT_INDEX = 5
 """Log index (and term) at which a range made by a split starts on every replica.
@@ -279,6 +287,16 @@ class RangeStateMachine(KVStateMachine):
         """Ids of the ranges merged into this one (a repeated commit is answered ok)."""
         self.on_merge: MergeHook | None = None
         """Set by the host: stop the source's group once a merge was committed here."""
+        self.span_records: list[SpanRecord] = []
+        """Where spans' events live around splits and merges (for watchers), in order."""
+        self.records_floor = 0
+        """Span records up to this revision were forgotten (bounded list)."""
+
+    def _record(self, rec: SpanRecord) -> None:
+        self.span_records.append(rec)
+        if len(self.span_records) > MAX_SPAN_RECORDS:
+            gone = self.span_records.pop(0)
+            self.records_floor = max(self.records_floor, gone.revision)
 
     def size_bytes(self) -> int:
         """Bytes of the keys and values this replica holds (O(keys): for metrics)."""
@@ -363,10 +381,9 @@ class RangeStateMachine(KVStateMachine):
         self.sessions = merge_sessions(self.sessions, other.sessions)
         self.revision = max(self.revision, other.revision)
         self.clock_ms = max(self.clock_ms, other.clock_ms)
-        # the change history of the source is not carried: watchers resume above here
-        self._history.clear()
-        self._hbytes = 0
-        self.compacted_revision = self.revision
+        # this range's own history stays (its watchers go on); the source's history is
+        # not carried: its span's events up to the source's revision are not here
+        self._record(SpanRecord(FLOOR, src.start, src.end, other.revision, src.range_id))
         merged = replace(
             desc,
             end=src.end,
@@ -429,6 +446,9 @@ class RangeStateMachine(KVStateMachine):
         child.revision = self.revision
         child.clock_ms = self.clock_ms
         child.compacted_revision = self.revision
+        # watchers: the right half's events up to here are in this range, later ones there
+        child._record(SpanRecord(ORIGIN, at, desc.end, self.revision, desc.range_id))
+        self._record(SpanRecord(OUT, at, desc.end, self.revision, cmd.new_range_id))
         child.sessions = Sessions(
             max_clients=self.sessions.max_clients, per_client=self.sessions.per_client
         )
@@ -453,11 +473,13 @@ class RangeStateMachine(KVStateMachine):
     # -- snapshots --------------------------------------------------------------------
 
     def snapshot(self) -> bytes:
-        """The KV snapshot with the descriptor in front, then the merge state and the
-        learners: ``[descriptor, kv, [merging, absorbed], learners]``."""
+        """The KV snapshot with the descriptor in front, then the merge state, the
+        learners and the span records: ``[descriptor, kv, [merging, absorbed], learners,
+        [records, records_floor]]``."""
         merge = [list(self.merging) if self.merging else None, sorted(self.absorbed)]
+        spans = [[r.to_plain() for r in self.span_records], self.records_floor]
         return encode(
-            [self.desc.to_plain(), super().snapshot(), merge, list(self.learners)],
+            [self.desc.to_plain(), super().snapshot(), merge, list(self.learners), spans],
             max_size=SNAPSHOT_MAX_BYTES,
         )
 
@@ -468,16 +490,18 @@ class RangeStateMachine(KVStateMachine):
             RemoteProtocolError: the snapshot is malformed.
         """
         v = decode(data, max_size=SNAPSHOT_MAX_BYTES)
-        if not isinstance(v, list) or len(v) not in (2, 3, 4) or type(v[1]) is not bytes:
+        if not isinstance(v, list) or len(v) not in (2, 3, 4, 5) or type(v[1]) is not bytes:
             raise RemoteProtocolError("malformed range snapshot")
-        learners = v[3] if len(v) == 4 else []
+        learners = v[3] if len(v) >= 4 else []
         if not isinstance(learners, list) or not all(type(x) is str for x in learners):
             raise RemoteProtocolError("malformed range snapshot: learners")
         desc = RangeDescriptor.from_plain(v[0])
         merging, absorbed = _merge_state(v[2] if len(v) >= 3 and v[2] is not None else None)
+        records, records_floor = _span_records(v[4] if len(v) == 5 else None)
         super().restore(v[1])
         self.desc = desc
         self.merging, self.absorbed = merging, absorbed
+        self.span_records, self.records_floor = records, records_floor
         self.learners = tuple(learners)
         self.initialized = True
 
@@ -512,6 +536,23 @@ def _merge_state(v: Any) -> tuple[tuple[int, int] | None, set[int]]:
     if not isinstance(m, list) or len(m) != 2 or not all(type(x) is int for x in m):
         raise RemoteProtocolError("malformed merge state in a range snapshot")
     return (m[0], m[1]), set(v[1])
+
+
+def _span_records(v: Any) -> tuple[list[SpanRecord], int]:
+    """``(records, records_floor)`` of a range snapshot's fifth element."""
+    if v is None:
+        return [], 0
+    if (
+        not isinstance(v, list)
+        or len(v) != 2
+        or not isinstance(v[0], list)
+        or type(v[1]) is not int
+    ):
+        raise RemoteProtocolError("malformed span records in a range snapshot")
+    try:
+        return [SpanRecord.from_plain(r) for r in v[0]], v[1]
+    except ValueError as exc:
+        raise RemoteProtocolError(str(exc)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from dsys.kv.fsm import validate_key
 from dsys.kv.multi import RANGE_HEADER
 from dsys.kv.rangefsm import contiguous_runs
 from dsys.kv.ranges import RangeDescriptor, RangeMap
+from dsys.kv.shardedwatch import ShardedWatcher, open_watch
 from dsys.raft.node import TOKEN_HEADER
 
 
@@ -395,6 +396,32 @@ class ShardedKVClient:
             self.leaders.pop(right_id, None)
             await self._pause(attempt, deadline)
         raise UnavailableError(f"merge of ranges {left_id} and {right_id} did not succeed in time")
+
+    def watch(
+        self,
+        prefix: str = "",
+        *,
+        start_revision: int | None = None,
+        cursor: str | None = None,
+        max_buffered: int = 1000,
+    ) -> ShardedWatcher:
+        """Every change of keys under ``prefix``: per key in revision order, exactly once,
+        across splits, merges, moves and reconnects (see :mod:`dsys.kv.shardedwatch`).
+
+        Args:
+            prefix: only keys starting with this ("" = every key).
+            start_revision: the first revision wanted in every range; None or 0 = from
+                each range's next change.
+            cursor: resume after the event whose ``cursor`` this is (not with
+                ``start_revision``).
+            max_buffered: events held for a slow consumer before range watches pause.
+
+        Raises:
+            BadInputError: bad prefix, start revision or cursor.
+        """
+        return open_watch(
+            self, prefix, start_revision=start_revision, cursor=cursor, max_buffered=max_buffered
+        )
 
     # -- the request loop -------------------------------------------------------------
 
