@@ -225,7 +225,11 @@ async def test_leaders_spread_over_the_nodes(cluster: list[MultiRaftServer]) -> 
     async with ShardedKVClient(_addrs(cluster)) as kv:
         for key in ["b", "d", "f", "h", "j"]:
             await kv.split((await kv.locate(key)).range_id, key)
-    ids = [g.range_id for g in cluster[0].data_groups()]
+    for _ in range(250):  # a follower learns the last commit with the next message
+        ids = [g.range_id for g in cluster[0].data_groups()]
+        if len(ids) == 6:
+            break
+        await asyncio.sleep(0.02)
     assert len(ids) == 6
     counts: list[int] = []
     for _ in range(600):  # balancing moves one leader per node every 0.2 s

@@ -18,8 +18,7 @@ from dsys.errors import DsysError
 from dsys.kv.ranges import RangeDescriptor
 from dsys.kv.sharded import ShardedKVClient
 
-from .helpers import dsys_kv, free_ports, status, warm_up
-from .test_multiraft_processes import Node
+from .helpers import Proc, dsys_kv, running_multi_procs, status, warm_up
 
 pytestmark = pytest.mark.slow
 
@@ -28,28 +27,22 @@ DOWN_AFTER = 2.0
 
 
 @pytest.fixture
-async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
-    ports = dict(zip(IDS, free_ports(4), strict=True))
-    ns = [Node(i, ports, tmp_path) for i in IDS]
-    for n in ns:
-        n.args += [
-            "--initial-replicas",
-            "n1,n2,n3",
-            "--placement-interval",
-            "0.3",
-            "--down-after",
-            str(DOWN_AFTER),
-            "--move-timeout",
-            "10",
-            "--merge-keys",
-            "0",
-        ]
-        n.start()
-    try:
-        yield ns
-    finally:
-        for n in ns:
-            n.kill9()
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Proc]]:
+    async with running_multi_procs(
+        tmp_path,
+        len(IDS),
+        "--initial-replicas",
+        "n1,n2,n3",
+        "--placement-interval",
+        "0.3",
+        "--down-after",
+        str(DOWN_AFTER),
+        "--move-timeout",
+        "10",
+        "--merge-keys",
+        "0",
+    ) as procs:
+        yield procs
 
 
 async def _until(what: str, limit_s: float, cond: Any) -> Any:
@@ -66,10 +59,10 @@ async def _until(what: str, limit_s: float, cond: Any) -> Any:
 
 @pytest.mark.timeout(180)
 async def test_replicas_of_a_node_that_stays_down_are_replaced(
-    nodes: list[Node], tmp_path: Path
+    nodes: list[Proc], tmp_path: Path
 ) -> None:
     addrs = [n.addr for n in nodes]
-    by_id = {n.id: n for n in nodes}
+    by_id = {n.cfg.id: n for n in nodes}
     acked: dict[str, bytes] = {}
     kv = ShardedKVClient(addrs, timeout=30.0)
     try:
@@ -119,14 +112,14 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
         async def repaired() -> list[RangeDescriptor] | None:
             with contextlib.suppress(DsysError):
                 m = list(await kv.refresh())
-                if all(victim.id not in r.replicas and len(r.replicas) == 3 for r in m):
+                if all(victim.cfg.id not in r.replicas and len(r.replicas) == 3 for r in m):
                     return m
             return None
 
         # `dsys kv ranges` shows the node down while its replicas move
         async def shown_down() -> str | None:
             rc, out, _ = await dsys_kv("ranges", "--cluster", ",".join(addrs))
-            return out if rc == 0 and f"node {victim.id}" in out and "down" in out else None
+            return out if rc == 0 and f"node {victim.cfg.id}" in out and "down" in out else None
 
         out = await _until("the victim shown down", 30, shown_down)
         assert time.monotonic() - killed_at >= DOWN_AFTER, "declared down too early"
@@ -155,7 +148,7 @@ async def test_replicas_of_a_node_that_stays_down_are_replaced(
                 held = [r["range_id"] for r in v["ranges"] if r.get("initialized")]
                 # what it holds is what the map says it holds (a balancing move to it
                 # after its return is fine; a stale replica is not)
-                return all(rid in m and victim.id in m[rid].replicas for rid in held)
+                return all(rid in m and victim.cfg.id in m[rid].replicas for rid in held)
             return False
 
         await _until("the victim dropped its stale replicas", 60, victim_clean)

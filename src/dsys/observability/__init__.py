@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from dsys.observability.logging import configure_logging, get_logger
 from dsys.observability.metrics import Metrics, RequestStats
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from dsys.observability.http import (
         HealthCheck,
         add_observability_routes,
@@ -33,12 +34,17 @@ _HTTP = frozenset(
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _HTTP:
-        from dsys.observability import http
+def __getattr__(name: str) -> object:
+    """Load an HTTP helper on first access and keep it as a module attribute."""
+    if name not in _HTTP:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module("dsys.observability.http"), name)
+    globals()[name] = value
+    return value
 
-        return getattr(http, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | _HTTP)
 
 
 __all__ = [
