@@ -23,7 +23,6 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,8 @@ from typing import Any
 
 import aiohttp
 
-from bench_multiraft_moves import _fill, _free_ports, _pct, _probe
+from bench_multiraft import start_cluster
+from bench_multiraft_moves import _fill, _pct, _probe
 from dsys.errors import DsysError
 from dsys.kv.sharded import ShardedKVClient
 
@@ -41,37 +41,26 @@ IDS = ["n1", "n2", "n3", "n4"]
 def _start(
     base: Path, down_after: float
 ) -> tuple[dict[str, subprocess.Popen[bytes]], dict[str, str]]:
-    addrs = {i: f"127.0.0.1:{p}" for i, p in zip(IDS, _free_ports(4), strict=True)}
-    procs = {}
-    for i in IDS:
-        args = [
-            sys.executable,
-            "-m",
-            "dsys",
-            "kv",
-            "multi-serve",
-            "--id",
-            i,
-            "--listen",
-            addrs[i],
-            "--data-dir",
-            str(base / i),
-            "--initial-replicas",
-            "n1,n2,n3",
-            "--placement-interval",
-            "0.5",
-            "--down-after",
-            str(down_after),
-            "--move-timeout",
-            "20",
-            "--merge-keys",
-            "0",
-            *[f"--peer={j}={a}" for j, a in addrs.items() if j != i],
-        ]
-        log = open(base / f"{i}.log", "ab")  # noqa: SIM115
-        procs[i] = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
-        log.close()
-    return procs, addrs
+    procs, addrs = start_cluster(
+        base,
+        len(IDS),
+        "shared",
+        "always",
+        True,
+        "--balance-interval",
+        "2",
+        "--initial-replicas",
+        "n1,n2,n3",
+        "--placement-interval",
+        "0.5",
+        "--down-after",
+        str(down_after),
+        "--move-timeout",
+        "20",
+        "--merge-keys",
+        "0",
+    )
+    return dict(zip(IDS, procs, strict=True)), dict(zip(IDS, addrs, strict=True))
 
 
 async def _status(http: aiohttp.ClientSession, addr: str) -> dict[str, Any] | None:

@@ -25,79 +25,23 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from dsys.kv.sharded import ShardedKVClient
+from bench_multiraft import ready_client, start_cluster
 
 IDS = ["n1", "n2", "n3"]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _start(base: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
-    ports = dict(zip(IDS, _free_ports(len(IDS)), strict=True))
-    addrs = {i: f"127.0.0.1:{p}" for i, p in ports.items()}
-    procs = []
-    for i in IDS:
-        args = [
-            sys.executable,
-            "-m",
-            "dsys",
-            "kv",
-            "multi-serve",
-            "--id",
-            i,
-            "--listen",
-            addrs[i],
-            "--data-dir",
-            str(base / i),
-            "--fsync",
-            "none",
-            "--balance-interval",
-            "0",
-            "--split-qps",
-            "0",
-            "--merge-keys",
-            "0",
-            *[f"--peer={j}={a}" for j, a in addrs.items() if j != i],
-        ]
-        log = open(base / f"{i}.log", "ab")  # noqa: SIM115
-        procs.append(subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True))
-        log.close()
-    return procs, list(addrs.values())
-
-
-async def _ready(kv: ShardedKVClient) -> None:
-    for _ in range(300):
-        try:
-            await kv.put("ready", b"1")
-            return
-        except Exception:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("cluster did not come up")
-
-
 async def _run(ranges: int, n: int, m: int) -> dict[str, float]:
     base = Path(tempfile.mkdtemp(prefix="bench-multiwatch-"))
-    procs, addrs = _start(base)
+    procs, addrs = start_cluster(
+        base, len(IDS), "shared", "none", False, "--split-qps", "0", "--merge-keys", "0"
+    )
     try:
-        async with ShardedKVClient(addrs, timeout=30.0) as kv:
-            await _ready(kv)
+        async with await ready_client(addrs, "ready") as kv:
             rid = 1
             for j in range(1, ranges):  # b/ cut into `ranges` ranges
                 _, right = await kv.split(rid, f"b/{j * n // ranges:07d}")
