@@ -37,7 +37,7 @@ import urllib.request
 from pathlib import Path
 
 from bench_kv import VALUE, WRK_SCRIPT, Run, free_ports, run_wrk
-from trace_put import Cluster
+from trace_put import Cluster, add_env_arg, env_by_label
 
 ETCD = shutil.which("etcd")
 KEYS = 1000
@@ -130,6 +130,30 @@ async def measure(url: str, script: Path, seconds: float) -> dict[int, Run]:
     return {c: await run_wrk(script, url, c, seconds) for c in (1, 64)}
 
 
+def start_systems(
+    base: Path, trees: list[list[str]], extra: dict[str, dict[str, str]], etcd: bool
+) -> dict[str, Cluster | EtcdCluster]:
+    """A 3-replica cluster of every ``[label, checkout]`` (with its ``--env`` variables)
+    and, if ``etcd``, an etcd cluster as ``"etcd"``; all started, under ``base``. On an
+    error the ones already started are stopped."""
+    clusters: dict[str, Cluster | EtcdCluster] = {}
+    try:
+        for label, tree in trees:
+            c = Cluster(base / label, tree=Path(tree).resolve(), trace_dir=None)
+            c.env.update(extra.get(label, {}))
+            c.start()
+            clusters[label] = c
+        if etcd:
+            e = EtcdCluster(base / "etcd")
+            e.start()
+            clusters["etcd"] = e
+    except BaseException:
+        for c in clusters.values():
+            c.stop()
+        raise
+    return clusters
+
+
 def run_dsys(
     tree: Path, base: Path, script: Path, seconds: float, env: dict[str, str] | None = None
 ) -> dict[int, Run]:
@@ -165,19 +189,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-etcd", action="store_true", help="leave etcd out")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="LABEL:NAME=VALUE",
-        help="an environment variable for one tree's servers, e.g. now-asyncio:DSYS_LOOP=asyncio",
-    )
+    add_env_arg(parser)
     args = parser.parse_args()
-    extra: dict[str, dict[str, str]] = {}
-    for e in args.env:
-        label, _, kv = e.partition(":")
-        name, _, value = kv.partition("=")
-        extra.setdefault(label, {})[name] = value
+    extra = env_by_label(args.env)
     if not shutil.which("wrk"):
         sys.exit("wrk is not on the PATH")
     trees = [tuple(t.split("=", 1)) for t in args.tree] or [

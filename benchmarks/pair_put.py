@@ -25,10 +25,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
-from bench_write_path import ETCD, EtcdCluster
-from trace_put import Cluster, cpu_seconds, pct, sequential_puts
+from bench_write_path import ETCD, EtcdCluster, start_systems
+from trace_put import add_env_arg, cpu_seconds, env_by_label, pct, sequential_puts
 
 VALUE = b"v" * 16
 
@@ -89,35 +88,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=100, help="sequential puts per turn")
     parser.add_argument("--no-etcd", action="store_true")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="LABEL:NAME=VALUE",
-        help="an environment variable for one tree's servers, e.g. now-asyncio:DSYS_LOOP=asyncio",
-    )
+    add_env_arg(parser)
     args = parser.parse_args()
-    extra: dict[str, dict[str, str]] = {}
-    for e in args.env:
-        label, _, kv = e.partition(":")
-        name, _, value = kv.partition("=")
-        extra.setdefault(label, {})[name] = value
+    extra = env_by_label(args.env)
     trees = [t.split("=", 1) for t in args.tree] or [["this tree", str(Path.cwd())]]
     with tempfile.TemporaryDirectory(prefix="pair-put-") as tmp:
         base = Path(tmp)
-        clusters: dict[str, Any] = {}
+        clusters = start_systems(base, trees, extra, bool(ETCD) and not args.no_etcd)
         addr: dict[str, str] = {}
         pids: dict[str, list[int]] = {}
         try:
-            for label, tree in trees:
-                c = Cluster(base / label, tree=Path(tree).resolve(), trace_dir=None)
-                c.env.update(extra.get(label, {}))
-                c.start()
-                clusters[label] = c
-            if ETCD and not args.no_etcd:
-                e = EtcdCluster(base / "etcd")
-                e.start()
-                clusters["etcd"] = e
             for label, c in clusters.items():
                 if isinstance(c, EtcdCluster):
                     addr[label] = c.leader()

@@ -19,11 +19,10 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from bench_kv import VALUE, WRK_SCRIPT, Run, run_wrk
-from bench_write_path import ETCD, EtcdCluster, etcd_script
-from trace_put import Cluster
+from bench_write_path import ETCD, EtcdCluster, etcd_script, start_systems
+from trace_put import add_env_arg, env_by_label
 
 
 def main() -> None:
@@ -33,20 +32,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=2)
     parser.add_argument("--conns", default="1,64", help="comma-separated connection counts")
     parser.add_argument("--no-etcd", action="store_true")
-    parser.add_argument(
-        "--env",
-        action="append",
-        default=[],
-        metavar="LABEL:NAME=VALUE",
-        help="an environment variable for one tree's servers",
-    )
+    add_env_arg(parser)
     args = parser.parse_args()
     conns = [int(c) for c in args.conns.split(",")]
-    extra: dict[str, dict[str, str]] = {}
-    for e in args.env:
-        label, _, kv = e.partition(":")
-        name, _, value = kv.partition("=")
-        extra.setdefault(label, {})[name] = value
+    extra = env_by_label(args.env)
     trees = [t.split("=", 1) for t in args.tree] or [["this tree", str(Path.cwd())]]
     with tempfile.TemporaryDirectory(prefix="pair-wrk-") as tmp:
         base = Path(tmp)
@@ -54,17 +43,8 @@ def main() -> None:
         ours.write_text(WRK_SCRIPT.replace("@VALUE@", VALUE.decode()))
         theirs = base / "etcd.lua"
         theirs.write_text(etcd_script())
-        clusters: dict[str, Any] = {}
+        clusters = start_systems(base, trees, extra, bool(ETCD) and not args.no_etcd)
         try:
-            for label, tree in trees:
-                c = Cluster(base / label, tree=Path(tree).resolve(), trace_dir=None)
-                c.env.update(extra.get(label, {}))
-                c.start()
-                clusters[label] = c
-            if ETCD and not args.no_etcd:
-                e = EtcdCluster(base / "etcd")
-                e.start()
-                clusters["etcd"] = e
             url = {}
             for label, c in clusters.items():
                 addr = c.leader() if isinstance(c, EtcdCluster) else c.addrs[c.leader()]

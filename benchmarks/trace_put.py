@@ -114,6 +114,28 @@ class Cluster:
                 p.wait()
 
 
+def add_env_arg(parser: argparse.ArgumentParser) -> None:
+    """``--env LABEL:NAME=VALUE`` (repeatable): an environment variable for one tree's
+    servers."""
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="LABEL:NAME=VALUE",
+        help="an environment variable for one tree's servers, e.g. now-asyncio:DSYS_LOOP=asyncio",
+    )
+
+
+def env_by_label(values: list[str]) -> dict[str, dict[str, str]]:
+    """The ``--env`` values as {tree label: {name: value}}."""
+    extra: dict[str, dict[str, str]] = {}
+    for e in values:
+        label, _, kv = e.partition(":")
+        name, _, value = kv.partition("=")
+        extra.setdefault(label, {})[name] = value
+    return extra
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
