@@ -457,7 +457,9 @@ class SimNetwork:
                 self._finish_ready(n, n.unsynced, sent=True)
         for n in self.nodes.values():
             if n.alive:
+                was = (n.core.role, n.core.term)
                 n.core.tick()
+                self._maybe_new_leader(n, was)
         if self.clients:
             self._clients_tick()
         self.stabilize()
@@ -672,7 +674,16 @@ class SimNetwork:
         if n is None or not n.alive or (msg.src, msg.dst) in self._cut:
             return
         self.messages_delivered += 1
+        was = (n.core.role, n.core.term)
         n.core.step(msg)
+        self._maybe_new_leader(n, was)
+
+    def _maybe_new_leader(self, n: SimNode, was: tuple[Role, int]) -> None:
+        # Checked when the core becomes leader, not when its Ready's event is handled: a
+        # leader's Ready may wait (unsynced) while a later term commits entries it lacks.
+        core = n.core
+        if core.role is Role.LEADER and (was[0] is not Role.LEADER or was[1] != core.term):
+            self._check_leader(n, core.term)
 
     def _handle_ready(self, n: SimNode) -> None:
         rd = n.core.ready()
@@ -700,7 +711,6 @@ class SimNetwork:
         for ev in rd.events:
             if isinstance(ev, BecameLeader):
                 self.trace(f"{n.id} became leader of term {ev.term} last={core.last_index}")
-                self._check_leader(n, ev.term)
             elif isinstance(ev, ReadIndexDropped):
                 client = n.pending_reads.pop(ev.ctx, None)
                 if client is not None:
