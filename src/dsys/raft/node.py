@@ -1736,21 +1736,15 @@ class RaftNode:
         two of three are a majority without the leader's copy (which the core does not
         count until ``advance``), so the entries commit, are applied and answered now.
         """
-        task = asyncio.ensure_future(persist)
+        done = asyncio.ensure_future(persist)  # an executor future stays as it is
+        wake = self._wake
+        done.add_done_callback(lambda _: wake.set())
         core = self.core
         if rd.committed:  # committed = durable on a majority: no need to wait for ours
             self._apply_committed(rd.committed)
             core.applied_to(rd.committed[-1].index)
-        wake = self._wake
-        while not task.done():
-            if not wake.is_set():
-                waiter = asyncio.ensure_future(wake.wait())
-                try:
-                    await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    waiter.cancel()
-                if not wake.is_set():
-                    break  # the write is done
+        while not self._closed:
+            await wake.wait()
             wake.clear()
             self._feed_core()
             applied = False
@@ -1762,9 +1756,9 @@ class RaftNode:
                 applied = True
             if applied:
                 self._wake_applied()
-            if self._closed:
+            if done.done():
                 break
-        await task
+        await done
 
     def _apply_committed(self, committed: Sequence[Entry]) -> None:
         """Apply committed entries in order (skipping applied ones) and answer proposals."""
