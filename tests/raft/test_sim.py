@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsys.errors import ProposalDroppedError
+from dsys.errors import LocalProtocolError, ProposalDroppedError
 from dsys.raft import ConfChange, ConfChangeType, Role
 from dsys.testing.sim import InvariantViolation, SimNetwork, run_campaign
 
@@ -146,6 +146,39 @@ def test_leader_crash_loses_its_unsynced_tail_and_nothing_committed() -> None:
     last = net.propose_via_leader(b"after")
     net.tick_until(lambda: all(net.nodes[n].applied >= last for n in net.nodes), max_ticks=300)
     net.assert_logs_match()
+
+
+def test_leader_applies_what_its_followers_made_durable_before_its_own_fsync() -> None:
+    # etcd raft's asynchronous storage writes: both followers' acks are a majority without
+    # the leader's copy, so it applies (and would answer) while its own persist is still
+    # pending; a crash then loses its copy, never the entry, and the state machine
+    # restarts from the durable snapshot and log, not from the early-applied state.
+    net = SimNetwork(node_ids=["a", "b", "c"], seed=21)
+    lead = net.tick_until(net.leader, max_ticks=100)
+    net.tick_until(lambda: net.nodes[lead].unsynced is None, max_ticks=50)
+    ln = net.nodes[lead]
+    net.unsynced_p = 1.0
+    idx = ln.core.propose(b"early")
+    net.stabilize()
+    assert ln.unsynced is not None and ln.unsynced.entries[-1].index >= idx  # not persisted
+    assert ln.core.stable_index < idx <= ln.core.commit_index
+    assert ln.applied >= idx and ln.core.applied_index >= idx  # applied anyway
+    assert ln.store.term_at(idx) is None
+    # A snapshot must be a compaction point of its own durable log: not at idx yet.
+    with pytest.raises(LocalProtocolError, match="persisted"):
+        ln.core.compact(idx, ln.fsm.snapshot())
+    with pytest.raises(LocalProtocolError, match="handed out"):
+        ln.core.applied_to(ln.core.commit_index + 1)
+    net.crash(lead)  # the durability check: idx is on b and c
+    assert ln.store.term_at(idx) is None
+    net.restart(lead)
+    assert ln.applied < idx  # rebuilt from its durable stores only
+    net.unsynced_p = 0.5
+    net.tick_until(lambda: net.leader() is not None, max_ticks=300)
+    last = net.propose_via_leader(b"after")
+    net.tick_until(lambda: all(net.nodes[n].applied >= last for n in net.nodes), max_ticks=300)
+    net.assert_logs_match()
+    assert [e.data for e in net.committed].count(b"early") == 1
 
 
 def test_leadership_transfer_under_client_load_hands_over_to_the_target() -> None:

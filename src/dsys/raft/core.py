@@ -38,6 +38,11 @@ Safety rules implemented (Raft paper, figure 2 and section 5.4; dissertation ch.
   :meth:`RaftCore.advance` reported persisted (its *stable* index, not its last index);
   counting an unsynced entry would let "leader + one follower" commit with one durable
   copy, lost if the leader crashes. Followers still persist before they answer;
+* a leader applies committed entries while its own write is in flight
+  (:meth:`RaftCore.apply_ready`, etcd raft's asynchronous storage writes): committed
+  means durable on a majority without its copy, so it may answer before its fsync ends.
+  A snapshot (:meth:`RaftCore.compact`) is only taken at a persisted index, so a restart
+  never finds a state machine ahead of a log it cannot replay;
 * pre-vote: a node campaigns for real only after a majority says it could win, so a node
   returning from a partition does not bump terms; check-quorum: a leader that has not
   heard from a majority within an election timeout steps down, and followers that heard
@@ -391,6 +396,11 @@ class RaftCore:
         return self._entries[-1].term if self._entries else self._snap_term
 
     @property
+    def stable_index(self) -> int:
+        """The last log index :meth:`advance` reported persisted on this node."""
+        return self._stable
+
+    @property
     def first_index(self) -> int:
         """Index of the first entry still held in the log (after the snapshot)."""
         return self._snap_index + 1
@@ -660,6 +670,10 @@ class RaftCore:
             return
         if index > self._applied:
             raise LocalProtocolError(f"cannot compact to {index}: only {self._applied} applied")
+        if index > self._stable:
+            # An entry applied early (apply_ready) may not be in our own durable log yet:
+            # a snapshot past it would leave a log store that ends before the snapshot.
+            raise LocalProtocolError(f"cannot compact to {index}: only {self._stable} persisted")
         term = self.term_at(index)
         assert term is not None, f"entry {index} missing from log"
         conf = self._conf_at(index)
@@ -670,6 +684,35 @@ class RaftCore:
         self._conf_history = [(index, conf)] + [h for h in self._conf_history if h[0] > index]
 
     # -- output ---------------------------------------------------------------------------
+
+    def apply_ready(self) -> tuple[Entry, ...]:
+        """Committed entries not handed out yet; may be called while a Ready is out.
+
+        A leader applies and answers these while its own log write is still running
+        (etcd raft's asynchronous storage writes): committed means durable on a majority,
+        and the leader's unsynced copy is never counted toward that majority. Apply them
+        after the outstanding Ready's ``committed`` and report them with
+        :meth:`applied_to`. Empty while a snapshot waits to be installed.
+        """
+        if self._pending_snapshot is not None:
+            return ()
+        lo = self._applying + 1
+        if self._commit < lo:
+            return ()
+        hi = min(self._commit, lo + self._cfg.max_committed_per_ready - 1)
+        committed = tuple(self.entries(lo, hi + 1))
+        self._applying = hi
+        return committed
+
+    def applied_to(self, index: int) -> None:
+        """Report that the entries :meth:`apply_ready` handed out up to ``index`` were applied.
+
+        Raises:
+            LocalProtocolError: ``index`` was never handed out.
+        """
+        if index > self._applying:
+            raise LocalProtocolError(f"applied {index} but only {self._applying} handed out")
+        self._applied = max(self._applied, index)
 
     def has_ready(self) -> bool:
         """True when :meth:`ready` has something to do."""

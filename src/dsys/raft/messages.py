@@ -334,6 +334,10 @@ class Ready:
        in order; serve ``read_states`` whose index is applied.
     4. Call ``RaftCore.advance(ready)``: only then does a leader count its own copy of
        ``entries`` toward a commit quorum.
+
+    While step 1 runs, a leader may apply ``committed`` early and then what
+    ``RaftCore.apply_ready`` hands out as its followers' answers commit more (acknowledged
+    with ``RaftCore.applied_to``): committed entries are durable on a majority already.
     """
 
     hard_state: HardState | None = None

@@ -7,6 +7,8 @@ The node owns one loop task that is the only code touching the core::
     while core.has_ready():
         rd = core.ready()
         persist snapshot, hard state and entries        (a thread; ONE fsync per batch)
+            a leader meanwhile steps its inbox and applies and answers what its
+            followers' acks commit (core.apply_ready: async storage writes)
         send rd.messages                                  (per-peer queues)
         install snapshot, apply rd.committed              (resolve proposal futures)
         serve rd.read_states once applied >= index
@@ -42,7 +44,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeAlias, TypeVar
 
@@ -1675,7 +1677,10 @@ class RaftNode:
                 elif self._group_sync is not None and rd.snapshot is None:
                     # a log shared by many groups: one write and fsync for all of them
                     self._stage(rd)
-                    await self._group_sync()
+                    if early and rd.entries:
+                        await self._apply_while_persisting(self._group_sync(), rd)
+                    else:
+                        await self._group_sync()
                 else:
                     async with self._store_lock:
                         loop = asyncio.get_running_loop()
@@ -1683,7 +1688,11 @@ class RaftNode:
                             # Encode the records here: the thread then needs the GIL only
                             # around write() and fdatasync().
                             self._stage(rd)
-                            await loop.run_in_executor(None, self._sync)
+                            sync = loop.run_in_executor(None, self._sync)
+                            if early and rd.entries:
+                                await self._apply_while_persisting(sync, rd)
+                            else:
+                                await sync
                         else:
                             await loop.run_in_executor(None, self._persist, rd)
                 self._m_fsync.observe(time.perf_counter() - started)
@@ -1701,8 +1710,60 @@ class RaftNode:
             self.applied_term = rd.snapshot.meta.term
             self.snapshot_index = rd.snapshot.meta.index
             self._fail_pending_upto(self.applied_index)
+        self._apply_committed(rd.committed)
+        for rs in rd.read_states:
+            rfut = self._read_waiters.pop(rs.ctx, None)
+            if rfut is not None and not rfut.done():
+                rfut.set_result(rs.index)
+        self._wake_applied()
+        if deferred:
+            # A plain write() of the commit index, cheaper than a thread hop.
+            if self._store_lock.locked():
+                async with self._store_lock:
+                    await asyncio.to_thread(self._persist, rd)
+            else:
+                self._persist(rd)
+        # 4. events
+        for ev in rd.events:
+            self._on_event(ev)
+        self.core.advance(rd)
+
+    async def _apply_while_persisting(self, persist: Awaitable[None], rd: Ready) -> None:
+        """Await a leader's own log write while stepping its inbox and applying what commits.
+
+        etcd raft's asynchronous storage writes (dissertation 10.2.1): the followers'
+        acknowledgements of ``rd``'s appends arrive before the leader's fsync ends, and
+        two of three are a majority without the leader's copy (which the core does not
+        count until ``advance``), so the entries commit, are applied and answered now.
+        """
+        done = asyncio.ensure_future(persist)  # an executor future stays as it is
+        wake = self._wake
+        done.add_done_callback(lambda _: wake.set())
+        core = self.core
+        if rd.committed:  # committed = durable on a majority: no need to wait for ours
+            self._apply_committed(rd.committed)
+            core.applied_to(rd.committed[-1].index)
+        while not self._closed:
+            await wake.wait()
+            wake.clear()
+            self._feed_core()
+            applied = False
+            while committed := core.apply_ready():
+                if _TRACE:
+                    self._trace_commit()
+                self._apply_committed(committed)
+                core.applied_to(committed[-1].index)
+                applied = True
+            if applied:
+                self._wake_applied()
+            if done.done():
+                break
+        await done
+
+    def _apply_committed(self, committed: Sequence[Entry]) -> None:
+        """Apply committed entries in order (skipping applied ones) and answer proposals."""
         pending, apply, apply_decoded = self._pending, self.fsm.apply, self._apply_decoded
-        for entry in rd.committed:
+        for entry in committed:
             if entry.index <= self.applied_index:
                 continue
             if _TRACE:
@@ -1736,22 +1797,6 @@ class RaftNode:
                         _trace.mark("answered", entry.index)
                 else:
                     p.fail(ProposalDroppedError("leadership changed; the proposal was overwritten"))
-        for rs in rd.read_states:
-            rfut = self._read_waiters.pop(rs.ctx, None)
-            if rfut is not None and not rfut.done():
-                rfut.set_result(rs.index)
-        self._wake_applied()
-        if deferred:
-            # A plain write() of the commit index, cheaper than a thread hop.
-            if self._store_lock.locked():
-                async with self._store_lock:
-                    await asyncio.to_thread(self._persist, rd)
-            else:
-                self._persist(rd)
-        # 4. events
-        for ev in rd.events:
-            self._on_event(ev)
-        self.core.advance(rd)
 
     def _send(self, msgs: tuple[Message, ...]) -> None:
         """Queue ``msgs`` (answers to a waiting peer request ride on its HTTP response).
@@ -1957,7 +2002,8 @@ class RaftNode:
         Returns the snapshot's index (unchanged when nothing new was applied).
         """
         index, term = self.applied_index, self.applied_term
-        if index <= self.snapshot_index:
+        if index <= self.snapshot_index or index > self.core.stable_index:
+            # (applied before our own write ended: snapshot once it is in our log)
             return self.snapshot_index
         data = self.fsm.snapshot()
         self.core.compact(index, data)

@@ -8,7 +8,9 @@ replays exactly. Each node's *durable store* holds only what ``Ready`` told it t
 node restarts from that store alone. A leader's Ready marked ``messages_before_persist``
 is, with probability ``unsynced_p``, persisted only on a later tick: its messages are
 delivered and answered first, and a crash in between loses those entries, as a crash
-during a real leader's fsync would.
+during a real leader's fsync would. Meanwhile that leader applies what commits
+(``RaftCore.apply_ready``, when ``early_apply``) and answers its clients, so a crash
+between the apply and the persist is part of the schedule.
 
 Safety invariants are checked as the simulation runs and raise :class:`InvariantViolation`
 (an ``AssertionError``) naming the seed:
@@ -319,6 +321,7 @@ class SimNetwork:
         # How often a leader's Ready marked messages_before_persist is persisted on a later
         # tick instead of at once (its messages leave first; a crash loses the entries).
         self.unsynced_p = 0.5
+        self.early_apply = True  # a leader applies committed entries during its persist
         self.messages_delivered = 0
         self.codec_roundtrip = False  # encode/decode every message with the wire codec
         self.issue_ops = True  # clients start new operations (False: only finish pending)
@@ -422,7 +425,10 @@ class SimNetwork:
             if other != node_id:
                 self._lost_connection(other, node_id)
         if n.unsynced is not None:
-            self.trace(f"crash {node_id} loses {len(n.unsynced.entries)} unsynced entries")
+            self.trace(
+                f"crash {node_id} loses {len(n.unsynced.entries)} unsynced entries "
+                f"(applied {n.applied}, persisted {n.core.stable_index})"
+            )
             n.unsynced = None
         else:
             self.trace(f"crash {node_id}")
@@ -451,7 +457,9 @@ class SimNetwork:
                 self._finish_ready(n, n.unsynced, sent=True)
         for n in self.nodes.values():
             if n.alive:
+                was = (n.core.role, n.core.term)
                 n.core.tick()
+                self._maybe_new_leader(n, was)
         if self.clients:
             self._clients_tick()
         self.stabilize()
@@ -469,6 +477,8 @@ class SimNetwork:
                     guard += 1
                     if guard > 1000:
                         raise self.fail(f"{n.id} keeps producing Ready batches")
+                if n.alive and n.unsynced is not None and self.early_apply:
+                    progressed = self._apply_early(n, n.unsynced) or progressed
             due = [m for m in self._inflight if m.at <= self.now]
             if due:
                 self._inflight = [m for m in self._inflight if m.at > self.now]
@@ -527,6 +537,8 @@ class SimNetwork:
         """Snapshot ``node_id``'s state machine at its applied index and compact its log."""
         n = self.nodes[node_id]
         if not n.alive or n.applied <= n.core.first_index - 1:
+            return
+        if n.applied > n.core.stable_index:  # applied early, not in its own log yet
             return
         n.core.compact(n.applied, n.fsm.snapshot())
         snap = n.core.snapshot
@@ -662,7 +674,16 @@ class SimNetwork:
         if n is None or not n.alive or (msg.src, msg.dst) in self._cut:
             return
         self.messages_delivered += 1
+        was = (n.core.role, n.core.term)
         n.core.step(msg)
+        self._maybe_new_leader(n, was)
+
+    def _maybe_new_leader(self, n: SimNode, was: tuple[Role, int]) -> None:
+        # Checked when the core becomes leader, not when its Ready's event is handled: a
+        # leader's Ready may wait (unsynced) while a later term commits entries it lacks.
+        core = n.core
+        if core.role is Role.LEADER and (was[0] is not Role.LEADER or was[1] != core.term):
+            self._check_leader(n, core.term)
 
     def _handle_ready(self, n: SimNode) -> None:
         rd = n.core.ready()
@@ -690,7 +711,6 @@ class SimNetwork:
         for ev in rd.events:
             if isinstance(ev, BecameLeader):
                 self.trace(f"{n.id} became leader of term {ev.term} last={core.last_index}")
-                self._check_leader(n, ev.term)
             elif isinstance(ev, ReadIndexDropped):
                 client = n.pending_reads.pop(ev.ctx, None)
                 if client is not None:
@@ -706,7 +726,8 @@ class SimNetwork:
             self.trace(f"{n.id} installed snapshot {n.applied}")
             n.pending_writes = {i: v for i, v in n.pending_writes.items() if i > n.applied}
         for e in rd.committed:
-            self._apply(n, e)
+            if e.index > n.applied:  # else applied early, while the persist ran
+                self._apply(n, e)
         for rs in rd.read_states:
             n.read_waits.append((rs.index, rs.ctx))
         core.advance(rd)
@@ -718,6 +739,25 @@ class SimNetwork:
             and self.rng.random() < 0.5
         ):
             self.compact(n.id)
+
+    def _apply_early(self, n: SimNode, rd: Ready) -> bool:
+        """A leader whose persist of ``rd`` is in flight applies what committed meanwhile."""
+        core, did = n.core, False
+        for e in rd.committed:
+            if e.index > n.applied:
+                self._apply(n, e)
+                did = True
+        if did:
+            core.applied_to(n.applied)
+        while committed := core.apply_ready():
+            for e in committed:
+                self._apply(n, e)
+            core.applied_to(committed[-1].index)
+            self.trace(f"{n.id} applied {committed[-1].index} before its persist")
+            did = True
+        if did and n.read_waits:
+            self._serve_reads(n)
+        return did
 
     def _apply(self, n: SimNode, e: Entry) -> None:
         if e.index != n.applied + 1:
