@@ -60,10 +60,14 @@ async def transcript(cluster: ChatCluster) -> bool:
         await alice.send("general", "(typed while my server was down: resent on reconnect)")
         await bob.send("general", "still here")
         await alice.send("general", "reconnected through the load balancer, resumed at my offset")
-        await asyncio.sleep(0.5)
+        want = list(range(1, 7))
+        for _ in range(150):  # both have every message (bounded: 15 s)
+            if alice.offsets("general") == bob.offsets("general") == want:
+                break
+            await asyncio.sleep(0.1)
         _line(f"  alice now on {alice.server}, bob on {bob.server}")
         cluster.restart(victim)
-        ok = alice.offsets("general") == bob.offsets("general") == list(range(1, 7))
+        ok = alice.offsets("general") == bob.offsets("general") == want
         ok = ok and alice.dups == bob.dups == alice.holes == bob.holes == 0
         _line(
             f"  alice saw offsets {alice.offsets('general')}, bob {bob.offsets('general')}; "
