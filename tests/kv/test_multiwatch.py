@@ -134,7 +134,16 @@ async def test_watch_across_splits_merge_leader_moves_and_a_cursor_resume(tmp_pa
             cursor = last[0].cursor
             await asyncio.sleep(0.2)
             watcher = wkv.watch("w/", cursor=cursor)
+            await watcher.start()
             collect = asyncio.create_task(_collect(watcher, seen, last))
+            # merge once the resumed watch has caught up (its watch of the source range is
+            # open): a watch that first reaches a merged-away range after the merge finds
+            # the source's history gone and gets the typed compacted error
+            sofar = {k: len(v) for k, v in acked.items()}
+            await _until(
+                lambda: all(len(seen[k]) >= n for k, n in sofar.items()),
+                "the resumed watch to catch up",
+            )
             await _merge_when_allowed(kv, right.range_id, right2.range_id)
             await asyncio.sleep(0.3)
             # a leader moves: watches on followers and leaders go on
